@@ -1,0 +1,47 @@
+# unlearn-exp: `make help` lists the targets.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PYTHON  := $(BIN)/python
+SCALE   ?= sd14
+STAMP   := $(VENV)/.installed
+
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: help setup test lint format demo reproduce-table toy-pretrain bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (Python 3.11 is required)"; exit 1; }
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install the package with its test tools
+
+test: setup  ## run the test suite (CPU, a few minutes)
+	$(PYTHON) -m pytest
+
+lint: setup  ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup  ## ruff format and autofix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo: setup  ## the newcomer's command: run what the framework has, on the embedded default
+	$(PYTHON) -m unlearn_exp.demo
+
+reproduce-table: setup  ## rebuild the paper's tables under reports/ (SCALE=sd14 or toy)
+	$(PYTHON) -m unlearn_exp.report --scale $(SCALE)
+
+bench: setup  ## print the speed benchmarks
+	$(PYTHON) -m unlearn_exp.bench.sampling
+
+clean:  ## remove caches and outputs (not the venv)
+	rm -rf .cache outputs multirun/*/ reports/_work .pytest_cache

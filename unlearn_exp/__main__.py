@@ -1,0 +1,34 @@
+"""``python -m unlearn_exp [overrides] [--multirun | multirun]``: one grid cell per job.
+
+The bare word ``multirun`` is accepted as a synonym of ``--multirun``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def _normalise_argv(argv: list[str]) -> list[str]:
+    return ["--multirun" if a == "multirun" else a for a in argv]
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def hydra_main(cfg: DictConfig):
+    from unlearn_exp.cli import run_job
+
+    return run_job(cfg)
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0], *_normalise_argv(sys.argv[1:])]
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Loading a Stable-Diffusion-layout checkpoint (diffusers folders) from a local path or the hub cache.
+
+The same code loads SD v1.4 (``model=sd14``), the shipped toy model (``model=toy``) and any
+folder written by ``save_components``. A missing checkpoint ends in one line naming where we looked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from unlearn_exp.errors import UserError
+from unlearn_exp.models.components import Components
+
+SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
+_HUB_PATTERNS = ["model_index.json", "unet/*", "text_encoder/*", "tokenizer/*", "scheduler/*", "vae/*"]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def resolve_checkpoint(path_or_id: str, need_vae: bool = True) -> Path:
+    """A local folder for ``path_or_id``: the folder itself, or its snapshot in the Hugging Face cache."""
+    p = Path(os.path.expanduser(str(path_or_id)))
+    if p.exists():
+        missing = [s for s in SUBFOLDERS + (("vae",) if need_vae else ()) if not (p / s).is_dir()]
+        if missing:
+            raise UserError(f"model folder '{p}' lacks the subfolder(s) {missing}: expected a diffusers layout")
+        return p
+    looks_like_id = str(path_or_id).count("/") == 1 and not str(path_or_id).startswith((".", "/", "~"))
+    if not looks_like_id:
+        raise UserError(f"model weights not found: no folder at '{p}'. Set model.path to a diffusers folder.")
+    from huggingface_hub import snapshot_download
+
+    hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    try:
+        return Path(snapshot_download(str(path_or_id), local_files_only=True, allow_patterns=_HUB_PATTERNS))
+    except Exception:
+        pass
+    if not _offline():
+        try:
+            return Path(snapshot_download(str(path_or_id), allow_patterns=_HUB_PATTERNS))
+        except Exception:
+            pass
+    raise UserError(
+        f"model weights not found: '{path_or_id}' is neither a local folder nor in the Hugging Face cache "
+        f"(HF_HOME={hf_home}); download it there (huggingface-cli download {path_or_id}) or set "
+        f"model.path=/path/to/stable-diffusion-v1-4"
+    )
+
+
+def load_pretrained(
+    path_or_id: str,
+    name: str = "model",
+    resolution: int = 512,
+    vae: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> Components:
+    root = resolve_checkpoint(path_or_id, need_vae=vae)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+        with open(root / "scheduler" / "scheduler_config.json") as f:
+            scheduler_config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+        autoencoder = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype) if vae else None
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load model from '{root}': {first}") from e
+    tokenizer.model_max_length = 77
+    return Components(
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        vae=autoencoder,
+        resolution=resolution,
+        name=name,
+        source=str(path_or_id),
+    ).freeze()
+
+
+def save_components(components: Components, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a diffusers-layout folder that ``load_pretrained`` (and diffusers, given a VAE) can read."""
+    from unlearn_exp.store import atomic_dir
+
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        for sub, module in components.modules().items():
+            module.save_pretrained(tmp / sub, safe_serialization=True)
+            if dtype is not None:
+                _recast_safetensors(tmp / sub, dtype)
+        components.tokenizer.save_pretrained(tmp / "tokenizer")
+        sched = components.sampling_scheduler("pndm")
+        sched.save_pretrained(tmp / "scheduler")
+        if components.vae is not None:
+            index = {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "PNDMScheduler"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+            }
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+def _recast_safetensors(folder: Path, dtype: torch.dtype) -> None:
+    from safetensors.torch import load_file, save_file
+
+    for f in folder.glob("*.safetensors"):
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(f).items()}
+        save_file(tensors, f, metadata={"format": "pt"})
