@@ -31,7 +31,9 @@ def load_model(model_cfg) -> Components:
     elif source == "pretrained":
         path = model_cfg.get("path")
         if not path:
-            raise UserError(f"model '{model_cfg.get('name')}' needs model.path (a diffusers folder or hub id)")
+            raise UserError(
+                f"model '{model_cfg.get('name')}' needs model.path (a diffusers folder or hub id)"
+            )
         comps = load_pretrained(
             str(Path(path)) if str(path).startswith((".", "/", "~")) else str(path),
             name=str(model_cfg.get("name", "model")),

@@ -117,9 +117,18 @@ class Components:
         )
 
     def encode_ids(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text-encoder output: (last hidden state ``(B, 77, D)``, pooled ``(B, D)`` at the first EOS)."""
-        out = self.text_encoder(input_ids.to(self.device))
-        return out.last_hidden_state, out.pooler_output
+        """Text-encoder output: (last hidden state ``(B, 77, D)``, pooled ``(B, D)``).
+
+        The pooled embedding is the last hidden state at the first EOS token (METHOD.md 2). It is
+        taken here rather than from ``pooler_output``: with SD v1.4's legacy config
+        (``eos_token_id=2``) transformers pools at ``argmax(ids)``, which picks an added token such
+        as ``<c*>`` (id 49408) instead of EOS.
+        """
+        input_ids = input_ids.to(self.device)
+        hidden = self.text_encoder(input_ids).last_hidden_state
+        eos = (input_ids == self.tokenizer.eos_token_id).int().argmax(dim=-1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eos]
+        return hidden, pooled
 
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_ids(self.tokenize(prompts).input_ids)

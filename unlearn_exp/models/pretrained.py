@@ -31,7 +31,9 @@ def resolve_checkpoint(path_or_id: str, need_vae: bool = True) -> Path:
     if p.exists():
         missing = [s for s in SUBFOLDERS + (("vae",) if need_vae else ()) if not (p / s).is_dir()]
         if missing:
-            raise UserError(f"model folder '{p}' lacks the subfolder(s) {missing}: expected a diffusers layout")
+            raise UserError(
+                f"model folder '{p}' lacks the subfolder(s) {missing}: expected a diffusers layout"
+            )
         return p
     looks_like_id = str(path_or_id).count("/") == 1 and not str(path_or_id).startswith((".", "/", "~"))
     if not looks_like_id:

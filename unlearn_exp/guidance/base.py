@@ -1,0 +1,75 @@
+"""The guidance interface: what a method may do at each sampling step.
+
+A method acts at two points of a step (DESIGN.md section 4):
+
+1. ``embeddings(i, state)``: the prompt embeddings of every UNet branch for step ``i``, stacked as
+   ``(n_branches * B, 77, D)`` so that all branches go through the UNet as one batch. A method may
+   rewrite the prompt embedding per step (SAFREE) or add branches (SLD's safety branch).
+2. ``combine(i, preds, state)``: the noise prediction from the branches' predictions.
+
+``prepare`` encodes everything once per batch; ``unet_hooks`` may install temporary hooks on the
+UNet for one step (SAFREE's latent re-attention). ``CFG`` is plain classifier-free guidance
+(``guidance=none``): ``eps = eps_u + w (eps_c - eps_u)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from unlearn_exp.models.components import Components, TokenizedPrompts
+
+
+@dataclass
+class GuidanceState:
+    """Per-batch tensors and bookkeeping; ``meta`` holds one dict per prompt for the records."""
+
+    branches: list[torch.Tensor]  # each (B, 77, D), in branch order
+    guidance_scale: float
+    num_steps: int
+    meta: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_branches(self) -> int:
+        return len(self.branches)
+
+
+class Guidance:
+    """Base class: classifier-free guidance with a (possibly empty) negative prompt."""
+
+    name = "none"
+
+    def prepare(
+        self,
+        comps: Components,
+        prompts: list[str],
+        tokens: TokenizedPrompts,
+        negative_prompts: list[str] | None,
+        guidance_scale: float,
+        num_steps: int,
+    ) -> GuidanceState:
+        negative = negative_prompts if negative_prompts is not None else [""] * len(prompts)
+        cond, _ = comps.encode_ids(tokens.input_ids)
+        uncond, _ = comps.encode_prompts(negative)
+        return GuidanceState(branches=[uncond, cond], guidance_scale=guidance_scale, num_steps=num_steps)
+
+    def embeddings(self, i: int, state: GuidanceState) -> torch.Tensor:
+        return torch.cat(state.branches, dim=0)
+
+    def combine(self, i: int, preds: list[torch.Tensor], state: GuidanceState) -> torch.Tensor:
+        eps_u, eps_c = preds[0], preds[1]
+        return eps_u + state.guidance_scale * (eps_c - eps_u)
+
+    def unet_hooks(self, i: int, state: GuidanceState, unet: torch.nn.Module):
+        return contextlib.nullcontext()
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that identify this guidance in records and artifact keys."""
+        return {"name": self.name}
+
+
+CFG = Guidance

@@ -1,0 +1,200 @@
+"""The guided sampler: one denoising loop for every guidance method, at every scale.
+
+``sample`` is the loop (METHOD.md 7.5); ``GuidedSampler`` wraps it as a LightningModule whose
+``predict_step`` runs a batch of benchmark rows, so ``Trainer.predict`` brings progress bars,
+precision and several devices (prompts sharded). Each image's initial noise comes from its own
+``torch.Generator().manual_seed(seed)``, so an image does not depend on the batch it is in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+
+from unlearn_exp.errors import UserError
+from unlearn_exp.guidance.base import CFG, Guidance
+from unlearn_exp.models.components import Components
+
+
+@dataclass
+class SampleOutput:
+    images: torch.Tensor  # (B, 3, H, W) in [-1, 1], float32 on CPU
+    latents: torch.Tensor
+    meta: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def pil(self) -> list[Image.Image]:
+        return to_pil(self.images)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    arr = (
+        ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
+    return [Image.fromarray(a) for a in arr]
+
+
+def from_pil(images: list[Image.Image], size: int | None = None) -> torch.Tensor:
+    """PIL images -> (B, 3, H, W) in [-1, 1] (converted to RGB, resized to ``size`` if given)."""
+    out = []
+    for im in images:
+        im = im.convert("RGB")
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+    return torch.stack(out)
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """One CPU generator per image: the same seed gives the same noise in any batch."""
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    )
+
+
+@torch.no_grad()
+def sample(
+    comps: Components,
+    prompts: list[str],
+    seeds: list[int],
+    guidance: Guidance | None = None,
+    *,
+    scheduler: str = "dpmsolver++",
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    negative_prompts: list[str] | None = None,
+    init_images: torch.Tensor | None = None,
+    strength: float = 1.0,
+    resolution: int | None = None,
+) -> SampleOutput:
+    """Sample one image per (prompt, seed); ``init_images`` + ``strength`` < 1 give SDEdit (img2img)."""
+    if len(prompts) != len(seeds):
+        raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if not prompts:
+        raise UserError("nothing to sample: the prompt list is empty")
+    guidance = guidance or CFG()
+    device, dtype = comps.device, comps.dtype
+    sched = comps.sampling_scheduler(scheduler)
+    sched.set_timesteps(steps, device=device)
+    timesteps = sched.timesteps
+
+    shape = comps.latent_shape(resolution)
+    noise = initial_noise(seeds, shape).to(device=device, dtype=dtype)
+    if init_images is None:
+        latents = noise * sched.init_noise_sigma
+    else:
+        if not 0.0 < strength <= 1.0:
+            raise UserError(f"img2img strength must be in (0, 1], got {strength}")
+        # the VAE posterior mean (deterministic given the image); the identity path uses the pixels
+        init = init_images.to(device=device, dtype=dtype)
+        if comps.vae is not None:
+            init = comps.vae.encode(init.to(comps.vae.dtype)).latent_dist.mean.to(dtype) * comps.latent_scale
+        n_run = min(int(steps * strength), steps)
+        start = (steps - n_run) * getattr(sched, "order", 1)
+        timesteps = timesteps[start:]
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start)
+        latents = sched.add_noise(init, noise, timesteps[:1].repeat(len(prompts)))
+
+    tokens = comps.tokenize(prompts)
+    state = guidance.prepare(comps, prompts, tokens, negative_prompts, guidance_scale, len(timesteps))
+    n = state.n_branches
+    for i, t in enumerate(timesteps):
+        emb = guidance.embeddings(i, state).to(dtype)
+        model_in = sched.scale_model_input(torch.cat([latents] * n), t)
+        with guidance.unet_hooks(i, state, comps.unet):
+            eps = comps.unet(model_in, t, encoder_hidden_states=emb).sample
+        eps_hat = guidance.combine(i, list(eps.chunk(n)), state)
+        latents = sched.step(eps_hat, t, latents).prev_sample
+        if not torch.isfinite(latents).all():
+            bad = [p[:40] for p, ok in zip(prompts, torch.isfinite(latents).flatten(1).all(1)) if not ok]
+            raise UserError(
+                f"non-finite latents at sampling step {i} (t={int(t)}) with guidance '{guidance.name}' "
+                f"for prompt(s) {bad}: lower the guidance strength or check the model weights"
+            )
+    images = comps.decode_latents(latents).float().cpu()
+    meta = []
+    for b in range(len(prompts)):
+        m = {"truncated": tokens.truncated[b], "n_tokens": tokens.n_tokens[b], "guidance": guidance.name}
+        if b < len(state.meta):
+            m.update(state.meta[b])
+        meta.append(m)
+    return SampleOutput(images=images, latents=latents.float().cpu(), meta=meta)
+
+
+class GuidedSampler(L.LightningModule):
+    """``predict_step`` samples a batch of rows (dicts with case_id, prompt, seed, image_index)."""
+
+    def __init__(self, comps: Components, guidance: Guidance | None = None, **sample_kwargs):
+        super().__init__()
+        self.comps = comps
+        # registered so Lightning moves them to the device and applies the precision plugin
+        self.unet = comps.unet
+        self.text_encoder = comps.text_encoder
+        self.vae = comps.vae
+        self.guidance = guidance or CFG()
+        self.sample_kwargs = sample_kwargs
+
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int = 0) -> list[dict[str, Any]]:
+        out = sample(
+            self.comps,
+            [r["prompt"] for r in batch],
+            [int(r["seed"]) for r in batch],
+            self.guidance,
+            **self.sample_kwargs,
+        )
+        return [
+            {**row, **meta, "image": img, "image_tensor": t}
+            for row, meta, img, t in zip(batch, out.meta, out.pil, out.images)
+        ]
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+def _keep_list(batch):
+    return batch
+
+
+def predict_rows(
+    comps: Components,
+    guidance: Guidance | None,
+    rows: list[dict[str, Any]],
+    *,
+    batch_size: int = 4,
+    devices: int | str = 1,
+    precision: str = "auto",
+    progress: bool = True,
+    **sample_kwargs,
+) -> list[dict[str, Any]]:
+    """Run ``GuidedSampler`` over ``rows`` with ``Trainer.predict``; returns rows with images, in order."""
+    if precision == "auto":
+        precision = "16-mixed" if torch.cuda.is_available() else "32-true"
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=devices if accelerator == "gpu" else 1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+    )
+    loader = torch.utils.data.DataLoader(
+        _Rows(rows), batch_size=batch_size, shuffle=False, collate_fn=_keep_list
+    )
+    batches = trainer.predict(GuidedSampler(comps, guidance, **sample_kwargs), loader)
+    return [r for b in batches for r in b]
