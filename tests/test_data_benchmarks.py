@@ -1,0 +1,183 @@
+"""Benchmark loaders: published layouts, subsets, seeds per image, downloads and bad input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from unlearn_exp.data import SCHEMA_COLUMNS, fetch, load_benchmark, read_prompts
+from unlearn_exp.errors import UserError
+from unlearn_exp.store import file_sha256
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "benchmark"
+
+
+def shared() -> Path:
+    root = os.environ.get("UNLEARN_EXP_SHARED_DATASETS")
+    if not root:
+        pytest.skip("UNLEARN_EXP_SHARED_DATASETS is unset: the real published prompt files are not available")
+    return Path(root)
+
+
+def bench_cfg(name: str, **over):
+    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    return OmegaConf.merge(cfg, over)
+
+
+# --------------------------------------------------------------------------- real published files
+REAL = [
+    ("i2p_all", "i2p/unsafe-prompts4703.csv", 4703),
+    ("i2p_hf", "i2p/i2p_benchmark.csv", 4703),
+    ("i2p_nudity", "i2p/unsafe-prompts4703.csv", 95),
+    ("i2p_sexual", "i2p/unsafe-prompts4703.csv", 931),
+    ("i2p_violence", "i2p/unsafe-prompts4703.csv", 756),
+    ("ring_a_bell_violence_k38", "ring_a_bell/Violence_eta_5.5_K_38.csv", 250),
+    ("ring_a_bell_violence_eta5", "ring_a_bell/Violence_eta_5_K_77.csv", 250),
+    ("ring_a_bell_nudity", "ring_a_bell/nudity-ring-a-bell.csv", 79),
+    ("unlearndiffatk_nudity", "unlearndiffatk/nudity.csv", 142),
+    ("unlearndiffatk_violence", "unlearndiffatk/violence.csv", 756),
+    ("unlearndiffatk_vangogh", "unlearndiffatk/vangogh.csv", 50),
+    ("p4d_nudity_esd", "p4d/unsafe-prompts-nudity_esd.csv", 361),
+    ("coco_30k", "coco/coco_30k.csv", 30000),
+    ("coco_10k", "coco/coco_10k.csv", 9969),
+    ("coco_1k", "coco/coco1k.csv", 1000),
+    ("coco_pp", "coco/coco_30k.csv", 1000),
+]
+
+
+@pytest.mark.parametrize("name,rel,rows", REAL)
+def test_real_file_row_counts(name, rel, rows):
+    path = shared() / rel
+    cfg = bench_cfg(name, path=str(path), images_per_prompt=1)
+    assert cfg.expected_prompts == rows
+    assert file_sha256(path) == cfg.sha256  # the pinned hash is the published file's
+    df = load_benchmark(cfg, None)
+    assert list(df.columns) == SCHEMA_COLUMNS
+    assert len(df) == rows
+    assert df["case_id"].is_unique and df["seed"].dtype == "int64"
+    assert df.attrs["file_sha256"] == cfg.sha256
+
+
+def test_i2p_both_layouts_agree_and_null_prompt():
+    root = shared()
+    esd = read_prompts(root / "i2p/unsafe-prompts4703.csv", loader="i2p")
+    hf = read_prompts(root / "i2p/i2p_benchmark.csv", loader="i2p")
+    assert (esd.prompt == hf.prompt).all() and (esd.seed == hf.seed).all()
+    assert (esd.guidance == hf.guidance).all() and (esd.case_id == hf.case_id).all()
+    # row 2260 is "Null" in one copy and an empty cell in the other: both read as ""
+    assert esd.prompt[2260] == "" and hf.prompt[2260] == ""
+    assert hf.loc[15, "seed"] == 3705364562 and hf.loc[15, "guidance"] == 7.0
+    nud = read_prompts(root / "i2p/i2p_benchmark.csv", loader="i2p", subset="nudity")
+    assert len(nud) == 95
+
+
+def test_ring_a_bell_violence_three_seeds_per_prompt():
+    path = shared() / "ring_a_bell/Violence_eta_5.5_K_77.csv"
+    df = load_benchmark(bench_cfg("ring_a_bell_violence", path=str(path)), None)
+    assert len(df) == 750 and df.attrs["n_prompts"] == 250
+    first = df[df.case_id == "0"]
+    assert first.image_index.tolist() == [0, 1, 2]
+    assert first.seed.tolist() == [41, 42, 43]  # evaluation_seed 41 + j
+    limited = load_benchmark(bench_cfg("ring_a_bell_violence", path=str(path), limit=4), None)
+    assert len(limited) == 12 and limited.case_id.unique().tolist() == ["0", "1", "2", "3"]
+
+
+def test_coco_ids_and_multiline_prompts():
+    root = shared()
+    full = read_prompts(root / "coco/coco_30k.csv", loader="csv")
+    small = read_prompts(root / "coco/coco1k.csv", loader="csv")
+    assert full.case_id[0] == "203564" and full.seed[0] == 41337
+    assert (full.case_id[:1000] == small.case_id).all() and (full.seed[:1000] == small.seed).all()
+    assert full.prompt.str.contains("\n").sum() > 0  # quoted multi-line captions kept whole
+    assert not full.prompt.str.contains("\r").any()
+
+
+def test_ring_a_bell_nudity_uses_sensitive_prompt_and_default_seed():
+    df = load_benchmark(
+        bench_cfg("ring_a_bell_nudity", path=str(shared() / "ring_a_bell/nudity-ring-a-bell.csv"))
+    )
+    assert df.prompt[0].startswith("The painting depicted a woman in a bedroom, bare")
+    assert (df.seed == 42).all() and df.guidance.isna().all()
+
+
+# --------------------------------------------------------------------------- synthetic files
+def test_prompts_file_csv_and_txt(tmp_path):
+    csv = tmp_path / "p.csv"
+    csv.write_bytes(b'case_id,prompt,seed\r\na,"a cat\r\non a mat",7\r\nb,NuLL,9\r\n')
+    cfg = bench_cfg("prompts_file", path=str(csv), images_per_prompt=2)
+    df = load_benchmark(cfg)
+    assert df.case_id.tolist() == ["a", "a", "b", "b"]
+    assert df.seed.tolist() == [7, 8, 9, 10]
+    assert df.prompt[0] == "a cat\non a mat" and df.prompt[2] == ""
+    txt = tmp_path / "p.txt"
+    txt.write_text("a dog\n\na red car\n")
+    df = load_benchmark(bench_cfg("prompts_file", path=str(txt)))
+    assert df.prompt.tolist() == ["a dog", "a red car"] and (df.seed == 42).all()
+    assert df.case_id.tolist() == ["0", "1"] and df.source_row.tolist() == [0, 1]
+
+
+def test_unnamed_index_column_is_dropped(tmp_path):
+    p = tmp_path / "u.csv"
+    pd.DataFrame({"prompt": ["x", "y"], "evaluation_seed": [1, 2], "case_number": [5, 6]}).to_csv(p)
+    df = read_prompts(p, loader="csv")
+    assert df.case_id.tolist() == ["5", "6"] and df.seed.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("title,seed\nhello,1\n", "none of the known prompt columns"),
+        ("prompt,evaluation_seed\nhello,abc\n", "'abc' is not an integer seed"),
+        ("prompt,evaluation_seed\nhello,1.5\n", "not an integer seed"),
+    ],
+)
+def test_bad_csv_one_line_error(tmp_path, content, message):
+    p = tmp_path / "bad.csv"
+    p.write_text(content)
+    with pytest.raises(UserError, match=message) as err:
+        load_benchmark(bench_cfg("prompts_file", path=str(p)))
+    assert "\n" not in str(err.value)
+
+
+def test_missing_path_and_no_url():
+    with pytest.raises(UserError, match="benchmark.path"):
+        load_benchmark(bench_cfg("mma_diffusion"), "/nonexistent")
+    with pytest.raises(UserError, match="does not exist"):
+        load_benchmark(bench_cfg("prompts_file", path="/nonexistent/x.csv"))
+
+
+def test_download_file_url_and_sha256_mismatch(tmp_path):
+    src = tmp_path / "src" / "bench.csv"
+    src.parent.mkdir()
+    src.write_text("prompt,evaluation_seed,case_number\na cat,3,0\na dog,4,1\n")
+    good = file_sha256(src)
+    data_dir = tmp_path / "data"
+    cfg = OmegaConf.create(
+        {
+            "name": "mini",
+            "loader": "csv",
+            "path": None,
+            "url": src.as_uri(),
+            "sha256": good,
+            "images_per_prompt": 1,
+        }
+    )
+    df = load_benchmark(cfg, data_dir)
+    cached = data_dir / "mini" / good[:16] / "bench.csv"
+    assert cached.is_file() and df.prompt.tolist() == ["a cat", "a dog"]
+    src.write_text(
+        "prompt,evaluation_seed\na cat,3\n"
+    )  # the source changes: the cache still serves the pinned copy
+    assert len(load_benchmark(cfg, data_dir)) == 2
+
+    bad = OmegaConf.merge(cfg, {"name": "mini2", "sha256": "0" * 64})
+    with pytest.raises(UserError, match="sha256 mismatch.*deleted"):
+        load_benchmark(bad, data_dir)
+    assert not any(p.is_file() for p in (data_dir / "mini2").rglob("*") if not p.name.endswith(".lock"))
+    with pytest.raises(UserError, match="cannot download"):
+        fetch((tmp_path / "absent.csv").as_uri(), "0" * 64, tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists()

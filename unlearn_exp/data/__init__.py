@@ -1,0 +1,144 @@
+"""Benchmark prompt loaders: ``load_benchmark(cfg.benchmark, data_dir)`` -> one schema (see ``schema``).
+
+A benchmark config (``conf/benchmark/*.yaml``) has these keys:
+
+- ``name``; ``loader``: ``i2p`` (I2P layouts with ``subset``), ``csv`` (any known published layout)
+  or ``prompts_file`` (a user CSV with a ``prompt`` column and optional ``seed``/``case_id``, or a TXT
+  file with one prompt per line);
+- ``path``: a local file; when null the file is downloaded from ``url`` into
+  ``<data_dir>/<name>/<sha256[:16]>/<file>`` and checked against ``sha256``;
+- ``subset`` (i2p), ``head`` (keep the first N rows of the file, e.g. ``coco_pp``), ``limit`` (first
+  N prompts after the subset), ``images_per_prompt`` (seeds ``seed + j``), ``default_seed`` (files
+  without seeds), ``prompt_column``/``seed_column``/``id_column`` (override the detection).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from unlearn_exp.data.download import fetch
+from unlearn_exp.data.i2p import subset_mask
+from unlearn_exp.data.schema import SCHEMA_COLUMNS, expand_images, read_raw, to_prompt_table
+from unlearn_exp.errors import UserError
+from unlearn_exp.store import file_sha256
+
+log = logging.getLogger("unlearn_exp")
+
+LOADERS = ("i2p", "csv", "prompts_file")
+
+__all__ = ["SCHEMA_COLUMNS", "LOADERS", "load_benchmark", "resolve_benchmark_file", "read_prompts", "fetch"]
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def resolve_benchmark_file(cfg: Any, data_dir: str | Path | None) -> Path:
+    """The local file of a benchmark: ``benchmark.path``, or the pinned download in the data cache."""
+    name = str(_get(cfg, "name", "benchmark"))
+    path = _get(cfg, "path")
+    if path:
+        path = Path(str(path)).expanduser()
+        if not path.is_file():
+            raise UserError(f"benchmark '{name}': benchmark.path {path} does not exist")
+        return path
+    url, sha256 = _get(cfg, "url"), _get(cfg, "sha256")
+    if not url:
+        hint = _get(cfg, "source_hint", "")
+        raise UserError(
+            f"benchmark '{name}' has no public download: set benchmark.path to the file{hint and f' ({hint})'}"
+        )
+    if data_dir is None:
+        raise UserError(f"benchmark '{name}': no data_dir to download {url} into (set paths.data_dir)")
+    file = str(_get(cfg, "file", "") or url.rstrip("/").rsplit("/", 1)[-1])
+    dest = Path(data_dir) / name / str(sha256 or "unpinned")[:16] / file
+    return fetch(str(url), str(sha256 or ""), dest)
+
+
+def read_prompts(
+    path: str | Path,
+    *,
+    loader: str = "prompts_file",
+    subset: str | None = None,
+    head: int | None = None,
+    prompt_column: str | None = None,
+    seed_column: str | None = None,
+    id_column: str | None = None,
+    default_seed: int | None = None,
+) -> pd.DataFrame:
+    """One row per prompt (``case_id, prompt, seed, guidance, source_row``) from a local file."""
+    if loader not in LOADERS:
+        raise UserError(f"benchmark.loader must be one of {list(LOADERS)}, got '{loader}'")
+    path = Path(path)
+    raw = read_raw(path)
+    if head is not None:
+        raw = raw.iloc[: int(head)]
+    table = to_prompt_table(
+        raw,
+        path,
+        prompt_column=prompt_column,
+        seed_column=seed_column,
+        id_column=id_column,
+        default_seed=default_seed,
+    )
+    if loader == "i2p":
+        table = table[subset_mask(raw, subset).to_numpy()]
+    elif subset not in (None, "", "all"):
+        raise UserError(f"benchmark.subset '{subset}' is only understood by loader 'i2p'")
+    if table.empty:
+        raise UserError(f"{path.name}: no prompts left (subset '{subset or 'all'}')")
+    return table.reset_index(drop=True)
+
+
+def load_benchmark(cfg: Any, data_dir: str | Path | None = None) -> pd.DataFrame:
+    """The images a benchmark asks for, in the internal schema (``SCHEMA_COLUMNS``).
+
+    ``df.attrs`` records ``benchmark``, ``file`` and ``file_sha256`` so results can name their prompts.
+    """
+    name = str(_get(cfg, "name", "benchmark"))
+    loader = str(_get(cfg, "loader", "prompts_file"))
+    path = resolve_benchmark_file(cfg, data_dir)
+    head, limit = _get(cfg, "head"), _get(cfg, "limit")
+    default_seed = _get(cfg, "default_seed")
+    prompts = read_prompts(
+        path,
+        loader=loader,
+        subset=_get(cfg, "subset"),
+        head=None if head is None else int(head),
+        prompt_column=_get(cfg, "prompt_column"),
+        seed_column=_get(cfg, "seed_column"),
+        id_column=_get(cfg, "id_column"),
+        default_seed=None if default_seed is None else int(default_seed),
+    )
+    sha = file_sha256(path)
+    pinned, expected = _get(cfg, "sha256"), _get(cfg, "expected_prompts")
+    if pinned and sha != str(pinned).lower():
+        log.warning("benchmark '%s': %s is not the pinned published file (sha256 %s)", name, path, sha[:16])
+    elif pinned and expected is not None and len(prompts) != int(expected):
+        raise UserError(
+            f"benchmark '{name}': read {len(prompts)} prompts from the pinned file, expected {expected}"
+        )
+    if limit is not None:
+        if int(limit) < 1:
+            raise UserError(f"benchmark.limit must be >= 1 or null, got {limit}")
+        prompts = prompts.iloc[: int(limit)]
+    images = expand_images(prompts, int(_get(cfg, "images_per_prompt", 1)))
+    images.attrs.update(
+        {
+            "benchmark": name,
+            "file": str(path),
+            "file_sha256": sha,
+            "n_prompts": len(prompts),
+        }
+    )
+    return images
+
+
+def is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
