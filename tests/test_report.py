@@ -1,0 +1,264 @@
+"""The report from a fixture of cell rows: tables cell for cell, "-" where rows are missing."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from unlearn_exp import paper, report
+from unlearn_exp.errors import UserError
+
+
+def _row(experiment, task, beta, guidance, embedding, n_safe, n, pp, *, scale="sd14", bench=None, key=None):
+    return {
+        "experiment": experiment,
+        "task": task,
+        "scale": scale,
+        "model_id": f"{scale}-model",
+        "checkpoint_method": "duo",
+        "beta": float(beta),
+        "checkpoint_id": f"duo-{task}-{beta}",
+        "guidance": guidance,
+        "embedding": embedding,
+        "embedding_id": f"emb-{embedding}-{beta}",
+        "dsr": n_safe / n,
+        "dsr_lo": n_safe / n - 0.05,
+        "dsr_hi": min(1.0, n_safe / n + 0.05),
+        "n_images": n,
+        "n_safe": n_safe,
+        "pp_coco": pp,
+        "pp_bench": pp - 0.1 if bench is None else bench,
+        "benign_acc": math.nan,
+        "judge_profile": "q16" if task == "violence" else "nudenet_duo",
+        "judge_hash": "jh-" + task,
+        "cell_key": key or f"{experiment}-{task}-{beta}-{guidance}-{embedding}-{n}",
+        "config_json": "{}",
+    }
+
+
+def fixture_rows() -> pd.DataFrame:
+    rows = [
+        # violence, main beta 1000: three of five methods present
+        _row("violence_duo", "violence", 1000, "none", "inverted", 460, 750, 0.8),  # embedding ignored
+        _row("violence_duo", "violence", 1000, "sld", "explicit", 600, 750, 0.75),
+        _row("violence_duo", "violence", 1000, "safree", "inverted", 700, 750, 0.7),
+        # nudity, main beta 2000: all five; a small debug row for DUO+SLD that must lose to the full one
+        _row("nudity_duo", "nudity", 2000, "none", "explicit", 40, 95, 0.81),
+        _row("nudity_duo", "nudity", 2000, "sld", "explicit", 46, 95, 0.777),
+        _row("nudity_duo", "nudity", 2000, "sld", "explicit", 4, 4, 0.99),
+        _row("nudity_duo", "nudity", 2000, "sld", "inverted", 90, 95, 0.7),
+        _row("nudity_duo", "nudity", 2000, "safree", "explicit", 50, 95, 0.68),
+        _row("nudity_duo", "nudity", 2000, "safree", "inverted", 91, 95, 0.6),
+        _row("nudity_duo", "nudity", 500, "sld", "inverted", 93, 95, 0.65),
+        # transfer: shared C* on beta 250 (SLD) from the transfer experiment, 2000 (SAFREE) from the main one
+        _row("nudity_duo_transfer", "nudity", 250, "sld", "shared", 95, 95, 0.7),
+        _row("nudity_duo", "nudity", 2000, "safree", "shared", 90, 95, 0.6),
+        # other scale: must not leak into the sd14 tables
+        _row("toy_duo", "toy", 2000, "none", "explicit", 10, 10, 0.5, scale="toy"),
+        # other experiment name: ignored
+        _row("my_custom", "nudity", 2000, "none", "explicit", 1, 95, 0.1),
+    ]
+    return pd.DataFrame(rows)
+
+
+def _fmt(table):
+    return report.formatted(table).set_index(table.columns[0].header)
+
+
+def test_main_tables_cell_for_cell():
+    tables = report.build_tables(fixture_rows(), "sd14")
+    assert set(tables) == {
+        "main_violence_beta1000",
+        "long_violence",
+        "main_nudity_beta2000",
+        "long_nudity",
+        "transfer",
+    }
+
+    v = _fmt(tables["main_violence_beta1000"])
+    assert list(v.index) == list(paper.METHODS)
+    # DUO: 460/750 = 0.6133 vs paper 0.613 -> +0.000; PP 0.800 vs 0.820 -> -0.020
+    assert v.loc["DUO", ["DSR", "DSR (paper)", "DSR diff", "PP", "PP (paper)", "PP diff", "N"]].tolist() == [
+        "0.613",
+        "0.613",
+        "+0.000",
+        "0.800",
+        "0.820",
+        "-0.020",
+        "750",
+    ]
+    assert v.loc["DUO", "DSR 95% CI"] == "[0.563, 0.663]"
+    assert v.loc["DUO+SLD", ["DSR", "DSR diff", "PP diff"]].tolist() == ["0.800", "+0.040", "-0.034"]
+    assert v.loc["DUO+SAFREE+Ours", ["DSR", "DSR (paper)", "DSR diff"]].tolist() == [
+        "0.933",
+        "0.947",
+        "-0.014",
+    ]
+    # missing cells: ours and the differences are "-", the paper's numbers stay
+    for m in ("DUO+SLD+Ours", "DUO+SAFREE"):
+        assert v.loc[m, ["DSR", "DSR diff", "PP", "PP diff", "N", "DSR 95% CI"]].tolist() == ["-"] * 6
+    assert v.loc["DUO+SAFREE", "DSR (paper)"] == "0.793"
+
+    n = _fmt(tables["main_nudity_beta2000"])
+    # the 95-image DUO+SLD row wins over the 4-image debug row
+    assert n.loc["DUO+SLD", ["DSR", "DSR (paper)", "DSR diff", "PP", "PP diff", "N"]].tolist() == [
+        "0.484",
+        "0.484",
+        "+0.000",
+        "0.777",
+        "+0.000",
+        "95",
+    ]
+    assert n.loc["DUO", ["DSR", "DSR diff"]].tolist() == ["0.421", "-0.021"]
+    assert n.loc["DUO+SAFREE+Ours", ["DSR", "DSR diff", "PP", "PP diff"]].tolist() == [
+        "0.958",
+        "+0.011",
+        "0.600",
+        "-0.032",
+    ]
+    assert n["Benign acc."].tolist() == ["-"] * 5
+
+
+def test_long_form_and_transfer():
+    tables = report.build_tables(fixture_rows(), "sd14")
+    long = report.formatted(tables["long_nudity"])
+    assert len(long) == len(paper.BETAS) * len(paper.METHODS)
+    at = long.set_index(["beta", "Method"])
+    # beta 500: ours present, no paper number at that beta
+    assert at.loc[
+        ("500", "DUO+SLD+Ours"), ["DSR", "DSR (paper)", "DSR diff", "PP (COCO)", "PP (bench)"]
+    ].tolist() == [
+        "0.979",
+        "-",
+        "-",
+        "0.650",
+        "0.550",
+    ]
+    assert at.loc[("250", "DUO"), "DSR"] == "-"
+    assert at.loc[("2000", "DUO+SLD"), "DSR (paper)"] == "0.484"
+
+    t = report.formatted(tables["transfer"]).set_index("beta")
+    assert list(t.index) == ["250", "1000", "2000"]
+    assert t.loc["250"].tolist() == ["1.000", "1.000", "+0.000", "-", "0.990", "-"]
+    assert t.loc["1000"].tolist() == ["-", "0.990", "-", "-", "0.990", "-"]
+    assert t.loc["2000"].tolist() == ["-", "0.905", "-", "0.947", "0.968", "-0.021"]
+
+
+def test_missing_cells_lists_exactly_the_absent_ones():
+    rows = fixture_rows()
+    cells = report.missing_cells(rows, "sd14")
+    as_text = {" ".join(c) for c in cells}
+    # 2 tasks x 4 betas x 5 methods + 3 betas x 2 transfer methods, minus the rows present
+    present_main = 3 + 5 + 1
+    present_transfer = 2
+    assert len(cells) == 2 * 4 * 5 - present_main + 3 * 2 - present_transfer
+    assert "+experiment=violence_duo checkpoint.beta=1000 guidance=sld embedding=inverted" in as_text
+    assert "+experiment=violence_duo checkpoint.beta=1000 guidance=none embedding=explicit" not in as_text
+    assert "+experiment=nudity_duo checkpoint.beta=250 guidance=none embedding=explicit" in as_text
+    assert "+experiment=nudity_duo_transfer checkpoint.beta=1000 guidance=safree embedding=shared" in as_text
+    assert (
+        "+experiment=nudity_duo_transfer checkpoint.beta=2000 guidance=safree embedding=shared" not in as_text
+    )
+    # grouped into multiruns over beta
+    cmds = report.sweep_commands(cells, ["model.path=/w"])
+    assert all(c[2:4] == ["unlearn_exp", "--multirun"] and c[-1] == "model.path=/w" for c in cmds)
+    assert sum(len(next(o for o in c if o.startswith("checkpoint.beta=")).split(",")) for c in cmds) == len(
+        cells
+    )
+    # the toy scale asks for its own experiment
+    toy = report.missing_cells(rows, "toy")
+    assert all(c[0] == "+experiment=toy_duo" for c in toy)
+    assert len(toy) == 4 * 5 - 1 + 6
+
+
+def test_write_report_files(tmp_path: Path):
+    d = tmp_path / "results" / "job0"
+    d.mkdir(parents=True)
+    fixture_rows().to_parquet(d / "cells.parquet")
+    rows = report.load_cells([tmp_path / "results"])
+    assert len(rows) == len(fixture_rows())
+    written = report.write_report(
+        rows, "sd14", tmp_path / "reports", report.find_cell_files([tmp_path / "results"])
+    )
+    out = tmp_path / "reports" / "sd14"
+    names = {p.name for p in written}
+    for stem in (
+        "main_violence_beta1000",
+        "main_nudity_beta2000",
+        "long_violence",
+        "long_nudity",
+        "transfer",
+    ):
+        assert {f"{stem}.md", f"{stem}.tex", f"{stem}.csv"} <= names
+    assert {"dsr_pp_violence.png", "dsr_pp_nudity.png", "sources.md"} <= names
+    assert (out / "dsr_pp_nudity.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "main_violence_beta1000.md").read_text()
+    assert "| DUO+SLD+Ours | - | 0.880 | - | - | 0.693 | - | - | - | - |" in md
+    tex = (out / "main_violence_beta1000.tex").read_text()
+    assert r"\begin{tabular}{lrrrrrrrrr}" in tex and r"$\Delta$DSR" in tex
+    csv = pd.read_csv(out / "main_nudity_beta2000.csv", keep_default_na=False, dtype=str)
+    assert csv.loc[csv.method == "DUO+SLD", "dsr"].item() == "0.4842"
+    assert csv.loc[csv.method == "DUO+SLD", "dsr_paper"].item() == "0.4840"
+    vcsv = pd.read_csv(out / "main_violence_beta1000.csv", keep_default_na=False, dtype=str)
+    assert vcsv.loc[vcsv.method == "DUO+SAFREE", "dsr"].item() == "-"
+    src = (out / "sources.md").read_text()
+    assert "| nudity | nudenet_duo | jh-nudity |" in src and "| violence | q16 | jh-violence |" in src
+    assert "my_custom" not in src and "toy-model" not in src
+
+
+def test_toy_scale_uses_toy_rows(tmp_path: Path):
+    rows = fixture_rows()
+    tables = report.build_tables(rows, "toy")
+    assert set(tables) == {"main_toy_beta2000", "long_toy", "transfer"}
+    t = _fmt(tables["main_toy_beta2000"])
+    assert t.loc["DUO", ["DSR", "DSR (paper)", "PP"]].tolist() == ["1.000", "-", "0.500"]
+    assert t.loc["DUO+SLD", "DSR"] == "-"
+    # no toy rows at all: the tables still exist, all "-"
+    empty = report.build_tables(rows[rows.scale == "sd14"], "toy")
+    assert (report.formatted(empty["main_toy_beta2000"]).drop(columns="Method") == "-").all().all()
+
+
+def test_cli_no_run_and_bad_input(tmp_path: Path, capsys):
+    d = tmp_path / "r"
+    d.mkdir()
+    fixture_rows().to_parquet(d / "cells.parquet")
+    rc = report.main(["--scale", "sd14", "--results", str(d), "--out", str(tmp_path / "rep"), "--no-run"])
+    assert rc == 0 and (tmp_path / "rep" / "sd14" / "transfer.md").is_file()
+    assert "cell(s) without rows" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    fixture_rows().drop(columns=["dsr"]).to_parquet(bad / "cells.parquet")
+    with pytest.raises(UserError, match="lack the column"):
+        report.load_cells([bad])
+    rc = report.main(["--scale", "sd14", "--results", str(bad), "--out", str(tmp_path / "rep2"), "--no-run"])
+    assert rc == 2 and not (tmp_path / "rep2").exists()
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_preflight_stops_without_weights(tmp_path: Path):
+    with pytest.raises(UserError, match=r"model\.path.*make demo"):
+        report.preflight("sd14", [f"model.path={tmp_path / 'absent'}"])
+    with pytest.raises(UserError, match="model.path"):
+        report.preflight("sd14", ["model.path=nobody/not-a-cached-model"])
+    # a diffusers folder on disk passes
+    from unlearn_exp.models import build_tiny, save_components
+
+    save_components(build_tiny(seed=0), tmp_path / "sd")
+    report.preflight("sd14", [f"model.path={tmp_path / 'sd'}"])
+
+
+def test_run_missing_reports_failure():
+    seen = []
+    report.run_missing(
+        [["+experiment=nudity_duo", "checkpoint.beta=250", "guidance=none", "embedding=explicit"]],
+        [],
+        lambda c: seen.append(c) or 0,
+    )
+    assert seen and seen[0][-1] == "checkpoint.beta=250"
+    with pytest.raises(UserError, match="failed"):
+        report.run_missing(
+            [["+experiment=x", "checkpoint.beta=1", "guidance=none", "embedding=explicit"]], [], lambda c: 3
+        )
