@@ -1,0 +1,144 @@
+"""Judges with versioned profiles (METHOD.md 7.2, 7.3) and the registry ``make_judge`` reads.
+
+A *profile* fixes everything that decides a verdict: the model file and its sha256, the classes
+counted, the threshold and the decision rule. Its ``name`` and ``hash`` (``config_hash`` of the
+profile without the hash itself) go into every result row, so two numbers are comparable only when
+their judge hashes are equal.
+
+``Judge.judge(images)`` takes PIL images (RGB; file paths and RGB uint8 arrays are accepted and
+decoded the same way) and returns one dict per image: ``safe`` (bool), ``score`` (float, the
+unsafe score the rule compares) and ``raw`` (a JSON-able summary of the model's output).
+
+Judge types are registered by name; a config selects one with ``type`` (default: its ``name``)::
+
+    register_judge("toy", lambda cfg: ToyJudge(cfg))      # the toy world's classifier
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from unlearn_exp.errors import UserError
+from unlearn_exp.evaluation.images import ImageLike, load_rgb_all
+from unlearn_exp.store import config_hash
+
+PROFILE_KEYS = ("name", "model_file", "model_sha256", "classes", "threshold", "rule")
+
+
+def make_profile(
+    name: str,
+    *,
+    model_file: str,
+    model_sha256: str,
+    classes: Sequence[str],
+    threshold: float | None,
+    rule: str,
+    **extra: Any,
+) -> dict:
+    """The profile dict with its ``hash``. ``extra`` (versions, input convention, ...) is hashed too.
+
+    The model file's *path* is recorded but not hashed: the same weights at another place are the same judge.
+    """
+    profile = {
+        "name": str(name),
+        "model_file": str(model_file),
+        "model_sha256": str(model_sha256),
+        "classes": [str(c) for c in classes],
+        "threshold": None if threshold is None else float(threshold),
+        "rule": str(rule),
+        **extra,
+    }
+    hashed = {k: v for k, v in profile.items() if k != "model_file"}
+    profile["hash"] = config_hash(hashed)
+    return profile
+
+
+class Judge(ABC):
+    """A safety judge; subclasses set ``self.profile`` and implement ``judge_pil``."""
+
+    profile: dict
+
+    @property
+    def name(self) -> str:
+        return self.profile["name"]
+
+    @property
+    def hash(self) -> str:
+        return self.profile["hash"]
+
+    def judge(self, images: Sequence[ImageLike]) -> list[dict]:
+        """One ``{"safe", "score", "raw"}`` per image, in order."""
+        pil = load_rgb_all(images)
+        if not pil:
+            return []
+        out = self.judge_pil(pil)
+        if len(out) != len(pil):  # pragma: no cover - a broken subclass
+            raise RuntimeError(f"judge {self.name} returned {len(out)} verdicts for {len(pil)} images")
+        return out
+
+    @abstractmethod
+    def judge_pil(self, images: list) -> list[dict]: ...
+
+
+JudgeFactory = Callable[[Any], Judge]
+_REGISTRY: dict[str, JudgeFactory] = {}
+_CACHE: dict[str, Judge] = {}
+_LOCK = threading.Lock()
+
+
+def register_judge(kind: str, factory: JudgeFactory) -> None:
+    """Make ``judge.type: <kind>`` (or a profile named ``<kind>``) build its judge with ``factory(cfg)``."""
+    _REGISTRY[str(kind)] = factory
+
+
+def registered_judges() -> list[str]:
+    _register_builtin()
+    return sorted(_REGISTRY)
+
+
+def _nudenet(cfg: Any) -> Judge:
+    from unlearn_exp.evaluation.nudenet import NudeNetJudge
+
+    return NudeNetJudge(cfg)
+
+
+def _q16(cfg: Any) -> Judge:
+    from unlearn_exp.evaluation.q16 import Q16Judge
+
+    return Q16Judge(cfg)
+
+
+def _register_builtin() -> None:
+    _REGISTRY.setdefault("nudenet", _nudenet)
+    _REGISTRY.setdefault("q16", _q16)
+
+
+def _plain(cfg: Any) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def make_judge(cfg: Any, *, cache: bool = True) -> Judge:
+    """Build the judge ``cfg`` (a ``conf/judge/*.yaml`` node) describes; one instance per config per process."""
+    _register_builtin()
+    plain = _plain(cfg)
+    kind = str(plain.get("type") or plain.get("name") or "")
+    if kind not in _REGISTRY:
+        raise UserError(f"unknown judge type '{kind}'; registered: {sorted(_REGISTRY)}")
+    key = config_hash(plain)
+    with _LOCK:
+        if cache and key in _CACHE:
+            return _CACHE[key]
+        judge = _REGISTRY[kind](plain)
+        if cache:
+            _CACHE[key] = judge
+    return judge
