@@ -28,6 +28,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+
 from unlearn_exp.errors import UserError
 
 log = logging.getLogger("unlearn_exp.tracking")
@@ -469,3 +471,25 @@ def pin_gpu_worker(lock_dir: str | None = None) -> str | None:
         log.warning("more workers than GPUs: worker %d shares GPU %s", os.getpid(), chosen)
     os.environ["CUDA_VISIBLE_DEVICES"] = chosen
     return chosen
+
+
+class GpuPinning(Callback):
+    """Hydra callback of the ``hydra/launcher=joblib`` preset: ``pin_gpu_worker`` at each job start.
+
+    Runs inside the worker process before the job's code, so the GPU is set before CUDA starts;
+    later jobs of the same worker keep the GPU it already holds.
+    """
+
+    def __init__(self, lock_dir: str | None = None):
+        self.lock_dir = lock_dir
+
+    def on_job_start(self, config, **kwargs) -> None:
+        if _HELD_LOCK is not None:
+            return
+        try:
+            gpu = pin_gpu_worker(self.lock_dir)
+        except Exception as e:  # placement is an optimisation: never fail a job over it
+            log.warning("GPU pinning skipped (%s: %s)", type(e).__name__, e)
+            return
+        if gpu is not None:
+            log.info("worker %d pinned to GPU %s", os.getpid(), gpu)
