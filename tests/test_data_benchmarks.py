@@ -143,6 +143,17 @@ def test_bad_csv_one_line_error(tmp_path, content, message):
     assert "\n" not in str(err.value)
 
 
+def test_registered_loader_and_unknown_loader():
+    from unlearn_exp.data import register_loader
+
+    table = pd.DataFrame({"case_id": ["a"], "prompt": ["p"], "seed": [1], "guidance": [float("nan")],
+                          "image_index": [0], "source_row": [0]})  # fmt: skip
+    register_loader("test_fixed", lambda cfg, data_dir: table)
+    assert load_benchmark({"name": "x", "loader": "test_fixed"}) is table
+    with pytest.raises(UserError, match="benchmark.loader must be one of"):
+        load_benchmark({"name": "x", "loader": "nope", "path": "/x"})
+
+
 def test_missing_path_and_no_url():
     with pytest.raises(UserError, match="benchmark.path"):
         load_benchmark(bench_cfg("mma_diffusion"), "/nonexistent")
@@ -181,3 +192,19 @@ def test_download_file_url_and_sha256_mismatch(tmp_path):
     with pytest.raises(UserError, match="cannot download"):
         fetch((tmp_path / "absent.csv").as_uri(), "0" * 64, tmp_path / "out.csv")
     assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("yaml", sorted(CONF.glob("*.yaml")), ids=lambda p: p.stem)
+def test_benchmark_configs_are_complete(yaml):
+    cfg = OmegaConf.load(yaml)
+    assert cfg.name == yaml.stem
+    if cfg.get("loader") not in ("i2p", "csv", "prompts_file"):
+        pytest.skip(f"{yaml.name} uses the '{cfg.get('loader')}' loader of another area")
+    for key in ("path", "images_per_prompt", "limit"):
+        assert key in cfg
+    assert cfg.loader in ("i2p", "csv", "prompts_file")
+    if cfg.get("url"):
+        assert cfg.url.startswith("https://raw.githubusercontent.com/") and len(cfg.sha256) == 64
+        assert cfg.file == cfg.url.rsplit("/", 1)[-1] and cfg.expected_prompts > 0
+    else:
+        assert cfg.get("source_hint")  # names the file the user must supply

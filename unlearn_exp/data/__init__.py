@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,32 @@ log = logging.getLogger("unlearn_exp")
 
 LOADERS = ("i2p", "csv", "prompts_file")
 
-__all__ = ["SCHEMA_COLUMNS", "LOADERS", "load_benchmark", "resolve_benchmark_file", "read_prompts", "fetch"]
+__all__ = [
+    "SCHEMA_COLUMNS",
+    "LOADERS",
+    "load_benchmark",
+    "register_loader",
+    "resolve_benchmark_file",
+    "read_prompts",
+    "fetch",
+]
+
+BenchmarkLoader = Callable[[Any, "str | Path | None"], pd.DataFrame]
+_EXTRA_LOADERS: dict[str, BenchmarkLoader] = {}
+
+
+def register_loader(name: str, loader: BenchmarkLoader) -> None:
+    """Add a ``benchmark.loader`` whose function returns the finished image table (``SCHEMA_COLUMNS``)."""
+    _EXTRA_LOADERS[str(name)] = loader
+
+
+def _toy_loader(cfg: Any, data_dir: str | Path | None) -> pd.DataFrame:
+    from unlearn_exp.toy.prompts import load_toy_benchmark
+
+    return load_toy_benchmark(cfg)
+
+
+_EXTRA_LOADERS["toy"] = _toy_loader  # the toy world's generated prompts (unlearn_exp/toy/prompts.py)
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -103,6 +129,16 @@ def load_benchmark(cfg: Any, data_dir: str | Path | None = None) -> pd.DataFrame
     """
     name = str(_get(cfg, "name", "benchmark"))
     loader = str(_get(cfg, "loader", "prompts_file"))
+    if loader in _EXTRA_LOADERS:
+        images = _EXTRA_LOADERS[loader](cfg, data_dir)
+        missing = [c for c in SCHEMA_COLUMNS if c not in images.columns]
+        if missing:
+            raise UserError(f"benchmark '{name}': loader '{loader}' returned no columns {missing}")
+        return images
+    if loader not in LOADERS:
+        raise UserError(
+            f"benchmark.loader must be one of {sorted([*LOADERS, *_EXTRA_LOADERS])}, got '{loader}'"
+        )
     path = resolve_benchmark_file(cfg, data_dir)
     head, limit = _get(cfg, "head"), _get(cfg, "limit")
     default_seed = _get(cfg, "default_seed")

@@ -111,9 +111,18 @@ def _q16(cfg: Any) -> Judge:
     return Q16Judge(cfg)
 
 
+def _toy(cfg: Any) -> Judge:
+    try:
+        from unlearn_exp.toy.judge import make_toy_judge
+    except ImportError as exc:
+        raise UserError(f"the toy judge is not available: {exc}") from None
+    return make_toy_judge(cfg)
+
+
 def _register_builtin() -> None:
     _REGISTRY.setdefault("nudenet", _nudenet)
     _REGISTRY.setdefault("q16", _q16)
+    _REGISTRY.setdefault("toy", _toy)  # the toy world's classifier (unlearn_exp/toy/judge.py)
 
 
 def _plain(cfg: Any) -> dict:

@@ -32,7 +32,7 @@ from unlearn_exp.evaluation.images import ImageLike, to_tensor
 from unlearn_exp.store import config_hash, file_sha256
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
-PP_DEFAULTS = {"name": "lpips_alex", "type": "lpips", "net": "alex", "trunk_path": None, "lin_path": None}
+PP_DEFAULTS = {"name": "lpips_alex", "net": "alex", "trunk_path": None, "lin_path": None}
 
 Images = Sequence[ImageLike] | torch.Tensor
 
@@ -213,8 +213,20 @@ class FeatureDistance(Distance):
 
 
 # ----------------------------------------------------------------------------- registry
+def _toy_features(cfg: dict) -> Distance:
+    try:
+        from unlearn_exp.toy.judge import make_toy_feature_distance
+    except ImportError as exc:
+        raise UserError(f"the toy feature distance is not available: {exc}") from None
+    return make_toy_feature_distance(cfg)
+
+
 PPFactory = Callable[[dict], Distance]
-_REGISTRY: dict[str, PPFactory] = {"lpips": LPIPSDistance, "lpips_alex": LPIPSDistance}
+_REGISTRY: dict[str, PPFactory] = {
+    "lpips": LPIPSDistance,
+    "lpips_alex": LPIPSDistance,
+    "toy_features": _toy_features,  # FeatureDistance on the toy judge's features (unlearn_exp/toy/judge.py)
+}
 _CACHE: dict[str, Distance] = {}
 _LOCK = threading.Lock()
 

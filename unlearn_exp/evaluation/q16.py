@@ -142,8 +142,13 @@ def _hub_weights_file(repo_id: str) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover
         return None
+    if not repo_id or repo_id.startswith(("/", ".", "~")) or repo_id.count("/") > 1:
+        return None  # a filesystem path, not a hub id
     for name in WEIGHT_FILES:
-        found = try_to_load_from_cache(repo_id, name)
+        try:
+            found = try_to_load_from_cache(repo_id, name)
+        except ValueError:  # not a valid hub id
+            return None
         if isinstance(found, str):
             return Path(found)
     return None

@@ -1,0 +1,205 @@
+"""Q16 judge: restricted loading of the published pickle, tiny CLIP backends with planted prompts."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unlearn_exp.data.download import git_blob_sha1
+from unlearn_exp.errors import UserError
+from unlearn_exp.evaluation import make_judge, register_judge
+from unlearn_exp.evaluation.judge import Judge, make_profile
+from unlearn_exp.evaluation.q16 import convert_prompt_embeddings, load_prompt_embeddings
+
+
+def images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(3)]
+
+
+# --------------------------------------------------------------------------- prompts.p
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_restricted_unpickler_reads_float_arrays(tmp_path, protocol):
+    arr = np.random.default_rng(1).standard_normal((2, 768)).astype(np.float16)
+    path = tmp_path / "prompts.p"
+    path.write_bytes(pickle.dumps(arr, protocol=protocol))
+    got = load_prompt_embeddings(path)
+    assert got.dtype == np.float16 and np.array_equal(got, arr)
+    st = convert_prompt_embeddings(path, tmp_path / "prompts.safetensors")
+    assert np.array_equal(load_prompt_embeddings(st), arr)
+
+
+class _Payload:
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def test_restricted_unpickler_runs_no_code(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "prompts.p"
+    path.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(UserError, match="refused global") as err:
+        load_prompt_embeddings(path)
+    assert not marker.exists() and "\n" not in str(err.value)
+    path.write_bytes(pickle.dumps(np.zeros((3, 8), np.float32)))
+    with pytest.raises(UserError, match=r"shape \(2, D\)"):
+        load_prompt_embeddings(path)
+    path.write_bytes(pickle.dumps(np.zeros((2, 8), np.int64)))
+    with pytest.raises(UserError, match="float array"):
+        load_prompt_embeddings(path)
+    path.write_bytes(b"\x80\x04garbage")
+    with pytest.raises(UserError, match="not a plain float array"):
+        load_prompt_embeddings(path)
+
+
+# --------------------------------------------------------------------------- tiny CLIP backends
+@pytest.fixture(scope="module")
+def open_clip_dir(tmp_path_factory):
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("openclip")
+    cfg = {
+        "model_cfg": {
+            "embed_dim": 16,
+            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+        },
+        "preprocess_cfg": {"mean": [0.481, 0.458, 0.408], "std": [0.269, 0.261, 0.276]},
+    }
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(folder / "open_clip_model.safetensors"),
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def transformers_dir(tmp_path_factory):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = tmp_path_factory.mktemp("hfclip")
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=8, projection_dim=16,
+    )  # fmt: skip
+    CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder
+    )
+    return folder
+
+
+def plant(judge_cfg, tmp_path, unsafe_index: int):
+    """Prompt rows built from the model's own embeddings: row 1 = image ``unsafe_index``, row 0 = another."""
+    probe = make_judge({**judge_cfg, "prompts_path": str(tmp_path / "probe.safetensors")}, cache=False)
+    emb = probe.clip.embed(images()).numpy()
+    safe_index = (unsafe_index + 1) % 3
+    prompts = np.stack([emb[safe_index], emb[unsafe_index]]).astype(np.float16)
+    path = tmp_path / "prompts.p"
+    path.write_bytes(pickle.dumps(prompts, protocol=4))
+    return {**judge_cfg, "prompts_path": str(path)}, safe_index
+
+
+def _probe_prompts(tmp_path, dim):
+    from safetensors.numpy import save_file
+
+    save_file({"prompts": np.ones((2, dim), np.float32)}, str(tmp_path / "probe.safetensors"))
+
+
+@pytest.mark.parametrize("backend", ["open_clip", "transformers"])
+def test_planted_prompts_give_expected_argmax(backend, open_clip_dir, transformers_dir, tmp_path):
+    _probe_prompts(tmp_path, 16)
+    if backend == "open_clip":
+        cfg = {
+            "name": "q16",
+            "backend": "open_clip",
+            "open_clip_model": f"local-dir:{open_clip_dir}",
+            "device": "cpu",
+        }
+    else:
+        cfg = {"name": "q16", "backend": "transformers", "clip_path": str(transformers_dir), "device": "cpu"}
+    cfg, safe_index = plant(cfg, tmp_path, unsafe_index=0)
+    judge = make_judge(cfg, cache=False)
+    out = judge.judge(images())
+    assert out[0]["safe"] is False and out[safe_index]["safe"] is True
+    assert out[0]["score"] > 0.5 > out[safe_index]["score"]
+    assert abs(sum(out[0]["raw"]["p"]) - 1) < 1e-4
+    prof = judge.profile
+    assert prof["threshold"] is None and "argmax" in prof["rule"] and len(prof["model_sha256"]) == 64
+    strict = make_judge({**cfg, "threshold": 0.999}, cache=False)
+    assert all(v["safe"] for v in strict.judge(images()))
+    assert strict.hash != judge.hash
+
+
+def test_prompts_download_pinned_by_git_blob(open_clip_dir, tmp_path):
+    src = tmp_path / "src" / "prompts.p"
+    src.parent.mkdir()
+    src.write_bytes(pickle.dumps(np.ones((2, 16), np.float16)))
+    base = {
+        "name": "q16",
+        "backend": "open_clip",
+        "open_clip_model": f"local-dir:{open_clip_dir}",
+        "prompts_url": src.as_uri(),
+        "cache_dir": str(tmp_path / "cache"),
+        "device": "cpu",
+    }
+    judge = make_judge({**base, "prompts_git_blob": git_blob_sha1(src)[:12]}, cache=False)
+    assert Path(judge.profile["prompts_file"]).is_file()
+    with pytest.raises(UserError, match="git blob id mismatch.*deleted"):
+        make_judge({**base, "prompts_git_blob": "0" * 12, "cache_dir": str(tmp_path / "c2")}, cache=False)
+    assert not list((tmp_path / "c2").rglob("prompts.p"))
+    with pytest.raises(UserError, match="pinned sha256"):
+        make_judge({**base, "cache_dir": str(tmp_path / "c3")}, cache=False)
+
+
+def test_missing_clip_weights_one_line(tmp_path):
+    _probe_prompts(tmp_path, 16)
+    cfg = {"name": "q16", "backend": "transformers", "prompts_path": str(tmp_path / "probe.safetensors")}
+    with pytest.raises(UserError, match="Q16 CLIP weights not found") as err:
+        make_judge({**cfg, "clip_path": str(tmp_path / "no_clip")}, cache=False)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="open_clip weights not found"):
+        make_judge(
+            {**cfg, "backend": "open_clip", "open_clip_pretrained": str(tmp_path / "x.bin")}, cache=False
+        )
+
+
+# --------------------------------------------------------------------------- registry
+class _ColourJudge(Judge):
+    def __init__(self, cfg):
+        self.profile = make_profile(
+            cfg["name"],
+            model_file="",
+            model_sha256="none",
+            classes=["red"],
+            threshold=0.5,
+            rule="red share > 0.5",
+        )
+
+    def judge_pil(self, images):
+        shares = [float((np.asarray(im)[..., 0] > 128).mean()) for im in images]
+        return [{"safe": s <= 0.5, "score": s, "raw": {"red": s}} for s in shares]
+
+
+def test_register_judge_hook():
+    register_judge("toy_test_colour", _ColourJudge)
+    judge = make_judge({"name": "toy_test_colour"})
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    assert [v["safe"] for v in judge.judge([red, blue])] == [False, True]
+    assert make_judge({"name": "toy_test_colour"}) is judge  # one instance per config
+    with pytest.raises(UserError, match="unknown judge type"):
+        make_judge({"name": "no_such_judge"})
