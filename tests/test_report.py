@@ -243,10 +243,12 @@ def test_preflight_stops_without_weights(tmp_path: Path):
         report.preflight("sd14", [f"model.path={tmp_path / 'absent'}"])
     with pytest.raises(UserError, match="model.path"):
         report.preflight("sd14", ["model.path=nobody/not-a-cached-model"])
-    # a diffusers folder on disk passes
-    from unlearn_exp.models import build_tiny, save_components
-
-    save_components(build_tiny(seed=0), tmp_path / "sd")
+    # a folder with the diffusers layout passes (loading itself is the model loader's job)
+    for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        (tmp_path / "sd" / sub).mkdir(parents=True)
+    with pytest.raises(UserError, match="vae"):
+        report.preflight("sd14", [f"model.path={tmp_path / 'sd'}"])
+    (tmp_path / "sd" / "vae").mkdir()
     report.preflight("sd14", [f"model.path={tmp_path / 'sd'}"])
 
 

@@ -610,9 +610,16 @@ def check_weights(model_cfg) -> None:
         raise UserError(f"no weights configured for model '{model_cfg.get('name')}': {hint}")
     local = Path(str(path)).expanduser()
     if local.exists():
-        from unlearn_exp.models.pretrained import resolve_checkpoint
-
-        resolve_checkpoint(str(local), need_vae=bool(model_cfg.get("vae", True)))
+        # the layout check of models.pretrained.resolve_checkpoint, without importing torch (a
+        # second here matters: this runs before any work)
+        need = ["unet", "text_encoder", "tokenizer", "scheduler"] + (
+            ["vae"] if model_cfg.get("vae", True) else []
+        )
+        absent = [s for s in need if not (local / s).is_dir()]
+        if absent:
+            raise UserError(
+                f"model folder '{local}' lacks the subfolder(s) {absent}: expected a diffusers layout"
+            )
         return
     if str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
         try:
