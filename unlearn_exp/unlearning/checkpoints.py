@@ -1,0 +1,167 @@
+"""Applying a ``conf/checkpoint/*`` config to a model: train (cached) or load published weights.
+
+``apply_checkpoint`` mutates ``comps`` in place and returns the checkpoint's identity. With
+``path`` null the weights are trained through the artifact store (``unlearning/<method>``), keyed by
+the recipe, the base model's identity and the task, so a sweep trains each checkpoint once. With
+``path`` set the user's file(s) are checked against the model and loaded:
+
+- ``duo``: LoRA file(s) for ``load_lora_weights`` (several with ``adapter_weights``, METHOD.md 5.5);
+- ``esd``: a full or partial UNet state dict (diffusers names, or a complete CompVis/LDM UNet);
+- ``uce``: edited ``attn2.to_k``/``attn2.to_v`` weights.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from unlearn_exp.errors import NotImplementedStage, UserError
+from unlearn_exp.models.components import Components
+from unlearn_exp.store import ArtifactStore, atomic_write_json, file_sha256
+from unlearn_exp.unlearning.pairs import _plain
+from unlearn_exp.unlearning.weights import load_unet_weights, resolve_weight_file
+
+METHODS = ("original", "duo", "esd", "uce")
+USER_KEYS = ("path", "allow_pickle_conversion", "adapter_weights")
+
+
+def _store(store) -> ArtifactStore:
+    return store if isinstance(store, ArtifactStore) else ArtifactStore(store)
+
+
+def _model_key(comps: Components) -> dict[str, str]:
+    return {"name": comps.name, "source": comps.source, "dtype": str(comps.dtype)}
+
+
+def _task(task_cfg) -> dict[str, Any]:
+    return dict(_plain(task_cfg) or {})
+
+
+def _per_task(cfg: dict[str, Any], key: str, task: dict[str, Any], fallback=None):
+    """``cfg[key]`` may be a value or a mapping task name -> value; the task config may override it."""
+    if task.get(f"{cfg['method']}_{key}") is not None:
+        return task[f"{cfg['method']}_{key}"]
+    value = cfg.get(key)
+    if isinstance(value, dict):
+        value = value.get(task.get("name"))
+    return fallback if value is None else value
+
+
+def _load_user_unet_weights(
+    comps: Components, cfg: dict[str, Any], store, method: str, only_cross: bool
+) -> dict:
+    from safetensors.torch import load_file
+
+    paths = cfg["path"] if isinstance(cfg["path"], list) else [cfg["path"]]
+    if len(paths) != 1:
+        raise UserError(f"checkpoint.path for {method} must be one file, got {len(paths)}")
+    f = resolve_weight_file(paths[0], store, allow_pickle_conversion=bool(cfg.get("allow_pickle_conversion")))
+    tensors = load_file(str(f))
+    if only_cross:
+        tensors = {k: v for k, v in tensors.items() if not k.endswith("num_batches_tracked")}
+        other = [
+            k
+            for k in tensors
+            if not k.removeprefix("unet.").endswith(("attn2.to_k.weight", "attn2.to_v.weight"))
+        ]
+        if other:
+            raise UserError(
+                f"UCE checkpoint '{f.name}' holds {len(other)} key(s) that are not attn2.to_k/to_v weights "
+                f"(e.g. {', '.join(other[:3])}); use checkpoint=esd for general UNet weights"
+            )
+    changed = load_unet_weights(comps.unet, tensors, f"{method} checkpoint '{f.name}'")
+    sha = file_sha256(f)
+    return {"method": method, "beta": None, "source": "user", "id": sha[:16], "files": [str(f)],
+            "sha256": [sha], "n_tensors": len(changed)}  # fmt: skip
+
+
+def _apply_esd(comps, cfg, store, task, logger) -> dict:
+    from safetensors.torch import load_file
+
+    from unlearn_exp.unlearning.esd import WEIGHTS_FILE, train_esd
+
+    if cfg.get("path"):
+        return _load_user_unet_weights(comps, cfg, store, "esd", only_cross=False)
+    concept = str(_per_task(cfg, "concept", task, fallback=task.get("name")))
+    recipe = {k: v for k, v in cfg.items() if k not in (*USER_KEYS, "concept")}
+    key = {"checkpoint": recipe, "concept": concept, "task": task.get("name"), "model": _model_key(comps)}
+    final = store.path("unlearning/esd", key)
+    work = final.parent / f"{final.name}.work"
+
+    def build(tmp: Path) -> None:  # trains comps.unet in place; the file load below is then a no-op
+        info = train_esd(comps, concept, recipe, work_dir=work, out_dir=tmp, logger=logger)
+        atomic_write_json(tmp / "manifest.json", {"concept": concept, **info})
+
+    folder = store.get_or_build("unlearning/esd", key, build)
+    shutil.rmtree(work, ignore_errors=True)
+    f = folder / WEIGHTS_FILE
+    load_unet_weights(comps.unet, load_file(str(f)), f"ESD artifact '{f}'")
+    return {"method": "esd", "beta": None, "source": "trained", "id": folder.name, "files": [str(f)],
+            "sha256": [file_sha256(f)], "variant": recipe.get("variant"), "concept": concept,
+            "artifact": str(folder)}  # fmt: skip
+
+
+def _apply_uce(comps, cfg, store, task) -> dict:
+    from safetensors.torch import load_file
+
+    from unlearn_exp.unlearning.uce import uce_edit
+    from unlearn_exp.unlearning.weights import save_safetensors
+
+    if cfg.get("path"):
+        return _load_user_unet_weights(comps, cfg, store, "uce", only_cross=True)
+    erase = _per_task(cfg, "erase", task, fallback=[task.get("name")] if task.get("name") else None)
+    recipe = {
+        "erase": list(erase) if isinstance(erase, list | tuple) else [erase],
+        "guide": _per_task(cfg, "guide", task, fallback=""),
+        "preserve": list(_per_task(cfg, "preserve", task, fallback=[]) or []),
+        "lamb": float(cfg.get("lamb", 0.5)),
+        "erase_scale": float(cfg.get("erase_scale", 1.0)),
+        "preserve_scale": float(cfg.get("preserve_scale", 1.0)),
+        "templates": list(cfg.get("templates") or []),
+    }
+    key = {"recipe": recipe, "task": task.get("name"), "model": _model_key(comps)}
+
+    def build(tmp: Path) -> None:
+        save_safetensors(uce_edit(comps, recipe), tmp / "uce_cross_attention.safetensors")
+        atomic_write_json(tmp / "manifest.json", recipe)
+
+    folder = store.get_or_build("unlearning/uce", key, build)
+    f = folder / "uce_cross_attention.safetensors"
+    load_unet_weights(comps.unet, load_file(str(f)), f"UCE artifact '{f}'")
+    return {"method": "uce", "beta": None, "source": "trained", "id": folder.name, "files": [str(f)],
+            "sha256": [file_sha256(f)], "erase": recipe["erase"], "artifact": str(folder)}  # fmt: skip
+
+
+def apply_checkpoint(
+    comps: Components,
+    checkpoint_cfg,
+    store,
+    *,
+    task_cfg,
+    judge=None,
+    sample_kwargs: dict[str, Any] | None = None,
+    logger=None,
+) -> dict[str, Any]:
+    """Make ``comps`` the checkpoint ``checkpoint_cfg`` describes; return its identity.
+
+    Identity: ``method``, ``beta``, ``id`` (artifact hash, or a hash of the user's files),
+    ``files``, ``sha256``, ``source`` ("original", "trained" or "user") and method details.
+    """
+    cfg = dict(_plain(checkpoint_cfg) or {})
+    method = cfg.get("method")
+    if method not in METHODS:
+        raise NotImplementedStage(f"unlearning method '{method}' (available: {list(METHODS)})")
+    if method == "original":
+        return {"method": "original", "beta": None, "source": "original", "id": "original", "files": []}
+    store = _store(store)
+    task = _task(task_cfg)
+    if method == "duo":
+        from unlearn_exp.unlearning.duo import apply_duo
+
+        return apply_duo(
+            comps, cfg, store, task_cfg=task, judge=judge, sample_kwargs=sample_kwargs, logger=logger
+        )
+    if method == "esd":
+        return _apply_esd(comps, cfg, store, task, logger)
+    return _apply_uce(comps, cfg, store, task)

@@ -1,0 +1,494 @@
+"""DUO: Direct Unlearning Optimization (METHOD.md section 5).
+
+A LoRA on the UNet's self-attention (5.2) is trained by a Diffusion-DPO style preference loss on
+(unsafe ``x^l``, safe ``x^w``) pairs under the null prompt, plus an output-preservation term at
+``t = T`` on pure noise (5.3). The reference model is the same UNet with its adapters disabled.
+The learning rate and lambda follow the scripts' scaling with beta (5.4); both can be set
+explicitly (``lr_override``, ``lambda_override``) for models where that scaling does not fit.
+The output is one ``pytorch_lora_weights.safetensors`` per adapter, which diffusers'
+``load_lora_weights`` reads; several adapters (violence: Blood, Gun, Horror, Suffer) are combined
+with ``set_adapters`` and per-adapter weights (5.5).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from unlearn_exp.errors import UserError
+from unlearn_exp.models.components import Components
+from unlearn_exp.unlearning.pairs import PairSet, _plain
+from unlearn_exp.unlearning.training import TrainedOnly, copy_metrics, fit, step_generator
+
+SELF_ATTENTION = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"]
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+# ----------------------------------------------------------------------------- the objective (5.3)
+def per_image_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``mean((pred - target)^2)`` over C, H, W: one value per image."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def preference_loss(
+    model_w: torch.Tensor,
+    ref_w: torch.Tensor,
+    model_l: torch.Tensor,
+    ref_l: torch.Tensor,
+    noise: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``L_dpo = -log sigmoid(-beta * diff)``, batch mean, with
+    ``diff = [L_m(x^w) - L_r(x^w)] - [L_m(x^l) - L_r(x^l)]`` (METHOD.md 5.3). Returns (loss, diff)."""
+    diff = (per_image_error(model_w, noise) - per_image_error(ref_w, noise)) - (
+        per_image_error(model_l, noise) - per_image_error(ref_l, noise)
+    )
+    return -F.logsigmoid(-beta * diff).mean(), diff
+
+
+def output_preservation_loss(model_T: torch.Tensor, ref_T: torch.Tensor) -> torch.Tensor:
+    """``L_pp = mean((eps_theta(x_T, T, c_0) - eps_ref(x_T, T, c_0))^2)`` (METHOD.md 5.3)."""
+    return (model_T.float() - ref_T.float()).pow(2).mean()
+
+
+def scaled_hyperparameters(cfg: dict[str, Any], beta: float) -> tuple[float, float]:
+    """``lr = lr_base * 100 / beta``, ``lambda = lambda_base * beta / 100`` (METHOD.md 5.4)."""
+    if beta <= 0:
+        raise UserError(f"DUO beta must be > 0, got {beta}")
+    lr = cfg.get("lr_override")
+    lam = cfg.get("lambda_override")
+    lr = float(lr) if lr is not None else float(cfg.get("lr_base", 3e-4)) * 100.0 / beta
+    lam = float(lam) if lam is not None else float(cfg.get("lambda_base", 1e6)) * beta / 100.0
+    return lr, lam
+
+
+# ----------------------------------------------------------------------------- LoRA (5.2)
+def add_lora(
+    unet, adapter_name: str, *, rank: int, alpha: float, init: str | bool, targets, seed: int
+) -> list:
+    """Add a peft LoRA adapter to ``unet`` (trainable, fp32) and return its parameters."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise UserError(f"LoRA rank must be >= 1, got {rank}")
+    config = LoraConfig(
+        r=int(rank), lora_alpha=float(alpha), init_lora_weights=init, target_modules=list(targets)
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        try:
+            unet.add_adapter(config, adapter_name=adapter_name)
+        except ValueError as e:
+            raise UserError(f"cannot add LoRA to the UNet: {str(e).splitlines()[0]}") from e
+    unet.set_adapter(adapter_name)
+    params = []
+    for n, p in unet.named_parameters():
+        mine = f".{adapter_name}." in n and "lora_" in n
+        p.requires_grad_(mine)
+        if mine:
+            p.data = p.data.float()  # LoRA parameters in fp32 (METHOD.md 5.2)
+            params.append(p)
+    if not params:
+        raise UserError(f"LoRA target modules {list(targets)} match no layer of this UNet")
+    return params
+
+
+@contextmanager
+def adapters_disabled(unet) -> Iterator[None]:
+    """The reference model: the same UNet with every LoRA adapter switched off."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layer = next((m for m in unet.modules() if isinstance(m, BaseTunerLayer)), None)
+    was_disabled = layer is None or bool(layer.disable_adapters)
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        if not was_disabled:  # nested use keeps the outer state
+            unet.enable_adapters()
+
+
+def save_lora(unet, adapter_name: str, folder: Path) -> Path:
+    """Write the adapter as diffusers' ``pytorch_lora_weights.safetensors`` (with its LoRA config)."""
+    from diffusers import StableDiffusionPipeline
+    from peft import get_peft_model_state_dict
+
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        str(folder),
+        unet_lora_layers=state,
+        unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict(),
+    )
+    return folder / LORA_FILE
+
+
+# ----------------------------------------------------------------------------- the LightningModule
+class DUO(TrainedOnly, L.LightningModule):
+    """DUO training on one pair set (METHOD.md 5.3); the UNet must already carry the LoRA adapter."""
+
+    def __init__(
+        self,
+        comps: Components,
+        unsafe: torch.Tensor,
+        safe: torch.Tensor,
+        *,
+        beta: float,
+        lr: float,
+        lambda_: float,
+        batch: int = 4,
+        t_min: int = 1,
+        t_max: int = 750,
+        weight_decay: float = 1e-2,
+        seed: int = 42,
+    ):
+        super().__init__()
+        if beta <= 0:
+            raise UserError(f"DUO beta must be > 0, got {beta}")
+        if unsafe.shape != safe.shape or len(unsafe) == 0:
+            raise UserError(
+                f"DUO needs equal, non-empty unsafe/safe image sets, got {tuple(unsafe.shape)} and {tuple(safe.shape)}"
+            )
+        n_train = int(comps.scheduler_config.get("num_train_timesteps", 1000))
+        if not 1 <= t_min < t_max <= n_train:
+            raise UserError(f"DUO needs 1 <= t_min < t_max <= {n_train}, got t_min={t_min}, t_max={t_max}")
+        self.comps = comps
+        self.unet = comps.unet
+        self.vae = comps.vae
+        self.noise_scheduler = comps.training_scheduler()
+        self.beta, self.lr, self.lambda_ = float(beta), float(lr), float(lambda_)
+        self.batch = int(min(batch, len(unsafe)))
+        self.t_min, self.t_max, self.T = int(t_min), int(t_max), n_train - 1
+        self.weight_decay, self.seed = float(weight_decay), int(seed)
+        # images kept as uint8 on the module (moved to the device with it)
+        self.register_buffer("unsafe_u8", _to_u8(unsafe), persistent=False)
+        self.register_buffer("safe_u8", _to_u8(safe), persistent=False)
+        with torch.no_grad():
+            c0, _ = comps.encode_prompts([""])  # training prompts are empty: the null text c_0
+        self.register_buffer("c0", c0.detach(), persistent=False)
+
+    # -- data drawn from (seed, step): shuffled epochs over the pairs, as a DataLoader would
+    def pair_indices(self, step: int) -> torch.Tensor:
+        n, b = len(self.unsafe_u8), self.batch
+        rank, world = self.global_rank, max(1, self.trainer.world_size if self._trainer else 1)
+        out, perms = [], {}
+        for j in range(b):
+            k = (step * world + rank) * b + j
+            epoch = k // n
+            if epoch not in perms:
+                perms[epoch] = torch.randperm(n, generator=step_generator(self.seed, epoch, salt=17))
+            out.append(int(perms[epoch][k % n]))
+        return torch.tensor(out)
+
+    def losses(self, idx: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+        dev = self.c0.device
+        b = len(idx)
+        with torch.no_grad():
+            x_l = self.unsafe_u8[idx.to(dev)].float() / 127.5 - 1
+            x_w = self.safe_u8[idx.to(dev)].float() / 127.5 - 1
+            z = self.comps.encode_images(torch.cat([x_w, x_l]), generator=g)
+        noise = torch.randn(z[:b].shape, generator=g).to(dev, z.dtype)  # shared by the pair
+        t = torch.randint(self.t_min - 1, self.t_max, (2 * b,), generator=g).to(dev)  # independent per image
+        x_t = self.noise_scheduler.add_noise(z, torch.cat([noise, noise]), t)
+        # one batch: the pair images at t, and pure noise at T for the preservation term
+        inputs = torch.cat([x_t, noise])
+        ts = torch.cat([t, torch.full((b,), self.T, device=dev, dtype=t.dtype)])
+        cond = self.c0.expand(3 * b, -1, -1).to(z.dtype)
+        model = self.unet(inputs, ts, encoder_hidden_states=cond).sample
+        with torch.no_grad(), adapters_disabled(self.unet):
+            ref = self.unet(inputs, ts, encoder_hidden_states=cond).sample
+        dpo, diff = preference_loss(model[:b], ref[:b], model[b : 2 * b], ref[b : 2 * b], noise, self.beta)
+        pp = output_preservation_loss(model[2 * b :], ref[2 * b :])
+        return {"loss": dpo + self.lambda_ * pp, "loss_dpo": dpo, "loss_pp": pp, "diff": diff.mean()}
+
+    def training_step(self, batch, batch_idx: int):
+        step = int(self.global_step)
+        g = step_generator(self.seed, step)
+        out = self.losses(self.pair_indices(step), g)
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, on_step=True, prog_bar=False)
+        return out["loss"]
+
+    def configure_optimizers(self):
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        return torch.optim.AdamW(
+            params, lr=self.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=self.weight_decay
+        )
+
+    @torch.no_grad()
+    def evaluate(self, n_draws: int = 4, seed: int = 1234) -> dict[str, float]:
+        """Preference and preservation losses on fixed draws (for tests and reports)."""
+        was = self.unet.training
+        self.unet.eval()
+        acc = {"loss_dpo": 0.0, "loss_pp": 0.0}
+        for d in range(n_draws):
+            g = step_generator(seed, d)
+            idx = torch.randperm(len(self.unsafe_u8), generator=g)[: self.batch]
+            out = self.losses(idx, g)
+            acc["loss_dpo"] += float(out["loss_dpo"]) / n_draws
+            acc["loss_pp"] += float(out["loss_pp"]) / n_draws
+        self.unet.train(was)
+        return acc
+
+
+def _to_u8(images: torch.Tensor) -> torch.Tensor:
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- one adapter, end to end
+def train_adapter(
+    comps: Components,
+    pairs: PairSet | tuple[torch.Tensor, torch.Tensor],
+    hp: dict[str, Any],
+    *,
+    adapter_name: str,
+    work_dir: Path,
+    out_dir: Path | None = None,
+    logger=None,
+    callbacks: list | None = None,
+    keep_adapter: bool = False,
+) -> dict[str, Any]:
+    """Train one DUO adapter on ``pairs`` and write ``out_dir/pytorch_lora_weights.safetensors``.
+
+    ``hp``: beta, steps, batch, rank, alpha, init_lora_weights, target_modules, t_min, t_max, seed,
+    weight_decay, grad_clip, checkpoint_every, precision, lr_base/lambda_base or their overrides.
+    Resumes from ``work_dir`` after an interruption. The adapter is removed from the UNet afterwards
+    unless ``keep_adapter``.
+    """
+    beta = float(hp["beta"])
+    lr, lam = scaled_hyperparameters(hp, beta)
+    unsafe, safe = pairs.images(comps.resolution) if isinstance(pairs, PairSet) else pairs
+    add_lora(
+        comps.unet,
+        adapter_name,
+        rank=int(hp.get("rank", 32)),
+        alpha=float(hp.get("alpha", 32)),
+        init=hp.get("init_lora_weights", "gaussian"),
+        targets=hp.get("target_modules") or SELF_ATTENTION,
+        seed=int(hp.get("seed", 42)),
+    )
+    try:
+        module = DUO(
+            comps,
+            unsafe,
+            safe,
+            beta=beta,
+            lr=lr,
+            lambda_=lam,
+            batch=int(hp.get("batch", 4)),
+            t_min=int(hp.get("t_min", 1)),
+            t_max=int(hp.get("t_max", 750)),
+            weight_decay=float(hp.get("weight_decay", 1e-2)),
+            seed=int(hp.get("seed", 42)),
+        )
+        comps.unet.train()
+        info = fit(
+            module,
+            steps=int(hp.get("steps", 1000)),
+            work_dir=Path(work_dir),
+            checkpoint_every=int(hp.get("checkpoint_every", 250)),
+            grad_clip=hp.get("grad_clip", 1.0),
+            precision=str(hp.get("precision", "auto")),
+            logger=logger,
+            callbacks=callbacks,
+        )
+        info.update({"lr": lr, "lambda": lam, "beta": beta, "adapter": adapter_name})
+        if out_dir is not None:
+            save_lora(comps.unet, adapter_name, Path(out_dir))
+            copy_metrics(Path(work_dir), Path(out_dir))
+    finally:
+        comps.unet.eval()
+        comps.unet.requires_grad_(False)
+        if not keep_adapter:
+            comps.unet.delete_adapters(adapter_name)
+    return info
+
+
+# ----------------------------------------------------------------------------- checkpoint=duo
+def resolve_recipe(cfg: dict[str, Any], task_cfg) -> dict[str, Any]:
+    """The task's DUO recipe: ``task.duo_recipe`` if the task config has one, else ``recipes[task.name]``."""
+    task = dict(_plain(task_cfg) or {})
+    recipe = task.get("duo_recipe") or (cfg.get("recipes") or {}).get(task.get("name"))
+    if not recipe:
+        known = sorted((cfg.get("recipes") or {}).keys())
+        raise UserError(
+            f"no DUO pair recipe for task '{task.get('name')}': add checkpoint.recipes.{task.get('name')} "
+            f"or task.duo_recipe (known: {known})"
+        )
+    adapters = recipe.get("adapters") or []
+    if not adapters:
+        raise UserError(f"DUO recipe for task '{task.get('name')}' lists no adapters")
+    names = [a.get("name") for a in adapters]
+    if None in names or len(set(names)) != len(names):
+        raise UserError(f"DUO recipe adapters need distinct names, got {names}")
+    return recipe
+
+
+TRAIN_KEYS = (
+    "steps", "batch", "rank", "alpha", "init_lora_weights", "target_modules", "t_min", "t_max", "seed",
+    "weight_decay", "grad_clip", "checkpoint_every", "precision", "lr_base", "lambda_base",
+    "lr_override", "lambda_override",
+)  # fmt: skip
+PAIR_KEYS = ("max_tries", "pair_batch", "pair_sampling")
+
+
+def train_duo(
+    comps: Components,
+    cfg: dict[str, Any],
+    recipe: dict[str, Any],
+    store,
+    out_dir: Path,
+    work_root: Path,
+    *,
+    judge=None,
+    sample_kwargs: dict[str, Any] | None = None,
+    logger=None,
+    model_key: dict[str, Any],
+) -> dict[str, Any]:
+    """Build (or reuse) each adapter's pair set and train each adapter into ``out_dir/<name>/``."""
+    from unlearn_exp.unlearning.pairs import build_pair_set, load_pair_set
+
+    sampling = {
+        **dict(sample_kwargs or {}),
+        **{k: v for k, v in (cfg.get("pair_sampling") or {}).items() if v is not None},
+    }
+    sampling.pop("guidance", None)
+    judge_id = (
+        None
+        if judge is None
+        else str(getattr(judge, "profile", None) or getattr(judge, "name", type(judge).__name__))
+    )
+    manifest = []
+    for spec in recipe["adapters"]:
+        spec = dict(spec)
+        pair_recipe = {
+            **{k: v for k, v in spec.items() if k not in ("steps", "weight")},
+            "seed": int(cfg.get("seed", 42)),
+            "max_tries": int(cfg.get("max_tries", 20)),
+            "batch": int(cfg.get("pair_batch", 8)),
+        }
+        pair_key = {"recipe": pair_recipe, "model": model_key, "sampling": sampling,
+                    "judge": judge_id if (spec.get("check_unsafe", True) or spec.get("check_safe", True)) else None}  # fmt: skip
+        folder = store.get_or_build(
+            "unlearning/duo_pairs",
+            pair_key,
+            lambda tmp, pr=pair_recipe: build_pair_set(comps, pr, judge, tmp, sampling),
+        )
+        hp = {k: cfg.get(k) for k in TRAIN_KEYS if cfg.get(k) is not None}
+        hp["beta"] = float(cfg["beta"])
+        hp["steps"] = int(cfg.get("steps") or spec.get("steps") or 1000)
+        name = str(spec["name"])
+        info = train_adapter(
+            comps,
+            load_pair_set(folder),
+            hp,
+            adapter_name=f"duo_{name}",
+            work_dir=work_root / name,
+            out_dir=out_dir / name,
+            logger=logger,
+        )
+        manifest.append(
+            {
+                "name": name,
+                "file": f"{name}/{LORA_FILE}",
+                "weight": float(spec.get("weight", 1.0)),
+                "pairs": str(folder),
+                **info,
+            }  # fmt: skip
+        )
+    return {"adapters": manifest}
+
+
+def load_adapters(comps: Components, files: list[Path], names: list[str], weights: list[float]) -> None:
+    """Load LoRA files as named adapters and combine them with ``set_adapters`` (METHOD.md 5.5)."""
+    from unlearn_exp.unlearning.weights import load_lora_file
+
+    if getattr(comps.unet, "peft_config", None):
+        raise UserError(
+            f"the model already carries adapters {sorted(comps.unet.peft_config)}; load one checkpoint per model"
+        )
+    loaded = []
+    try:
+        for f, n in zip(files, names):
+            load_lora_file(comps.unet, Path(f), n)
+            loaded.append(n)
+    except Exception:
+        if loaded:
+            comps.unet.delete_adapters(loaded)
+        raise
+    comps.unet.set_adapters(list(names), [float(w) for w in weights])
+    comps.unet.requires_grad_(False)
+
+
+def apply_duo(
+    comps: Components, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, logger=None
+) -> dict:
+    """``checkpoint=duo``: load the user's LoRA file(s) (``path``) or train/reuse them for ``beta``."""
+    from unlearn_exp.store import atomic_write_json, config_hash, file_sha256
+    from unlearn_exp.unlearning.weights import resolve_weight_file
+
+    cfg = dict(_plain(cfg))
+    beta = cfg.get("beta")
+    if beta is None or float(beta) <= 0:
+        raise UserError(f"checkpoint.beta must be > 0 for DUO, got {beta}")
+    beta = float(beta)
+    if cfg.get("path"):
+        paths = cfg["path"] if isinstance(cfg["path"], list) else [cfg["path"]]
+        weights = cfg.get("adapter_weights") or [1.0] * len(paths)
+        if len(weights) != len(paths):
+            raise UserError(
+                f"checkpoint.adapter_weights has {len(weights)} entries for {len(paths)} LoRA files"
+            )
+        files = [
+            resolve_weight_file(p, store, allow_pickle_conversion=bool(cfg.get("allow_pickle_conversion")))
+            for p in paths
+        ]
+        names = [f"duo_{i}_{Path(str(p)).stem}" for i, p in enumerate(paths)]
+        load_adapters(comps, files, names, weights)
+        shas = [file_sha256(f) for f in files]
+        return {
+            "method": "duo", "beta": beta, "source": "user",
+            "id": config_hash({"files": shas, "weights": [float(w) for w in weights]}),
+            "files": [str(f) for f in files], "sha256": shas, "adapter_weights": [float(w) for w in weights],
+        }  # fmt: skip
+
+    recipe = resolve_recipe(cfg, task_cfg)
+    task_name = dict(_plain(task_cfg) or {}).get("name")
+    model_key = {"name": comps.name, "source": comps.source, "dtype": str(comps.dtype)}
+    recipe_cfg = {
+        k: v
+        for k, v in cfg.items()
+        if k not in ("path", "recipes", "adapter_weights", "allow_pickle_conversion")
+    }
+    key = {"checkpoint": recipe_cfg, "recipe": recipe, "task": task_name, "model": model_key}
+    final = store.path("unlearning/duo", key)
+    work_root = final.parent / f"{final.name}.work"
+
+    def build(tmp: Path) -> None:
+        manifest = train_duo(
+            comps, cfg, recipe, store, tmp, work_root,
+            judge=judge, sample_kwargs=sample_kwargs, logger=logger, model_key=model_key,
+        )  # fmt: skip
+        atomic_write_json(tmp / "manifest.json", manifest)
+
+    folder = store.get_or_build("unlearning/duo", key, build)
+    shutil.rmtree(work_root, ignore_errors=True)
+    import json
+
+    manifest = json.loads((folder / "manifest.json").read_text())["adapters"]
+    files = [folder / a["file"] for a in manifest]
+    load_adapters(comps, files, [f"duo_{a['name']}" for a in manifest], [a["weight"] for a in manifest])
+    return {
+        "method": "duo", "beta": beta, "source": "trained", "id": folder.name,
+        "files": [str(f) for f in files], "sha256": [file_sha256(f) for f in files],
+        "adapter_weights": [a["weight"] for a in manifest], "artifact": str(folder),
+    }  # fmt: skip

@@ -1,0 +1,127 @@
+"""Shared Lightning plumbing of the unlearning trainers (DUO, ESD): resumable, atomic, logged.
+
+A run writes Lightning checkpoints into a work folder outside the artifact's temporary build folder,
+so a killed job resumes from ``last.ckpt`` when it is started again with the same config. The
+checkpoints hold only the trained parameters and the optimiser state, never the frozen model.
+Randomness is drawn from generators keyed by (seed, global step), so a resumed run follows the
+same path as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from unlearn_exp.store import atomic_file
+
+LAST = "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file and renamed, so a kill never truncates one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        with atomic_file(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+class _Steps(torch.utils.data.Dataset):
+    """One item per optimisation step; the trainers draw their own data from (seed, global step)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class TrainedOnly:
+    """LightningModule mixin: checkpoints hold only parameters with ``requires_grad``."""
+
+    strict_loading = False
+    start_step = 0
+
+    def on_train_start(self) -> None:
+        self.start_step = int(self.global_step)  # > 0 when resumed from a checkpoint
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+
+def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(
+        (int(seed) * 1_000_003 + int(step) * 7_919 + salt) % (2**63 - 1)
+    )
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "16-mixed" if torch.cuda.is_available() else "32-true"
+    return precision
+
+
+def fit(
+    module: L.LightningModule,
+    *,
+    steps: int,
+    work_dir: Path,
+    checkpoint_every: int,
+    grad_clip: float | None,
+    precision: str = "auto",
+    logger=None,
+    callbacks: list | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train ``module`` for ``steps`` optimiser steps, resuming from ``work_dir/checkpoints/last.ckpt``."""
+    work_dir = Path(work_dir)
+    ckpt_dir = work_dir / "checkpoints"
+    resume = ckpt_dir / LAST
+    loggers: list = [CSVLogger(str(work_dir), name="logs", version=0)]
+    if logger is not None:
+        loggers.append(logger)
+    ckpt = ModelCheckpoint(
+        dirpath=str(ckpt_dir),
+        every_n_train_steps=max(1, int(checkpoint_every)),
+        save_top_k=0,
+        save_last=True,
+        enable_version_counter=False,
+    )
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=int(steps),
+        precision=resolve_precision(precision),
+        gradient_clip_val=grad_clip,
+        logger=loggers,
+        callbacks=[*(callbacks or []), ckpt],
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(work_dir),
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+    )
+    loader = torch.utils.data.DataLoader(_Steps(int(steps)), batch_size=1, shuffle=False)
+    trainer.fit(module, loader, ckpt_path=str(resume) if resume.is_file() else None)
+    return {"resumed_from_step": int(getattr(module, "start_step", 0)), "steps": int(trainer.global_step)}
+
+
+def copy_metrics(work_dir: Path, out_dir: Path) -> None:
+    """Keep the loss curves (Lightning's CSV log) with the artifact."""
+    src = Path(work_dir) / "logs" / "version_0" / "metrics.csv"
+    if src.is_file():
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, Path(out_dir) / "metrics.csv")
