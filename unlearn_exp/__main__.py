@@ -15,7 +15,11 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
-    return ["--multirun" if a == "multirun" else a for a in argv]
+    """Turn the bare word ``multirun`` into ``--multirun`` and put it first, so that it may stand
+    anywhere among the overrides (argparse would otherwise cut the override list at it)."""
+    words = {"multirun", "--multirun", "-m"}
+    rest = [a for a in argv if a not in words]
+    return (["--multirun"] if len(rest) < len(argv) else []) + rest
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -99,8 +99,10 @@ def save_components(components: Components, path: str | Path, dtype: torch.dtype
             if dtype is not None:
                 _recast_safetensors(tmp / sub, dtype)
         components.tokenizer.save_pretrained(tmp / "tokenizer")
-        sched = components.sampling_scheduler("pndm")
-        sched.save_pretrained(tmp / "scheduler")
+        # the schedule exactly as the components carry it (a scheduler instance would add its defaults)
+        (tmp / "scheduler").mkdir()
+        sched = {"_class_name": "PNDMScheduler", **components.scheduler_config}
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
         if components.vae is not None:
             index = {
                 "_class_name": "StableDiffusionPipeline",

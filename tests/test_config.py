@@ -1,0 +1,94 @@
+"""The Hydra app: every experiment composes, sweeps start with --multirun or the bare word multirun,
+bad overrides fail with Hydra's own message, unbuilt stages fail with one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import ROOT, compose
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+def run_app(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "UNLEARN_EXP_ROOT": str(cwd or ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "unlearn_exp", *args],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = compose([f"+experiment={experiment}"])
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    for group in ("model", "task", "checkpoint", "guidance", "embedding", "benchmark", "judge", "sampling"):
+        assert group in cfg, group
+    assert cfg.name == experiment
+
+
+def test_nudity_duo_sweeps_the_grid():
+    cfg = compose(["+experiment=nudity_duo"])
+    params = cfg.hydra.sweeper.params
+    assert params["checkpoint.beta"] == "250,500,1000,2000"
+    assert params["guidance"] == "none,sld,safree"
+    assert params["embedding"] == "explicit,inverted,shared"
+    assert cfg.model.name == "sd14" and cfg.checkpoint.method == "duo" and cfg.judge.name == "nudenet_duo"
+
+
+def test_debug_shrinks_an_experiment():
+    cfg = compose(["+experiment=nudity_duo", "+debug=default"])
+    assert cfg.benchmark.limit == 4 and cfg.sampling.steps == 5
+
+
+@pytest.mark.parametrize("word", ["multirun", "--multirun"])
+def test_multirun_word_starts_the_sweep(tmp_path, word):
+    proc = run_app(
+        "+experiment=nudity_duo",
+        "stage=compose",
+        word,
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        "hydra/job_logging=disabled",
+        "hydra/hydra_logging=disabled",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert len(jobs) == 4 * 3 * 3, jobs
+    assert "checkpoint.beta=2000" in (tmp_path / "sweep" / "35" / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_default_sweep_dir_is_multirun(tmp_path):
+    cfg = compose(["+experiment=nudity_duo"])
+    assert "/multirun/" in cfg.hydra.sweep.dir
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("guidance=bogus", "Could not find 'guidance/bogus'"),
+        ("no_such_key=1", "Could not override 'no_such_key'"),
+    ],
+)
+def test_unknown_override_fails_with_hydra_message(override, expected):
+    proc = run_app(override, "stage=compose")
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert "unlearn_exp/" not in proc.stderr  # no traceback from our code
+
+
+def test_unbuilt_stage_fails_with_one_line():
+    proc = run_app("model=tiny", "checkpoint=spm", "hydra/job_logging=disabled")
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert lines[-1] == "error: not implemented yet: unlearning (spm)"
+    assert "Traceback" not in proc.stderr

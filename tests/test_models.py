@@ -1,0 +1,86 @@
+"""Model loading: offline CLIP tokenizer, the tiny model, the real loading path and its errors."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.test_config import run_app
+from unlearn_exp.errors import UserError
+from unlearn_exp.models import load_model, save_components
+from unlearn_exp.models.tokenizer import BOS_ID, EOS_ID, build_clip_tokenizer
+from unlearn_exp.sampling import sample
+
+PROMPTS = [
+    "a photo of a naked woman, realistic!",
+    "Hello   World's 123 café",
+    "violence, blood & gore -- 4k trending on artstation",
+    "",
+]
+
+
+def test_tokenizer_ids_match_open_clip():
+    tok = build_clip_tokenizer()
+    ours = tok(PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids
+    theirs = open_clip.tokenize(PROMPTS).tolist()
+    for a, b in zip(ours, theirs):
+        n = b.index(EOS_ID) + 1
+        assert a[:n] == b[:n]
+        assert all(t == EOS_ID for t in a[n:])  # SD pads with EOS, open_clip with 0
+    assert ours[0][0] == BOS_ID and tok.model_max_length == 77
+
+
+def test_tokenizer_is_fresh_per_call():
+    a, b = build_clip_tokenizer(), build_clip_tokenizer()
+    a.add_tokens(["<c*>"])
+    assert len(a) == len(b) + 1
+
+
+def test_tiny_uses_sd_classes(tiny):
+    assert type(tiny.unet).__name__ == "UNet2DConditionModel"
+    assert type(tiny.text_encoder).__name__ == "CLIPTextModel"
+    assert type(tiny.vae).__name__ == "AutoencoderKL"
+    assert tiny.latent_shape() == (4, 16, 16)
+
+
+def test_pooled_is_taken_at_first_eos_even_with_added_tokens(tiny):
+    ids = tiny.tokenize(["a cat"]).input_ids
+    hidden, pooled = tiny.encode_ids(ids)
+    assert torch.equal(pooled[0], hidden[0, 3])  # BOS, a, cat, EOS
+
+
+def test_save_load_round_trip_gives_identical_images(tiny, tmp_path):
+    save_components(tiny, tmp_path / "sd")
+    cfg = OmegaConf.create(
+        {"name": "sd14", "source": "pretrained", "path": str(tmp_path / "sd"), "resolution": 32}
+    )
+    loaded = load_model(cfg)
+    a = sample(tiny, ["a red square", "a dog"], [1, 2], steps=4)
+    b = sample(loaded, ["a red square", "a dog"], [1, 2], steps=4)
+    assert torch.equal(a.images, b.images)
+
+
+def test_missing_folder_names_the_path(tmp_path):
+    cfg = OmegaConf.create({"name": "sd14", "source": "pretrained", "path": str(tmp_path / "nope")})
+    with pytest.raises(UserError, match="nope"):
+        load_model(cfg)
+
+
+def test_missing_hub_weights_say_how_to_provide_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = OmegaConf.create({"name": "sd14", "source": "pretrained", "path": "CompVis/stable-diffusion-v1-4"})
+    with pytest.raises(UserError) as e:
+        load_model(cfg)
+    msg = str(e.value)
+    assert "CompVis/stable-diffusion-v1-4" in msg and "model.path" in msg and "\n" not in msg
+
+
+def test_cli_missing_weights_is_one_line(tmp_path):
+    proc = run_app("model=sd14", f"model.path={tmp_path}/absent", "hydra/job_logging=disabled")
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: model weights not found") and "absent" in lines[-1]
+    assert "Traceback" not in proc.stderr

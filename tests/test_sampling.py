@@ -1,0 +1,127 @@
+"""The guided sampler: faithful to diffusers, batch-independent, loud on bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unlearn_exp.errors import UserError
+from unlearn_exp.guidance import SLD
+from unlearn_exp.guidance.sld import PRESETS
+from unlearn_exp.sampling import predict_rows, sample
+
+
+def _np(images):
+    return ((images + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("scheduler", ["dpmsolver++", "pndm"])
+def test_plain_cfg_matches_diffusers_pipeline(tiny, scheduler):
+    ours = sample(tiny, ["a cat on a mat"], [11], scheduler=scheduler, steps=8)
+    pipe = tiny.to_diffusers(scheduler=tiny.sampling_scheduler(scheduler))
+    ref = pipe(
+        ["a cat on a mat"],
+        num_inference_steps=8,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(11),
+        output_type="np",
+    ).images
+    assert abs(ref - _np(ours.images)).max() < 1e-5
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_sld_matches_diffusers_safe_pipeline(tiny, preset):
+    p = PRESETS[preset]
+    prompt, concept = "a naked woman on a beach", "nudity, sexual"
+    ours = sample(tiny, [prompt], [7], SLD(concept, p), steps=20)
+    pipe = tiny.to_diffusers(scheduler=tiny.sampling_scheduler("dpmsolver++"), safe=True)
+    pipe.safety_concept = concept
+    ref = pipe(
+        [prompt],
+        num_inference_steps=20,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(7),
+        output_type="np",
+        sld_warmup_steps=p.warmup_steps,
+        sld_guidance_scale=p.guidance_scale,
+        sld_threshold=p.threshold,
+        sld_momentum_scale=p.momentum_scale,
+        sld_mom_beta=p.mom_beta,
+    ).images
+    assert abs(ref - _np(ours.images)).max() < 1e-5
+
+
+def test_sld_max_changes_the_image(tiny):
+    plain = sample(tiny, ["a naked woman"], [3], steps=10)
+    guided = sample(tiny, ["a naked woman"], [3], SLD("nudity", PRESETS["max"]), steps=10)
+    assert (plain.images - guided.images).abs().max() > 1e-2
+
+
+def test_sld_pndm_matches_diffusers(tiny):
+    p = PRESETS["strong"]
+    ours = sample(tiny, ["a man"], [5], SLD("blood", p), scheduler="pndm", steps=12)
+    pipe = tiny.to_diffusers(scheduler=tiny.sampling_scheduler("pndm"), safe=True)
+    pipe.safety_concept = "blood"
+    ref = pipe(
+        ["a man"],
+        num_inference_steps=12,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(5),
+        output_type="np",
+        sld_warmup_steps=p.warmup_steps,
+        sld_guidance_scale=p.guidance_scale,
+        sld_threshold=p.threshold,
+        sld_momentum_scale=p.momentum_scale,
+        sld_mom_beta=p.mom_beta,
+    ).images
+    assert abs(ref - _np(ours.images)).max() < 1e-5
+
+
+def test_image_does_not_depend_on_batch(tiny):
+    alone = sample(tiny, ["a cat"], [3], SLD("dog", PRESETS["medium"]), steps=6)
+    batched = sample(tiny, ["a dog", "a cat", "x y z"], [9, 3, 4], SLD("dog", PRESETS["medium"]), steps=6)
+    assert torch.allclose(alone.images[0], batched.images[1], atol=1e-5)
+
+
+def test_predict_rows_keeps_order_and_metadata(tiny):
+    rows = [
+        {"case_id": f"c{i}", "prompt": f"a cat number {i}", "seed": i, "image_index": 0} for i in range(5)
+    ]
+    out = predict_rows(tiny, None, rows, batch_size=2, steps=3, progress=False)
+    assert [r["case_id"] for r in out] == [f"c{i}" for i in range(5)]
+    assert out[0]["image"].size == (32, 32) and out[0]["truncated"] is False
+    direct = sample(tiny, ["a cat number 3"], [3], steps=3)
+    assert torch.allclose(out[3]["image_tensor"], direct.images[0], atol=1e-5)
+
+
+def test_long_prompt_is_truncated_and_recorded(tiny):
+    out = sample(tiny, ["word " * 100], [0], steps=2)
+    assert out.meta[0]["truncated"] is True and out.meta[0]["n_tokens"] == 102
+
+
+def test_nan_latents_raise_one_line_error(tiny):
+    handle = tiny.unet.conv_out.register_forward_hook(lambda m, i, o: o * float("nan"))
+    try:
+        with pytest.raises(UserError, match="non-finite latents at sampling step 0"):
+            sample(tiny, ["a cat"], [0], steps=3)
+    finally:
+        handle.remove()
+
+
+def test_img2img_strength_keeps_the_init_image_closer(tiny):
+    init = sample(tiny, ["a cat"], [1], steps=6).images
+    weak = sample(tiny, ["a dog"], [2], steps=6, init_images=init, strength=0.3)
+    strong = sample(tiny, ["a dog"], [2], steps=6, init_images=init, strength=1.0)
+    with torch.no_grad():
+        z0 = tiny.vae.encode(init).latent_dist.mean * tiny.latent_scale
+    assert (weak.latents - z0).abs().mean() < 0.5 * (strong.latents - z0).abs().mean()
+    with pytest.raises(UserError):
+        sample(tiny, ["a dog"], [2], steps=6, init_images=init, strength=0.0)
+
+
+def test_prompt_seed_count_mismatch(tiny):
+    with pytest.raises(UserError):
+        sample(tiny, ["a", "b"], [1], steps=2)

@@ -1,0 +1,272 @@
+"""SAFREE: training-free safe generation by token projection, METHOD.md section 4.
+
+1. Concept subspace (4.2): ``C = [pooled(E(n_k))]`` (D x K), ``P_C = C (C^T C)^+ C^T``.
+2. Toxic-token detection (4.2): each prompt token ``i`` is masked (replaced by id 0) and the pooled
+   embedding ``M_i`` of the masked prompt is taken, all tokens of all prompts in one batched
+   text-encoder call. ``d_i = ||(I - P_C) M_i||``; token ``i`` is kept iff
+   ``d_i < (1 + alpha) mean_{j != i} d_j`` (masking a trigger token moves the prompt away from the
+   concept, so its residual is larger).
+3. Projection (4.3): ``P_I = M^T (M M^T)^+ M``; trigger tokens are replaced by
+   ``(I - P_C) P_I e`` (the official code's order; ``projection_order=paper`` gives ``P_I (I - P_C) e``).
+4. Self-validating filter (4.4): ``t_sv = round(up_t * sigmoid(2 k (10 z - t0)))`` with
+   ``z = 1 - mean cos(proj, e)`` over real tokens; the safe embedding is used for steps ``i <= t_sv``.
+5. CFG with the joined keywords as the negative prompt (4.5).
+6. Latent re-attention (4.6): ``off`` (the official runs' behaviour, a no-op) or ``paper``: low
+   frequencies of the decoder skip features of the safe branch are scaled by ``s`` where their
+   magnitude exceeds the original prompt branch's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from unlearn_exp.errors import UserError
+from unlearn_exp.guidance.base import Guidance, GuidanceState
+from unlearn_exp.models.components import Components, TokenizedPrompts
+
+MASK_TOKEN_ID = 0  # "!" in CLIP's vocabulary: the official code's mask token
+
+
+@dataclass
+class SAFREEParams:
+    alpha: float = 0.01
+    svf: bool = True
+    up_t: int = 10
+    svf_k: float = 2.5
+    svf_t0: float = 5.333
+    re_attn_t: tuple[int, int] = (-1, 1001)
+    projection_order: str = "code"
+    lra: str = "off"
+    lra_b1: float = 1.0
+    lra_b2: float = 1.0
+    lra_s1: float = 0.9
+    lra_s2: float = 0.2
+
+
+def concept_projector(concept_pooled: torch.Tensor) -> torch.Tensor:
+    """``P_C = C (C^T C)^+ C^T`` for ``concept_pooled`` of shape (K, D); returns (D, D)."""
+    c = concept_pooled.double().T  # D x K
+    return (c @ torch.linalg.pinv(c.T @ c) @ c.T).float()
+
+
+def span_projector(masked_pooled: torch.Tensor) -> torch.Tensor:
+    """``P_I = M^T (M M^T)^+ M`` for ``masked_pooled`` of shape (n, D); returns (D, D)."""
+    m = masked_pooled.double()
+    return (m.T @ torch.linalg.pinv(m @ m.T) @ m).float()
+
+
+def detect_trigger_tokens(masked_pooled: torch.Tensor, p_c: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Boolean ``keep`` per token (True = safe token), from the residuals to the concept subspace."""
+    eye = torch.eye(p_c.shape[0], dtype=p_c.dtype, device=p_c.device)
+    dist = ((eye - p_c) @ masked_pooled.float().T).norm(dim=0)  # (n,)
+    n = dist.numel()
+    if n < 2:  # nothing to compare against: keep the token
+        return torch.ones(n, dtype=torch.bool, device=dist.device)
+    mean_others = (dist.sum() - dist) / (n - 1)
+    return dist < (1 + alpha) * mean_others
+
+
+def masked_pooled_embeddings(
+    comps: Components, tokens: TokenizedPrompts
+) -> tuple[list[int], torch.Tensor | None]:
+    """Pooled embeddings of every prompt with one word token masked (id 0), for all words of all
+    prompts in one batched text-encoder call. Returns the word count per prompt and the stacked
+    (sum of counts, D) embeddings. A prompt cut at 77 tokens has 75 maskable words."""
+    counts, masked = [], []
+    for b in range(tokens.input_ids.shape[0]):
+        n = max(min(tokens.n_tokens[b] - 2, tokens.input_ids.shape[1] - 2), 0)
+        counts.append(n)
+        for i in range(1, n + 1):
+            ids = tokens.input_ids[b].clone()
+            ids[i] = MASK_TOKEN_ID
+            masked.append(ids)
+    if not masked:
+        return counts, None
+    return counts, comps.encode_ids(torch.stack(masked))[1].float()
+
+
+def svf_steps(z: float, up_t: int = 10, k: float = 2.5, t0: float = 5.333) -> int:
+    """Self-validating filter: ``round(up_t * sigmoid(2 k (10 z - t0)))`` (Python rounding, half to even)."""
+    return round(up_t / (1 + math.exp(-2.0 * k * (10.0 * z - t0))))
+
+
+class SAFREE(Guidance):
+    name = "safree"
+
+    def __init__(self, concept_prompts: list[str], negative_prompt: str, params: SAFREEParams | None = None):
+        if not concept_prompts or any(not str(c).strip() for c in concept_prompts):
+            raise UserError("SAFREE needs a non-empty list of concept keywords or tokens (got an empty one)")
+        self.concept_prompts = list(concept_prompts)
+        self.negative_prompt = negative_prompt
+        self.params = params or SAFREEParams()
+        if self.params.projection_order not in ("code", "paper"):
+            raise UserError(
+                f"safree.projection_order must be code or paper, got '{self.params.projection_order}'"
+            )
+        if self.params.lra not in ("off", "paper"):
+            raise UserError(f"safree.lra must be off or paper, got '{self.params.lra}'")
+
+    # -------------------------------------------------------------------- preparation
+    def prepare(
+        self,
+        comps: Components,
+        prompts: list[str],
+        tokens: TokenizedPrompts,
+        negative_prompts: list[str] | None,
+        guidance_scale: float,
+        num_steps: int,
+    ) -> GuidanceState:
+        p = self.params
+        _, concept_pooled = comps.encode_ids(comps.tokenize(self.concept_prompts).input_ids)
+        p_c = concept_projector(concept_pooled)
+        eye = torch.eye(p_c.shape[0], device=p_c.device)
+        text_e, _ = comps.encode_ids(tokens.input_ids)
+
+        counts, masked_pooled = masked_pooled_embeddings(comps, tokens)
+        safe_e, t_sv, meta, offset = text_e.clone(), [], [], 0
+        for b, n in enumerate(counts):
+            e = text_e[b].float()
+            if n == 0:
+                t_sv.append(-1)
+                meta.append(
+                    {
+                        "safree_n_tokens": 0,
+                        "safree_triggers": [],
+                        "safree_t_sv": -1,
+                        "safree_note": "empty prompt",
+                    }
+                )
+                continue
+            m = masked_pooled[offset : offset + n]
+            offset += n
+            keep = detect_trigger_tokens(m, p_c, p.alpha)
+            p_i = span_projector(m)
+            op = (eye - p_c) @ p_i if p.projection_order == "code" else p_i @ (eye - p_c)
+            proj = (op @ e.T).T  # all 77 tokens projected
+            mask = torch.ones(e.shape[0], dtype=torch.bool, device=e.device)
+            mask[1 : n + 1] = keep
+            safe_e[b] = torch.where(mask[:, None], e, proj).to(text_e.dtype)
+            active = tokens.attention_mask[b].bool()
+            z = 1.0 - torch.nn.functional.cosine_similarity(proj[active], e[active], dim=-1).mean().item()
+            steps = svf_steps(z, p.up_t, p.svf_k, p.svf_t0) if p.svf else None
+            t_sv.append(steps)
+            meta.append(
+                {
+                    "safree_n_tokens": n,
+                    "safree_triggers": [int(i) for i in (~keep).nonzero().flatten().tolist()],
+                    "safree_t_sv": steps if steps is not None else -1,
+                }
+            )
+
+        uncond, _ = comps.encode_prompts([self.negative_prompt] * len(prompts))
+        branches = [uncond, text_e] + ([text_e] if p.lra == "paper" else [])
+        state = GuidanceState(
+            branches=branches, guidance_scale=guidance_scale, num_steps=num_steps, meta=meta
+        )
+        state.extra.update(text_e=text_e, safe_e=safe_e, t_sv=t_sv)
+        return state
+
+    def use_safe(self, i: int, state: GuidanceState) -> list[bool]:
+        """Per image: does step ``i`` use the safe embedding? (SVF, or the re_attn_t window)."""
+        p = self.params
+        if p.svf:
+            return [i <= t for t in state.extra["t_sv"]]
+        lo, hi = p.re_attn_t
+        return [lo <= i <= hi] * len(state.extra["t_sv"])
+
+    def embeddings(self, i: int, state: GuidanceState) -> torch.Tensor:
+        text_e, safe_e = state.extra["text_e"], state.extra["safe_e"]
+        use = torch.tensor(self.use_safe(i, state), device=text_e.device)[:, None, None]
+        cond = torch.where(use, safe_e, text_e)
+        # with lra=paper a third branch (the original prompt) only feeds the re-attention hooks
+        return torch.cat([state.branches[0], cond, *state.branches[2:]], dim=0)
+
+    def combine(self, i: int, preds: list[torch.Tensor], state: GuidanceState) -> torch.Tensor:
+        eps_u, eps_c = preds[0], preds[1]
+        return eps_u + state.guidance_scale * (eps_c - eps_u)
+
+    # ------------------------------------------------------------ latent re-attention
+    def unet_hooks(self, i: int, state: GuidanceState, unet: torch.nn.Module):
+        if self.params.lra != "paper":
+            return contextlib.nullcontext()
+        return _fourier_reattention(unet, self.use_safe(i, state), self.params)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "concept_prompts": self.concept_prompts,
+            "negative_prompt": self.negative_prompt,
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.params).items()},
+        }
+
+
+def low_frequency_reattention(h_safe: torch.Tensor, h_orig: torch.Tensor, scale: float, window: int = 1):
+    """Paper Eq. 7-8: in the centred ``2w x 2w`` low-frequency window, Fourier coefficients of the
+    safe branch whose magnitude exceeds the original branch's are multiplied by ``scale``."""
+    dtype = h_safe.dtype
+    fs = torch.fft.fftshift(torch.fft.fftn(h_safe.float(), dim=(-2, -1)), dim=(-2, -1))
+    fo = torch.fft.fftshift(torch.fft.fftn(h_orig.float(), dim=(-2, -1)), dim=(-2, -1))
+    h, w = fs.shape[-2:]
+    cy, cx = h // 2, w // 2
+    band = torch.zeros(h, w, dtype=torch.bool, device=fs.device)
+    band[max(cy - window, 0) : cy + window, max(cx - window, 0) : cx + window] = True
+    damp = band & (fs.abs() > fo.abs())
+    fs = torch.where(damp, fs * scale, fs)
+    out = torch.fft.ifftn(torch.fft.ifftshift(fs, dim=(-2, -1)), dim=(-2, -1)).real
+    return out.to(dtype)
+
+
+@contextlib.contextmanager
+def _fourier_reattention(unet: torch.nn.Module, use_safe: list[bool], p: SAFREEParams):
+    """Pre-hooks on the UNet's up blocks (the FreeU locations). Batch rows are [uncond, safe, orig].
+
+    Departure (documented): FreeU scales the backbone half ``hidden[:, :C/2] *= b`` before every
+    skip concatenation; here it is applied to the block's input only. Skip features are filtered
+    per resnet, with the stage decided by that resnet's backbone channel count, as in FreeU.
+    """
+    deep, second = unet.config.block_out_channels[-1], unet.config.block_out_channels[-2]
+    stage = {deep: (p.lra_b1, p.lra_s1), second: (p.lra_b2, p.lra_s2)}
+    rows = torch.tensor(use_safe)
+    handles = []
+
+    def hook(block, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        skips = kwargs.get("res_hidden_states_tuple")
+        if hidden is None or skips is None or not rows.any():
+            return None
+        b = hidden.shape[0] // 3
+        sel = rows.to(hidden.device)
+        if hidden.shape[1] in stage and stage[hidden.shape[1]][0] != 1.0:
+            hidden = hidden.clone()
+            half = hidden.shape[1] // 2
+            scaled = hidden[b : 2 * b, :half] * stage[hidden.shape[1]][0]
+            hidden[b : 2 * b, :half] = torch.where(sel[:, None, None, None], scaled, hidden[b : 2 * b, :half])
+        new_skips = list(skips)
+        for r, resnet in enumerate(block.resnets):
+            k = len(skips) - 1 - r  # resnet r consumes the skips from the end
+            skip = skips[k]
+            hidden_ch = resnet.conv1.in_channels - skip.shape[1]
+            if hidden_ch not in stage:
+                continue
+            filtered = low_frequency_reattention(skip[b : 2 * b], skip[2 * b :], stage[hidden_ch][1])
+            skip = skip.clone()
+            skip[b : 2 * b] = torch.where(sel[:, None, None, None], filtered, skip[b : 2 * b])
+            new_skips[k] = skip
+        kwargs = dict(kwargs)
+        kwargs["res_hidden_states_tuple"] = tuple(new_skips)
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
+        return (hidden, *args[1:]), kwargs
+
+    try:
+        for block in unet.up_blocks:
+            handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
