@@ -14,13 +14,22 @@ from unlearn_exp.unlearning import apply_checkpoint
 from unlearn_exp.unlearning.duo import (
     DUO,
     SELF_ATTENTION,
-    add_lora,
     adapters_disabled,
+    add_lora,
     output_preservation_loss,
     preference_loss,
     scaled_hyperparameters,
     train_adapter,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small training loops run faster on one thread than on two contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def toy_pairs(n: int = 4, res: int = 32):
@@ -231,7 +240,6 @@ class _Interrupt(Exception):
 
 def test_interrupted_training_resumes_from_last_checkpoint(tmp_path):
     import lightning as L
-
     from safetensors.torch import load_file
 
     class StopAt(L.Callback):

@@ -1,0 +1,226 @@
+"""DUO pair data (METHOD.md 5.1), UCE (8.2), ESD (8.1) and loading published UNet weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from unlearn_exp.errors import UserError
+from unlearn_exp.models import build_tiny
+from unlearn_exp.store import ArtifactStore
+from unlearn_exp.unlearning import apply_checkpoint, build_pair_set, load_pair_set
+from unlearn_exp.unlearning.pairs import pair_prompts
+from unlearn_exp.unlearning.uce import cross_attention_projections, last_token_embeddings, uce_edit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class ParityJudge:
+    """A deterministic stand-in judge: an image is unsafe when its pixel sum is divisible by 3."""
+
+    name = "parity"
+
+    def __init__(self):
+        self.calls = 0
+
+    def judge(self, pil):
+        self.calls += len(pil)
+        return [{"safe": int(np.asarray(im, dtype=np.int64).sum()) % 3 != 0, "score": 0.5} for im in pil]
+
+
+class AlwaysSafe:
+    name = "always_safe"
+
+    def judge(self, pil):
+        return [{"safe": True, "labels": []} for _ in pil]
+
+
+RECIPE = {
+    "name": "Toy",
+    "unsafe_prompts": ["a naked cat", "a naked dog"],
+    "safe_prompts": ["a dressed cat", "a dressed dog"],
+    "n_pairs": 4,
+    "strength": 0.75,
+    "max_tries": 30,
+    "seed": 1,
+}
+FAST = {"scheduler": "ddim", "steps": 2}
+
+
+def test_pair_prompts_are_consecutive_blocks():
+    assert (
+        pair_prompts(RECIPE)
+        == [("a naked cat", "a dressed cat")] * 2 + [("a naked dog", "a dressed dog")] * 2
+    )
+    with pytest.raises(UserError, match="equal length"):
+        pair_prompts({**RECIPE, "safe_prompts": ["x"]})
+
+
+def test_pair_set_keeps_only_judge_accepted_images(tmp_path):
+    judge = ParityJudge()
+    comps = build_tiny()
+    ps = build_pair_set(comps, RECIPE, judge, tmp_path / "pairs", FAST)
+    again = load_pair_set(tmp_path / "pairs")
+    assert len(ps) == len(again) == 4
+    unsafe, safe = again.images()
+    assert unsafe.shape == safe.shape == (4, 3, 32, 32)
+    from unlearn_exp.sampling import to_pil
+
+    assert [v["safe"] for v in judge.judge(to_pil(unsafe))] == [False] * 4
+    assert [v["safe"] for v in judge.judge(to_pil(safe))] == [True] * 4
+    tries = [r["tries"]["unsafe"] for r in again.records]
+    assert sum(tries) > 4  # the judge rejected some unsafe tries, which were re-sampled
+    assert [r["unsafe_prompt"] for r in again.records][-1] == "a naked dog"
+    # reproducible: the same recipe gives the same images
+    ps2 = build_pair_set(build_tiny(), RECIPE, ParityJudge(), tmp_path / "pairs2", FAST)
+    assert torch.equal(ps2.images()[0], unsafe)
+
+
+def test_pair_set_stops_when_the_judge_accepts_nothing(tmp_path):
+    with pytest.raises(
+        UserError, match=r"4 of 4 unsafe images .* max_tries=3 \(12 tries failed.*found every try safe"
+    ):
+        build_pair_set(build_tiny(), {**RECIPE, "max_tries": 3}, AlwaysSafe(), tmp_path / "p", FAST)
+    assert not (tmp_path / "p" / "pairs.json").exists()
+    with pytest.raises(UserError, match="no judge was given"):
+        build_pair_set(build_tiny(), RECIPE, None, tmp_path / "p", FAST)
+
+
+# ----------------------------------------------------------------------------- UCE
+def test_uce_weights_satisfy_the_normal_equations(tmp_path):
+    comps = build_tiny()
+    recipe = {"erase": ["nudity", "gore"], "guide": "", "preserve": ["a cat"], "lamb": 0.5,
+              "erase_scale": 1.0, "preserve_scale": 0.7}  # fmt: skip
+    old = {
+        n + ".weight": m.weight.detach().clone() for n, m in cross_attention_projections(comps.unet).items()
+    }
+    edited = uce_edit(comps, recipe)
+    assert edited.keys() == old.keys() and len(old) >= 4
+    c_e = last_token_embeddings(comps, recipe["erase"]).double()
+    c_g = last_token_embeddings(comps, ["", ""]).double()
+    c_p = last_token_embeddings(comps, recipe["preserve"]).double()
+    d = c_e.shape[1]
+    for k, W_old in old.items():
+        W_old, W_new = W_old.double(), edited[k].double()
+        v_star = c_g @ W_old.T
+        lhs = W_new @ (0.5 * torch.eye(d, dtype=torch.float64) + c_e.T @ c_e + 0.7 * c_p.T @ c_p)
+        rhs = 0.5 * W_old + v_star.T @ c_e + 0.7 * (c_p @ W_old.T).T @ c_p
+        assert torch.allclose(lhs, rhs, atol=1e-4), k
+        assert not torch.allclose(W_new, W_old, atol=1e-3)
+    # the erased concept's key/value now lies closer to the guide's than before
+    k0 = next(iter(old))
+    before = (c_e @ old[k0].double().T - c_g @ old[k0].double().T).norm()
+    after = (c_e @ edited[k0].double().T - c_g @ old[k0].double().T).norm()
+    assert after < before
+    # through apply_checkpoint: cached, applied in place, reloadable as a published file
+    store = ArtifactStore(tmp_path / "store")
+    cfg = {
+        "method": "uce",
+        "erase": {"nudity": ["nudity", "gore"]},
+        "preserve": ["a cat"],
+        "preserve_scale": 0.7,
+    }
+    target = build_tiny()
+    info = apply_checkpoint(target, cfg, store, task_cfg={"name": "nudity"})
+    assert info["method"] == "uce" and info["erase"] == ["nudity", "gore"]
+    sd = target.unet.state_dict()
+    assert all(torch.allclose(sd[k], v, atol=1e-5) for k, v in edited.items())
+    published = build_tiny()
+    apply_checkpoint(
+        published, {"method": "uce", "path": info["files"][0]}, store, task_cfg={"name": "nudity"}
+    )
+    assert torch.equal(published.unet.state_dict()[k0], sd[k0])
+
+
+# ----------------------------------------------------------------------------- ESD
+ESD_HP = {"variant": "esd-x", "lr": 1e-3, "eta": 1.0, "start_guidance": 3.0, "ddim_steps": 4, "steps": 8,
+          "seed": 0, "checkpoint_every": 3}  # fmt: skip
+
+
+def test_esd_moves_concept_prediction_toward_negatively_guided_target(tmp_path):
+    from unlearn_exp.unlearning.esd import ESD, train_esd
+
+    comps = build_tiny()
+    orig = {k: v.clone() for k, v in comps.unet.state_dict().items()}
+    probe = ESD(build_tiny(), "nudity", variant="esd-x", n_ddim=4, seed=5)
+    draws = [probe.draw(torch.Generator().manual_seed(i)) for i in range(6)]
+
+    def target_gap(unet):
+        with torch.no_grad():
+            probe.unet = unet  # the trainable side; the frozen side stays the original tiny model
+            return sum(float(probe.loss_at(x, t)) for x, t in draws) / len(draws)
+
+    gap_before = target_gap(comps.unet)
+    info = train_esd(comps, "nudity", ESD_HP, work_dir=tmp_path / "w", out_dir=tmp_path / "o")
+    gap_after = target_gap(comps.unet)
+    assert info["steps"] == 8
+    assert gap_after < 0.6 * gap_before
+    changed = [k for k, v in comps.unet.state_dict().items() if not torch.equal(v, orig[k])]
+    assert changed and all(".attn2." in k for k in changed)  # esd-x: cross-attention only
+    saved = load_file(str(tmp_path / "o" / "esd_unet.safetensors"))
+    assert set(changed) <= set(saved) and all(".attn2." in k for k in saved)
+
+
+def test_checkpoint_esd_caches_and_loads_published_weights(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    cfg = {"method": "esd", **ESD_HP, "steps": 2, "concept": {"violence": "violence"}}
+    trained = build_tiny()
+    info = apply_checkpoint(trained, cfg, store, task_cfg={"name": "violence"})
+    assert info["concept"] == "violence" and info["source"] == "trained"
+    again = build_tiny()
+    info2 = apply_checkpoint(again, cfg, ArtifactStore(tmp_path / "store"), task_cfg={"name": "violence"})
+    assert info2["id"] == info["id"]
+    a, b = trained.unet.state_dict(), again.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # published: a partial state dict with "unet." prefixes, and the same as a pickle (opt-in only)
+    partial = {"unet." + k: v for k, v in load_file(info["files"][0]).items()}
+    save_file(partial, str(tmp_path / "esd.safetensors"))
+    user = build_tiny()
+    apply_checkpoint(user, {"method": "esd", "path": str(tmp_path / "esd.safetensors")}, store, task_cfg={})
+    assert all(torch.equal(user.unet.state_dict()[k], a[k]) for k in a)
+    torch.save({"state_dict": partial}, tmp_path / "esd.ckpt")
+    with pytest.raises(UserError, match="allow_pickle_conversion"):
+        apply_checkpoint(
+            build_tiny(), {"method": "esd", "path": str(tmp_path / "esd.ckpt")}, store, task_cfg={}
+        )
+    conv = apply_checkpoint(
+        build_tiny(),
+        {"method": "esd", "path": str(tmp_path / "esd.ckpt"), "allow_pickle_conversion": True},
+        store,
+        task_cfg={},
+    )
+    assert conv["files"][0].endswith("esd.safetensors") and "converted" in conv["files"][0]
+
+
+def test_wrong_unet_weights_are_refused_with_the_offending_keys(tmp_path):
+    store = ArtifactStore(tmp_path / "s")
+    k = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    save_file({k: torch.zeros(3, 3)}, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(UserError, match=r"shape mismatch.*attn2\.to_k\.weight \(3, 3\)"):
+        apply_checkpoint(
+            build_tiny(), {"method": "esd", "path": str(tmp_path / "shape.safetensors")}, store, task_cfg={}
+        )
+    save_file({"input_blocks.1.1.proj_in.weight": torch.zeros(3)}, str(tmp_path / "keys.safetensors"))
+    with pytest.raises(UserError, match=r"not in this model's UNet \(input_blocks\.1\.1\.proj_in\.weight\)"):
+        apply_checkpoint(
+            build_tiny(), {"method": "esd", "path": str(tmp_path / "keys.safetensors")}, store, task_cfg={}
+        )
+    save_file({"conv_in.weight": torch.zeros(32, 4, 3, 3)}, str(tmp_path / "uce.safetensors"))
+    with pytest.raises(UserError, match="not attn2.to_k/to_v"):
+        apply_checkpoint(
+            build_tiny(), {"method": "uce", "path": str(tmp_path / "uce.safetensors")}, store, task_cfg={}
+        )
+    with pytest.raises(UserError, match="not found"):
+        apply_checkpoint(
+            build_tiny(), {"method": "esd", "path": str(tmp_path / "missing.safetensors")}, store, task_cfg={}
+        )
+    assert apply_checkpoint(build_tiny(), {"method": "original"}, store, task_cfg={})["id"] == "original"
