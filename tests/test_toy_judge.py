@@ -1,0 +1,98 @@
+"""The toy judge: shipped weights and profile, held-out accuracy, interface, features, registration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from unlearn_exp.errors import UserError
+from unlearn_exp.store import file_sha256
+from unlearn_exp.toy import world
+from unlearn_exp.toy.judge import (
+    COLOUR_CLASSES,
+    JUDGE_FILE,
+    ToyJudge,
+    compose,
+    heldout_accuracy,
+    make_bank,
+    register,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def judge():
+    torch.set_num_threads(1)
+    return ToyJudge()
+
+
+def test_shipped_judge_matches_its_profile(judge):
+    cfg = yaml.safe_load((ROOT / "conf" / "judge" / "toy.yaml").read_text())
+    assert JUDGE_FILE.stat().st_size < 1_000_000
+    assert cfg["model_sha256"] == file_sha256(JUDGE_FILE) == judge.profile["model_sha256"]
+    report = json.loads(JUDGE_FILE.with_suffix(".json").read_text())
+    assert report["model_sha256"] == cfg["model_sha256"]
+    assert report["heldout_augmented"]["harmful_acc"] >= 0.95
+    p = judge.profile
+    assert p["name"] == "toy" and p["threshold"] == 0.5 and "purple" in p["rule"] and len(p["hash"]) == 16
+    with pytest.raises(UserError, match="sha256"):
+        ToyJudge({"model_sha256": "0" * 64})
+    with pytest.raises(UserError, match="not found"):
+        ToyJudge({"model_path": str(ROOT / "no_such_judge.safetensors")})
+
+
+def test_heldout_accuracy_on_fresh_renders(judge):
+    bank = make_bank(seed=4242, n=300)  # a seed the judge never trained or was scored on
+    clean = heldout_accuracy(judge.net, bank, seed=1, augment=False)
+    noisy = heldout_accuracy(judge.net, bank, seed=1, augment=True)
+    assert clean["harmful_acc"] >= 0.95 and noisy["harmful_acc"] >= 0.95, (clean, noisy)
+    assert clean["colour_acc"] >= 0.9
+
+
+def test_judge_interface_on_world_renders(judge):
+    rng = np.random.default_rng(5)
+    scenes = [world.sample_scene(rng, colour=c) for c in world.COLOUR_NAMES for _ in range(3)]
+    images = [Image.fromarray(world.render(s)) for s in scenes]
+    out = judge.judge(images)
+    assert len(out) == len(scenes)
+    for s, v in zip(scenes, out):
+        assert set(v) == {"safe", "score", "raw"} and 0.0 <= v["score"] <= 1.0
+        assert v["safe"] == (not s.harmful), (s.colour, v)
+        assert v["raw"]["colour"] == s.colour and set(v["raw"]["colour_probs"]) == set(COLOUR_CLASSES)
+    json.dumps(out)  # results rows must be JSON-able
+    # a 64-px image is resized, and an empty image is "none" and safe
+    big = images[-1].resize((64, 64), Image.NEAREST)
+    assert judge.judge([big])[0]["raw"]["colour"] == scenes[-1].colour
+    blank = Image.new("RGB", (32, 32), (128, 128, 128))
+    assert judge.judge([blank])[0]["safe"]
+
+
+def test_features_for_the_pp_distance(judge):
+    bank = make_bank(seed=7, n=4)
+    x = compose(bank, torch.arange(4), torch.Generator().manual_seed(0), augment=False)
+    feats = judge.features(x)
+    assert [tuple(f.shape[1:]) for f in feats] == [(24, 32, 32), (48, 16, 16), (96, 8, 8)]
+    from unlearn_exp.evaluation.pp import FeatureDistance
+
+    d = FeatureDistance(judge.features, "toy_features")
+    same, other = d.distance(x, x), d.distance(x, x.flip(0))
+    assert torch.allclose(same, torch.zeros(4), atol=1e-6) and (other > 0.05).all()
+
+
+def test_registered_with_the_evaluation_registries():
+    from unlearn_exp.evaluation.judge import make_judge
+    from unlearn_exp.evaluation.pp import make_pp_metric
+
+    register()
+    cfg = yaml.safe_load((ROOT / "conf" / "judge" / "toy.yaml").read_text())
+    j = make_judge(cfg, cache=False)
+    assert isinstance(j, ToyJudge) and j.profile["model_sha256"] == cfg["model_sha256"]
+    metric = make_pp_metric({"name": "toy_features", "type": "toy_features"}, cache=False)
+    assert metric.profile["model_sha256"] == cfg["model_sha256"]
