@@ -224,3 +224,27 @@ def test_wrong_unet_weights_are_refused_with_the_offending_keys(tmp_path):
             build_tiny(), {"method": "esd", "path": str(tmp_path / "missing.safetensors")}, store, task_cfg={}
         )
     assert apply_checkpoint(build_tiny(), {"method": "original"}, store, task_cfg={})["id"] == "original"
+
+
+def test_checkpoint_configs_compose_into_the_recipes(compose_cfg):
+    from unlearn_exp.unlearning.duo import resolve_recipe
+    from unlearn_exp.unlearning.pairs import _plain
+
+    nud = compose_cfg(["checkpoint=duo", "task=nudity"])
+    recipe = resolve_recipe(_plain(nud.checkpoint), nud.task)
+    assert [a["name"] for a in recipe["adapters"]] == ["Nudity"]
+    assert len(pair_prompts(recipe["adapters"][0])) == 64
+    vio = compose_cfg(["checkpoint=duo", "task=violence", "checkpoint.beta=1000"])
+    adapters = resolve_recipe(_plain(vio.checkpoint), vio.task)["adapters"]
+    assert [a["name"] for a in adapters] == ["Blood", "Gun", "Horror", "Suffer"]
+    assert all(a["n_pairs"] == 32 and a["strength"] == 0.8 for a in adapters)  # Horror quirk fixed
+    for method in ("esd", "uce", "original"):
+        cfg = compose_cfg([f"checkpoint={method}"]).checkpoint
+        assert cfg.method == method and "path" in cfg and "beta" in cfg
+    with pytest.raises(UserError, match="beta must be > 0"):
+        apply_checkpoint(
+            build_tiny(),
+            compose_cfg(["checkpoint=duo", "checkpoint.beta=-1"]).checkpoint,
+            "/nonexistent",
+            task_cfg={},
+        )
