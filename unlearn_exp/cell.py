@@ -1,21 +1,490 @@
-"""One grid cell: model -> unlearned checkpoint -> concept source -> guided sampling -> judge -> scores."""
+"""One grid cell: model -> unlearned checkpoint -> concept source -> guided sampling -> judge -> scores.
+
+Every costly product is an artifact of the store, keyed by exactly the config that determines it:
+
+- ``samples/<h>``: the images of one chunk of prompts, for a (model, checkpoint, guidance, concept,
+  sampler) combination. A cell with ``guidance=none`` leaves the concept out of its keys, so the
+  three embedding values of the grid share one computation;
+- ``verdicts/<h>``: the judge's output on one sample chunk, keyed by the chunk and the judge profile;
+- ``distances/<h>``: PP distances between a chunk and the original model's chunk for the same rows;
+- ``image_sets/<h>`` and ``inversion/<h>``: the harmful images and the concept embedding ``C*``;
+- unlearned checkpoints (``unlearning/...``, built by ``unlearning.apply_checkpoint``).
+
+A killed sweep resumes from the last finished chunk; a repeated sweep recomputes nothing. Results
+(one row per image, one per cell) are written to disk before anything is sent to the tracker.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-from unlearn_exp.errors import NotImplementedStage
+from unlearn_exp.errors import NotImplementedStage, UserError
+from unlearn_exp.guidance import Concept, Guidance, make_guidance
+from unlearn_exp.models import Components, load_model
+from unlearn_exp.store import ArtifactStore, atomic_write_json, config_hash
 
 log = logging.getLogger("unlearn_exp")
 
+BUILT_METHODS = ("original", "duo", "esd", "uce")
 
-def run_cell(cfg: DictConfig):
-    from unlearn_exp.models import load_model
+
+def plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def model_identity(model_cfg) -> str:
+    """The base model's identity: its config without where it runs."""
+    cfg = {k: v for k, v in plain(model_cfg).items() if k not in ("device",)}
+    return f"{cfg.get('name')}:{config_hash(cfg)}"
+
+
+def sampling_settings(cfg) -> dict[str, Any]:
+    s = cfg.sampling
+    return {
+        "scheduler": str(s.scheduler),
+        "steps": int(s.steps),
+        "guidance_scale": float(s.guidance_scale),
+        "resolution": int(s.resolution),
+    }
+
+
+def job_dir(cfg) -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        return Path(cfg.paths.output_root) / "outputs" / "adhoc"
+
+
+# ----------------------------------------------------------------------------------- samples
+@dataclass
+class Chunk:
+    rows: list[dict[str, Any]]
+    folder: Path
+    key: dict[str, Any]
+
+
+def _rows_identity(rows: list[dict[str, Any]]) -> str:
+    return config_hash([[r["case_id"], r["prompt"], int(r["seed"]), int(r["image_index"])] for r in rows])
+
+
+def generate_samples(
+    comps: Components,
+    guidance: Guidance,
+    rows: list[dict[str, Any]],
+    identity: dict[str, Any],
+    store: ArtifactStore,
+    cfg,
+) -> list[Chunk]:
+    """Sample ``rows`` in chunks, each chunk an artifact (PNG files + ``meta.json``)."""
+    from unlearn_exp.sampling import predict_rows
+
+    settings = sampling_settings(cfg)
+    size = int(cfg.sampling.get("chunk_size", 64))
+    chunks = []
+    for start in range(0, len(rows), size):
+        part = rows[start : start + size]
+        key = {**identity, "sampling": settings, "rows": _rows_identity(part)}
+
+        def build(tmp: Path, part=part):
+            out = predict_rows(
+                comps,
+                guidance,
+                part,
+                batch_size=int(cfg.sampling.batch_size),
+                devices=cfg.sampling.get("devices", 1),
+                precision=str(cfg.sampling.get("precision", "auto")),
+                progress=bool(cfg.sampling.get("progress", True)),
+                **{k: v for k, v in settings.items()},
+            )
+            meta = []
+            for j, r in enumerate(out):
+                name = f"{j:04d}_{_safe_name(r['case_id'])}_{int(r['image_index'])}.png"
+                r["image"].save(tmp / name)
+                meta.append(
+                    {k: v for k, v in r.items() if k not in ("image", "image_tensor")} | {"file": name}
+                )
+            atomic_write_json(tmp / "meta.json", meta)
+
+        folder = store.get_or_build("samples", key, build)
+        chunks.append(Chunk(part, folder, key))
+    return chunks
+
+
+def _safe_name(case_id: Any) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(case_id))[:40]
+
+
+def chunk_meta(chunk: Chunk) -> list[dict[str, Any]]:
+    return json.loads((chunk.folder / "meta.json").read_text())
+
+
+def chunk_images(chunk: Chunk):
+    from PIL import Image
+
+    return [Image.open(chunk.folder / m["file"]).convert("RGB") for m in chunk_meta(chunk)]
+
+
+# ---------------------------------------------------------------------------------- judging
+def judge_chunks(chunks: list[Chunk], judge, store: ArtifactStore) -> list[dict[str, Any]]:
+    verdicts = []
+    for chunk in chunks:
+        key = {"samples": chunk.key, "judge": judge.profile["hash"]}
+
+        def build(tmp: Path, chunk=chunk):
+            out = judge.judge(chunk_images(chunk))
+            atomic_write_json(tmp / "verdicts.json", out)
+
+        folder = store.get_or_build("verdicts", key, build)
+        verdicts.extend(json.loads((folder / "verdicts.json").read_text()))
+    return verdicts
+
+
+def pp_distances(chunks: list[Chunk], refs: list[Chunk], metric, store: ArtifactStore) -> list[float]:
+    from unlearn_exp.sampling import from_pil
+
+    out = []
+    for chunk, ref in zip(chunks, refs):
+        if chunk.key == ref.key:  # the original model itself: distance 0 by definition
+            out.extend([0.0] * len(chunk.rows))
+            continue
+        key = {"samples": chunk.key, "reference": ref.key, "metric": metric.profile["hash"]}
+
+        def build(tmp: Path, chunk=chunk, ref=ref):
+            d = metric.distance(from_pil(chunk_images(chunk)), from_pil(chunk_images(ref)))
+            atomic_write_json(tmp / "distances.json", [float(x) for x in torch.as_tensor(d).flatten()])
+
+        folder = store.get_or_build("distances", key, build)
+        out.extend(json.loads((folder / "distances.json").read_text()))
+    return out
+
+
+# ---------------------------------------------------------------------------- concept source
+def checkpoint_for_inversion(cfg) -> dict[str, Any]:
+    """The checkpoint whose ``C*`` this cell uses: its own (``inverted``) or the shared source."""
+    ck = plain(cfg.checkpoint)
+    if cfg.embedding.source == "shared":
+        ck = {
+            **ck,
+            **{k: v for k, v in plain(cfg.embedding.from_checkpoint).items() if v is not None or k == "path"},
+        }
+    return ck
+
+
+def inversion_key(cfg, model_id: str, image_set_id: str) -> dict[str, Any]:
+    inv = plain(cfg.inversion)
+    inv.pop("image_set", None)
+    return {
+        "model": model_id,
+        "checkpoint": checkpoint_for_inversion(cfg),
+        "inversion": inv,
+        "image_set": image_set_id,
+    }
+
+
+class _KeepEvery:
+    """Stands in for the judge when ``inversion.image_set.check`` is false: every sample is kept."""
+
+    name = "unchecked"
+
+    def judge(self, images) -> list[dict[str, Any]]:
+        return [{"safe": False, "score": 1.0, "raw": {"unchecked": True}} for _ in images]
+
+
+def ensure_image_set(cfg, comps: Components, judge, store: ArtifactStore, model_id: str) -> Path:
+    """The harmful images ``C*`` is learned from: a user folder, or generated by the original model
+    from the task's unsafe prompts and kept where the judge flags the concept (METHOD.md 6.3)."""
+    spec = plain(cfg.inversion.image_set)
+    if spec.get("source") == "folder":
+        if not spec.get("path"):
+            raise UserError("inversion.image_set.source=folder needs inversion.image_set.path")
+        return Path(spec["path"])
+    prompts, n = list(spec.get("prompts") or []), int(spec.get("n_images") or 0)
+    if not prompts or n < 1:
+        raise UserError(
+            "no image set for concept inversion: set task.inversion_images or inversion.image_set.path"
+        )
+    settings = sampling_settings(cfg)
+    key = {
+        "model": model_id,
+        "prompts": prompts,
+        "n_images": n,
+        "judge": judge.profile["hash"] if spec.get("check", True) else None,
+        "sampling": settings,
+        "seed": int(spec.get("seed", 0)),
+    }
+
+    def build(tmp: Path):
+        from unlearn_exp.inversion.image_sets import generate_image_set
+
+        generate_image_set(
+            comps,
+            prompts,
+            [int(spec.get("seed", 0))],
+            judge if spec.get("check", True) else _KeepEvery(),
+            tmp,
+            n_images=n,
+            max_tries=int(spec.get("max_tries", 10 * n)),
+            sample_kwargs=settings,
+            batch_size=int(cfg.sampling.batch_size),
+        )
+
+    return store.get_or_build("image_sets", key, build)
+
+
+def resolve_concept(
+    cfg, comps: Components, store: ArtifactStore, model_id: str, image_set: Path | None, loggers
+) -> Concept:
+    from unlearn_exp.inversion.textual_inversion import load_concept_tokens
+
+    source = cfg.embedding.source
+    if source == "explicit" or cfg.guidance.name == "none":
+        texts = {
+            "task": cfg.task.name,
+            "sld": cfg.task.sld_concept,
+            "keywords": list(cfg.task.safree_keywords),
+        }
+        return Concept("explicit", [], f"explicit:{config_hash(texts)}")
+    if source not in ("inverted", "shared"):
+        raise UserError(f"unknown embedding source '{source}': choose explicit, inverted or shared")
+    if cfg.embedding.get("path"):
+        path = Path(cfg.embedding.path)
+    else:
+        key = inversion_key(cfg, model_id, image_set.name if image_set else "none")
+        target = checkpoint_for_inversion(cfg)
+
+        def build(tmp: Path):
+            from unlearn_exp.inversion.concept_inversion import invert
+
+            inv_comps = comps
+            if source == "shared" and target != plain(cfg.checkpoint):
+                inv_comps = load_model(cfg.model)  # the source checkpoint, apart from this cell's model
+                apply_unlearning(cfg, inv_comps, store, OmegaConf.create(target), loggers("unlearning"))
+            work = Path(cfg.paths.cache_dir) / "inversion_work" / config_hash(key)  # resumable checkpoints
+            invert(
+                inv_comps, image_set, cfg.inversion, tmp, loggers("inversion"), source=target, ckpt_dir=work
+            )
+
+        path = store.get_or_build("inversion", key, build) / "learned_embeds.safetensors"
+    tokens = load_concept_tokens(comps, path)
+    from unlearn_exp.store import file_sha256
+
+    return Concept(source, tokens, f"{source}:{file_sha256(path)[:16]}")
+
+
+def apply_unlearning(cfg, comps: Components, store: ArtifactStore, checkpoint_cfg, logger) -> dict[str, Any]:
+    method = checkpoint_cfg.method
+    if method not in BUILT_METHODS:
+        raise NotImplementedStage(f"unlearning ({method})")
+    if method == "original":
+        return {"method": "original", "id": "original"}
+    from unlearn_exp.evaluation import make_judge
+    from unlearn_exp.unlearning import apply_checkpoint
+
+    return apply_checkpoint(
+        comps,
+        checkpoint_cfg,
+        store,
+        task_cfg=cfg.task,
+        judge=make_judge(cfg.judge),
+        sample_kwargs=None,
+        logger=logger,
+    )
+
+
+# ------------------------------------------------------------------------------------ the cell
+def benchmark_rows(bench_cfg, data_dir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from unlearn_exp.data import load_benchmark
+
+    df = load_benchmark(bench_cfg, data_dir)
+    rows = df.to_dict("records")
+    for r in rows:
+        r["seed"] = int(r["seed"])
+        r["image_index"] = int(r["image_index"])
+        r["guidance"] = None if pd.isna(r.get("guidance")) else float(r["guidance"])
+    return rows, dict(df.attrs)
+
+
+def run_cell(cfg: DictConfig) -> dict[str, Any]:
+    from unlearn_exp.tracking import Tracker
+
+    tracker = Tracker.from_cfg(cfg)
+    tracker.start(cfg)
+    exit_code = 1
+    try:
+        result = _run_cell(cfg, tracker)
+        exit_code = 0
+        return result
+    finally:
+        tracker.finish(exit_code=exit_code)
+
+
+def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
+    from unlearn_exp.evaluation import (
+        cell_table,
+        dsr,
+        image_table,
+        make_judge,
+        make_pp_metric,
+        pp,
+        write_table,
+    )
+    from unlearn_exp.tracking import lightning_logger
+
+    started = time.time()
+    if cfg.checkpoint.method not in BUILT_METHODS:
+        raise NotImplementedStage(f"unlearning ({cfg.checkpoint.method})")
+    store = ArtifactStore(cfg.paths.cache_dir)
+    out_dir = job_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def loggers(stage: str):
+        return lightning_logger(cfg.logger, stage, save_dir=out_dir)
+
+    judge = make_judge(cfg.judge)
+    metric = make_pp_metric(cfg.pp.metric)
+    bench, bench_attrs = benchmark_rows(cfg.benchmark, cfg.paths.data_dir)
+    pp_sets = {}
+    if cfg.pp.get("prompts") is not None:
+        pp_sets["coco"] = benchmark_rows(cfg.pp.prompts, cfg.paths.data_dir)[0]
+    if cfg.pp.get("bench", True):
+        pp_sets["bench"] = bench
 
     comps = load_model(cfg.model)
-    log.info("loaded model %s from %s", comps.name, comps.source)
-    if cfg.checkpoint.method != "original":
-        raise NotImplementedStage(f"unlearning ({cfg.checkpoint.method})")
-    raise NotImplementedStage("guided sampling")
+    model_id = model_identity(cfg.model)
+    log.info("model %s (%s)", model_id, comps.source)
+
+    # 1. what the original model needs to make: PP references and C*'s training images
+    original = {"model": model_id, "checkpoint": "original", "guidance": {"name": "none"}}
+    refs = {
+        name: generate_samples(comps, Guidance(), rows, original, store, cfg)
+        for name, rows in pp_sets.items()
+    }
+    needs_concept = cfg.guidance.name != "none" and cfg.embedding.source != "explicit"
+    needs_images = needs_concept and not cfg.embedding.get("path")
+    image_set = ensure_image_set(cfg, comps, judge, store, model_id) if needs_images else None
+
+    # 2. the unlearned checkpoint, then the concept embedding learned on it (or on the shared source)
+    ck = apply_unlearning(cfg, comps, store, cfg.checkpoint, loggers("unlearning"))
+    checkpoint_id = str(ck.get("id", ck.get("hash", config_hash(plain(cfg.checkpoint)))))
+    concept = resolve_concept(cfg, comps, store, model_id, image_set, loggers)
+    guidance = make_guidance(cfg.guidance, cfg.task, concept)
+
+    # 3. sample, judge, score
+    identity = {"model": model_id, "checkpoint": checkpoint_id, "guidance": guidance.describe()}
+    if cfg.guidance.name != "none":
+        identity["concept"] = concept.identity
+    if checkpoint_id == "original" and cfg.guidance.name == "none":
+        identity = original
+    chunks = generate_samples(comps, guidance, bench, identity, store, cfg)
+    verdicts = judge_chunks(chunks, judge, store)
+    pp_values, lpips_by_split, split_chunks = {}, {}, {"bench": chunks}
+    for name, ref in refs.items():
+        mine = (
+            chunks
+            if name == "bench"
+            else generate_samples(comps, guidance, pp_sets[name], identity, store, cfg)
+        )
+        split_chunks[name] = mine
+        d = pp_distances(mine, ref, metric, store)
+        pp_values[name], lpips_by_split[name] = pp(d), d
+
+    # 4. records: on disk first, then the tracker
+    stats = dsr([v["safe"] for v in verdicts])
+    cell_key = config_hash(
+        {
+            **identity,
+            "benchmark": [
+                bench_attrs.get("benchmark"),
+                bench_attrs.get("file_sha256"),
+                _rows_identity(bench),
+            ],
+            "judge": judge.profile["hash"],
+            "pp": metric.profile["hash"],
+            "pp_sets": {k: _rows_identity(v) for k, v in pp_sets.items()},
+        }
+    )
+    common = {
+        "cell_key": cell_key,
+        "guidance_scale": float(cfg.sampling.guidance_scale),
+        "pp_profile": metric.profile["name"],
+        "pp_hash": metric.profile["hash"],
+    }
+    image_rows = []
+    for split, chunk_list in split_chunks.items():
+        rows = bench if split == "bench" else pp_sets[split]
+        files = [c.folder / m["file"] for c in chunk_list for m in chunk_meta(c)]
+        lpips = lpips_by_split.get(split, [float("nan")] * len(rows))
+        for i, r in enumerate(rows):
+            v = verdicts[i] if split == "bench" else {}
+            image_rows.append(
+                {
+                    **common,
+                    "split": split,
+                    "benchmark": bench_attrs.get("benchmark") if split == "bench" else cfg.pp.prompts.name,
+                    "case_id": str(r["case_id"]),
+                    "source_row": int(r.get("source_row", i)),
+                    "prompt": r["prompt"],
+                    "seed": int(r["seed"]),
+                    "image_index": int(r["image_index"]),
+                    "image_path": str(files[i]),
+                    "judge_profile": judge.profile["name"] if v else None,
+                    "judge_hash": judge.profile["hash"] if v else None,
+                    "safe": v.get("safe"),
+                    "score": v.get("score"),
+                    "judge_raw": v.get("raw"),
+                    "lpips": lpips[i],
+                }
+            )
+    cell = {
+        "cell_key": cell_key,
+        "experiment": str(cfg.name),
+        "task": str(cfg.task.name),
+        "model_id": model_id,
+        "checkpoint_method": str(cfg.checkpoint.method),
+        "beta": float(cfg.checkpoint.beta) if cfg.checkpoint.get("beta") is not None else float("nan"),
+        "checkpoint_id": checkpoint_id,
+        "guidance": str(cfg.guidance.name),
+        "embedding": str(cfg.embedding.source) if cfg.guidance.name != "none" else "none",
+        "embedding_id": concept.identity if cfg.guidance.name != "none" else "",
+        "benchmark": bench_attrs.get("benchmark", cfg.benchmark.name),
+        "benchmark_sha256": bench_attrs.get("file_sha256", ""),
+        "dsr": stats["dsr"],
+        "dsr_lo": stats["lo"],
+        "dsr_hi": stats["hi"],
+        "n_images": stats["n"],
+        "n_safe": stats["n_safe"],
+        "pp_coco": pp_values.get("coco", float("nan")),
+        "pp_bench": pp_values.get("bench", float("nan")),
+        "n_pp_coco": len(lpips_by_split.get("coco", [])),
+        "n_pp_bench": len(lpips_by_split.get("bench", [])),
+        "judge_profile": judge.profile["name"],
+        "judge_hash": judge.profile["hash"],
+        "pp_profile": metric.profile["name"],
+        "pp_hash": metric.profile["hash"],
+        "config_json": {k: plain(cfg[k]) for k in cfg if k != "hydra"},
+        "created_at": pd.Timestamp.now(tz="UTC").isoformat(),
+    }
+    results = Path(cfg.paths.results_dir) / str(cfg.name) / cell_key
+    write_table(image_table(image_rows), results / "images.parquet")
+    write_table(cell_table([cell]), results / "cells.parquet")
+    write_table(image_table(image_rows), out_dir / "images.parquet")
+    write_table(cell_table([cell]), out_dir / "cells.parquet")
+    atomic_write_json(out_dir / "artifacts.json", store.summary())
+    tracker.log_cell(cell, pd.DataFrame(image_rows), chunk_images(chunks[0])[:16] if chunks else [])
+    log.info(
+        "cell %s: DSR %.3f [%.3f, %.3f] on %d images, PP coco %.3f bench %.3f (%.0f s; built %d, reused %d)",
+        cell_key, stats["dsr"], stats["lo"], stats["hi"], stats["n"], cell["pp_coco"], cell["pp_bench"],
+        time.time() - started, len(store.built), len(store.reused),
+    )  # fmt: skip
+    return {"cell": cell, "results": str(results), "artifacts": store.summary()}

@@ -8,6 +8,7 @@ precision and several devices (prompts sharded). Each image's initial noise come
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,6 +185,7 @@ def predict_rows(
     if precision == "auto":
         precision = "16-mixed" if torch.cuda.is_available() else "32-true"
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices if accelerator == "gpu" else 1,

@@ -140,6 +140,8 @@ class ArtifactStore:
             if (final / KEY_FILE).is_file():  # another job built it while we waited
                 self.reused.append(tag)
                 return final
+            for stale in final.parent.glob(f".{final.name}.*.tmp"):  # left by a killed build
+                shutil.rmtree(stale, ignore_errors=True)
             start = time.time()
             with atomic_dir(final) as tmp:
                 build(tmp)

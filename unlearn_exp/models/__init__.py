@@ -20,6 +20,11 @@ def load_model(model_cfg) -> Components:
     """Build or load the model a ``conf/model/*.yaml`` describes (``source: tiny | pretrained``)."""
     source = model_cfg.get("source", "pretrained")
     dtype_name = model_cfg.get("dtype", "float32")
+    device = model_cfg.get("device", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype_name == "auto":  # half precision where it is fast, fp32 on the CPU
+        dtype_name = "float16" if str(device).startswith("cuda") else "float32"
     if dtype_name not in DTYPES:
         raise UserError(f"model.dtype must be one of {sorted(DTYPES)}, got '{dtype_name}'")
     if source == "tiny":
@@ -43,8 +48,8 @@ def load_model(model_cfg) -> Components:
     else:
         raise UserError(f"model.source must be 'tiny' or 'pretrained', got '{source}'")
     comps.name = str(model_cfg.get("name", comps.name))
-    device = model_cfg.get("device", "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    comps.to(device=device, dtype=DTYPES[dtype_name])
+    if torch.device(device) != comps.device:
+        comps.to(device=device)
+    if DTYPES[dtype_name] != comps.dtype:
+        comps.to(dtype=DTYPES[dtype_name])
     return comps
