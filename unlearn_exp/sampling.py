@@ -104,15 +104,16 @@ def sample(
 
     tokens = comps.tokenize(prompts)
     state = guidance.prepare(comps, prompts, tokens, negative_prompts, guidance_scale, len(timesteps))
+    state.branches = [b.to(dtype) for b in state.branches]
     n = state.n_branches
     for i, t in enumerate(timesteps):
-        emb = guidance.embeddings(i, state).to(dtype)
+        emb = guidance.embeddings(i, state)
         model_in = sched.scale_model_input(torch.cat([latents] * n), t)
         with guidance.unet_hooks(i, state, comps.unet):
             eps = comps.unet(model_in, t, encoder_hidden_states=emb).sample
         eps_hat = guidance.combine(i, list(eps.chunk(n)), state)
         latents = sched.step(eps_hat, t, latents).prev_sample
-        if not torch.isfinite(latents).all():
+        if not torch.isfinite(latents.sum()):  # one reduction per step; NaN and inf propagate
             bad = [p[:40] for p, ok in zip(prompts, torch.isfinite(latents).flatten(1).all(1)) if not ok]
             raise UserError(
                 f"non-finite latents at sampling step {i} (t={int(t)}) with guidance '{guidance.name}' "

@@ -58,7 +58,9 @@ class Guidance:
         return GuidanceState(branches=[uncond, cond], guidance_scale=guidance_scale, num_steps=num_steps)
 
     def embeddings(self, i: int, state: GuidanceState) -> torch.Tensor:
-        return torch.cat(state.branches, dim=0)
+        if "stacked" not in state.extra:  # the same every step: stack once
+            state.extra["stacked"] = torch.cat(state.branches, dim=0)
+        return state.extra["stacked"]
 
     def combine(self, i: int, preds: list[torch.Tensor], state: GuidanceState) -> torch.Tensor:
         eps_u, eps_c = preds[0], preds[1]
