@@ -2,7 +2,7 @@
 
 A LightningModule trains the UNet and the CLIP text encoder jointly with Stable Diffusion's
 epsilon-prediction loss, ``|| eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, c) ||^2``,
-with t uniform over SD v1.4's 1000 scaled-linear DDPM steps, on rendered (image, caption) pairs
+with t uniform over the 1000 DDPM steps of SD v1.4's scaled-linear schedule and offset noise, on rendered (image, caption) pairs
 streamed deterministically from a seed (``world.render_example``). Captions are replaced by the
 empty prompt with probability ``caption_dropout`` so classifier-free guidance works. The weights
 saved are an exponential moving average of the trained ones.
@@ -38,13 +38,14 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "model"
 @dataclass
 class PretrainConfig:
     seed: int = 0
-    steps: int = 1200
+    steps: int = 2400
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
     weight_decay: float = 0.01
     caption_dropout: float = 0.1
+    offset_noise: float = 0.1  # per-image, per-channel constant added to the noise (see loss)
     ema_decay: float = 0.998
     grad_clip: float = 1.0
     p_object: float = 0.3  # share of scenes depicting an object (the indirect vocabulary)
@@ -98,7 +99,13 @@ class ToyPretraining(L.LightningModule):
         texts = ["" if d else t for d, t in zip(drop.tolist(), texts)]
         ids = self.comps.tokenize(texts).input_ids.to(images.device)
         cond = self.text_encoder(ids).last_hidden_state
-        noise = torch.randn(images.shape, generator=self._gen).to(images)
+        noise = torch.randn(images.shape, generator=self._gen)
+        if self.cfg.offset_noise:
+            # offset noise: a per-channel constant hides the image's mean colour at high t, which
+            # SD's schedule (sqrt(abar_T) = 0.068) otherwise leaves readable on 32x32 pixels; without
+            # it the model took colours from the initial noise instead of the prompt (RECIPE.md)
+            noise = noise + self.cfg.offset_noise * torch.randn(b, images.shape[1], 1, 1, generator=self._gen)
+        noise = noise.to(images)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=self._gen)
         t = t.to(images.device)
         abar = self.alphas_cumprod.to(images.device)[t].view(b, 1, 1, 1)
