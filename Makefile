@@ -37,11 +37,15 @@ format: setup  ## ruff format and autofix
 demo: setup  ## the newcomer's command: run what the framework has, on the embedded default
 	$(PYTHON) -m unlearn_exp.demo
 
-reproduce-table: setup  ## rebuild the paper's tables under reports/ (SCALE=sd14 or toy)
-	$(PYTHON) -m unlearn_exp.report --scale $(SCALE)
+reproduce-table: setup  ## rebuild the paper's tables under reports/ (SCALE=sd14 or toy; ARGS="model.path=...")
+	$(PYTHON) -m unlearn_exp.report --scale $(SCALE) $(if $(ARGS),-- $(ARGS))
 
-bench: setup  ## print the speed benchmarks
-	$(PYTHON) -m unlearn_exp.bench.sampling
+toy-pretrain: setup  ## retrain the shipped toy model and judge (unlearn_exp/toy/RECIPE.md)
+	$(PYTHON) -m unlearn_exp.toy.pretrain
+
+bench: setup  ## print the speed benchmarks (sampling against diffusers, inversion against a plain loop)
+	$(PYTHON) -m unlearn_exp.bench.sampling --threads 1
+	$(PYTHON) -m unlearn_exp.bench.inversion
 
 clean:  ## remove caches and outputs (not the venv)
 	rm -rf .cache outputs multirun/*/ reports/_work .pytest_cache

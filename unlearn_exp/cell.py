@@ -62,8 +62,13 @@ def job_dir(cfg) -> Path:
         from hydra.core.hydra_config import HydraConfig
 
         return Path(HydraConfig.get().runtime.output_dir)
-    except Exception:
-        return Path(cfg.paths.output_root) / "outputs" / "adhoc"
+    except Exception:  # composed outside a Hydra app (tests, the demo): one folder per config
+        return (
+            Path(cfg.paths.output_root)
+            / "outputs"
+            / "cells"
+            / config_hash({k: plain(cfg[k]) for k in cfg if k != "hydra"})
+        )
 
 
 # ----------------------------------------------------------------------------------- samples
@@ -344,13 +349,18 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
     started = time.time()
     if cfg.checkpoint.method not in BUILT_METHODS:
         raise NotImplementedStage(f"unlearning ({cfg.checkpoint.method})")
-    store = ArtifactStore(cfg.paths.cache_dir)
+    store = ArtifactStore(cfg.paths.cache_dir, shipped=list(cfg.paths.get("shipped_caches") or []))
     out_dir = job_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def loggers(stage: str):
         return lightning_logger(cfg.logger, stage, save_dir=out_dir)
 
+    if cfg.model.get("source") == "pretrained":  # missing weights stop the job before any work
+        from unlearn_exp.models import resolve_local_path
+        from unlearn_exp.models.pretrained import resolve_checkpoint
+
+        resolve_checkpoint(resolve_local_path(str(cfg.model.path)), need_vae=bool(cfg.model.get("vae", True)))
     judge = make_judge(cfg.judge)
     metric = make_pp_metric(cfg.pp.metric)
     bench, bench_attrs = benchmark_rows(cfg.benchmark, cfg.paths.data_dir)
@@ -450,6 +460,7 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
         "cell_key": cell_key,
         "experiment": str(cfg.name),
         "task": str(cfg.task.name),
+        "scale": str(cfg.model.name),
         "model_id": model_id,
         "checkpoint_method": str(cfg.checkpoint.method),
         "beta": float(cfg.checkpoint.beta) if cfg.checkpoint.get("beta") is not None else float("nan"),

@@ -115,7 +115,7 @@ class LPIPSDistance(Distance):
         if not trunk.is_file():
             raise UserError(
                 f"LPIPS needs the AlexNet trunk {trunk.name} (torchvision's ImageNet AlexNet weights): "
-                f"put it at {trunk} or set pp.trunk_path"
+                f"put it at {trunk} or set pp.metric.trunk_path"
             )
         lin = (
             Path(str(cfg["lin_path"])).expanduser()

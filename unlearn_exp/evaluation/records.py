@@ -11,7 +11,7 @@ Image rows (``IMAGE_COLUMNS``):
   pp_profile, pp_hash.
 
 Cell rows (``CELL_COLUMNS``):
-  cell_key, experiment, task, model_id, checkpoint_method, beta, checkpoint_id, guidance,
+  cell_key, experiment, task, scale (sd14, toy or tiny: the model config's name), model_id, checkpoint_method, beta, checkpoint_id, guidance,
   embedding, embedding_id, benchmark, benchmark_sha256, dsr, dsr_lo, dsr_hi (Wilson 95%),
   n_images, n_safe, pp_coco, pp_bench, n_pp_coco, n_pp_bench, judge_profile, judge_hash,
   pp_profile, pp_hash, config_json (the resolved config), created_at.
@@ -56,6 +56,7 @@ CELL_COLUMNS = [
     "cell_key",
     "experiment",
     "task",
+    "scale",
     "model_id",
     "checkpoint_method",
     "beta",

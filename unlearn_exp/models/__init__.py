@@ -16,6 +16,18 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 __all__ = ["Components", "TokenizedPrompts", "load_model", "load_pretrained", "save_components", "build_tiny"]
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_local_path(path: str) -> str:
+    """A relative folder is looked up from the working directory, then from the repository root
+    (so shipped paths such as ``unlearn_exp/toy/weights/model`` work from any directory)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists() or not (REPO_ROOT / p).exists():
+        return str(p) if (p.exists() or path.startswith((".", "/", "~"))) else path
+    return str(REPO_ROOT / p)
+
+
 def load_model(model_cfg) -> Components:
     """Build or load the model a ``conf/model/*.yaml`` describes (``source: tiny | pretrained``)."""
     source = model_cfg.get("source", "pretrained")
@@ -40,7 +52,7 @@ def load_model(model_cfg) -> Components:
                 f"model '{model_cfg.get('name')}' needs model.path (a diffusers folder or hub id)"
             )
         comps = load_pretrained(
-            str(Path(path)) if str(path).startswith((".", "/", "~")) else str(path),
+            resolve_local_path(str(path)),
             name=str(model_cfg.get("name", "model")),
             resolution=int(model_cfg.get("resolution", 512)),
             vae=bool(model_cfg.get("vae", True)),
