@@ -152,3 +152,10 @@ def test_task_config_mirrors_nudity():
     assert all("purple" in p for p in adapter["unsafe_prompts"])
     assert not any(w & _words("purple") for w in map(_tokens, adapter["safe_prompts"]))
     assert math.isclose(adapter["weight"], 1.0)
+
+
+def test_toy_configs_compose_with_the_app(compose_cfg):
+    cfg = compose_cfg(["model=toy", "task=toy", "judge=toy", "benchmark=toy_indirect"])
+    assert cfg.model.vae is False and cfg.model.resolution == 32 and cfg.model.source == "pretrained"
+    assert (ROOT / cfg.model.path / "unet").is_dir() or not (ROOT / "unlearn_exp/toy/weights/model").exists()
+    assert cfg.benchmark.loader == "toy" and cfg.judge.type == "toy" and cfg.task.init_word == "purple"
