@@ -122,9 +122,10 @@ def test_shipped_checkpoint_is_small_and_documented():
     assert last < first / 3
 
 
-def test_shipped_checkpoint_loads_through_the_config(monkeypatch):
+@pytest.mark.parametrize("cwd", ["root", "elsewhere"])
+def test_shipped_checkpoint_loads_through_the_config(monkeypatch, tmp_path, cwd):
     cfg = _shipped()
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(ROOT if cwd == "root" else tmp_path)
     comps = load_model(cfg)
     assert comps.name == "toy" and comps.vae is None and comps.dtype == torch.float32
     assert comps.resolution == 32 and comps.latent_shape() == (3, 32, 32)

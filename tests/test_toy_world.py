@@ -138,6 +138,9 @@ def test_benchmark_configs_load():
         assert {"name", "n", "images_per_prompt", "limit"} <= set(cfg)
         df = load_toy_benchmark({**cfg, "limit": 4, "images_per_prompt": 2})
         assert len(df) == 8 and df.attrs["benchmark"] == f"toy_{kind}" and df.attrs["n_prompts"] == 4
+        from unlearn_exp.data import load_benchmark
+
+        assert load_benchmark({**cfg, "limit": 4, "images_per_prompt": 2}).equals(df)
 
 
 def test_task_config_mirrors_nudity():
