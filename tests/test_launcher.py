@@ -59,7 +59,7 @@ def _sweep(tmp_path: Path, *overrides: str, env: dict | None = None) -> subproce
         "-m",
         "unlearn_exp",
         "--multirun",
-        "stage=compose",
+        *([] if any(o.startswith("stage=") for o in overrides) else ["stage=compose"]),
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **(env or {})}
@@ -92,13 +92,35 @@ def test_joblib_pins_one_gpu_per_worker(tmp_path: Path):
 
 
 def test_submitit_local_runs_a_two_cell_sweep(tmp_path: Path):
-    _sweep(tmp_path, "hydra/launcher=submitit_local", "guidance=none,sld", "embedding=inverted")
+    """The cluster path with real work: two tiny cells through submitit's local executor."""
+    import pandas as pd
+    import torch
+    import torchvision
+
+    csv = tmp_path / "prompts.csv"
+    pd.DataFrame({"prompt": ["a cat", "a naked man"], "evaluation_seed": [1, 2]}).to_csv(csv, index=False)
+    trunk = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), trunk)
+    _sweep(
+        tmp_path,
+        "hydra/launcher=submitit_local",
+        "stage=cell",
+        "model=tiny",
+        "guidance=none,sld",
+        "benchmark=prompts_file",
+        f"benchmark.path={csv}",
+        f"pp.prompts.path={csv}",
+        "pp.prompts.head=null",
+        "pp.prompts.expected_prompts=null",
+        f"pp.metric.trunk_path={trunk}",
+        "sampling.steps=2",
+        "sampling.progress=false",
+        f"paths.root_dir={tmp_path}",
+    )
     sweep = tmp_path / "sweep"
     configs = _job_configs(sweep)
     assert [c["guidance"]["name"] for c in configs] == ["none", "sld"]
-    assert all(c["embedding"]["source"] == "inverted" for c in configs)
-    logs = sorted((sweep / ".submitit").glob("*/*_0_log.out"))
-    assert len(logs) == 2  # two submitit jobs, each printed its composed cell
-    printed = " ".join(p.read_text() for p in logs)
-    assert "name: sld" in printed and "source: inverted" in printed
-    assert len(list((sweep / ".submitit").glob("*/*_0_result.pkl"))) == 2
+    assert len(list((sweep / ".submitit").glob("*/*_0_log.out"))) == 2  # two submitit jobs
+    cells = sorted((tmp_path / "results").rglob("cells.parquet"))
+    assert len(cells) == 2
+    assert sorted(pd.read_parquet(c).guidance.iloc[0] for c in cells) == ["none", "sld"]
