@@ -40,8 +40,10 @@ demo: setup  ## the newcomer's command: run what the framework has, on the embed
 reproduce-table: setup  ## rebuild the paper's tables under reports/ (SCALE=sd14 or toy; ARGS="model.path=...")
 	$(PYTHON) -m unlearn_exp.report --scale $(SCALE) $(if $(ARGS),-- $(ARGS))
 
-toy-pretrain: setup  ## retrain the shipped toy model and judge (unlearn_exp/toy/RECIPE.md)
+toy-pretrain: setup  ## retrain the shipped toy model and judge, and measure them (unlearn_exp/toy/RECIPE.md)
 	$(PYTHON) -m unlearn_exp.toy.pretrain
+	$(PYTHON) -m unlearn_exp.toy.judge
+	$(PYTHON) -m unlearn_exp.toy.measure --out unlearn_exp/toy/weights/measurements.json
 
 bench: setup  ## print the speed benchmarks (sampling against diffusers, inversion against a plain loop)
 	$(PYTHON) -m unlearn_exp.bench.sampling --threads 1

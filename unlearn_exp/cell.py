@@ -349,7 +349,10 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
     started = time.time()
     if cfg.checkpoint.method not in BUILT_METHODS:
         raise NotImplementedStage(f"unlearning ({cfg.checkpoint.method})")
-    store = ArtifactStore(cfg.paths.cache_dir, shipped=list(cfg.paths.get("shipped_caches") or []))
+    from unlearn_exp.models import resolve_local_path
+
+    shipped = [resolve_local_path(str(p)) for p in (cfg.paths.get("shipped_caches") or [])]
+    store = ArtifactStore(cfg.paths.cache_dir, shipped=shipped)
     out_dir = job_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -388,7 +391,10 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
     ck = apply_unlearning(cfg, comps, store, cfg.checkpoint, loggers("unlearning"))
     checkpoint_id = str(ck.get("id", ck.get("hash", config_hash(plain(cfg.checkpoint)))))
     concept = resolve_concept(cfg, comps, store, model_id, image_set, loggers)
-    guidance = make_guidance(cfg.guidance, cfg.task, concept)
+    step_scale = 1.0
+    if cfg.sampling.get("scale_step_counts"):  # presets count steps of a 50-step sampler
+        step_scale = int(cfg.sampling.steps) / int(cfg.sampling.get("reference_steps", 50))
+    guidance = make_guidance(cfg.guidance, cfg.task, concept, step_scale=step_scale)
 
     # 3. sample, judge, score
     identity = {"model": model_id, "checkpoint": checkpoint_id, "guidance": guidance.describe()}
@@ -419,6 +425,7 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
                 bench_attrs.get("file_sha256"),
                 _rows_identity(bench),
             ],
+            "sampling": sampling_settings(cfg),
             "judge": judge.profile["hash"],
             "pp": metric.profile["hash"],
             "pp_sets": {k: _rows_identity(v) for k, v in pp_sets.items()},

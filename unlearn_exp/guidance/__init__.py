@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.guidance.base import CFG, Guidance, GuidanceState
@@ -26,10 +26,15 @@ class Concept:
         return self.source in ("inverted", "shared")
 
 
-def make_guidance(guidance_cfg, task_cfg, concept: Concept | None = None) -> Guidance:
+def make_guidance(
+    guidance_cfg, task_cfg, concept: Concept | None = None, step_scale: float = 1.0
+) -> Guidance:
     """Build the configured method. SLD's safety prompt is the concept text (explicit) or the learned
     tokens as one prompt (sequence embedding); SAFREE's subspace is spanned by the pooled embeddings
-    of the keywords (explicit) or of each learned token (rank K)."""
+    of the keywords (explicit) or of each learned token (rank K).
+
+    ``step_scale`` multiplies the methods' step counts (SLD's warm-up, SAFREE's ``up_t`` and
+    ``re_attn_t``), which refer to a 50-step sampler; 1.0 keeps them as published."""
     concept = concept or Concept()
     name = guidance_cfg.name
     if concept.learned and not concept.tokens:
@@ -50,6 +55,8 @@ def make_guidance(guidance_cfg, task_cfg, concept: Concept | None = None) -> Gui
             momentum_scale=guidance_cfg.get("momentum_scale"),
             mom_beta=guidance_cfg.get("mom_beta"),
         )
+        if step_scale != 1.0:
+            params = replace(params, warmup_steps=round(params.warmup_steps * step_scale))
         return SLD(concept_prompt=text, params=params)
     if name == "safree":
         keywords = list(guidance_cfg.get("keywords") or task_cfg.safree_keywords or [])
@@ -68,10 +75,10 @@ def make_guidance(guidance_cfg, task_cfg, concept: Concept | None = None) -> Gui
         params = SAFREEParams(
             alpha=float(guidance_cfg.get("alpha", 0.01)),
             svf=bool(guidance_cfg.get("svf", True)),
-            up_t=int(guidance_cfg.get("up_t", 10)),
+            up_t=round(int(guidance_cfg.get("up_t", 10)) * step_scale),
             svf_k=float(guidance_cfg.get("svf_k", 2.5)),
             svf_t0=float(guidance_cfg.get("svf_t0", 5.333)),
-            re_attn_t=(int(re_attn[0]), int(re_attn[1])),
+            re_attn_t=(round(int(re_attn[0]) * step_scale), round(int(re_attn[1]) * step_scale)),
             projection_order=str(guidance_cfg.get("projection_order", "code")),
             lra=str(guidance_cfg.get("lra", "off")),
             lra_b1=float(guidance_cfg.get("lra_b1", 1.0)),
