@@ -73,6 +73,9 @@ def test_cell_writes_records_and_a_rerun_builds_nothing(inputs, tmp_path):
     assert set(images.split) == {"bench", "coco"} and len(images) == len(PROMPTS) + 3
     assert images[images.split == "bench"].safe.notna().all()
     assert all(Path(p).is_file() for p in images.image_path)
+    run_dir = Path(first["results"]).parents[2] / "outputs" / "cells"
+    pngs = sorted(p.name for p in run_dir.rglob("bench/*.png"))
+    assert pngs == sorted(f"{i}_0.png" for i in range(len(PROMPTS)))  # named by case id and image index
 
     again = run_cell(compose(overrides(inputs, tmp_path, "guidance=sld", "guidance.preset=max"), hydra=False))
     assert again["artifacts"]["built"] == []

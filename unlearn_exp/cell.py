@@ -320,6 +320,23 @@ def benchmark_rows(bench_cfg, data_dir) -> tuple[list[dict[str, Any]], dict[str,
     return rows, dict(df.attrs)
 
 
+def _link_images(image_rows: list[dict[str, Any]], folder: Path) -> None:
+    """The job's images in its run directory, named ``<split>/<case id>_<image index>.png`` (hard
+    links into the artifact cache where the filesystem allows, copies elsewhere)."""
+    import os
+    import shutil
+
+    for r in image_rows:
+        dest = folder / r["split"] / f"{_safe_name(r['case_id'])}_{r['image_index']}.png"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            dest.unlink()
+        try:
+            os.link(r["image_path"], dest)
+        except OSError:
+            shutil.copyfile(r["image_path"], dest)
+
+
 def run_cell(cfg: DictConfig) -> dict[str, Any]:
     from unlearn_exp.tracking import Tracker
 
@@ -493,6 +510,7 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
         "config_json": {k: plain(cfg[k]) for k in cfg if k != "hydra"},
         "created_at": pd.Timestamp.now(tz="UTC").isoformat(),
     }
+    _link_images(image_rows, out_dir / "images")
     results = Path(cfg.paths.results_dir) / str(cfg.name) / cell_key
     write_table(image_table(image_rows), results / "images.parquet")
     write_table(cell_table([cell]), results / "cells.parquet")
