@@ -37,6 +37,7 @@ from unlearn_exp.store import atomic_file, atomic_write_text
 
 log = logging.getLogger("unlearn_exp.report")
 
+# the columns of the cell rows (evaluation/records.py) that the tables read
 CELL_COLUMNS = (
     "experiment",
     "task",
@@ -55,7 +56,6 @@ CELL_COLUMNS = (
     "n_safe",
     "pp_coco",
     "pp_bench",
-    "benign_acc",
     "judge_profile",
     "judge_hash",
     "cell_key",
