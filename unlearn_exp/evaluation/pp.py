@@ -12,7 +12,7 @@ distance per image; ``pp(distances)`` is ``1 - mean``. Profiles, like judges, ca
   sum_c (f_a - f_b)^2`` (in [0, 4]), and the distance is ``mean_l d_l``. Unlike LPIPS there are no
   learned per-channel weights, so it works for networks trained by this project, offline.
 
-Other engineers add profiles with ``register_pp_metric(kind, factory)``; configs pick one by
+New profiles are added with ``register_pp_metric(kind, factory)``; configs pick one by
 ``type`` (default: ``name``).
 """
 
