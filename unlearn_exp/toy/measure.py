@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
         steps=args.steps,
         guidance_scale=args.guidance_scale,
     )
-    report["model"] = args.model
+    root = Path(__file__).resolve().parents[2]
+    model = Path(args.model).resolve()
+    report["model"] = str(model.relative_to(root)) if model.is_relative_to(root) else args.model
     print(json.dumps(report, indent=2))
     if args.out:
         atomic_write_json(args.out, report)
