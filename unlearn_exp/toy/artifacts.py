@@ -1,0 +1,151 @@
+"""Rebuild the toy grid's shipped training artifacts: ``python -m unlearn_exp.toy.artifacts``.
+
+Runs the training stages of ``+experiment=toy_duo`` (the DUO checkpoint of every beta of the sweep,
+the concept embedding ``C*`` inverted on each of them; the shared embedding is the one inverted on
+the ``embedding.from_checkpoint`` checkpoint, beta=500) into a fresh artifact cache, through the
+cell runner's own functions so that the keys are exactly the ones a cell computes, then copies the
+small files of the kinds ``unlearning/duo`` and ``inversion`` (LoRA safetensors, learned embeddings,
+metadata, training logs, ``_key.json``) into ``unlearn_exp/toy/artifacts/``. Pair images, image
+sets, samples and Lightning checkpoints stay in the build cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from unlearn_exp.errors import UserError
+
+SHIPPED = Path(__file__).resolve().parent / "artifacts"
+KINDS = ("unlearning/duo", "inversion")
+SHIPPED_SUFFIXES = (".safetensors", ".json", ".csv", ".txt")
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    conf = str(Path(__file__).resolve().parents[2] / "conf")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def sweep_betas(base: list[str]) -> list[str]:
+    """The ``checkpoint.beta`` values of the experiment's sweep."""
+    params = compose(base).hydra.sweeper.params
+    return [b.strip() for b in str(params["checkpoint.beta"]).split(",")]
+
+
+def cell_overrides(beta: str, embedding: str, cache_dir: Path, extra: list[str]) -> list[str]:
+    """A guided cell whose concept is learned (so its training stages all run), no shipped cache."""
+    return [
+        "+experiment=toy_duo",
+        f"checkpoint.beta={beta}",
+        "guidance=sld",
+        f"embedding={embedding}",
+        f"paths.cache_dir={cache_dir}",
+        "paths.shipped_caches=[]",
+        *extra,
+    ]
+
+
+def train_cell(cfg) -> dict[str, list[str]]:
+    """The training stages of one cell (image set, checkpoint, concept), none of its sampling."""
+    from unlearn_exp.cell import apply_unlearning, ensure_image_set, model_identity, resolve_concept
+    from unlearn_exp.evaluation import make_judge
+    from unlearn_exp.models import load_model
+    from unlearn_exp.store import ArtifactStore
+    from unlearn_exp.tracking import lightning_logger
+
+    store = ArtifactStore(cfg.paths.cache_dir)
+    work = Path(cfg.paths.cache_dir).parent / "logs"
+
+    def loggers(stage: str):
+        return lightning_logger(cfg.logger, stage, save_dir=work)
+
+    comps = load_model(cfg.model)
+    model_id = model_identity(cfg.model)
+    judge = make_judge(cfg.judge)
+    image_set = ensure_image_set(cfg, comps, judge, store, model_id)
+    apply_unlearning(cfg, comps, store, cfg.checkpoint, loggers("unlearning"))
+    resolve_concept(cfg, comps, store, model_id, image_set, loggers)
+    return store.summary()
+
+
+def copy_small(cache_dir: Path, dest: Path) -> list[Path]:
+    """Copy the shipped kinds' files with small-file suffixes from ``cache_dir`` into ``dest``."""
+    from unlearn_exp.store import atomic_dir
+
+    copied = []
+    for kind in KINDS:
+        for folder in sorted((cache_dir / kind).glob("*/_key.json")):
+            src = folder.parent
+            target = dest / kind / src.name
+            with atomic_dir(target) as tmp:
+                for f in sorted(src.rglob("*")):
+                    if f.is_file() and f.suffix in SHIPPED_SUFFIXES and "checkpoints" not in f.parts:
+                        out = tmp / f.relative_to(src)
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(f, out)
+            _strip_local_paths(target)
+            copied.append(target)
+    return copied
+
+
+def _strip_local_paths(folder: Path) -> None:
+    """The DUO manifest names the pair set folder of the build machine; ship its name only."""
+    from unlearn_exp.store import atomic_write_json
+
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        for a in data.get("adapters", []):
+            if a.get("pairs"):
+                a["pairs"] = f"unlearning/duo_pairs/{Path(a['pairs']).name}"
+        atomic_write_json(manifest, data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--build-dir", default=None, help="fresh cache to train into (default: a new temp dir)")
+    ap.add_argument("--dest", default=str(SHIPPED), help="where the small files go")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every cell")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("unlearn_exp").setLevel(logging.INFO)
+    import tempfile
+
+    build = Path(args.build_dir or tempfile.mkdtemp(prefix="toy_artifacts_"))
+    cache = build / "cache"
+    try:
+        betas = sweep_betas(["+experiment=toy_duo", *args.overrides])
+        cells = [(b, "inverted") for b in betas] + [(betas[0], "shared")]
+        for beta, embedding in cells:
+            t = time.time()
+            summary = train_cell(compose(cell_overrides(beta, embedding, cache, args.overrides)))
+            print(f"beta={beta} embedding={embedding}: built {summary['built']} ({time.time() - t:.0f} s)")
+        dest = Path(args.dest)
+        if dest.exists():
+            shutil.rmtree(dest)
+        copied = copy_small(cache, dest)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    print(f"{len(copied)} artifacts ({size / 1e6:.2f} MB) -> {dest}; build cache: {cache}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
