@@ -1,0 +1,122 @@
+"""The toy grid's shipped DUO checkpoints and concept embeddings, and DUO's ``beta_scale``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from unlearn_exp.errors import UserError
+from unlearn_exp.models import build_tiny
+from unlearn_exp.store import ArtifactStore
+from unlearn_exp.unlearning.duo import effective_beta, scaled_hyperparameters, train_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "unlearn_exp" / "toy" / "artifacts"
+
+
+def _cfg(*overrides: str):
+    from unlearn_exp.toy.artifacts import compose
+
+    return compose(["+experiment=toy_duo", "paths.cache_dir=/nonexistent/cache", *overrides])
+
+
+# ------------------------------------------------------------------------------ beta_scale
+def test_beta_scale_divides_beta_before_the_loss_and_the_scaling():
+    assert effective_beta({}, 500) == 500.0  # default: the paper
+    assert effective_beta({"beta_scale": 1.0}, 500) == 500.0
+    assert effective_beta({"beta_scale": 25.0}, 500) == 20.0
+    lr, lam = scaled_hyperparameters(
+        {"lr_base": 3e-4, "lambda_base": 1e6}, effective_beta({"beta_scale": 25}, 500)
+    )
+    assert lr == pytest.approx(3e-4 * 100 / 20) and lam == pytest.approx(1e6 * 20 / 100)
+    with pytest.raises(UserError, match="beta_scale"):
+        effective_beta({"beta_scale": 0}, 500)
+
+
+def test_beta_scale_reaches_the_trainer(tmp_path):
+    torch.manual_seed(0)
+    comps = build_tiny(seed=0, resolution=16, vae=False)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    hp = {"beta": 500, "beta_scale": 50.0, "steps": 1, "batch": 2, "rank": 2, "alpha": 2,
+          "checkpoint_every": 100, "precision": "32-true"}  # fmt: skip
+    info = train_adapter(comps, (x, -x), hp, adapter_name="t", work_dir=tmp_path / "w")
+    assert info["beta"] == 500.0 and info["beta_effective"] == pytest.approx(10.0)
+    assert info["lr"] == pytest.approx(3e-4 * 100 / 10) and info["lambda"] == pytest.approx(1e6 * 10 / 100)
+
+
+# ------------------------------------------------------------------------------ shipped artifacts
+class ShippedOnly(ArtifactStore):
+    """The cell runner's store with the shipped cache, where any training is a test failure.
+
+    Image sets (not shipped: the original model's samples) resolve to their keyed folder unbuilt;
+    only their name enters the inversion key."""
+
+    def get_or_build(self, kind, key, build):
+        if kind == "image_sets":
+            return self.path(kind, key)
+
+        def fail(tmp):
+            pytest.fail(f"{kind} was not found in the shipped cache and would be rebuilt")
+
+        return super().get_or_build(kind, key, fail)
+
+
+@pytest.fixture(scope="module")
+def toy_cfgs():
+    return {
+        (beta, emb): _cfg(f"checkpoint.beta={beta}", "guidance=sld", f"embedding={emb}")
+        for beta in (250, 500, 1000, 2000)
+        for emb in ("inverted", "shared")
+    }
+
+
+def test_toy_duo_sweeps_the_four_paper_betas():
+    from unlearn_exp.toy.artifacts import sweep_betas
+
+    assert sweep_betas(["+experiment=toy_duo"]) == ["250", "500", "1000", "2000"]
+
+
+@pytest.mark.parametrize("beta", [250, 500, 1000, 2000])
+def test_shipped_artifacts_are_found_under_the_cell_keys(beta, toy_cfgs, tmp_path):
+    """``cell.apply_unlearning`` and ``cell.resolve_concept`` on the composed toy_duo configs find
+    the DUO checkpoint and both embeddings (inverted, shared) in the shipped cache: nothing trains."""
+    from unlearn_exp.cell import apply_unlearning, ensure_image_set, model_identity, resolve_concept
+    from unlearn_exp.evaluation import make_judge
+    from unlearn_exp.models import load_model
+
+    for emb in ("inverted", "shared"):
+        cfg = toy_cfgs[(beta, emb)]
+        store = ShippedOnly(tmp_path / "cache", shipped=[SHIPPED])
+        comps = load_model(cfg.model)
+        model_id = model_identity(cfg.model)
+        image_set = ensure_image_set(cfg, comps, make_judge(cfg.judge), store, model_id)
+        ck = apply_unlearning(cfg, comps, store, cfg.checkpoint, None)
+        assert ck["beta"] == float(beta) and Path(ck["artifact"]).parent.parent.parent == SHIPPED
+        assert Path(ck["files"][0]).stat().st_size < 1_000_000
+        concept = resolve_concept(cfg, comps, store, model_id, image_set, lambda stage: None)
+        assert concept.source == emb and concept.tokens
+        assert store.built == [] and len(store.reused) == 2, store.summary()
+        if emb == "shared":  # the shared embedding is the one inverted on beta=500
+            assert concept.identity.split(":")[1] == _concept_id(toy_cfgs[(500, "inverted")], tmp_path)
+
+
+def _concept_id(cfg, tmp_path) -> str:
+    from unlearn_exp.cell import inversion_key, model_identity
+    from unlearn_exp.store import file_sha256
+
+    store = ShippedOnly(tmp_path / "cache", shipped=[SHIPPED])
+    inv = [json.loads(f.read_text())["key"] for f in (SHIPPED / "inversion").glob("*/_key.json")]
+    key = inversion_key(cfg, model_identity(cfg.model), inv[0]["image_set"])
+    folder = store.get_or_build("inversion", key, None)
+    return file_sha256(folder / "learned_embeds.safetensors")[:16]
+
+
+def test_shipped_cache_holds_only_small_files():
+    files = [f for f in SHIPPED.rglob("*") if f.is_file()]
+    assert files and not [f for f in files if f.suffix in (".ckpt", ".png", ".pt")]
+    assert sum(f.stat().st_size for f in files) < 8_000_000
+    assert len(list((SHIPPED / "unlearning" / "duo").glob("*/_key.json"))) == 4
+    assert len(list((SHIPPED / "inversion").glob("*/_key.json"))) == 4  # shared = beta=500's
