@@ -264,3 +264,10 @@ def test_run_missing_reports_failure():
         report.run_missing(
             [["+experiment=x", "checkpoint.beta=1", "guidance=none", "embedding=explicit"]], [], lambda c: 3
         )
+
+
+def test_rows_without_optional_columns_still_tabulate():
+    rows = pd.DataFrame([_row("nudity_duo", "nudity", 2000, "none", "none", 42, 95, 0.8)])
+    tables = report.build_tables(rows.drop(columns=["benign_acc"]), "sd14")
+    main = report.formatted(tables["main_nudity_beta2000"])
+    assert "0.442" in main.to_string()  # no KeyError for the optional benign accuracy

@@ -165,7 +165,7 @@ def _num(row: pd.Series | None, col: str) -> float:
         return math.nan
     try:
         v = float(row[col])
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, KeyError):  # an optional column absent from these rows
         return math.nan
     return v
 
