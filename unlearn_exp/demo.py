@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import warnings
 import sys
 import time
 from pathlib import Path
@@ -51,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     from unlearn_exp.report import build_tables, to_markdown, write_report
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("unlearn_exp").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore")  # library deprecation notices; errors still stop the demo
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     extra = list(sys.argv[1:] if argv is None else argv)
     base = [f"+experiment={EXPERIMENT}", *extra]
     start = time.time()
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, cell in enumerate(cells, 1):
             t = time.time()
             out = run_cell(_compose([*base, *cell, "sampling.progress=false"]))
-            c = out["cell"]
+            c = {**out["cell"], "_source": str(Path(out["results"]) / "cells.parquet")}
             built = len(out["artifacts"]["built"])
             print(
                 f"[{i:2d}/{len(cells)}] {' '.join(cell):55s} DSR {c['dsr']:.3f} [{c['dsr_lo']:.2f}, {c['dsr_hi']:.2f}]"
@@ -71,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(c)
         df = pd.DataFrame(rows)
         tables = build_tables(df, "toy")
-        written = write_report(df, "toy", "reports")
+        written = write_report(df, "toy", "reports", files=[Path(p) for p in df["_source"]])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     for name, table in tables.items():
-        if name.startswith(("main", "transfer")):
+        if name.startswith(("long", "transfer")):
             print(f"\n{to_markdown(table)}")
     print(f"\n{len(cells)} cells in {time.time() - start:.0f} s; tables and plots: {Path(written[0]).parent}")
     return 0
