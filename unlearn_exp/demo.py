@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-import warnings
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
