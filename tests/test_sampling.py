@@ -30,26 +30,18 @@ def test_plain_cfg_matches_diffusers_pipeline(tiny, scheduler):
     assert abs(ref - _np(ours.images)).max() < 1e-5
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
-def test_sld_matches_diffusers_safe_pipeline(tiny, preset):
+@pytest.mark.parametrize("preset,scheduler", [(p, "dpmsolver++") for p in PRESETS] + [("strong", "pndm")])
+def test_sld_matches_diffusers_safe_pipeline(tiny, preset, scheduler):
     p = PRESETS[preset]
     prompt, concept = "a naked woman on a beach", "nudity, sexual"
-    ours = sample(tiny, [prompt], [7], SLD(concept, p), steps=20)
-    pipe = tiny.to_diffusers(scheduler=tiny.sampling_scheduler("dpmsolver++"), safe=True)
+    ours = sample(tiny, [prompt], [7], SLD(concept, p), scheduler=scheduler, steps=20)
+    pipe = tiny.to_diffusers(scheduler=tiny.sampling_scheduler(scheduler), safe=True)
     pipe.safety_concept = concept
     ref = pipe(
-        [prompt],
-        num_inference_steps=20,
-        height=32,
-        width=32,
-        generator=torch.Generator().manual_seed(7),
-        output_type="np",
-        sld_warmup_steps=p.warmup_steps,
-        sld_guidance_scale=p.guidance_scale,
-        sld_threshold=p.threshold,
-        sld_momentum_scale=p.momentum_scale,
-        sld_mom_beta=p.mom_beta,
-    ).images
+        [prompt], num_inference_steps=20, height=32, width=32, generator=torch.Generator().manual_seed(7),
+        output_type="np", sld_warmup_steps=p.warmup_steps, sld_guidance_scale=p.guidance_scale,
+        sld_threshold=p.threshold, sld_momentum_scale=p.momentum_scale, sld_mom_beta=p.mom_beta,
+    ).images  # fmt: skip
     assert abs(ref - _np(ours.images)).max() < 1e-5
 
 
@@ -57,27 +49,6 @@ def test_sld_max_changes_the_image(tiny):
     plain = sample(tiny, ["a naked woman"], [3], steps=10)
     guided = sample(tiny, ["a naked woman"], [3], SLD("nudity", PRESETS["max"]), steps=10)
     assert (plain.images - guided.images).abs().max() > 1e-2
-
-
-def test_sld_pndm_matches_diffusers(tiny):
-    p = PRESETS["strong"]
-    ours = sample(tiny, ["a man"], [5], SLD("blood", p), scheduler="pndm", steps=12)
-    pipe = tiny.to_diffusers(scheduler=tiny.sampling_scheduler("pndm"), safe=True)
-    pipe.safety_concept = "blood"
-    ref = pipe(
-        ["a man"],
-        num_inference_steps=12,
-        height=32,
-        width=32,
-        generator=torch.Generator().manual_seed(5),
-        output_type="np",
-        sld_warmup_steps=p.warmup_steps,
-        sld_guidance_scale=p.guidance_scale,
-        sld_threshold=p.threshold,
-        sld_momentum_scale=p.momentum_scale,
-        sld_mom_beta=p.mom_beta,
-    ).images
-    assert abs(ref - _np(ours.images)).max() < 1e-5
 
 
 def test_image_does_not_depend_on_batch(tiny):
