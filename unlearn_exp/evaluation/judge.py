@@ -16,13 +16,13 @@ Judge types are registered by name; a config selects one with ``type`` (default:
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.images import ImageLike, load_rgb_all
+from unlearn_exp.evaluation.registry import Registry
 from unlearn_exp.store import config_hash
 
 PROFILE_KEYS = ("name", "model_file", "model_sha256", "classes", "threshold", "rule")
@@ -84,19 +84,17 @@ class Judge(ABC):
 
 
 JudgeFactory = Callable[[Any], Judge]
-_REGISTRY: dict[str, JudgeFactory] = {}
-_CACHE: dict[str, Judge] = {}
-_LOCK = threading.Lock()
+_JUDGES = Registry("judge type")
 
 
 def register_judge(kind: str, factory: JudgeFactory) -> None:
     """Make ``judge.type: <kind>`` (or a profile named ``<kind>``) build its judge with ``factory(cfg)``."""
-    _REGISTRY[str(kind)] = factory
+    _JUDGES.register(kind, factory)
 
 
 def registered_judges() -> list[str]:
     _register_builtin()
-    return sorted(_REGISTRY)
+    return _JUDGES.names()
 
 
 def _nudenet(cfg: Any) -> Judge:
@@ -120,9 +118,9 @@ def _toy(cfg: Any) -> Judge:
 
 
 def _register_builtin() -> None:
-    _REGISTRY.setdefault("nudenet", _nudenet)
-    _REGISTRY.setdefault("q16", _q16)
-    _REGISTRY.setdefault("toy", _toy)  # the toy world's classifier (unlearn_exp/toy/judge.py)
+    _JUDGES.register("nudenet", _nudenet, replace=False)
+    _JUDGES.register("q16", _q16, replace=False)
+    _JUDGES.register("toy", _toy, replace=False)  # the toy world's classifier (unlearn_exp/toy/judge.py)
 
 
 def _plain(cfg: Any) -> dict:
@@ -139,15 +137,4 @@ def _plain(cfg: Any) -> dict:
 def make_judge(cfg: Any, *, cache: bool = True) -> Judge:
     """Build the judge ``cfg`` (a ``conf/judge/*.yaml`` node) describes; one instance per config per process."""
     _register_builtin()
-    plain = _plain(cfg)
-    kind = str(plain.get("type") or plain.get("name") or "")
-    if kind not in _REGISTRY:
-        raise UserError(f"unknown judge type '{kind}'; registered: {sorted(_REGISTRY)}")
-    key = config_hash(plain)
-    with _LOCK:
-        if cache and key in _CACHE:
-            return _CACHE[key]
-        judge = _REGISTRY[kind](plain)
-        if cache:
-            _CACHE[key] = judge
-    return judge
+    return _JUDGES.build(_plain(cfg), cache=cache)

@@ -18,7 +18,6 @@ New profiles are added with ``register_pp_metric(kind, factory)``; configs pick 
 
 from __future__ import annotations
 
-import threading
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ import torch
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.images import ImageLike, to_tensor
+from unlearn_exp.evaluation.registry import Registry
 from unlearn_exp.store import config_hash, file_sha256
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
@@ -222,18 +222,19 @@ def _toy_features(cfg: dict) -> Distance:
 
 
 PPFactory = Callable[[dict], Distance]
-_REGISTRY: dict[str, PPFactory] = {
-    "lpips": LPIPSDistance,
-    "lpips_alex": LPIPSDistance,
-    "toy_features": _toy_features,  # FeatureDistance on the toy judge's features (unlearn_exp/toy/judge.py)
-}
-_CACHE: dict[str, Distance] = {}
-_LOCK = threading.Lock()
+_METRICS = Registry(
+    "PP metric",
+    {
+        "lpips": LPIPSDistance,
+        "lpips_alex": LPIPSDistance,
+        "toy_features": _toy_features,  # FeatureDistance on the toy judge's features (unlearn_exp/toy/judge.py)
+    },
+)
 
 
 def register_pp_metric(kind: str, factory: PPFactory) -> None:
     """Make ``pp.type: <kind>`` (or a profile named ``<kind>``) build its distance with ``factory(cfg)``."""
-    _REGISTRY[str(kind)] = factory
+    _METRICS.register(kind, factory)
 
 
 def make_pp_metric(cfg_pp: Any = None, *, cache: bool = True) -> Distance:
@@ -241,14 +242,4 @@ def make_pp_metric(cfg_pp: Any = None, *, cache: bool = True) -> Distance:
     from unlearn_exp.evaluation.judge import _plain
 
     plain = {**PP_DEFAULTS, **(_plain(cfg_pp) if cfg_pp is not None else {})}
-    kind = str(plain.get("type") or plain.get("name"))
-    if kind not in _REGISTRY:
-        raise UserError(f"unknown PP metric '{kind}'; registered: {sorted(_REGISTRY)}")
-    key = config_hash(plain)
-    with _LOCK:
-        if cache and key in _CACHE:
-            return _CACHE[key]
-        metric = _REGISTRY[kind](plain)
-        if cache:
-            _CACHE[key] = metric
-    return metric
+    return _METRICS.build(plain, cache=cache)
