@@ -166,6 +166,77 @@ def test_prompts_download_pinned_by_git_blob(open_clip_dir, tmp_path):
         make_judge({**base, "cache_dir": str(tmp_path / "c3")}, cache=False)
 
 
+def test_pin_prints_the_sha256_that_pins_the_profile(tmp_path, capsys):
+    """``python -m unlearn_exp.evaluation.q16`` fetches under the git blob pin and prints the sha256
+    line; with that line the profile downloads by sha256 alone, and a wrong one is refused."""
+    import hashlib
+
+    import yaml
+
+    from unlearn_exp.evaluation import q16
+
+    src = tmp_path / "src" / "prompts.p"
+    src.parent.mkdir()
+    arr = np.random.default_rng(3).standard_normal((2, 16)).astype(np.float16)
+    src.write_bytes(pickle.dumps(arr, protocol=2))
+    profile = tmp_path / "q16.yaml"
+    profile.write_text(
+        yaml.safe_dump(
+            {
+                "name": "q16",
+                "prompts_url": src.as_uri(),
+                "prompts_sha256": None,
+                "prompts_git_blob": git_blob_sha1(src)[:12],
+            }
+        )
+    )
+    q16.main(
+        [
+            "--profile",
+            str(profile),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--convert",
+            str(tmp_path / "p.safetensors"),
+        ]
+    )
+    out = capsys.readouterr().out
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert f"prompts_sha256: {sha}" in out and '"shape": [\n    2,\n    16\n  ]' in out
+    assert np.array_equal(load_prompt_embeddings(tmp_path / "p.safetensors"), arr)
+
+    by_sha = {"prompts_url": src.as_uri(), "prompts_sha256": sha, "cache_dir": str(tmp_path / "c2")}
+    assert q16.pin(by_sha)["sha256"] == sha
+    with pytest.raises(UserError, match="sha256 mismatch.*deleted"):
+        q16.pin({**by_sha, "prompts_sha256": "0" * 64, "cache_dir": str(tmp_path / "c3")})
+    assert not list((tmp_path / "c3").rglob("prompts.p"))
+
+    profile.write_text(
+        yaml.safe_dump({"name": "q16", "prompts_url": src.as_uri(), "prompts_git_blob": "0" * 12})
+    )
+    with pytest.raises(SystemExit) as code:
+        q16.main(["--profile", str(profile), "--cache-dir", str(tmp_path / "c4")])
+    assert code.value.code == 2 and "git blob id mismatch" in capsys.readouterr().err
+
+
+def test_clip_weights_pin(transformers_dir, tmp_path):
+    from unlearn_exp.store import file_sha256
+
+    _probe_prompts(tmp_path, 16)
+    cfg = {
+        "name": "q16",
+        "backend": "transformers",
+        "clip_path": str(transformers_dir),
+        "prompts_path": str(tmp_path / "probe.safetensors"),
+        "device": "cpu",
+    }
+    sha = file_sha256(transformers_dir / "model.safetensors")
+    assert make_judge({**cfg, "model_sha256": sha}, cache=False).profile["model_sha256"] == sha
+    with pytest.raises(UserError, match="the profile pins 0000") as err:
+        make_judge({**cfg, "model_sha256": "0" * 64}, cache=False)
+    assert "\n" not in str(err.value)
+
+
 def test_missing_clip_weights_one_line(tmp_path):
     _probe_prompts(tmp_path, 16)
     cfg = {"name": "q16", "backend": "transformers", "prompts_path": str(tmp_path / "probe.safetensors")}

@@ -12,16 +12,25 @@ from unlearn_exp.errors import UserError
 log = logging.getLogger("unlearn_exp")
 
 
-def run_job(cfg: DictConfig):
+def run_guarded(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; a ``UserError`` becomes one line on stderr and exit status 2."""
     try:
-        if cfg.stage == "compose":
-            print(OmegaConf.to_yaml(cfg, resolve=True))
-            return None
-        if cfg.stage == "cell":
-            from unlearn_exp.cell import run_cell
-
-            return run_cell(cfg)
-        raise UserError(f"unknown stage '{cfg.stage}': choose compose or cell")
+        return fn(*args, **kwargs)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def _run_stage(cfg: DictConfig):
+    if cfg.stage == "compose":
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        return None
+    if cfg.stage == "cell":
+        from unlearn_exp.cell import run_cell
+
+        return run_cell(cfg)
+    raise UserError(f"unknown stage '{cfg.stage}': choose compose or cell")
+
+
+def run_job(cfg: DictConfig):
+    return run_guarded(_run_stage, cfg)

@@ -34,7 +34,13 @@ def _matches(path: Path, sha256: str | None, git_blob: str | None) -> bool:
 
 
 def fetch(
-    url: str, sha256: str | None, dest: str | Path, *, git_blob: str | None = None, timeout: float = 60.0
+    url: str,
+    sha256: str | None,
+    dest: str | Path,
+    *,
+    git_blob: str | None = None,
+    timeout: float = 60.0,
+    local_hint: str = "set benchmark.path to a local copy",
 ) -> Path:
     """Download ``url`` to ``dest`` unless a file with the expected hash is already there.
 
@@ -62,7 +68,7 @@ def fetch(
                         h.update(block)
                         out.write(block)
             except (urllib.error.URLError, OSError, ValueError) as exc:
-                raise UserError(f"cannot download {url}: {exc}; set benchmark.path to a local copy") from None
+                raise UserError(f"cannot download {url}: {exc}; {local_hint}") from None
             got = h.hexdigest()
             if git_blob and not git_blob_sha1(tmp).startswith(git_blob):
                 raise UserError(

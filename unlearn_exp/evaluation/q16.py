@@ -127,7 +127,13 @@ def resolve_prompts_file(cfg: dict[str, Any]) -> Path:
 
     pin = cfg.get("prompts_sha256") or cfg.get("prompts_git_blob") or "unpinned"
     dest = Path(str(cfg["cache_dir"])) / str(pin)[:16] / str(url).rsplit("/", 1)[-1]
-    return fetch(str(url), cfg.get("prompts_sha256"), dest, git_blob=cfg.get("prompts_git_blob"))
+    return fetch(
+        str(url),
+        cfg.get("prompts_sha256"),
+        dest,
+        git_blob=cfg.get("prompts_git_blob"),
+        local_hint="set judge.prompts_path to a local prompts.p",
+    )
 
 
 def _weights_file(folder: Path) -> Path | None:
@@ -225,7 +231,8 @@ def _device(name: str | None) -> torch.device:
 
 class Q16Judge(Judge):
     """``Q16Judge(cfg)``: keys ``name, backend, clip_path | open_clip_model, open_clip_pretrained,
-    prompts_path | prompts_url (+ prompts_sha256 / prompts_git_blob, cache_dir), threshold, batch_size, device, dtype``."""
+    model_sha256 (checked if given), prompts_path | prompts_url (+ prompts_sha256 / prompts_git_blob,
+    cache_dir), threshold, batch_size, device, dtype``."""
 
     def __init__(self, cfg: dict[str, Any]):
         name = str(cfg.get("name", "q16"))
@@ -249,10 +256,17 @@ class Q16Judge(Judge):
         self.threshold = None if cfg.get("threshold") is None else float(cfg["threshold"])
         self.batch_size = int(cfg.get("batch_size", 16))
         weights = Path(self.clip.weights)
+        weights_sha = file_sha256(weights) if weights.is_file() else f"unhashed:{weights}"
+        pinned = cfg.get("model_sha256")
+        if pinned and weights_sha != str(pinned).lower():
+            raise UserError(
+                f"judge '{name}': CLIP weights {weights} have sha256 {weights_sha[:16]}..., "
+                f"the profile pins {str(pinned)[:16]}..."
+            )
         self.profile = make_profile(
             name,
             model_file=str(weights),
-            model_sha256=file_sha256(weights) if weights.is_file() else f"unhashed:{weights}",
+            model_sha256=weights_sha,
             classes=CLASSES,
             threshold=self.threshold,
             rule=RULE_ARGMAX if self.threshold is None else RULE_THRESHOLD,
@@ -284,3 +298,61 @@ class Q16Judge(Judge):
             unsafe = (p[1] > p[0]) if self.threshold is None else (p[1] >= self.threshold)
             results.append({"safe": not unsafe, "score": float(p[1]), "raw": {"p": [round(x, 6) for x in p]}})
         return results
+
+
+def pin(cfg: dict[str, Any], convert_to: str | Path | None = None) -> dict[str, Any]:
+    """Fetch (or read) the profile's ``prompts.p`` under its current pins and return the identifiers
+    that pin it fully: ``sha256``, git blob id, size, shape; optionally write the safetensors form."""
+    from unlearn_exp.data.download import git_blob_sha1
+
+    path = resolve_prompts_file(cfg)
+    array = load_prompt_embeddings(path)
+    out = {
+        "file": str(path),
+        "sha256": file_sha256(path),
+        "git_blob": git_blob_sha1(path),
+        "bytes": path.stat().st_size,
+        "dtype": str(array.dtype),
+        "shape": list(array.shape),
+    }
+    if convert_to:
+        out["safetensors"] = str(convert_prompt_embeddings(path, convert_to))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m unlearn_exp.evaluation.q16 [--profile conf/judge/q16.yaml] [--prompts-path F]
+    [--cache-dir D] [--convert OUT]``: download ``prompts.p`` once (checked against the pinned git
+    blob id) and print the ``prompts_sha256`` line that pins the profile by content."""
+    import argparse
+    import json
+
+    from omegaconf import OmegaConf
+
+    from unlearn_exp.cli import run_guarded
+
+    root = Path(__file__).resolve().parents[2]
+    ap = argparse.ArgumentParser(description="Pin Q16's prompt embeddings: fetch, check, print sha256.")
+    ap.add_argument("--profile", default=str(root / "conf" / "judge" / "q16.yaml"))
+    ap.add_argument("--prompts-path", default=None, help="a local prompts.p instead of the download")
+    ap.add_argument("--cache-dir", default=str(Path("data") / "q16"))
+    ap.add_argument("--convert", default=None, help="also write the safetensors form here")
+    args = ap.parse_args(argv)
+
+    def run() -> None:
+        profile = Path(args.profile)
+        if not profile.is_file():
+            raise UserError(f"judge profile not found: {profile}")
+        cfg = OmegaConf.to_container(OmegaConf.load(profile), resolve=False)
+        cfg["cache_dir"] = args.cache_dir
+        if args.prompts_path:
+            cfg["prompts_path"] = args.prompts_path
+        info = pin(cfg, args.convert)
+        print(json.dumps(info, indent=2))
+        print(f"prompts_sha256: {info['sha256']}  # put this line into {profile}")
+
+    run_guarded(run)
+
+
+if __name__ == "__main__":
+    main()
