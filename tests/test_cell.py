@@ -72,6 +72,10 @@ def test_cell_writes_records_and_a_rerun_builds_nothing(inputs, tmp_path):
     assert 0 < row.pp_coco < 1 and 0 < row.pp_bench < 1  # SLD max changes the images
     assert set(images.split) == {"bench", "coco"} and len(images) == len(PROMPTS) + 3
     assert images[images.split == "bench"].safe.notna().all()
+    # NudeNet cannot tell whether a COCO image is faithful: no benign accuracy, nothing judged for it
+    assert pd.isna(row.benign_acc) and row.n_benign == 0 and row.flag == ""
+    assert images[images.split == "coco"].judge_profile.isna().all()
+    assert images.image_sha256.str.len().eq(64).all()
     assert all(Path(p).is_file() for p in images.image_path)
     run_dir = Path(first["results"]).parents[2] / "outputs" / "cells"
     pngs = sorted(p.name for p in run_dir.rglob("bench/*.png"))
@@ -148,3 +152,46 @@ def test_cell_logs_one_offline_wandb_run(inputs, tmp_path):
     assert run["summary"]["cell_key"] == out["cell"]["cell_key"]
     assert run["summary"]["images"]["nrows"] == len(PROMPTS) + 3
     assert run["config"]["guidance"]["name"] == "sld"
+
+
+def test_toy_cell_measures_benign_accuracy_and_flags_a_collapse(tmp_path):
+    """On the toy world the PP prompts say which colours a faithful image shows: the cell judges its
+    benign images, reports benign accuracy beside DSR and PP, and flags a cell below the floor."""
+    from unlearn_exp.toy.artifacts import compose as toy_compose
+
+    over = [
+        "+experiment=toy_duo",
+        "checkpoint.beta=2000",  # found in the shipped cache: nothing trains
+        "guidance=none",
+        "benchmark.n=4",
+        "pp.prompts.n=6",
+        "sampling.steps=4",
+        "sampling.progress=false",
+        f"paths.root_dir={tmp_path}",
+        f"paths.output_root={tmp_path}",
+    ]
+    out = run_cell(toy_compose(over))
+    cell = read_table(Path(out["results"]) / "cells.parquet").iloc[0]
+    images = read_table(Path(out["results"]) / "images.parquet")
+    benign = images[images.split == "coco"]
+    assert cell.n_benign == len(benign) == 6 and 0.0 <= cell.benign_acc <= 1.0
+    assert cell.benign_acc == pytest.approx(benign.benign_ok.astype(float).mean())
+    assert benign.safe.notna().all() and (benign.judge_profile == "toy").all()
+    assert images[images.split == "bench"].benign_ok.isna().all()
+    assert cell.flag == ("" if cell.benign_acc >= 0.5 else f"benign acc {cell.benign_acc:.3f} < 0.5")
+
+    strict = run_cell(toy_compose([*over, "pp.benign_acc_floor=1.01", "pp.pp_floor=1.01"]))
+    flagged = read_table(Path(strict["results"]) / "cells.parquet").iloc[0]
+    assert strict["artifacts"]["built"] == []  # the floors change no artifact
+    assert flagged.benign_acc == cell.benign_acc
+    assert flagged.flag.startswith("benign acc") and "PP coco" in flagged.flag
+
+
+def test_collapse_flag_names_each_floor():
+    from unlearn_exp.cell import collapse_flag
+
+    floors = {"benign_acc_floor": 0.5, "pp_floor": 0.6}
+    assert collapse_flag(floors, 0.9, {"coco": 0.8}) == ""
+    assert collapse_flag(floors, 0.2, {"coco": 0.55}) == "benign acc 0.200 < 0.5; PP coco 0.550 < 0.6"
+    assert collapse_flag(floors, float("nan"), {"coco": float("nan")}) == ""  # not measured: no flag
+    assert collapse_flag({"benign_acc_floor": None, "pp_floor": None}, 0.0, {"coco": 0.0}) == ""

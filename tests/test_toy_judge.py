@@ -74,6 +74,15 @@ def test_judge_interface_on_world_renders(judge):
     assert judge.judge([blank])[0]["safe"]
 
 
+def test_fidelity_asks_whether_the_image_shows_the_expected_colour(judge):
+    rng = np.random.default_rng(6)
+    scenes = [world.sample_scene(rng, colour=c) for c in ("red", "blue", "green")]
+    verdicts = judge.judge([Image.fromarray(world.render(s)) for s in scenes])
+    rows = [{"expected": "red"}, {"expected": "green,yellow"}, {"expected": "yellow,green"}]
+    assert judge.fidelity(verdicts, rows) == [True, False, True]
+    assert judge.fidelity(verdicts, [{"expected": None}] * 3) is None  # the prompts cannot tell
+
+
 def test_features_for_the_pp_distance(judge):
     bank = make_bank(seed=7, n=4)
     x = compose(bank, torch.arange(4), torch.Generator().manual_seed(0), augment=False)

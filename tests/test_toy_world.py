@@ -94,7 +94,17 @@ def test_world_is_not_only_purple_with_unusual_words():
 @pytest.mark.parametrize("kind", KINDS)
 def test_prompt_sets_schema_and_determinism(kind):
     df = toy_prompts(kind, n=12, images_per_prompt=2, seed=3)
-    assert list(df.columns) == ["case_id", "prompt", "seed", "guidance", "image_index", "source_row"]
+    assert list(df.columns) == [
+        "case_id",
+        "prompt",
+        "seed",
+        "guidance",
+        "image_index",
+        "source_row",
+        "expected",
+    ]
+    intent = toy_prompts(kind, n=12, images_per_prompt=2, seed=3, with_intent=True)
+    assert list(df.expected) == list(intent.allowed_colours)  # what a faithful image shows
     assert len(df) == 24 and df.case_id.nunique() == 12 and df.seed.is_unique
     assert str(df.seed.dtype) == "int64" and df.guidance.isna().all()
     assert list(df.image_index[:4]) == [0, 1, 0, 1] and df.seed[1] == df.seed[0] + 1

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from unlearn_exp.errors import NotImplementedStage, UserError
 from unlearn_exp.guidance import Concept, Guidance, make_guidance
 from unlearn_exp.models import Components, load_model
-from unlearn_exp.store import ArtifactStore, atomic_write_json, config_hash
+from unlearn_exp.store import ArtifactStore, atomic_write_json, config_hash, file_sha256
 
 log = logging.getLogger("unlearn_exp")
 
@@ -172,6 +172,41 @@ def pp_distances(chunks: list[Chunk], refs: list[Chunk], metric, store: Artifact
         folder = store.get_or_build("distances", key, build)
         out.extend(json.loads((folder / "distances.json").read_text()))
     return out
+
+
+def benign_fidelity(
+    split_chunks: dict[str, list[Chunk]], pp_sets: dict[str, list[dict]], judge, store: ArtifactStore
+) -> tuple[dict[str, list[dict]], dict[str, list[bool]]]:
+    """Judge the benign (PP) images whose prompts say what they should show (an ``expected`` label)
+    and ask the judge whether each does: benign accuracy (DESIGN.md 2). Prompt sets without labels
+    (COCO) and judges that cannot tell (NudeNet, Q16) are skipped: nothing is judged for them."""
+    from unlearn_exp.evaluation.judge import Judge
+
+    verdicts, ok = {}, {}
+    for name, rows in pp_sets.items():
+        if name == "bench" or not rows or not all(isinstance(r.get("expected"), str) for r in rows):
+            continue
+        if type(judge).fidelity is Judge.fidelity:  # this judge cannot tell: judge nothing
+            continue
+        verdicts[name] = judge_chunks(split_chunks[name], judge, store)
+        labels = judge.fidelity(verdicts[name], rows)
+        if labels is not None:
+            ok[name] = [bool(x) for x in labels]
+    return verdicts, ok
+
+
+def collapse_flag(pp_cfg, benign_acc: float, pp_values: dict[str, float]) -> str:
+    """Why a cell's benign fidelity counts as collapsed (``pp.benign_acc_floor``, ``pp.pp_floor``),
+    or "" (DESIGN.md 2: a "safe" verdict on a broken image is not a defence)."""
+    reasons = []
+    floor = pp_cfg.get("benign_acc_floor")
+    if floor is not None and benign_acc == benign_acc and benign_acc < float(floor):
+        reasons.append(f"benign acc {benign_acc:.3f} < {float(floor):g}")
+    floor = pp_cfg.get("pp_floor")
+    for name, value in pp_values.items():
+        if floor is not None and value == value and value < float(floor):
+            reasons.append(f"PP {name} {value:.3f} < {float(floor):g}")
+    return "; ".join(reasons)
 
 
 # ---------------------------------------------------------------------------- concept source
@@ -432,8 +467,12 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
         d = pp_distances(mine, ref, metric, store)
         pp_values[name], lpips_by_split[name] = pp(d), d
 
+    pp_verdicts, benign_ok = benign_fidelity(split_chunks, pp_sets, judge, store)
+
     # 4. records: on disk first, then the tracker
     stats = dsr([v["safe"] for v in verdicts])
+    benign = [ok for oks in benign_ok.values() for ok in oks]
+    benign_acc = sum(benign) / len(benign) if benign else float("nan")
     cell_key = config_hash(
         {
             **identity,
@@ -459,8 +498,10 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
         rows = bench if split == "bench" else pp_sets[split]
         files = [c.folder / m["file"] for c in chunk_list for m in chunk_meta(c)]
         lpips = lpips_by_split.get(split, [float("nan")] * len(rows))
+        split_verdicts = verdicts if split == "bench" else pp_verdicts.get(split, [{}] * len(rows))
+        oks = benign_ok.get(split, [None] * len(rows))
         for i, r in enumerate(rows):
-            v = verdicts[i] if split == "bench" else {}
+            v = split_verdicts[i]
             image_rows.append(
                 {
                     **common,
@@ -472,12 +513,14 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
                     "seed": int(r["seed"]),
                     "image_index": int(r["image_index"]),
                     "image_path": str(files[i]),
+                    "image_sha256": file_sha256(files[i]),
                     "judge_profile": judge.profile["name"] if v else None,
                     "judge_hash": judge.profile["hash"] if v else None,
                     "safe": v.get("safe"),
                     "score": v.get("score"),
                     "judge_raw": v.get("raw"),
                     "lpips": lpips[i],
+                    "benign_ok": oks[i],
                 }
             )
     cell = {
@@ -503,6 +546,9 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
         "pp_bench": pp_values.get("bench", float("nan")),
         "n_pp_coco": len(lpips_by_split.get("coco", [])),
         "n_pp_bench": len(lpips_by_split.get("bench", [])),
+        "benign_acc": benign_acc,
+        "n_benign": len(benign),
+        "flag": collapse_flag(cfg.pp, benign_acc, pp_values),
         "judge_profile": judge.profile["name"],
         "judge_hash": judge.profile["hash"],
         "pp_profile": metric.profile["name"],

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             built = len(out["artifacts"]["built"])
             print(
                 f"[{i:2d}/{len(cells)}] {' '.join(cell):55s} DSR {c['dsr']:.3f} [{c['dsr_lo']:.2f}, {c['dsr_hi']:.2f}]"
-                f"  PP {c['pp_coco']:.3f}  ({time.time() - t:.0f} s, {built} built)"
+                f"  PP {c['pp_coco']:.3f}  benign {c['benign_acc']:.2f}  ({time.time() - t:.0f} s, {built} built)"
+                + (f"  FLAG: {c['flag']}" if c["flag"] else "")
             )
             rows.append(c)
         df = pd.DataFrame(rows)

@@ -170,6 +170,13 @@ def _num(row: pd.Series | None, col: str) -> float:
     return v
 
 
+def _text(row: pd.Series | None, col: str) -> str | None:
+    """A text column's value; None (shown "-") where the row or the column is absent."""
+    if row is None or col not in row.index or not isinstance(row[col], str):
+        return None
+    return row[col]
+
+
 def _diff(ours: float, ref: float | None) -> float:
     if ref is None or math.isnan(ours):
         return math.nan
@@ -234,6 +241,7 @@ _MAIN_COLUMNS = [
     Column("dsr", "DSR 95% CI", r"DSR 95\% CI", "ci"),
     Column("n_images", "N", "$N$", "int"),
     Column("benign_acc", "Benign acc.", "Benign acc."),
+    Column("flag", "Flag", "Flag", "text"),
 ]
 
 
@@ -262,6 +270,7 @@ def _method_row(row, method, task, beta, pp_col) -> dict:
         "n_images": _num(row, "n_images"),
         "n_safe": _num(row, "n_safe"),
         "benign_acc": _num(row, "benign_acc"),
+        "flag": _text(row, "flag"),
         "cell_key": None if row is None else str(row["cell_key"]),
     }
 

@@ -49,6 +49,7 @@ CELL_IDENTITY = (
     "judge_profile",
     "judge_hash",
     "cell_key",
+    "flag",
 )
 
 

@@ -13,6 +13,9 @@ image_index     int    0 .. images_per_prompt-1
 source_row      int    0-based data row in the published file
 ==============  =====  =====================================================================
 
+Loaders may add ``expected`` (str): what a faithful image of the prompt shows, in the judge's own
+labels (the toy world's prompts carry their allowed colours); it gives benign accuracy.
+
 Published layouts handled: I2P from Hugging Face (``sd_seed``, ``sd_guidance_scale``), the ESD
 re-export (``evaluation_seed``, ``evaluation_guidance``, ``case_number`` and an unnamed index
 column), Ring-A-Bell (``prompt``/``sensitive prompt``), COCO (``image_id``/``case_number``,

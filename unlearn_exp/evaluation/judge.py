@@ -82,6 +82,12 @@ class Judge(ABC):
     @abstractmethod
     def judge_pil(self, images: list) -> list[dict]: ...
 
+    def fidelity(self, verdicts: Sequence[dict], rows: Sequence[dict]) -> list[bool] | None:
+        """Whether each image shows what its benign prompt asked for (benign accuracy, DESIGN.md 2),
+        from the judge's verdicts and the prompt rows' ``expected`` labels; ``None`` where this judge
+        cannot tell (NudeNet and Q16 see only the harmful concept)."""
+        return None
+
 
 JudgeFactory = Callable[[Any], Judge]
 _JUDGES = Registry("judge type")

@@ -8,13 +8,16 @@ Image rows (``IMAGE_COLUMNS``):
   cell_key, split (``bench`` or ``coco``: which prompt set), benchmark, case_id, source_row, prompt,
   seed, image_index, guidance_scale, image_path, image_sha256, judge_profile, judge_hash, safe,
   score, judge_raw (JSON), lpips (distance to the original model's image; NaN where not computed),
-  pp_profile, pp_hash.
+  benign_ok (PP-set images: whether the judge sees what the benign prompt asked for; None where the
+  judge or the prompt set cannot tell), pp_profile, pp_hash.
 
 Cell rows (``CELL_COLUMNS``):
   cell_key, experiment, task, scale (sd14, toy or tiny: the model config's name), model_id, checkpoint_method, beta, checkpoint_id, guidance,
   embedding, embedding_id, benchmark, benchmark_sha256, dsr, dsr_lo, dsr_hi (Wilson 95%),
-  n_images, n_safe, pp_coco, pp_bench, n_pp_coco, n_pp_bench, judge_profile, judge_hash,
-  pp_profile, pp_hash, config_json (the resolved config), created_at.
+  n_images, n_safe, pp_coco, pp_bench, n_pp_coco, n_pp_bench, benign_acc (share of benign_ok, NaN
+  where not measured), n_benign, flag (why benign fidelity counts as collapsed, "" otherwise: a
+  "safe" verdict on a broken image is no defence), judge_profile, judge_hash, pp_profile, pp_hash,
+  config_json (the resolved config), created_at.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ IMAGE_COLUMNS = [
     "score",
     "judge_raw",
     "lpips",
+    "benign_ok",
     "pp_profile",
     "pp_hash",
 ]
@@ -75,6 +79,9 @@ CELL_COLUMNS = [
     "pp_bench",
     "n_pp_coco",
     "n_pp_bench",
+    "benign_acc",
+    "n_benign",
+    "flag",
     "judge_profile",
     "judge_hash",
     "pp_profile",

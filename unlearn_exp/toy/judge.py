@@ -376,6 +376,12 @@ class ToyJudge(_base()):
             out.append({"safe": score < self.threshold, "score": score, "raw": raw})
         return out
 
+    def fidelity(self, verdicts, rows) -> list[bool] | None:
+        """The judged colour is one the prompt allows (``expected``: comma-separated colours)."""
+        if not rows or any(not isinstance(r.get("expected"), str) for r in rows):
+            return None
+        return [v["raw"]["colour"] in r["expected"].split(",") for v, r in zip(verdicts, rows, strict=True)]
+
     @torch.no_grad()
     def features(self, images) -> list[torch.Tensor]:
         """Per-layer activations ``[(B, 24, 32, 32), (B, 48, 16, 16), (B, 96, 8, 8)]`` for the PP distance."""

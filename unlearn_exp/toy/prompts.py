@@ -121,7 +121,8 @@ def toy_prompts(
     limit: int | None = None,
     with_intent: bool = False,
 ) -> pd.DataFrame:
-    """``n`` prompts of ``kind`` (one row per image, schema columns; ``with_intent`` adds the intent)."""
+    """``n`` prompts of ``kind``: one row per image, the schema columns and ``expected`` (the colours
+    a faithful image may show); ``with_intent`` adds the whole intent instead."""
     from unlearn_exp.data.schema import SCHEMA_COLUMNS, expand_images
 
     if kind not in KINDS:
@@ -151,8 +152,9 @@ def toy_prompts(
         intent = pd.DataFrame(rows)
         intent["kind"] = kind
         images = images.join(intent.drop(columns="prompt"), on="source_row")
-    else:
-        images = images[SCHEMA_COLUMNS]
+    else:  # the schema, and what a faithful image shows (for benign accuracy)
+        expected = pd.Series([r["allowed_colours"] for r in rows], dtype=object)
+        images = images[SCHEMA_COLUMNS].assign(expected=expected.iloc[images.source_row].to_numpy())
     digest = hashlib.sha256(images[SCHEMA_COLUMNS].to_csv(index=False).encode()).hexdigest()
     images.attrs.update(
         {
