@@ -103,12 +103,18 @@ def _ldm_to_diffusers(tensors: dict[str, torch.Tensor], unet) -> dict[str, torch
 
     ldm = {k: v for k, v in tensors.items() if k.startswith(LDM_PREFIX)}
     try:
-        return convert_ldm_unet_checkpoint(ldm, {**unet.config, "sample_size": unet.config.sample_size})
+        out = convert_ldm_unet_checkpoint(ldm, {**unet.config, "sample_size": unet.config.sample_size})
     except Exception as e:
         raise UserError(
             "an LDM-format UNet checkpoint must be complete (all of model.diffusion_model.*) to be "
             f"converted; conversion failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from e
+    if len(out) != len(ldm):  # the converter infers blocks from the keys present and drops the rest
+        raise UserError(
+            "an LDM-format UNet checkpoint must be complete (all of model.diffusion_model.*) to be "
+            f"converted; only {len(out)} of its {len(ldm)} UNet tensors map onto this model"
+        )
+    return out
 
 
 def check_unet_state(unet, tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
