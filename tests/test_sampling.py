@@ -68,6 +68,30 @@ def test_predict_rows_keeps_order_and_metadata(tiny):
     assert torch.allclose(out[3]["image_tensor"], direct.images[0], atol=1e-5)
 
 
+def test_half_precision_paths_run_on_the_cpu(tiny):
+    """What GPUs run (``model.dtype: auto`` -> float16, ``sampling.precision: auto`` -> 16-mixed)
+    checked on the CPU with bfloat16 and float16: finite images near the float32 ones."""
+    from unlearn_exp.models import build_tiny, load_model
+
+    prompts, seeds = ["a cat", "a dog"], [1, 2]
+    ref = sample(tiny, prompts, seeds, steps=4).images
+    rows = [
+        {"case_id": i, "prompt": p, "seed": s, "image_index": 0}
+        for i, (p, s) in enumerate(zip(prompts, seeds))
+    ]
+    mixed = predict_rows(tiny, None, rows, precision="bf16-mixed", steps=4, progress=False)
+    assert (torch.stack([r["image_tensor"] for r in mixed]) - ref).abs().max() < 0.15
+    low = build_tiny()
+    for dtype in (torch.bfloat16, torch.float16):
+        low.to(dtype=dtype)
+        assert low.unet.dtype == dtype
+        for guidance in (None, SLD("dog", PRESETS["max"])):
+            out = sample(low, prompts, seeds, guidance, steps=4).images
+            assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        assert (sample(low, prompts, seeds, steps=4).images - ref).abs().max() < 0.15
+    assert load_model({"name": "tiny", "source": "tiny", "dtype": "float16"}).unet.dtype == torch.float16
+
+
 def test_long_prompt_is_truncated_and_recorded(tiny):
     out = sample(tiny, ["word " * 100], [0], steps=2)
     assert out.meta[0]["truncated"] is True and out.meta[0]["n_tokens"] == 102
