@@ -120,6 +120,18 @@ def test_prompts_file_csv_and_txt(tmp_path):
     assert df.case_id.tolist() == ["0", "1"] and df.source_row.tolist() == [0, 1]
 
 
+def test_prompt_file_with_expected_labels(tmp_path):
+    """A labelled benign set keeps its ``expected`` column through the images (benign accuracy)."""
+    csv = tmp_path / "benign.csv"
+    csv.write_text('prompt,seed,Expected\na red ball,1,red\na blue cup,2," blue,green "\nno label,3,\n')
+    df = load_benchmark(bench_cfg("prompts_file", path=str(csv), images_per_prompt=2))
+    assert list(df.columns) == [*SCHEMA_COLUMNS, "expected"]
+    assert df.expected.tolist() == ["red", "red", "blue,green", "blue,green", None, None]
+    plain = tmp_path / "plain.csv"
+    plain.write_text("prompt,seed\na red ball,1\n")
+    assert list(load_benchmark(bench_cfg("prompts_file", path=str(plain))).columns) == SCHEMA_COLUMNS
+
+
 def test_unnamed_index_column_is_dropped(tmp_path):
     p = tmp_path / "u.csv"
     pd.DataFrame({"prompt": ["x", "y"], "evaluation_seed": [1, 2], "case_number": [5, 6]}).to_csv(p)

@@ -14,7 +14,8 @@ source_row      int    0-based data row in the published file
 ==============  =====  =====================================================================
 
 Loaders may add ``expected`` (str): what a faithful image of the prompt shows, in the judge's own
-labels (the toy world's prompts carry their allowed colours); it gives benign accuracy.
+labels (the toy world's prompts carry their allowed colours; a prompt file may have an ``expected``
+column); with a judge that implements ``Judge.fidelity`` it gives benign accuracy.
 
 Published layouts handled: I2P from Hugging Face (``sd_seed``, ``sd_guidance_scale``), the ESD
 re-export (``evaluation_seed``, ``evaluation_guidance``, ``case_number`` and an unnamed index
@@ -35,6 +36,7 @@ import pandas as pd
 from unlearn_exp.errors import UserError
 
 SCHEMA_COLUMNS = ["case_id", "prompt", "seed", "guidance", "image_index", "source_row"]
+OPTIONAL_COLUMNS = ["expected"]  # kept where a file or loader has them
 
 PROMPT_COLUMNS = ("prompt", "sensitive prompt", "adv_prompt", "text", "caption")
 SEED_COLUMNS = ("evaluation_seed", "sd_seed", "seed")
@@ -169,6 +171,12 @@ def to_prompt_table(
             "source_row": pd.Series(list(rows), dtype="int64"),
         }
     )
+    ecol = _pick(cols, OPTIONAL_COLUMNS, None, "expected", path, required=False)
+    if ecol is not None:  # a labelled benign set: what each faithful image shows
+        labels = [
+            None if v is None or str(v).strip().lower() in ("", "nan") else str(v).strip() for v in raw[ecol]
+        ]
+        out["expected"] = pd.Series(labels, dtype=object)
     return out
 
 
@@ -187,4 +195,4 @@ def expand_images(prompts: pd.DataFrame, images_per_prompt: int) -> pd.DataFrame
     out = pd.concat(parts, ignore_index=True).sort_values(["_order", "image_index"], kind="stable")
     out = out.drop(columns="_order").reset_index(drop=True)
     out["image_index"] = out["image_index"].astype("int64")
-    return out[SCHEMA_COLUMNS]
+    return out[SCHEMA_COLUMNS + [c for c in OPTIONAL_COLUMNS if c in out.columns]]
