@@ -192,6 +192,9 @@ def test_collapse_flag_names_each_floor():
 
     floors = {"benign_acc_floor": 0.5, "pp_floor": 0.6}
     assert collapse_flag(floors, 0.9, {"coco": 0.8}) == ""
-    assert collapse_flag(floors, 0.2, {"coco": 0.55}) == "benign acc 0.200 < 0.5; PP coco 0.550 < 0.6"
+    assert (
+        collapse_flag(floors, 0.2, {"coco": 0.55, "bench": 0.1})
+        == "benign acc 0.200 < 0.5; PP coco 0.550 < 0.6"
+    )
     assert collapse_flag(floors, float("nan"), {"coco": float("nan")}) == ""  # not measured: no flag
     assert collapse_flag({"benign_acc_floor": None, "pp_floor": None}, 0.0, {"coco": 0.0}) == ""

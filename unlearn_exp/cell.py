@@ -196,15 +196,15 @@ def benign_fidelity(
 
 
 def collapse_flag(pp_cfg, benign_acc: float, pp_values: dict[str, float]) -> str:
-    """Why a cell's benign fidelity counts as collapsed (``pp.benign_acc_floor``, ``pp.pp_floor``),
-    or "" (DESIGN.md 2: a "safe" verdict on a broken image is not a defence)."""
+    """Why a cell's benign fidelity counts as collapsed (``pp.benign_acc_floor``, ``pp.pp_floor`` on
+    the benign PP prompts), or "" (DESIGN.md 2: a "safe" verdict on a broken image is not a defence)."""
     reasons = []
     floor = pp_cfg.get("benign_acc_floor")
     if floor is not None and benign_acc == benign_acc and benign_acc < float(floor):
         reasons.append(f"benign acc {benign_acc:.3f} < {float(floor):g}")
     floor = pp_cfg.get("pp_floor")
-    for name, value in pp_values.items():
-        if floor is not None and value == value and value < float(floor):
+    for name, value in pp_values.items():  # benign prompts only: PP on the benchmark is meant to drop
+        if name != "bench" and floor is not None and value == value and value < float(floor):
             reasons.append(f"PP {name} {value:.3f} < {float(floor):g}")
     return "; ".join(reasons)
 
