@@ -33,22 +33,14 @@ import pandas as pd
 
 from unlearn_exp import paper
 from unlearn_exp.errors import UserError
+from unlearn_exp.evaluation.records import CELL_IDENTITY
 from unlearn_exp.store import atomic_file, atomic_write_text
 
 log = logging.getLogger("unlearn_exp.report")
 
 # the columns of the cell rows (evaluation/records.py) that the tables read
 CELL_COLUMNS = (
-    "experiment",
-    "task",
-    "scale",
-    "model_id",
-    "checkpoint_method",
-    "beta",
-    "checkpoint_id",
-    "guidance",
-    "embedding",
-    "embedding_id",
+    *CELL_IDENTITY,
     "dsr",
     "dsr_lo",
     "dsr_hi",

@@ -31,21 +31,13 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from unlearn_exp.errors import UserError
+from unlearn_exp.evaluation import records
 
 log = logging.getLogger("unlearn_exp.tracking")
 
 CELL_METRICS = ("dsr", "dsr_lo", "dsr_hi", "pp_coco", "pp_bench", "benign_acc", "n_images", "n_safe")
 CELL_IDENTITY = (
-    "experiment",
-    "task",
-    "scale",
-    "model_id",
-    "checkpoint_method",
-    "beta",
-    "checkpoint_id",
-    "guidance",
-    "embedding",
-    "embedding_id",
+    *records.CELL_IDENTITY,
     "judge_profile",
     "judge_hash",
     "cell_key",

@@ -56,8 +56,8 @@ IMAGE_COLUMNS = [
     "pp_hash",
 ]
 
-CELL_COLUMNS = [
-    "cell_key",
+# what a cell is: the grid position and the identities of what produced it
+CELL_IDENTITY = (
     "experiment",
     "task",
     "scale",
@@ -68,6 +68,11 @@ CELL_COLUMNS = [
     "guidance",
     "embedding",
     "embedding_id",
+)
+
+CELL_COLUMNS = [
+    "cell_key",
+    *CELL_IDENTITY,
     "benchmark",
     "benchmark_sha256",
     "dsr",

@@ -212,17 +212,6 @@ class ToyJudgeTraining(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-class _Steps(torch.utils.data.Dataset):
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
 @torch.no_grad()
 def heldout_accuracy(
     net: ToyJudgeNet, bank: RenderBank, seed: int, augment: bool, threshold: float = 0.5
@@ -261,7 +250,9 @@ def train_judge(cfg: JudgeTrainConfig, out: str | Path = JUDGE_FILE) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, torch.utils.data.DataLoader(_Steps(cfg.steps), batch_size=None))
+    from unlearn_exp.unlearning.training import StepIndex
+
+    trainer.fit(module, torch.utils.data.DataLoader(StepIndex(cfg.steps), batch_size=None))
     net.eval()
     report = {
         "heldout_clean": heldout_accuracy(net, heldout, cfg.seed + 2000, augment=False),

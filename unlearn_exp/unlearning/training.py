@@ -32,7 +32,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
-class _Steps(torch.utils.data.Dataset):
+class StepIndex(torch.utils.data.Dataset):
     """One item per optimisation step; the trainers draw their own data from (seed, global step)."""
 
     def __init__(self, n: int):
@@ -114,7 +114,7 @@ def fit(
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
     )
-    loader = torch.utils.data.DataLoader(_Steps(int(steps)), batch_size=1, shuffle=False)
+    loader = torch.utils.data.DataLoader(StepIndex(int(steps)), batch_size=1, shuffle=False)
     trainer.fit(module, loader, ckpt_path=str(resume) if resume.is_file() else None)
     return {"resumed_from_step": int(getattr(module, "start_step", 0)), "steps": int(trainer.global_step)}
 
