@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from unlearn_exp.errors import UserError
 
@@ -13,12 +13,48 @@ log = logging.getLogger("unlearn_exp")
 
 
 def run_guarded(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``; a ``UserError`` becomes one line on stderr and exit status 2."""
+    """``fn(*args, **kwargs)``; a ``UserError`` becomes one line on stderr and exit status 2, Ctrl-C
+    one line saying what was kept and exit status 130."""
     try:
         return fn(*args, **kwargs)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished artifacts are kept in the cache and no result was written for this "
+            "job; run the same command again to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(130)
+
+
+def _command_line_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # composed outside a Hydra app
+        return []
+
+
+def label_user_checkpoint(cfg: DictConfig, overrides: list[str]) -> None:
+    """A checkpoint loaded from ``checkpoint.path`` is labelled with the beta the user gave on the
+    command line (``checkpoint.beta=...``), never with the config's default beta."""
+    if not cfg.checkpoint.get("path"):
+        return
+    given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith("checkpoint.beta=")]
+    with open_dict(cfg):
+        if cfg.checkpoint.get("beta_label") is None:
+            cfg.checkpoint.beta_label = given[-1] if given else None
+        if cfg.checkpoint.beta_label is not None:
+            try:
+                cfg.checkpoint.beta_label = float(cfg.checkpoint.beta_label)
+            except ValueError:
+                raise UserError(
+                    f"checkpoint.beta must be a number, got '{cfg.checkpoint.beta_label}'"
+                ) from None
 
 
 def _run_stage(cfg: DictConfig):
@@ -28,6 +64,7 @@ def _run_stage(cfg: DictConfig):
     if cfg.stage == "cell":
         from unlearn_exp.cell import run_cell
 
+        label_user_checkpoint(cfg, _command_line_overrides())
         return run_cell(cfg)
     raise UserError(f"unknown stage '{cfg.stage}': choose compose or cell")
 

@@ -1,17 +1,26 @@
 """Content-addressed artifacts: keyed by a hash of the config that determines them, written atomically.
 
 An artifact is a folder ``<cache_dir>/<kind>/<hash>/`` holding its files and ``_key.json`` (the
-config it was built from). It is built in a temporary folder beside its final place and renamed
-into place only when complete, under a file lock, so that a killed job leaves nothing half-written
-and two parallel jobs never build the same artifact twice.
+config it was built from, and the size and sha256 of every file it holds). It is built in a
+temporary folder beside its final place and renamed into place only when complete, under a file
+lock, so that a killed job leaves nothing half-written and two parallel jobs never build the same
+artifact twice.
+
+An artifact is verified before it is used: sizes always, sha256 of files up to 1 MiB (of all files
+with ``verify="full"``, ``paths.verify=full``). One that fails is moved to
+``<cache_dir>/quarantine/`` (one log line names it) and built again. Folders and files follow the
+umask, so a cache can be shared by a group. ``python -m unlearn_exp.store gc`` removes what killed
+jobs left (temporary folders, stale locks).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +31,25 @@ from typing import Any
 from filelock import FileLock
 
 KEY_FILE = "_key.json"
+SMALL_FILE = 1 << 20  # files up to this size are hashed on every reuse
+STALE_S = 24 * 3600  # temporary folders older than this are removed by any build of their kind
+VERIFY_MODES = ("size", "small", "full")
+
+log = logging.getLogger("unlearn_exp")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _share(path: Path, folder: bool) -> None:
+    """Give a temp file or folder (created 0600/0700) the modes the umask allows, as open() would."""
+    try:
+        os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+    except OSError:
+        pass
 
 
 def _canonical(obj: Any) -> Any:
@@ -41,6 +69,18 @@ def _canonical(obj: Any) -> Any:
     if isinstance(obj, float) and obj.is_integer():
         return int(obj)  # 500 and 500.0 name the same artifact
     return obj
+
+
+def to_plain(node: Any) -> Any:
+    """An OmegaConf node as plain dicts and lists (resolved); anything else unchanged."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(node, DictConfig | ListConfig):
+            return OmegaConf.to_container(node, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return node
 
 
 def canonical_json(obj: Any) -> str:
@@ -69,6 +109,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    _share(tmp, folder=False)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -99,6 +140,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _share(tmp, folder=True)
     try:
         yield tmp
         if path.exists():
@@ -113,17 +155,89 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------- manifests
+def manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size", "sha256"}}`` of every file in an artifact folder but ``_key.json``."""
+    out = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != KEY_FILE:
+            out[f.relative_to(folder).as_posix()] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
+    return out
+
+
+def verify_folder(folder: Path, mode: str = "small") -> str | None:
+    """Why ``folder`` does not hold what its manifest says, or None if it does."""
+    try:
+        meta = json.loads((folder / KEY_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"unreadable {KEY_FILE} ({exc.__class__.__name__})"
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        return "no file manifest (built by an older version)"
+    for rel, info in files.items():
+        f = folder / rel
+        try:
+            size = f.stat().st_size
+        except OSError:
+            return f"{rel} is missing"
+        if size != int(info["size"]):
+            return f"{rel} has {size} bytes, its manifest says {info['size']}"
+        if (mode == "full" or size <= SMALL_FILE) and file_sha256(f) != info["sha256"]:
+            return f"{rel} does not match its sha256"
+    return None
+
+
+def remove_stale(folder: Path, older_than_s: float = STALE_S) -> list[Path]:
+    """Remove temporary folders/files (``.*.tmp``, ``.*.old<pid>``) and unheld ``.lock`` files in
+    ``folder`` older than ``older_than_s``; return what was removed."""
+    from filelock import FileLock, Timeout
+
+    removed = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for p in folder.iterdir():
+        try:
+            age = now - p.lstat().st_mtime
+        except OSError:
+            continue
+        if age < older_than_s:
+            continue
+        stale_tmp = p.name.startswith(".") and (
+            p.name.endswith(".tmp") or ".old" in p.name or ".tmp." in p.name
+        )
+        if stale_tmp:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+        elif p.suffix == ".lock" and p.is_file():
+            try:
+                with FileLock(str(p), timeout=0):
+                    pass
+                p.unlink(missing_ok=True)
+                removed.append(p)
+            except Timeout:  # held by a running job
+                pass
+    return removed
+
+
 # ----------------------------------------------------------------------------- the store
 class ArtifactStore:
     """``get_or_build(kind, key, build)`` returns the folder of an artifact, building it at most once."""
 
-    def __init__(self, root: str | Path, shipped: list[str | Path] | None = None):
+    def __init__(self, root: str | Path, shipped: list[str | Path] | None = None, verify: str = "small"):
+        if verify not in VERIFY_MODES:
+            from unlearn_exp.errors import UserError
+
+            raise UserError(f"paths.verify must be one of {list(VERIFY_MODES)}, got '{verify}'")
         self.root = Path(root)
+        self.verify = verify
         # read-only caches shipped with the project (the toy world's unlearned checkpoints and
         # embeddings): an artifact found there under the same key is used instead of being built
         self.shipped = [Path(p) for p in (shipped or [])]
         self.built: list[str] = []  # "kind/hash" built by this process
         self.reused: list[str] = []
+        self.quarantined: list[str] = []
+        self._verified: set[str] = set()  # folders verified by this store (once per process)
 
     def path(self, kind: str, key: Any) -> Path:
         return self.root / kind / config_hash(key)
@@ -131,33 +245,113 @@ class ArtifactStore:
     def exists(self, kind: str, key: Any) -> bool:
         return (self.path(kind, key) / KEY_FILE).is_file()
 
+    def _usable(self, folder: Path, tag: str, quarantine: bool) -> bool:
+        """Whether an existing artifact holds what its manifest says; a broken one is moved to
+        quarantine (``quarantine=True``, the writable cache) or passed over (a shipped cache)."""
+        if not (folder / KEY_FILE).is_file():
+            return False
+        stamp = f"{folder}|{(folder / KEY_FILE).stat().st_mtime_ns}"
+        if stamp in self._verified:
+            return True
+        problem = verify_folder(folder, self.verify)
+        if problem is None:
+            self._verified.add(stamp)
+            return True
+        if not quarantine:
+            log.warning("shipped artifact %s is damaged (%s): building it instead", folder, problem)
+            return False
+        target = self.root / "quarantine" / tag.replace("/", "__")
+        target = target.with_name(f"{target.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(folder, target)
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)
+            target = Path("(removed)")
+        self.quarantined.append(tag)
+        log.warning("artifact %s failed verification (%s): moved to %s; rebuilding it", tag, problem, target)
+        return False
+
     def get_or_build(self, kind: str, key: Any, build: Callable[[Path], Any]) -> Path:
-        """Return ``<root>/<kind>/<hash>``; if absent, call ``build(tmp_folder)`` to fill it first."""
+        """Return ``<root>/<kind>/<hash>``; if absent (or damaged), call ``build(tmp_folder)`` to fill it."""
         final = self.path(kind, key)
         tag = f"{kind}/{final.name}"
         if (final / KEY_FILE).is_file():
-            self.reused.append(tag)
-            return final
+            with FileLock(str(final) + ".lock"):  # never judge a folder another job is swapping
+                if self._usable(final, tag, quarantine=True):
+                    self.reused.append(tag)
+                    return final
         for root in self.shipped:
-            if (root / kind / final.name / KEY_FILE).is_file():
+            if self._usable(root / kind / final.name, tag, quarantine=False):
                 self.reused.append(tag)
                 return root / kind / final.name
         final.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(final) + ".lock"):
-            if (final / KEY_FILE).is_file():  # another job built it while we waited
+            if self._usable(final, tag, quarantine=True):  # another job built it while we waited
                 self.reused.append(tag)
                 return final
             for stale in final.parent.glob(f".{final.name}.*.tmp"):  # left by a killed build
                 shutil.rmtree(stale, ignore_errors=True)
+            remove_stale(final.parent)
             start = time.time()
             with atomic_dir(final) as tmp:
                 build(tmp)
                 atomic_write_json(
                     tmp / KEY_FILE,
-                    {"kind": kind, "key": _canonical(key), "built_s": round(time.time() - start, 3)},
+                    {
+                        "kind": kind,
+                        "key": _canonical(key),
+                        "built_s": round(time.time() - start, 3),
+                        "files": manifest(tmp),
+                    },
                 )
+            self._verified.add(f"{final}|{(final / KEY_FILE).stat().st_mtime_ns}")
         self.built.append(tag)
         return final
 
     def summary(self) -> dict[str, list[str]]:
-        return {"built": list(self.built), "reused": list(self.reused)}
+        return {"built": list(self.built), "reused": list(self.reused), "quarantined": list(self.quarantined)}
+
+
+def gc(root: str | Path, older_than_s: float = STALE_S) -> list[Path]:
+    """Remove stale temporary folders and unheld lock files anywhere in the cache ``root``."""
+    root = Path(root)
+    removed = []
+    if not root.is_dir():
+        return removed
+    folders = [root, *(p for p in root.rglob("*") if p.is_dir() and not p.name.startswith("."))]
+    for folder in folders:
+        if folder.exists():
+            removed += remove_stale(folder, older_than_s)
+    return removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m unlearn_exp.store",
+        description="Artifact cache maintenance. gc: remove temporary folders and lock files left by killed jobs.",
+    )
+    ap.add_argument("command", choices=["gc"])
+    ap.add_argument(
+        "--cache",
+        default=os.environ.get("UNLEARN_EXP_CACHE", ".cache/artifacts"),
+        help="the artifact cache (paths.cache_dir; default %(default)s)",
+    )
+    ap.add_argument(
+        "--hours",
+        type=float,
+        default=24.0,
+        help="remove only what is older than this many hours (default %(default)s; 0: all unheld)",
+    )
+    args = ap.parse_args(argv)
+    removed = gc(args.cache, args.hours * 3600)
+    for p in removed:
+        print(f"removed {p}")
+    print(f"{len(removed)} stale item(s) removed under {args.cache}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

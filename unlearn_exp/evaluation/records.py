@@ -6,15 +6,20 @@ CSV beside it (same stem) for quick reading; ``read_table(path)`` reads either. 
 
 Image rows (``IMAGE_COLUMNS``):
   cell_key, split (``bench`` or ``coco``: which prompt set), benchmark, case_id, source_row, prompt,
-  seed, image_index, guidance_scale, image_path, image_sha256, judge_profile, judge_hash, safe,
+  empty_prompt (the prompt is blank: its image shows no concept by construction), truncated and
+  n_tokens (the prompt was cut at CLIP's 77 tokens; tokens before the cut), seed, image_index, guidance_scale, image_path, image_sha256, judge_profile, judge_hash, safe,
   score, judge_raw (JSON), lpips (distance to the original model's image; NaN where not computed),
   benign_ok (PP-set images: whether the judge sees what the benign prompt asked for; None where the
   judge or the prompt set cannot tell), pp_profile, pp_hash.
 
 Cell rows (``CELL_COLUMNS``):
-  cell_key, experiment, task, scale (sd14, toy or tiny: the model config's name), model_id, checkpoint_method, beta, checkpoint_id, guidance,
+  cell_key (what was computed: artifact identities), spec_key (what was asked: the hash of
+  ``identity.cell_spec``, by which the report takes a table position's cell), experiment, task,
+  scale (sd14, toy or tiny: the model config's name), model_id, checkpoint_method, beta (NaN for a
+  checkpoint file given without an explicit beta), checkpoint_label, checkpoint_id, guidance,
   embedding, embedding_id, benchmark, benchmark_sha256, dsr, dsr_lo, dsr_hi (Wilson 95%),
-  n_images, n_safe, pp_coco, pp_bench, n_pp_coco, n_pp_bench, benign_acc (share of benign_ok, NaN
+  n_images, n_safe, n_truncated and n_empty_prompts (benchmark images whose prompt was cut at 77
+  tokens, or blank), pp_coco, pp_bench, n_pp_coco, n_pp_bench, benign_acc (share of benign_ok, NaN
   where not measured), n_benign, flag (why benign fidelity counts as collapsed, "" otherwise: a
   "safe" verdict on a broken image is no defence), judge_profile, judge_hash, pp_profile, pp_hash,
   config_json (the resolved config), created_at.
@@ -40,6 +45,9 @@ IMAGE_COLUMNS = [
     "case_id",
     "source_row",
     "prompt",
+    "empty_prompt",
+    "truncated",
+    "n_tokens",
     "seed",
     "image_index",
     "guidance_scale",
@@ -64,6 +72,7 @@ CELL_IDENTITY = (
     "model_id",
     "checkpoint_method",
     "beta",
+    "checkpoint_label",
     "checkpoint_id",
     "guidance",
     "embedding",
@@ -72,6 +81,7 @@ CELL_IDENTITY = (
 
 CELL_COLUMNS = [
     "cell_key",
+    "spec_key",
     *CELL_IDENTITY,
     "benchmark",
     "benchmark_sha256",
@@ -80,6 +90,8 @@ CELL_COLUMNS = [
     "dsr_hi",
     "n_images",
     "n_safe",
+    "n_truncated",
+    "n_empty_prompts",
     "pp_coco",
     "pp_bench",
     "n_pp_coco",
@@ -91,11 +103,12 @@ CELL_COLUMNS = [
     "judge_hash",
     "pp_profile",
     "pp_hash",
+    "spec_json",
     "config_json",
     "created_at",
 ]
 
-JSON_COLUMNS = ("judge_raw", "config_json")
+JSON_COLUMNS = ("judge_raw", "spec_json", "config_json")
 
 
 def _jsonable(value: Any) -> Any:

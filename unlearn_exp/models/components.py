@@ -51,7 +51,12 @@ class Components:
     resolution: int = 512
     name: str = "model"
     source: str = ""  # path or hub id it was loaded from, or "built in memory"
+    identity: str = ""  # by content (identity.model_identity); set by load_model
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> dict[str, str]:
+        """What names this model in a cache key: its content identity and the dtype it runs in."""
+        return {"id": self.identity or f"{self.name}:{self.source}", "dtype": str(self.dtype)}
 
     # ----------------------------------------------------------------- geometry
     @property

@@ -31,7 +31,7 @@ def _store(store) -> ArtifactStore:
 
 
 def _model_key(comps: Components) -> dict[str, str]:
-    return {"name": comps.name, "source": comps.source, "dtype": str(comps.dtype)}
+    return comps.key()
 
 
 def _task(task_cfg) -> dict[str, Any]:

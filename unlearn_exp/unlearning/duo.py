@@ -382,10 +382,14 @@ def train_duo(
         **{k: v for k, v in (cfg.get("pair_sampling") or {}).items() if v is not None},
     }
     sampling.pop("guidance", None)
+    # the judge by its profile hash (content: model sha256, classes, threshold), never its file path
+    profile = getattr(judge, "profile", None)
     judge_id = (
         None
         if judge is None
-        else str(getattr(judge, "profile", None) or getattr(judge, "name", type(judge).__name__))
+        else (
+            profile["hash"] if profile and "hash" in profile else getattr(judge, "name", type(judge).__name__)
+        )
     )
     manifest = []
     for spec in recipe["adapters"]:
@@ -483,7 +487,7 @@ def apply_duo(
 
     recipe = resolve_recipe(cfg, task_cfg)
     task_name = dict(_plain(task_cfg) or {}).get("name")
-    model_key = {"name": comps.name, "source": comps.source, "dtype": str(comps.dtype)}
+    model_key = comps.key()
     recipe_cfg = {
         k: v
         for k, v in cfg.items()

@@ -1,0 +1,340 @@
+"""What a result *is*, by content: one module for model, file and cell identities.
+
+Every cache key and every cell row names what produced it by content, never by where it lies:
+
+- ``file_identity(path)``: ``sha256:<hex>`` of a file, or of a folder's files (relative names and
+  their hashes). Hashes are cached on disk by (absolute path, size, mtime), so a 4 GB checkpoint is
+  read once per machine (``$UNLEARN_EXP_HASH_CACHE``, default ``~/.cache/unlearn_exp/sha256.json``).
+- ``model_identity(model_cfg)``: ``<name>:<hash>`` from the weight, config and tokenizer files of the
+  subfolders the model loads (a hub id is resolved through the local cache first), the dtype it
+  will run in (``auto`` resolved) and its resolution. The same weights copied to another folder, or
+  the project cloned elsewhere, give the same identity.
+- ``resolved_dtype`` / ``resolved_precision``: ``auto`` turned into what will actually run.
+- ``cell_spec(cfg)``: the whole configuration that determines a cell's numbers, with file paths
+  replaced by content and run-time knobs (devices, batch sizes, progress bars, output folders)
+  left out. ``spec_key`` is its hash: the report takes a table position's cell by it (docs/results.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from unlearn_exp.store import atomic_write_text, canonical_json, config_hash, file_sha256, to_plain
+
+# subfolders of a diffusers model folder that a model loads, and the files in them that decide it
+MODEL_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae")
+MODEL_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model", ".ckpt", ".pt")
+
+# per config group, the keys that change how a job runs but never a number it produces (sampling
+# is batch independent, tested in tests/test_sampling.py; judges and metrics work image by image)
+RUNTIME_KEYS: dict[str, tuple[str, ...]] = {
+    "model": ("device", "path", "source"),
+    "sampling": ("batch_size", "devices", "chunk_size", "progress", "images_per_prompt"),
+    "judge": ("batch_size", "device", "num_threads", "cache_dir", "model_path", "prompts_path",
+              "prompts_url", "clip_path"),
+    "pp": ("batch_size", "device", "trunk_path", "lin_path"),
+    "checkpoint": ("checkpoint_every", "allow_pickle_conversion", "path", "beta_label"),
+    "inversion": ("checkpoint_every", "log_every_n_steps"),
+    "benchmark": ("path", "url", "file", "source_hint", "expected_prompts", "sha256"),
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- file hashes
+def _hash_cache_path() -> Path:
+    env = os.environ.get("UNLEARN_EXP_HASH_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "unlearn_exp" / "sha256.json"
+
+
+_MEMO: dict[str, str] = {}
+
+
+def _stat_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def cached_sha256(path: str | Path) -> str:
+    """``sha256`` of a file, computed once per (absolute path, size, mtime) on this machine."""
+    path = Path(path)
+    key = _stat_key(path)
+    if key in _MEMO:
+        return _MEMO[key]
+    store = _hash_cache_path()
+    table: dict[str, str] = {}
+    try:
+        table = json.loads(store.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key not in table:
+        table[key] = file_sha256(path)
+        try:  # a read-only home is no reason to fail: the hash is then recomputed next time
+            from filelock import FileLock
+
+            store.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(store) + ".lock", timeout=10):
+                try:
+                    current = json.loads(store.read_text())
+                except (OSError, ValueError):
+                    current = {}
+                current[key] = table[key]
+                atomic_write_text(store, json.dumps(current, sort_keys=True))
+        except Exception:
+            pass
+    _MEMO[key] = table[key]
+    return table[key]
+
+
+def folder_files(folder: Path, parts: tuple[str, ...] | None = None) -> list[Path]:
+    """The files of a folder that decide its content (weights, configs, tokenizer files), sorted."""
+    roots = [folder / p for p in parts] if parts else [folder]
+    files = []
+    for root in roots:
+        if root.is_dir():
+            files += [
+                f
+                for f in root.rglob("*")
+                if f.is_file() and f.suffix in MODEL_SUFFIXES and ".cache" not in f.parts
+            ]
+    return sorted(files)
+
+
+def file_identity(path: str | Path, parts: tuple[str, ...] | None = None) -> str:
+    """``sha256:<hex>`` of a file, or of a folder (each relevant file's relative name and sha256)."""
+    path = Path(path)
+    if path.is_file():
+        return "sha256:" + cached_sha256(path)
+    files = folder_files(path, parts)
+    listing = [[f.relative_to(path).as_posix(), cached_sha256(f)] for f in files]
+    return "sha256:" + hashlib.sha256(canonical_json(listing).encode()).hexdigest()
+
+
+def _content_of(value: Any) -> Any:
+    """A path (or list of paths) replaced by its content identity where the file exists here."""
+    if isinstance(value, list):
+        return [_content_of(v) for v in value]
+    if isinstance(value, str) and value:
+        from unlearn_exp.models.paths import resolve_local_path
+
+        local = Path(resolve_local_path(value))
+        if local.exists():
+            return file_identity(local)
+    return value
+
+
+# ----------------------------------------------------------------------------- model
+def resolved_device(model_cfg) -> str:
+    device = str(model_cfg.get("device", "auto"))
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolved_dtype(model_cfg) -> str:
+    """``model.dtype`` with ``auto`` resolved: float16 on a GPU, float32 on the CPU."""
+    name = str(model_cfg.get("dtype", "float32"))
+    if name == "auto":
+        name = "float16" if resolved_device(model_cfg).startswith("cuda") else "float32"
+    return name
+
+
+def resolved_precision(precision: str | None, device: str) -> str:
+    """Lightning's precision for ``sampling.precision`` / ``inversion.precision`` (``auto`` resolved)."""
+    p = str(precision or "auto")
+    if p == "auto":
+        return "16-mixed" if str(device).startswith("cuda") else "32-true"
+    return p
+
+
+def model_folder(model_cfg) -> Path | None:
+    """The local folder of a pretrained model (a path, or a hub id in the local cache); None if absent."""
+    from unlearn_exp.models.paths import resolve_local_path
+
+    path = str(model_cfg.get("path") or "")
+    if not path:
+        return None
+    local = Path(resolve_local_path(path))
+    if local.is_dir():
+        return local
+    if path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(path, local_files_only=True))
+        except Exception:
+            return None
+    return None
+
+
+@lru_cache(maxsize=64)
+def _folder_model_hash(folder: str, vae: bool, stamp: str) -> str:
+    parts = tuple(p for p in MODEL_PARTS if vae or p != "vae")
+    return file_identity(Path(folder), parts).removeprefix("sha256:")
+
+
+def model_content_hash(model_cfg) -> str | None:
+    """The hash of the weights ``model_cfg`` names; None where they are not on this machine."""
+    source = model_cfg.get("source", "pretrained")
+    if source == "tiny":
+        return config_hash({"tiny": {k: model_cfg.get(k) for k in ("seed", "resolution", "vae")}})
+    folder = model_folder(model_cfg)
+    if folder is None:
+        return None
+    stamp = "|".join(_stat_key(f) for f in folder_files(folder, MODEL_PARTS))
+    return _folder_model_hash(str(folder), bool(model_cfg.get("vae", True)), stamp)
+
+
+def model_identity(model_cfg) -> str:
+    """``<name>:<hash>`` of the model as it will run: weights by content, dtype resolved, resolution.
+
+    Raises ``UserError`` when the weights are not here (a job cannot run without them).
+    """
+    from unlearn_exp.errors import UserError
+
+    content = model_content_hash(model_cfg)
+    if content is None:
+        raise UserError(
+            f"no weights for model '{model_cfg.get('name')}' at model.path='{model_cfg.get('path')}'"
+        )
+    return f"{model_cfg.get('name')}:{_model_hash(content, model_cfg)}"
+
+
+def _model_hash(content: str | None, model_cfg) -> str:
+    return config_hash(
+        {
+            "weights": content,
+            "dtype": resolved_dtype(model_cfg),
+            "resolution": int(model_cfg.get("resolution", 512)),
+            "vae": bool(model_cfg.get("vae", True)),
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- cells
+def _drop(group: str, node: Any, device: str | None = None) -> dict[str, Any]:
+    """A group's config without its run-time keys, ``precision: auto`` resolved for ``device``."""
+    node = dict(to_plain(node) or {})
+    out = {k: v for k, v in node.items() if k not in RUNTIME_KEYS.get(group, ())}
+    if "precision" in out:
+        out["precision"] = resolved_precision(out["precision"], device or resolved_device({}))
+    return out
+
+
+def checkpoint_spec(ck: Any, device: str | None = None) -> dict[str, Any]:
+    """A checkpoint by what determines its weights: the user's files by content, else the recipe."""
+    ck = dict(to_plain(ck) or {})
+    spec = _drop("checkpoint", ck, device)
+    if ck.get("path"):
+        paths = ck["path"] if isinstance(ck["path"], list) else [ck["path"]]
+        keep = ("method", "adapter_weights", "variant")  # the beta of a file is only its label
+        spec = {k: ck.get(k) for k in keep if k in ck}
+        spec["files"] = [_content_of(str(p)) for p in paths]
+    return spec
+
+
+def benchmark_spec(bench: Any) -> dict[str, Any]:
+    """A prompt set by content: the file's sha256 (the user's file, else the pinned download)."""
+    bench = dict(to_plain(bench) or {})
+    spec = _drop("benchmark", bench)
+    if bench.get("path"):
+        spec["content"] = _content_of(str(bench["path"]))
+    elif bench.get("sha256"):
+        spec["content"] = "sha256:" + str(bench["sha256"]).lower()
+    elif bench.get("url"):
+        spec["content"] = str(bench["url"])
+    return spec
+
+
+def judge_spec(judge: Any) -> dict[str, Any]:
+    """A judge profile by content: pinned hashes stay, local files are hashed, run-time keys go."""
+    judge = dict(to_plain(judge) or {})
+    spec = _drop("judge", judge)
+    for key in ("model_path", "prompts_path", "clip_path"):
+        if judge.get(key):
+            spec[key] = _content_of(str(judge[key]))
+    return spec
+
+
+def cell_spec(cfg) -> dict[str, Any]:
+    """Everything that determines a cell's numbers (see the module docstring)."""
+    groups = (
+        "model",
+        "task",
+        "checkpoint",
+        "guidance",
+        "embedding",
+        "inversion",
+        "sampling",
+        "benchmark",
+        "judge",
+        "pp",
+    )
+    plain = {k: to_plain(cfg[k]) for k in groups}
+    model = plain["model"]
+    device = resolved_device(model)
+    content = model_content_hash(model)
+    guided = plain["guidance"]["name"] != "none"
+    emb = dict(plain["embedding"])
+    concept: dict[str, Any] = {"source": emb.get("source") if guided else "none"}
+    if guided and emb.get("source") != "explicit":
+        if emb.get("path"):
+            concept["file"] = _content_of(str(emb["path"]))
+        else:
+            source_ck = plain["checkpoint"]
+            if emb.get("source") == "shared":
+                extra = {
+                    k: v
+                    for k, v in (emb.get("from_checkpoint") or {}).items()
+                    if v is not None or k == "path"
+                }
+                source_ck = {**source_ck, **extra}
+            concept["checkpoint"] = checkpoint_spec(source_ck, device)
+            concept["inversion"] = _drop("inversion", plain["inversion"], device)
+    sampling = _drop("sampling", plain["sampling"], device)
+    pp = dict(plain["pp"])
+    return {
+        "model": {
+            "name": model.get("name"),
+            "content": None if content is None else _model_hash(content, model),
+        },
+        "task": plain["task"],
+        "checkpoint": checkpoint_spec(plain["checkpoint"], device),
+        "guidance": plain["guidance"],
+        "concept": concept,
+        "sampling": sampling,
+        "benchmark": benchmark_spec(plain["benchmark"]),
+        "judge": judge_spec(plain["judge"]),
+        "pp": {
+            "metric": _drop("pp", pp.get("metric") or {}),
+            "prompts": benchmark_spec(pp.get("prompts")) if pp.get("prompts") else None,
+            "bench": pp.get("bench"),
+            "benign_acc_floor": pp.get("benign_acc_floor"),
+            "pp_floor": pp.get("pp_floor"),
+        },
+    }
+
+
+def spec_key(spec: dict[str, Any]) -> str:
+    return config_hash(spec)
+
+
+def spec_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys where two specs differ (for 'other cells': why a row is off the grid)."""
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+        va, vb = a.get(k), b.get(k)
+        name = f"{prefix}{k}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += spec_differences(va, vb, name + ".")
+        elif canonical_json(va) != canonical_json(vb):
+            out.append(name)
+    return out

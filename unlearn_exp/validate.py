@@ -1,0 +1,193 @@
+"""Every value of a job's config checked before any model is loaded or any folder written.
+
+``validate(cfg)`` raises one ``UserError`` listing every problem it finds (types, ranges, names of
+presets and options, seeds within int64, prompt files that are folders, results and cache folders
+that cannot be written). The rules are the ranges documented beside each key in ``conf/``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from unlearn_exp.errors import UserError
+from unlearn_exp.store import to_plain
+
+INT64_MAX = 2**63 - 1
+MIN_FREE_BYTES = 64 << 20  # a results or cache folder with less room than this is refused up front
+
+SCHEDULERS = ("dpmsolver++", "pndm", "ddim")
+PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+GUIDANCE = ("none", "sld", "safree")
+EMBEDDINGS = ("explicit", "inverted", "shared")
+SLD_PRESETS = ("weak", "medium", "strong", "max")
+SAFREE_CHOICES = {
+    "projection_order": ("code", "paper"),
+    "lra": ("off", "paper"),
+    "cfg_negative": ("concept", "keywords", "empty"),
+}
+
+
+class _Checks:
+    def __init__(self):
+        self.problems: list[str] = []
+
+    def fail(self, msg: str) -> None:
+        self.problems.append(msg)
+
+    def number(self, name: str, value: Any, *, lo: float | None = None, integer: bool = False,
+               strict: bool = False, optional: bool = False) -> None:  # fmt: skip
+        """``value`` is a number (an integer with ``integer``) >= ``lo`` (> with ``strict``)."""
+        if value is None:
+            if not optional:
+                self.fail(f"{name} is required")
+            return
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.fail(f"{name} must be a number, got '{value}'")
+            return
+        if not math.isfinite(value):
+            self.fail(f"{name} must be finite, got {value}")
+            return
+        if integer and not float(value).is_integer():
+            self.fail(f"{name} must be a whole number, got {value}")
+            return
+        if lo is not None and (value <= lo if strict else value < lo):
+            self.fail(f"{name} must be {'>' if strict else '>='} {lo:g}, got {value:g}")
+
+    def seed(self, name: str, value: Any) -> None:
+        if value is None:
+            return
+        self.number(name, value, lo=0, integer=True)
+        if isinstance(value, int) and not isinstance(value, bool) and value > INT64_MAX:
+            self.fail(f"{name} must fit in int64 (<= {INT64_MAX}), got {value}")
+
+    def choice(self, name: str, value: Any, choices: tuple[str, ...]) -> None:
+        if value not in choices:
+            self.fail(f"unknown {name} '{value}': choose one of {list(choices)}")
+
+
+def _check_file(checks: _Checks, name: str, path: Any) -> None:
+    """A configured prompt file: a file (not a folder), present."""
+    if not path:
+        return
+    p = Path(str(path)).expanduser()
+    if p.is_dir():
+        checks.fail(f"{name}={p} is a folder, not a prompt file")
+    elif not p.exists():
+        checks.fail(f"{name}={p} does not exist")
+
+
+def _check_writable(checks: _Checks, name: str, path: Any) -> None:
+    """A folder the job writes: creatable, a folder, writable, with some room."""
+    p = Path(str(path)).expanduser()
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        checks.fail(f"{name}={p} is not a folder ({probe} is a file)")
+        return
+    if not os.access(probe, os.W_OK | os.X_OK):
+        checks.fail(f"{name}={p} is not writable (no write permission on {probe})")
+        return
+    if p.is_dir():
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".write-check.", dir=p)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as exc:
+            checks.fail(f"{name}={p} is not writable ({exc.strerror})")
+            return
+    free = shutil.disk_usage(probe).free
+    if free < MIN_FREE_BYTES:
+        checks.fail(f"{name}={p} has only {free / 2**20:.0f} MiB free")
+
+
+def _benchmark(checks: _Checks, prefix: str, bench: dict) -> None:
+    _check_file(checks, f"{prefix}.path", bench.get("path"))
+    for key in ("limit", "head"):
+        if bench.get(key) is not None:
+            checks.number(f"{prefix}.{key}", bench.get(key), lo=1, integer=True)
+    if "images_per_prompt" in bench:
+        checks.number(f"{prefix}.images_per_prompt", bench.get("images_per_prompt"), lo=1, integer=True)
+    for key in ("default_seed", "seed"):
+        checks.seed(f"{prefix}.{key}", bench.get(key))
+
+
+def _guidance(checks: _Checks, g: dict, guidance_scale: Any) -> None:
+    checks.choice("guidance", g.get("name"), GUIDANCE)
+    if g.get("name") == "sld":
+        checks.choice("guidance.preset", g.get("preset"), SLD_PRESETS)
+        for key in ("warmup_steps",):
+            checks.number(f"guidance.{key}", g.get(key), lo=0, integer=True, optional=True)
+        for key in ("guidance_scale", "threshold", "momentum_scale"):
+            checks.number(f"guidance.{key}", g.get(key), lo=0, optional=True)
+        checks.number("guidance.mom_beta", g.get("mom_beta"), lo=0, optional=True)
+        if isinstance(guidance_scale, int | float) and guidance_scale <= 1:
+            checks.fail(
+                f"SLD needs classifier-free guidance: sampling.guidance_scale must be > 1, got {guidance_scale:g} "
+                "(diffusers' safe pipeline applies neither CFG nor SLD at <= 1)"
+            )
+    if g.get("name") == "safree":
+        for key, choices in SAFREE_CHOICES.items():
+            checks.choice(f"guidance.{key}", g.get(key), choices)
+        for key in ("alpha", "svf_k", "svf_t0", "lra_b1", "lra_b2", "lra_s1", "lra_s2"):
+            checks.number(f"guidance.{key}", g.get(key), lo=0)
+        checks.number("guidance.up_t", g.get("up_t"), lo=0, integer=True)
+        if not isinstance(g.get("svf"), bool):
+            checks.fail(f"guidance.svf must be true or false, got '{g.get('svf')}'")
+
+
+def validate(cfg) -> None:
+    """Check the whole job config; raise one ``UserError`` naming every problem found."""
+    c = _Checks()
+    plain: dict = {k: to_plain(cfg[k]) for k in cfg if k != "hydra"}
+    model, sampling = plain.get("model", {}), plain.get("sampling", {})
+    checkpoint, embedding = plain.get("checkpoint", {}), plain.get("embedding", {})
+
+    checks: list[Callable[[], None]] = [
+        lambda: c.choice("model.dtype", model.get("dtype"), DTYPES),
+        lambda: c.choice("model.source", model.get("source"), ("tiny", "pretrained")),
+        lambda: c.number("model.resolution", model.get("resolution"), lo=8, integer=True),
+        lambda: c.seed("model.seed", model.get("seed")),
+        lambda: c.choice("sampling.scheduler", sampling.get("scheduler"), SCHEDULERS),
+        lambda: c.number("sampling.steps", sampling.get("steps"), lo=1, integer=True),
+        lambda: c.number("sampling.guidance_scale", sampling.get("guidance_scale"), lo=1),
+        lambda: c.number("sampling.batch_size", sampling.get("batch_size"), lo=1, integer=True),
+        lambda: c.number("sampling.chunk_size", sampling.get("chunk_size"), lo=1, integer=True),
+        lambda: c.number("sampling.reference_steps", sampling.get("reference_steps"), lo=1, integer=True),
+        lambda: c.choice("sampling.precision", str(sampling.get("precision")), PRECISIONS),
+        lambda: c.choice("embedding", embedding.get("source"), EMBEDDINGS),
+        lambda: _guidance(c, plain.get("guidance", {}), sampling.get("guidance_scale")),
+        lambda: _benchmark(c, "benchmark", plain.get("benchmark", {})),
+        lambda: c.seed("checkpoint.seed", checkpoint.get("seed")),
+        lambda: c.seed("inversion.seed", plain.get("inversion", {}).get("seed")),
+        lambda: c.seed("inversion.image_set.seed", (plain.get("inversion", {}).get("image_set") or {}).get("seed")),
+        lambda: c.number("inversion.steps", plain.get("inversion", {}).get("steps"), lo=1, integer=True),
+        lambda: c.number("inversion.lr", plain.get("inversion", {}).get("lr"), lo=0, strict=True),
+    ]  # fmt: skip
+    if checkpoint.get("method") == "duo" or checkpoint.get("beta") is not None:
+        checks.append(lambda: c.number("checkpoint.beta", checkpoint.get("beta"), lo=0, strict=True))
+    if checkpoint.get("method") == "duo":
+        checks.append(
+            lambda: c.number("checkpoint.beta_scale", checkpoint.get("beta_scale"), lo=0, strict=True)
+        )
+    if isinstance(plain.get("pp"), dict) and plain["pp"].get("prompts"):
+        checks.append(lambda: _benchmark(c, "pp.prompts", plain["pp"]["prompts"]))
+    if embedding.get("path"):
+        checks.append(lambda: _check_file(c, "embedding.path", embedding.get("path")))
+    paths = plain.get("paths", {})
+    for key in ("results_dir", "cache_dir"):
+        if paths.get(key):
+            checks.append(lambda key=key: _check_writable(c, f"paths.{key}", paths[key]))
+    if paths.get("verify") is not None:
+        checks.append(lambda: c.choice("paths.verify", paths.get("verify"), ("size", "small", "full")))
+    for check in checks:
+        check()
+    if c.problems:
+        raise UserError("invalid config: " + "; ".join(c.problems))
