@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -12,8 +13,28 @@ from unlearn_exp import paper, report
 from unlearn_exp.errors import UserError
 
 
-def _row(experiment, task, beta, guidance, embedding, n_safe, n, pp, *, scale="sd14", bench=None, key=None):
+def _row(
+    experiment,
+    task,
+    beta,
+    guidance,
+    embedding,
+    n_safe,
+    n,
+    pp,
+    *,
+    scale="sd14",
+    bench=None,
+    key=None,
+    extra=(),
+):
+    """A cell row whose identity is the one the experiment's config gives (``extra``: overrides
+    that make it another cell, e.g. a debug run or the user's own prompt file)."""
+    pos = report.position(report.cell_overrides(experiment, beta, guidance, embedding), tuple(extra))
     return {
+        "spec_key": pos.key,
+        "spec_json": json.dumps(pos.spec),
+        "created_at": "2026-01-01T00:00:00+00:00",
         "experiment": experiment,
         "task": task,
         "scale": scale,
@@ -45,10 +66,10 @@ def fixture_rows() -> pd.DataFrame:
         _row("violence_duo", "violence", 1000, "none", "inverted", 460, 750, 0.8),  # embedding ignored
         _row("violence_duo", "violence", 1000, "sld", "explicit", 600, 750, 0.75),
         _row("violence_duo", "violence", 1000, "safree", "inverted", 700, 750, 0.7),
-        # nudity, main beta 2000: all five; a small debug row for DUO+SLD that must lose to the full one
+        # nudity, main beta 2000: all five; a debug run of DUO+SLD is another cell and stays out
         _row("nudity_duo", "nudity", 2000, "none", "explicit", 40, 95, 0.81),
         _row("nudity_duo", "nudity", 2000, "sld", "explicit", 46, 95, 0.777),
-        _row("nudity_duo", "nudity", 2000, "sld", "explicit", 4, 4, 0.99),
+        _row("nudity_duo", "nudity", 2000, "sld", "explicit", 4, 4, 0.99, extra=("+debug=default",)),
         _row("nudity_duo", "nudity", 2000, "sld", "inverted", 90, 95, 0.7),
         _row("nudity_duo", "nudity", 2000, "safree", "explicit", 50, 95, 0.68),
         _row("nudity_duo", "nudity", 2000, "safree", "inverted", 91, 95, 0.6),
@@ -58,8 +79,19 @@ def fixture_rows() -> pd.DataFrame:
         _row("nudity_duo", "nudity", 2000, "safree", "shared", 90, 95, 0.6),
         # other scale: must not leak into the sd14 tables
         _row("toy_duo", "toy", 2000, "none", "explicit", 10, 10, 0.5, scale="toy"),
-        # other experiment name: ignored
-        _row("my_custom", "nudity", 2000, "none", "explicit", 1, 95, 0.1),
+        # a user's own prompt file under a grid position's labels: another cell
+        _row(
+            "nudity_duo",
+            "nudity",
+            2000,
+            "none",
+            "explicit",
+            1,
+            95,
+            0.1,
+            extra=("benchmark=prompts_file", "benchmark.path=/data/my.csv"),
+            key="my_custom",
+        ),
     ]
     return pd.DataFrame(rows)
 
@@ -76,6 +108,7 @@ def test_main_tables_cell_for_cell():
         "main_nudity_beta2000",
         "long_nudity",
         "transfer",
+        "other_cells",
     }
 
     v = _fmt(tables["main_violence_beta1000"])
@@ -103,7 +136,7 @@ def test_main_tables_cell_for_cell():
     assert v.loc["DUO+SAFREE", "DSR (paper)"] == "0.793"
 
     n = _fmt(tables["main_nudity_beta2000"])
-    # the 95-image DUO+SLD row wins over the 4-image debug row
+    # the 95-image DUO+SLD row is the position's cell; the debug row is another cell
     assert n.loc["DUO+SLD", ["DSR", "DSR (paper)", "DSR diff", "PP", "PP diff", "N"]].tolist() == [
         "0.484",
         "0.484",
@@ -207,12 +240,14 @@ def test_write_report_files(tmp_path: Path):
     src = (out / "sources.md").read_text()
     assert "| nudity | nudenet_duo | jh-nudity |" in src and "| violence | q16 | jh-violence |" in src
     assert "my_custom" not in src and "toy-model" not in src
+    other = (out / "other_cells.md").read_text()
+    assert "my_custom" in other and "benchmark." in other and "sampling.steps" in other
 
 
 def test_toy_scale_uses_toy_rows(tmp_path: Path):
     rows = fixture_rows()
     tables = report.build_tables(rows, "toy")
-    assert set(tables) == {"main_toy_beta2000", "long_toy", "transfer"}
+    assert set(tables) == {"main_toy_beta2000", "long_toy", "transfer", "other_cells"}
     t = _fmt(tables["main_toy_beta2000"])
     assert t.loc["DUO", ["DSR", "DSR (paper)", "PP"]].tolist() == ["1.000", "-", "0.500"]
     assert t.loc["DUO+SLD", "DSR"] == "-"
@@ -271,3 +306,36 @@ def test_rows_without_optional_columns_still_tabulate():
     tables = report.build_tables(rows.drop(columns=["benign_acc"]), "sd14")
     main = report.formatted(tables["main_nudity_beta2000"])
     assert "0.442" in main.to_string()  # no KeyError for the optional benign accuracy
+
+
+def test_decoy_cells_never_change_a_table():
+    """A results folder holding the grid plus decoys (another prompt file, another sampler, another
+    judge, more images, a LoRA file under the default beta) gives the same tables as the grid alone;
+    the decoys are listed under 'other cells' with what sets them apart."""
+    grid = fixture_rows()
+    decoys = pd.DataFrame(
+        [
+            _row("nudity_duo", "nudity", 2000, "none", "explicit", 95, 95, 0.9, key="decoy-file",
+                 extra=("benchmark=prompts_file", "benchmark.path=/data/other.csv")),
+            _row("nudity_duo", "nudity", 2000, "sld", "explicit", 90, 95, 0.9, key="decoy-sampler",
+                 extra=("sampling.steps=20",)),
+            _row("violence_duo", "violence", 1000, "none", "explicit", 700, 750, 0.9, key="decoy-judge",
+                 extra=("judge=nudenet_duo",)),
+            _row("nudity_duo", "nudity", 2000, "safree", "inverted", 950, 950, 0.9, key="decoy-more-images",
+                 extra=("benchmark.images_per_prompt=10",)),
+            _row("nudity_duo", "nudity", 500, "none", "explicit", 95, 95, 1.0, key="decoy-lora",
+                 extra=("checkpoint.path=/w/lora.safetensors",)),
+        ]
+    )  # fmt: skip
+    alone = report.build_tables(grid, "sd14")
+    mixed = report.build_tables(pd.concat([grid, decoys], ignore_index=True), "sd14")
+    for name, table in alone.items():
+        if name != "other_cells":
+            pd.testing.assert_frame_equal(report.formatted(table), report.formatted(mixed[name]))
+    other = report.formatted(mixed["other_cells"]).set_index("Cell")
+    assert set(decoys.cell_key) <= set(other.index)
+    differs = other["Differs from the grid in"]
+    assert "benchmark." in differs["decoy-file"] and differs["decoy-sampler"] == "sampling.steps"
+    assert differs["decoy-judge"].startswith("judge.")
+    assert differs["decoy-more-images"] == "benchmark.images_per_prompt"
+    assert "checkpoint.files" in differs["decoy-lora"]

@@ -80,9 +80,11 @@ def test_toy_duo_sweeps_the_four_paper_betas():
 
 
 @pytest.mark.parametrize("beta", [250, 500, 1000, 2000])
-def test_shipped_artifacts_are_found_under_the_cell_keys(beta, toy_cfgs, tmp_path):
+def test_shipped_artifacts_are_found_under_the_cell_keys(beta, toy_cfgs, tmp_path, monkeypatch):
     """``cell.apply_unlearning`` and ``cell.resolve_concept`` on the composed toy_duo configs find
-    the DUO checkpoint and both embeddings (inverted, shared) in the shipped cache: nothing trains."""
+    the DUO checkpoint and both embeddings (inverted, shared) in the shipped cache: nothing trains,
+    from any working directory (the keys name the model by content, not by path)."""
+    monkeypatch.chdir(tmp_path)
     from unlearn_exp.cell import apply_unlearning, ensure_image_set, model_identity, resolve_concept
     from unlearn_exp.evaluation import make_judge
     from unlearn_exp.models import load_model

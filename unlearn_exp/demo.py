@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             rows.append(c)
         df = pd.DataFrame(rows)
-        tables = build_tables(df, "toy")
-        written = write_report(df, "toy", "reports", files=[Path(p) for p in df["_source"]])
+        tables = build_tables(df, "toy", extra=extra)
+        written = write_report(df, "toy", "reports", files=[Path(p) for p in df["_source"]], extra=extra)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

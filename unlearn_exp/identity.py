@@ -121,7 +121,7 @@ def _content_of(value: Any) -> Any:
     if isinstance(value, list):
         return [_content_of(v) for v in value]
     if isinstance(value, str) and value:
-        from unlearn_exp.models.paths import resolve_local_path
+        from unlearn_exp.paths import resolve_local_path
 
         local = Path(resolve_local_path(value))
         if local.exists():
@@ -157,7 +157,7 @@ def resolved_precision(precision: str | None, device: str) -> str:
 
 def model_folder(model_cfg) -> Path | None:
     """The local folder of a pretrained model (a path, or a hub id in the local cache); None if absent."""
-    from unlearn_exp.models.paths import resolve_local_path
+    from unlearn_exp.paths import resolve_local_path
 
     path = str(model_cfg.get("path") or "")
     if not path:

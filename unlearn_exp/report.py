@@ -13,6 +13,15 @@ the results folders, and writes under ``<out>/<scale>/``:
 - ``dsr_pp_<task>.png``: DSR against PP per task;
 - ``sources.md``: judge profiles, model / checkpoint / embedding identities and cells used.
 
+- ``other_cells.{md,csv}``: every cell row of the scale that is not exactly a table position (a
+  user's own prompt file, a changed sampler, another judge), with what differs from the grid.
+
+Each table position is defined by the experiment's full cell config: the report composes it (with
+the same overrides the sweep was run with) and computes its ``identity.cell_spec``; a row enters the
+position only when its ``spec_key`` is exactly that one. Nothing is matched by name or by "most
+images". Where the model weights are not on this machine, positions are matched on everything but
+the model's content hash, and ``sources.md`` says so.
+
 A cell with no row shows "-": nothing is invented. Unless ``--no-run`` is given, the cells the
 tables need that have no row are first run through ``python -m unlearn_exp`` (cached artifacts are
 reused by the store), after ``preflight`` checked that the model weights are present.
@@ -21,20 +30,23 @@ reused by the store), after ``preflight`` checked that the model weights are pre
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from unlearn_exp import paper
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.records import CELL_IDENTITY
-from unlearn_exp.store import atomic_file, atomic_write_text
+from unlearn_exp.store import atomic_file, atomic_write_text, config_hash
 
 log = logging.getLogger("unlearn_exp.report")
 
@@ -53,6 +65,8 @@ CELL_COLUMNS = (
     "cell_key",
     "config_json",
 )
+# columns newer rows carry; rows without a spec are listed as "other cells", never in a table
+OPTIONAL_COLUMNS = ("checkpoint_label", "spec_key", "spec_json")
 MISSING = "-"
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -60,26 +74,24 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # ----------------------------------------------------------------------------- what each scale needs
 @dataclass(frozen=True)
 class ScaleSpec:
-    """Which experiments feed the tables of one scale.
+    """Which experiments define the tables of one scale.
 
-    ``main`` maps a task to the experiment that sweeps it (task None: whatever task the
-    experiment's rows carry, used by the toy world whose task name is its own). ``transfer`` is
-    (task, experiment used to run missing transfer cells, experiments whose shared rows count).
+    ``main`` maps a table label (the task) to the experiment whose cells make its main and long
+    tables; ``transfer`` is (label, experiment) for the transfer table (embedding=shared).
     """
 
-    main: dict[str | None, str]
-    transfer: tuple[str | None, str, tuple[str, ...]]
+    main: dict[str, str]
+    transfer: tuple[str, str]
     checkpoint_method: str = "duo"
 
 
 SCALES: dict[str, ScaleSpec] = {
     "sd14": ScaleSpec(
         main={"violence": "violence_duo", "nudity": "nudity_duo"},
-        transfer=("nudity", "nudity_duo_transfer", ("nudity_duo_transfer", "nudity_duo")),
+        transfer=("nudity", "nudity_duo_transfer"),
     ),
-    "toy": ScaleSpec(main={None: "toy_duo"}, transfer=(None, "toy_duo", ("toy_duo",))),
+    "toy": ScaleSpec(main={"toy": "toy_duo"}, transfer=("toy", "toy_duo")),
 }
-TOY_TASK_LABEL = "toy"  # table name for the toy world before any of its rows exist
 
 
 def main_beta(task: str) -> int:
@@ -108,7 +120,7 @@ def load_cells(paths: Iterable[str | Path]) -> pd.DataFrame:
             df = pd.read_parquet(f)
         except Exception as e:
             raise UserError(f"cannot read cell rows from '{f}': {e}") from e
-        absent = [c for c in CELL_COLUMNS if c not in df.columns]
+        absent = [c for c in CELL_COLUMNS if c not in df.columns and c not in OPTIONAL_COLUMNS]
         if absent:
             raise UserError(f"cell rows in '{f}' lack the column(s) {absent}")
         frames.append(df.assign(_source=str(f)))
@@ -126,30 +138,87 @@ def _as_frame(results) -> pd.DataFrame:
     return load_cells(results)
 
 
-# ----------------------------------------------------------------------------- picking the row of a cell
-def _match(rows: pd.DataFrame, *, experiments, task, beta, guidance, embedding) -> pd.Series | None:
-    """The row of one table cell, or None. A cell whose guidance is none ignores the embedding axis.
+# ----------------------------------------------------------------------------- table positions
+@dataclass(frozen=True)
+class Position:
+    """One table position: the overrides that make its cell, and that cell's expected identity."""
 
-    Several distinct rows for one cell (e.g. a debug run beside a full one) resolve to the one with
-    the most images, then the last read; ``sources.md`` lists the row used.
-    """
+    overrides: tuple[str, ...]  # +experiment, checkpoint.beta, guidance, embedding (no user overrides)
+    key: str  # spec_key of the expected cell
+    loose_key: str  # the same without the model's content hash (weights absent here)
+    spec: dict = field(hash=False, compare=False)
+    model_resolved: bool = True
+
+
+def cell_overrides(experiment: str, beta: int, guidance: str, embedding: str | None) -> tuple[str, ...]:
+    """The overrides of one grid cell. DUO alone (guidance none) ignores the embedding axis."""
+    return (
+        f"+experiment={experiment}",
+        f"checkpoint.beta={beta}",
+        f"guidance={guidance}",
+        f"embedding={embedding if guidance != 'none' and embedding not in (None, 'none') else 'explicit'}",
+    )
+
+
+def _loose(spec: dict) -> dict:
+    return {**spec, "model": {**spec.get("model", {}), "content": None}}
+
+
+@lru_cache(maxsize=512)
+def position(overrides: tuple[str, ...], extra: tuple[str, ...] = ()) -> Position:
+    """Compose ``overrides + extra`` as the app would and compute the cell's identity."""
+    from unlearn_exp.identity import cell_spec, spec_key
+
+    cfg = _compose([*overrides, *extra])
+    spec = cell_spec(cfg)
+    return Position(
+        overrides=tuple(overrides),
+        key=spec_key(spec),
+        loose_key=config_hash(_loose(spec)),
+        spec=spec,
+        model_resolved=spec["model"]["content"] is not None,
+    )
+
+
+def _with_identity(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows with ``_loose_key`` (their spec without the model hash) computed from ``spec_json``."""
+    if rows.empty or "_loose_key" in rows.columns:
+        return rows
+    rows = rows.copy()
+    if "spec_json" not in rows.columns:
+        rows["spec_json"] = None
+        rows["spec_key"] = None
+
+    def loose(value: Any) -> str | None:
+        spec = _spec_of(value)
+        return None if spec is None else config_hash(_loose(spec))
+
+    rows["_loose_key"] = rows["spec_json"].map(loose)
+    return rows
+
+
+def _spec_of(value: Any) -> dict | None:
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str) and value.startswith("{"):
+        return json.loads(value)
+    return None
+
+
+def _match(rows: pd.DataFrame, pos: Position) -> pd.Series | None:
+    """The row whose identity is exactly the position's, or None. Several rows with that identity
+    are the same computation run again: the newest is taken."""
     if rows.empty:
         return None
-    m = rows["experiment"].isin(experiments) & (rows["guidance"] == guidance)
-    if task is not None:
-        m &= rows["task"] == task
-    m &= pd.to_numeric(rows["beta"], errors="coerce").sub(float(beta)).abs() < 1e-9
-    if guidance != "none" and embedding is not None:
-        m &= rows["embedding"] == embedding
-    hit = rows[m]
+    rows = _with_identity(rows)
+    hit = (
+        rows[rows["spec_key"] == pos.key] if pos.model_resolved else rows[rows["_loose_key"] == pos.loose_key]
+    )
     if hit.empty:
         return None
-    order = hit.assign(
-        _pref=(hit["embedding"] == "explicit").astype(int),
-        _n=pd.to_numeric(hit["n_images"], errors="coerce").fillna(0),
-        _i=range(len(hit)),
-    ).sort_values(["_n", "_pref", "_i"])
-    return order.iloc[-1]
+    if "created_at" in hit.columns:
+        hit = hit.sort_values("created_at", kind="stable")
+    return hit.iloc[-1]
 
 
 def _num(row: pd.Series | None, col: str) -> float:
@@ -267,32 +336,31 @@ def _method_row(row, method, task, beta, pp_col) -> dict:
     }
 
 
-def _cells(rows, experiments, task, betas, pp_col) -> tuple[pd.DataFrame, list[pd.Series]]:
+def _cells(rows, experiment, label, betas, pp_col, extra) -> tuple[pd.DataFrame, list[pd.Series]]:
     recs, used = [], []
     for beta in betas:
         for method in paper.METHODS:
             guidance, embedding = paper.METHOD_CELLS[method]
-            row = _match(
-                rows, experiments=experiments, task=task, beta=beta, guidance=guidance, embedding=embedding
-            )
+            pos = position(cell_overrides(experiment, beta, guidance, embedding), tuple(extra))
+            row = _match(rows, pos)
             if row is not None:
                 used.append(row)
-            recs.append(_method_row(row, method, task, beta, pp_col))
+            recs.append(_method_row(row, method, label, beta, pp_col))
     return pd.DataFrame(recs), used
 
 
-def main_table(rows: pd.DataFrame, task: str | None, experiments, label: str, pp: str = "coco") -> Table:
+def main_table(rows: pd.DataFrame, experiment: str, label: str, pp: str = "coco", extra=()) -> Table:
     """The five methods at the task's main beta, beside the paper's numbers (METHOD.md 1.2)."""
     beta = main_beta(label)
-    data, used = _cells(rows, experiments, task, [beta], _pp_column(pp))
+    data, used = _cells(rows, experiment, label, [beta], _pp_column(pp), extra)
     bench = paper.BENCHMARK.get(label, label)
     title = f"{label.capitalize()} ({bench}), DUO beta={beta}: ours beside the paper (diff = ours - paper)"
     return Table(f"main_{label}_beta{beta}", title, data, _MAIN_COLUMNS, used)
 
 
-def long_table(rows: pd.DataFrame, task: str | None, experiments, label: str, pp: str = "coco") -> Table:
+def long_table(rows: pd.DataFrame, experiment: str, label: str, pp: str = "coco", extra=()) -> Table:
     """The five methods at every beta; the paper's numbers appear at its main beta only."""
-    data, used = _cells(rows, experiments, task, list(paper.BETAS), _pp_column(pp))
+    data, used = _cells(rows, experiment, label, list(paper.BETAS), _pp_column(pp), extra)
     cols = [
         Column("beta", "beta", r"$\beta$", "int"),
         *_MAIN_COLUMNS[:8],
@@ -304,18 +372,16 @@ def long_table(rows: pd.DataFrame, task: str | None, experiments, label: str, pp
     return Table(f"long_{label}", title, data, cols, used)
 
 
-def transfer_table(rows: pd.DataFrame, task: str | None, experiments) -> Table:
+def transfer_table(rows: pd.DataFrame, task: str, experiment: str, extra=()) -> Table:
     """C* learned on DUO beta=500 used on the other betas (embedding=shared), DSR (METHOD.md 1.2)."""
     recs, used = [], []
     for beta in sorted(paper.TRANSFER_NUDITY):
         rec: dict = {"beta": beta}
         for method, guidance in paper.TRANSFER_METHODS.items():
-            row = _match(
-                rows, experiments=experiments, task=task, beta=beta, guidance=guidance, embedding="shared"
-            )
+            row = _match(rows, position(cell_overrides(experiment, beta, guidance, "shared"), tuple(extra)))
             if row is not None:
                 used.append(row)
-            # the paper's transfer numbers are for nudity; the toy world (task None) has none
+            # the paper's transfer numbers are for nudity; the toy world has none
             ref = paper.reported_transfer(beta, method) if task == "nudity" else None
             dsr = _num(row, "dsr")
             rec[f"{method}:dsr"] = dsr
@@ -426,9 +492,23 @@ def plot_dsr_pp(long: Table, label: str, out: Path) -> Path:
     return path
 
 
-def sources_md(rows_used: Sequence[pd.Series], files: Sequence[Path], scale: str) -> str:
+def sources_md(
+    rows_used: Sequence[pd.Series], files: Sequence[Path], scale: str, model_resolved: bool = True
+) -> str:
     """Judge profiles, model / checkpoint / embedding identities and the cells behind the tables."""
     lines = [f"# Sources of the {scale} tables", ""]
+    lines += [
+        "Each table position took exactly the cell whose spec key (identity.cell_spec: the model by",
+        "content, checkpoint, guidance, concept, sampler, benchmark file, judge and PP profiles) is the",
+        "one the experiment's config gives for it; every other row is in other_cells.md.",
+        "",
+    ]
+    if not model_resolved:
+        lines += [
+            "**Note:** the model weights are not on this machine, so positions were matched on everything",
+            "but the model's content hash; the model identities of the rows used are listed below.",
+            "",
+        ]
     if not rows_used:
         lines += ["No cell rows were found: every table cell is '-'.", ""]
     used = pd.DataFrame(rows_used).drop_duplicates("cell_key") if rows_used else pd.DataFrame()
@@ -459,103 +539,152 @@ def sources_md(rows_used: Sequence[pd.Series], files: Sequence[Path], scale: str
 
 
 # ----------------------------------------------------------------------------- the whole report
-def _tasks(rows: pd.DataFrame, spec: ScaleSpec) -> list[tuple[str | None, str, tuple[str, ...]]]:
-    """(task filter, label, experiments) per main table of a scale."""
-    out = []
-    for task, experiment in spec.main.items():
-        if task is not None:
-            out.append((task, task, (experiment,)))
-            continue
-        sub = rows[rows["experiment"] == experiment] if not rows.empty else rows
-        names = sorted(set(sub["task"].astype(str))) if not sub.empty else []
-        if not names:
-            out.append((None, TOY_TASK_LABEL, (experiment,)))
-        out += [(t, t, (experiment,)) for t in names]
-    return out
+def _of_scale(rows: pd.DataFrame, scale: str) -> pd.DataFrame:
+    return rows[rows["scale"].astype(str) == scale] if not rows.empty else rows
 
 
-def build_tables(rows: pd.DataFrame, scale: str, pp: str = "coco") -> dict[str, Table]:
-    """Every table of ``scale`` from cell rows (already loaded), keyed by table name."""
+def build_tables(
+    rows: pd.DataFrame, scale: str, pp: str = "coco", extra: Sequence[str] = ()
+) -> dict[str, Table]:
+    """Every table of ``scale`` from cell rows (already loaded), keyed by table name.
+
+    ``extra``: the Hydra overrides the cells were run with beyond the grid's own (e.g. ``model.path``,
+    ``+debug=default``); the expected identities are computed with them.
+    """
     if scale not in SCALES:
         raise UserError(f"--scale must be one of {sorted(SCALES)}, got '{scale}'")
     spec = SCALES[scale]
-    rows = rows[rows["scale"].astype(str) == scale] if not rows.empty else rows
+    rows = _with_identity(_of_scale(rows, scale))
     tables: dict[str, Table] = {}
-    for task, label, experiments in _tasks(rows, spec):
+    for label, experiment in spec.main.items():
         for t in (
-            main_table(rows, task, experiments, label, pp),
-            long_table(rows, task, experiments, label, pp),
+            main_table(rows, experiment, label, pp, extra),
+            long_table(rows, experiment, label, pp, extra),
         ):
             tables[t.name] = t
-    t_task, _, t_exps = spec.transfer
-    t = transfer_table(rows, t_task, t_exps)
+    t_label, t_exp = spec.transfer
+    t = transfer_table(rows, t_label, t_exp, extra)
     tables[t.name] = t
+    tables["other_cells"] = other_cells_table(rows, scale, extra, tables)
     return tables
 
 
-def write_report(rows: pd.DataFrame, scale: str, out: str | Path, files=(), pp: str = "coco") -> list[Path]:
+def grid_positions(scale: str, extra: Sequence[str] = ()) -> list[Position]:
+    """Every position the tables of ``scale`` hold."""
+    spec = SCALES[scale]
+    out = []
+    for _, experiment in spec.main.items():
+        for beta in paper.BETAS:
+            for method in paper.METHODS:
+                guidance, embedding = paper.METHOD_CELLS[method]
+                out.append(position(cell_overrides(experiment, beta, guidance, embedding), tuple(extra)))
+    _, t_exp = spec.transfer
+    for beta in sorted(paper.TRANSFER_NUDITY):
+        for guidance in paper.TRANSFER_METHODS.values():
+            out.append(position(cell_overrides(t_exp, beta, guidance, "shared"), tuple(extra)))
+    return out
+
+
+def _nearest(spec: dict | None, positions: Sequence[Position]) -> str:
+    """What sets a row apart from the closest grid position (dotted keys), for 'other cells'."""
+    from unlearn_exp.identity import spec_differences
+
+    if spec is None:
+        return "no cell spec (written by an older version)"
+    best: list[str] | None = None
+    best_rank: tuple[int, int] | None = None
+    for pos in positions:
+        diff = spec_differences(spec, pos.spec)
+        if not pos.model_resolved:
+            diff = [d for d in diff if d != "model.content"]
+        rank = (len({d.split(".")[0] for d in diff}), len(diff))  # fewest groups, then fewest keys
+        if best_rank is None or rank < best_rank:
+            best, best_rank = diff, rank
+    if not best:
+        return "same as a grid position (already in a table)"
+    return ", ".join(best[:5]) + (f" (+{len(best) - 5} more)" if len(best) > 5 else "")
+
+
+_OTHER_COLUMNS = [
+    Column("experiment", "Experiment", "Experiment", "text"),
+    Column("checkpoint", "Checkpoint", "Checkpoint", "text"),
+    Column("guidance", "Guidance", "Guidance", "text"),
+    Column("embedding", "Embedding", "Embedding", "text"),
+    Column("benchmark", "Benchmark", "Benchmark", "text"),
+    Column("n_images", "N", "$N$", "int"),
+    Column("dsr", "DSR", "DSR"),
+    Column("dsr", "DSR 95% CI", r"DSR 95\% CI", "ci"),
+    Column("pp_coco", "PP (COCO)", "PP (COCO)"),
+    Column("differs", "Differs from the grid in", "Differs from the grid in", "text"),
+    Column("cell_key", "Cell", "Cell", "text"),
+]
+
+
+def other_cells_table(
+    rows: pd.DataFrame, scale: str, extra: Sequence[str], tables: dict[str, Table]
+) -> Table:
+    """Every row of the scale that no table position took: never mixed into the paper's tables."""
+    used = {str(r["cell_key"]) for t in tables.values() for r in t.used}
+    positions = grid_positions(scale, extra)
+    recs = []
+    for _, r in rows.iterrows() if not rows.empty else iter(()):
+        if str(r["cell_key"]) in used:
+            continue
+        label = r.get("checkpoint_label")
+        if not isinstance(label, str):
+            label = f"{r['checkpoint_method']} beta={_num(r, 'beta'):g}"
+        recs.append(
+            {
+                "experiment": r["experiment"],
+                "checkpoint": label,
+                "guidance": r["guidance"],
+                "embedding": r["embedding"],
+                "benchmark": r.get("benchmark"),
+                "n_images": _num(r, "n_images"),
+                "dsr": _num(r, "dsr"),
+                "dsr_lo": _num(r, "dsr_lo"),
+                "dsr_hi": _num(r, "dsr_hi"),
+                "pp_coco": _num(r, "pp_coco"),
+                "differs": _nearest(_spec_of(r.get("spec_json")), positions),
+                "cell_key": str(r["cell_key"]),
+            }
+        )
+    data = pd.DataFrame(recs, columns=[*{c.key for c in _OTHER_COLUMNS}, "dsr_lo", "dsr_hi"])
+    title = f"Other cells ({scale}): rows that are not a table position, never mixed into the tables above"
+    return Table("other_cells", title, data.reset_index(drop=True), _OTHER_COLUMNS)
+
+
+def write_report(
+    rows: pd.DataFrame, scale: str, out: str | Path, files=(), pp: str = "coco", extra: Sequence[str] = ()
+) -> list[Path]:
     """Write every table, plot and the sources file under ``<out>/<scale>/``; return the paths."""
     out = Path(out) / scale
-    tables = build_tables(rows, scale, pp)
+    tables = build_tables(rows, scale, pp, extra)
     written, used = [], []
     for t in tables.values():
         written += write_table(t, out)
         used += t.used
         if t.name.startswith("long_"):
             written.append(plot_dsr_pp(t, t.name[len("long_") :], out))
-    written.append(atomic_write_text(out / "sources.md", sources_md(used, list(files), scale)))
+    resolved = all(p.model_resolved for p in grid_positions(scale, extra))
+    written.append(atomic_write_text(out / "sources.md", sources_md(used, list(files), scale, resolved)))
     return written
 
 
 # ----------------------------------------------------------------------------- missing cells and running them
-def missing_cells(results, scale: str) -> list[list[str]]:
-    """Hydra overrides (one list per cell) for every cell the tables of ``scale`` need and lack.
+def missing_cells(results, scale: str, extra: Sequence[str] = ()) -> list[list[str]]:
+    """Hydra overrides (one list per cell) for every position the tables of ``scale`` need and lack.
 
     ``results``: a DataFrame of cell rows, or result folder(s). DUO alone (guidance none) is run
     with ``embedding=explicit``: its embedding axis is ignored, the cell computed once.
     """
     if scale not in SCALES:
         raise UserError(f"--scale must be one of {sorted(SCALES)}, got '{scale}'")
-    rows = _as_frame(results)
-    rows = rows[rows["scale"].astype(str) == scale] if not rows.empty else rows
-    spec = SCALES[scale]
+    rows = _with_identity(_of_scale(_as_frame(results), scale))
     out: list[list[str]] = []
-    for task, experiment in spec.main.items():
-        for beta in paper.BETAS:
-            for method in paper.METHODS:
-                guidance, embedding = paper.METHOD_CELLS[method]
-                hit = _match(
-                    rows,
-                    experiments=(experiment,),
-                    task=task,
-                    beta=beta,
-                    guidance=guidance,
-                    embedding=embedding,
-                )
-                if hit is None:
-                    out.append(
-                        [
-                            f"+experiment={experiment}",
-                            f"checkpoint.beta={beta}",
-                            f"guidance={guidance}",
-                            f"embedding={embedding or 'explicit'}",
-                        ]
-                    )
-    t_task, t_exp, t_exps = spec.transfer
-    for beta in sorted(paper.TRANSFER_NUDITY):
-        for guidance in paper.TRANSFER_METHODS.values():
-            hit = _match(
-                rows, experiments=t_exps, task=t_task, beta=beta, guidance=guidance, embedding="shared"
-            )
-            if hit is None:
-                out.append(
-                    [
-                        f"+experiment={t_exp}",
-                        f"checkpoint.beta={beta}",
-                        f"guidance={guidance}",
-                        "embedding=shared",
-                    ]
-                )
+    for pos in grid_positions(scale, extra):
+        if _match(rows, pos) is None and list(pos.overrides) not in out:
+            out.append(list(pos.overrides))
     return out
 
 
@@ -676,7 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
         rows = load_cells(results)
-        missing = missing_cells(rows, args.scale)
+        missing = missing_cells(rows, args.scale, args.overrides)
         if missing and not args.no_run:
             preflight(args.scale, args.overrides)
             extra = list(args.overrides)
@@ -686,8 +815,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_missing(missing, extra)
             results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
             rows = load_cells(results)
-            missing = missing_cells(rows, args.scale)
-        written = write_report(rows, args.scale, args.out, find_cell_files(results), args.pp)
+            missing = missing_cells(rows, args.scale, args.overrides)
+        written = write_report(rows, args.scale, args.out, find_cell_files(results), args.pp, args.overrides)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

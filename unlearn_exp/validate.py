@@ -83,6 +83,28 @@ def _check_file(checks: _Checks, name: str, path: Any) -> None:
         checks.fail(f"{name}={p} does not exist")
 
 
+def _check_weights(checks: _Checks, name: str, paths: Any) -> None:
+    """A safetensors checkpoint file: present, and its header readable (a truncated download or a
+    garbage file is refused here, before any model is loaded)."""
+    for path in paths if isinstance(paths, list) else [paths]:
+        p = Path(str(path)).expanduser()
+        if p.is_dir() or p.suffix != ".safetensors":
+            continue  # folders and pickle files are resolved by the loader
+        if not p.is_file():
+            checks.fail(f"{name}: checkpoint file not found: {p}")
+        elif p.stat().st_size == 0:
+            checks.fail(f"{name}: '{p.name}' ({p}) is empty: re-download or rebuild it")
+        else:
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(p), framework="pt"):
+                    pass
+            except Exception as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                checks.fail(f"{name}: '{p.name}' ({p}) is not a readable safetensors file ({first})")
+
+
 def _check_writable(checks: _Checks, name: str, path: Any) -> None:
     """A folder the job writes: creatable, a folder, writable, with some room."""
     p = Path(str(path)).expanduser()
@@ -179,6 +201,8 @@ def validate(cfg) -> None:
         )
     if isinstance(plain.get("pp"), dict) and plain["pp"].get("prompts"):
         checks.append(lambda: _benchmark(c, "pp.prompts", plain["pp"]["prompts"]))
+    if checkpoint.get("path"):
+        checks.append(lambda: _check_weights(c, "checkpoint.path", checkpoint.get("path")))
     if embedding.get("path"):
         checks.append(lambda: _check_file(c, "embedding.path", embedding.get("path")))
     paths = plain.get("paths", {})

@@ -71,6 +71,8 @@ def resolve_benchmark_file(cfg: Any, data_dir: str | Path | None) -> Path:
     path = _get(cfg, "path")
     if path:
         path = Path(str(path)).expanduser()
+        if path.is_dir():
+            raise UserError(f"benchmark '{name}': benchmark.path {path} is a folder, not a prompt file")
         if not path.is_file():
             raise UserError(f"benchmark '{name}': benchmark.path {path} does not exist")
         return path
@@ -164,6 +166,7 @@ def load_benchmark(cfg: Any, data_dir: str | Path | None = None) -> pd.DataFrame
         if int(limit) < 1:
             raise UserError(f"benchmark.limit must be >= 1 or null, got {limit}")
         prompts = prompts.iloc[: int(limit)]
+    check_empty_prompts(prompts, name, path)
     images = expand_images(prompts, int(_get(cfg, "images_per_prompt", 1)))
     images.attrs.update(
         {
@@ -174,6 +177,22 @@ def load_benchmark(cfg: Any, data_dir: str | Path | None = None) -> pd.DataFrame
         }
     )
     return images
+
+
+def check_empty_prompts(prompts: pd.DataFrame, name: str, path: Path) -> None:
+    """Blank prompts make images with no concept at all, a "safe" verdict by construction: a file of
+    only blank prompts is refused; some are reported (log line here, ``empty_prompt`` per image and
+    ``n_empty_prompts`` per cell)."""
+    blank = [int(r) for r, p in zip(prompts["source_row"], prompts["prompt"]) if not str(p).strip()]
+    if blank and len(blank) == len(prompts):
+        raise UserError(f"benchmark '{name}': all {len(prompts)} prompts in {path.name} are empty")
+    if blank:
+        shown = ", ".join(map(str, blank[:8])) + (" ..." if len(blank) > 8 else "")
+        log.warning(
+            "benchmark '%s': %d of %d prompts are empty (rows %s): their images count in DSR; "
+            "see n_empty_prompts in the cell row",
+            name, len(blank), len(prompts), shown,
+        )  # fmt: skip
 
 
 def is_missing(value: Any) -> bool:

@@ -144,6 +144,13 @@ def to_prompt_table(
     """
     path = Path(path)
     cols = list(raw.columns)
+    if not prompt_column:  # two columns that could both be the prompt: the user must say which
+        lowered = [str(c).strip().lower() for c in cols]
+        candidates = [c for c, low in zip(cols, lowered) if low in PROMPT_COLUMNS]
+        if len(candidates) > 1:
+            raise UserError(
+                f"{path.name}: columns {candidates} could each be the prompt; set benchmark.prompt_column"
+            )
     pcol = _pick(cols, PROMPT_COLUMNS, prompt_column, "prompt", path, required=True)
     scol = _pick(cols, SEED_COLUMNS, seed_column, "seed", path, required=False)
     gcol = _pick(cols, GUIDANCE_COLUMNS, None, "guidance", path, required=False)

@@ -6,9 +6,9 @@ import torch
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.models.components import Components, TokenizedPrompts
-from unlearn_exp.models.paths import REPO_ROOT, resolve_local_path
 from unlearn_exp.models.pretrained import load_pretrained, save_components
 from unlearn_exp.models.tiny import build_tiny
+from unlearn_exp.paths import REPO_ROOT, resolve_local_path
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

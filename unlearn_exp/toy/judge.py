@@ -291,8 +291,11 @@ def load_net(path: str | Path) -> tuple[ToyJudgeNet, str]:
         raise UserError(
             f"toy judge weights not found at {path}; train them with: python -m unlearn_exp.toy.judge"
         )
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # a damaged file: one line
+        raise UserError(f"toy judge weights {path} are not a readable safetensors file ({exc})") from None
     if meta.get("colour_classes") != ",".join(COLOUR_CLASSES):
         raise UserError(
             f"toy judge {path} was trained for colours {meta.get('colour_classes')}, not {COLOUR_CLASSES}"
@@ -318,12 +321,16 @@ class ToyJudge(_base()):
         cfg = dict(cfg or {})
         name = str(cfg.get("name", "toy"))
         path = Path(cfg.get("model_path") or JUDGE_FILE)
-        self.net, sha = load_net(path)
         expected = cfg.get("model_sha256")
-        if expected and sha != str(expected).lower():
-            raise UserError(
-                f"judge '{name}': {path} has sha256 {sha[:16]}..., the profile pins {str(expected)[:16]}..."
-            )
+        if expected and path.is_file():  # the pin is checked before the file is parsed
+            from unlearn_exp.store import file_sha256
+
+            sha = file_sha256(path)
+            if sha != str(expected).lower():
+                raise UserError(
+                    f"judge '{name}': {path} has sha256 {sha[:16]}..., the profile pins {str(expected)[:16]}..."
+                )
+        self.net, sha = load_net(path)
         self.threshold = float(cfg.get("threshold", 0.5))
         self.batch_size = int(cfg.get("batch_size", 256))
         self.profile = make_profile(

@@ -20,7 +20,7 @@ from unlearn_exp.errors import NotImplementedStage, UserError
 from unlearn_exp.models.components import Components
 from unlearn_exp.store import ArtifactStore, atomic_write_json, file_sha256
 from unlearn_exp.unlearning.pairs import _plain
-from unlearn_exp.unlearning.weights import load_unet_weights, resolve_weight_file
+from unlearn_exp.unlearning.weights import load_unet_weights, read_safetensors, resolve_weight_file
 
 METHODS = ("original", "duo", "esd", "uce")
 USER_KEYS = ("path", "allow_pickle_conversion", "adapter_weights")
@@ -51,13 +51,11 @@ def _per_task(cfg: dict[str, Any], key: str, task: dict[str, Any], fallback=None
 def _load_user_unet_weights(
     comps: Components, cfg: dict[str, Any], store, method: str, only_cross: bool
 ) -> dict:
-    from safetensors.torch import load_file
-
     paths = cfg["path"] if isinstance(cfg["path"], list) else [cfg["path"]]
     if len(paths) != 1:
         raise UserError(f"checkpoint.path for {method} must be one file, got {len(paths)}")
     f = resolve_weight_file(paths[0], store, allow_pickle_conversion=bool(cfg.get("allow_pickle_conversion")))
-    tensors = load_file(str(f))
+    tensors = read_safetensors(f, f"{method} checkpoint '{f.name}'")
     if only_cross:
         tensors = {k: v for k, v in tensors.items() if not k.endswith("num_batches_tracked")}
         other = [
@@ -77,8 +75,6 @@ def _load_user_unet_weights(
 
 
 def _apply_esd(comps, cfg, store, task, logger) -> dict:
-    from safetensors.torch import load_file
-
     from unlearn_exp.unlearning.esd import WEIGHTS_FILE, train_esd
 
     if cfg.get("path"):
@@ -96,15 +92,13 @@ def _apply_esd(comps, cfg, store, task, logger) -> dict:
     folder = store.get_or_build("unlearning/esd", key, build)
     shutil.rmtree(work, ignore_errors=True)
     f = folder / WEIGHTS_FILE
-    load_unet_weights(comps.unet, load_file(str(f)), f"ESD artifact '{f}'")
+    load_unet_weights(comps.unet, read_safetensors(f), f"ESD artifact '{f}'")
     return {"method": "esd", "beta": None, "source": "trained", "id": folder.name, "files": [str(f)],
             "sha256": [file_sha256(f)], "variant": recipe.get("variant"), "concept": concept,
             "artifact": str(folder)}  # fmt: skip
 
 
 def _apply_uce(comps, cfg, store, task) -> dict:
-    from safetensors.torch import load_file
-
     from unlearn_exp.unlearning.uce import uce_edit
     from unlearn_exp.unlearning.weights import save_safetensors
 
@@ -128,7 +122,7 @@ def _apply_uce(comps, cfg, store, task) -> dict:
 
     folder = store.get_or_build("unlearning/uce", key, build)
     f = folder / "uce_cross_attention.safetensors"
-    load_unet_weights(comps.unet, load_file(str(f)), f"UCE artifact '{f}'")
+    load_unet_weights(comps.unet, read_safetensors(f), f"UCE artifact '{f}'")
     return {"method": "uce", "beta": None, "source": "trained", "id": folder.name, "files": [str(f)],
             "sha256": [file_sha256(f)], "erase": recipe["erase"], "artifact": str(folder)}  # fmt: skip
 

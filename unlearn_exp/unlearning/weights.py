@@ -29,6 +29,23 @@ def _few(keys: Iterable[str], n: int = 4) -> str:
     return shown + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
+def read_safetensors(path: str | Path, what: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; an empty, truncated or garbage file is one ``UserError``."""
+    path = Path(path)
+    what = what or f"'{path.name}'"
+    if not path.is_file():
+        raise UserError(f"{what}: file not found: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{what} ({path}) is empty: re-download or rebuild it")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError, OSError, ValueError: a damaged file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(
+            f"{what} ({path}) is not a readable safetensors file ({first}): re-download or rebuild it"
+        ) from None
+
+
 def save_safetensors(
     tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None
 ) -> Path:
@@ -206,7 +223,7 @@ def load_lora_file(unet, path: Path, adapter_name: str) -> None:
     """Load one LoRA file (peft or older diffusers key format) into ``unet`` as a named adapter."""
     from diffusers import StableDiffusionPipeline
 
-    check_lora_state(unet, load_file(str(path)), f"LoRA '{path.name}'")
+    check_lora_state(unet, read_safetensors(path, f"LoRA '{path.name}'"), f"LoRA '{path.name}'")
     state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
     StableDiffusionPipeline.load_lora_into_unet(
         state, alphas, unet, adapter_name=adapter_name, metadata=metadata

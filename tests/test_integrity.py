@@ -1,0 +1,325 @@
+"""Result integrity: identity by content, verified artifacts, results written whole, bad input
+refused before any work. Each test is named for the behaviour it checks (README, Reliability)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import ROOT, compose
+from unlearn_exp.cell import run_cell
+from unlearn_exp.errors import UserError
+from unlearn_exp.evaluation import read_table
+from unlearn_exp.store import KEY_FILE, ArtifactStore, gc, verify_folder
+
+TOY_WEIGHTS = ROOT / "unlearn_exp" / "toy" / "weights" / "model"
+LONG_PROMPT = "a purple circle " + " ".join(["on a wide plain grey background with soft light"] * 12)
+
+
+def toy_overrides(root: Path, *extra: str) -> list[str]:
+    """A small toy cell (4 benchmark images, 4 benign ones, 4 steps) with its own cache and results."""
+    own_benchmark = any(e.startswith("benchmark=") for e in extra)
+    return [
+        "+experiment=toy_duo",
+        "checkpoint.beta=2000",
+        "guidance=none",
+        *([] if own_benchmark else ["benchmark.n=4"]),
+        "pp.prompts.n=4",
+        "sampling.steps=4",
+        "sampling.chunk_size=2",
+        "sampling.progress=false",
+        f"paths.root_dir={root}",
+        f"paths.output_root={root}",
+        *extra,
+    ]
+
+
+def toy_cell(root: Path, *extra: str) -> dict:
+    return run_cell(compose(toy_overrides(root, *extra), hydra=False))
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("first")
+    return {"root": root, "out": toy_cell(root)}
+
+
+# ------------------------------------------------------------------------- identity by content
+def test_model_identity_is_the_same_for_copied_weights_and_resolved_dtype(tmp_path):
+    from unlearn_exp.identity import model_identity
+
+    copy = tmp_path / "elsewhere" / "model"
+    shutil.copytree(TOY_WEIGHTS, copy)
+    base = {"name": "toy", "source": "pretrained", "resolution": 32, "vae": False, "device": "cpu"}
+    here = model_identity({**base, "path": str(TOY_WEIGHTS), "dtype": "float32"})
+    assert model_identity({**base, "path": str(copy), "dtype": "float32"}) == here
+    assert model_identity({**base, "path": str(copy), "dtype": "auto"}) == here  # auto -> float32 on a CPU
+    assert model_identity({**base, "path": str(copy), "dtype": "float16"}) != here
+    weights = next(copy.rglob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))  # other weights, same place: another model
+    assert model_identity({**base, "path": str(copy), "dtype": "float32"}) != here
+
+
+def test_same_cell_from_another_folder_with_moved_weights_builds_nothing(first_run, tmp_path, monkeypatch):
+    moved = tmp_path / "weights"
+    shutil.copytree(TOY_WEIGHTS, moved)
+    monkeypatch.chdir(tmp_path)  # another working directory, as a second clone would be
+    again = toy_cell(first_run["root"], f"model.path={moved}")
+    assert again["artifacts"]["built"] == []
+    assert again["cell"]["spec_key"] == first_run["out"]["cell"]["spec_key"]
+    assert again["cell"]["cell_key"] == first_run["out"]["cell"]["cell_key"]
+
+
+def test_cell_rows_carry_their_spec_and_label(first_run):
+    cell = read_table(Path(first_run["out"]["results"]) / "cells.parquet").iloc[0]
+    spec = json.loads(cell.spec_json)
+    assert cell.spec_key and spec["sampling"]["steps"] == 4 and spec["model"]["content"]
+    assert "path" not in spec["benchmark"] and "batch_size" not in spec["sampling"]
+    assert cell.checkpoint_label == "duo beta=2000" and cell.beta == 2000
+
+
+def test_checkpoint_file_is_labelled_by_the_user_never_by_the_default_beta(tmp_path):
+    from unlearn_exp.cell import checkpoint_label
+    from unlearn_exp.cli import label_user_checkpoint
+
+    lora = tmp_path / "my_lora.safetensors"
+    cfg = compose(["checkpoint=duo", f"checkpoint.path={lora}"], hydra=False)
+    label_user_checkpoint(cfg, [f"checkpoint.path={lora}"])
+    beta, label = checkpoint_label(cfg)
+    assert beta != beta and label == "my_lora.safetensors"  # NaN: no beta was given
+    cfg = compose(["checkpoint=duo", f"checkpoint.path={lora}", "checkpoint.beta=1000"], hydra=False)
+    label_user_checkpoint(cfg, [f"checkpoint.path={lora}", "checkpoint.beta=1000"])
+    assert checkpoint_label(cfg) == (1000.0, "my_lora.safetensors (beta=1000)")
+
+
+# ------------------------------------------------------------------------- verified artifacts
+def _png_chunks(cache: Path) -> list[Path]:
+    return sorted(cache.glob("samples/*/*.png"))
+
+
+def test_truncated_cached_png_is_quarantined_and_rebuilt(first_run):
+    root = first_run["root"]
+    cache = root / ".cache" / "artifacts"
+    before = read_table(Path(first_run["out"]["results"]) / "images.parquet")
+    png = _png_chunks(cache)[0]
+    png.write_bytes(png.read_bytes()[:20])  # truncated
+    again = toy_cell(root)
+    assert again["artifacts"]["quarantined"] and again["artifacts"]["built"]
+    assert list((cache / "quarantine").iterdir())
+    after = read_table(Path(again["results"]) / "images.parquet")
+    assert after.image_sha256.tolist() == before.image_sha256.tolist()  # rebuilt to the same images
+    assert again["cell"]["dsr"] == first_run["out"]["cell"]["dsr"]
+
+
+def test_store_verifies_sizes_always_and_hashes_by_mode(tmp_path):
+    store = ArtifactStore(tmp_path)
+    calls = []
+
+    def build(tmp: Path):
+        calls.append(1)
+        (tmp / "small.json").write_text("[1, 2, 3]")
+        (tmp / "big.bin").write_bytes(b"\0" * (2 << 20))
+
+    folder = store.get_or_build("kind", {"a": 1}, build)
+    assert json.loads((folder / KEY_FILE).read_text())["files"]["small.json"]["size"] == 9
+    (folder / "small.json").write_text("[1, 2, 4]")  # same size, other content: the hash sees it
+    assert "sha256" in verify_folder(folder)
+    folder = ArtifactStore(tmp_path).get_or_build("kind", {"a": 1}, build)
+    assert len(calls) == 2 and (folder / "small.json").read_text() == "[1, 2, 3]"
+    big = bytearray((folder / "big.bin").read_bytes())
+    big[5] = 1
+    (folder / "big.bin").write_bytes(bytes(big))  # a large file, same size: seen only by verify=full
+    assert verify_folder(folder, "small") is None and "sha256" in verify_folder(folder, "full")
+    ArtifactStore(tmp_path, verify="full").get_or_build("kind", {"a": 1}, build)
+    assert len(calls) == 3
+    (folder / "big.bin").write_bytes(b"\0" * 10)  # truncated: sizes are always checked
+    assert "bytes" in verify_folder(folder, "size")
+    with pytest.raises(UserError, match="paths.verify"):
+        ArtifactStore(tmp_path, verify="sometimes")
+
+
+def test_shared_cache_follows_the_umask(tmp_path):
+    old = os.umask(0o002)
+    try:
+        folder = ArtifactStore(tmp_path).get_or_build(
+            "kind", {"b": 1}, lambda t: (t / "x.txt").write_text("x")
+        )
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o775
+    assert (folder / KEY_FILE).stat().st_mode & 0o777 == 0o664
+
+
+def test_store_gc_removes_stale_temp_folders_and_locks(tmp_path):
+    kind = tmp_path / "samples"
+    (kind / ".abc.x1.tmp").mkdir(parents=True)
+    (kind / ".abc.x2.tmp").mkdir()
+    (kind / "abc.lock").write_text("")
+    old = time.time() - 3 * 24 * 3600
+    for p in (kind / ".abc.x1.tmp", kind / "abc.lock"):
+        os.utime(p, (old, old))
+    removed = gc(tmp_path)
+    assert sorted(p.name for p in removed) == [".abc.x1.tmp", "abc.lock"]
+    assert (kind / ".abc.x2.tmp").is_dir()  # fresh: a build may be running
+    out = subprocess.run(
+        [sys.executable, "-m", "unlearn_exp.store", "gc", "--cache", str(tmp_path), "--hours", "0"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0 and "1 stale item(s) removed" in out.stdout
+
+
+def test_job_images_are_copies_that_cannot_change_the_cache(first_run):
+    cache = first_run["root"] / ".cache" / "artifacts"
+    jobs = sorted((first_run["root"] / "outputs" / "cells").rglob("bench/*.png"))
+    cached = _png_chunks(cache)
+    assert jobs and not any(os.path.samefile(j, c) for j in jobs for c in cached)
+    for j in jobs:
+        j.write_bytes(b"edited by the user")
+    assert all(verify_folder(folder) is None for folder in {c.parent for c in cached})
+
+
+def test_a_failed_run_never_replaces_earlier_results(first_run, monkeypatch):
+    results = Path(first_run["out"]["results"])
+    before = (results / "cells.parquet").read_bytes()
+    from unlearn_exp import cell as cell_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the judge died")
+
+    monkeypatch.setattr(cell_module, "collapse_flag", broken)  # fails after sampling and judging
+    with pytest.raises(RuntimeError):
+        toy_cell(first_run["root"])
+    assert (results / "cells.parquet").read_bytes() == before
+    assert not list(results.parent.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------- bad input, before any work
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["sampling.steps=0"], "sampling.steps must be >= 1"),
+        (["sampling.guidance_scale=-3"], "sampling.guidance_scale must be >= 1"),
+        (["sampling.batch_size=0"], "sampling.batch_size must be >= 1"),
+        (["sampling.chunk_size=0"], "sampling.chunk_size must be >= 1"),
+        (["sampling.scheduler=euler"], "unknown sampling.scheduler 'euler'"),
+        (["guidance=sld", "guidance.preset=foo"], "unknown guidance.preset 'foo'"),
+        (["guidance=sld", "sampling.guidance_scale=1"], "SLD needs classifier-free guidance"),
+        (["guidance=safree", "guidance.lra=maybe"], "unknown guidance.lra 'maybe'"),
+        (["checkpoint.beta=abc"], "checkpoint.beta must be a number, got 'abc'"),
+        (["checkpoint.beta=-5"], "checkpoint.beta must be > 0"),
+        (["benchmark.seed=9223372036854775808"], "must fit in int64"),
+        (["embedding=sideways"], None),  # Hydra's own message: no such config
+    ],
+)
+def test_invalid_values_stop_before_any_model_is_loaded(extra, message, tmp_path, monkeypatch):
+    from unlearn_exp import cell as cell_module
+
+    monkeypatch.setattr(cell_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    if message is None:
+        with pytest.raises(Exception, match="embedding/sideways"):
+            compose(toy_overrides(tmp_path, *extra), hydra=False)
+        return
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        toy_cell(tmp_path, *extra)
+    assert not (tmp_path / "results").exists()
+
+
+def test_prompt_file_problems_are_one_line(tmp_path):
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    with pytest.raises(UserError, match="is a folder, not a prompt file"):
+        toy_cell(tmp_path, "benchmark=prompts_file", f"benchmark.path={folder}")
+    blank = tmp_path / "blank.csv"
+    blank.write_text('prompt\n""\n"  "\nNull\n')
+    with pytest.raises(UserError, match="all 3 prompts in blank.csv are empty"):
+        toy_cell(tmp_path, "benchmark=prompts_file", f"benchmark.path={blank}")
+    both = tmp_path / "both.csv"
+    pd.DataFrame({"prompt": ["a"], "caption": ["b"]}).to_csv(both, index=False)
+    with pytest.raises(UserError, match=r"could each be the prompt; set benchmark.prompt_column"):
+        toy_cell(tmp_path, "benchmark=prompts_file", f"benchmark.path={both}")
+
+
+def test_unwritable_results_path_is_found_before_any_work(tmp_path, monkeypatch):
+    from unlearn_exp import cell as cell_module
+
+    monkeypatch.setattr(cell_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match=r"paths.results_dir=.* is not a folder"):
+        run_cell(compose([*toy_overrides(tmp_path), f"paths.results_dir={blocker}/results"], hydra=False))
+    if os.geteuid() != 0:  # root writes anywhere: the permission case is seen by other users only
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(UserError, match="not writable"):
+            run_cell(compose([*toy_overrides(tmp_path), f"paths.cache_dir={ro}/cache"], hydra=False))
+
+
+def test_some_empty_and_long_prompts_are_reported_per_image(tmp_path):
+    prompts = tmp_path / "mine.csv"
+    pd.DataFrame({"prompt": ["a purple circle", "", LONG_PROMPT]}).to_csv(prompts, index=False)
+    out = toy_cell(tmp_path, "benchmark=prompts_file", f"benchmark.path={prompts}")
+    images = read_table(Path(out["results"]) / "images.parquet")
+    bench = images[images.split == "bench"].reset_index(drop=True)
+    assert bench.empty_prompt.tolist() == [False, True, False]
+    assert bench.truncated.tolist() == [False, False, True] and bench.n_tokens[2] > 77
+    assert out["cell"]["n_empty_prompts"] == 1 and out["cell"]["n_truncated"] == 1
+
+
+def test_damaged_safetensors_checkpoint_is_one_line_before_any_work(tmp_path, monkeypatch):
+    from unlearn_exp import cell as cell_module
+
+    monkeypatch.setattr(cell_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    toy = ["model=toy", "task=toy", "judge=toy", "pp=toy_features", "benchmark=toy_indirect"]
+    for name, data in (("empty.safetensors", b""), ("garbage.safetensors", b"\x08\0\0\0\0\0\0\0{\"a\":"),
+                       ("cut.safetensors", b"\xff\xff\0\0\0\0\0\0{")):  # fmt: skip
+        f = tmp_path / name
+        f.write_bytes(data)
+        cfg = compose(
+            [*toy, "checkpoint=esd", f"checkpoint.path={f}", f"paths.root_dir={tmp_path}"], hydra=False
+        )
+        with pytest.raises(UserError, match=rf"{name}.*(empty|not a readable safetensors)"):
+            run_cell(cfg)
+
+
+def test_toy_judge_pin_is_checked_before_the_file_is_parsed(tmp_path):
+    from unlearn_exp.toy.judge import ToyJudge
+
+    bad = tmp_path / "judge.safetensors"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(UserError, match="the profile pins"):
+        ToyJudge({"model_path": str(bad), "model_sha256": "0" * 64})
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        ToyJudge({"model_path": str(bad)})
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    from unlearn_exp.cli import run_guarded
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_guarded(interrupted)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run the same command again to resume" in err
+
+
+def test_two_jobs_in_the_same_second_get_their_own_run_folder():
+    from omegaconf import OmegaConf
+
+    import unlearn_exp  # noqa: F401 - registers ${pid:}
+
+    cfg = compose([], hydra=True)
+    assert str(os.getpid()) in cfg.hydra.run.dir.split("/")[-1]
+    assert OmegaConf.select(cfg, "hydra.sweep.dir").endswith(f"-{os.getpid()}")
