@@ -274,3 +274,11 @@ def test_register_judge_hook():
     assert make_judge({"name": "toy_test_colour"}) is judge  # one instance per config
     with pytest.raises(UserError, match="unknown judge type"):
         make_judge({"name": "no_such_judge"})
+
+
+def test_q16_profile_pins_the_published_prompts_by_sha256_and_git_blob():
+    from tests.conftest import compose
+
+    judge = compose(["judge=q16"], hydra=False).judge
+    assert judge.prompts_sha256 == "9b6c411824c2f64e0f847aa3c9f2b15b8e3a6c75e0efd82f2f672670c97ccad5"
+    assert judge.prompts_git_blob == "975ddc999f06a78a1e0518ed67015478b25ad8e7"
