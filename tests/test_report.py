@@ -229,9 +229,9 @@ def test_write_report_files(tmp_path: Path):
     assert {"dsr_pp_violence.png", "dsr_pp_nudity.png", "sources.md"} <= names
     assert (out / "dsr_pp_nudity.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "main_violence_beta1000.md").read_text()
-    assert "| DUO+SLD+Ours | - | 0.880 | - | - | 0.693 | - | - | - | - |" in md
+    assert "| DUO+SLD+Ours | - | 0.880 | - | - | 0.693 | - | - | - | - | - | - |" in md
     tex = (out / "main_violence_beta1000.tex").read_text()
-    assert r"\begin{tabular}{lrrrrrrrrrl}" in tex and r"$\Delta$DSR" in tex
+    assert r"\begin{tabular}{lrrrrrrrrrll}" in tex and r"$\Delta$DSR" in tex
     csv = pd.read_csv(out / "main_nudity_beta2000.csv", keep_default_na=False, dtype=str)
     assert csv.loc[csv.method == "DUO+SLD", "dsr"].item() == "0.4842"
     assert csv.loc[csv.method == "DUO+SLD", "dsr_paper"].item() == "0.4840"

@@ -552,6 +552,8 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
                 }
             )
     bench_images = [r for r in image_rows if r["split"] == "bench"]
+    bench_meta = [m for c in chunks for m in chunk_meta(c)]
+    safree_compat = str(cfg.guidance.get("compat", "")) if cfg.guidance.name == "safree" else ""
     beta, label = checkpoint_label(cfg)
     cell = {
         "cell_key": cell_key,
@@ -576,6 +578,11 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
         "n_safe": stats["n_safe"],
         "n_truncated": sum(bool(r["truncated"]) for r in bench_images),
         "n_empty_prompts": sum(bool(r["empty_prompt"]) for r in bench_images),
+        "safree_compat": safree_compat,
+        # prompts SAFREE's official code treats otherwise (over 77 tokens, or one token)
+        "n_safree_compat_differs": sum(bool(m.get("safree_compat_differs")) for m in bench_meta)
+        if safree_compat
+        else 0,
         "pp_coco": pp_values.get("coco", float("nan")),
         "pp_bench": pp_values.get("bench", float("nan")),
         "n_pp_coco": len(lpips_by_split.get("coco", [])),

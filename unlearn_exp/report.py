@@ -303,6 +303,7 @@ _MAIN_COLUMNS = [
     Column("n_images", "N", "$N$", "int"),
     Column("benign_acc", "Benign acc.", "Benign acc."),
     Column("flag", "Flag", "Flag", "text"),
+    Column("safree", "SAFREE mode", "SAFREE mode", "text"),
 ]
 
 
@@ -332,8 +333,18 @@ def _method_row(row, method, task, beta, pp_col) -> dict:
         "n_safe": _num(row, "n_safe"),
         "benign_acc": _num(row, "benign_acc"),
         "flag": _text(row, "flag"),
+        "safree": _safree_mode(row),
         "cell_key": None if row is None else str(row["cell_key"]),
     }
+
+
+def _safree_mode(row: pd.Series | None) -> str | None:
+    """A SAFREE cell's mode and how many of its prompts the official and fixed modes treat otherwise."""
+    mode = _text(row, "safree_compat")
+    if not mode:
+        return None
+    n = _num(row, "n_safree_compat_differs")
+    return mode if math.isnan(n) else f"{mode} ({int(n)} differ)"
 
 
 def _cells(rows, experiment, label, betas, pp_col, extra) -> tuple[pd.DataFrame, list[pd.Series]]:

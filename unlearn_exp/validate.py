@@ -31,6 +31,7 @@ SAFREE_CHOICES = {
     "projection_order": ("code", "paper"),
     "lra": ("off", "paper"),
     "cfg_negative": ("concept", "keywords", "empty"),
+    "compat": ("fixed", "official"),
 }
 
 

@@ -19,7 +19,8 @@ Cell rows (``CELL_COLUMNS``):
   checkpoint file given without an explicit beta), checkpoint_label, checkpoint_id, guidance,
   embedding, embedding_id, benchmark, benchmark_sha256, dsr, dsr_lo, dsr_hi (Wilson 95%),
   n_images, n_safe, n_truncated and n_empty_prompts (benchmark images whose prompt was cut at 77
-  tokens, or blank), pp_coco, pp_bench, n_pp_coco, n_pp_bench, benign_acc (share of benign_ok, NaN
+  tokens, or blank), safree_compat and n_safree_compat_differs (SAFREE cells: fixed or official,
+  and how many benchmark prompts the two modes treat differently), pp_coco, pp_bench, n_pp_coco, n_pp_bench, benign_acc (share of benign_ok, NaN
   where not measured), n_benign, flag (why benign fidelity counts as collapsed, "" otherwise: a
   "safe" verdict on a broken image is no defence), judge_profile, judge_hash, pp_profile, pp_hash,
   config_json (the resolved config), created_at.
@@ -92,6 +93,8 @@ CELL_COLUMNS = [
     "n_safe",
     "n_truncated",
     "n_empty_prompts",
+    "safree_compat",
+    "n_safree_compat_differs",
     "pp_coco",
     "pp_bench",
     "n_pp_coco",

@@ -85,6 +85,7 @@ def make_guidance(
             lra_b2=float(guidance_cfg.get("lra_b2", 1.0)),
             lra_s1=float(guidance_cfg.get("lra_s1", 0.9)),
             lra_s2=float(guidance_cfg.get("lra_s2", 0.2)),
+            compat=str(guidance_cfg.get("compat", "fixed")),
         )
         return SAFREE(concept_prompts=prompts, negative_prompt=negative, params=params)
     raise UserError(f"unknown guidance '{name}': choose none, sld or safree")

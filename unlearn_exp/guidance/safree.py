@@ -14,6 +14,18 @@
 6. Latent re-attention (4.6): ``off`` (the official runs' behaviour, a no-op) or ``paper``: low
    frequencies of the decoder skip features of the safe branch are scaled by ``s`` where their
    magnitude exceeds the original prompt branch's.
+
+``compat``: ``fixed`` (the steps above as stated) or ``official``, which reproduces three
+behaviours of the official code (jaehong31/SAFREE, ``models/modified_stable_diffusion_pipeline.py``)
+that change numbers:
+
+- a prompt over CLIP's 77 tokens is sliced to its first 77 ids for masking, so no masked prompt holds
+  an end-of-text token; the pooled embedding is then taken at ``argmax(ids)``, the start token, every
+  masked prompt pools to the same vector and no token is flagged (the prompt is left as it is);
+- a one-token prompt compares its distance with the mean of an empty list (NaN): the comparison is
+  false and the single token is flagged and projected;
+- both projectors are computed in float32 with ``torch.pinverse`` (``E (E^T E)^+ E^T``), and the
+  trigger tokens' projection is evaluated as ``((I - P_C) P_I) e``.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ class SAFREEParams:
     lra_b2: float = 1.0
     lra_s1: float = 0.9
     lra_s2: float = 0.2
+    compat: str = "fixed"
 
 
 def concept_projector(concept_pooled: torch.Tensor) -> torch.Tensor:
@@ -57,6 +70,45 @@ def span_projector(masked_pooled: torch.Tensor) -> torch.Tensor:
     """``P_I = M^T (M M^T)^+ M`` for ``masked_pooled`` of shape (n, D); returns (D, D)."""
     m = masked_pooled.double()
     return (m.T @ torch.linalg.pinv(m @ m.T) @ m).float()
+
+
+def official_projection_matrix(e: torch.Tensor) -> torch.Tensor:
+    """The official code's ``E (E^T E)^+ E^T`` in float32 with ``torch.pinverse``, ``e``: (D, n)."""
+    e = e.float()
+    return e @ torch.pinverse(e.T @ e) @ e.T
+
+
+def official_keep(dist: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The official comparison ``d_i < (1 + alpha) mean_{j != i} d_j``, with the mean of an empty list
+    being NaN (so a one-token prompt's token is flagged)."""
+    n = dist.numel()
+    means = torch.stack([torch.cat((dist[:i], dist[i + 1 :])).mean() for i in range(n)])
+    return dist < (1.0 + alpha) * means
+
+
+def official_masked_pooled(
+    comps: Components, prompts: list[str]
+) -> tuple[list[int], torch.Tensor | None, list[bool]]:
+    """The official ``_masked_encode_prompt`` for each prompt: its untruncated ids sliced to 77, one
+    word masked (id 0) per row, pooled at ``argmax(ids)``, one text-encoder call per prompt at the
+    prompt's own length (as the official code runs it: the float32 projector that follows is
+    sensitive to the last bits). Returns the masked-word count per prompt, the stacked pooled rows
+    and whether each prompt was sliced (no end-of-text token: all its rows pool at the start token)."""
+    max_len = comps.tokenizer.model_max_length
+    full = comps.tokenizer(list(prompts), padding=False, truncation=False).input_ids
+    counts, pooled, sliced = [], [], []
+    for ids in full:
+        ids = torch.tensor(list(ids)[:max_len], device=comps.device)
+        sliced.append(len(ids) == max_len and int(ids[-1]) != comps.tokenizer.eos_token_id)
+        n = max(len(ids) - 2, 0)
+        counts.append(n)
+        if n == 0:
+            continue
+        masked = ids.repeat(n, 1)
+        masked[torch.arange(n), torch.arange(1, n + 1)] = MASK_TOKEN_ID
+        hidden = comps.text_encoder(masked).last_hidden_state
+        pooled.append(hidden[torch.arange(n, device=hidden.device), masked.to(torch.int).argmax(dim=-1)])
+    return counts, (torch.cat(pooled).float() if pooled else None), sliced
 
 
 def detect_trigger_tokens(masked_pooled: torch.Tensor, p_c: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -109,6 +161,8 @@ class SAFREE(Guidance):
             )
         if self.params.lra not in ("off", "paper"):
             raise UserError(f"safree.lra must be off or paper, got '{self.params.lra}'")
+        if self.params.compat not in ("fixed", "official"):
+            raise UserError(f"safree.compat must be fixed or official, got '{self.params.compat}'")
 
     # -------------------------------------------------------------------- preparation
     def prepare(
@@ -121,15 +175,20 @@ class SAFREE(Guidance):
         num_steps: int,
     ) -> GuidanceState:
         p = self.params
+        official = p.compat == "official"
         _, concept_pooled = comps.encode_ids(comps.tokenize(self.concept_prompts).input_ids)
-        p_c = concept_projector(concept_pooled)
+        p_c = official_projection_matrix(concept_pooled.T) if official else concept_projector(concept_pooled)
         eye = torch.eye(p_c.shape[0], device=p_c.device)
         text_e, _ = comps.encode_ids(tokens.input_ids)
 
-        counts, masked_pooled = masked_pooled_embeddings(comps, tokens)
+        if official:
+            counts, masked_pooled, sliced = official_masked_pooled(comps, prompts)
+        else:
+            (counts, masked_pooled), sliced = masked_pooled_embeddings(comps, tokens), [False] * len(prompts)
         safe_e, t_sv, meta, offset = text_e.clone(), [], [], 0
         for b, n in enumerate(counts):
             e = text_e[b].float()
+            differs = bool(tokens.truncated[b]) or n == 1  # prompts the official code treats otherwise
             if n == 0:
                 t_sv.append(-1)
                 meta.append(
@@ -138,13 +197,19 @@ class SAFREE(Guidance):
                         "safree_triggers": [],
                         "safree_t_sv": -1,
                         "safree_note": "empty prompt",
+                        "safree_compat": p.compat,
+                        "safree_compat_differs": differs,
                     }
                 )
                 continue
             m = masked_pooled[offset : offset + n]
             offset += n
-            keep = detect_trigger_tokens(m, p_c, p.alpha)
-            p_i = span_projector(m)
+            if official:
+                keep = official_keep(((eye - p_c) @ m.T).norm(dim=0), p.alpha)
+                p_i = official_projection_matrix(m.T)
+            else:
+                keep = detect_trigger_tokens(m, p_c, p.alpha)
+                p_i = span_projector(m)
             op = (eye - p_c) @ p_i if p.projection_order == "code" else p_i @ (eye - p_c)
             proj = (op @ e.T).T  # all 77 tokens projected
             mask = torch.ones(e.shape[0], dtype=torch.bool, device=e.device)
@@ -159,6 +224,9 @@ class SAFREE(Guidance):
                     "safree_n_tokens": n,
                     "safree_triggers": [int(i) for i in (~keep).nonzero().flatten().tolist()],
                     "safree_t_sv": steps if steps is not None else -1,
+                    "safree_compat": p.compat,
+                    "safree_compat_differs": differs,
+                    **({"safree_note": "sliced at 77 ids: pooled at the start token"} if sliced[b] else {}),
                 }
             )
 
