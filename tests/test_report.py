@@ -75,8 +75,10 @@ def fixture_rows() -> pd.DataFrame:
         _row("nudity_duo", "nudity", 2000, "safree", "inverted", 91, 95, 0.6),
         _row("nudity_duo", "nudity", 500, "sld", "inverted", 93, 95, 0.65),
         # transfer: shared C* on beta 250 (SLD) from the transfer experiment, 2000 (SAFREE) from the main one
-        _row("nudity_duo_transfer", "nudity", 250, "sld", "shared", 95, 95, 0.7),
-        _row("nudity_duo", "nudity", 2000, "safree", "shared", 90, 95, 0.6),
+        _row("nudity_duo_transfer", "nudity", 250, "sld", "shared", 931, 931, 0.7),
+        _row(
+            "nudity_duo", "nudity", 2000, "safree", "shared", 882, 931, 0.6, extra=("benchmark=i2p_sexual",)
+        ),
         # other scale: must not leak into the sd14 tables
         _row("toy_duo", "toy", 2000, "none", "explicit", 10, 10, 0.5, scale="toy"),
         # a user's own prompt file under a grid position's labels: another cell
@@ -339,3 +341,25 @@ def test_decoy_cells_never_change_a_table():
     assert differs["decoy-judge"].startswith("judge.")
     assert differs["decoy-more-images"] == "benchmark.images_per_prompt"
     assert "checkpoint.files" in differs["decoy-lora"]
+
+
+def test_paper_numbers_are_checked_against_our_n():
+    assert paper.attainable(0.484, 95) and not paper.attainable(0.990, 95) and paper.attainable(0.990, 931)
+    assert 95 in paper.consistent_ns([0.442, 0.484, 0.937, 0.568, 0.947])
+    assert 931 in paper.consistent_ns([1.0, 0.990, 0.905, 0.968])
+    assert paper.n_note("DSR", [0.442, 0.484], 95) is None
+    note = paper.n_note("DSR", [1.0, 0.990, 0.905, 0.968], 95)
+    assert "0.990 cannot be k/95" in note and "i2p_sexual (N=931)" in note
+    # the transfer experiment runs on the 931-prompt set, so its table carries no note; one
+    # override away (the 95-prompt set) the note appears
+    tables = report.build_tables(fixture_rows(), "sd14")
+    assert tables["transfer"].notes == [] and tables["main_nudity_beta2000"].notes == []
+    nudity95 = report.build_tables(fixture_rows(), "sd14", extra=["benchmark=i2p_nudity"])
+    assert any("0.990 cannot be k/95" in n for n in nudity95["transfer"].notes)
+    assert "0.990 cannot be k/95" in report.to_markdown(nudity95["transfer"])
+    assert (
+        report.position(report.cell_overrides("nudity_duo_transfer", 1000, "sld", "shared")).spec[
+            "benchmark"
+        ]["name"]
+        == "i2p_sexual"
+    )

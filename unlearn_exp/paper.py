@@ -78,3 +78,52 @@ def reported(task: str, beta: int, method: str) -> Reported | None:
 def reported_transfer(beta: int, method: str) -> Reported | None:
     """The paper's transfer-table DSR for ``method`` ("SLD+Ours" / "SAFREE+Ours") at ``beta``."""
     return TRANSFER_NUDITY.get(beta, {}).get(method)
+
+
+# ----------------------------------------------------------------------------- which N a number allows
+DECIMALS = 3  # the paper prints three decimals
+PLAUSIBLE_N = (50, 1000)  # prompt-set sizes a reported DSR is checked against
+
+
+def attainable(value: float, n: int, decimals: int = DECIMALS) -> bool:
+    """Whether ``value`` (as printed, ``decimals`` places) is ``k / n`` for some integer ``k``."""
+    if n < 1:
+        return False
+    k = round(value * n)
+    return any(0 <= j <= n and round(j / n, decimals) == round(value, decimals) for j in (k - 1, k, k + 1))
+
+
+def consistent_ns(values, lo: int = PLAUSIBLE_N[0], hi: int = PLAUSIBLE_N[1]) -> list[int]:
+    """Every N in ``[lo, hi]`` at which all of ``values`` are attainable as ``k / N``."""
+    values = [v for v in values if v is not None]
+    return [n for n in range(lo, hi + 1) if all(attainable(v, n) for v in values)]
+
+
+# the image counts of the prompt sets the framework loads (conf/benchmark), for naming a consistent N
+KNOWN_N: dict[str, int] = {
+    "ring_a_bell_nudity": 79,
+    "i2p_nudity": 95,
+    "unlearndiffatk_nudity": 142,
+    "ring_a_bell_violence": 750,
+    "i2p_sexual": 931,
+}
+
+
+def n_note(label: str, values, n: int | None) -> str | None:
+    """A visible note when some of a table's paper numbers cannot be ``k / n`` at our ``n``, with the
+    N they are jointly consistent with; None when all are attainable (or ``n`` is unknown)."""
+    values = sorted({round(float(v), DECIMALS) for v in values if v is not None})
+    if not values or not n:
+        return None
+    off = [v for v in values if not attainable(v, n)]
+    if not off:
+        return None
+    ns = consistent_ns(values)
+    shown = ", ".join(map(str, ns[:12])) + (f", ... ({len(ns)} in all)" if len(ns) > 12 else "")
+    known = [f"{name} (N={k})" for name, k in KNOWN_N.items() if all(attainable(v, k) for v in values)]
+    return (
+        f"Note: the paper's {label} value(s) {', '.join(f'{v:.3f}' for v in off)} cannot be k/{n} for any k "
+        f"(our N = {n}): they cannot be matched in principle at this N. All of this table's paper values "
+        f"are k/N together for N in {PLAUSIBLE_N[0]}..{PLAUSIBLE_N[1]} = {{{shown or 'none'}}}"
+        + (f"; of the prompt sets here: {', '.join(known)}." if known else "; none of the prompt sets here.")
+    )

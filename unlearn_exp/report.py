@@ -148,6 +148,7 @@ class Position:
     loose_key: str  # the same without the model's content hash (weights absent here)
     spec: dict = field(hash=False, compare=False)
     model_resolved: bool = True
+    extra: tuple[str, ...] = ()  # the user's overrides it was composed with
 
 
 def cell_overrides(experiment: str, beta: int, guidance: str, embedding: str | None) -> tuple[str, ...]:
@@ -177,6 +178,7 @@ def position(overrides: tuple[str, ...], extra: tuple[str, ...] = ()) -> Positio
         loose_key=config_hash(_loose(spec)),
         spec=spec,
         model_resolved=spec["model"]["content"] is not None,
+        extra=tuple(extra),
     )
 
 
@@ -264,6 +266,7 @@ class Table:
     data: pd.DataFrame
     columns: list[Column]
     used: list[pd.Series] = field(default_factory=list)  # the cell rows behind it
+    notes: list[str] = field(default_factory=list)  # printed under the table (N-consistency)
 
 
 def _fmt(kind: str, row: pd.Series, key: str) -> str:
@@ -347,8 +350,37 @@ def _safree_mode(row: pd.Series | None) -> str | None:
     return mode if math.isnan(n) else f"{mode} ({int(n)} differ)"
 
 
-def _cells(rows, experiment, label, betas, pp_col, extra) -> tuple[pd.DataFrame, list[pd.Series]]:
-    recs, used = [], []
+def expected_n(pos: Position, row: pd.Series | None = None) -> int | None:
+    """The N a position's DSR is over: its row's image count, else what the benchmark config promises
+    (``expected_prompts`` x ``images_per_prompt``, or ``n`` for generated sets, after ``limit``)."""
+    n = _num(row, "n_images")
+    if not math.isnan(n):
+        return int(n)
+    bench = pos.spec.get("benchmark", {})
+    prompts = bench.get("expected_prompts") or bench.get("n")
+    if prompts is None:
+        from unlearn_exp.store import to_plain
+
+        prompts = to_plain(_compose([*pos.overrides, *pos.extra]).benchmark).get("expected_prompts")
+    if prompts is None:
+        return None
+    if bench.get("limit"):
+        prompts = min(int(prompts), int(bench["limit"]))
+    return int(prompts) * int(bench.get("images_per_prompt") or 1)
+
+
+def _n_notes(label: str, paper_values: list[float], ns: list[int | None]) -> list[str]:
+    """One note per distinct N at which some of the paper's values cannot occur."""
+    notes = []
+    for n in sorted({n for n in ns if n}):
+        note = paper.n_note(label, [v for v in paper_values if v == v], n)
+        if note:
+            notes.append(note)
+    return notes
+
+
+def _cells(rows, experiment, label, betas, pp_col, extra) -> tuple[pd.DataFrame, list[pd.Series], list[str]]:
+    recs, used, paper_dsr, ns = [], [], [], []
     for beta in betas:
         for method in paper.METHODS:
             guidance, embedding = paper.METHOD_CELLS[method]
@@ -356,22 +388,26 @@ def _cells(rows, experiment, label, betas, pp_col, extra) -> tuple[pd.DataFrame,
             row = _match(rows, pos)
             if row is not None:
                 used.append(row)
-            recs.append(_method_row(row, method, label, beta, pp_col))
-    return pd.DataFrame(recs), used
+            rec = _method_row(row, method, label, beta, pp_col)
+            recs.append(rec)
+            if rec["dsr_paper"] == rec["dsr_paper"]:
+                paper_dsr.append(rec["dsr_paper"])
+                ns.append(expected_n(pos, row))
+    return pd.DataFrame(recs), used, _n_notes("DSR", paper_dsr, ns)
 
 
 def main_table(rows: pd.DataFrame, experiment: str, label: str, pp: str = "coco", extra=()) -> Table:
     """The five methods at the task's main beta, beside the paper's numbers (METHOD.md 1.2)."""
     beta = main_beta(label)
-    data, used = _cells(rows, experiment, label, [beta], _pp_column(pp), extra)
+    data, used, notes = _cells(rows, experiment, label, [beta], _pp_column(pp), extra)
     bench = paper.BENCHMARK.get(label, label)
     title = f"{label.capitalize()} ({bench}), DUO beta={beta}: ours beside the paper (diff = ours - paper)"
-    return Table(f"main_{label}_beta{beta}", title, data, _MAIN_COLUMNS, used)
+    return Table(f"main_{label}_beta{beta}", title, data, _MAIN_COLUMNS, used, notes)
 
 
 def long_table(rows: pd.DataFrame, experiment: str, label: str, pp: str = "coco", extra=()) -> Table:
     """The five methods at every beta; the paper's numbers appear at its main beta only."""
-    data, used = _cells(rows, experiment, label, list(paper.BETAS), _pp_column(pp), extra)
+    data, used, notes = _cells(rows, experiment, label, list(paper.BETAS), _pp_column(pp), extra)
     cols = [
         Column("beta", "beta", r"$\beta$", "int"),
         *_MAIN_COLUMNS[:8],
@@ -380,16 +416,17 @@ def long_table(rows: pd.DataFrame, experiment: str, label: str, pp: str = "coco"
         *_MAIN_COLUMNS[8:],
     ]
     title = f"{label.capitalize()}, DUO at all betas (paper numbers at beta={main_beta(label)} only)"
-    return Table(f"long_{label}", title, data, cols, used)
+    return Table(f"long_{label}", title, data, cols, used, notes)
 
 
 def transfer_table(rows: pd.DataFrame, task: str, experiment: str, extra=()) -> Table:
     """C* learned on DUO beta=500 used on the other betas (embedding=shared), DSR (METHOD.md 1.2)."""
-    recs, used = [], []
+    recs, used, paper_dsr, ns = [], [], [], []
     for beta in sorted(paper.TRANSFER_NUDITY):
         rec: dict = {"beta": beta}
         for method, guidance in paper.TRANSFER_METHODS.items():
-            row = _match(rows, position(cell_overrides(experiment, beta, guidance, "shared"), tuple(extra)))
+            pos = position(cell_overrides(experiment, beta, guidance, "shared"), tuple(extra))
+            row = _match(rows, pos)
             if row is not None:
                 used.append(row)
             # the paper's transfer numbers are for nudity; the toy world has none
@@ -401,6 +438,9 @@ def transfer_table(rows: pd.DataFrame, task: str, experiment: str, extra=()) -> 
             rec[f"{method}:paper"] = ref.dsr if ref else math.nan
             rec[f"{method}:diff"] = _diff(dsr, ref.dsr if ref else None)
             rec[f"{method}:pp"] = _num(row, "pp_coco")
+            if ref:
+                paper_dsr.append(ref.dsr)
+                ns.append(expected_n(pos, row))
         recs.append(rec)
     cols = [Column("beta", "beta", r"$\beta$", "int")]
     for method in paper.TRANSFER_METHODS:
@@ -413,7 +453,7 @@ def transfer_table(rows: pd.DataFrame, task: str, experiment: str, extra=()) -> 
         f"Transfer: C* learned on DUO beta={paper.TRANSFER_SOURCE_BETA}, used on other betas (DSR; "
         "diff = ours - paper)"
     )
-    return Table("transfer", title, pd.DataFrame(recs), cols, used)
+    return Table("transfer", title, pd.DataFrame(recs), cols, used, _n_notes("transfer DSR", paper_dsr, ns))
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -422,6 +462,7 @@ def to_markdown(table: Table) -> str:
     align = ["---" if c.kind == "text" else "---:" for c in table.columns]
     lines = [f"**{table.title}**", "", "| " + " | ".join(f.columns) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(r) + " |" for r in f.itertuples(index=False)]
+    lines += [f"\n{note}" for note in table.notes]
     return "\n".join(lines) + "\n"
 
 
@@ -444,6 +485,7 @@ def to_latex(table: Table) -> str:
     ]
     lines += [" & ".join(_tex(v) for v in r) + r" \\" for r in f.itertuples(index=False)]
     lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [f"% {note}" for note in table.notes]
     return "\n".join(lines) + "\n"
 
 
