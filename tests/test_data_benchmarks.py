@@ -224,3 +224,27 @@ def test_benchmark_configs_are_complete(yaml):
         assert cfg.file == cfg.url.rsplit("/", 1)[-1] and cfg.expected_prompts > 0
     else:
         assert cfg.get("source_hint")  # names the file the user must supply
+
+
+def test_headerless_csv_with_an_unbalanced_quote_is_read_as_lines(tmp_path, caplog):
+    """Published prompt lists are often one prompt per line saved as .csv, some with an unbalanced
+    quote (e.g. a Ring-A-Bell nudity list): ``format: auto`` reads them as lines and says so."""
+    import logging
+
+    from unlearn_exp.data import load_benchmark
+
+    f = tmp_path / "ring_a_bell_nudity.csv"
+    f.write_text('a "naked woman, on a beach\nsecond prompt, with a comma\n\nthird prompt\n')
+    cfg = {"name": "mine", "loader": "prompts_file", "path": str(f), "default_seed": 7}
+    with caplog.at_level(logging.INFO, logger="unlearn_exp"):
+        df = load_benchmark(cfg)
+    assert df.prompt.tolist() == ['a "naked woman, on a beach', "second prompt, with a comma", "third prompt"]
+    assert "read as one prompt per line" in caplog.text
+    assert load_benchmark({**cfg, "format": "lines"}).prompt.tolist() == df.prompt.tolist()
+    with pytest.raises(UserError, match="none of the known prompt columns"):
+        load_benchmark({**cfg, "format": "csv"})  # read as a table, its first line is no header
+    table = tmp_path / "table.csv"
+    table.write_text('prompt,evaluation_seed\n"a cat, sitting",3\n')
+    assert load_benchmark({**cfg, "path": str(table)}).prompt.tolist() == ["a cat, sitting"]
+    with pytest.raises(UserError, match="benchmark.format must be one of"):
+        load_benchmark({**cfg, "format": "xlsx"})

@@ -133,6 +133,8 @@ def _check_writable(checks: _Checks, name: str, path: Any) -> None:
 
 def _benchmark(checks: _Checks, prefix: str, bench: dict) -> None:
     _check_file(checks, f"{prefix}.path", bench.get("path"))
+    if bench.get("format") is not None:
+        checks.choice(f"{prefix}.format", bench.get("format"), ("auto", "csv", "lines"))
     for key in ("limit", "head"):
         if bench.get(key) is not None:
             checks.number(f"{prefix}.{key}", bench.get(key), lo=1, integer=True)

@@ -99,12 +99,13 @@ def read_prompts(
     seed_column: str | None = None,
     id_column: str | None = None,
     default_seed: int | None = None,
+    fmt: str = "auto",
 ) -> pd.DataFrame:
     """One row per prompt (``case_id, prompt, seed, guidance, source_row``) from a local file."""
     if loader not in LOADERS:
         raise UserError(f"benchmark.loader must be one of {list(LOADERS)}, got '{loader}'")
     path = Path(path)
-    raw = read_raw(path)
+    raw = read_raw(path, fmt, named_column=bool(prompt_column))
     if head is not None:
         raw = raw.iloc[: int(head)]
     table = to_prompt_table(
@@ -153,6 +154,7 @@ def load_benchmark(cfg: Any, data_dir: str | Path | None = None) -> pd.DataFrame
         seed_column=_get(cfg, "seed_column"),
         id_column=_get(cfg, "id_column"),
         default_seed=None if default_seed is None else int(default_seed),
+        fmt=str(_get(cfg, "format", "auto")),
     )
     sha = file_sha256(path)
     pinned, expected = _get(cfg, "sha256"), _get(cfg, "expected_prompts")

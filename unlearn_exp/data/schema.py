@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 from pathlib import Path
 
 import pandas as pd
 
 from unlearn_exp.errors import UserError
+
+log = logging.getLogger("unlearn_exp")
 
 SCHEMA_COLUMNS = ["case_id", "prompt", "seed", "guidance", "image_index", "source_row"]
 OPTIONAL_COLUMNS = ["expected"]  # kept where a file or loader has them
@@ -63,9 +66,31 @@ def _pick(columns, wanted, explicit: str | None, what: str, path: Path, required
     return None
 
 
-def read_raw(path: str | Path) -> pd.DataFrame:
-    """Read a prompt CSV (all cells as text) or a TXT file (one prompt per line, column ``prompt``)."""
+FORMATS = ("auto", "csv", "lines")
+
+
+def _known_header(first_line: str) -> bool:
+    """Whether a file's first line names a column this module knows (so the file is a table)."""
+    known = {*PROMPT_COLUMNS, *SEED_COLUMNS, *GUIDANCE_COLUMNS, *ID_COLUMNS, *OPTIONAL_COLUMNS}
+    try:
+        cells = next(csv.reader([first_line]))
+    except (csv.Error, StopIteration):
+        return False
+    cells = [c.strip().lower() for c in cells]
+    return any(c in known or c.startswith("unnamed:") for c in cells) or (len(cells) > 1 and cells[0] == "")
+
+
+def read_raw(path: str | Path, fmt: str = "auto", *, named_column: bool = False) -> pd.DataFrame:
+    """Read a prompt CSV (all cells as text) or a list of prompts, one per line (column ``prompt``).
+
+    ``fmt``: ``csv``, ``lines`` or ``auto``: a ``.txt`` file, or a file whose first line names no
+    known column (published lists are often one prompt per line saved as ``.csv``, some with
+    unbalanced quotes), is read as lines; the log says so. ``named_column``: the user named the
+    prompt column, so the file is a table.
+    """
     path = Path(path)
+    if fmt not in FORMATS:
+        raise UserError(f"benchmark.format must be one of {list(FORMATS)}, got '{fmt}'")
     if not path.is_file():
         raise UserError(f"prompt file not found: {path}")
     data = path.read_bytes()
@@ -73,7 +98,13 @@ def read_raw(path: str | Path) -> pd.DataFrame:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UserError(f"{path.name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if path.suffix.lower() == ".txt":
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    as_lines = fmt == "lines" or (
+        fmt == "auto" and (path.suffix.lower() == ".txt" or (not named_column and not _known_header(first)))
+    )
+    if as_lines:
+        if fmt == "auto" and path.suffix.lower() != ".txt":
+            log.info("%s: the first line names no known column: read as one prompt per line", path.name)
         lines = [ln for ln in text.splitlines() if ln.strip()]
         return pd.DataFrame({"prompt": lines}, dtype=object)
     try:
