@@ -77,6 +77,6 @@ def test_generated_set_keeps_only_flagged_images(tiny, tmp_path):
 
 def test_generated_set_fails_cleanly_when_too_few_are_flagged(tiny, tmp_path):
     out = tmp_path / "set"
-    with pytest.raises(UserError, match="only 0 of the 2 images needed after 3 tries \\(3 judged safe\\)"):
+    with pytest.raises(UserError, match="flagged prompt 'a dog' on 0 of 3 tries; it needs 2"):
         generate_image_set(tiny, ["a dog"], [0], RedJudge(255), out, 2, 3, {"steps": 2}, batch_size=2)
     assert not out.exists()

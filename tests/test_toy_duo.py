@@ -86,7 +86,6 @@ def test_shipped_artifacts_are_found_under_the_cell_keys(beta, toy_cfgs, tmp_pat
     from any working directory (the keys name the model by content, not by path)."""
     monkeypatch.chdir(tmp_path)
     from unlearn_exp.cell import apply_unlearning, ensure_image_set, model_identity, resolve_concept
-    from unlearn_exp.evaluation import make_judge
     from unlearn_exp.models import load_model
 
     for emb in ("inverted", "shared"):
@@ -94,7 +93,7 @@ def test_shipped_artifacts_are_found_under_the_cell_keys(beta, toy_cfgs, tmp_pat
         store = ShippedOnly(tmp_path / "cache", shipped=[SHIPPED])
         comps = load_model(cfg.model)
         model_id = model_identity(cfg.model)
-        image_set = ensure_image_set(cfg, comps, make_judge(cfg.judge), store, model_id)
+        image_set = ensure_image_set(cfg, comps, store, model_id)
         ck = apply_unlearning(cfg, comps, store, cfg.checkpoint, None)
         assert ck["beta"] == float(beta) and Path(ck["artifact"]).parent.parent.parent == SHIPPED
         assert Path(ck["files"][0]).stat().st_size < 1_000_000

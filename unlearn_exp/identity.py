@@ -238,6 +238,8 @@ def checkpoint_spec(ck: Any, device: str | None = None) -> dict[str, Any]:
         keep = ("method", "adapter_weights", "variant")  # the beta of a file is only its label
         spec = {k: ck.get(k) for k in keep if k in ck}
         spec["files"] = [_content_of(str(p)) for p in paths]
+    elif spec.get("filter"):
+        spec["filter"] = judge_spec(spec["filter"])
     return spec
 
 
@@ -299,6 +301,10 @@ def cell_spec(cfg) -> dict[str, Any]:
                 source_ck = {**source_ck, **extra}
             concept["checkpoint"] = checkpoint_spec(source_ck, device)
             concept["inversion"] = _drop("inversion", plain["inversion"], device)
+            image_set = dict(concept["inversion"].get("image_set") or {})
+            if image_set.get("filter"):
+                image_set["filter"] = judge_spec(image_set["filter"])
+            concept["inversion"]["image_set"] = image_set
     sampling = _drop("sampling", plain["sampling"], device)
     pp = dict(plain["pp"])
     return {

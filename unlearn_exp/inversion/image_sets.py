@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,23 @@ def _seed_stream(seeds: list[int]):
         nxt += 1
 
 
+def _stop_if_unreachable(prompts, kept, quota, tried, budget, max_tries, judge) -> None:
+    """Stop (one line naming the prompt and the counts) once a prompt cannot fill its quota within
+    its share of ``max_tries``: at its budget, or early where its flagged rate so far would fill less
+    than half of it."""
+    for i, prompt in enumerate(prompts):
+        have, need, n = len(kept[i]), quota[i], tried[i]
+        if have >= need or n == 0:
+            continue
+        projected = have + have / n * max(budget[i] - n, 0)
+        if n >= budget[i] or (n >= max(8, budget[i] // 4) and projected < 0.5 * need):
+            raise UserError(
+                f"image set: the filter '{getattr(judge, 'name', 'filter')}' flagged prompt '{prompt}' on "
+                f"{have} of {n} tries; it needs {need} within about {budget[i]} "
+                f"(inversion.image_set.max_tries={max_tries}): raise max_tries, change the prompt or the filter"
+            )
+
+
 def generate_image_set(
     comps: Components,
     prompts: list[str],
@@ -160,6 +178,8 @@ def generate_image_set(
     kept: list[list[tuple[Image.Image, dict[str, Any]]]] = [[] for _ in prompts]
     seed_iter = _seed_stream(list(seeds))
     tries, n_safe, turn = 0, 0, 0
+    tried = [0] * len(prompts)  # per prompt: a prompt the filter rarely flags stops the build early
+    budget = [max(1, math.ceil(max_tries * q / n_images)) for q in quota]
     while tries < max_tries and any(len(k) < q for k, q in zip(kept, quota)):
         batch: list[tuple[int, str, int]] = []
         room = sum(q - len(k) for k, q in zip(kept, quota))
@@ -172,10 +192,12 @@ def generate_image_set(
         verdicts = judge.judge(out.pil)
         tries += len(batch)
         for (i, prompt, seed), pil, verdict in zip(batch, out.pil, verdicts):
+            tried[i] += 1
             if verdict["safe"]:
                 n_safe += 1
             elif len(kept[i]) < quota[i]:
                 kept[i].append((pil, {"prompt": prompt, "seed": seed, "judge": verdict}))
+        _stop_if_unreachable(prompts, kept, quota, tried, budget, max_tries, judge)
     n_kept = sum(len(k) for k in kept)
     if n_kept < n_images:
         raise UserError(

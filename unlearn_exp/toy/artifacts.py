@@ -61,7 +61,6 @@ def cell_overrides(beta: str, embedding: str, cache_dir: Path, extra: list[str])
 def train_cell(cfg) -> dict[str, list[str]]:
     """The training stages of one cell (image set, checkpoint, concept), none of its sampling."""
     from unlearn_exp.cell import apply_unlearning, ensure_image_set, model_identity, resolve_concept
-    from unlearn_exp.evaluation import make_judge
     from unlearn_exp.models import load_model
     from unlearn_exp.store import ArtifactStore
     from unlearn_exp.tracking import lightning_logger
@@ -74,8 +73,7 @@ def train_cell(cfg) -> dict[str, list[str]]:
 
     comps = load_model(cfg.model)
     model_id = model_identity(cfg.model)
-    judge = make_judge(cfg.judge)
-    image_set = ensure_image_set(cfg, comps, judge, store, model_id)
+    image_set = ensure_image_set(cfg, comps, store, model_id)
     apply_unlearning(cfg, comps, store, cfg.checkpoint, loggers("unlearning"))
     resolve_concept(cfg, comps, store, model_id, image_set, loggers)
     return store.summary()

@@ -361,6 +361,65 @@ TRAIN_KEYS = (
 PAIR_KEYS = ("max_tries", "pair_batch", "pair_sampling")
 
 
+def _pair_sampling(cfg: dict[str, Any], sample_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    sampling = {
+        **dict(sample_kwargs or {}),
+        **{k: v for k, v in (cfg.get("pair_sampling") or {}).items() if v is not None},
+    }
+    sampling.pop("guidance", None)
+    return sampling
+
+
+def _filter_id(judge) -> str | None:
+    """The filter by its profile hash (content: model sha256, classes, threshold), never its path."""
+    if judge is None:
+        return None
+    profile = getattr(judge, "profile", None)
+    return profile["hash"] if profile and "hash" in profile else getattr(judge, "name", type(judge).__name__)
+
+
+def _checks(spec: dict[str, Any]) -> bool:
+    return bool(spec.get("check_unsafe", True) or spec.get("check_safe", True))
+
+
+def pair_sets(
+    comps: Components,
+    cfg: dict[str, Any],
+    recipe: dict[str, Any],
+    store,
+    *,
+    judge=None,
+    sample_kwargs: dict[str, Any] | None = None,
+) -> list[tuple[dict[str, Any], Path]]:
+    """Each adapter's pair set (built once, cached as ``unlearning/duo_pairs/<hash>``), in recipe order."""
+    from unlearn_exp.unlearning.pairs import build_pair_set
+
+    sampling = _pair_sampling(cfg, sample_kwargs)
+    out = []
+    for spec in recipe["adapters"]:
+        spec = dict(spec)
+        pair_recipe = {
+            **{k: v for k, v in spec.items() if k not in ("steps", "weight")},
+            "seed": int(cfg.get("seed", 42)),
+            "max_tries": int(cfg.get("max_tries", 20)),
+            "batch": int(cfg.get("pair_batch", 8)),
+        }
+        if _checks(spec) and judge is None:
+            raise UserError(
+                f"DUO recipe '{spec.get('name')}' checks its pairs but checkpoint.filter is null: set a filter "
+                "profile (e.g. checkpoint.filter=${task.duo_filter}) or check_unsafe/check_safe false"
+            )
+        pair_key = {"recipe": pair_recipe, "model": comps.key(), "sampling": sampling,
+                    "judge": _filter_id(judge) if _checks(spec) else None}  # fmt: skip
+        folder = store.get_or_build(
+            "unlearning/duo_pairs",
+            pair_key,
+            lambda tmp, pr=pair_recipe: build_pair_set(comps, pr, judge, tmp, sampling),
+        )
+        out.append((spec, folder))
+    return out
+
+
 def train_duo(
     comps: Components,
     cfg: dict[str, Any],
@@ -372,41 +431,12 @@ def train_duo(
     judge=None,
     sample_kwargs: dict[str, Any] | None = None,
     logger=None,
-    model_key: dict[str, Any],
 ) -> dict[str, Any]:
     """Build (or reuse) each adapter's pair set and train each adapter into ``out_dir/<name>/``."""
-    from unlearn_exp.unlearning.pairs import build_pair_set, load_pair_set
+    from unlearn_exp.unlearning.pairs import load_pair_set
 
-    sampling = {
-        **dict(sample_kwargs or {}),
-        **{k: v for k, v in (cfg.get("pair_sampling") or {}).items() if v is not None},
-    }
-    sampling.pop("guidance", None)
-    # the judge by its profile hash (content: model sha256, classes, threshold), never its file path
-    profile = getattr(judge, "profile", None)
-    judge_id = (
-        None
-        if judge is None
-        else (
-            profile["hash"] if profile and "hash" in profile else getattr(judge, "name", type(judge).__name__)
-        )
-    )
     manifest = []
-    for spec in recipe["adapters"]:
-        spec = dict(spec)
-        pair_recipe = {
-            **{k: v for k, v in spec.items() if k not in ("steps", "weight")},
-            "seed": int(cfg.get("seed", 42)),
-            "max_tries": int(cfg.get("max_tries", 20)),
-            "batch": int(cfg.get("pair_batch", 8)),
-        }
-        pair_key = {"recipe": pair_recipe, "model": model_key, "sampling": sampling,
-                    "judge": judge_id if (spec.get("check_unsafe", True) or spec.get("check_safe", True)) else None}  # fmt: skip
-        folder = store.get_or_build(
-            "unlearning/duo_pairs",
-            pair_key,
-            lambda tmp, pr=pair_recipe: build_pair_set(comps, pr, judge, tmp, sampling),
-        )
+    for spec, folder in pair_sets(comps, cfg, recipe, store, judge=judge, sample_kwargs=sample_kwargs):
         hp = {k: cfg.get(k) for k in TRAIN_KEYS if cfg.get(k) is not None}
         hp["beta"] = float(cfg["beta"])
         hp["steps"] = int(cfg.get("steps") or spec.get("steps") or 1000)
@@ -430,6 +460,24 @@ def train_duo(
             }  # fmt: skip
         )
     return {"adapters": manifest}
+
+
+def duo_key(comps: Components, cfg: dict[str, Any], task_cfg, judge=None) -> dict[str, Any]:
+    """The key of a trained DUO checkpoint: its recipe, the task, the base model and the pair filter."""
+    recipe = resolve_recipe(cfg, task_cfg)
+    recipe_cfg = {
+        k: v
+        for k, v in cfg.items()
+        if k not in ("path", "recipes", "adapter_weights", "allow_pickle_conversion", "filter")
+    }
+    checked = any(_checks(dict(a)) for a in recipe["adapters"])
+    return {
+        "checkpoint": recipe_cfg,
+        "recipe": recipe,
+        "task": dict(_plain(task_cfg) or {}).get("name"),
+        "model": comps.key(),
+        "filter": _filter_id(judge) if checked else None,
+    }
 
 
 def load_adapters(comps: Components, files: list[Path], names: list[str], weights: list[float]) -> None:
@@ -486,21 +534,14 @@ def apply_duo(
         }  # fmt: skip
 
     recipe = resolve_recipe(cfg, task_cfg)
-    task_name = dict(_plain(task_cfg) or {}).get("name")
-    model_key = comps.key()
-    recipe_cfg = {
-        k: v
-        for k, v in cfg.items()
-        if k not in ("path", "recipes", "adapter_weights", "allow_pickle_conversion")
-    }
-    key = {"checkpoint": recipe_cfg, "recipe": recipe, "task": task_name, "model": model_key}
+    key = duo_key(comps, cfg, task_cfg, judge)
     final = store.path("unlearning/duo", key)
     work_root = final.parent / f"{final.name}.work"
 
     def build(tmp: Path) -> None:
         manifest = train_duo(
             comps, cfg, recipe, store, tmp, work_root,
-            judge=judge, sample_kwargs=sample_kwargs, logger=logger, model_key=model_key,
+            judge=judge, sample_kwargs=sample_kwargs, logger=logger,
         )  # fmt: skip
         atomic_write_json(tmp / "manifest.json", manifest)
 
