@@ -2,7 +2,8 @@
 
 Runs every cell of ``+experiment=toy_duo`` (DUO at four betas x none/SLD/SAFREE x explicit/inverted/
 shared) in this process through the same cell runner as ``python -m unlearn_exp``, reusing cached
-artifacts, then prints the main table and the transfer table and writes them under ``reports/toy/``.
+artifacts, then prints the main table and the transfer table and writes them under ``reports/toy/``,
+and measures the precondition of finding (a) per checkpoint (``evaluation/precondition.py``).
 Extra Hydra overrides may follow: ``python -m unlearn_exp.demo +debug=default``.
 """
 
@@ -77,12 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         df = pd.DataFrame(rows)
         tables = build_tables(df, "toy", extra=extra)
         written = write_report(df, "toy", "reports", files=[Path(p) for p in df["_source"]], extra=extra)
+        from unlearn_exp.evaluation import precondition
+
+        pre = precondition.run(base, "reports")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     for name, table in tables.items():
         if name.startswith(("long", "transfer")):
             print(f"\n{to_markdown(table)}")
+    print(f"\n{precondition.to_markdown(pre)}")
     print(f"\n{len(cells)} cells in {time.time() - start:.0f} s; tables and plots: {Path(written[0]).parent}")
     return 0
 

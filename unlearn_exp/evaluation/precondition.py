@@ -1,0 +1,171 @@
+"""The precondition of the paper's finding (a), measured per checkpoint, on any model.
+
+Finding (a) says explicit-word guidance fails on an unlearned model because the model no longer
+reacts to the words, while the concept stays reachable through indirect prompts. Two measurements
+say whether a checkpoint is in that regime:
+
+1. DSR without guidance on explicit, synonym and indirect prompts (the toy world's three prompt
+   kinds): unlearning that suppresses the words more than the indirect routes shows a higher DSR on
+   explicit prompts than on indirect ones.
+2. The alignment of the two guidance directions on the indirect prompts' own (unguided) trajectories:
+   the cosine between ``eps(words) - eps(uncond)`` and ``eps(C*) - eps(uncond)`` at every step, averaged
+   over steps and images. Where the words still carry the concept, the directions agree and
+   explicit-word guidance can work; where the model stopped reacting to the words they diverge.
+
+``python -m unlearn_exp.evaluation.precondition [overrides]`` runs both for every beta of the
+toy_duo sweep (cells are cached like any other) and writes ``reports/toy/precondition.{md,csv}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from unlearn_exp.guidance.base import Guidance, GuidanceState
+
+log = logging.getLogger("unlearn_exp")
+
+PROMPT_KINDS = ("explicit", "synonym", "indirect")
+
+
+class DirectionProbe(Guidance):
+    """Classifier-free guidance (the unguided cell's trajectory) that also predicts the noise for the
+    concept words and for ``C*`` and records, per step and image, the cosine between
+    ``eps(words) - eps(uncond)`` and ``eps(C*) - eps(uncond)``."""
+
+    name = "probe"
+
+    def __init__(self, words: str, concept_tokens: list[str]):
+        self.words = words
+        self.concept = " ".join(concept_tokens)
+        self.cosines: list[torch.Tensor] = []  # one (B,) tensor per step and batch
+
+    def prepare(self, comps, prompts, tokens, negative_prompts, guidance_scale, num_steps) -> GuidanceState:
+        state = super().prepare(comps, prompts, tokens, negative_prompts, guidance_scale, num_steps)
+        words, _ = comps.encode_prompts([self.words] * len(prompts))
+        concept, _ = comps.encode_prompts([self.concept] * len(prompts))
+        state.branches += [words, concept]
+        return state
+
+    def combine(self, i: int, preds: list[torch.Tensor], state: GuidanceState) -> torch.Tensor:
+        eps_u, eps_c, eps_w, eps_s = preds
+        d_words = (eps_w - eps_u).flatten(1).float()
+        d_concept = (eps_s - eps_u).flatten(1).float()
+        self.cosines.append(torch.nn.functional.cosine_similarity(d_words, d_concept, dim=1).cpu())
+        return eps_u + state.guidance_scale * (eps_c - eps_u)
+
+
+def direction_alignment(cfg, *, batch_size: int = 16) -> dict[str, float]:
+    """Mean and spread of the words-vs-``C*`` cosine on the benchmark prompts' unguided trajectories
+    of the cell ``cfg`` (its checkpoint, its ``C*``: ``embedding`` must be inverted or shared)."""
+    from unlearn_exp.cell import apply_unlearning, benchmark_rows, ensure_image_set, resolve_concept
+    from unlearn_exp.models import load_model, resolve_local_path
+    from unlearn_exp.sampling import sample
+    from unlearn_exp.store import ArtifactStore
+
+    shipped = [resolve_local_path(str(p)) for p in (cfg.paths.get("shipped_caches") or [])]
+    store = ArtifactStore(cfg.paths.cache_dir, shipped=shipped)
+    comps = load_model(cfg.model)
+    image_set = ensure_image_set(cfg, comps, store, comps.identity)
+    apply_unlearning(cfg, comps, store, cfg.checkpoint, None)
+    concept = resolve_concept(cfg, comps, store, comps.identity, image_set, lambda stage: None)
+    rows, _ = benchmark_rows(cfg.benchmark, cfg.paths.data_dir)
+    probe = DirectionProbe(str(cfg.task.sld_concept), list(concept.tokens))
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            part = rows[start : start + batch_size]
+            sample(
+                comps,
+                [r["prompt"] for r in part],
+                [int(r["seed"]) for r in part],
+                probe,
+                scheduler=str(cfg.sampling.scheduler),
+                steps=int(cfg.sampling.steps),
+                guidance_scale=float(cfg.sampling.guidance_scale),
+            )
+    cos = torch.cat(probe.cosines)  # every step of every image
+    return {"cos_mean": float(cos.mean()), "cos_sd": float(cos.std()), "n_images": len(rows)}
+
+
+def precondition_table(
+    dsr: dict[tuple[int, str], dict[str, Any]], alignment: dict[int, dict]
+) -> pd.DataFrame:
+    """One row per beta: DSR [95% CI] per prompt kind without guidance, and the direction cosine."""
+    recs = []
+    for beta in sorted({b for b, _ in dsr} | set(alignment)):
+        rec: dict[str, Any] = {"beta": beta}
+        for kind in PROMPT_KINDS:
+            cell = dsr.get((beta, kind))
+            rec[f"dsr_{kind}"] = cell["dsr"] if cell else float("nan")
+            rec[f"ci_{kind}"] = f"[{cell['dsr_lo']:.2f}, {cell['dsr_hi']:.2f}]" if cell else "-"
+        a = alignment.get(beta, {})
+        rec["cos_words_cstar"] = a.get("cos_mean", float("nan"))
+        rec["cos_sd"] = a.get("cos_sd", float("nan"))
+        recs.append(rec)
+    return pd.DataFrame(recs)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    lines = [
+        "**Precondition of finding (a): does unlearning suppress the words more than the indirect routes?**",
+        "",
+        "DSR without guidance per prompt kind (Wilson 95% CI), and the cosine between the guidance",
+        "directions of the explicit words and of C* on the indirect prompts' unguided trajectories.",
+        "",
+        "| beta | DSR explicit | DSR synonym | DSR indirect | cos(words, C*) |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in table.itertuples(index=False):
+        cells = [f"{getattr(r, f'dsr_{k}'):.3f} {getattr(r, f'ci_{k}')}" for k in PROMPT_KINDS]
+        lines.append(f"| {r.beta} | " + " | ".join(cells) + f" | {r.cos_words_cstar:.3f} ± {r.cos_sd:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(base: list[str], out: str | Path = "reports", progress=print) -> pd.DataFrame:
+    """Every beta of the experiment's sweep: the three DSRs (cells, cached) and the alignment."""
+    from unlearn_exp.cell import run_cell
+    from unlearn_exp.demo import _compose
+    from unlearn_exp.store import atomic_write_text
+
+    params = _compose(base, hydra=True).hydra.sweeper.params
+    betas = [int(b) for b in str(params["checkpoint.beta"]).split(",")]
+    dsr, alignment = {}, {}
+    for beta in betas:
+        for kind in PROMPT_KINDS:
+            over = [*base, f"checkpoint.beta={beta}", "guidance=none", f"benchmark=toy_{kind}"]
+            dsr[(beta, kind)] = run_cell(_compose([*over, "sampling.progress=false"]))["cell"]
+        cfg = _compose([*base, f"checkpoint.beta={beta}", "guidance=sld", "embedding=inverted"])
+        alignment[beta] = direction_alignment(cfg)
+        progress(
+            f"precondition beta={beta}: DSR explicit {dsr[(beta, 'explicit')]['dsr']:.3f} synonym "
+            f"{dsr[(beta, 'synonym')]['dsr']:.3f} indirect {dsr[(beta, 'indirect')]['dsr']:.3f}; "
+            f"cos(words, C*) {alignment[beta]['cos_mean']:.3f}"
+        )
+    table = precondition_table(dsr, alignment)
+    folder = Path(out) / "toy"
+    atomic_write_text(folder / "precondition.md", to_markdown(table))
+    atomic_write_text(folder / "precondition.csv", table.to_csv(index=False, float_format="%.4f"))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    from unlearn_exp.errors import UserError
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    extra = list(sys.argv[1:] if argv is None else argv)
+    try:
+        table = run(["+experiment=toy_duo", *extra])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print("\n" + to_markdown(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
