@@ -10,6 +10,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses too: 2 shared core
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import unlearn_exp  # noqa: E402, F401 - registers the config resolvers (${pid:})
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
 

@@ -92,3 +92,25 @@ def test_unbuilt_stage_fails_with_one_line():
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert lines[-1] == "error: not implemented yet: unlearning (spm)"
     assert "Traceback" not in proc.stderr
+
+
+def test_help_says_what_the_app_does_with_examples():
+    proc = run_app("--help")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("unlearn_exp: concept unlearning")
+    assert proc.stdout.count("python -m unlearn_exp") >= 5 and "== Configuration groups ==" in proc.stdout
+    assert "hf download" not in proc.stdout or "huggingface-cli" not in proc.stdout
+
+
+def test_no_arguments_runs_the_embedded_toy_default(capsys):
+    from unlearn_exp.__main__ import EMBEDDED_DEFAULT, _default_argv
+
+    assert _default_argv(["guidance=sld"]) == ["guidance=sld"]
+    assert _default_argv([]) == EMBEDDED_DEFAULT
+    assert "no arguments: running one toy-world cell" in capsys.readouterr().err
+    cfg = compose(EMBEDDED_DEFAULT, hydra=True)
+    # everything it needs ships with the project: no weights, prompt file or LPIPS trunk to fetch
+    assert (cfg.model.name, cfg.benchmark.loader, cfg.judge.type, cfg.pp.metric.name) == (
+        "toy", "toy", "toy", "toy_features",
+    )  # fmt: skip
+    assert cfg.hydra.job.name == "unlearn_exp"

@@ -1,6 +1,7 @@
 """``python -m unlearn_exp [overrides] [--multirun | multirun]``: one grid cell per job.
 
-The bare word ``multirun`` is accepted as a synonym of ``--multirun``.
+The bare word ``multirun`` is accepted as a synonym of ``--multirun``. With no arguments at all the
+app runs the embedded default: one cell of the toy world (``EMBEDDED_DEFAULT``), offline, on the CPU.
 """
 
 from __future__ import annotations
@@ -12,6 +13,22 @@ import hydra
 from omegaconf import DictConfig
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+# a cell that runs anywhere: the shipped toy model, DUO beta=500 (shipped), SLD with the words
+EMBEDDED_DEFAULT = ["+experiment=toy_duo", "checkpoint.beta=500", "guidance=sld", "embedding=explicit"]
+
+
+def _default_argv(argv: list[str]) -> list[str]:
+    if argv:
+        return argv
+    print(
+        f"no arguments: running one toy-world cell ({' '.join(EMBEDDED_DEFAULT)}); "
+        "`python -m unlearn_exp --help` lists the options",
+        file=sys.stderr,
+        flush=True,
+    )
+    return list(EMBEDDED_DEFAULT)
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
@@ -30,7 +47,7 @@ def hydra_main(cfg: DictConfig):
 
 
 def main() -> None:
-    sys.argv = [sys.argv[0], *_normalise_argv(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *_normalise_argv(_default_argv(sys.argv[1:]))]
     hydra_main()
 
 

@@ -52,7 +52,7 @@ def resolve_checkpoint(path_or_id: str, need_vae: bool = True) -> Path:
             pass
     raise UserError(
         f"model weights not found: '{path_or_id}' is neither a local folder nor in the Hugging Face cache "
-        f"(HF_HOME={hf_home}); download it there (huggingface-cli download {path_or_id}) or set "
+        f"(HF_HOME={hf_home}); download it there (hf download {path_or_id}) or set "
         f"model.path=/path/to/stable-diffusion-v1-4"
     )
 
