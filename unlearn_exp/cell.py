@@ -594,7 +594,7 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
                     "n_tokens": int(meta["n_tokens"]) if meta.get("n_tokens") is not None else None,
                     "seed": int(r["seed"]),
                     "image_index": int(r["image_index"]),
-                    "image_path": str(path),
+                    "image_path": str(path.resolve()),
                     "image_sha256": file_sha256(path),
                     "judge_profile": judge.profile["name"] if v else None,
                     "judge_hash": judge.profile["hash"] if v else None,

@@ -11,7 +11,9 @@ the results folders, and writes under ``<out>/<scale>/``:
 - ``long_<task>.{md,tex,csv}``: the same five methods at all four betas;
 - ``transfer.{md,tex,csv}``: C* learned on beta=500, used on the other betas (embedding=shared);
 - ``dsr_pp_<task>.png``: DSR against PP per task;
-- ``sources.md``: judge profiles, model / checkpoint / embedding identities and cells used.
+- ``sources.md``: judge profiles, model / checkpoint / embedding identities and cells used;
+- ``grid_<task>_beta<B>.png``: per checkpoint, the same prompts and seeds across the original model
+  and the five methods, each tile captioned with the judge's verdict (``grids.py``);
 
 - ``other_cells.{md,csv}``: every cell row of the scale that is not exactly a table position (a
   user's own prompt file, a changed sampler, another judge), with what differs from the grid.
@@ -708,7 +710,13 @@ def other_cells_table(
 
 
 def write_report(
-    rows: pd.DataFrame, scale: str, out: str | Path, files=(), pp: str = "coco", extra: Sequence[str] = ()
+    rows: pd.DataFrame,
+    scale: str,
+    out: str | Path,
+    files=(),
+    pp: str = "coco",
+    extra: Sequence[str] = (),
+    grids: bool = True,
 ) -> list[Path]:
     """Write every table, plot and the sources file under ``<out>/<scale>/``; return the paths."""
     out = Path(out) / scale
@@ -721,6 +729,11 @@ def write_report(
             written.append(plot_dsr_pp(t, t.name[len("long_") :], out))
     resolved = all(p.model_resolved for p in grid_positions(scale, extra))
     written.append(atomic_write_text(out / "sources.md", sources_md(used, list(files), scale, resolved)))
+    if grids:
+        from unlearn_exp.grids import write_grids
+
+        longs = {n[len("long_") :]: t for n, t in tables.items() if n.startswith("long_")}
+        written += write_grids(longs, SCALES[scale].main, out, list(extra))
     return written
 
 
