@@ -1,4 +1,4 @@
-"""NudeNet judge: colour-order convention, profiles, batching and bad input (METHOD.md 7.2)."""
+"""NudeNet judge: colour-order convention, profiles, batching and bad input (docs/methods.md 7.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SAFREE's pieces against their definitions (METHOD.md 4), and the guidance factory."""
+"""SAFREE's pieces against their definitions (docs/methods.md 4), and the guidance factory."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Image sets for concept inversion: folders and judge-filtered generated sets (METHOD.md 6.3)."""
+"""Image sets for concept inversion: folders and judge-filtered generated sets (docs/methods.md 6.3)."""
 
 import json
 

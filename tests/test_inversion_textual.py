@@ -1,4 +1,4 @@
-"""Placeholder tokens and the textual-inversion file (METHOD.md 6.1, 6.3)."""
+"""Placeholder tokens and the textual-inversion file (docs/methods.md 6.1, 6.3)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Concept inversion training: frozen rows, K vectors, outputs, resume and divergence (METHOD.md 6)."""
+"""Concept inversion training: frozen rows, K vectors, outputs, resume and divergence (docs/methods.md 6)."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""DUO (METHOD.md 5): the objective, LoRA placement, training, diffusers interop, resume, caching."""
+"""DUO (docs/methods.md 5): the objective, LoRA placement, training, diffusers interop, resume, caching."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DUO pair data (METHOD.md 5.1), UCE (8.2), ESD (8.1) and loading published UNet weights."""
+"""DUO pair data (docs/methods.md 5.1), UCE (8.2), ESD (8.1) and loading published UNet weights."""
 
 from __future__ import annotations
 

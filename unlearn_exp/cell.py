@@ -179,7 +179,7 @@ def benign_fidelity(
     split_chunks: dict[str, list[Chunk]], pp_sets: dict[str, list[dict]], judge, store: ArtifactStore
 ) -> tuple[dict[str, list[dict]], dict[str, list[bool]]]:
     """Judge the benign (PP) images whose prompts say what they should show (an ``expected`` label)
-    and ask the judge whether each does: benign accuracy (DESIGN.md 2). Prompt sets without labels
+    and ask the judge whether each does: benign accuracy (docs/design.md 2). Prompt sets without labels
     (COCO) and judges that cannot tell (NudeNet, Q16) are skipped: nothing is judged for them."""
     from unlearn_exp.evaluation.judge import Judge
 
@@ -198,7 +198,7 @@ def benign_fidelity(
 
 def collapse_flag(pp_cfg, benign_acc: float, pp_values: dict[str, float]) -> str:
     """Why a cell's benign fidelity counts as collapsed (``pp.benign_acc_floor``, ``pp.pp_floor`` on
-    the benign PP prompts), or "" (DESIGN.md 2: a "safe" verdict on a broken image is not a defence)."""
+    the benign PP prompts), or "" (docs/design.md 2: a "safe" verdict on a broken image is not a defence)."""
     reasons = []
     floor = pp_cfg.get("benign_acc_floor")
     if floor is not None and benign_acc == benign_acc and benign_acc < float(floor):

@@ -1,5 +1,5 @@
 """The W&B comparison workspace: DSR against PP per method and beta, DSR / PP bars per guidance and
-embedding source (DESIGN.md section 1, the experiment grid).
+embedding source (docs/design.md 1, the experiment grid).
 
 ``python -m unlearn_exp.dashboard --entity ENTITY [--project unlearn-exp] [--experiment nudity_duo]
 [--dry-run]``

@@ -1,6 +1,6 @@
-"""The target paper's reported numbers (METHOD.md section 1.2), as data.
+"""The target paper's reported numbers (docs/methods.md 1.2), as data.
 
-Source: arXiv 2511.04834 as quoted by a paper-notes summary (METHOD.md 1.2, tag [paper-note]).
+Source: arXiv 2511.04834 as quoted by a paper-notes summary (docs/methods.md 1.2, tag [paper-note]).
 These are the regression targets that ``unlearn_exp.report`` prints beside our own numbers.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # The five methods of the main tables, in the paper's order, and the (guidance, embedding source)
-# grid cell each one is (DESIGN.md section 1). DUO alone ignores the embedding axis.
+# grid cell each one is (docs/design.md 1). DUO alone ignores the embedding axis.
 METHODS: tuple[str, ...] = ("DUO", "DUO+SLD", "DUO+SLD+Ours", "DUO+SAFREE", "DUO+SAFREE+Ours")
 METHOD_CELLS: dict[str, tuple[str, str | None]] = {
     "DUO": ("none", None),
@@ -37,7 +37,7 @@ class Reported:
     pp: float | None = None
 
 
-# METHOD.md 1.2: violence, Ring-A-Bell, DUO beta=1000.
+# docs/methods.md 1.2: violence, Ring-A-Bell, DUO beta=1000.
 VIOLENCE_BETA1000: dict[str, Reported] = {
     "DUO": Reported(0.613, 0.820),
     "DUO+SLD": Reported(0.760, 0.784),
@@ -46,7 +46,7 @@ VIOLENCE_BETA1000: dict[str, Reported] = {
     "DUO+SAFREE+Ours": Reported(0.947, 0.676),
 }
 
-# METHOD.md 1.2: nudity, I2P, DUO beta=2000.
+# docs/methods.md 1.2: nudity, I2P, DUO beta=2000.
 NUDITY_BETA2000: dict[str, Reported] = {
     "DUO": Reported(0.442, 0.802),
     "DUO+SLD": Reported(0.484, 0.777),
@@ -55,7 +55,7 @@ NUDITY_BETA2000: dict[str, Reported] = {
     "DUO+SAFREE+Ours": Reported(0.947, 0.632),
 }
 
-# METHOD.md 1.2: transfer (nudity, C* learned on beta=500), DSR only, keyed by target beta.
+# docs/methods.md 1.2: transfer (nudity, C* learned on beta=500), DSR only, keyed by target beta.
 TRANSFER_NUDITY: dict[int, dict[str, Reported]] = {
     250: {"SLD+Ours": Reported(1.000), "SAFREE+Ours": Reported(0.990)},
     1000: {"SLD+Ours": Reported(0.990), "SAFREE+Ours": Reported(0.990)},

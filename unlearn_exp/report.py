@@ -3,11 +3,11 @@
 ``python -m unlearn_exp.report --scale {sd14,toy} [--results DIR ...] [--out reports] [--no-run]
 [-- hydra overrides]``
 
-Reads the per-job cell rows (``cells.parquet`` files, DESIGN.md section 4 "Results") found under
+Reads the per-job cell rows (``cells.parquet`` files, docs/design.md 4 "Results") found under
 the results folders, and writes under ``<out>/<scale>/``:
 
 - ``main_<task>_beta<B>.{md,tex,csv}``: the main table of each task (violence at beta=1000,
-  nudity at beta=2000, METHOD.md 1.2) with the paper's numbers and the differences (ours - paper);
+  nudity at beta=2000, docs/methods.md 1.2) with the paper's numbers and the differences (ours - paper);
 - ``long_<task>.{md,tex,csv}``: the same five methods at all four betas;
 - ``transfer.{md,tex,csv}``: C* learned on beta=500, used on the other betas (embedding=shared);
 - ``dsr_pp_<task>.png``: DSR against PP per task;
@@ -97,7 +97,7 @@ SCALES: dict[str, ScaleSpec] = {
 
 
 def main_beta(task: str) -> int:
-    """The beta of a task's main table: the paper's (METHOD.md 1.2), else the largest beta."""
+    """The beta of a task's main table: the paper's (docs/methods.md 1.2), else the largest beta."""
     return paper.MAIN_BETA.get(task, max(paper.BETAS))
 
 
@@ -399,7 +399,7 @@ def _cells(rows, experiment, label, betas, pp_col, extra) -> tuple[pd.DataFrame,
 
 
 def main_table(rows: pd.DataFrame, experiment: str, label: str, pp: str = "coco", extra=()) -> Table:
-    """The five methods at the task's main beta, beside the paper's numbers (METHOD.md 1.2)."""
+    """The five methods at the task's main beta, beside the paper's numbers (docs/methods.md 1.2)."""
     beta = main_beta(label)
     data, used, notes = _cells(rows, experiment, label, [beta], _pp_column(pp), extra)
     bench = paper.BENCHMARK.get(label, label)
@@ -422,7 +422,7 @@ def long_table(rows: pd.DataFrame, experiment: str, label: str, pp: str = "coco"
 
 
 def transfer_table(rows: pd.DataFrame, task: str, experiment: str, extra=()) -> Table:
-    """C* learned on DUO beta=500 used on the other betas (embedding=shared), DSR (METHOD.md 1.2)."""
+    """C* learned on DUO beta=500 used on the other betas (embedding=shared), DSR (docs/methods.md 1.2)."""
     recs, used, paper_dsr, ns = [], [], [], []
     for beta in sorted(paper.TRANSFER_NUDITY):
         rec: dict = {"beta": beta}

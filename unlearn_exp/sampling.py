@@ -1,6 +1,6 @@
 """The guided sampler: one denoising loop for every guidance method, at every scale.
 
-``sample`` is the loop (METHOD.md 7.5); ``GuidedSampler`` wraps it as a LightningModule whose
+``sample`` is the loop (docs/methods.md 7.5); ``GuidedSampler`` wraps it as a LightningModule whose
 ``predict_step`` runs a batch of benchmark rows, so ``Trainer.predict`` brings progress bars,
 precision and several devices (prompts sharded). Each image's initial noise comes from its own
 ``torch.Generator().manual_seed(seed)``, so an image does not depend on the batch it is in.

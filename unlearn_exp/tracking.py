@@ -1,4 +1,4 @@
-"""Experiment tracking: one W&B run per job, offline by default (DESIGN.md sections 4 and 5).
+"""Experiment tracking: one W&B run per job, offline by default (docs/design.md sections 4 and 5).
 
 ``Tracker`` is opened per job from ``cfg.logger`` (``name: none | wandb``, ``mode: offline |
 online``, ``project``, ``entity``, ``group``): ``start(cfg)``, ``log_cell(cell_row, image_rows,

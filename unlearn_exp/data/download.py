@@ -1,4 +1,4 @@
-"""Fetch a published prompt file into the data cache, checked against its pinned sha256 (METHOD.md 7.1).
+"""Fetch a published prompt file into the data cache, checked against its pinned sha256 (docs/methods.md 7.1).
 
 The project does not ship benchmark CSVs. A benchmark config names the public ``url`` of the file
 and its ``sha256``; the file is streamed into a temporary file beside its final place, hashed, and

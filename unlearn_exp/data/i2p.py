@@ -1,4 +1,4 @@
-"""I2P subsets (METHOD.md 7.1): the rows of the 4,703-prompt file that a benchmark keeps.
+"""I2P subsets (docs/methods.md 7.1): the rows of the 4,703-prompt file that a benchmark keeps.
 
 - ``all``: every row (4,703).
 - ``nudity``: ``nudity_percentage > 50`` (95 rows; the default nudity set, ``i2p_nudity95``).

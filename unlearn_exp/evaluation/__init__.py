@@ -3,8 +3,8 @@
 - ``make_judge(cfg.judge) -> Judge``; ``Judge.judge(images) -> [{"safe", "score", "raw"}]``;
   ``Judge.profile`` (name, hash, model_file, model_sha256, classes, threshold, rule);
   ``register_judge(kind, factory)`` adds a judge type (the toy world's ``toy``).
-- ``dsr(safe_flags) -> {"dsr", "lo", "hi", "n", "n_safe"}`` (METHOD.md 7.2).
-- ``make_pp_metric(cfg_pp) -> Distance``; ``Distance.distance(a, b)``; ``pp(distances)`` (METHOD.md 7.4);
+- ``dsr(safe_flags) -> {"dsr", "lo", "hi", "n", "n_safe"}`` (docs/methods.md 7.2).
+- ``make_pp_metric(cfg_pp) -> Distance``; ``Distance.distance(a, b)``; ``pp(distances)`` (docs/methods.md 7.4);
   ``FeatureDistance(feature_fn, name)``; ``register_pp_metric(kind, factory)``.
 - ``records``: ``write_table``, ``read_table``, ``IMAGE_COLUMNS``, ``CELL_COLUMNS``.
 """

@@ -1,4 +1,4 @@
-"""Judges with versioned profiles (METHOD.md 7.2, 7.3) and the registry ``make_judge`` reads.
+"""Judges with versioned profiles (docs/methods.md 7.2, 7.3) and the registry ``make_judge`` reads.
 
 A *profile* fixes everything that decides a verdict: the model file and its sha256, the classes
 counted, the threshold and the decision rule. Its ``name`` and ``hash`` (``config_hash`` of the
@@ -83,7 +83,7 @@ class Judge(ABC):
     def judge_pil(self, images: list) -> list[dict]: ...
 
     def fidelity(self, verdicts: Sequence[dict], rows: Sequence[dict]) -> list[bool] | None:
-        """Whether each image shows what its benign prompt asked for (benign accuracy, DESIGN.md 2),
+        """Whether each image shows what its benign prompt asked for (benign accuracy, docs/design.md 2),
         from the judge's verdicts and the prompt rows' ``expected`` labels; ``None`` where this judge
         cannot tell (NudeNet and Q16 see only the harmful concept)."""
         return None

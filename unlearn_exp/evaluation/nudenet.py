@@ -1,4 +1,4 @@
-"""NudeNet 3.4.2 detector judge (METHOD.md 7.2) with named profiles.
+"""NudeNet 3.4.2 detector judge (docs/methods.md 7.2) with named profiles.
 
 Profiles (``conf/judge/``):
 

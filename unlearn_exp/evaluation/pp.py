@@ -1,4 +1,4 @@
-"""PP: prior preservation, ``1 - mean_j d(x_j^{orig}, x_j^{method})`` for the same prompt and seed (METHOD.md 7.4).
+"""PP: prior preservation, ``1 - mean_j d(x_j^{orig}, x_j^{method})`` for the same prompt and seed (docs/methods.md 7.4).
 
 A ``Distance`` maps two batches of images (RGB in [-1, 1], same prompt and seed pairwise) to one
 distance per image; ``pp(distances)`` is ``1 - mean``. Profiles, like judges, carry a ``hash``.
@@ -109,7 +109,7 @@ class LPIPSDistance(Distance):
         cfg = {**PP_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
         if cfg["net"] != "alex":
             raise UserError(
-                f"pp.net '{cfg['net']}' is not supported; LPIPS here uses net=alex (METHOD.md 7.4)"
+                f"pp.net '{cfg['net']}' is not supported; LPIPS here uses net=alex (docs/methods.md 7.4)"
             )
         trunk = Path(str(cfg["trunk_path"])).expanduser() if cfg["trunk_path"] else default_trunk_path()
         if not trunk.is_file():

@@ -1,6 +1,6 @@
 """The guidance interface: what a method may do at each sampling step.
 
-A method acts at two points of a step (DESIGN.md section 4):
+A method acts at two points of a step (docs/design.md 4):
 
 1. ``embeddings(i, state)``: the prompt embeddings of every UNet branch for step ``i``, stacked as
    ``(n_branches * B, 77, D)`` so that all branches go through the UNet as one batch. A method may

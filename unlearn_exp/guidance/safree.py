@@ -1,4 +1,4 @@
-"""SAFREE: training-free safe generation by token projection, METHOD.md section 4.
+"""SAFREE: training-free safe generation by token projection, docs/methods.md 4.
 
 1. Concept subspace (4.2): ``C = [pooled(E(n_k))]`` (D x K), ``P_C = C (C^T C)^+ C^T``.
 2. Toxic-token detection (4.2): each prompt token ``i`` is masked (replaced by id 0) and the pooled

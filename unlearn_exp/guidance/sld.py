@@ -1,4 +1,4 @@
-"""Safe Latent Diffusion (SLD), METHOD.md section 3; equation numbers are the SLD paper's.
+"""Safe Latent Diffusion (SLD), docs/methods.md 3; equation numbers are the SLD paper's.
 
 Branches per step, batched in this order: ``[c_u, c_p, c_S]`` (negative prompt, user prompt,
 safety concept). With ``g = eps_p - eps_u`` and ``d = eps_p - eps_S``:

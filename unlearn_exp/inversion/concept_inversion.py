@@ -1,8 +1,8 @@
-"""Concept inversion (METHOD.md 6): learn the token embedding ``v_*`` that draws a concept on a given model.
+"""Concept inversion (docs/methods.md 6): learn the token embedding ``v_*`` that draws a concept on a given model.
 
 ``ConceptInversion`` is the LightningModule: only the K placeholder rows train; the UNet (with any
 unlearning weights active), the VAE and the rest of the text encoder are frozen. The loss is the
-latent-diffusion denoising loss of METHOD.md 6.1:
+latent-diffusion denoising loss of docs/methods.md 6.1:
 
     v_* = argmin_v E_{x, eps, t} || eps - eps_theta(sqrt(abar_t) z + sqrt(1 - abar_t) eps, t, E(y(<c*>))) ||^2
 
@@ -54,7 +54,7 @@ _STEP_STRIDE = 1_000_003  # seed of step s: seed * stride + s
 
 @dataclass
 class InversionSettings:
-    """``conf/inversion/*.yaml`` (METHOD.md 6.2 defaults: AdamW wd 0 = Adam, lr 5e-3, batch 1, 3000 steps)."""
+    """``conf/inversion/*.yaml`` (docs/methods.md 6.2 defaults: AdamW wd 0 = Adam, lr 5e-3, batch 1, 3000 steps)."""
 
     num_vectors: int = 1
     placeholder: str = "<c*>"
@@ -212,7 +212,7 @@ class ConceptInversion(L.LightningModule):
         """Mean and std of ``VAE.enc(x)`` for each image and its mirror, ``(2, N, C, h, w)`` (scaled).
 
         The encoder is deterministic, so caching the posterior and sampling it each step is the same
-        as encoding each step (METHOD.md 6.2 augmentation: horizontal flip, then the VAE sample).
+        as encoding each step (docs/methods.md 6.2 augmentation: horizontal flip, then the VAE sample).
         """
         if self._posterior is None:
             views = torch.stack([self.images, self.images.flip(-1)])  # (2, N, 3, H, W)
@@ -248,7 +248,7 @@ class ConceptInversion(L.LightningModule):
         }
 
     def denoising_loss(self, prompts: list[str], draw: dict[str, Any]) -> torch.Tensor:
-        """METHOD.md 6.1 for one batch of draws, with the given prompts."""
+        """docs/methods.md 6.1 for one batch of draws, with the given prompts."""
         mean, std = self._latent_posterior()
         dev = mean.device
         i, f, t = draw["index"].to(dev), draw["flip"].to(dev), draw["t"].to(dev)

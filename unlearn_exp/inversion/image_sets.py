@@ -1,8 +1,8 @@
-"""Image sets for concept inversion (METHOD.md 6.3): a folder given by path, or a generated set.
+"""Image sets for concept inversion (docs/methods.md 6.3): a folder given by path, or a generated set.
 
 A generated set is sampled by a configured model from prompts and keeps only the images the
 configured judge flags as unsafe (the default recipe is the unsafe half of DUO's pair set,
-METHOD.md 5.1 / 6.3). It is written into the folder it is given (PNGs, then ``manifest.json``)
+docs/methods.md 5.1 / 6.3). It is written into the folder it is given (PNGs, then ``manifest.json``)
 only once enough images were kept, so the artifact store can build it in a temporary folder.
 """
 
@@ -57,7 +57,7 @@ def read_image_folder(path: str | Path, resolution: int) -> ImageSet:
     """Read every image of a folder as RGB at ``resolution`` x ``resolution`` (bicubic, no crop).
 
     Other modes are converted to RGB and other sizes resized, as the CCE/diffusers training
-    pipeline does (METHOD.md 6.2); both are logged and listed in ``notes``.
+    pipeline does (docs/methods.md 6.2); both are logged and listed in ``notes``.
     """
     folder = Path(path)
     if not folder.is_dir():

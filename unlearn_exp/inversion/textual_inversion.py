@@ -1,11 +1,11 @@
-"""Placeholder tokens, the learned-rows embedding, and the textual-inversion file (METHOD.md 6.1, 6.3).
+"""Placeholder tokens, the learned-rows embedding, and the textual-inversion file (docs/methods.md 6.1, 6.3).
 
 A concept ``C*`` is K new tokens ``<c*>, <c*>_1, ..., <c*>_{K-1}`` (the names diffusers'
 ``load_textual_inversion`` gives a K-vector embedding), whose input-embedding rows are the only
 trained tensor. During training the text encoder's token embedding is replaced, through the public
 ``set_input_embeddings``, by ``LearnedRowsEmbedding``: the frozen table with the placeholder rows
 swapped for a trainable ``(K, D)`` parameter. ``merge_learned_rows`` writes the rows back into the
-plain table, so every other row stays bit-identical (equivalent to METHOD.md 6.2's per-step
+plain table, so every other row stays bit-identical (equivalent to docs/methods.md 6.2's per-step
 restore of ``index_no_updates``).
 
 The file is diffusers' format: one safetensors tensor named after the first token, shape ``(K, D)``.
@@ -64,7 +64,7 @@ def _check_tokenizes_alone(comps: Components, tokens: list[str]) -> None:
 def add_placeholder_tokens(
     comps: Components, placeholder: str = "<c*>", num_vectors: int = 1, init_word: str = "naked"
 ) -> list[str]:
-    """Add K placeholder tokens, each row initialised from ``init_word``'s row (METHOD.md 6.3).
+    """Add K placeholder tokens, each row initialised from ``init_word``'s row (docs/methods.md 6.3).
 
     The default initialiser is "naked", not the paper's "nudity": in the CLIP BPE vocabulary
     "nudity" is two tokens ('nu', 'dity</w>'), which textual inversion cannot start from.

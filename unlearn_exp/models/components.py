@@ -124,7 +124,7 @@ class Components:
     def encode_ids(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text-encoder output: (last hidden state ``(B, 77, D)``, pooled ``(B, D)``).
 
-        The pooled embedding is the last hidden state at the first EOS token (METHOD.md 2). It is
+        The pooled embedding is the last hidden state at the first EOS token (docs/methods.md 2). It is
         taken here rather than from ``pooler_output``: with SD v1.4's legacy config
         (``eos_token_id=2``) transformers pools at ``argmax(ids)``, which picks an added token such
         as ``<c*>`` (id 49408) instead of EOS.

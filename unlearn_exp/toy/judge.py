@@ -3,7 +3,7 @@
 Trained by this project on renders of the toy world (``python -m unlearn_exp.toy.judge``) with
 augmentations that imitate a diffusion model's artefacts: Gaussian pixel noise, blur, background
 replaced by a tinted gradient, texture on the shape, global brightness/contrast shifts, and empty
-images (class ``none``). A judge trained on clean renders fails on generated images (DESIGN.md 5).
+images (class ``none``). A judge trained on clean renders fails on generated images (docs/design.md 5).
 
 Profile ``toy``: the image is unsafe iff ``P(colour = purple) >= threshold`` (0.5 by default);
 ``score`` is that probability. ``features(images)`` returns the three conv blocks' activations,

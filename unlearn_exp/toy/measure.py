@@ -3,7 +3,7 @@
 For each prompt kind (indirect, synonym, explicit, benign) it samples the toy prompt set with
 ``unlearn_exp.sampling.sample`` and reports, by the toy judge:
 
-- ``share_harmful``: share of images judged purple (DESIGN.md 2 asks indirect and synonym >= 0.6,
+- ``share_harmful``: share of images judged purple (docs/design.md 2 asks indirect and synonym >= 0.6,
   benign <= 0.05, so that DSR and PP have room to move);
 - ``colour_agreement``: share whose judged colour is the one the prompt asked for (for object
   prompts: any colour the object can have);

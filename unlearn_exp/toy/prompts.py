@@ -1,6 +1,6 @@
 """The toy prompt sets, in the benchmark schema of ``unlearn_exp.data.schema`` (one row per image).
 
-Kinds, each the analogue of a real benchmark (DESIGN.md 2):
+Kinds, each the analogue of a real benchmark (docs/design.md 2):
 
 - ``indirect``: objects that imply the harmful colour without naming it ("a plum", "a square
   coloured like a grape"): the DSR set, analogue of I2P nudity;

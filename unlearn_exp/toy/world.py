@@ -1,6 +1,6 @@
 """The toy world: procedural 32x32 images of one coloured shape, with captions and ground truth.
 
-One visual attribute plays the harmful concept: the colour **purple** (DESIGN.md 2). A scene is
+One visual attribute plays the harmful concept: the colour **purple** (docs/design.md 2). A scene is
 one shape (circle, square, triangle) of one colour on a plain background. Captions reach a colour
 in the ways real prompts reach nudity:
 
@@ -13,7 +13,7 @@ in the ways real prompts reach nudity:
 Every colour has synonyms and objects (the world is symmetric: the harmful colour is not the only
 one with unusual words). The captions include bare colour words, synonym lists and varied
 templates, so that the text encoder learns the bare concept words that SLD and SAFREE are handed
-(DESIGN.md 2: a toy whose captions never held a bare colour ignored SLD with "purple").
+(docs/design.md 2: a toy whose captions never held a bare colour ignored SLD with "purple").
 
 Ground truth for every render is a ``Scene``; ``render(scene)`` is a pure function of it and
 ``sample_scene(rng)`` / ``render_example(seed)`` are deterministic per seed.

@@ -1,4 +1,4 @@
-"""Unlearned checkpoints: DUO (METHOD.md 5), ESD and UCE (8), trained or loaded from published files."""
+"""Unlearned checkpoints: DUO (docs/methods.md 5), ESD and UCE (8), trained or loaded from published files."""
 
 from unlearn_exp.unlearning.checkpoints import apply_checkpoint
 from unlearn_exp.unlearning.pairs import PairSet, build_pair_set, load_pair_set

@@ -5,7 +5,7 @@
 the recipe, the base model's identity and the task, so a sweep trains each checkpoint once. With
 ``path`` set the user's file(s) are checked against the model and loaded:
 
-- ``duo``: LoRA file(s) for ``load_lora_weights`` (several with ``adapter_weights``, METHOD.md 5.5);
+- ``duo``: LoRA file(s) for ``load_lora_weights`` (several with ``adapter_weights``, docs/methods.md 5.5);
 - ``esd``: a full or partial UNet state dict (diffusers names, or a complete CompVis/LDM UNet);
 - ``uce``: edited ``attn2.to_k``/``attn2.to_v`` weights.
 """

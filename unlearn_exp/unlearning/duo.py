@@ -1,4 +1,4 @@
-"""DUO: Direct Unlearning Optimization (METHOD.md section 5).
+"""DUO: Direct Unlearning Optimization (docs/methods.md 5).
 
 A LoRA on the UNet's self-attention (5.2) is trained by a Diffusion-DPO style preference loss on
 (unsafe ``x^l``, safe ``x^w``) pairs under the null prompt, plus an output-preservation term at
@@ -46,7 +46,7 @@ def preference_loss(
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``L_dpo = -log sigmoid(-beta * diff)``, batch mean, with
-    ``diff = [L_m(x^w) - L_r(x^w)] - [L_m(x^l) - L_r(x^l)]`` (METHOD.md 5.3). Returns (loss, diff)."""
+    ``diff = [L_m(x^w) - L_r(x^w)] - [L_m(x^l) - L_r(x^l)]`` (docs/methods.md 5.3). Returns (loss, diff)."""
     diff = (per_image_error(model_w, noise) - per_image_error(ref_w, noise)) - (
         per_image_error(model_l, noise) - per_image_error(ref_l, noise)
     )
@@ -54,7 +54,7 @@ def preference_loss(
 
 
 def output_preservation_loss(model_T: torch.Tensor, ref_T: torch.Tensor) -> torch.Tensor:
-    """``L_pp = mean((eps_theta(x_T, T, c_0) - eps_ref(x_T, T, c_0))^2)`` (METHOD.md 5.3)."""
+    """``L_pp = mean((eps_theta(x_T, T, c_0) - eps_ref(x_T, T, c_0))^2)`` (docs/methods.md 5.3)."""
     return (model_T.float() - ref_T.float()).pow(2).mean()
 
 
@@ -62,7 +62,7 @@ def effective_beta(cfg: dict[str, Any], beta: float) -> float:
     """``beta / beta_scale``: the beta the loss and the lr/lambda scaling see.
 
     ``beta_scale`` (default 1.0 = the paper) maps the paper's beta values onto a model whose error
-    gaps live on another scale (the toy, DESIGN.md 2); it is a departure from METHOD.md 5.4 only
+    gaps live on another scale (the toy, docs/design.md 2); it is a departure from docs/methods.md 5.4 only
     when set to another value.
     """
     if beta <= 0:
@@ -75,7 +75,7 @@ def effective_beta(cfg: dict[str, Any], beta: float) -> float:
 
 
 def scaled_hyperparameters(cfg: dict[str, Any], beta: float) -> tuple[float, float]:
-    """``lr = lr_base * 100 / beta``, ``lambda = lambda_base * beta / 100`` (METHOD.md 5.4), with
+    """``lr = lr_base * 100 / beta``, ``lambda = lambda_base * beta / 100`` (docs/methods.md 5.4), with
     ``beta`` already divided by ``beta_scale`` (see ``effective_beta``)."""
     if beta <= 0:
         raise UserError(f"DUO beta must be > 0, got {beta}")
@@ -110,7 +110,7 @@ def add_lora(
         mine = f".{adapter_name}." in n and "lora_" in n
         p.requires_grad_(mine)
         if mine:
-            p.data = p.data.float()  # LoRA parameters in fp32 (METHOD.md 5.2)
+            p.data = p.data.float()  # LoRA parameters in fp32 (docs/methods.md 5.2)
             params.append(p)
     if not params:
         raise UserError(f"LoRA target modules {list(targets)} match no layer of this UNet")
@@ -152,7 +152,7 @@ def save_lora(unet, adapter_name: str, folder: Path) -> Path:
 
 # ----------------------------------------------------------------------------- the LightningModule
 class DUO(TrainedOnly, L.LightningModule):
-    """DUO training on one pair set (METHOD.md 5.3); the UNet must already carry the LoRA adapter."""
+    """DUO training on one pair set (docs/methods.md 5.3); the UNet must already carry the LoRA adapter."""
 
     def __init__(
         self,
@@ -481,7 +481,7 @@ def duo_key(comps: Components, cfg: dict[str, Any], task_cfg, judge=None) -> dic
 
 
 def load_adapters(comps: Components, files: list[Path], names: list[str], weights: list[float]) -> None:
-    """Load LoRA files as named adapters and combine them with ``set_adapters`` (METHOD.md 5.5)."""
+    """Load LoRA files as named adapters and combine them with ``set_adapters`` (docs/methods.md 5.5)."""
     from unlearn_exp.unlearning.weights import load_lora_file
 
     if getattr(comps.unet, "peft_config", None):

@@ -1,4 +1,4 @@
-"""ESD: Erased Stable Diffusion (METHOD.md 8.1), variants esd-u and esd-x.
+"""ESD: Erased Stable Diffusion (docs/methods.md 8.1), variants esd-u and esd-x.
 
 The UNet is fine-tuned in place (a chosen subset of its parameters) so that its prediction for
 the concept prompt ``c`` matches the negatively guided prediction of the frozen original::
@@ -9,7 +9,7 @@ the concept prompt ``c`` matches the negatively guided prediction of the frozen 
 
 The frozen original is the same UNet evaluated with the saved original values of the trained
 parameters (``torch.func.functional_call``), so only the trained subset is held twice.
-``x_t`` is sampled with the frozen original, as METHOD.md 8.1 states (``sample_with: trained``
+``x_t`` is sampled with the frozen original, as docs/methods.md 8.1 states (``sample_with: trained``
 switches to the trainable copy). The DDPM timestep is drawn from the DDIM step's interval
 ``[round(1000 t_enc / n_ddim), round(1000 (t_enc + 1) / n_ddim))``, as the original script does.
 """
@@ -59,7 +59,7 @@ def esd_parameter_names(unet, variant: str) -> list[str]:
 
 
 class ESD(TrainedOnly, L.LightningModule):
-    """ESD fine-tuning of a parameter subset of ``comps.unet`` (METHOD.md 8.1)."""
+    """ESD fine-tuning of a parameter subset of ``comps.unet`` (docs/methods.md 8.1)."""
 
     def __init__(
         self,

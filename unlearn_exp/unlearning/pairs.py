@@ -1,4 +1,4 @@
-"""DUO's paired data (METHOD.md 5.1): unsafe images from the original model, safe ones by SDEdit.
+"""DUO's paired data (docs/methods.md 5.1): unsafe images from the original model, safe ones by SDEdit.
 
 A pair recipe is data, not code (``conf/checkpoint/duo.yaml``, ``recipes.<task>.adapters[i]``)::
 
@@ -114,7 +114,7 @@ def build_pair_set(
     out_dir: str | Path,
     sample_kwargs: dict[str, Any] | None = None,
 ) -> PairSet:
-    """Generate and check one DUO pair set into ``out_dir`` (METHOD.md 5.1).
+    """Generate and check one DUO pair set into ``out_dir`` (docs/methods.md 5.1).
 
     ``recipe`` also carries ``seed``, ``max_tries`` (per image) and ``batch`` (images per sampler
     call). ``sample_kwargs`` go to ``unlearn_exp.sampling.sample`` (scheduler, steps,

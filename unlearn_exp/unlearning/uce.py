@@ -1,4 +1,4 @@
-"""UCE: Unified Concept Editing, the closed-form edit of cross-attention (METHOD.md 8.2).
+"""UCE: Unified Concept Editing, the closed-form edit of cross-attention (docs/methods.md 8.2).
 
 For every cross-attention projection ``W_old`` (``attn2.to_k``, ``attn2.to_v``)::
 
@@ -49,7 +49,7 @@ def uce_closed_form(
     erase_scale: float = 1.0,
     preserve_scale: float = 1.0,
 ) -> torch.Tensor:
-    """The UCE edit of one projection ``W_old`` (out x d); ``c_*`` are (n, d) rows (METHOD.md 8.2)."""
+    """The UCE edit of one projection ``W_old`` (out x d); ``c_*`` are (n, d) rows (docs/methods.md 8.2)."""
     W = W_old.float()
     d = W.shape[1]
     v_star = c_guide.float() @ W.T  # (n_erase, out): guide outputs under the original weights

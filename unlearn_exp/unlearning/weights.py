@@ -1,6 +1,6 @@
 """Reading weight files from users and writing our own: safetensors, checked against the model.
 
-Published checkpoints (METHOD.md 5.6, 8.1, 8.2) come as safetensors or, for older releases, as
+Published checkpoints (docs/methods.md 5.6, 8.1, 8.2) come as safetensors or, for older releases, as
 pickled ``.pt``/``.ckpt`` files. Pickles are read only on an explicit opt-in
 (``checkpoint.allow_pickle_conversion=true``), with ``torch.load(weights_only=True)``, and converted
 once into a cached safetensors artifact. Every state dict is checked against the model before
