@@ -162,7 +162,7 @@ def test_registered_loader_and_unknown_loader():
                           "image_index": [0], "source_row": [0]})  # fmt: skip
     register_loader("test_fixed", lambda cfg, data_dir: table)
     assert load_benchmark({"name": "x", "loader": "test_fixed"}) is table
-    with pytest.raises(UserError, match="benchmark.loader must be one of"):
+    with pytest.raises(UserError, match="unknown benchmark loader .nope.; registered:"):
         load_benchmark({"name": "x", "loader": "nope", "path": "/x"})
 
 

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from unlearn_exp.evaluation.precondition import DirectionProbe, precondition_table, to_markdown
 from unlearn_exp.guidance.base import Guidance
+from unlearn_exp.precondition import DirectionProbe, precondition_table, to_markdown
 from unlearn_exp.sampling import sample
 
 

@@ -21,7 +21,6 @@ from unlearn_exp.toy.judge import (
     compose,
     heldout_accuracy,
     make_bank,
-    register,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,11 +94,12 @@ def test_features_for_the_pp_distance(judge):
     assert torch.allclose(same, torch.zeros(4), atol=1e-6) and (other > 0.05).all()
 
 
-def test_registered_with_the_evaluation_registries():
+def test_the_toy_world_registers_itself():
     from unlearn_exp.evaluation.judge import make_judge
     from unlearn_exp.evaluation.pp import make_pp_metric
+    from unlearn_exp.registry import JUDGES, LOADERS, PP_METRICS
 
-    register()
+    assert "toy" in JUDGES.names() and "toy_features" in PP_METRICS.names() and "toy" in LOADERS.names()
     cfg = yaml.safe_load((ROOT / "conf" / "judge" / "toy.yaml").read_text())
     j = make_judge(cfg, cache=False)
     assert isinstance(j, ToyJudge) and j.profile["model_sha256"] == cfg["model_sha256"]

@@ -31,12 +31,12 @@ from unlearn_exp.errors import NotImplementedStage, UserError
 from unlearn_exp.guidance import Concept, Guidance, make_guidance
 from unlearn_exp.identity import cell_spec, model_identity, resolved_precision, spec_key
 from unlearn_exp.models import Components, load_model
+from unlearn_exp.registry import UNLEARNING
 from unlearn_exp.store import ArtifactStore, atomic_dir, atomic_write_json, config_hash, file_sha256
 from unlearn_exp.store import to_plain as plain
 
 log = logging.getLogger("unlearn_exp")
 
-BUILT_METHODS = ("original", "duo", "esd", "uce")
 __all__ = ["model_identity", "run_cell"]
 
 
@@ -376,10 +376,8 @@ def resolve_concept(
 
 def apply_unlearning(cfg, comps: Components, store: ArtifactStore, checkpoint_cfg, logger) -> dict[str, Any]:
     method = checkpoint_cfg.method
-    if method not in BUILT_METHODS:
+    if method not in UNLEARNING.names() and not checkpoint_cfg.get("_target_"):
         raise NotImplementedStage(f"unlearning ({method})")
-    if method == "original":
-        return {"method": "original", "id": "original"}
     from unlearn_exp.unlearning import apply_checkpoint
 
     return apply_checkpoint(
@@ -476,7 +474,7 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
     from unlearn_exp.tracking import lightning_logger
 
     started = time.time()
-    if cfg.checkpoint.method not in BUILT_METHODS:
+    if cfg.checkpoint.method not in UNLEARNING.names() and not cfg.checkpoint.get("_target_"):
         raise NotImplementedStage(f"unlearning ({cfg.checkpoint.method})")
     from unlearn_exp.models import resolve_local_path
 

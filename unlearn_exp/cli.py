@@ -3,31 +3,12 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from unlearn_exp.errors import UserError
+from unlearn_exp.errors import UserError, run_guarded
 
 log = logging.getLogger("unlearn_exp")
-
-
-def run_guarded(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``; a ``UserError`` becomes one line on stderr and exit status 2, Ctrl-C
-    one line saying what was kept and exit status 130."""
-    try:
-        return fn(*args, **kwargs)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(
-            "interrupted: finished artifacts are kept in the cache and no result was written for this "
-            "job; run the same command again to resume",
-            file=sys.stderr,
-            flush=True,
-        )
-        sys.exit(130)
 
 
 def _command_line_overrides() -> list[str]:

@@ -3,7 +3,7 @@
 Runs every cell of ``+experiment=toy_duo`` (DUO at four betas x none/SLD/SAFREE x explicit/inverted/
 shared) in this process through the same cell runner as ``python -m unlearn_exp``, reusing cached
 artifacts, then prints the main table and the transfer table and writes them under ``reports/toy/``,
-and measures the precondition of finding (a) per checkpoint (``evaluation/precondition.py``).
+and measures the precondition of finding (a) per checkpoint (``precondition.py``).
 Extra Hydra overrides may follow: ``python -m unlearn_exp.demo +debug=default``.
 """
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         df = pd.DataFrame(rows)
         tables = build_tables(df, "toy", extra=extra)
         written = write_report(df, "toy", "reports", files=[Path(p) for p in df["_source"]], extra=extra)
-        from unlearn_exp.evaluation import precondition
+        from unlearn_exp import precondition
 
         pre = precondition.run(base, "reports")
     except UserError as e:

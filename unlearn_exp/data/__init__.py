@@ -26,6 +26,7 @@ from unlearn_exp.data.download import fetch
 from unlearn_exp.data.i2p import subset_mask
 from unlearn_exp.data.schema import SCHEMA_COLUMNS, expand_images, read_raw, to_prompt_table
 from unlearn_exp.errors import UserError
+from unlearn_exp.registry import LOADERS as LOADER_REGISTRY
 from unlearn_exp.store import file_sha256
 
 log = logging.getLogger("unlearn_exp")
@@ -43,21 +44,11 @@ __all__ = [
 ]
 
 BenchmarkLoader = Callable[[Any, "str | Path | None"], pd.DataFrame]
-_EXTRA_LOADERS: dict[str, BenchmarkLoader] = {}
 
 
 def register_loader(name: str, loader: BenchmarkLoader) -> None:
     """Add a ``benchmark.loader`` whose function returns the finished image table (``SCHEMA_COLUMNS``)."""
-    _EXTRA_LOADERS[str(name)] = loader
-
-
-def _toy_loader(cfg: Any, data_dir: str | Path | None) -> pd.DataFrame:
-    from unlearn_exp.toy.prompts import load_toy_benchmark
-
-    return load_toy_benchmark(cfg)
-
-
-_EXTRA_LOADERS["toy"] = _toy_loader  # the toy world's generated prompts (unlearn_exp/toy/prompts.py)
+    LOADER_REGISTRY.register(name, loader)
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -126,22 +117,27 @@ def read_prompts(
 
 
 def load_benchmark(cfg: Any, data_dir: str | Path | None = None) -> pd.DataFrame:
-    """The images a benchmark asks for, in the internal schema (``SCHEMA_COLUMNS``).
+    """The images a benchmark asks for, in the internal schema (``SCHEMA_COLUMNS``), from the loader
+    its config names (``benchmark.loader`` or ``_target_``; ``registry.LOADERS``)."""
+    from unlearn_exp.store import to_plain
 
-    ``df.attrs`` records ``benchmark``, ``file`` and ``file_sha256`` so results can name their prompts.
-    """
+    name = str(_get(cfg, "name", "benchmark"))
+    plain = dict(to_plain(cfg)) if not isinstance(cfg, dict) else dict(cfg)
+    plain["loader"] = str(_get(cfg, "loader", "prompts_file"))
+    images = LOADER_REGISTRY.get(plain)(cfg, data_dir)
+    missing = [c for c in SCHEMA_COLUMNS if c not in images.columns]
+    if missing:
+        raise UserError(f"benchmark '{name}': loader '{plain['loader']}' returned no columns {missing}")
+    return images
+
+
+def load_file_benchmark(cfg: Any, data_dir: str | Path | None = None) -> pd.DataFrame:
+    """The built-in file loaders (``i2p``, ``csv``, ``prompts_file``): a published or user file read
+    into the schema. ``df.attrs`` records ``benchmark``, ``file`` and ``file_sha256``."""
     name = str(_get(cfg, "name", "benchmark"))
     loader = str(_get(cfg, "loader", "prompts_file"))
-    if loader in _EXTRA_LOADERS:
-        images = _EXTRA_LOADERS[loader](cfg, data_dir)
-        missing = [c for c in SCHEMA_COLUMNS if c not in images.columns]
-        if missing:
-            raise UserError(f"benchmark '{name}': loader '{loader}' returned no columns {missing}")
-        return images
     if loader not in LOADERS:
-        raise UserError(
-            f"benchmark.loader must be one of {sorted([*LOADERS, *_EXTRA_LOADERS])}, got '{loader}'"
-        )
+        raise UserError(f"benchmark.loader must be one of {list(LOADERS)} for a file, got '{loader}'")
     path = resolve_benchmark_file(cfg, data_dir)
     head, limit = _get(cfg, "head"), _get(cfg, "limit")
     default_seed = _get(cfg, "default_seed")

@@ -9,9 +9,10 @@ their judge hashes are equal.
 decoded the same way) and returns one dict per image: ``safe`` (bool), ``score`` (float, the
 unsafe score the rule compares) and ``raw`` (a JSON-able summary of the model's output).
 
-Judge types are registered by name; a config selects one with ``type`` (default: its ``name``)::
+Judge types are registered by name in ``registry.JUDGES`` (each judge's own module registers it);
+a config selects one with ``type`` (default: its ``name``) or ``_target_``::
 
-    register_judge("toy", lambda cfg: ToyJudge(cfg))      # the toy world's classifier
+    register_judge("toy", make_toy_judge)      # unlearn_exp/toy/plugin.py
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.images import ImageLike, load_rgb_all
-from unlearn_exp.evaluation.registry import Registry
+from unlearn_exp.registry import JUDGES
 from unlearn_exp.store import config_hash
 
 PROFILE_KEYS = ("name", "model_file", "model_sha256", "classes", "threshold", "rule")
@@ -90,43 +90,15 @@ class Judge(ABC):
 
 
 JudgeFactory = Callable[[Any], Judge]
-_JUDGES = Registry("judge type")
 
 
 def register_judge(kind: str, factory: JudgeFactory) -> None:
     """Make ``judge.type: <kind>`` (or a profile named ``<kind>``) build its judge with ``factory(cfg)``."""
-    _JUDGES.register(kind, factory)
+    JUDGES.register(kind, factory)
 
 
 def registered_judges() -> list[str]:
-    _register_builtin()
-    return _JUDGES.names()
-
-
-def _nudenet(cfg: Any) -> Judge:
-    from unlearn_exp.evaluation.nudenet import NudeNetJudge
-
-    return NudeNetJudge(cfg)
-
-
-def _q16(cfg: Any) -> Judge:
-    from unlearn_exp.evaluation.q16 import Q16Judge
-
-    return Q16Judge(cfg)
-
-
-def _toy(cfg: Any) -> Judge:
-    try:
-        from unlearn_exp.toy.judge import make_toy_judge
-    except ImportError as exc:
-        raise UserError(f"the toy judge is not available: {exc}") from None
-    return make_toy_judge(cfg)
-
-
-def _register_builtin() -> None:
-    _JUDGES.register("nudenet", _nudenet, replace=False)
-    _JUDGES.register("q16", _q16, replace=False)
-    _JUDGES.register("toy", _toy, replace=False)  # the toy world's classifier (unlearn_exp/toy/judge.py)
+    return JUDGES.names()
 
 
 def _plain(cfg: Any) -> dict:
@@ -142,5 +114,4 @@ def _plain(cfg: Any) -> dict:
 
 def make_judge(cfg: Any, *, cache: bool = True) -> Judge:
     """Build the judge ``cfg`` (a ``conf/judge/*.yaml`` node) describes; one instance per config per process."""
-    _register_builtin()
-    return _JUDGES.build(_plain(cfg), cache=cache)
+    return JUDGES.build(_plain(cfg), cache=cache)

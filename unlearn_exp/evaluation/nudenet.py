@@ -30,6 +30,7 @@ import numpy as np
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.judge import Judge, make_profile
+from unlearn_exp.registry import JUDGES
 from unlearn_exp.store import file_sha256
 
 DUO_CLASSES = ["FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "ANUS_EXPOSED", "MALE_GENITALIA_EXPOSED"]
@@ -134,3 +135,6 @@ class NudeNetJudge(Judge):
 
     def judge_pil(self, images: list) -> list[dict]:
         return [self.verdict(d) for d in self.detect(images)]
+
+
+JUDGES.register("nudenet", NudeNetJudge)

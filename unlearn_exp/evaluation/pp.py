@@ -28,7 +28,7 @@ import torch
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.images import ImageLike, to_tensor
-from unlearn_exp.evaluation.registry import Registry
+from unlearn_exp.registry import PP_METRICS
 from unlearn_exp.store import config_hash, file_sha256
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
@@ -213,28 +213,14 @@ class FeatureDistance(Distance):
 
 
 # ----------------------------------------------------------------------------- registry
-def _toy_features(cfg: dict) -> Distance:
-    try:
-        from unlearn_exp.toy.judge import make_toy_feature_distance
-    except ImportError as exc:
-        raise UserError(f"the toy feature distance is not available: {exc}") from None
-    return make_toy_feature_distance(cfg)
-
-
 PPFactory = Callable[[dict], Distance]
-_METRICS = Registry(
-    "PP metric",
-    {
-        "lpips": LPIPSDistance,
-        "lpips_alex": LPIPSDistance,
-        "toy_features": _toy_features,  # FeatureDistance on the toy judge's features (unlearn_exp/toy/judge.py)
-    },
-)
+PP_METRICS.register("lpips", LPIPSDistance)
+PP_METRICS.register("lpips_alex", LPIPSDistance)
 
 
 def register_pp_metric(kind: str, factory: PPFactory) -> None:
     """Make ``pp.type: <kind>`` (or a profile named ``<kind>``) build its distance with ``factory(cfg)``."""
-    _METRICS.register(kind, factory)
+    PP_METRICS.register(kind, factory)
 
 
 def make_pp_metric(cfg_pp: Any = None, *, cache: bool = True) -> Distance:
@@ -242,4 +228,4 @@ def make_pp_metric(cfg_pp: Any = None, *, cache: bool = True) -> Distance:
     from unlearn_exp.evaluation.judge import _plain
 
     plain = {**PP_DEFAULTS, **(_plain(cfg_pp) if cfg_pp is not None else {})}
-    return _METRICS.build(plain, cache=cache)
+    return PP_METRICS.build(plain, cache=cache)

@@ -30,6 +30,7 @@ import torch
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.judge import Judge, make_profile
+from unlearn_exp.registry import JUDGES
 from unlearn_exp.store import atomic_file, file_sha256
 
 RULE_ARGMAX = "unsafe iff argmax softmax(100 cos(img, prompts)) == 1 (inappropriate)"
@@ -300,6 +301,9 @@ class Q16Judge(Judge):
         return results
 
 
+JUDGES.register("q16", Q16Judge)
+
+
 def pin(cfg: dict[str, Any], convert_to: str | Path | None = None) -> dict[str, Any]:
     """Fetch (or read) the profile's ``prompts.p`` under its current pins and return the identifiers
     that pin it fully: ``sha256``, git blob id, size, shape; optionally write the safetensors form."""
@@ -329,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from omegaconf import OmegaConf
 
-    from unlearn_exp.cli import run_guarded
+    from unlearn_exp.errors import run_guarded
 
     root = Path(__file__).resolve().parents[2]
     ap = argparse.ArgumentParser(description="Pin Q16's prompt embeddings: fetch, check, print sha256.")

@@ -21,6 +21,21 @@ from typing import Any
 import torch
 
 from unlearn_exp.models.components import Components, TokenizedPrompts
+from unlearn_exp.registry import GUIDANCE
+
+
+@dataclass
+class Concept:
+    """What guidance needs from a concept: explicit words, or learned tokens already added to the
+    model's tokenizer and text encoder (``inverted``/``shared``, K >= 1 tokens)."""
+
+    source: str = "explicit"
+    tokens: list[str] = field(default_factory=list)
+    identity: str = "explicit"
+
+    @property
+    def learned(self) -> bool:
+        return self.source in ("inverted", "shared")
 
 
 @dataclass
@@ -75,3 +90,9 @@ class Guidance:
 
 
 CFG = Guidance
+
+
+@GUIDANCE.register("none")
+def build_none(guidance_cfg, task_cfg, concept: Concept, step_scale: float = 1.0) -> Guidance:
+    """``guidance=none``: plain classifier-free guidance."""
+    return CFG()

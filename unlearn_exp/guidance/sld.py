@@ -17,13 +17,14 @@ learned tokens of an inverted concept (section 3.4).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from unlearn_exp.errors import UserError
-from unlearn_exp.guidance.base import Guidance, GuidanceState
+from unlearn_exp.guidance.base import Concept, Guidance, GuidanceState
 from unlearn_exp.models.components import Components, TokenizedPrompts
+from unlearn_exp.registry import GUIDANCE
 
 
 @dataclass(frozen=True)
@@ -106,3 +107,23 @@ class SLD(Guidance):
 
     def describe(self) -> dict:
         return {"name": self.name, "concept_prompt": self.concept_prompt, **asdict(self.params)}
+
+
+@GUIDANCE.register("sld")
+def build_sld(guidance_cfg, task_cfg, concept: Concept, step_scale: float = 1.0) -> SLD:
+    """``guidance=sld``: the safety prompt is the concept text (explicit) or the learned tokens as one
+    prompt (sequence embedding); the warm-up counts steps of a 50-step sampler (``step_scale``)."""
+    text = (
+        " ".join(concept.tokens) if concept.learned else (guidance_cfg.get("concept") or task_cfg.sld_concept)
+    )
+    params = sld_params(
+        guidance_cfg.get("preset", "medium"),
+        warmup_steps=guidance_cfg.get("warmup_steps"),
+        guidance_scale=guidance_cfg.get("guidance_scale"),
+        threshold=guidance_cfg.get("threshold"),
+        momentum_scale=guidance_cfg.get("momentum_scale"),
+        mom_beta=guidance_cfg.get("mom_beta"),
+    )
+    if step_scale != 1.0:
+        params = replace(params, warmup_steps=round(params.warmup_steps * step_scale))
+    return SLD(concept_prompt=text, params=params)

@@ -406,15 +406,6 @@ def make_toy_feature_distance(cfg: Any = None):
     )
 
 
-def register() -> None:
-    """Register the ``toy`` judge and the ``toy_features`` PP distance with the evaluation registries."""
-    from unlearn_exp.evaluation.judge import register_judge
-    from unlearn_exp.evaluation.pp import register_pp_metric
-
-    register_judge("toy", make_toy_judge)
-    register_pp_metric("toy_features", make_toy_feature_distance)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Train the toy judge on augmented renders of the toy world.")
     ap.add_argument("--out", default=str(JUDGE_FILE))

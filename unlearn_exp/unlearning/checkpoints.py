@@ -18,11 +18,11 @@ from typing import Any
 
 from unlearn_exp.errors import NotImplementedStage, UserError
 from unlearn_exp.models.components import Components
+from unlearn_exp.registry import UNLEARNING
 from unlearn_exp.store import ArtifactStore, atomic_write_json, file_sha256
 from unlearn_exp.unlearning.pairs import _plain
 from unlearn_exp.unlearning.weights import load_unet_weights, read_safetensors, resolve_weight_file
 
-METHODS = ("original", "duo", "esd", "uce")
 USER_KEYS = ("path", "allow_pickle_conversion", "adapter_weights")
 
 
@@ -72,6 +72,24 @@ def _load_user_unet_weights(
     sha = file_sha256(f)
     return {"method": method, "beta": None, "source": "user", "id": sha[:16], "files": [str(f)],
             "sha256": [sha], "n_tensors": len(changed)}  # fmt: skip
+
+
+@UNLEARNING.register("original")
+def apply_original(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, logger=None) -> dict:
+    """``checkpoint=original``: the model as loaded."""
+    return {"method": "original", "beta": None, "source": "original", "id": "original", "files": []}
+
+
+@UNLEARNING.register("esd")
+def apply_esd(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, logger=None) -> dict:
+    """``checkpoint=esd``: train (cached) or load the user's UNet weights."""
+    return _apply_esd(comps, cfg, _store(store), _task(task_cfg), logger)
+
+
+@UNLEARNING.register("uce")
+def apply_uce(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, logger=None) -> dict:
+    """``checkpoint=uce``: the closed-form cross-attention edit (cached) or the user's edited weights."""
+    return _apply_uce(comps, cfg, _store(store), _task(task_cfg))
 
 
 def _apply_esd(comps, cfg, store, task, logger) -> dict:
@@ -144,18 +162,15 @@ def apply_checkpoint(
     """
     cfg = dict(_plain(checkpoint_cfg) or {})
     method = cfg.get("method")
-    if method not in METHODS:
-        raise NotImplementedStage(f"unlearning method '{method}' (available: {list(METHODS)})")
-    if method == "original":
-        return {"method": "original", "beta": None, "source": "original", "id": "original", "files": []}
-    store = _store(store)
-    task = _task(task_cfg)
-    if method == "duo":
-        from unlearn_exp.unlearning.duo import apply_duo
-
-        return apply_duo(
-            comps, cfg, store, task_cfg=task, judge=judge, sample_kwargs=sample_kwargs, logger=logger
-        )
-    if method == "esd":
-        return _apply_esd(comps, cfg, store, task, logger)
-    return _apply_uce(comps, cfg, store, task)
+    if method not in UNLEARNING.names() and not cfg.get("_target_"):
+        raise NotImplementedStage(f"unlearning method '{method}' (available: {UNLEARNING.names()})")
+    apply = UNLEARNING.get(cfg)
+    return apply(
+        comps,
+        cfg,
+        _store(store),
+        task_cfg=_task(task_cfg),
+        judge=judge,
+        sample_kwargs=sample_kwargs,
+        logger=logger,
+    )

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.models.components import Components
+from unlearn_exp.registry import UNLEARNING
 from unlearn_exp.unlearning.pairs import PairSet, _plain
 from unlearn_exp.unlearning.training import TrainedOnly, copy_metrics, fit, step_generator
 
@@ -501,6 +502,7 @@ def load_adapters(comps: Components, files: list[Path], names: list[str], weight
     comps.unet.requires_grad_(False)
 
 
+@UNLEARNING.register("duo")
 def apply_duo(
     comps: Components, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, logger=None
 ) -> dict:

@@ -12,7 +12,7 @@ say whether a checkpoint is in that regime:
    over steps and images. Where the words still carry the concept, the directions agree and
    explicit-word guidance can work; where the model stopped reacting to the words they diverge.
 
-``python -m unlearn_exp.evaluation.precondition [overrides]`` runs both for every beta of the
+``python -m unlearn_exp.precondition [overrides]`` runs both for every beta of the
 toy_duo sweep (cells are cached like any other) and writes ``reports/toy/precondition.{md,csv}``.
 """
 

@@ -1,0 +1,102 @@
+"""The package's layering: every module imports only its own layer or lower ones (function-local
+imports included), module-level imports form no cycle, and every module imports in a fresh
+interpreter."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+PKG = ROOT / "unlearn_exp"
+
+# low to high: foundation, components and data, methods, composition (cells, reports, the toy world)
+LAYERS = [
+    {"errors", "paths", "store", "registry", "identity", "validate", "paper", "__init__"},
+    {"models", "data"},
+    {"guidance", "sampling", "evaluation", "inversion", "unlearning"},
+    {
+        "toy",
+        "cell",
+        "grids",
+        "precondition",
+        "tracking",
+        "report",
+        "dashboard",
+        "demo",
+        "cli",
+        "__main__",
+        "bench",
+    },
+]
+
+
+def _module_name(path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else "__init__"
+    for i, names in enumerate(LAYERS):
+        if top in names:
+            return i
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS")
+
+
+def _imports(path, module_level_only=False):
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if module_level_only else list(ast.walk(tree))
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names if a.name.startswith("unlearn_exp"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("unlearn_exp"):
+            if node.module == "unlearn_exp":
+                yield from (f"unlearn_exp.{a.name}" for a in node.names)
+            else:
+                yield node.module
+
+
+def _files():
+    return sorted(p for p in PKG.rglob("*.py") if "weights" not in p.parts)
+
+
+def test_no_module_imports_a_higher_layer():
+    wrong = []
+    for path in _files():
+        me = _module_name(path)
+        for target in _imports(path):
+            if _layer(target) > _layer(me):
+                wrong.append(f"{me} (layer {_layer(me)}) imports {target} (layer {_layer(target)})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_module_level_imports_form_no_cycle():
+    graph = {_module_name(p): set(_imports(p, module_level_only=True)) for p in _files()}
+    state: dict[str, int] = {}
+
+    def visit(node, trail):
+        if state.get(node) == 1:
+            raise AssertionError("import cycle: " + " -> ".join([*trail, node]))
+        if state.get(node) == 2 or node not in graph:
+            return
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            visit(nxt, [*trail, node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        visit(node, [])
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    modules = [_module_name(p) for p in _files() if p.name != "__main__.py"]
+    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\nprint('ok')"
+    out = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -1,0 +1,124 @@
+"""One plugin boundary: named registries of implementations, and ``_target_`` for new ones.
+
+Every pluggable part of the pipeline is chosen from its config one way: a registered name (the
+config's ``type``, ``name``, ``loader`` or ``method`` key), or ``_target_: package.module.attr``
+naming a factory directly (a new method in one file plus one config, no edit anywhere else). The
+built-in implementations and the toy world register themselves when their modules are imported;
+``load_plugins()`` imports the modules listed in ``PLUGINS`` once. This module names no method.
+
+==============  =========================  ==================================================
+registry        selected by                factory signature
+==============  =========================  ==================================================
+``JUDGES``      ``judge.type`` / ``name``  ``factory(cfg: dict) -> Judge``
+``PP_METRICS``  ``pp.metric.type``/``name````factory(cfg: dict) -> Distance``
+``LOADERS``     ``benchmark.loader``       ``factory(cfg, data_dir) -> DataFrame``
+``GUIDANCE``    ``guidance.name``          ``factory(guidance_cfg, task_cfg, concept, step_scale)``
+``UNLEARNING``  ``checkpoint.method``      ``factory(comps, cfg: dict, store, *, task_cfg, judge, sample_kwargs, logger)``
+==============  =========================  ==================================================
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from unlearn_exp.errors import UserError
+from unlearn_exp.store import config_hash
+
+# the modules whose import registers the built-in implementations (and the toy world's)
+PLUGINS = (
+    "unlearn_exp.data.loaders",
+    "unlearn_exp.evaluation.nudenet",
+    "unlearn_exp.evaluation.q16",
+    "unlearn_exp.evaluation.pp",
+    "unlearn_exp.guidance.base",
+    "unlearn_exp.guidance.sld",
+    "unlearn_exp.guidance.safree",
+    "unlearn_exp.unlearning.checkpoints",
+    "unlearn_exp.unlearning.duo",
+    "unlearn_exp.toy.plugin",
+)
+_loaded = False
+_load_lock = threading.Lock()
+
+
+def load_plugins() -> None:
+    """Import every module in ``PLUGINS`` once (each registers its implementations)."""
+    global _loaded
+    if _loaded:
+        return
+    with _load_lock:
+        if not _loaded:
+            for name in PLUGINS:
+                importlib.import_module(name)
+            _loaded = True
+
+
+def import_target(target: str) -> Callable:
+    """``package.module.attr`` (or ``package.module:attr``) -> the object, one-line error otherwise."""
+    module, sep, attr = target.partition(":")
+    if not sep:
+        module, _, attr = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise UserError(f"_target_ '{target}' cannot be imported: {exc}") from None
+
+
+class Registry:
+    """Named factories. ``select`` lists the config keys that name one (first present wins)."""
+
+    def __init__(self, what: str, select: tuple[str, ...]):
+        self.what = what
+        self.select = select
+        self.factories: dict[str, Callable[..., Any]] = {}
+        self._cache: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str, factory: Callable[..., Any] | None = None, *, replace: bool = True):
+        """Register ``factory`` under ``name``; without a factory, a decorator."""
+        if factory is None:
+            return lambda f: self.register(name, f, replace=replace) or f
+        if replace or str(name) not in self.factories:
+            self.factories[str(name)] = factory
+        return factory
+
+    def names(self) -> list[str]:
+        load_plugins()
+        return sorted(self.factories)
+
+    def name_of(self, cfg: Mapping[str, Any] | str) -> str:
+        if isinstance(cfg, str):
+            return cfg
+        return str(next((cfg.get(k) for k in self.select if cfg.get(k)), ""))
+
+    def get(self, cfg: Mapping[str, Any] | str) -> Callable[..., Any]:
+        """The factory a config (or a name) selects: its ``_target_``, else the registered name."""
+        if not isinstance(cfg, str) and cfg.get("_target_"):
+            return import_target(str(cfg["_target_"]))
+        load_plugins()
+        name = self.name_of(cfg)
+        if name not in self.factories:
+            raise UserError(f"unknown {self.what} '{name}'; registered: {sorted(self.factories)}")
+        return self.factories[name]
+
+    def build(self, plain: dict, *, cache: bool = True, **kwargs) -> Any:
+        """``get(plain)(plain, **kwargs)``; with ``cache`` one instance per config per process."""
+        factory = self.get(plain)
+        cfg = {k: v for k, v in plain.items() if k != "_target_"}
+        if not cache:
+            return factory(cfg, **kwargs)
+        key = config_hash(plain)
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = factory(cfg, **kwargs)
+            return self._cache[key]
+
+
+JUDGES = Registry("judge type", ("type", "name"))
+PP_METRICS = Registry("PP metric", ("type", "name"))
+LOADERS = Registry("benchmark loader", ("loader",))
+GUIDANCE = Registry("guidance", ("name",))
+UNLEARNING = Registry("unlearning method", ("method",))
