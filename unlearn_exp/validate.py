@@ -24,7 +24,6 @@ MIN_FREE_BYTES = 64 << 20  # a results or cache folder with less room than this 
 SCHEDULERS = ("dpmsolver++", "pndm", "ddim")
 PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-GUIDANCE = ("none", "sld", "safree")
 EMBEDDINGS = ("explicit", "inverted", "shared")
 SLD_PRESETS = ("weak", "medium", "strong", "max")
 SAFREE_CHOICES = {
@@ -145,7 +144,10 @@ def _benchmark(checks: _Checks, prefix: str, bench: dict) -> None:
 
 
 def _guidance(checks: _Checks, g: dict, guidance_scale: Any) -> None:
-    checks.choice("guidance", g.get("name"), GUIDANCE)
+    if not g.get("_target_"):  # a method of your own names its factory; else a registered name
+        from unlearn_exp.registry import GUIDANCE as REGISTERED
+
+        checks.choice("guidance", g.get("name"), tuple(REGISTERED.names()))
     if g.get("name") == "sld":
         checks.choice("guidance.preset", g.get("preset"), SLD_PRESETS)
         for key in ("warmup_steps",):
