@@ -116,7 +116,7 @@ def test_main_tables_cell_for_cell():
     v = _fmt(tables["main_violence_beta1000"])
     assert list(v.index) == list(paper.METHODS)
     # DUO: 460/750 = 0.6133 vs paper 0.613 -> +0.000; PP 0.800 vs 0.820 -> -0.020
-    assert v.loc["DUO", ["DSR", "DSR (paper)", "DSR diff", "PP", "PP (paper)", "PP diff", "N"]].tolist() == [
+    assert v.loc["DUO", ["DSR", "DSR (paper)", "DSR diff", "PP (COCO)", "PP (paper)", "PP diff", "N"]].tolist() == [
         "0.613",
         "0.613",
         "+0.000",
@@ -134,12 +134,12 @@ def test_main_tables_cell_for_cell():
     ]
     # missing cells: ours and the differences are "-", the paper's numbers stay
     for m in ("DUO+SLD+Ours", "DUO+SAFREE"):
-        assert v.loc[m, ["DSR", "DSR diff", "PP", "PP diff", "N", "DSR 95% CI"]].tolist() == ["-"] * 6
+        assert v.loc[m, ["DSR", "DSR diff", "PP (COCO)", "PP diff", "N", "DSR 95% CI"]].tolist() == ["-"] * 6
     assert v.loc["DUO+SAFREE", "DSR (paper)"] == "0.793"
 
     n = _fmt(tables["main_nudity_beta2000"])
     # the 95-image DUO+SLD row is the position's cell; the debug row is another cell
-    assert n.loc["DUO+SLD", ["DSR", "DSR (paper)", "DSR diff", "PP", "PP diff", "N"]].tolist() == [
+    assert n.loc["DUO+SLD", ["DSR", "DSR (paper)", "DSR diff", "PP (COCO)", "PP diff", "N"]].tolist() == [
         "0.484",
         "0.484",
         "+0.000",
@@ -148,7 +148,7 @@ def test_main_tables_cell_for_cell():
         "95",
     ]
     assert n.loc["DUO", ["DSR", "DSR diff"]].tolist() == ["0.421", "-0.021"]
-    assert n.loc["DUO+SAFREE+Ours", ["DSR", "DSR diff", "PP", "PP diff"]].tolist() == [
+    assert n.loc["DUO+SAFREE+Ours", ["DSR", "DSR diff", "PP (COCO)", "PP diff"]].tolist() == [
         "0.958",
         "+0.011",
         "0.600",
@@ -251,7 +251,8 @@ def test_toy_scale_uses_toy_rows(tmp_path: Path):
     tables = report.build_tables(rows, "toy")
     assert set(tables) == {"main_toy_beta2000", "long_toy", "transfer", "other_cells"}
     t = _fmt(tables["main_toy_beta2000"])
-    assert t.loc["DUO", ["DSR", "DSR (paper)", "PP"]].tolist() == ["1.000", "-", "0.500"]
+    assert t.loc["DUO", ["DSR", "PP (toy_benign)"]].tolist() == ["1.000", "0.500"]
+    assert "DSR (paper)" not in t.columns and "PP diff" not in t.columns  # no paper numbers on the toy
     assert t.loc["DUO+SLD", "DSR"] == "-"
     # no toy rows at all: the tables still exist, all "-"
     empty = report.build_tables(rows[rows.scale == "sd14"], "toy")

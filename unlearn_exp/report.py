@@ -508,36 +508,57 @@ def write_table(table: Table, out: Path) -> list[Path]:
 
 
 def plot_dsr_pp(long: Table, label: str, out: Path) -> Path:
-    """DSR against PP: one marker per method, one colour per beta; the paper's points hollow."""
+    """DSR against PP with the Wilson 95% interval as error bars: one marker per method, one colour
+    per beta (sorted numerically), each point labelled; the paper's points hollow. The legend lists
+    only series that have points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    markers = dict(zip(paper.METHODS, "osD^v"))
-    colours = dict(zip(paper.BETAS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for _, r in long.data.iterrows():
-        c = colours.get(int(r["beta"]), "k")
-        if not (pd.isna(r["dsr"]) or pd.isna(r["pp"])):
-            ax.scatter(r["pp"], r["dsr"], marker=markers[r["method"]], color=c, s=40)
-        if not (pd.isna(r["dsr_paper"]) or pd.isna(r["pp_paper"])):
-            ax.scatter(
-                r["pp_paper"],
-                r["dsr_paper"],
-                marker=markers[r["method"]],
-                facecolors="none",
-                edgecolors=c,
-                s=60,
-            )
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], ls="", marker=mk, color="grey", label=m) for m, mk in markers.items()]
-    handles += [Line2D([], [], ls="", marker="o", color=c, label=f"beta={b}") for b, c in colours.items()]
-    handles.append(Line2D([], [], ls="", marker="o", mfc="none", color="k", label="paper"))
-    ax.legend(handles=handles, fontsize=7, loc="best")
-    ax.set_xlabel("PP (prior preservation, higher is better)")
-    ax.set_ylabel("DSR (defense success rate, higher is better)")
+    markers = dict(zip(paper.METHODS, "osD^v"))
+    betas = sorted({int(b) for b in long.data["beta"].dropna()})
+    palette = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+    colours = {b: palette[i % len(palette)] for i, b in enumerate(betas)}
+    short = {m: m.replace("DUO+", "+").replace("+Ours", "+C*") for m in paper.METHODS}
+    fig, ax = plt.subplots(figsize=(7, 5))
+    shown_methods, shown_betas, paper_shown = set(), set(), False
+    for _, r in long.data.sort_values("beta").iterrows():
+        c = colours.get(int(r["beta"]), "k")
+        if not (pd.isna(r["dsr"]) or pd.isna(r["pp"])):
+            lo, hi = r.get("dsr_lo"), r.get("dsr_hi")
+            yerr = None if pd.isna(lo) or pd.isna(hi) else [[max(r["dsr"] - lo, 0.0)], [max(hi - r["dsr"], 0.0)]]
+            ax.errorbar(
+                r["pp"], r["dsr"], yerr=yerr, fmt=markers[r["method"]], color=c, ms=6, capsize=2, lw=0.8
+            )
+            ax.annotate(f"{short[r['method']]} b{int(r['beta'])}", (r["pp"], r["dsr"]), fontsize=6,
+                        xytext=(4, 3), textcoords="offset points")  # fmt: skip
+            shown_methods.add(r["method"])
+            shown_betas.add(int(r["beta"]))
+        if not (pd.isna(r["dsr_paper"]) or pd.isna(r["pp_paper"])):
+            ax.scatter(r["pp_paper"], r["dsr_paper"], marker=markers[r["method"]], facecolors="none",
+                       edgecolors=c, s=60)  # fmt: skip
+            shown_methods.add(r["method"])
+            shown_betas.add(int(r["beta"]))
+            paper_shown = True
+    handles = [
+        Line2D([], [], ls="", marker=mk, color="grey", label=m)
+        for m, mk in markers.items()
+        if m in shown_methods
+    ]
+    handles += [
+        Line2D([], [], ls="", marker="o", color=colours[b], label=f"beta={b}")
+        for b in betas
+        if b in shown_betas
+    ]
+    if paper_shown:
+        handles.append(Line2D([], [], ls="", marker="o", mfc="none", color="k", label="paper"))
+    if handles:
+        ax.legend(handles=handles, fontsize=7, loc="best")
+    pp_header = next((c.header for c in long.columns if c.key == "pp"), "PP")
+    ax.set_xlabel(f"{pp_header}: prior preservation, higher is better")
+    ax.set_ylabel("DSR (defense success rate, Wilson 95% CI), higher is better")
     ax.set_title(f"{label}: DSR against PP")
     ax.grid(alpha=0.3)
     path = out / f"dsr_pp_{label}.png"
@@ -621,7 +642,36 @@ def build_tables(
     t = transfer_table(rows, t_label, t_exp, extra)
     tables[t.name] = t
     tables["other_cells"] = other_cells_table(rows, scale, extra, tables)
+    pp_label = _pp_label(grid_positions(scale, extra))
+    for t in tables.values():
+        _name_what_was_measured(t, pp_label, pp)
     return tables
+
+
+def _pp_label(positions: Sequence[Position]) -> str:
+    """What the benign PP prompts are: "COCO" for COCO sets, else the prompt set's name."""
+    names = {str(((p.spec.get("pp") or {}).get("prompts") or {}).get("name") or "") for p in positions}
+    names.discard("")
+    if not names:
+        return "benign prompts"
+    if all(n.startswith("coco") for n in names):
+        return "COCO"
+    return ", ".join(sorted(names))
+
+
+def _name_what_was_measured(table: Table, pp_label: str, pp: str) -> None:
+    """Headers say what was measured ("PP (COCO)" only on COCO), and paper columns with no paper
+    number at all (the toy world) are left out."""
+    columns = []
+    has_coco = any(c.key == "pp_coco" for c in table.columns)
+    for c in table.columns:
+        if c.key == "pp_coco" or (c.key == "pp" and pp == "coco" and not has_coco):
+            c = Column(c.key, f"PP ({pp_label})", f"PP ({pp_label})", c.kind)
+        paperish = "paper" in c.key or c.key.endswith("diff") or c.key == "pp_bench"
+        if paperish and c.key in table.data and table.data[c.key].isna().all():
+            continue
+        columns.append(c)
+    table.columns = columns
 
 
 def grid_positions(scale: str, extra: Sequence[str] = ()) -> list[Position]:
