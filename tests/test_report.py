@@ -116,7 +116,9 @@ def test_main_tables_cell_for_cell():
     v = _fmt(tables["main_violence_beta1000"])
     assert list(v.index) == list(paper.METHODS)
     # DUO: 460/750 = 0.6133 vs paper 0.613 -> +0.000; PP 0.800 vs 0.820 -> -0.020
-    assert v.loc["DUO", ["DSR", "DSR (paper)", "DSR diff", "PP (COCO)", "PP (paper)", "PP diff", "N"]].tolist() == [
+    assert v.loc[
+        "DUO", ["DSR", "DSR (paper)", "DSR diff", "PP (COCO)", "PP (paper)", "PP diff", "N"]
+    ].tolist() == [
         "0.613",
         "0.613",
         "+0.000",

@@ -241,13 +241,14 @@ def test_pin_gpu_worker_gives_distinct_gpus(tmp_path: Path, monkeypatch):
         "time.sleep(float(sys.argv[2]))"
     )
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3,5"}
-    first = subprocess.Popen(
-        [sys.executable, "-c", code, str(tmp_path), "3"], env=env, stdout=subprocess.PIPE, text=True
+    first = subprocess.Popen(  # holds its GPU until killed, however slow the machine is
+        [sys.executable, "-c", code, str(tmp_path), "300"], env=env, stdout=subprocess.PIPE, text=True
     )
     line1 = first.stdout.readline().split()
     second = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path), "0"], env=env, capture_output=True, text=True, check=True
     )
+    first.kill()
     first.wait(timeout=30)
     assert line1 == ["3", "3"]
     assert second.stdout.split() == ["5", "5"]
@@ -258,3 +259,22 @@ def test_pin_gpu_worker_gives_distinct_gpus(tmp_path: Path, monkeypatch):
     assert third.stdout.split() == ["3", "3"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert tracking.pin_gpu_worker(str(tmp_path)) is None
+
+
+def test_guidance_none_is_one_run_for_its_three_grid_positions(tmp_path: Path):
+    from tests.conftest import compose
+
+    def cfg(*o):
+        return compose(["model=tiny", "guidance=none", *o, f"paths.output_root={tmp_path}"], hydra=False)
+
+    ids = {tracking.cell_run_id(cfg(f"embedding={e}")) for e in ("explicit", "inverted", "shared")}
+    assert len(ids) == 1 and next(iter(ids)).startswith("cell-")
+    assert {t for t in tracking.cell_tags(cfg("embedding=inverted")) if t.startswith("embedding=")} == {
+        "embedding=none"
+    }
+    sld = {tracking.cell_run_id(compose(["model=tiny", "guidance=sld", f"embedding={e}"], hydra=False))
+           for e in ("explicit", "inverted")}  # fmt: skip
+    assert len(sld) == 2 and not sld & ids
+    # the offline run folder lives under the job's output folder, not the repository root
+    tr = tracking.Tracker.from_cfg(cfg("logger=wandb"))
+    assert str(tr.dir).startswith(str(tmp_path))

@@ -77,12 +77,25 @@ def cell_tags(cfg) -> list[str]:
     if isinstance(beta, float) and beta.is_integer():
         beta = int(beta)
     tags = [f"checkpoint={method}" if beta is None else f"checkpoint={method}/{beta}"]
-    tags.append(f"guidance={_get(cfg, 'guidance.name', 'none')}")
-    tags.append(f"embedding={_get(cfg, 'embedding.source', 'explicit')}")
+    guidance = _get(cfg, "guidance.name", "none")
+    tags.append(f"guidance={guidance}")
+    # guidance none ignores the concept source: its three grid positions are one cell and one run
+    tags.append(f"embedding={'none' if guidance == 'none' else _get(cfg, 'embedding.source', 'explicit')}")
     task = _get(cfg, "task.name")
     if task:
         tags.append(f"task={task}")
     return [t[:64] for t in tags]  # W&B's tag length limit
+
+
+def cell_run_id(cfg) -> str | None:
+    """The W&B run id of a cell: its spec key, so every job computing the same cell (the three
+    embedding positions of ``guidance=none``, a rerun) logs into one run."""
+    try:
+        from unlearn_exp.identity import cell_spec, spec_key
+
+        return f"cell-{spec_key(cell_spec(cfg))}"
+    except Exception:  # composed without the groups a cell needs: a fresh id
+        return None
 
 
 def run_name(cfg) -> str:
@@ -132,9 +145,18 @@ class Tracker:
     # -- lifecycle ---------------------------------------------------------------------------
     @classmethod
     def from_cfg(cls, cfg) -> Tracker:
-        """The tracker of a job: ``cfg.logger``; runs go under ``logger.dir`` or ``paths.output_root``."""
+        """The tracker of a job: ``cfg.logger``; offline runs go under ``logger.dir``, else under the
+        job's own output folder (never the repository root)."""
         logger_cfg = _get(cfg, "logger") or {"name": "none"}
-        return cls(logger_cfg, dir=_get(logger_cfg, "dir") or _get(cfg, "paths.output_root", "."))
+        folder = _get(logger_cfg, "dir")
+        if not folder:
+            try:
+                from unlearn_exp.cell import job_dir
+
+                folder = job_dir(cfg)
+            except Exception:
+                folder = _get(cfg, "paths.output_root", ".")
+        return cls(logger_cfg, dir=folder)
 
     @property
     def active(self) -> bool:
@@ -162,7 +184,10 @@ class Tracker:
             group = _get(self.cfg, "group") or _get(cfg, "name")
             all_tags = list(dict.fromkeys([*cell_tags(cfg), *(tags or [])]))
             self.dir.mkdir(parents=True, exist_ok=True)
+            run_id = cell_run_id(cfg)
             self.run = wandb.init(
+                id=run_id,
+                resume="allow" if run_id else None,
                 project=str(_get(self.cfg, "project", "unlearn-exp")),
                 entity=_get(self.cfg, "entity"),
                 group=str(group) if group else None,
