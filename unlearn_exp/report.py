@@ -528,7 +528,9 @@ def plot_dsr_pp(long: Table, label: str, out: Path) -> Path:
         c = colours.get(int(r["beta"]), "k")
         if not (pd.isna(r["dsr"]) or pd.isna(r["pp"])):
             lo, hi = r.get("dsr_lo"), r.get("dsr_hi")
-            yerr = None if pd.isna(lo) or pd.isna(hi) else [[max(r["dsr"] - lo, 0.0)], [max(hi - r["dsr"], 0.0)]]
+            yerr = (
+                None if pd.isna(lo) or pd.isna(hi) else [[max(r["dsr"] - lo, 0.0)], [max(hi - r["dsr"], 0.0)]]
+            )
             ax.errorbar(
                 r["pp"], r["dsr"], yerr=yerr, fmt=markers[r["method"]], color=c, ms=6, capsize=2, lw=0.8
             )
