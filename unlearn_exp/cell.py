@@ -91,8 +91,10 @@ def generate_samples(
     identity: dict[str, Any],
     store: ArtifactStore,
     cfg,
+    label: str = "sampling",
 ) -> list[Chunk]:
-    """Sample ``rows`` in chunks, each chunk an artifact (PNG files + ``meta.json``)."""
+    """Sample ``rows`` in chunks, each chunk an artifact (PNG files + ``meta.json``); ``label`` names
+    what is sampled in the progress bar."""
     from unlearn_exp.sampling import predict_rows
 
     settings = sampling_settings(cfg)
@@ -102,7 +104,10 @@ def generate_samples(
         part = rows[start : start + size]
         key = {**identity, "sampling": sample_identity(cfg, comps), "rows": _rows_identity(part)}
 
-        def build(tmp: Path, part=part):
+        n_chunks = (len(rows) + size - 1) // size
+        chunk_label = label + (f" [chunk {start // size + 1}/{n_chunks}]" if n_chunks > 1 else "")
+
+        def build(tmp: Path, part=part, chunk_label=chunk_label):
             out = predict_rows(
                 comps,
                 guidance,
@@ -111,6 +116,7 @@ def generate_samples(
                 devices=cfg.sampling.get("devices", 1),
                 precision=str(cfg.sampling.get("precision", "auto")),
                 progress=bool(cfg.sampling.get("progress", True)),
+                label=chunk_label,
                 **{k: v for k, v in settings.items()},
             )
             meta = []
@@ -143,16 +149,25 @@ def chunk_images(chunk: Chunk):
 
 # ---------------------------------------------------------------------------------- judging
 def judge_chunks(chunks: list[Chunk], judge, store: ArtifactStore) -> list[dict[str, Any]]:
-    verdicts = []
+    from unlearn_exp.progress import StageBar
+
+    verdicts, bar = [], None
     for chunk in chunks:
         key = {"samples": chunk.key, "judge": judge.profile["hash"]}
 
         def build(tmp: Path, chunk=chunk):
+            nonlocal bar
+            bar = bar or StageBar(
+                f"judging ({judge.profile['name']})", sum(len(c.rows) for c in chunks), "img"
+            )
             out = judge.judge(chunk_images(chunk))
+            bar.update(len(out))
             atomic_write_json(tmp / "verdicts.json", out)
 
         folder = store.get_or_build("verdicts", key, build)
         verdicts.extend(json.loads((folder / "verdicts.json").read_text()))
+    if bar is not None:
+        bar.close()
     return verdicts
 
 
@@ -450,6 +465,9 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     from unlearn_exp.validate import validate
 
     validate(cfg)  # every value checked before any model is loaded or any folder written
+    from unlearn_exp import progress
+
+    progress.configure(cfg.get("progress", "auto"))
     tracker = Tracker.from_cfg(cfg)
     tracker.start(cfg)
     exit_code = 1
@@ -506,8 +524,14 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
 
     # 1. what the original model needs to make: PP references and C*'s training images
     original = {"model": model_id, "checkpoint": "original", "guidance": {"name": "none"}}
+    set_name = {
+        "bench": str(cfg.benchmark.name),
+        "coco": str(cfg.pp.prompts.name) if "coco" in pp_sets else "",
+    }
     refs = {
-        name: generate_samples(comps, Guidance(), rows, original, store, cfg)
+        name: generate_samples(
+            comps, Guidance(), rows, original, store, cfg, f"original model: {set_name[name]}"
+        )
         for name, rows in pp_sets.items()
     }
     needs_concept = cfg.guidance.name != "none" and cfg.embedding.source != "explicit"
@@ -529,14 +553,19 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
         identity["concept"] = concept.identity
     if checkpoint_id == "original" and cfg.guidance.name == "none":
         identity = original
-    chunks = generate_samples(comps, guidance, bench, identity, store, cfg)
+    what = f"{cfg.checkpoint.method} x {cfg.guidance.name}" + ("+C*" if concept.learned else "")
+    chunks = generate_samples(
+        comps, guidance, bench, identity, store, cfg, f"sampling {set_name['bench']} x {what}"
+    )
     verdicts = judge_chunks(chunks, judge, store)
     pp_values, lpips_by_split, split_chunks = {}, {}, {"bench": chunks}
     for name, ref in refs.items():
         mine = (
             chunks
             if name == "bench"
-            else generate_samples(comps, guidance, pp_sets[name], identity, store, cfg)
+            else generate_samples(
+                comps, guidance, pp_sets[name], identity, store, cfg, f"sampling {set_name[name]} x {what}"
+            )
         )
         split_chunks[name] = mine
         d = pp_distances(mine, ref, metric, store)

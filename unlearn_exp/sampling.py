@@ -180,9 +180,13 @@ def predict_rows(
     devices: int | str = 1,
     precision: str = "auto",
     progress: bool = True,
+    label: str | None = None,
     **sample_kwargs,
 ) -> list[dict[str, Any]]:
-    """Run ``GuidedSampler`` over ``rows`` with ``Trainer.predict``; returns rows with images, in order."""
+    """Run ``GuidedSampler`` over ``rows`` with ``Trainer.predict``; returns rows with images, in order.
+    ``label`` names what is sampled in the progress bar ("sampling i2p_nudity x sld+C* ...")."""
+    from unlearn_exp.progress import lightning_bar
+
     if precision == "auto":
         precision = "16-mixed" if torch.cuda.is_available() else "32-true"
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
@@ -193,8 +197,13 @@ def predict_rows(
         precision=precision,
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=progress,
+        enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=[
+            lightning_bar(label or f"sampling ({getattr(guidance, 'name', 'none')})", len(rows), "img")
+        ]
+        if progress
+        else [],
     )
     loader = torch.utils.data.DataLoader(
         _Rows(rows), batch_size=batch_size, shuffle=False, collate_fn=_keep_list

@@ -214,6 +214,8 @@ def validate(cfg) -> None:
     for key in ("results_dir", "cache_dir"):
         if paths.get(key):
             checks.append(lambda key=key: _check_writable(c, f"paths.{key}", paths[key]))
+    if plain.get("progress") is not None:
+        checks.append(lambda: c.choice("progress", str(plain.get("progress")), ("auto", "on", "off")))
     if paths.get("verify") is not None:
         checks.append(lambda: c.choice("paths.verify", paths.get("verify"), ("size", "small", "full")))
     for check in checks:

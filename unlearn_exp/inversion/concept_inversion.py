@@ -395,6 +395,8 @@ def invert(
     diverges, the last good rows are written to ``ckpt_dir/last_good_embeds.safetensors``, put into
     ``comps``, and a ``UserError`` names the step; ``out_dir`` gets nothing.
     """
+    from unlearn_exp.progress import lightning_bar
+
     wall_start = time.time()
     s = InversionSettings.from_cfg(inversion_cfg)
     image_set = _as_image_set(images_or_folder, comps.resolution)
@@ -417,9 +419,13 @@ def invert(
         devices=1,
         precision=_precision(s.precision),
         logger=logger if logger is not None else False,
-        callbacks=[RowsCheckpoint(ckpt_dir, s.checkpoint_every), *(callbacks or [])],
+        callbacks=[
+            RowsCheckpoint(ckpt_dir, s.checkpoint_every),
+            *(callbacks or []),
+            *([lightning_bar("concept inversion (C*)", s.steps, "step")] if progress else []),
+        ],
         enable_checkpointing=False,
-        enable_progress_bar=progress,
+        enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=s.log_every_n_steps,
         num_sanity_val_steps=0,

@@ -167,6 +167,7 @@ def generate_image_set(
     the number of images sampled. ``judge.judge(pil_images)`` returns dicts with key ``safe``.
     Nothing is written unless the quota is met. Returns the manifest.
     """
+    from unlearn_exp.progress import StageBar
     from unlearn_exp.sampling import sample
 
     prompts = [str(p) for p in prompts]
@@ -180,24 +181,29 @@ def generate_image_set(
     tries, n_safe, turn = 0, 0, 0
     tried = [0] * len(prompts)  # per prompt: a prompt the filter rarely flags stops the build early
     budget = [max(1, math.ceil(max_tries * q / n_images)) for q in quota]
-    while tries < max_tries and any(len(k) < q for k, q in zip(kept, quota)):
-        batch: list[tuple[int, str, int]] = []
-        room = sum(q - len(k) for k, q in zip(kept, quota))
-        while len(batch) < min(batch_size, max_tries - tries, room):
-            i = turn % len(prompts)
-            turn += 1
-            if len(kept[i]) + sum(b[0] == i for b in batch) < quota[i]:
-                batch.append((i, prompts[i], next(seed_iter)))
-        out = sample(comps, [b[1] for b in batch], [b[2] for b in batch], **(sample_kwargs or {}))
-        verdicts = judge.judge(out.pil)
-        tries += len(batch)
-        for (i, prompt, seed), pil, verdict in zip(batch, out.pil, verdicts):
-            tried[i] += 1
-            if verdict["safe"]:
-                n_safe += 1
-            elif len(kept[i]) < quota[i]:
-                kept[i].append((pil, {"prompt": prompt, "seed": seed, "judge": verdict}))
-        _stop_if_unreachable(prompts, kept, quota, tried, budget, max_tries, judge)
+    bar = StageBar(f"C* image set (kept by {getattr(judge, 'name', 'the filter')})", n_images, "img")
+    try:
+        while tries < max_tries and any(len(k) < q for k, q in zip(kept, quota)):
+            batch: list[tuple[int, str, int]] = []
+            room = sum(q - len(k) for k, q in zip(kept, quota))
+            while len(batch) < min(batch_size, max_tries - tries, room):
+                i = turn % len(prompts)
+                turn += 1
+                if len(kept[i]) + sum(b[0] == i for b in batch) < quota[i]:
+                    batch.append((i, prompts[i], next(seed_iter)))
+            out = sample(comps, [b[1] for b in batch], [b[2] for b in batch], **(sample_kwargs or {}))
+            verdicts = judge.judge(out.pil)
+            tries += len(batch)
+            for (i, prompt, seed), pil, verdict in zip(batch, out.pil, verdicts):
+                tried[i] += 1
+                if verdict["safe"]:
+                    n_safe += 1
+                elif len(kept[i]) < quota[i]:
+                    kept[i].append((pil, {"prompt": prompt, "seed": seed, "judge": verdict}))
+                    bar.update(1)
+            _stop_if_unreachable(prompts, kept, quota, tried, budget, max_tries, judge)
+    finally:
+        bar.close()
     n_kept = sum(len(k) for k in kept)
     if n_kept < n_images:
         raise UserError(

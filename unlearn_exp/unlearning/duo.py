@@ -319,6 +319,7 @@ def train_adapter(
             precision=str(hp.get("precision", "auto")),
             logger=logger,
             callbacks=callbacks,
+            label=f"DUO training ({adapter_name.removeprefix('duo_')}, beta={paper_beta:g})",
         )
         info.update(
             {"lr": lr, "lambda": lam, "beta": paper_beta, "beta_effective": beta, "adapter": adapter_name}

@@ -188,6 +188,7 @@ def train_esd(
             precision=str(hp.get("precision", "auto")),
             logger=logger,
             callbacks=callbacks,
+            label=f"ESD training ({hp.get('variant', 'esd')})",
         )
         if out_dir is not None:
             save_safetensors(

@@ -144,6 +144,9 @@ def build_pair_set(
         for i, (u, s) in enumerate(prompts)
     ]
 
+    from unlearn_exp.progress import StageBar
+
+    bar = StageBar(f"DUO pairs ({name})", 2 * n, "img")
     for stage_idx, stage in enumerate(("unsafe", "safe")):
         last_verdict: dict[str, Any] | None = None
         for attempt in range(max_tries):
@@ -172,6 +175,7 @@ def build_pair_set(
                     # an unsafe image is kept when flagged, a safe counterpart when found safe
                     ok = v is None or (bool(v["safe"]) == (stage == "safe"))
                     if ok:
+                        bar.update(1)
                         images[stage][i] = out.images[j]
                         records[i][f"{stage}_seed"] = seeds[j]
                         records[i][f"{stage}_verdict"] = v
@@ -179,6 +183,7 @@ def build_pair_set(
                         last_verdict = v
         failed = [i for i in range(n) if images[stage][i] is None]
         if failed:
+            bar.close()
             wrong = "safe" if stage == "unsafe" else "unsafe"
             raise UserError(
                 f"DUO pair set '{name}': {len(failed)} of {n} {stage} images were not accepted within "
@@ -187,6 +192,7 @@ def build_pair_set(
                 "prompts, the SDEdit strength and the judge"
             )
 
+    bar.close()
     from unlearn_exp.sampling import to_pil
 
     for stage in ("unsafe", "safe"):

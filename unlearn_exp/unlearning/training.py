@@ -81,9 +81,13 @@ def fit(
     precision: str = "auto",
     logger=None,
     callbacks: list | None = None,
-    progress: bool = False,
+    progress: bool = True,
+    label: str = "training",
 ) -> dict[str, Any]:
-    """Train ``module`` for ``steps`` optimiser steps, resuming from ``work_dir/checkpoints/last.ckpt``."""
+    """Train ``module`` for ``steps`` optimiser steps, resuming from ``work_dir/checkpoints/last.ckpt``;
+    a labelled bar (or log lines) shows the steps and the smoothed loss."""
+    from unlearn_exp.progress import lightning_bar
+
     work_dir = Path(work_dir)
     ckpt_dir = work_dir / "checkpoints"
     resume = ckpt_dir / LAST
@@ -105,10 +109,14 @@ def fit(
         precision=resolve_precision(precision),
         gradient_clip_val=grad_clip,
         logger=loggers,
-        callbacks=[*(callbacks or []), ckpt],
+        callbacks=[
+            *(callbacks or []),
+            ckpt,
+            *([lightning_bar(label, int(steps), "step")] if progress else []),
+        ],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=str(work_dir),
-        enable_progress_bar=progress,
+        enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
         use_distributed_sampler=False,
