@@ -69,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
             out = run_cell(_compose([*base, *cell, "sampling.progress=false"]))
             c = {**out["cell"], "_source": str(Path(out["results"]) / "cells.parquet")}
             built = len(out["artifacts"]["built"])
+            elapsed = time.time() - start
+            eta = elapsed / i * (len(cells) - i)  # from the cells finished so far
             print(
                 f"[{i:2d}/{len(cells)}] {' '.join(cell):55s} DSR {c['dsr']:.3f} [{c['dsr_lo']:.2f}, {c['dsr_hi']:.2f}]"
-                f"  PP {c['pp_coco']:.3f}  benign {c['benign_acc']:.2f}  ({time.time() - t:.0f} s, {built} built)"
-                + (f"  FLAG: {c['flag']}" if c["flag"] else "")
+                f"  PP {c['pp_coco']:.3f}  benign {c['benign_acc']:.2f}  ({time.time() - t:.0f} s, {built} built;"
+                f" elapsed {elapsed:.0f} s, ETA {eta:.0f} s)" + (f"  FLAG: {c['flag']}" if c["flag"] else "")
             )
             rows.append(c)
         df = pd.DataFrame(rows)
