@@ -853,7 +853,10 @@ def check_weights(model_cfg) -> None:
     if model_cfg.get("source", "pretrained") != "pretrained":
         return
     path = model_cfg.get("path")
-    hint = "pass model.path=/path/to/stable-diffusion-v1-4 (a diffusers folder), or run `make demo` for the toy world"
+    hint = (
+        "pass model.path=/path/to/stable-diffusion-v1-4 (a diffusers folder; through make: "
+        'make reproduce-table ARGS="model.path=..."), or run `make demo` for the toy world'
+    )
     if not path:
         raise UserError(f"no weights configured for model '{model_cfg.get('name')}': {hint}")
     local = Path(str(path)).expanduser()
