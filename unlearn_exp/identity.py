@@ -34,7 +34,7 @@ MODEL_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model", ".ckpt", ".
 # is batch independent, tested in tests/test_sampling.py; judges and metrics work image by image)
 RUNTIME_KEYS: dict[str, tuple[str, ...]] = {
     "model": ("device", "path", "source"),
-    "sampling": ("batch_size", "devices", "chunk_size", "progress", "images_per_prompt"),
+    "sampling": ("batch_size", "devices", "chunk_size", "progress"),
     "judge": ("batch_size", "device", "num_threads", "cache_dir", "model_path", "prompts_path",
               "prompts_url", "clip_path"),
     "pp": ("batch_size", "device", "trunk_path", "lin_path"),
