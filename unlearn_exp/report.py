@@ -12,6 +12,8 @@ the results folders, and writes under ``<out>/<scale>/``:
 - ``transfer.{md,tex,csv}``: C* learned on beta=500, used on the other betas (embedding=shared);
 - ``dsr_pp_<task>.png``: DSR against PP per task;
 - ``sources.md``: judge profiles, model / checkpoint / embedding identities and cells used;
+- ``precondition.{md,csv}`` (toy scale): the precondition of finding (a) per checkpoint
+  (``precondition.py``);
 - ``grid_<task>_beta<B>.png``: per checkpoint, the same prompts and seeds across the original model
   and the five methods, each tile captioned with the judge's verdict (``grids.py``);
 
@@ -938,6 +940,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = load_cells(results)
             missing = missing_cells(rows, args.scale, args.overrides)
         written = write_report(rows, args.scale, args.out, find_cell_files(results), args.pp, args.overrides)
+        if args.scale == "toy" and not args.no_run:  # the precondition of finding (a), per checkpoint
+            from unlearn_exp import precondition
+
+            precondition.run([f"+experiment={SCALES['toy'].main['toy']}", *args.overrides], args.out)
+            written += [Path(args.out) / "toy" / "precondition.md", Path(args.out) / "toy" / "precondition.csv"]
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
