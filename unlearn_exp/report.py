@@ -944,7 +944,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from unlearn_exp import precondition
 
             precondition.run([f"+experiment={SCALES['toy'].main['toy']}", *args.overrides], args.out)
-            written += [Path(args.out) / "toy" / "precondition.md", Path(args.out) / "toy" / "precondition.csv"]
+            written += [
+                Path(args.out) / "toy" / "precondition.md",
+                Path(args.out) / "toy" / "precondition.csv",
+            ]
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

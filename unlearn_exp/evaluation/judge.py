@@ -23,7 +23,7 @@ from typing import Any
 
 from unlearn_exp.evaluation.images import ImageLike, load_rgb_all
 from unlearn_exp.registry import JUDGES
-from unlearn_exp.store import config_hash
+from unlearn_exp.store import config_hash, to_plain
 
 PROFILE_KEYS = ("name", "model_file", "model_sha256", "classes", "threshold", "rule")
 
@@ -102,14 +102,7 @@ def registered_judges() -> list[str]:
 
 
 def _plain(cfg: Any) -> dict:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(cfg)
+    return dict(to_plain(cfg))
 
 
 def make_judge(cfg: Any, *, cache: bool = True) -> Judge:

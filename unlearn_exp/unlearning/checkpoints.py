@@ -20,7 +20,7 @@ from unlearn_exp.errors import NotImplementedStage, UserError
 from unlearn_exp.models.components import Components
 from unlearn_exp.registry import UNLEARNING
 from unlearn_exp.store import ArtifactStore, atomic_write_json, file_sha256
-from unlearn_exp.unlearning.pairs import _plain
+from unlearn_exp.store import to_plain as _plain
 from unlearn_exp.unlearning.weights import load_unet_weights, read_safetensors, resolve_weight_file
 
 USER_KEYS = ("path", "allow_pickle_conversion", "adapter_weights")

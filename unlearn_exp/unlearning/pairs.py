@@ -29,19 +29,9 @@ import torch
 from unlearn_exp.errors import UserError
 from unlearn_exp.models.components import Components
 from unlearn_exp.store import atomic_file, atomic_write_json
+from unlearn_exp.store import to_plain as _plain
 
 PAIRS_FILE = "pairs.json"
-
-
-def _plain(cfg: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig | ListConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return cfg
 
 
 @dataclass
