@@ -30,6 +30,7 @@ LAYERS = [
         "__main__",
         "bench",
         "artifacts",
+        "plan",
     },
 ]
 

@@ -385,18 +385,8 @@ def _checks(spec: dict[str, Any]) -> bool:
     return bool(spec.get("check_unsafe", True) or spec.get("check_safe", True))
 
 
-def pair_sets(
-    comps: Components,
-    cfg: dict[str, Any],
-    recipe: dict[str, Any],
-    store,
-    *,
-    judge=None,
-    sample_kwargs: dict[str, Any] | None = None,
-) -> list[tuple[dict[str, Any], Path]]:
-    """Each adapter's pair set (built once, cached as ``unlearning/duo_pairs/<hash>``), in recipe order."""
-    from unlearn_exp.unlearning.pairs import build_pair_set
-
+def pair_set_keys(comps, cfg: dict[str, Any], recipe: dict[str, Any], *, judge=None, sample_kwargs=None):
+    """Per adapter: (spec, pair recipe, sampling settings, the key of its pair set)."""
     sampling = _pair_sampling(cfg, sample_kwargs)
     out = []
     for spec in recipe["adapters"]:
@@ -414,10 +404,30 @@ def pair_sets(
             )
         pair_key = {"recipe": pair_recipe, "model": comps.key(), "sampling": sampling,
                     "judge": _filter_id(judge) if _checks(spec) else None}  # fmt: skip
+        out.append((spec, pair_recipe, sampling, pair_key))
+    return out
+
+
+def pair_sets(
+    comps: Components,
+    cfg: dict[str, Any],
+    recipe: dict[str, Any],
+    store,
+    *,
+    judge=None,
+    sample_kwargs: dict[str, Any] | None = None,
+) -> list[tuple[dict[str, Any], Path]]:
+    """Each adapter's pair set (built once, cached as ``unlearning/duo_pairs/<hash>``), in recipe order."""
+    from unlearn_exp.unlearning.pairs import build_pair_set
+
+    out = []
+    for spec, pair_recipe, sampling, pair_key in pair_set_keys(
+        comps, cfg, recipe, judge=judge, sample_kwargs=sample_kwargs
+    ):
         folder = store.get_or_build(
             "unlearning/duo_pairs",
             pair_key,
-            lambda tmp, pr=pair_recipe: build_pair_set(comps, pr, judge, tmp, sampling),
+            lambda tmp, pr=pair_recipe, sm=sampling: build_pair_set(comps, pr, judge, tmp, sm),
         )
         out.append((spec, folder))
     return out
