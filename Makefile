@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help setup test lint format demo reproduce-table toy-pretrain bench clean
+.PHONY: help setup test lint format demo reproduce-table toy-pretrain bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ toy-pretrain: setup  ## retrain the shipped toy model and judge, and measure the
 bench: setup  ## print the speed benchmarks (sampling against diffusers, inversion against a plain loop)
 	$(PYTHON) -m unlearn_exp.bench.sampling --threads 1
 	$(PYTHON) -m unlearn_exp.bench.inversion
+
+gpu-check: setup  ## on a GPU machine: throughput, memory, parity with diffusers, options (ARGS="--path ...")
+	$(PYTHON) -m unlearn_exp.bench.gpu $(ARGS)
 
 clean:  ## remove caches and outputs (not the venv)
 	rm -rf .cache outputs multirun/*/ reports/_work .pytest_cache

@@ -120,3 +120,31 @@ def test_img2img_strength_keeps_the_init_image_closer(tiny):
 def test_prompt_seed_count_mismatch(tiny):
     with pytest.raises(UserError):
         sample(tiny, ["a", "b"], [1], steps=2)
+
+
+def test_gpu_check_runs_in_smoke_mode(tmp_path):
+    """The GPU check's --smoke mode: the tiny model, every measurement, ours equal to diffusers."""
+    import json
+
+    from unlearn_exp.bench import gpu
+
+    report = gpu.main(["--smoke", "--no-compile", "--out", str(tmp_path / "gpu.json")])
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    res = saved["results"][next(iter(saved["results"]))]
+    assert set(res) >= {"none", "sld", "safree", "training", "options", "predict_devices_1_s_per_image"}
+    assert res["none"]["max_abs_pixel_diff"] <= res["none"]["tolerance"]
+    assert res["sld"]["max_abs_pixel_diff"] <= res["sld"]["tolerance"]
+    assert res["training"]["duo_steps_per_s"] > 0 and res["training"]["inversion_steps_per_s"] > 0
+    assert res["options"]["attention_processor"] == "AttnProcessor2_0"  # diffusers picked SDPA
+    assert report["device"] and "| none |" in gpu.table(report)
+
+
+def test_gpu_options_are_applied_when_asked(tiny):
+    import copy
+
+    from unlearn_exp.sampling import apply_gpu_options
+
+    comps = copy.deepcopy(tiny)
+    apply_gpu_options(comps, {"channels_last": True, "vae_slicing": True})
+    assert comps.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert comps.vae.use_slicing

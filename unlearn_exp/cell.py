@@ -521,6 +521,9 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
     comps = load_model(cfg.model)
     model_id = comps.identity
     log.info("model %s (%s)", model_id, comps.source)
+    from unlearn_exp.sampling import apply_gpu_options
+
+    apply_gpu_options(comps, cfg.sampling)
 
     # 1. what the original model needs to make: PP references and C*'s training images
     original = {"model": model_id, "checkpoint": "original", "guidance": {"name": "none"}}

@@ -171,6 +171,26 @@ def _keep_list(batch):
     return batch
 
 
+def apply_gpu_options(comps: Components, sampling_cfg) -> None:
+    """``sampling.compile``, ``channels_last``, ``tf32``, ``vae_slicing``, ``vae_tiling`` (all off by
+    default; ``make gpu-check`` measures each). Diffusers' UNet already uses scaled-dot-product
+    attention (``AttnProcessor2_0``) where torch provides it."""
+    get = sampling_cfg.get if hasattr(sampling_cfg, "get") else lambda k, d=None: getattr(sampling_cfg, k, d)
+    if get("tf32", False) and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if get("channels_last", False):
+        comps.unet.to(memory_format=torch.channels_last)
+    if comps.vae is not None and get("vae_slicing", False):
+        comps.vae.enable_slicing()
+    if comps.vae is not None and get("vae_tiling", False):
+        comps.vae.enable_tiling()
+    if get("compile", False) and not getattr(comps.unet, "_compiled_by_unlearn_exp", False):
+        compiled = torch.compile(comps.unet)
+        compiled._compiled_by_unlearn_exp = True
+        comps.unet = compiled
+
+
 def predict_rows(
     comps: Components,
     guidance: Guidance | None,
