@@ -318,7 +318,8 @@ def test_checkpoint_duo_trains_once_per_beta_and_reuses_the_cache(tmp_path):
     assert info["source"] == "trained" and info["beta"] == 250
     assert comps.unet.active_adapters() == ["duo_Toy"]
     assert sorted(store.built) == sorted([f"unlearning/duo_pairs/{p.name}" for p in (tmp_path / "cache/unlearning/duo_pairs").iterdir() if not p.name.endswith(".lock")] + [f"unlearning/duo/{info['id']}"])  # fmt: skip
-    assert (tmp_path / "cache/unlearning/duo" / info["id"] / "Toy" / "metrics.csv").is_file()
+    metrics = tmp_path / "cache/unlearning/duo" / info["id"] / "Toy" / "metrics.csv"
+    assert metrics.is_file() and "duo/loss" in metrics.read_text().splitlines()[0]  # the stage's own keys
     assert not list((tmp_path / "cache/unlearning/duo").glob("*.work"))
     store2 = ArtifactStore(tmp_path / "cache")
     again = apply_checkpoint(build_tiny(), cfg, store2, task_cfg={"name": "toy"})

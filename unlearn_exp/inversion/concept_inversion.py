@@ -286,7 +286,7 @@ class ConceptInversion(L.LightningModule):
         self.last_good = self.embedding.learned.detach().float().cpu().clone()
         self.last_good_step = step
         self.loss_history.append(value)
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+        self.log("inversion/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
         return loss
 
     def configure_optimizers(self):

@@ -234,7 +234,7 @@ class DUO(TrainedOnly, L.LightningModule):
         step = int(self.global_step)
         g = step_generator(self.seed, step)
         out = self.losses(self.pair_indices(step), g)
-        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, on_step=True, prog_bar=False)
+        self.log_dict({f"duo/{k}": v.detach() for k, v in out.items()}, on_step=True, prog_bar=False)
         return out["loss"]
 
     def configure_optimizers(self):

@@ -143,7 +143,7 @@ class ESD(TrainedOnly, L.LightningModule):
     def training_step(self, batch, batch_idx: int):
         x_t, t = self.draw(step_generator(self.seed, int(self.global_step)))
         loss = self.loss_at(x_t, t)
-        self.log("train/loss", loss.detach(), on_step=True)
+        self.log("esd/loss", loss.detach(), on_step=True)
         return loss
 
     def configure_optimizers(self):
