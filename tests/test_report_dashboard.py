@@ -66,3 +66,17 @@ def test_cli_dry_run_and_offline_refusal(capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert dashboard.main(["--entity", "e", "--experiment", "toy_duo"]) == 2
     assert "wandb sync" in capsys.readouterr().err
+
+
+def test_cli_help_explains_every_option_and_dry_run_writes_the_spec(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        dashboard.main(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--entity", "--project", "--experiment", "--pp", "--dry-run", "--spec-out"):
+        assert option in text
+    assert "(default: unlearn-" in text and "one view per experiment" in text
+    out = tmp_path / "spec.json"
+    assert dashboard.main(["--experiment", "toy_duo", "--dry-run", "--spec-out", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["name"] == "toy_duo, all betas"

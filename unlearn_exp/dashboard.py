@@ -128,17 +128,46 @@ def build_workspaces(spec: list[dict], entity: str, project: str) -> list:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m unlearn_exp.dashboard", description=__doc__.splitlines()[0])
-    p.add_argument("--entity", default=os.environ.get("WANDB_ENTITY"))
-    p.add_argument("--project", default="unlearn-exp")
-    p.add_argument("--experiment", nargs="+", default=["nudity_duo", "violence_duo"])
-    p.add_argument("--pp", default="pp_coco", choices=("pp_coco", "pp_bench"))
-    p.add_argument("--dry-run", action="store_true", help="print the views as JSON, save nothing")
+    p = argparse.ArgumentParser(
+        prog="python -m unlearn_exp.dashboard",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--entity",
+        default=os.environ.get("WANDB_ENTITY"),
+        help="the W&B entity (user or team) the workspace is saved to; $WANDB_ENTITY",
+    )
+    p.add_argument("--project", default="unlearn-exp", help="the W&B project holding the runs")
+    p.add_argument(
+        "--experiment",
+        nargs="+",
+        default=["nudity_duo", "violence_duo"],
+        help="one view per experiment (the runs' group)",
+    )
+    p.add_argument(
+        "--pp",
+        default="pp_coco",
+        choices=("pp_coco", "pp_bench"),
+        help="the PP axis: on the benign (COCO) prompts or on the benchmark's own",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the views as JSON (or write them to --spec-out), save nothing online",
+    )
+    p.add_argument("--spec-out", default=None, help="with --dry-run: write the workspace spec to this file")
     args = p.parse_args(argv)
     try:
         spec = [v for e in args.experiment for v in dashboard_spec(e, pp=args.pp)]
         if args.dry_run:
-            print(json.dumps(spec, indent=1))
+            if args.spec_out:
+                from unlearn_exp.store import atomic_write_json
+
+                atomic_write_json(args.spec_out, spec)
+                print(f"wrote the workspace spec ({len(spec)} views) to {args.spec_out}")
+            else:
+                print(json.dumps(spec, indent=1))
             return 0
         if not args.entity:
             raise UserError("--entity (or WANDB_ENTITY) is needed to save the workspace")
