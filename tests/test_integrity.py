@@ -323,3 +323,11 @@ def test_two_jobs_in_the_same_second_get_their_own_run_folder():
     cfg = compose([], hydra=True)
     assert str(os.getpid()) in cfg.hydra.run.dir.split("/")[-1]
     assert OmegaConf.select(cfg, "hydra.sweep.dir").endswith(f"-{os.getpid()}")
+
+
+def test_results_folder_has_a_readable_index(first_run):
+    index = Path(first_run["out"]["results"]).parent / "index.csv"
+    rows = pd.read_csv(index, dtype=str)
+    mine = rows[rows.cell_key == first_run["out"]["cell"]["cell_key"]]
+    assert len(mine) == 1 and mine.iloc[0].cell == "duo beta=2000 | none"
+    assert (Path(first_run["out"]["results"]).parent / mine.iloc[0].cell_key / "cells.parquet").is_file()

@@ -442,6 +442,30 @@ def _copy_images(image_rows: list[dict[str, Any]], folder: Path) -> None:
         tmp.replace(dest)
 
 
+INDEX_COLUMNS = ("cell", "cell_key", "spec_key", "checkpoint_label", "guidance", "embedding", "benchmark",
+                 "n_images", "dsr", "created_at")  # fmt: skip
+
+
+def update_index(folder: Path, cell: dict[str, Any]) -> Path:
+    """``<results>/<experiment>/index.csv``: one readable line per cell folder (its name, what it is,
+    its DSR), rewritten atomically under a lock so parallel jobs keep every line."""
+    from filelock import FileLock
+
+    from unlearn_exp.store import atomic_write_text
+
+    index = folder / "index.csv"
+    name = f"{cell['checkpoint_label']} | {cell['guidance']}" + (
+        f"+{cell['embedding']}" if cell["embedding"] not in ("none", "explicit") else ""
+    )
+    row = {"cell": name, **{k: cell.get(k) for k in INDEX_COLUMNS if k != "cell"}}
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(index) + ".lock"):
+        rows = pd.read_csv(index, dtype=str).to_dict("records") if index.is_file() else []
+        rows = [r for r in rows if r.get("cell_key") != cell["cell_key"]] + [row]
+        atomic_write_text(index, pd.DataFrame(rows, columns=list(INDEX_COLUMNS)).to_csv(index=False))
+    return index
+
+
 def checkpoint_label(cfg) -> tuple[float, str]:
     """A cell's checkpoint as the tables name it: (beta, label). A checkpoint loaded from
     ``checkpoint.path`` carries the beta the user gave explicitly (``checkpoint.beta_label``, set by
@@ -688,6 +712,7 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
     with atomic_dir(results) as tmp:  # both tables or neither; an earlier result stays until then
         write_table(images_df, tmp / "images.parquet")
         write_table(cells_df, tmp / "cells.parquet")
+    update_index(results.parent, cell)
     write_table(images_df, out_dir / "images.parquet")
     write_table(cells_df, out_dir / "cells.parquet")
     atomic_write_json(out_dir / "artifacts.json", store.summary())
