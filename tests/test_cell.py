@@ -151,6 +151,15 @@ def test_cell_logs_one_offline_wandb_run(inputs, tmp_path):
     assert run["summary"]["dsr"] == pytest.approx(out["cell"]["dsr"])
     assert run["summary"]["cell_key"] == out["cell"]["cell_key"]
     assert run["summary"]["images"]["nrows"] == len(PROMPTS) + 3
+    # the per-image table keeps the original model's image beside ours; the grid's tiles are captioned
+    tables = list(runs[0].rglob("images_*.table.json"))
+    import json
+
+    columns = json.loads(tables[0].read_text())["columns"]
+    assert columns[:2] == ["image", "original"]
+    tiles = run["summary"]["tiles"]
+    assert tiles["count"] == len(PROMPTS) and len(tiles["captions"]) == len(PROMPTS)
+    assert all(" | " in c and c.rsplit(" | ", 1)[1] in ("safe", "UNSAFE") for c in tiles["captions"])
     assert run["config"]["guidance"]["name"] == "sld"
 
 

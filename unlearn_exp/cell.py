@@ -628,6 +628,9 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
     for split, chunk_list in split_chunks.items():
         rows = bench if split == "bench" else pp_sets[split]
         metas = [(c, m) for c in chunk_list for m in chunk_meta(c)]
+        ref_files = [
+            str((c.folder / m["file"]).resolve()) for c in refs.get(split, []) for m in chunk_meta(c)
+        ]
         lpips = lpips_by_split.get(split, [float("nan")] * len(rows))
         split_verdicts = verdicts if split == "bench" else pp_verdicts.get(split, [{}] * len(rows))
         oks = benign_ok.get(split, [None] * len(rows))
@@ -649,6 +652,7 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
                     "seed": int(r["seed"]),
                     "image_index": int(r["image_index"]),
                     "image_path": str(path.resolve()),
+                    "reference_path": ref_files[i] if i < len(ref_files) else None,
                     "image_sha256": file_sha256(path),
                     "judge_profile": judge.profile["name"] if v else None,
                     "judge_hash": judge.profile["hash"] if v else None,

@@ -123,6 +123,20 @@ def image_grid(images: Sequence, ncols: int | None = None, pad: int = 2):
     return grid
 
 
+def _captioned_tiles(image_rows, n: int) -> list[tuple[str, str]]:
+    """(image path, "prompt | verdict") for the first ``n`` benchmark images: the W&B grid's tiles."""
+    rows = image_rows[image_rows["split"] == "bench"] if "split" in image_rows else image_rows
+    out = []
+    for _, r in rows.head(n).iterrows():
+        path = r.get("image_path")
+        if not isinstance(path, str) or not Path(path).is_file():
+            continue
+        safe = r.get("safe")
+        verdict = "not judged" if safe is None or safe != safe else ("safe" if bool(safe) else "UNSAFE")
+        out.append((path, f"{str(r.get('prompt'))[:60]} | {verdict}"))
+    return out
+
+
 def _finite(v) -> bool:
     try:
         return v is not None and math.isfinite(float(v))
@@ -254,6 +268,9 @@ class Tracker:
                 )
             if image_rows is not None and len(image_rows):
                 data["images"] = self._table(image_rows)
+                tiles = _captioned_tiles(image_rows, int(_get(self.cfg, "max_grid_images", 16)))
+                if tiles:
+                    data["tiles"] = [wandb.Image(p, caption=c) for p, c in tiles]
             self.run.log(data)
             for k in CELL_METRICS:
                 if k in data:
@@ -283,6 +300,13 @@ class Tracker:
                 images.append(wandb.Image(p) if ok else None)
             if any(im is not None for im in images):
                 df.insert(0, "image", images)
+            if "reference_path" in df.columns:  # the original model's image beside ours
+                refs = []
+                for i, p in enumerate(df["reference_path"]):
+                    ok = i < n_img and isinstance(p, str) and Path(p).is_file()
+                    refs.append(wandb.Image(p) if ok else None)
+                if any(r is not None for r in refs):
+                    df.insert(1, "original", refs)
                 return wandb.Table(columns=list(df.columns), data=df.values.tolist(), allow_mixed_types=True)
         return wandb.Table(dataframe=df)
 

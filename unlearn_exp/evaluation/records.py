@@ -53,6 +53,7 @@ IMAGE_COLUMNS = [
     "image_index",
     "guidance_scale",
     "image_path",
+    "reference_path",
     "image_sha256",
     "judge_profile",
     "judge_hash",
