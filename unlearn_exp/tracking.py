@@ -123,6 +123,14 @@ def image_grid(images: Sequence, ncols: int | None = None, pad: int = 2):
     return grid
 
 
+def _image_column(wandb, paths, n: int) -> list:
+    """``wandb.Image`` for the first ``n`` existing files of ``paths``, None elsewhere."""
+    return [
+        wandb.Image(p) if i < n and isinstance(p, str) and Path(p).is_file() else None
+        for i, p in enumerate(paths)
+    ]
+
+
 def _captioned_tiles(image_rows, n: int) -> list[tuple[str, str]]:
     """(image path, "prompt | verdict") for the first ``n`` benchmark images: the W&B grid's tiles."""
     rows = image_rows[image_rows["split"] == "bench"] if "split" in image_rows else image_rows
@@ -293,21 +301,16 @@ class Tracker:
                     v if isinstance(v, str) or v is None else json.dumps(v, default=str) for v in df[col]
                 ]
         n_img = int(_get(self.cfg, "max_table_images", 32))
-        if n_img > 0 and "image_path" in df.columns:
-            images = []
-            for i, p in enumerate(df["image_path"]):
-                ok = i < n_img and isinstance(p, str) and Path(p).is_file()
-                images.append(wandb.Image(p) if ok else None)
-            if any(im is not None for im in images):
-                df.insert(0, "image", images)
-            if "reference_path" in df.columns:  # the original model's image beside ours
-                refs = []
-                for i, p in enumerate(df["reference_path"]):
-                    ok = i < n_img and isinstance(p, str) and Path(p).is_file()
-                    refs.append(wandb.Image(p) if ok else None)
-                if any(r is not None for r in refs):
-                    df.insert(1, "original", refs)
-                return wandb.Table(columns=list(df.columns), data=df.values.tolist(), allow_mixed_types=True)
+        columns = {"image": "image_path", "original": "reference_path"}  # ours, and the original model's
+        inserted = 0
+        for name, source in columns.items():
+            if n_img > 0 and source in df.columns:
+                images = _image_column(wandb, df[source], n_img)
+                if any(im is not None for im in images):
+                    df.insert(inserted, name, images)
+                    inserted += 1
+        if inserted:
+            return wandb.Table(columns=list(df.columns), data=df.values.tolist(), allow_mixed_types=True)
         return wandb.Table(dataframe=df)
 
 
