@@ -147,11 +147,12 @@ def resolved_dtype(model_cfg) -> str:
     return name
 
 
-def resolved_precision(precision: str | None, device: str) -> str:
-    """Lightning's precision for ``sampling.precision`` / ``inversion.precision`` (``auto`` resolved)."""
+def resolved_precision(precision: str | None, device: str | None = None) -> str:
+    """Lightning's precision for a ``precision`` key (``auto``: 16-mixed on a GPU, 32-true on the CPU;
+    ``device`` None: this machine's default device)."""
     p = str(precision or "auto")
     if p == "auto":
-        return "16-mixed" if str(device).startswith("cuda") else "32-true"
+        return "16-mixed" if str(device or resolved_device({})).startswith("cuda") else "32-true"
     return p
 
 
@@ -225,7 +226,7 @@ def _drop(group: str, node: Any, device: str | None = None) -> dict[str, Any]:
     node = dict(to_plain(node) or {})
     out = {k: v for k, v in node.items() if k not in RUNTIME_KEYS.get(group, ())}
     if "precision" in out:
-        out["precision"] = resolved_precision(out["precision"], device or resolved_device({}))
+        out["precision"] = resolved_precision(out["precision"], device)
     return out
 
 

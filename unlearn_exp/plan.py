@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_exp.errors import UserError, run_guarded
-from unlearn_exp.store import KEY_FILE, config_hash, to_plain
+from unlearn_exp.store import config_hash, to_plain
 
 
 def calibration_path() -> Path:
@@ -56,20 +56,13 @@ class CellPlan:
     notes: list[str] = field(default_factory=list)
 
 
-class _Cache:
-    def __init__(self, cfg):
-        from unlearn_exp.models import resolve_local_path
-        from unlearn_exp.store import ArtifactStore
+def _cache(cfg):
+    """The cell's artifact store (with the shipped caches), used only to look."""
+    from unlearn_exp.models import resolve_local_path
+    from unlearn_exp.store import ArtifactStore
 
-        self.store = ArtifactStore(cfg.paths.cache_dir)
-        self.shipped = [Path(resolve_local_path(str(p))) for p in (cfg.paths.get("shipped_caches") or [])]
-
-    def folder(self, kind: str, key: Any) -> Path | None:
-        name = config_hash(key)
-        for root in [self.store.root, *self.shipped]:
-            if (root / kind / name / KEY_FILE).is_file():
-                return root / kind / name
-        return None
+    shipped = [resolve_local_path(str(p)) for p in (cfg.paths.get("shipped_caches") or [])]
+    return ArtifactStore(cfg.paths.cache_dir, shipped=shipped)
 
 
 def _done_spec_keys(results_dir: Path) -> set[str]:
@@ -96,7 +89,7 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
 
     p = CellPlan(overrides=overrides)
     p.done = spec_key(cell_spec(cfg)) in done_keys
-    cache = _Cache(cfg)
+    cache = _cache(cfg)
     model = _Model(model_identity(cfg.model), resolved_dtype(cfg.model), resolved_device(cfg.model))
     steps = int(cfg.sampling.steps)
 
@@ -109,14 +102,14 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
         judge = method_filter(ck.get("filter"))
         recipe = resolve_recipe(ck, cfg.task)
         key = duo_key(model, ck, cfg.task, judge)
-        folder = cache.folder("unlearning/duo", key)
+        folder = cache.locate("unlearning/duo", key)
         checkpoint_id = config_hash(key)
         n_steps = sum(int(ck.get("steps") or a.get("steps") or 1000) for a in recipe["adapters"])
         p.artifacts.append((f"DUO checkpoint beta={ck.get('beta')} ({checkpoint_id})", folder is not None))
         if folder is None:
             p.train_steps += n_steps
             for spec, _, sampling, pkey in pair_set_keys(model, ck, recipe, judge=judge):
-                cached = cache.folder("unlearning/duo_pairs", pkey) is not None
+                cached = cache.locate("unlearning/duo_pairs", pkey) is not None
                 p.artifacts.append((f"DUO pairs {spec['name']} ({config_hash(pkey)})", cached))
                 n = 2 * int(spec.get("n_pairs", 1))
                 if cached:
@@ -138,14 +131,14 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
             judge = method_filter(spec.get("filter")) if spec.get("check", True) else None
             ikey = image_set_key(cfg, _SampleModel(model), judge, model.identity) if judge else None
             img_hash = config_hash(ikey) if ikey else None
-            cached = bool(ikey) and cache.folder("image_sets", ikey) is not None
+            cached = bool(ikey) and cache.locate("image_sets", ikey) is not None
             p.artifacts.append((f"C* image set ({img_hash})", cached))
             if not cached:
                 p.images += int(spec.get("n_images") or 0)
                 p.sampling_steps += int(spec.get("n_images") or 0) * steps
             if img_hash:
                 inv = inversion_key(cfg, model.identity, img_hash)
-                inv_folder = cache.folder("inversion", inv)
+                inv_folder = cache.locate("inversion", inv)
                 p.artifacts.append((f"C* on {checkpoint_for_inversion(cfg).get('method')} "
                                     f"beta={checkpoint_for_inversion(cfg).get('beta')} ({config_hash(inv)})",
                                     inv_folder is not None))  # fmt: skip
@@ -185,7 +178,7 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
             for start in range(0, len(rows), size):
                 part = rows[start : start + size]
                 key = {**ident, "sampling": settings, "rows": _rows_identity(part)}
-                if cache.folder("samples", key) is not None:
+                if cache.locate("samples", key) is not None:
                     p.images_cached += len(part)
                 else:
                     p.images += len(part)
@@ -195,11 +188,11 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
 
 def _local_data_dir(bench_cfg, data_dir) -> str | None:
     """``data_dir`` where the benchmark's pinned download is already there, else None (no download)."""
+    from unlearn_exp.data import pinned_download_path
+
     if bench_cfg.get("path") or not bench_cfg.get("url"):
         return data_dir
-    file = str(bench_cfg.get("file") or str(bench_cfg.url).rstrip("/").rsplit("/", 1)[-1])
-    dest = Path(str(data_dir)) / str(bench_cfg.name) / str(bench_cfg.get("sha256") or "unpinned")[:16] / file
-    return data_dir if dest.is_file() else None
+    return data_dir if pinned_download_path(bench_cfg, data_dir).is_file() else None
 
 
 @dataclass

@@ -205,10 +205,10 @@ def predict_rows(
 ) -> list[dict[str, Any]]:
     """Run ``GuidedSampler`` over ``rows`` with ``Trainer.predict``; returns rows with images, in order.
     ``label`` names what is sampled in the progress bar ("sampling i2p_nudity x sld+C* ...")."""
+    from unlearn_exp.identity import resolved_precision
     from unlearn_exp.progress import lightning_bar
 
-    if precision == "auto":
-        precision = "16-mixed" if torch.cuda.is_available() else "32-true"
+    precision = resolved_precision(precision)
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     trainer = L.Trainer(

@@ -245,6 +245,15 @@ class ArtifactStore:
     def exists(self, kind: str, key: Any) -> bool:
         return (self.path(kind, key) / KEY_FILE).is_file()
 
+    def locate(self, kind: str, key: Any) -> Path | None:
+        """The folder of a built artifact (this cache first, then the shipped ones), unverified; None
+        where it is not built. For looking without building (``plan``)."""
+        name = config_hash(key)
+        for root in [self.root, *self.shipped]:
+            if (root / kind / name / KEY_FILE).is_file():
+                return root / kind / name
+        return None
+
     def _usable(self, folder: Path, tag: str, quarantine: bool) -> bool:
         """Whether an existing artifact holds what its manifest says; a broken one is moved to
         quarantine (``quarantine=True``, the writable cache) or passed over (a shipped cache)."""

@@ -75,9 +75,19 @@ def resolve_benchmark_file(cfg: Any, data_dir: str | Path | None) -> Path:
         )
     if data_dir is None:
         raise UserError(f"benchmark '{name}': no data_dir to download {url} into (set paths.data_dir)")
+    return fetch(str(url), str(sha256 or ""), pinned_download_path(cfg, data_dir))
+
+
+def pinned_download_path(cfg: Any, data_dir: str | Path) -> Path:
+    """Where a benchmark's pinned download lives: ``<data_dir>/<name>/<sha256[:16]>/<file>``."""
+    url = str(_get(cfg, "url", ""))
     file = str(_get(cfg, "file", "") or url.rstrip("/").rsplit("/", 1)[-1])
-    dest = Path(data_dir) / name / str(sha256 or "unpinned")[:16] / file
-    return fetch(str(url), str(sha256 or ""), dest)
+    return (
+        Path(data_dir)
+        / str(_get(cfg, "name", "benchmark"))
+        / str(_get(cfg, "sha256") or "unpinned")[:16]
+        / file
+    )
 
 
 def read_prompts(

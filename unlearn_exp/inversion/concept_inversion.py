@@ -368,12 +368,6 @@ def _as_image_set(images_or_folder: Any, resolution: int) -> ImageSet:
     return tensor_image_set(images_or_folder, resolution)
 
 
-def _precision(name: str) -> str:
-    if name == "auto":
-        return "16-mixed" if torch.cuda.is_available() else "32-true"
-    return name
-
-
 def invert(
     comps: Components,
     images_or_folder: Any,
@@ -395,6 +389,7 @@ def invert(
     diverges, the last good rows are written to ``ckpt_dir/last_good_embeds.safetensors``, put into
     ``comps``, and a ``UserError`` names the step; ``out_dir`` gets nothing.
     """
+    from unlearn_exp.identity import resolved_precision
     from unlearn_exp.progress import lightning_bar
 
     wall_start = time.time()
@@ -417,7 +412,7 @@ def invert(
         max_steps=s.steps,
         accelerator="auto",
         devices=1,
-        precision=_precision(s.precision),
+        precision=resolved_precision(s.precision),
         logger=logger if logger is not None else False,
         callbacks=[
             RowsCheckpoint(ckpt_dir, s.checkpoint_every),

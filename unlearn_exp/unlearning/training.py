@@ -65,12 +65,6 @@ def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
     )
 
 
-def resolve_precision(precision: str) -> str:
-    if precision == "auto":
-        return "16-mixed" if torch.cuda.is_available() else "32-true"
-    return precision
-
-
 def fit(
     module: L.LightningModule,
     *,
@@ -86,6 +80,7 @@ def fit(
 ) -> dict[str, Any]:
     """Train ``module`` for ``steps`` optimiser steps, resuming from ``work_dir/checkpoints/last.ckpt``;
     a labelled bar (or log lines) shows the steps and the smoothed loss."""
+    from unlearn_exp.identity import resolved_precision
     from unlearn_exp.progress import lightning_bar
 
     work_dir = Path(work_dir)
@@ -106,7 +101,7 @@ def fit(
         accelerator=accelerator,
         devices=1,
         max_steps=int(steps),
-        precision=resolve_precision(precision),
+        precision=resolved_precision(precision),
         gradient_clip_val=grad_clip,
         logger=loggers,
         callbacks=[
