@@ -16,6 +16,7 @@ from unlearn_exp.unlearning.duo import (
     SELF_ATTENTION,
     adapters_disabled,
     add_lora,
+    duo_key,
     output_preservation_loss,
     preference_loss,
     scaled_hyperparameters,
@@ -332,3 +333,42 @@ def test_checkpoint_duo_trains_once_per_beta_and_reuses_the_cache(tmp_path):
     assert any(t.startswith("unlearning/duo_pairs/") for t in store3.reused)
     with pytest.raises(UserError, match="no DUO pair recipe for task 'other'"):
         apply_checkpoint(build_tiny(), cfg, store3, task_cfg={"name": "other"})
+
+
+def test_condition_unsafe_conditions_the_preference_term_on_each_pairs_prompt(tmp_path):
+    comps = build_tiny()
+    unsafe, safe = toy_pairs()
+    prompts = [f"prompt {i}" for i in range(len(unsafe))]
+    add_lora(comps.unet, "duo_c", rank=4, alpha=4, init="gaussian", targets=SELF_ATTENTION, seed=0)
+    seen = []
+    forward = comps.unet.forward
+
+    def spy(x, t, encoder_hidden_states=None, **kw):
+        seen.append(encoder_hidden_states.detach().clone())
+        return forward(x, t, encoder_hidden_states=encoder_hidden_states, **kw)
+
+    comps.unet.forward = spy
+    module = DUO(comps, unsafe, safe, beta=500, lr=0, lambda_=1.0, batch=2, prompts=prompts)
+    idx = torch.tensor([3, 1])
+    module.losses(idx, torch.Generator().manual_seed(0))
+    cond = seen[0]  # the trained model's call: x_w, x_l at t, then the preservation noise at T
+    expect = comps.encode_prompts([prompts[3], prompts[1]])[0]
+    c0 = comps.encode_prompts([""])[0]
+    assert torch.allclose(cond[:2], expect, atol=1e-5) and torch.allclose(cond[2:4], expect, atol=1e-5)
+    assert torch.allclose(cond[4:], c0.expand(2, -1, -1), atol=1e-5)  # the preservation term keeps c_0
+    with pytest.raises(UserError, match="2 pair prompts for"):
+        DUO(comps, unsafe, safe, beta=500, lr=0, lambda_=1.0, prompts=prompts[:2])
+
+
+def test_condition_at_its_neutral_value_leaves_the_checkpoint_key_unchanged():
+    from unlearn_exp.identity import checkpoint_spec
+
+    base = {"method": "duo", "beta": 250, "path": None, "steps": 3}
+    assert checkpoint_spec({**base, "condition": "null"}) == checkpoint_spec(base)
+    assert checkpoint_spec({**base, "condition": "unsafe"}) != checkpoint_spec(base)
+    comps = build_tiny()
+    recipe = {"recipes": {"toy": {"adapters": [{"name": "T", "unsafe_prompts": ["a"], "safe_prompts": ["b"],
+              "n_pairs": 1, "strength": 0.5}]}}}  # fmt: skip
+    key = duo_key(comps, {**base, **recipe}, {"name": "toy"})
+    assert duo_key(comps, {**base, **recipe, "condition": "null"}, {"name": "toy"}) == key
+    assert duo_key(comps, {**base, **recipe, "condition": "unsafe"}, {"name": "toy"}) != key

@@ -239,8 +239,9 @@ def checkpoint_for_inversion(cfg) -> dict[str, Any]:
 
 def _checkpoint_key(ck: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint config for a cache key: its pair filter by content (``identity.judge_spec``)."""
-    from unlearn_exp.identity import judge_spec
+    from unlearn_exp.identity import judge_spec, without_neutral
 
+    ck = without_neutral("checkpoint", ck)
     if not ck.get("filter"):
         return ck
     return {**ck, "filter": config_hash(judge_spec(ck["filter"]))}

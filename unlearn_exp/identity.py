@@ -43,6 +43,18 @@ RUNTIME_KEYS: dict[str, tuple[str, ...]] = {
     "benchmark": ("path", "url", "file", "source_hint", "expected_prompts", "sha256"),
 }  # fmt: skip
 
+# Keys added after results existed, at the value that reproduces the earlier behaviour: a key at
+# this value is left out of identities, so adding the option re-keys nothing.
+NEUTRAL_KEYS: dict[str, dict[str, Any]] = {
+    "checkpoint": {"condition": "null"},
+}
+
+
+def without_neutral(group: str, node: dict[str, Any]) -> dict[str, Any]:
+    """``node`` without the keys of ``group`` that sit at their neutral value (``NEUTRAL_KEYS``)."""
+    neutral = NEUTRAL_KEYS.get(group, {})
+    return {k: v for k, v in node.items() if not (k in neutral and v == neutral[k])}
+
 
 # ----------------------------------------------------------------------------- file hashes
 def _hash_cache_path() -> Path:
@@ -225,6 +237,7 @@ def _drop(group: str, node: Any, device: str | None = None) -> dict[str, Any]:
     """A group's config without its run-time keys, ``precision: auto`` resolved for ``device``."""
     node = dict(to_plain(node) or {})
     out = {k: v for k, v in node.items() if k not in RUNTIME_KEYS.get(group, ())}
+    out = without_neutral(group, out)
     if "precision" in out:
         out["precision"] = resolved_precision(out["precision"], device)
     return out

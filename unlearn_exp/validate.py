@@ -204,6 +204,9 @@ def validate(cfg) -> None:
         checks.append(
             lambda: c.number("checkpoint.beta_scale", checkpoint.get("beta_scale"), lo=0, strict=True)
         )
+        checks.append(
+            lambda: c.choice("checkpoint.condition", checkpoint.get("condition"), ("null", "unsafe"))
+        )
     if isinstance(plain.get("pp"), dict) and plain["pp"].get("prompts"):
         checks.append(lambda: _benchmark(c, "pp.prompts", plain["pp"]["prompts"]))
     if checkpoint.get("path"):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from unlearn_exp.errors import UserError
+from unlearn_exp.identity import without_neutral
 from unlearn_exp.models.components import Components
 from unlearn_exp.registry import UNLEARNING
 from unlearn_exp.store import to_plain as _plain
@@ -170,6 +171,7 @@ class DUO(TrainedOnly, L.LightningModule):
         t_max: int = 750,
         weight_decay: float = 1e-2,
         seed: int = 42,
+        prompts: list[str] | None = None,
     ):
         super().__init__()
         if beta <= 0:
@@ -194,7 +196,13 @@ class DUO(TrainedOnly, L.LightningModule):
         self.register_buffer("safe_u8", _to_u8(safe), persistent=False)
         with torch.no_grad():
             c0, _ = comps.encode_prompts([""])  # training prompts are empty: the null text c_0
+            # condition=unsafe (a departure, see checkpoint/duo.yaml): pair i's preference term is
+            # conditioned on its unsafe prompt instead of c_0; the preservation term keeps c_0
+            if prompts is not None and len(prompts) != len(unsafe):
+                raise UserError(f"DUO got {len(prompts)} pair prompts for {len(unsafe)} pairs")
+            cond = comps.encode_prompts(list(prompts))[0].detach() if prompts is not None else None
         self.register_buffer("c0", c0.detach(), persistent=False)
+        self.register_buffer("c_pairs", cond, persistent=False)
 
     # -- data drawn from (seed, step): shuffled epochs over the pairs, as a DataLoader would
     def pair_indices(self, step: int) -> torch.Tensor:
@@ -223,6 +231,9 @@ class DUO(TrainedOnly, L.LightningModule):
         inputs = torch.cat([x_t, noise])
         ts = torch.cat([t, torch.full((b,), self.T, device=dev, dtype=t.dtype)])
         cond = self.c0.expand(3 * b, -1, -1).to(z.dtype)
+        if self.c_pairs is not None:
+            c_pair = self.c_pairs[idx.to(dev)].to(z.dtype)
+            cond = torch.cat([c_pair, c_pair, cond[2 * b :]])
         model = self.unet(inputs, ts, encoder_hidden_states=cond).sample
         with torch.no_grad(), adapters_disabled(self.unet):
             ref = self.unet(inputs, ts, encoder_hidden_states=cond).sample
@@ -287,6 +298,14 @@ def train_adapter(
     beta = effective_beta(hp, paper_beta)
     lr, lam = scaled_hyperparameters(hp, beta)
     unsafe, safe = pairs.images(comps.resolution) if isinstance(pairs, PairSet) else pairs
+    condition = str(hp.get("condition", "null"))
+    if condition not in ("null", "unsafe"):
+        raise UserError(f"checkpoint.condition must be null or unsafe, got '{condition}'")
+    prompts = None
+    if condition == "unsafe":
+        if not isinstance(pairs, PairSet):
+            raise UserError("checkpoint.condition=unsafe needs a pair set with its prompts")
+        prompts = [str(r["unsafe_prompt"]) for r in pairs.records]
     add_lora(
         comps.unet,
         adapter_name,
@@ -309,6 +328,7 @@ def train_adapter(
             t_max=int(hp.get("t_max", 750)),
             weight_decay=float(hp.get("weight_decay", 1e-2)),
             seed=int(hp.get("seed", 42)),
+            prompts=prompts,
         )
         comps.unet.train()
         info = fit(
@@ -359,7 +379,7 @@ def resolve_recipe(cfg: dict[str, Any], task_cfg) -> dict[str, Any]:
 TRAIN_KEYS = (
     "steps", "batch", "rank", "alpha", "init_lora_weights", "target_modules", "t_min", "t_max", "seed",
     "weight_decay", "grad_clip", "checkpoint_every", "precision", "lr_base", "lambda_base",
-    "lr_override", "lambda_override", "beta_scale",
+    "lr_override", "lambda_override", "beta_scale", "condition",
 )  # fmt: skip
 PAIR_KEYS = ("max_tries", "pair_batch", "pair_sampling")
 
@@ -478,11 +498,14 @@ def train_duo(
 def duo_key(comps: Components, cfg: dict[str, Any], task_cfg, judge=None) -> dict[str, Any]:
     """The key of a trained DUO checkpoint: its recipe, the task, the base model and the pair filter."""
     recipe = resolve_recipe(cfg, task_cfg)
-    recipe_cfg = {
-        k: v
-        for k, v in cfg.items()
-        if k not in ("path", "recipes", "adapter_weights", "allow_pickle_conversion", "filter")
-    }
+    recipe_cfg = without_neutral(
+        "checkpoint",
+        {
+            k: v
+            for k, v in cfg.items()
+            if k not in ("path", "recipes", "adapter_weights", "allow_pickle_conversion", "filter")
+        },
+    )
     checked = any(_checks(dict(a)) for a in recipe["adapters"])
     return {
         "checkpoint": recipe_cfg,
