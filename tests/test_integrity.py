@@ -3,6 +3,7 @@ refused before any work. Each test is named for the behaviour it checks (README,
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -313,6 +314,29 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
     assert exit_info.value.code == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run the same command again to resume" in err
+
+
+@pytest.mark.parametrize(
+    "module", ["report", "precondition", "demo", "dashboard", "plan", "artifacts", "toy.artifacts"]
+)
+def test_every_command_reports_errors_and_ctrl_c_the_same_way(module, capsys, monkeypatch):
+    """Each command's body runs under ``errors.exit_status``: one line, status 2 or 130, no traceback."""
+    import importlib
+
+    from unlearn_exp.errors import exit_status
+
+    mod = importlib.import_module(f"unlearn_exp.{module}")
+    assert "exit_status(" in inspect.getsource(mod.main)
+
+    def bad():
+        raise UserError("the input is wrong")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert exit_status(bad) == 2 and capsys.readouterr().err == "error: the input is wrong\n"
+    assert exit_status(interrupted) == 130 and capsys.readouterr().err.count("\n") == 1
+    assert exit_status(lambda: None) == 0 and exit_status(lambda: 3) == 3
 
 
 def test_two_jobs_in_the_same_second_get_their_own_run_folder():

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from unlearn_exp.errors import UserError, run_guarded
+from unlearn_exp.errors import UserError, exit_status
 from unlearn_exp.store import KEY_FILE, verify_folder
 
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"exported to {path}")
         return 0
 
-    return run_guarded(run)
+    return exit_status(run)
 
 
 if __name__ == "__main__":

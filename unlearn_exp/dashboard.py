@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from unlearn_exp import paper
-from unlearn_exp.errors import UserError
+from unlearn_exp.errors import UserError, exit_status
 
 # run config keys (the resolved Hydra config logged by unlearn_exp.tracking) and summary keys
 BETA, GUIDANCE, EMBEDDING, TASK = "checkpoint.beta", "guidance.name", "embedding.source", "task.name"
@@ -158,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--spec-out", default=None, help="with --dry-run: write the workspace spec to this file")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> int:
         spec = [v for e in args.experiment for v in dashboard_spec(e, pp=args.pp)]
         if args.dry_run:
             if args.spec_out:
@@ -182,10 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as e:
                 raise UserError(f"saving the view '{w.name}' to W&B failed ({type(e).__name__}: {e})") from e
             print(f"saved view '{w.name}': {w.url}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+        return 0
+
+    return exit_status(body)
 
 
 if __name__ == "__main__":

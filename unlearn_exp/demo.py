@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from unlearn_exp.errors import UserError
+from unlearn_exp.errors import exit_status
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 EXPERIMENT = "toy_duo"
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = list(sys.argv[1:] if argv is None else argv)
     base = [f"+experiment={EXPERIMENT}", *extra]
     start = time.time()
-    try:
+
+    def body() -> int:
         cells = grid(base)
         print(f"toy grid: {len(cells)} cells ({EXPERIMENT}); artifacts are cached, so a second run is fast")
         rows = []
@@ -83,15 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         from unlearn_exp import precondition
 
         pre = precondition.run(base, "reports")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    for name, table in tables.items():
-        if name.startswith(("long", "transfer")):
-            print(f"\n{to_markdown(table)}")
-    print(f"\n{precondition.to_markdown(pre)}")
-    print(f"\n{len(cells)} cells in {time.time() - start:.0f} s; tables and plots: {Path(written[0]).parent}")
-    return 0
+        for name, table in tables.items():
+            if name.startswith(("long", "transfer")):
+                print(f"\n{to_markdown(table)}")
+        print(f"\n{precondition.to_markdown(pre)}")
+        print(
+            f"\n{len(cells)} cells in {time.time() - start:.0f} s; tables and plots: {Path(written[0]).parent}"
+        )
+        return 0
+
+    return exit_status(body)
 
 
 if __name__ == "__main__":

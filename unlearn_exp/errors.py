@@ -15,19 +15,33 @@ class NotImplementedStage(UserError):
         self.stage = stage
 
 
+INTERRUPTED = (
+    "interrupted: finished artifacts are kept in the cache and no result was written for this job; run "
+    "the same command again to resume"
+)
+
+
+def _report(exc: BaseException) -> int:
+    """Print ``exc`` as one line on stderr; return its exit status (2 for a UserError, 130 for Ctrl-C)."""
+    if isinstance(exc, KeyboardInterrupt):
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        return 130
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+    return 2
+
+
+def exit_status(fn, *args, **kwargs) -> int:
+    """The exit status of a command's body ``fn`` (its return value, 0 for None); a ``UserError``
+    becomes one line on stderr and 2, Ctrl-C one line saying what was kept and 130."""
+    try:
+        return int(fn(*args, **kwargs) or 0)
+    except (UserError, KeyboardInterrupt) as e:
+        return _report(e)
+
+
 def run_guarded(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``; a ``UserError`` becomes one line on stderr and exit status 2, Ctrl-C
-    one line saying what was kept and exit status 130."""
+    """``fn(*args, **kwargs)``'s value; on a ``UserError`` or Ctrl-C, ``exit_status``'s line and exit."""
     try:
         return fn(*args, **kwargs)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(
-            "interrupted: finished artifacts are kept in the cache and no result was written for this "
-            "job; run the same command again to resume",
-            file=sys.stderr,
-            flush=True,
-        )
-        sys.exit(130)
+    except (UserError, KeyboardInterrupt) as e:
+        sys.exit(_report(e))

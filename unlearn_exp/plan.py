@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unlearn_exp.errors import UserError, run_guarded
+from unlearn_exp.errors import UserError, exit_status
 from unlearn_exp.store import config_hash, to_plain
 
 
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render(plans, calib, str(cfg.model.name)))
         return 0
 
-    return run_guarded(run)
+    return exit_status(run)
 
 
 if __name__ == "__main__":

@@ -154,17 +154,17 @@ def run(base: list[str], out: str | Path = "reports", progress=print) -> pd.Data
 
 
 def main(argv: list[str] | None = None) -> int:
-    from unlearn_exp.errors import UserError
+    from unlearn_exp.errors import exit_status
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     extra = list(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body() -> int:
         table = run(["+experiment=toy_duo", *extra])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    print("\n" + to_markdown(table))
-    return 0
+        print("\n" + to_markdown(table))
+        return 0
+
+    return exit_status(body)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from typing import Any
 import pandas as pd
 
 from unlearn_exp import paper
-from unlearn_exp.errors import UserError
+from unlearn_exp.errors import UserError, exit_status
 from unlearn_exp.evaluation.records import CELL_IDENTITY
 from unlearn_exp.store import atomic_file, atomic_write_text, config_hash
 
@@ -925,7 +925,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the runs, after --")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+
+    def body() -> int:
         results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
         rows = load_cells(results)
         missing = missing_cells(rows, args.scale, args.overrides)
@@ -948,15 +949,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 Path(args.out) / "toy" / "precondition.md",
                 Path(args.out) / "toy" / "precondition.csv",
             ]
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    print(
-        f"wrote {len(written)} files under {Path(args.out) / args.scale}; {len(missing)} cell(s) without rows"
-    )
-    for cell in missing:
-        print("  missing: " + " ".join(cell))
-    return 0
+        print(
+            f"wrote {len(written)} files under {Path(args.out) / args.scale}; {len(missing)} cell(s) without rows"
+        )
+        for cell in missing:
+            print("  missing: " + " ".join(cell))
+        return 0
+
+    return exit_status(body)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from unlearn_exp.errors import UserError
+from unlearn_exp.errors import exit_status
 
 SHIPPED = Path(__file__).resolve().parent / "artifacts"
 KINDS = ("unlearning/duo", "inversion")
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
     build = Path(args.build_dir or tempfile.mkdtemp(prefix="toy_artifacts_"))
     cache = build / "cache"
-    try:
+
+    def body() -> int:
         betas = sweep_betas(["+experiment=toy_duo", *args.overrides])
         cells = [(b, "inverted") for b in betas] + [(betas[0], "shared")]
         for beta, embedding in cells:
@@ -137,12 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         if dest.exists():
             shutil.rmtree(dest)
         copied = copy_small(cache, dest)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
-    print(f"{len(copied)} artifacts ({size / 1e6:.2f} MB) -> {dest}; build cache: {cache}")
-    return 0
+        size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+        print(f"{len(copied)} artifacts ({size / 1e6:.2f} MB) -> {dest}; build cache: {cache}")
+        return 0
+
+    return exit_status(body)
 
 
 if __name__ == "__main__":
