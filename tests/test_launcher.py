@@ -31,7 +31,7 @@ def test_presets_compose_with_our_settings():
     j = _hydra_cfg("hydra/launcher=joblib")
     assert j.launcher._target_.endswith("JoblibLauncher")
     assert (j.launcher.n_jobs, j.launcher.batch_size, j.launcher.pre_dispatch) == (2, "1", "n_jobs")
-    assert j.callbacks.gpu_pinning._target_ == "unlearn_exp.tracking.GpuPinning"
+    assert j.callbacks.gpu_pinning._target_ == "unlearn_exp.launch.GpuPinning"
 
     local = _hydra_cfg("hydra/launcher=submitit_local")
     assert local.launcher._target_.endswith("LocalLauncher") and local.launcher.gpus_per_node == 0

@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from unlearn_exp import tracking
+from unlearn_exp import launch, tracking
 from unlearn_exp.errors import UserError
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -236,7 +236,7 @@ def test_pin_gpu_worker_gives_distinct_gpus(tmp_path: Path, monkeypatch):
     import sys
 
     code = (
-        "import os, sys, time; from unlearn_exp.tracking import pin_gpu_worker; "
+        "import os, sys, time; from unlearn_exp.launch import pin_gpu_worker; "
         "g = pin_gpu_worker(sys.argv[1]); print(g, os.environ['CUDA_VISIBLE_DEVICES'], flush=True); "
         "time.sleep(float(sys.argv[2]))"
     )
@@ -258,7 +258,7 @@ def test_pin_gpu_worker_gives_distinct_gpus(tmp_path: Path, monkeypatch):
     )
     assert third.stdout.split() == ["3", "3"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert tracking.pin_gpu_worker(str(tmp_path)) is None
+    assert launch.pin_gpu_worker(str(tmp_path)) is None
 
 
 def test_guidance_none_is_one_run_for_its_three_grid_positions(tmp_path: Path):

@@ -250,7 +250,7 @@ def train_judge(cfg: JudgeTrainConfig, out: str | Path = JUDGE_FILE) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    from unlearn_exp.unlearning.training import StepIndex
+    from unlearn_exp.training import StepIndex
 
     trainer.fit(module, torch.utils.data.DataLoader(StepIndex(cfg.steps), batch_size=None))
     net.eval()

@@ -27,8 +27,8 @@ from unlearn_exp.identity import without_neutral
 from unlearn_exp.models.components import Components
 from unlearn_exp.registry import UNLEARNING
 from unlearn_exp.store import to_plain as _plain
+from unlearn_exp.training import TrainedOnly, copy_metrics, fit, step_generator
 from unlearn_exp.unlearning.pairs import PairSet
-from unlearn_exp.unlearning.training import TrainedOnly, copy_metrics, fit, step_generator
 
 SELF_ATTENTION = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"]
 LORA_FILE = "pytorch_lora_weights.safetensors"

@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.models.components import Components
-from unlearn_exp.unlearning.training import TrainedOnly, copy_metrics, fit, step_generator
+from unlearn_exp.training import TrainedOnly, copy_metrics, fit, step_generator
 from unlearn_exp.unlearning.weights import save_safetensors
 
 WEIGHTS_FILE = "esd_unet.safetensors"

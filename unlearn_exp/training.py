@@ -1,4 +1,4 @@
-"""Shared Lightning plumbing of the unlearning trainers (DUO, ESD): resumable, atomic, logged.
+"""Generic Lightning training plumbing (DUO, ESD, the toy judge): resumable, atomic, logged.
 
 A run writes Lightning checkpoints into a work folder outside the artifact's temporary build folder,
 so a killed job resumes from ``last.ckpt`` when it is started again with the same config. The
