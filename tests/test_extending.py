@@ -1,6 +1,6 @@
 """Extending: a new guidance method, judge or unlearning method is one file plus one config
-(``_target_``), as the README's worked example shows; and the contract every registered guidance
-method keeps (batch independence; classifier-free guidance when it has nothing to do)."""
+(``_target_``), as the README's worked example shows. The contracts every registered method keeps:
+``tests/test_contracts.py``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from omegaconf import OmegaConf
 from tests.conftest import compose
 from unlearn_exp.guidance import Concept, make_guidance
 from unlearn_exp.guidance.base import Guidance
-from unlearn_exp.registry import GUIDANCE
 from unlearn_exp.sampling import sample
 
 NEGPROMPT = '''
@@ -73,27 +72,6 @@ def test_a_new_guidance_method_is_one_file_and_one_config(my_methods, tiny):
         mine = sample(tiny, ["a cat"], [1], g, steps=2).images
         same = sample(tiny, ["a cat"], [1], Guidance(), steps=2, negative_prompts=["nudity, naked"]).images
     torch.testing.assert_close(mine, same)
-
-
-@pytest.mark.parametrize("name", ["none", "sld", "safree"])
-def test_every_registered_guidance_is_batch_independent(name, tiny):
-    assert name in GUIDANCE.names()
-    cfg = compose([f"guidance={name}", "task=nudity"], hydra=False)
-    g = make_guidance(cfg.guidance, cfg.task, Concept())
-    prompts, seeds = ["a naked woman on a beach", "a red car", "a bowl of fruit"], [5, 6, 7]
-    with torch.no_grad():
-        together = sample(tiny, prompts, seeds, g, steps=3).images
-        alone = torch.cat([sample(tiny, [p], [s], g, steps=3).images for p, s in zip(prompts, seeds)])
-    torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
-
-
-def test_sld_with_nothing_to_steer_is_classifier_free_guidance(tiny):
-    cfg = compose(["guidance=sld", "guidance.guidance_scale=0"], hydra=False)  # sld scale 0: no safety term
-    g = make_guidance(cfg.guidance, cfg.task, Concept())
-    with torch.no_grad():
-        a = sample(tiny, ["a red car"], [3], g, steps=3).images
-        b = sample(tiny, ["a red car"], [3], Guidance(), steps=3).images
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
 def test_unknown_target_is_one_line():

@@ -14,7 +14,19 @@ PKG = ROOT / "unlearn_exp"
 
 # low to high: foundation, components and data, methods, composition (cells, reports, the toy world)
 LAYERS = [
-    {"errors", "paths", "store", "registry", "identity", "validate", "paper", "progress", "training", "launch", "__init__"},
+    {
+        "errors",
+        "paths",
+        "store",
+        "registry",
+        "identity",
+        "validate",
+        "paper",
+        "progress",
+        "training",
+        "launch",
+        "__init__",
+    },
     {"models", "data"},
     {"guidance", "sampling", "evaluation", "inversion", "unlearning"},
     {
