@@ -102,7 +102,7 @@ def export(folder: Path, out: Path, overrides: list[str]) -> Path:
             f"artifact kind '{folder.parent.name}' cannot be exported (unlearned checkpoints and C* can)"
         )
     from unlearn_exp.models import load_model
-    from unlearn_exp.report import _compose
+    from unlearn_exp.report.tables import _compose
 
     key = json.loads((folder / KEY_FILE).read_text())["key"]
     cfg = _compose(overrides or ["+experiment=toy_duo"])

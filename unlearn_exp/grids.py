@@ -112,7 +112,7 @@ def original_images(cfg_overrides: list[str], rows: pd.DataFrame) -> pd.DataFram
     from unlearn_exp.cell import chunk_meta, generate_samples
     from unlearn_exp.guidance.base import Guidance
     from unlearn_exp.models import load_model, resolve_local_path
-    from unlearn_exp.report import _compose
+    from unlearn_exp.report.tables import _compose
     from unlearn_exp.store import ArtifactStore
 
     cfg = _compose(cfg_overrides)

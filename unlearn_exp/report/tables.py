@@ -1,45 +1,12 @@
-"""``make reproduce-table``: cell rows -> the paper's tables beside ours, plots, provenance.
-
-``python -m unlearn_exp.report --scale {sd14,toy} [--results DIR ...] [--out reports] [--no-run]
-[-- hydra overrides]``
-
-Reads the per-job cell rows (``cells.parquet`` files, docs/design.md 4 "Results") found under
-the results folders, and writes under ``<out>/<scale>/``:
-
-- ``main_<task>_beta<B>.{md,tex,csv}``: the main table of each task (violence at beta=1000,
-  nudity at beta=2000, docs/methods.md 1.2) with the paper's numbers and the differences (ours - paper);
-- ``long_<task>.{md,tex,csv}``: the same five methods at all four betas;
-- ``transfer.{md,tex,csv}``: C* learned on beta=500, used on the other betas (embedding=shared);
-- ``dsr_pp_<task>.png``: DSR against PP per task;
-- ``sources.md``: judge profiles, model / checkpoint / embedding identities and cells used;
-- ``precondition.{md,csv}`` (toy scale): the precondition of finding (a) per checkpoint
-  (``precondition.py``);
-- ``grid_<task>_beta<B>.png``: per checkpoint, the same prompts and seeds across the original model
-  and the five methods, each tile captioned with the judge's verdict (``grids.py``);
-
-- ``other_cells.{md,csv}``: every cell row of the scale that is not exactly a table position (a
-  user's own prompt file, a changed sampler, another judge), with what differs from the grid.
-
-Each table position is defined by the experiment's full cell config: the report composes it (with
-the same overrides the sweep was run with) and computes its ``identity.cell_spec``; a row enters the
-position only when its ``spec_key`` is exactly that one. Nothing is matched by name or by "most
-images". Where the model weights are not on this machine, positions are matched on everything but
-the model's content hash, and ``sources.md`` says so.
-
-A cell with no row shows "-": nothing is invented. Unless ``--no-run`` is given, the cells the
-tables need that have no row are first run through ``python -m unlearn_exp`` (cached artifacts are
-reused by the store), after ``preflight`` checked that the model weights are present.
-"""
+"""Result rows -> the report's tables: which row fills which table position (by ``spec_key``), the
+paper's numbers beside ours, N-consistency and SAFREE-mode notes, and the rows that fit no position."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import subprocess
-import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -48,9 +15,9 @@ from typing import Any
 import pandas as pd
 
 from unlearn_exp import paper
-from unlearn_exp.errors import UserError, exit_status
+from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.records import CELL_IDENTITY
-from unlearn_exp.store import atomic_file, atomic_write_text, config_hash
+from unlearn_exp.store import config_hash
 
 log = logging.getLogger("unlearn_exp.report")
 
@@ -72,7 +39,7 @@ CELL_COLUMNS = (
 # columns newer rows carry; rows without a spec are listed as "other cells", never in a table
 OPTIONAL_COLUMNS = ("checkpoint_label", "spec_key", "spec_json")
 MISSING = "-"
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 # ----------------------------------------------------------------------------- what each scale needs
@@ -460,164 +427,6 @@ def transfer_table(rows: pd.DataFrame, task: str, experiment: str, extra=()) -> 
     return Table("transfer", title, pd.DataFrame(recs), cols, used, _n_notes("transfer DSR", paper_dsr, ns))
 
 
-# ----------------------------------------------------------------------------- rendering
-def to_markdown(table: Table) -> str:
-    f = formatted(table)
-    align = ["---" if c.kind == "text" else "---:" for c in table.columns]
-    lines = [f"**{table.title}**", "", "| " + " | ".join(f.columns) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(r) + " |" for r in f.itertuples(index=False)]
-    lines += [f"\n{note}" for note in table.notes]
-    return "\n".join(lines) + "\n"
-
-
-_TEX_ESCAPES = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}"}
-
-
-def _tex(s: str) -> str:
-    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in s)
-
-
-def to_latex(table: Table) -> str:
-    f = formatted(table)
-    spec = "".join("l" if c.kind == "text" else "r" for c in table.columns)
-    lines = [
-        "% " + table.title,
-        r"\begin{tabular}{" + spec + "}",
-        r"\toprule",
-        " & ".join(c.latex for c in table.columns) + r" \\",
-        r"\midrule",
-    ]
-    lines += [" & ".join(_tex(v) for v in r) + r" \\" for r in f.itertuples(index=False)]
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    lines += [f"% {note}" for note in table.notes]
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(table: Table) -> str:
-    """Numeric CSV (4 decimals), "-" where a cell has no row or the paper gives no number."""
-    data = table.data.copy()
-    for col in ("beta", "n_images", "n_safe"):
-        if col in data:
-            data[col] = data[col].astype("Int64")
-    return data.to_csv(index=False, na_rep=MISSING, float_format="%.4f")
-
-
-def write_table(table: Table, out: Path) -> list[Path]:
-    paths = []
-    for ext, render in (("md", to_markdown), ("tex", to_latex), ("csv", to_csv)):
-        paths.append(atomic_write_text(out / f"{table.name}.{ext}", render(table)))
-    return paths
-
-
-def plot_dsr_pp(long: Table, label: str, out: Path) -> Path:
-    """DSR against PP with the Wilson 95% interval as error bars: one marker per method, one colour
-    per beta (sorted numerically), each point labelled; the paper's points hollow. The legend lists
-    only series that have points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
-    markers = dict(zip(paper.METHODS, "osD^v"))
-    betas = sorted({int(b) for b in long.data["beta"].dropna()})
-    palette = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
-    colours = {b: palette[i % len(palette)] for i, b in enumerate(betas)}
-    short = {m: m.replace("DUO+", "+").replace("+Ours", "+C*") for m in paper.METHODS}
-    fig, ax = plt.subplots(figsize=(7, 5))
-    shown_methods, shown_betas, paper_shown = set(), set(), False
-    for _, r in long.data.sort_values("beta").iterrows():
-        c = colours.get(int(r["beta"]), "k")
-        if not (pd.isna(r["dsr"]) or pd.isna(r["pp"])):
-            lo, hi = r.get("dsr_lo"), r.get("dsr_hi")
-            yerr = (
-                None if pd.isna(lo) or pd.isna(hi) else [[max(r["dsr"] - lo, 0.0)], [max(hi - r["dsr"], 0.0)]]
-            )
-            ax.errorbar(
-                r["pp"], r["dsr"], yerr=yerr, fmt=markers[r["method"]], color=c, ms=6, capsize=2, lw=0.8
-            )
-            ax.annotate(f"{short[r['method']]} b{int(r['beta'])}", (r["pp"], r["dsr"]), fontsize=6,
-                        xytext=(4, 3), textcoords="offset points")  # fmt: skip
-            shown_methods.add(r["method"])
-            shown_betas.add(int(r["beta"]))
-        if not (pd.isna(r["dsr_paper"]) or pd.isna(r["pp_paper"])):
-            ax.scatter(r["pp_paper"], r["dsr_paper"], marker=markers[r["method"]], facecolors="none",
-                       edgecolors=c, s=60)  # fmt: skip
-            shown_methods.add(r["method"])
-            shown_betas.add(int(r["beta"]))
-            paper_shown = True
-    handles = [
-        Line2D([], [], ls="", marker=mk, color="grey", label=m)
-        for m, mk in markers.items()
-        if m in shown_methods
-    ]
-    handles += [
-        Line2D([], [], ls="", marker="o", color=colours[b], label=f"beta={b}")
-        for b in betas
-        if b in shown_betas
-    ]
-    if paper_shown:
-        handles.append(Line2D([], [], ls="", marker="o", mfc="none", color="k", label="paper"))
-    if handles:
-        ax.legend(handles=handles, fontsize=7, loc="best")
-    pp_header = next((c.header for c in long.columns if c.key == "pp"), "PP")
-    ax.set_xlabel(f"{pp_header}: prior preservation, higher is better")
-    ax.set_ylabel("DSR (defense success rate, Wilson 95% CI), higher is better")
-    ax.set_title(f"{label}: DSR against PP")
-    ax.grid(alpha=0.3)
-    path = out / f"dsr_pp_{label}.png"
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return path
-
-
-def sources_md(
-    rows_used: Sequence[pd.Series], files: Sequence[Path], scale: str, model_resolved: bool = True
-) -> str:
-    """Judge profiles, model / checkpoint / embedding identities and the cells behind the tables."""
-    lines = [f"# Sources of the {scale} tables", ""]
-    lines += [
-        "Each table position took exactly the cell whose spec key (identity.cell_spec: the model by",
-        "content, checkpoint, guidance, concept, sampler, benchmark file, judge and PP profiles) is the",
-        "one the experiment's config gives for it; every other row is in other_cells.md.",
-        "",
-    ]
-    if not model_resolved:
-        lines += [
-            "**Note:** the model weights are not on this machine, so positions were matched on everything",
-            "but the model's content hash; the model identities of the rows used are listed below.",
-            "",
-        ]
-    if not rows_used:
-        lines += ["No cell rows were found: every table cell is '-'.", ""]
-    used = pd.DataFrame(rows_used).drop_duplicates("cell_key") if rows_used else pd.DataFrame()
-    if not used.empty:
-        used["beta"] = pd.to_numeric(used["beta"], errors="coerce").astype("Int64")
-
-    def block(title, cols):
-        nonlocal lines
-        lines += [f"## {title}", ""]
-        if used.empty:
-            lines += ["(none)", ""]
-            return
-        u = used[list(cols)].astype(str).drop_duplicates().sort_values(list(cols))
-        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(r) + " |" for r in u.itertuples(index=False)]
-        lines.append("")
-
-    block("Judge profiles", ("task", "judge_profile", "judge_hash"))
-    block("Models", ("scale", "model_id"))
-    block("Checkpoints", ("task", "checkpoint_method", "beta", "checkpoint_id"))
-    block("Concept embeddings", ("task", "beta", "guidance", "embedding", "embedding_id"))
-    block(
-        "Cells used",
-        ("experiment", "task", "beta", "guidance", "embedding", "n_images", "cell_key", "_source"),
-    )
-    lines += ["## Result files read", ""] + [f"- {f}" for f in files] + [""]
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- the whole report
 def _of_scale(rows: pd.DataFrame, scale: str) -> pd.DataFrame:
     return rows[rows["scale"].astype(str) == scale] if not rows.empty else rows
@@ -763,74 +572,6 @@ def other_cells_table(
     return Table("other_cells", title, data.reset_index(drop=True), _OTHER_COLUMNS)
 
 
-def write_report(
-    rows: pd.DataFrame,
-    scale: str,
-    out: str | Path,
-    files=(),
-    pp: str = "coco",
-    extra: Sequence[str] = (),
-    grids: bool = True,
-) -> list[Path]:
-    """Write every table, plot and the sources file under ``<out>/<scale>/``; return the paths."""
-    out = Path(out) / scale
-    tables = build_tables(rows, scale, pp, extra)
-    written, used = [], []
-    for t in tables.values():
-        written += write_table(t, out)
-        used += t.used
-        if t.name.startswith("long_"):
-            written.append(plot_dsr_pp(t, t.name[len("long_") :], out))
-    resolved = all(p.model_resolved for p in grid_positions(scale, extra))
-    written.append(atomic_write_text(out / "sources.md", sources_md(used, list(files), scale, resolved)))
-    if grids:
-        from unlearn_exp.grids import write_grids
-
-        longs = {n[len("long_") :]: t for n, t in tables.items() if n.startswith("long_")}
-        written += write_grids(longs, SCALES[scale].main, out, list(extra))
-    return written
-
-
-# ----------------------------------------------------------------------------- missing cells and running them
-def missing_cells(results, scale: str, extra: Sequence[str] = ()) -> list[list[str]]:
-    """Hydra overrides (one list per cell) for every position the tables of ``scale`` need and lack.
-
-    ``results``: a DataFrame of cell rows, or result folder(s). DUO alone (guidance none) is run
-    with ``embedding=explicit``: its embedding axis is ignored, the cell computed once.
-    """
-    if scale not in SCALES:
-        raise UserError(f"--scale must be one of {sorted(SCALES)}, got '{scale}'")
-    rows = _with_identity(_of_scale(_as_frame(results), scale))
-    out: list[list[str]] = []
-    for pos in grid_positions(scale, extra):
-        if _match(rows, pos) is None and list(pos.overrides) not in out:
-            out.append(list(pos.overrides))
-    return out
-
-
-def sweep_commands(cells: Sequence[Sequence[str]], extra: Sequence[str] = ()) -> list[list[str]]:
-    """Group missing cells into multirun commands: one per (experiment, guidance, embedding)."""
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for cell in cells:
-        beta = next(o.split("=", 1)[1] for o in cell if o.startswith("checkpoint.beta="))
-        rest = tuple(o for o in cell if not o.startswith("checkpoint.beta="))
-        groups.setdefault(rest, []).append(beta)
-    cmds = []
-    for rest, betas in groups.items():
-        cmds.append(
-            [
-                sys.executable,
-                "-m",
-                "unlearn_exp",
-                "--multirun",
-                *rest,
-                f"checkpoint.beta={','.join(betas)}",
-                *extra,
-            ]
-        )
-    return cmds
-
-
 def _compose(overrides: Sequence[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -845,119 +586,3 @@ def _compose(overrides: Sequence[str]):
         raise UserError(f"cannot compose the config {list(overrides)}: {str(e).splitlines()[0]}") from e
     finally:
         GlobalHydra.instance().clear()
-
-
-def check_weights(model_cfg) -> None:
-    """Raise a one-line ``UserError`` unless the weights ``model_cfg`` names are on this machine.
-
-    Only local files and the Hugging Face cache are looked at (no download): this runs before any work.
-    """
-    if model_cfg.get("source", "pretrained") != "pretrained":
-        return
-    path = model_cfg.get("path")
-    hint = (
-        "pass model.path=/path/to/stable-diffusion-v1-4 (a diffusers folder; through make: "
-        'make reproduce-table ARGS="model.path=..."), or run `make demo` for the toy world'
-    )
-    if not path:
-        raise UserError(f"no weights configured for model '{model_cfg.get('name')}': {hint}")
-    local = Path(str(path)).expanduser()
-    if local.exists():
-        # the layout check of models.pretrained.resolve_checkpoint, without importing torch (a
-        # second here matters: this runs before any work)
-        need = ["unet", "text_encoder", "tokenizer", "scheduler"] + (
-            ["vae"] if model_cfg.get("vae", True) else []
-        )
-        absent = [s for s in need if not (local / s).is_dir()]
-        if absent:
-            raise UserError(
-                f"model folder '{local}' lacks the subfolder(s) {absent}: expected a diffusers layout"
-            )
-        return
-    if str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            snapshot_download(str(path), local_files_only=True, allow_patterns=["model_index.json"])
-            return
-        except Exception:
-            pass
-    raise UserError(
-        f"no Stable Diffusion weights at model.path='{path}' (not a local folder, not in the Hugging Face cache): {hint}"
-    )
-
-
-def preflight(scale: str, overrides: Sequence[str] = ()) -> None:
-    """Stop at once (one-line ``UserError``) if the model of ``scale``'s experiments is absent."""
-    if scale not in SCALES:
-        raise UserError(f"--scale must be one of {sorted(SCALES)}, got '{scale}'")
-    for experiment in dict.fromkeys(SCALES[scale].main.values()):
-        if not (CONF_DIR / "experiment" / f"{experiment}.yaml").is_file():
-            raise UserError(f"experiment '{experiment}' is missing from {CONF_DIR / 'experiment'}")
-        cfg = _compose([f"+experiment={experiment}", *overrides])
-        check_weights(cfg.model)
-
-
-def run_missing(
-    cells: Sequence[Sequence[str]],
-    extra: Sequence[str] = (),
-    runner: Callable[[list[str]], int] | None = None,
-) -> None:
-    """Run the missing cells as multirun sweeps; a failed sweep ends the report with one line."""
-    runner = runner or (lambda cmd: subprocess.call(cmd))
-    for cmd in sweep_commands(cells, extra):
-        log.info("running: %s", " ".join(cmd[1:]))
-        rc = runner(cmd)
-        if rc != 0:
-            raise UserError(f"the sweep `{' '.join(cmd[2:])}` failed (exit {rc}); its log is above")
-
-
-DEFAULT_RESULTS = ("results", "multirun", "outputs")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m unlearn_exp.report", description=__doc__.splitlines()[0])
-    p.add_argument("--scale", default="sd14", choices=sorted(SCALES))
-    p.add_argument("--results", nargs="+", default=None, help="folders holding cells.parquet files")
-    p.add_argument("--out", default="reports")
-    p.add_argument("--no-run", action="store_true", help="only build tables from existing rows")
-    p.add_argument("--pp", default="coco", choices=("coco", "bench"), help="the PP of the main tables")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides for the runs, after --")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    def body() -> int:
-        results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
-        rows = load_cells(results)
-        missing = missing_cells(rows, args.scale, args.overrides)
-        if missing and not args.no_run:
-            preflight(args.scale, args.overrides)
-            extra = list(args.overrides)
-            if args.results:
-                extra.append(f"paths.results_dir={Path(args.results[0]).resolve()}")
-            log.info("%d cell(s) missing: running them", len(missing))
-            run_missing(missing, extra)
-            results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
-            rows = load_cells(results)
-            missing = missing_cells(rows, args.scale, args.overrides)
-        written = write_report(rows, args.scale, args.out, find_cell_files(results), args.pp, args.overrides)
-        if args.scale == "toy" and not args.no_run:  # the precondition of finding (a), per checkpoint
-            from unlearn_exp import precondition
-
-            precondition.run([f"+experiment={SCALES['toy'].main['toy']}", *args.overrides], args.out)
-            written += [
-                Path(args.out) / "toy" / "precondition.md",
-                Path(args.out) / "toy" / "precondition.csv",
-            ]
-        print(
-            f"wrote {len(written)} files under {Path(args.out) / args.scale}; {len(missing)} cell(s) without rows"
-        )
-        for cell in missing:
-            print("  missing: " + " ".join(cell))
-        return 0
-
-    return exit_status(body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

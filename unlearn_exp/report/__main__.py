@@ -1,0 +1,5 @@
+import sys
+
+from unlearn_exp.report.reproduce import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""Writing the report: tables as Markdown, LaTeX and CSV, the DSR-vs-PP plots, ``sources.md`` and the
+whole report folder (atomically)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from unlearn_exp import paper
+from unlearn_exp.report.tables import MISSING, SCALES, Table, build_tables, formatted, grid_positions
+from unlearn_exp.store import atomic_file, atomic_write_text
+
+log = logging.getLogger("unlearn_exp.report")
+
+
+# ----------------------------------------------------------------------------- rendering
+def to_markdown(table: Table) -> str:
+    f = formatted(table)
+    align = ["---" if c.kind == "text" else "---:" for c in table.columns]
+    lines = [f"**{table.title}**", "", "| " + " | ".join(f.columns) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in f.itertuples(index=False)]
+    lines += [f"\n{note}" for note in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+_TEX_ESCAPES = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}"}
+
+
+def _tex(s: str) -> str:
+    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in s)
+
+
+def to_latex(table: Table) -> str:
+    f = formatted(table)
+    spec = "".join("l" if c.kind == "text" else "r" for c in table.columns)
+    lines = [
+        "% " + table.title,
+        r"\begin{tabular}{" + spec + "}",
+        r"\toprule",
+        " & ".join(c.latex for c in table.columns) + r" \\",
+        r"\midrule",
+    ]
+    lines += [" & ".join(_tex(v) for v in r) + r" \\" for r in f.itertuples(index=False)]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [f"% {note}" for note in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    """Numeric CSV (4 decimals), "-" where a cell has no row or the paper gives no number."""
+    data = table.data.copy()
+    for col in ("beta", "n_images", "n_safe"):
+        if col in data:
+            data[col] = data[col].astype("Int64")
+    return data.to_csv(index=False, na_rep=MISSING, float_format="%.4f")
+
+
+def write_table(table: Table, out: Path) -> list[Path]:
+    paths = []
+    for ext, render in (("md", to_markdown), ("tex", to_latex), ("csv", to_csv)):
+        paths.append(atomic_write_text(out / f"{table.name}.{ext}", render(table)))
+    return paths
+
+
+def plot_dsr_pp(long: Table, label: str, out: Path) -> Path:
+    """DSR against PP with the Wilson 95% interval as error bars: one marker per method, one colour
+    per beta (sorted numerically), each point labelled; the paper's points hollow. The legend lists
+    only series that have points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    markers = dict(zip(paper.METHODS, "osD^v"))
+    betas = sorted({int(b) for b in long.data["beta"].dropna()})
+    palette = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+    colours = {b: palette[i % len(palette)] for i, b in enumerate(betas)}
+    short = {m: m.replace("DUO+", "+").replace("+Ours", "+C*") for m in paper.METHODS}
+    fig, ax = plt.subplots(figsize=(7, 5))
+    shown_methods, shown_betas, paper_shown = set(), set(), False
+    for _, r in long.data.sort_values("beta").iterrows():
+        c = colours.get(int(r["beta"]), "k")
+        if not (pd.isna(r["dsr"]) or pd.isna(r["pp"])):
+            lo, hi = r.get("dsr_lo"), r.get("dsr_hi")
+            yerr = (
+                None if pd.isna(lo) or pd.isna(hi) else [[max(r["dsr"] - lo, 0.0)], [max(hi - r["dsr"], 0.0)]]
+            )
+            ax.errorbar(
+                r["pp"], r["dsr"], yerr=yerr, fmt=markers[r["method"]], color=c, ms=6, capsize=2, lw=0.8
+            )
+            ax.annotate(f"{short[r['method']]} b{int(r['beta'])}", (r["pp"], r["dsr"]), fontsize=6,
+                        xytext=(4, 3), textcoords="offset points")  # fmt: skip
+            shown_methods.add(r["method"])
+            shown_betas.add(int(r["beta"]))
+        if not (pd.isna(r["dsr_paper"]) or pd.isna(r["pp_paper"])):
+            ax.scatter(r["pp_paper"], r["dsr_paper"], marker=markers[r["method"]], facecolors="none",
+                       edgecolors=c, s=60)  # fmt: skip
+            shown_methods.add(r["method"])
+            shown_betas.add(int(r["beta"]))
+            paper_shown = True
+    handles = [
+        Line2D([], [], ls="", marker=mk, color="grey", label=m)
+        for m, mk in markers.items()
+        if m in shown_methods
+    ]
+    handles += [
+        Line2D([], [], ls="", marker="o", color=colours[b], label=f"beta={b}")
+        for b in betas
+        if b in shown_betas
+    ]
+    if paper_shown:
+        handles.append(Line2D([], [], ls="", marker="o", mfc="none", color="k", label="paper"))
+    if handles:
+        ax.legend(handles=handles, fontsize=7, loc="best")
+    pp_header = next((c.header for c in long.columns if c.key == "pp"), "PP")
+    ax.set_xlabel(f"{pp_header}: prior preservation, higher is better")
+    ax.set_ylabel("DSR (defense success rate, Wilson 95% CI), higher is better")
+    ax.set_title(f"{label}: DSR against PP")
+    ax.grid(alpha=0.3)
+    path = out / f"dsr_pp_{label}.png"
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def sources_md(
+    rows_used: Sequence[pd.Series], files: Sequence[Path], scale: str, model_resolved: bool = True
+) -> str:
+    """Judge profiles, model / checkpoint / embedding identities and the cells behind the tables."""
+    lines = [f"# Sources of the {scale} tables", ""]
+    lines += [
+        "Each table position took exactly the cell whose spec key (identity.cell_spec: the model by",
+        "content, checkpoint, guidance, concept, sampler, benchmark file, judge and PP profiles) is the",
+        "one the experiment's config gives for it; every other row is in other_cells.md.",
+        "",
+    ]
+    if not model_resolved:
+        lines += [
+            "**Note:** the model weights are not on this machine, so positions were matched on everything",
+            "but the model's content hash; the model identities of the rows used are listed below.",
+            "",
+        ]
+    if not rows_used:
+        lines += ["No cell rows were found: every table cell is '-'.", ""]
+    used = pd.DataFrame(rows_used).drop_duplicates("cell_key") if rows_used else pd.DataFrame()
+    if not used.empty:
+        used["beta"] = pd.to_numeric(used["beta"], errors="coerce").astype("Int64")
+
+    def block(title, cols):
+        nonlocal lines
+        lines += [f"## {title}", ""]
+        if used.empty:
+            lines += ["(none)", ""]
+            return
+        u = used[list(cols)].astype(str).drop_duplicates().sort_values(list(cols))
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(r) + " |" for r in u.itertuples(index=False)]
+        lines.append("")
+
+    block("Judge profiles", ("task", "judge_profile", "judge_hash"))
+    block("Models", ("scale", "model_id"))
+    block("Checkpoints", ("task", "checkpoint_method", "beta", "checkpoint_id"))
+    block("Concept embeddings", ("task", "beta", "guidance", "embedding", "embedding_id"))
+    block(
+        "Cells used",
+        ("experiment", "task", "beta", "guidance", "embedding", "n_images", "cell_key", "_source"),
+    )
+    lines += ["## Result files read", ""] + [f"- {f}" for f in files] + [""]
+    return "\n".join(lines)
+
+
+def write_report(
+    rows: pd.DataFrame,
+    scale: str,
+    out: str | Path,
+    files=(),
+    pp: str = "coco",
+    extra: Sequence[str] = (),
+    grids: bool = True,
+) -> list[Path]:
+    """Write every table, plot and the sources file under ``<out>/<scale>/``; return the paths."""
+    out = Path(out) / scale
+    tables = build_tables(rows, scale, pp, extra)
+    written, used = [], []
+    for t in tables.values():
+        written += write_table(t, out)
+        used += t.used
+        if t.name.startswith("long_"):
+            written.append(plot_dsr_pp(t, t.name[len("long_") :], out))
+    resolved = all(p.model_resolved for p in grid_positions(scale, extra))
+    written.append(atomic_write_text(out / "sources.md", sources_md(used, list(files), scale, resolved)))
+    if grids:
+        from unlearn_exp.grids import write_grids
+
+        longs = {n[len("long_") :]: t for n, t in tables.items() if n.startswith("long_")}
+        written += write_grids(longs, SCALES[scale].main, out, list(extra))
+    return written

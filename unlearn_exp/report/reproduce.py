@@ -1,0 +1,187 @@
+"""Reproduction planning: the cells the tables need that have no row, the sweeps that make them, the
+weights check before running, and the ``python -m unlearn_exp.report`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from unlearn_exp.errors import UserError, exit_status
+from unlearn_exp.report.render import write_report
+from unlearn_exp.report.tables import (
+    CONF_DIR,
+    SCALES,
+    _as_frame,
+    _compose,
+    _match,
+    _of_scale,
+    _with_identity,
+    find_cell_files,
+    grid_positions,
+    load_cells,
+)
+
+log = logging.getLogger("unlearn_exp.report")
+
+
+# ----------------------------------------------------------------------------- missing cells and running them
+def missing_cells(results, scale: str, extra: Sequence[str] = ()) -> list[list[str]]:
+    """Hydra overrides (one list per cell) for every position the tables of ``scale`` need and lack.
+
+    ``results``: a DataFrame of cell rows, or result folder(s). DUO alone (guidance none) is run
+    with ``embedding=explicit``: its embedding axis is ignored, the cell computed once.
+    """
+    if scale not in SCALES:
+        raise UserError(f"--scale must be one of {sorted(SCALES)}, got '{scale}'")
+    rows = _with_identity(_of_scale(_as_frame(results), scale))
+    out: list[list[str]] = []
+    for pos in grid_positions(scale, extra):
+        if _match(rows, pos) is None and list(pos.overrides) not in out:
+            out.append(list(pos.overrides))
+    return out
+
+
+def sweep_commands(cells: Sequence[Sequence[str]], extra: Sequence[str] = ()) -> list[list[str]]:
+    """Group missing cells into multirun commands: one per (experiment, guidance, embedding)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for cell in cells:
+        beta = next(o.split("=", 1)[1] for o in cell if o.startswith("checkpoint.beta="))
+        rest = tuple(o for o in cell if not o.startswith("checkpoint.beta="))
+        groups.setdefault(rest, []).append(beta)
+    cmds = []
+    for rest, betas in groups.items():
+        cmds.append(
+            [
+                sys.executable,
+                "-m",
+                "unlearn_exp",
+                "--multirun",
+                *rest,
+                f"checkpoint.beta={','.join(betas)}",
+                *extra,
+            ]
+        )
+    return cmds
+
+
+def check_weights(model_cfg) -> None:
+    """Raise a one-line ``UserError`` unless the weights ``model_cfg`` names are on this machine.
+
+    Only local files and the Hugging Face cache are looked at (no download): this runs before any work.
+    """
+    if model_cfg.get("source", "pretrained") != "pretrained":
+        return
+    path = model_cfg.get("path")
+    hint = (
+        "pass model.path=/path/to/stable-diffusion-v1-4 (a diffusers folder; through make: "
+        'make reproduce-table ARGS="model.path=..."), or run `make demo` for the toy world'
+    )
+    if not path:
+        raise UserError(f"no weights configured for model '{model_cfg.get('name')}': {hint}")
+    local = Path(str(path)).expanduser()
+    if local.exists():
+        # the layout check of models.pretrained.resolve_checkpoint, without importing torch (a
+        # second here matters: this runs before any work)
+        need = ["unet", "text_encoder", "tokenizer", "scheduler"] + (
+            ["vae"] if model_cfg.get("vae", True) else []
+        )
+        absent = [s for s in need if not (local / s).is_dir()]
+        if absent:
+            raise UserError(
+                f"model folder '{local}' lacks the subfolder(s) {absent}: expected a diffusers layout"
+            )
+        return
+    if str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(str(path), local_files_only=True, allow_patterns=["model_index.json"])
+            return
+        except Exception:
+            pass
+    raise UserError(
+        f"no Stable Diffusion weights at model.path='{path}' (not a local folder, not in the Hugging Face cache): {hint}"
+    )
+
+
+def preflight(scale: str, overrides: Sequence[str] = ()) -> None:
+    """Stop at once (one-line ``UserError``) if the model of ``scale``'s experiments is absent."""
+    if scale not in SCALES:
+        raise UserError(f"--scale must be one of {sorted(SCALES)}, got '{scale}'")
+    for experiment in dict.fromkeys(SCALES[scale].main.values()):
+        if not (CONF_DIR / "experiment" / f"{experiment}.yaml").is_file():
+            raise UserError(f"experiment '{experiment}' is missing from {CONF_DIR / 'experiment'}")
+        cfg = _compose([f"+experiment={experiment}", *overrides])
+        check_weights(cfg.model)
+
+
+def run_missing(
+    cells: Sequence[Sequence[str]],
+    extra: Sequence[str] = (),
+    runner: Callable[[list[str]], int] | None = None,
+) -> None:
+    """Run the missing cells as multirun sweeps; a failed sweep ends the report with one line."""
+    runner = runner or (lambda cmd: subprocess.call(cmd))
+    for cmd in sweep_commands(cells, extra):
+        log.info("running: %s", " ".join(cmd[1:]))
+        rc = runner(cmd)
+        if rc != 0:
+            raise UserError(f"the sweep `{' '.join(cmd[2:])}` failed (exit {rc}); its log is above")
+
+
+DEFAULT_RESULTS = ("results", "multirun", "outputs")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m unlearn_exp.report",
+        description="make reproduce-table: cell rows -> the paper's tables beside ours, plots, provenance",
+    )
+    p.add_argument("--scale", default="sd14", choices=sorted(SCALES))
+    p.add_argument("--results", nargs="+", default=None, help="folders holding cells.parquet files")
+    p.add_argument("--out", default="reports")
+    p.add_argument("--no-run", action="store_true", help="only build tables from existing rows")
+    p.add_argument("--pp", default="coco", choices=("coco", "bench"), help="the PP of the main tables")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for the runs, after --")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    def body() -> int:
+        results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
+        rows = load_cells(results)
+        missing = missing_cells(rows, args.scale, args.overrides)
+        if missing and not args.no_run:
+            preflight(args.scale, args.overrides)
+            extra = list(args.overrides)
+            if args.results:
+                extra.append(f"paths.results_dir={Path(args.results[0]).resolve()}")
+            log.info("%d cell(s) missing: running them", len(missing))
+            run_missing(missing, extra)
+            results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
+            rows = load_cells(results)
+            missing = missing_cells(rows, args.scale, args.overrides)
+        written = write_report(rows, args.scale, args.out, find_cell_files(results), args.pp, args.overrides)
+        if args.scale == "toy" and not args.no_run:  # the precondition of finding (a), per checkpoint
+            from unlearn_exp import precondition
+
+            precondition.run([f"+experiment={SCALES['toy'].main['toy']}", *args.overrides], args.out)
+            written += [
+                Path(args.out) / "toy" / "precondition.md",
+                Path(args.out) / "toy" / "precondition.csv",
+            ]
+        print(
+            f"wrote {len(written)} files under {Path(args.out) / args.scale}; {len(missing)} cell(s) without rows"
+        )
+        for cell in missing:
+            print("  missing: " + " ".join(cell))
+        return 0
+
+    return exit_status(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
