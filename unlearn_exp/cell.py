@@ -1,4 +1,10 @@
-"""One grid cell: model -> unlearned checkpoint -> concept source -> guided sampling -> judge -> scores.
+"""One grid cell, as named stages over the store (``_run_cell`` runs them in order):
+
+``open_cell`` (config, model, prompt sets, judge) -> ``originals`` (what the original model makes:
+PP references, C*'s images) -> ``unlearn`` -> ``concept`` (the words or ``C*``, and the guidance)
+-> ``sample`` -> ``judge`` -> ``score`` -> ``record`` (image and cell rows, written atomically).
+Each stage takes and returns small dataclasses; ``toy/artifacts.py`` and ``precondition.py`` run
+stages 0-2 through the same functions, so their keys are the cell's.
 
 Every costly product is an artifact of the store, keyed by exactly the config that determines it:
 
@@ -502,18 +508,105 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
-    from unlearn_exp.evaluation import (
-        cell_table,
-        dsr,
-        image_table,
-        make_judge,
-        make_pp_metric,
-        pp,
-        write_table,
-    )
-    from unlearn_exp.tracking import lightning_logger
-
+    """The named stages in order; each reads and writes the store, so any of them resumes."""
     started = time.time()
+    cell = open_cell(cfg)
+    made = originals(cell)
+    ck = unlearn(cell)
+    conc = concept(cell, made, ck)
+    samples = sample(cell, conc)
+    judged = judge(cell, samples)
+    scores = score(cell, made, samples, judged)
+    result = record(cell, made, ck, conc, samples, judged, scores, tracker)
+    row = result["cell"]
+    log.info(
+        "cell %s: DSR %.3f [%.3f, %.3f] on %d images, PP coco %.3f bench %.3f (%.0f s; built %d, reused %d); results %s",
+        row["cell_key"], row["dsr"], row["dsr_lo"], row["dsr_hi"], row["n_images"], row["pp_coco"], row["pp_bench"],
+        time.time() - started, len(cell.store.built), len(cell.store.reused), result["results"],
+    )  # fmt: skip
+    return result
+
+
+# ------------------------------------------------------------------------------------ the stages
+@dataclass
+class Cell:
+    """What every stage reads: the config, the store, the loaded model and the prompt sets."""
+
+    cfg: DictConfig
+    store: ArtifactStore
+    comps: Components
+    model_id: str
+    out_dir: Path
+    bench: list[dict[str, Any]]
+    bench_attrs: dict[str, Any]
+    pp_sets: dict[str, list[dict[str, Any]]]  # "coco" (the PP prompts) and/or "bench"
+    set_name: dict[str, str]
+    spec: dict[str, Any]  # identity.cell_spec: what the report matches the cell on
+    judge: Any  # the evaluation judge
+    metric: Any  # the PP metric
+
+    def loggers(self, stage: str):
+        from unlearn_exp.tracking import lightning_logger
+
+        return lightning_logger(self.cfg.logger, stage, save_dir=self.out_dir)
+
+
+@dataclass
+class Originals:
+    """Stage 0: what the original model makes before it is unlearned (PP references, C*'s images)."""
+
+    refs: dict[str, list[Chunk]]
+    image_set: Path | None
+
+
+@dataclass
+class Unlearned:
+    """Stage 1: the checkpoint applied to ``cell.comps``."""
+
+    checkpoint_id: str
+    info: dict[str, Any]
+
+
+@dataclass
+class ConceptGuidance:
+    """Stage 2: the concept embedding (words or ``C*``), the guidance built on it, and the identity
+    of what is sampled."""
+
+    concept: Concept
+    guidance: Guidance
+    identity: dict[str, Any]
+    what: str
+
+
+@dataclass
+class Samples:
+    """Stage 3: the image chunks per prompt set ("bench", and "coco" for PP)."""
+
+    chunks: dict[str, list[Chunk]]
+
+
+@dataclass
+class Judged:
+    """Stage 4: the judge's verdicts on the benchmark images and on the PP sets, and benign fidelity."""
+
+    verdicts: list[dict[str, Any]]
+    pp_verdicts: dict[str, list[dict[str, Any]]]
+    benign_ok: dict[str, list[bool | None]]
+
+
+@dataclass
+class Scores:
+    """Stage 5: DSR with its interval, PP per prompt set (and per image), benign accuracy."""
+
+    stats: dict[str, Any]
+    pp_values: dict[str, float]
+    lpips_by_split: dict[str, list[float]]
+    benign_acc: float
+    n_benign: int
+
+
+def open_cell(cfg: DictConfig, *, prompts: bool = True) -> Cell:
+    """Load the model and (unless ``prompts`` is false) the benchmark and PP prompt sets."""
     if cfg.checkpoint.method not in UNLEARNING.names() and not cfg.checkpoint.get("_target_"):
         raise NotImplementedStage(f"unlearning ({cfg.checkpoint.method})")
     from unlearn_exp.models import resolve_local_path
@@ -522,116 +615,221 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
     store = ArtifactStore(cfg.paths.cache_dir, shipped=shipped, verify=str(cfg.paths.get("verify", "small")))
     out_dir = job_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    def loggers(stage: str):
-        return lightning_logger(cfg.logger, stage, save_dir=out_dir)
-
     if cfg.model.get("source") == "pretrained":  # missing weights stop the job before any work
         from unlearn_exp.models.pretrained import resolve_checkpoint
 
         resolve_checkpoint(resolve_local_path(str(cfg.model.path)), need_vae=bool(cfg.model.get("vae", True)))
-    spec = cell_spec(cfg)
-    judge = make_judge(cfg.judge)
-    metric = make_pp_metric(cfg.pp.metric)
-    bench, bench_attrs = benchmark_rows(cfg.benchmark, cfg.paths.data_dir)
-    pp_sets = {}
-    if cfg.pp.get("prompts") is not None:
-        pp_sets["coco"] = benchmark_rows(cfg.pp.prompts, cfg.paths.data_dir)[0]
-    if cfg.pp.get("bench", True):
-        pp_sets["bench"] = bench
+    # identity, judge and PP metric before any work: a missing file stops the job here
+    from unlearn_exp.evaluation import make_judge, make_pp_metric
 
+    spec = cell_spec(cfg)
+    the_judge, metric = make_judge(cfg.judge), make_pp_metric(cfg.pp.metric)
+    bench, bench_attrs, pp_sets = [], {}, {}
+    if prompts:
+        bench, bench_attrs = benchmark_rows(cfg.benchmark, cfg.paths.data_dir)
+        if cfg.pp.get("prompts") is not None:
+            pp_sets["coco"] = benchmark_rows(cfg.pp.prompts, cfg.paths.data_dir)[0]
+        if cfg.pp.get("bench", True):
+            pp_sets["bench"] = bench
     comps = load_model(cfg.model)
-    model_id = comps.identity
-    log.info("model %s (%s)", model_id, comps.source)
+    log.info("model %s (%s)", comps.identity, comps.source)
     from unlearn_exp.sampling import apply_gpu_options
 
     apply_gpu_options(comps, cfg.sampling)
-
-    # 1. what the original model needs to make: PP references and C*'s training images
-    original = {"model": model_id, "checkpoint": "original", "guidance": {"name": "none"}}
     set_name = {
         "bench": str(cfg.benchmark.name),
         "coco": str(cfg.pp.prompts.name) if "coco" in pp_sets else "",
     }
+    return Cell(
+        cfg,
+        store,
+        comps,
+        comps.identity,
+        out_dir,
+        bench,
+        bench_attrs,
+        pp_sets,
+        set_name,
+        spec,
+        the_judge,
+        metric,
+    )
+
+
+ORIGINAL = {"checkpoint": "original", "guidance": {"name": "none"}}
+
+
+def needs_learned_concept(cfg) -> bool:
+    return cfg.guidance.name != "none" and cfg.embedding.source != "explicit"
+
+
+def originals(cell: Cell) -> Originals:
+    """Stage 0 (before the model is unlearned): the original model's images of every PP prompt set,
+    and the harmful images ``C*`` is learned from, where the cell learns one."""
+    cfg = cell.cfg
+    original = {"model": cell.model_id, **ORIGINAL}
     refs = {
         name: generate_samples(
-            comps, Guidance(), rows, original, store, cfg, f"original model: {set_name[name]}"
+            cell.comps, Guidance(), rows, original, cell.store, cfg, f"original model: {cell.set_name[name]}"
         )
-        for name, rows in pp_sets.items()
+        for name, rows in cell.pp_sets.items()
     }
-    needs_concept = cfg.guidance.name != "none" and cfg.embedding.source != "explicit"
-    needs_images = needs_concept and not cfg.embedding.get("path")
-    image_set = ensure_image_set(cfg, comps, store, model_id) if needs_images else None
+    needs_images = needs_learned_concept(cfg) and not cfg.embedding.get("path")
+    image_set = ensure_image_set(cfg, cell.comps, cell.store, cell.model_id) if needs_images else None
+    return Originals(refs, image_set)
 
-    # 2. the unlearned checkpoint, then the concept embedding learned on it (or on the shared source)
-    ck = apply_unlearning(cfg, comps, store, cfg.checkpoint, loggers("unlearning"))
-    checkpoint_id = str(ck.get("id", ck.get("hash", config_hash(plain(cfg.checkpoint)))))
-    concept = resolve_concept(cfg, comps, store, model_id, image_set, loggers)
+
+def unlearn(cell: Cell) -> Unlearned:
+    """Stage 1: train (or reuse, or load) the unlearned checkpoint and apply it to the model."""
+    ck = apply_unlearning(cell.cfg, cell.comps, cell.store, cell.cfg.checkpoint, cell.loggers("unlearning"))
+    return Unlearned(str(ck.get("id", ck.get("hash", config_hash(plain(cell.cfg.checkpoint))))), ck)
+
+
+def concept(cell: Cell, made: Originals, ck: Unlearned) -> ConceptGuidance:
+    """Stage 2: the concept (the words, or ``C*`` learned on the checkpoint or the shared source) and
+    the guidance method built on it."""
+    cfg = cell.cfg
+    conc = resolve_concept(cfg, cell.comps, cell.store, cell.model_id, made.image_set, cell.loggers)
     step_scale = 1.0
     if cfg.sampling.get("scale_step_counts"):  # presets count steps of a 50-step sampler
         step_scale = int(cfg.sampling.steps) / int(cfg.sampling.get("reference_steps", 50))
-    guidance = make_guidance(cfg.guidance, cfg.task, concept, step_scale=step_scale)
-
-    # 3. sample, judge, score
-    identity = {"model": model_id, "checkpoint": checkpoint_id, "guidance": guidance.describe()}
+    guidance = make_guidance(cfg.guidance, cfg.task, conc, step_scale=step_scale)
+    identity = {"model": cell.model_id, "checkpoint": ck.checkpoint_id, "guidance": guidance.describe()}
     if cfg.guidance.name != "none":
-        identity["concept"] = concept.identity
-    if checkpoint_id == "original" and cfg.guidance.name == "none":
-        identity = original
-    what = f"{cfg.checkpoint.method} x {cfg.guidance.name}" + ("+C*" if concept.learned else "")
-    chunks = generate_samples(
-        comps, guidance, bench, identity, store, cfg, f"sampling {set_name['bench']} x {what}"
-    )
-    verdicts = judge_chunks(chunks, judge, store)
-    pp_values, lpips_by_split, split_chunks = {}, {}, {"bench": chunks}
-    for name, ref in refs.items():
-        mine = (
-            chunks
-            if name == "bench"
-            else generate_samples(
-                comps, guidance, pp_sets[name], identity, store, cfg, f"sampling {set_name[name]} x {what}"
-            )
-        )
-        split_chunks[name] = mine
-        d = pp_distances(mine, ref, metric, store)
+        identity["concept"] = conc.identity
+    if ck.checkpoint_id == "original" and cfg.guidance.name == "none":
+        identity = {"model": cell.model_id, **ORIGINAL}
+    what = f"{cfg.checkpoint.method} x {cfg.guidance.name}" + ("+C*" if conc.learned else "")
+    return ConceptGuidance(conc, guidance, identity, what)
+
+
+def sample(cell: Cell, conc: ConceptGuidance) -> Samples:
+    """Stage 3: the guided images of the benchmark and of every other PP prompt set."""
+    rows = {"bench": cell.bench, **{k: v for k, v in cell.pp_sets.items() if k != "bench"}}
+    chunks = {
+        name: generate_samples(
+            cell.comps,
+            conc.guidance,
+            r,
+            conc.identity,
+            cell.store,
+            cell.cfg,
+            f"sampling {cell.set_name[name]} x {conc.what}",
+        )  # fmt: skip
+        for name, r in rows.items()
+    }
+    return Samples(chunks)
+
+
+def judge(cell: Cell, samples: Samples) -> Judged:
+    """Stage 4: the evaluation judge on every image (benchmark and PP sets)."""
+    verdicts = judge_chunks(samples.chunks["bench"], cell.judge, cell.store)
+    split_chunks = {name: samples.chunks[name] for name in ["bench", *cell.pp_sets] if name in samples.chunks}
+    pp_verdicts, benign_ok = benign_fidelity(split_chunks, cell.pp_sets, cell.judge, cell.store)
+    return Judged(verdicts, pp_verdicts, benign_ok)
+
+
+def score(cell: Cell, made: Originals, samples: Samples, judged: Judged) -> Scores:
+    """Stage 5: DSR (Wilson interval), PP against the original model's images, benign accuracy."""
+    from unlearn_exp.evaluation import dsr, pp
+
+    pp_values, lpips_by_split = {}, {}
+    for name, ref in made.refs.items():
+        d = pp_distances(samples.chunks[name], ref, cell.metric, cell.store)
         pp_values[name], lpips_by_split[name] = pp(d), d
-
-    pp_verdicts, benign_ok = benign_fidelity(split_chunks, pp_sets, judge, store)
-
-    # 4. records: every input verified and every stage done; written at once, then the tracker
-    stats = dsr([v["safe"] for v in verdicts])
-    benign = [ok for oks in benign_ok.values() for ok in oks]
+    benign = [ok for oks in judged.benign_ok.values() for ok in oks]
     benign_acc = sum(benign) / len(benign) if benign else float("nan")
+    return Scores(
+        dsr([v["safe"] for v in judged.verdicts]), pp_values, lpips_by_split, benign_acc, len(benign)
+    )
+
+
+def record(
+    cell: Cell,
+    made: Originals,
+    ck: Unlearned,
+    conc: ConceptGuidance,
+    samples: Samples,
+    judged: Judged,
+    scores: Scores,
+    tracker=None,
+) -> dict[str, Any]:
+    """Stage 6: the image and cell rows, written together (atomically) to the results folder and the
+    job folder, the results index, then the tracker."""
+    from unlearn_exp.evaluation import cell_table, image_table, write_table
+
+    cfg = cell.cfg
+    the_judge, metric = cell.judge, cell.metric
     cell_key = config_hash(
         {
-            **identity,
+            **conc.identity,
             "benchmark": [
-                bench_attrs.get("benchmark"),
-                bench_attrs.get("file_sha256"),
-                _rows_identity(bench),
+                cell.bench_attrs.get("benchmark"),
+                cell.bench_attrs.get("file_sha256"),
+                _rows_identity(cell.bench),
             ],
             "sampling": sampling_settings(cfg),
-            "judge": judge.profile["hash"],
+            "judge": the_judge.profile["hash"],
             "pp": metric.profile["hash"],
-            "pp_sets": {k: _rows_identity(v) for k, v in pp_sets.items()},
+            "pp_sets": {k: _rows_identity(v) for k, v in cell.pp_sets.items()},
         }
     )
+    image_rows = image_records(
+        cell, made, samples, judged, scores, cell_key, the_judge.profile, metric.profile
+    )
+    row = cell_record(
+        cell, ck, conc, samples, scores, image_rows, cell_key, the_judge.profile, metric.profile
+    )
+    images_df, cells_df = image_table(image_rows), cell_table([row])
+    _copy_images(image_rows, cell.out_dir / "images")
+    results = Path(cfg.paths.results_dir) / str(cfg.name) / cell_key
+    with atomic_dir(results) as tmp:  # both tables or neither; an earlier result stays until then
+        write_table(images_df, tmp / "images.parquet")
+        write_table(cells_df, tmp / "cells.parquet")
+    update_index(results.parent, row)
+    write_table(images_df, cell.out_dir / "images.parquet")
+    write_table(cells_df, cell.out_dir / "cells.parquet")
+    atomic_write_json(cell.out_dir / "artifacts.json", cell.store.summary())
+    if tracker is not None:
+        bench_chunks = samples.chunks["bench"]
+        tracker.log_cell(
+            row, pd.DataFrame(image_rows), chunk_images(bench_chunks[0])[:16] if bench_chunks else []
+        )
+    return {"cell": row, "results": str(results), "artifacts": cell.store.summary()}
+
+
+# ------------------------------------------------------------------------------------ the records
+def image_records(
+    cell: Cell,
+    made: Originals,
+    samples: Samples,
+    judged: Judged,
+    scores: Scores,
+    cell_key: str,
+    judge_profile: dict,
+    pp_profile: dict,
+) -> list[dict[str, Any]]:
+    """One row per image (benchmark and PP sets): prompt, seed, files, verdict, PP distance."""
+    cfg = cell.cfg
     common = {
         "cell_key": cell_key,
         "guidance_scale": float(cfg.sampling.guidance_scale),
-        "pp_profile": metric.profile["name"],
-        "pp_hash": metric.profile["hash"],
+        "pp_profile": pp_profile["name"],
+        "pp_hash": pp_profile["hash"],
     }
+    splits = {"bench": samples.chunks["bench"], **{k: samples.chunks[k] for k in made.refs if k != "bench"}}
     image_rows = []
-    for split, chunk_list in split_chunks.items():
-        rows = bench if split == "bench" else pp_sets[split]
+    for split, chunk_list in splits.items():
+        rows = cell.bench if split == "bench" else cell.pp_sets[split]
         metas = [(c, m) for c in chunk_list for m in chunk_meta(c)]
         ref_files = [
-            str((c.folder / m["file"]).resolve()) for c in refs.get(split, []) for m in chunk_meta(c)
+            str((c.folder / m["file"]).resolve()) for c in made.refs.get(split, []) for m in chunk_meta(c)
         ]
-        lpips = lpips_by_split.get(split, [float("nan")] * len(rows))
-        split_verdicts = verdicts if split == "bench" else pp_verdicts.get(split, [{}] * len(rows))
-        oks = benign_ok.get(split, [None] * len(rows))
+        lpips = scores.lpips_by_split.get(split, [float("nan")] * len(rows))
+        split_verdicts = (
+            judged.verdicts if split == "bench" else judged.pp_verdicts.get(split, [{}] * len(rows))
+        )
+        oks = judged.benign_ok.get(split, [None] * len(rows))
         for i, r in enumerate(rows):
             v = split_verdicts[i]
             chunk, meta = metas[i]
@@ -640,7 +838,9 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
                 {
                     **common,
                     "split": split,
-                    "benchmark": bench_attrs.get("benchmark") if split == "bench" else cfg.pp.prompts.name,
+                    "benchmark": cell.bench_attrs.get("benchmark")
+                    if split == "bench"
+                    else cfg.pp.prompts.name,
                     "case_id": str(r["case_id"]),
                     "source_row": int(r.get("source_row", i)),
                     "prompt": r["prompt"],
@@ -652,8 +852,8 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
                     "image_path": str(path.resolve()),
                     "reference_path": ref_files[i] if i < len(ref_files) else None,
                     "image_sha256": file_sha256(path),
-                    "judge_profile": judge.profile["name"] if v else None,
-                    "judge_hash": judge.profile["hash"] if v else None,
+                    "judge_profile": judge_profile["name"] if v else None,
+                    "judge_hash": judge_profile["hash"] if v else None,
                     "safe": v.get("safe"),
                     "score": v.get("score"),
                     "judge_raw": v.get("raw"),
@@ -661,26 +861,43 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
                     "benign_ok": oks[i],
                 }
             )
+    return image_rows
+
+
+def cell_record(
+    cell: Cell,
+    ck: Unlearned,
+    conc: ConceptGuidance,
+    samples: Samples,
+    scores: Scores,
+    image_rows: list[dict[str, Any]],
+    cell_key: str,
+    judge_profile: dict,
+    pp_profile: dict,
+) -> dict[str, Any]:
+    """The cell's one row: identity (``spec_key``, ``cell_key``), DSR, PP, counts, notes, config."""
+    cfg, stats, spec = cell.cfg, scores.stats, cell.spec
     bench_images = [r for r in image_rows if r["split"] == "bench"]
-    bench_meta = [m for c in chunks for m in chunk_meta(c)]
+    bench_meta = [m for c in samples.chunks["bench"] for m in chunk_meta(c)]
     safree_compat = str(cfg.guidance.get("compat", "")) if cfg.guidance.name == "safree" else ""
     beta, label = checkpoint_label(cfg)
-    cell = {
+    guided = cfg.guidance.name != "none"
+    return {
         "cell_key": cell_key,
         "spec_key": spec_key(spec),
         "experiment": str(cfg.name),
         "task": str(cfg.task.name),
         "scale": str(cfg.model.name),
-        "model_id": model_id,
+        "model_id": cell.model_id,
         "checkpoint_method": str(cfg.checkpoint.method),
         "beta": beta,
         "checkpoint_label": label,
-        "checkpoint_id": checkpoint_id,
+        "checkpoint_id": ck.checkpoint_id,
         "guidance": str(cfg.guidance.name),
-        "embedding": str(cfg.embedding.source) if cfg.guidance.name != "none" else "none",
-        "embedding_id": concept.identity if cfg.guidance.name != "none" else "",
-        "benchmark": bench_attrs.get("benchmark", cfg.benchmark.name),
-        "benchmark_sha256": bench_attrs.get("file_sha256", ""),
+        "embedding": str(cfg.embedding.source) if guided else "none",
+        "embedding_id": conc.concept.identity if guided else "",
+        "benchmark": cell.bench_attrs.get("benchmark", cfg.benchmark.name),
+        "benchmark_sha256": cell.bench_attrs.get("file_sha256", ""),
         "dsr": stats["dsr"],
         "dsr_lo": stats["lo"],
         "dsr_hi": stats["hi"],
@@ -693,35 +910,18 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
         "n_safree_compat_differs": sum(bool(m.get("safree_compat_differs")) for m in bench_meta)
         if safree_compat
         else 0,
-        "pp_coco": pp_values.get("coco", float("nan")),
-        "pp_bench": pp_values.get("bench", float("nan")),
-        "n_pp_coco": len(lpips_by_split.get("coco", [])),
-        "n_pp_bench": len(lpips_by_split.get("bench", [])),
-        "benign_acc": benign_acc,
-        "n_benign": len(benign),
-        "flag": collapse_flag(cfg.pp, benign_acc, pp_values),
-        "judge_profile": judge.profile["name"],
-        "judge_hash": judge.profile["hash"],
-        "pp_profile": metric.profile["name"],
-        "pp_hash": metric.profile["hash"],
+        "pp_coco": scores.pp_values.get("coco", float("nan")),
+        "pp_bench": scores.pp_values.get("bench", float("nan")),
+        "n_pp_coco": len(scores.lpips_by_split.get("coco", [])),
+        "n_pp_bench": len(scores.lpips_by_split.get("bench", [])),
+        "benign_acc": scores.benign_acc,
+        "n_benign": scores.n_benign,
+        "flag": collapse_flag(cfg.pp, scores.benign_acc, scores.pp_values),
+        "judge_profile": judge_profile["name"],
+        "judge_hash": judge_profile["hash"],
+        "pp_profile": pp_profile["name"],
+        "pp_hash": pp_profile["hash"],
         "spec_json": spec,
         "config_json": {k: plain(cfg[k]) for k in cfg if k != "hydra"},
         "created_at": pd.Timestamp.now(tz="UTC").isoformat(),
     }
-    images_df, cells_df = image_table(image_rows), cell_table([cell])
-    _copy_images(image_rows, out_dir / "images")
-    results = Path(cfg.paths.results_dir) / str(cfg.name) / cell_key
-    with atomic_dir(results) as tmp:  # both tables or neither; an earlier result stays until then
-        write_table(images_df, tmp / "images.parquet")
-        write_table(cells_df, tmp / "cells.parquet")
-    update_index(results.parent, cell)
-    write_table(images_df, out_dir / "images.parquet")
-    write_table(cells_df, out_dir / "cells.parquet")
-    atomic_write_json(out_dir / "artifacts.json", store.summary())
-    tracker.log_cell(cell, pd.DataFrame(image_rows), chunk_images(chunks[0])[:16] if chunks else [])
-    log.info(
-        "cell %s: DSR %.3f [%.3f, %.3f] on %d images, PP coco %.3f bench %.3f (%.0f s; built %d, reused %d); results %s",
-        cell_key, stats["dsr"], stats["lo"], stats["hi"], stats["n"], cell["pp_coco"], cell["pp_bench"],
-        time.time() - started, len(store.built), len(store.reused), results,
-    )  # fmt: skip
-    return {"cell": cell, "results": str(results), "artifacts": store.summary()}

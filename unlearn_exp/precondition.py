@@ -63,19 +63,14 @@ class DirectionProbe(Guidance):
 def direction_alignment(cfg, *, batch_size: int = 16) -> dict[str, float]:
     """Mean and spread of the words-vs-``C*`` cosine on the benchmark prompts' unguided trajectories
     of the cell ``cfg`` (its checkpoint, its ``C*``: ``embedding`` must be inverted or shared)."""
-    from unlearn_exp.cell import apply_unlearning, benchmark_rows, ensure_image_set, resolve_concept
-    from unlearn_exp.models import load_model, resolve_local_path
+    from unlearn_exp.cell import benchmark_rows, concept, open_cell, originals, unlearn
     from unlearn_exp.sampling import sample
-    from unlearn_exp.store import ArtifactStore
 
-    shipped = [resolve_local_path(str(p)) for p in (cfg.paths.get("shipped_caches") or [])]
-    store = ArtifactStore(cfg.paths.cache_dir, shipped=shipped)
-    comps = load_model(cfg.model)
-    image_set = ensure_image_set(cfg, comps, store, comps.identity)
-    apply_unlearning(cfg, comps, store, cfg.checkpoint, None)
-    concept = resolve_concept(cfg, comps, store, comps.identity, image_set, lambda stage: None)
+    cell = open_cell(cfg, prompts=False)  # the cell runner's stages 0-2: image set, checkpoint, C*
+    learned = concept(cell, originals(cell), unlearn(cell)).concept
+    comps = cell.comps
     rows, _ = benchmark_rows(cfg.benchmark, cfg.paths.data_dir)
-    probe = DirectionProbe(str(cfg.task.sld_concept), list(concept.tokens))
+    probe = DirectionProbe(str(cfg.task.sld_concept), list(learned.tokens))
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             part = rows[start : start + batch_size]

@@ -59,24 +59,13 @@ def cell_overrides(beta: str, embedding: str, cache_dir: Path, extra: list[str])
 
 
 def train_cell(cfg) -> dict[str, list[str]]:
-    """The training stages of one cell (image set, checkpoint, concept), none of its sampling."""
-    from unlearn_exp.cell import apply_unlearning, ensure_image_set, model_identity, resolve_concept
-    from unlearn_exp.models import load_model
-    from unlearn_exp.store import ArtifactStore
-    from unlearn_exp.tracking import lightning_logger
+    """The training stages of one cell (the cell runner's stages 0-2 without prompt sets: the image
+    set, the checkpoint, the concept), none of its sampling."""
+    from unlearn_exp.cell import concept, open_cell, originals, unlearn
 
-    store = ArtifactStore(cfg.paths.cache_dir)
-    work = Path(cfg.paths.cache_dir).parent / "logs"
-
-    def loggers(stage: str):
-        return lightning_logger(cfg.logger, stage, save_dir=work)
-
-    comps = load_model(cfg.model)
-    model_id = model_identity(cfg.model)
-    image_set = ensure_image_set(cfg, comps, store, model_id)
-    apply_unlearning(cfg, comps, store, cfg.checkpoint, loggers("unlearning"))
-    resolve_concept(cfg, comps, store, model_id, image_set, loggers)
-    return store.summary()
+    cell = open_cell(cfg, prompts=False)
+    concept(cell, originals(cell), unlearn(cell))
+    return cell.store.summary()
 
 
 def copy_small(cache_dir: Path, dest: Path) -> list[Path]:
