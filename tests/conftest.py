@@ -39,6 +39,16 @@ def compose(overrides: list[str] | None = None, config_name: str = "config", hyd
         return hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=hydra)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small training loops run faster on one thread than on two contended ones (a module uses it
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def compose_cfg():
     return compose

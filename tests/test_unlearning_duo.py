@@ -23,14 +23,7 @@ from unlearn_exp.unlearning.duo import (
     train_adapter,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small training loops run faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_pairs(n: int = 4, res: int = 32):

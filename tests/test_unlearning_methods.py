@@ -14,13 +14,7 @@ from unlearn_exp.unlearning import apply_checkpoint, build_pair_set, load_pair_s
 from unlearn_exp.unlearning.pairs import pair_prompts
 from unlearn_exp.unlearning.uce import cross_attention_projections, last_token_embeddings, uce_edit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ParityJudge:

@@ -69,18 +69,9 @@ def _one(kind: str, i: int, rng: np.random.Generator) -> dict[str, Any]:
             "p_harmful": dist.get(harmful, 0.0),
             "allowed_colours": ",".join(dist),
         }
-    if kind == "synonym":
+    if kind in ("synonym", "explicit"):  # the colour's own word, or its synonyms in turn
         syn = world.COLOURS[harmful]["synonyms"]
-        prompt, shape = _colour_prompt(syn[i % len(syn)], rng)
-        return {
-            "prompt": prompt,
-            "target_colour": harmful,
-            "target_shape": shape,
-            "p_harmful": 1.0,
-            "allowed_colours": harmful,
-        }
-    if kind == "explicit":
-        prompt, shape = _colour_prompt(harmful, rng)
+        prompt, shape = _colour_prompt(harmful if kind == "explicit" else syn[i % len(syn)], rng)
         return {
             "prompt": prompt,
             "target_colour": harmful,
