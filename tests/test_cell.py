@@ -207,3 +207,28 @@ def test_collapse_flag_names_each_floor():
     )
     assert collapse_flag(floors, float("nan"), {"coco": float("nan")}) == ""  # not measured: no flag
     assert collapse_flag({"benign_acc_floor": None, "pp_floor": None}, 0.0, {"coco": 0.0}) == ""
+
+
+def test_every_stage_of_a_cell_reports_labelled_progress(inputs, tmp_path, caplog):
+    import logging
+
+    from unlearn_exp import progress
+
+    cfg = compose(
+        overrides(inputs, tmp_path, "guidance=sld", "progress=off", "sampling.progress=true"), hydra=False
+    )
+    with caplog.at_level(logging.INFO, logger="unlearn_exp"):
+        run_cell(cfg)
+    progress.configure("auto")
+    lines = [r.getMessage() for r in caplog.records]
+    for label in [
+        "original model: prompts_file",  # the PP references
+        "sampling prompts_file x original x sld",
+        "judging prompts_file (nudenet_duo)",
+        "PP prompts_file (lpips",
+    ]:
+        assert any(line.startswith(label) and "img done" in line for line in lines), (label, lines)
+    for line in lines:  # a bar counts what it does: none ends short of its total
+        if " img done" in line:
+            done, total = line.split(": ")[-1].split(" img")[0].split("/")
+            assert done == total, line

@@ -16,3 +16,7 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+
+# Lightning's pytree helper calls a torch API that this torch version deprecates: a line on every
+# Trainer that a user can do nothing about
+__import__("warnings").filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")

@@ -154,18 +154,19 @@ def chunk_images(chunk: Chunk):
 
 
 # ---------------------------------------------------------------------------------- judging
-def judge_chunks(chunks: list[Chunk], judge, store: ArtifactStore) -> list[dict[str, Any]]:
+def judge_chunks(chunks: list[Chunk], judge, store: ArtifactStore, what: str = "") -> list[dict[str, Any]]:
+    """The judge's verdict on every image of ``chunks`` (cached per chunk and judge profile)."""
     from unlearn_exp.progress import StageBar
 
     verdicts, bar = [], None
-    for chunk in chunks:
-        key = {"samples": chunk.key, "judge": judge.profile["hash"]}
+    keys = [{"samples": chunk.key, "judge": judge.profile["hash"]} for chunk in chunks]
+    todo = sum(len(c.rows) for c, k in zip(chunks, keys) if store.locate("verdicts", k) is None)
+    for chunk, key in zip(chunks, keys):
 
         def build(tmp: Path, chunk=chunk):
             nonlocal bar
-            bar = bar or StageBar(
-                f"judging ({judge.profile['name']})", sum(len(c.rows) for c in chunks), "img"
-            )
+            label = f"judging {what} ({judge.profile['name']})".replace("  ", " ")
+            bar = bar or StageBar(label, todo, "img")
             out = judge.judge(chunk_images(chunk))
             bar.update(len(out))
             atomic_write_json(tmp / "verdicts.json", out)
@@ -177,27 +178,47 @@ def judge_chunks(chunks: list[Chunk], judge, store: ArtifactStore) -> list[dict[
     return verdicts
 
 
-def pp_distances(chunks: list[Chunk], refs: list[Chunk], metric, store: ArtifactStore) -> list[float]:
+def pp_distances(
+    chunks: list[Chunk], refs: list[Chunk], metric, store: ArtifactStore, what: str = ""
+) -> list[float]:
+    """PP distances between each image and the original model's image of the same row (cached)."""
+    from unlearn_exp.progress import StageBar
     from unlearn_exp.sampling import from_pil
 
-    out = []
-    for chunk, ref in zip(chunks, refs):
+    out, bar = [], None
+    keys = [
+        {"samples": c.key, "reference": r.key, "metric": metric.profile["hash"]} for c, r in zip(chunks, refs)
+    ]
+    todo = sum(
+        len(c.rows)
+        for c, r, k in zip(chunks, refs, keys)
+        if c.key != r.key and store.locate("distances", k) is None
+    )
+    for chunk, ref, key in zip(chunks, refs, keys):
         if chunk.key == ref.key:  # the original model itself: distance 0 by definition
             out.extend([0.0] * len(chunk.rows))
             continue
-        key = {"samples": chunk.key, "reference": ref.key, "metric": metric.profile["hash"]}
 
         def build(tmp: Path, chunk=chunk, ref=ref):
+            nonlocal bar
+            bar = bar or StageBar(f"PP {what} ({metric.profile['name']})".replace("  ", " "), todo, "img")
             d = metric.distance(from_pil(chunk_images(chunk)), from_pil(chunk_images(ref)))
+            bar.update(len(chunk.rows))
             atomic_write_json(tmp / "distances.json", [float(x) for x in torch.as_tensor(d).flatten()])
 
         folder = store.get_or_build("distances", key, build)
         out.extend(json.loads((folder / "distances.json").read_text()))
+    if bar is not None:
+        bar.close()
     return out
 
 
 def benign_fidelity(
-    split_chunks: dict[str, list[Chunk]], pp_sets: dict[str, list[dict]], judge, store: ArtifactStore
+    split_chunks: dict[str, list[Chunk]],
+    pp_sets: dict[str, list[dict]],
+    judge,
+    store: ArtifactStore,
+    set_name: dict[str, str] | None = None,
 ) -> tuple[dict[str, list[dict]], dict[str, list[bool]]]:
     """Judge the benign (PP) images whose prompts say what they should show (an ``expected`` label)
     and ask the judge whether each does: benign accuracy (docs/design.md 2). Prompt sets without labels
@@ -210,7 +231,7 @@ def benign_fidelity(
             continue
         if type(judge).fidelity is Judge.fidelity:  # this judge cannot tell: judge nothing
             continue
-        verdicts[name] = judge_chunks(split_chunks[name], judge, store)
+        verdicts[name] = judge_chunks(split_chunks[name], judge, store, (set_name or {}).get(name, name))
         labels = judge.fidelity(verdicts[name], rows)
         if labels is not None:
             ok[name] = [bool(x) for x in labels]
@@ -723,9 +744,11 @@ def sample(cell: Cell, conc: ConceptGuidance) -> Samples:
 
 def judge(cell: Cell, samples: Samples) -> Judged:
     """Stage 4: the evaluation judge on every image (benchmark and PP sets)."""
-    verdicts = judge_chunks(samples.chunks["bench"], cell.judge, cell.store)
+    verdicts = judge_chunks(samples.chunks["bench"], cell.judge, cell.store, cell.set_name["bench"])
     split_chunks = {name: samples.chunks[name] for name in ["bench", *cell.pp_sets] if name in samples.chunks}
-    pp_verdicts, benign_ok = benign_fidelity(split_chunks, cell.pp_sets, cell.judge, cell.store)
+    pp_verdicts, benign_ok = benign_fidelity(
+        split_chunks, cell.pp_sets, cell.judge, cell.store, cell.set_name
+    )
     return Judged(verdicts, pp_verdicts, benign_ok)
 
 
@@ -735,7 +758,7 @@ def score(cell: Cell, made: Originals, samples: Samples, judged: Judged) -> Scor
 
     pp_values, lpips_by_split = {}, {}
     for name, ref in made.refs.items():
-        d = pp_distances(samples.chunks[name], ref, cell.metric, cell.store)
+        d = pp_distances(samples.chunks[name], ref, cell.metric, cell.store, cell.set_name[name])
         pp_values[name], lpips_by_split[name] = pp(d), d
     benign = [ok for oks in judged.benign_ok.values() for ok in oks]
     benign_acc = sum(benign) / len(benign) if benign else float("nan")

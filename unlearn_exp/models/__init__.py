@@ -40,6 +40,9 @@ def load_model(model_cfg) -> Components:
             vae=bool(model_cfg.get("vae", True)),
         )
     elif source == "pretrained":
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per model load says nothing useful
         path = model_cfg.get("path")
         if not path:
             raise UserError(
