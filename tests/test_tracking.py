@@ -203,6 +203,8 @@ def test_lightning_logger_offline_loss_curve(tmp_path: Path):
         def training_step(self, batch, _):
             loss = ((self.w - 1.0) ** 2).sum()
             self.log("loss", loss)
+            self.log("duo/loss", loss)
+            self.log("duo/step", float(self.global_step))
             return loss
 
         def configure_optimizers(self):
@@ -220,12 +222,18 @@ def test_lightning_logger_offline_loss_curve(tmp_path: Path):
         enable_model_summary=False,
         accelerator="cpu",
     )
+    from unlearn_exp.training import define_stage_axis
+
+    define_stage_axis(lg, "duo")
     trainer.fit(Fit(), data)
     lg.experiment.finish()
     run = tracking.read_offline_run(tracking.find_offline_runs(tmp_path)[0], wait_s=15)
     losses = [h["loss"] for h in run["history"] if "loss" in h]
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert "stage=duo" in run["tags"]
+    # the stage's losses are plotted against its own step
+    assert run["step_metrics"].get("duo/*") == "duo/step"
+    assert [h["duo/step"] for h in run["history"] if "duo/loss" in h] == [0, 1, 2, 3, 4, 5]
 
     csv = tracking.lightning_logger({"name": "none"}, "inversion", tmp_path / "csv")
     assert type(csv).__name__ == "CSVLogger"

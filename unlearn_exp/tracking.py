@@ -423,7 +423,8 @@ def _read_offline_run(run_dir: Path) -> dict[str, Any]:
     files = sorted(run_dir.glob("run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"no run-*.wandb file in '{run_dir}'")
-    out: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "tags": [], "exit_code": None}
+    out: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "tags": [], "exit_code": None,
+                           "step_metrics": {}}  # fmt: skip
     for raw in _records(files[0]):
         rec = pb.Record()
         rec.ParseFromString(raw)
@@ -446,6 +447,8 @@ def _read_offline_run(run_dir: Path) -> dict[str, Any]:
         elif kind == "summary":
             for keys, v in _items(rec.summary.update):
                 _set(out["summary"], keys, v)
+        elif kind == "metric" and rec.metric.step_metric:  # define_metric(name, step_metric=...)
+            out["step_metrics"][rec.metric.glob_name or rec.metric.name] = rec.metric.step_metric
         elif kind == "exit":
             out["exit_code"] = rec.exit.exit_code
     out["config"].pop("_wandb", None)

@@ -65,6 +65,22 @@ def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
     )
 
 
+def define_stage_axis(logger, prefix: str | None) -> None:
+    """On a W&B logger, plot ``<prefix>/*`` against the stage's own step ``<prefix>/step`` (which the
+    module logs), so the stages of one run (DUO, then inversion) each start at step 0."""
+    experiment = getattr(logger, "experiment", None) if prefix else None
+    define = getattr(experiment, "define_metric", None)
+    if define is None or type(logger).__name__ != "WandbLogger":
+        return
+    try:
+        define(f"{prefix}/step")
+        define(f"{prefix}/*", step_metric=f"{prefix}/step")
+    except Exception as e:  # a tracking problem never stops training
+        import logging
+
+        logging.getLogger("unlearn_exp").warning("W&B step axis for %s/* not set (%s)", prefix, e)
+
+
 def fit(
     module: L.LightningModule,
     *,
@@ -89,6 +105,7 @@ def fit(
     loggers: list = [CSVLogger(str(work_dir), name="logs", version=0)]
     if logger is not None:
         loggers.append(logger)
+        define_stage_axis(logger, getattr(module, "metric_prefix", None))
     ckpt = ModelCheckpoint(
         dirpath=str(ckpt_dir),
         every_n_train_steps=max(1, int(checkpoint_every)),

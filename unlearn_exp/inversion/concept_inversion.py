@@ -42,6 +42,7 @@ from unlearn_exp.inversion.textual_inversion import (
 )
 from unlearn_exp.models.components import Components
 from unlearn_exp.store import atomic_file, atomic_write_json, config_hash
+from unlearn_exp.training import define_stage_axis
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +288,7 @@ class ConceptInversion(L.LightningModule):
         self.last_good_step = step
         self.loss_history.append(value)
         self.log("inversion/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+        self.log("inversion/step", float(step), on_step=True, on_epoch=False, batch_size=1)
         return loss
 
     def configure_optimizers(self):
@@ -408,6 +410,8 @@ def invert(
     last = ckpt_dir / LAST_CKPT
     if last.is_file():
         log.info("concept inversion: resuming from %s", last)
+    if logger is not None:
+        define_stage_axis(logger, "inversion")
     trainer = L.Trainer(
         max_steps=s.steps,
         accelerator="auto",

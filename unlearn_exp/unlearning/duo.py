@@ -157,6 +157,8 @@ def save_lora(unet, adapter_name: str, folder: Path) -> Path:
 class DUO(TrainedOnly, L.LightningModule):
     """DUO training on one pair set (docs/methods.md 5.3); the UNet must already carry the LoRA adapter."""
 
+    metric_prefix = "duo"
+
     def __init__(
         self,
         comps: Components,
@@ -246,6 +248,7 @@ class DUO(TrainedOnly, L.LightningModule):
         g = step_generator(self.seed, step)
         out = self.losses(self.pair_indices(step), g)
         self.log_dict({f"duo/{k}": v.detach() for k, v in out.items()}, on_step=True, prog_bar=False)
+        self.log("duo/step", float(step), on_step=True)  # the stage's own x-axis (training.define_stage_axis)
         return out["loss"]
 
     def configure_optimizers(self):

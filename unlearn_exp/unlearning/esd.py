@@ -61,6 +61,8 @@ def esd_parameter_names(unet, variant: str) -> list[str]:
 class ESD(TrainedOnly, L.LightningModule):
     """ESD fine-tuning of a parameter subset of ``comps.unet`` (docs/methods.md 8.1)."""
 
+    metric_prefix = "esd"
+
     def __init__(
         self,
         comps: Components,
@@ -144,6 +146,7 @@ class ESD(TrainedOnly, L.LightningModule):
         x_t, t = self.draw(step_generator(self.seed, int(self.global_step)))
         loss = self.loss_at(x_t, t)
         self.log("esd/loss", loss.detach(), on_step=True)
+        self.log("esd/step", float(self.global_step), on_step=True)
         return loss
 
     def configure_optimizers(self):
