@@ -81,7 +81,8 @@ def test_cell_writes_records_and_a_rerun_builds_nothing(inputs, tmp_path):
     pngs = sorted(p.name for p in run_dir.rglob("bench/*.png"))
     assert pngs == sorted(f"{i}_0.png" for i in range(len(PROMPTS)))  # named by case id and image index
 
-    again = run_cell(compose(overrides(inputs, tmp_path, "guidance=sld", "guidance.preset=max"), hydra=False))
+    rerun = overrides(inputs, tmp_path, "guidance=sld", "guidance.preset=max", "reuse_results=false")
+    again = run_cell(compose(rerun, hydra=False))  # through the store, not the recorded result
     assert again["artifacts"]["built"] == []
     assert read_table(Path(again["results"]) / "cells.parquet").iloc[0].dsr == row.dsr
 
@@ -89,7 +90,7 @@ def test_cell_writes_records_and_a_rerun_builds_nothing(inputs, tmp_path):
 def test_guidance_none_ignores_the_embedding_axis(inputs, tmp_path):
     run_cell(compose(overrides(inputs, tmp_path, "guidance=none", "embedding=explicit"), hydra=False))
     second = run_cell(
-        compose(overrides(inputs, tmp_path, "guidance=none", "embedding=inverted"), hydra=False)
+        compose(overrides(inputs, tmp_path, "guidance=none", "embedding=inverted", "reuse_results=false"), hydra=False)
     )
     assert second["artifacts"]["built"] == []
     cell = read_table(Path(second["results"]) / "cells.parquet").iloc[0]
@@ -232,3 +233,32 @@ def test_every_stage_of_a_cell_reports_labelled_progress(inputs, tmp_path, caplo
         if " img done" in line:
             done, total = line.split(": ")[-1].split(" img")[0].split("/")
             assert done == total, line
+
+
+def test_a_recorded_cell_is_returned_without_loading_anything(inputs, tmp_path, monkeypatch):
+    import unlearn_exp.cell as cell_mod
+
+    first = run_cell(compose(overrides(inputs, tmp_path, "guidance=sld"), hydra=False))
+    assert not first.get("reused_result") and set(first["timings"]) == {
+        "load", "originals", "unlearn", "concept", "sample", "judge", "score", "record"
+    }  # fmt: skip
+
+    def no_model(*a, **k):
+        raise AssertionError("a recorded cell must not load the model")
+
+    monkeypatch.setattr(cell_mod, "load_model", no_model)
+    again = run_cell(compose(overrides(inputs, tmp_path, "guidance=sld"), hydra=False))
+    assert again["reused_result"] and again["results"] == first["results"]
+    assert (
+        again["cell"]["dsr"] == first["cell"]["dsr"]
+        and again["cell"]["spec_key"] == first["cell"]["spec_key"]
+    )
+    # another cell (other guidance), or reuse switched off, is computed
+    with pytest.raises(AssertionError, match="must not load"):
+        run_cell(compose(overrides(inputs, tmp_path, "guidance=none"), hydra=False))
+    with pytest.raises(AssertionError, match="must not load"):
+        run_cell(compose(overrides(inputs, tmp_path, "guidance=sld", "reuse_results=false"), hydra=False))
+    # a broken table is not a result
+    (Path(first["results"]) / "images.parquet").unlink()
+    with pytest.raises(AssertionError, match="must not load"):
+        run_cell(compose(overrides(inputs, tmp_path, "guidance=sld"), hydra=False))

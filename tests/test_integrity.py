@@ -75,7 +75,7 @@ def test_same_cell_from_another_folder_with_moved_weights_builds_nothing(first_r
     moved = tmp_path / "weights"
     shutil.copytree(TOY_WEIGHTS, moved)
     monkeypatch.chdir(tmp_path)  # another working directory, as a second clone would be
-    again = toy_cell(first_run["root"], f"model.path={moved}")
+    again = toy_cell(first_run["root"], f"model.path={moved}", "reuse_results=false")
     assert again["artifacts"]["built"] == []
     assert again["cell"]["spec_key"] == first_run["out"]["cell"]["spec_key"]
     assert again["cell"]["cell_key"] == first_run["out"]["cell"]["cell_key"]
@@ -114,7 +114,7 @@ def test_truncated_cached_png_is_quarantined_and_rebuilt(first_run):
     before = read_table(Path(first_run["out"]["results"]) / "images.parquet")
     png = _png_chunks(cache)[0]
     png.write_bytes(png.read_bytes()[:20])  # truncated
-    again = toy_cell(root)
+    again = toy_cell(root, "reuse_results=false")
     assert again["artifacts"]["quarantined"] and again["artifacts"]["built"]
     assert list((cache / "quarantine").iterdir())
     after = read_table(Path(again["results"]) / "images.parquet")
@@ -199,7 +199,7 @@ def test_a_failed_run_never_replaces_earlier_results(first_run, monkeypatch):
 
     monkeypatch.setattr(cell_module, "collapse_flag", broken)  # fails after sampling and judging
     with pytest.raises(RuntimeError):
-        toy_cell(first_run["root"])
+        toy_cell(first_run["root"], "reuse_results=false")
     assert (results / "cells.parquet").read_bytes() == before
     assert not list(results.parent.glob(".*.tmp"))
 

@@ -517,6 +517,10 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     from unlearn_exp import progress
 
     progress.configure(cfg.get("progress", "auto"))
+    if cfg.get("reuse_results"):
+        done = recorded_result(cfg)
+        if done is not None:
+            return done
     tracker = Tracker.from_cfg(cfg)
     tracker.start(cfg)
     exit_code = 1
@@ -528,17 +532,57 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         tracker.finish(exit_code=exit_code)
 
 
+def recorded_result(cfg: DictConfig) -> dict[str, Any] | None:
+    """The result already recorded for exactly this cell (``reuse_results``): the row under
+    ``<results>/<experiment>/`` whose ``spec_key`` is this config's, with the same checkpoint label,
+    and both tables present. Nothing is loaded. None where there is none, or where the model's
+    weights are not here (its content cannot be checked)."""
+    from unlearn_exp.evaluation import read_table
+
+    spec = cell_spec(cfg)
+    if spec["model"]["content"] is None:
+        return None
+    key, label = spec_key(spec), checkpoint_label(cfg)[1]
+    folder = Path(cfg.paths.results_dir) / str(cfg.name)
+    index = folder / "index.csv"
+    if not index.is_file():
+        return None
+    for cell_key in pd.read_csv(index, dtype=str).query("spec_key == @key")["cell_key"]:
+        results = folder / str(cell_key)
+        if not ((results / "cells.parquet").is_file() and (results / "images.parquet").is_file()):
+            continue
+        try:
+            row = read_table(results / "cells.parquet").iloc[0].to_dict()
+        except Exception:  # an unreadable table is not a result: compute the cell again
+            continue
+        if row.get("spec_key") == key and row.get("checkpoint_label") == label:
+            log.info("cell %s: already recorded (same spec_key %s), DSR %.3f; results %s", cell_key, key,
+                     row["dsr"], results)  # fmt: skip
+            return {"cell": row, "results": str(results), "artifacts": {"built": [], "reused": []},
+                    "reused_result": True, "timings": {}}  # fmt: skip
+    return None
+
+
 def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
     """The named stages in order; each reads and writes the store, so any of them resumes."""
     started = time.time()
-    cell = open_cell(cfg)
-    made = originals(cell)
-    ck = unlearn(cell)
-    conc = concept(cell, made, ck)
-    samples = sample(cell, conc)
-    judged = judge(cell, samples)
-    scores = score(cell, made, samples, judged)
-    result = record(cell, made, ck, conc, samples, judged, scores, tracker)
+    timings: dict[str, float] = {}
+
+    def timed(stage: str, fn, *args):
+        t = time.time()
+        out = fn(*args)
+        timings[stage] = time.time() - t
+        return out
+
+    cell = timed("load", open_cell, cfg)
+    made = timed("originals", originals, cell)
+    ck = timed("unlearn", unlearn, cell)
+    conc = timed("concept", concept, cell, made, ck)
+    samples = timed("sample", sample, cell, conc)
+    judged = timed("judge", judge, cell, samples)
+    scores = timed("score", score, cell, made, samples, judged)
+    result = timed("record", record, cell, made, ck, conc, samples, judged, scores, tracker)
+    result["timings"] = timings
     row = result["cell"]
     log.info(
         "cell %s: DSR %.3f [%.3f, %.3f] on %d images, PP coco %.3f bench %.3f (%.0f s; built %d, reused %d); results %s",

@@ -64,10 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         cells = grid(base)
         print(f"toy grid: {len(cells)} cells ({EXPERIMENT}); artifacts are cached, so a second run is fast")
-        rows = []
+        rows, stage_s, reused = [], {}, 0
         for i, cell in enumerate(cells, 1):
             t = time.time()
             out = run_cell(_compose([*base, *cell, "sampling.progress=false"]))
+            reused += bool(out.get("reused_result"))
+            for stage, s in out.get("timings", {}).items():
+                stage_s[stage] = stage_s.get(stage, 0.0) + s
             c = {**out["cell"], "_source": str(Path(out["results"]) / "cells.parquet")}
             built = len(out["artifacts"]["built"])
             elapsed = time.time() - start
@@ -83,13 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         written = write_report(df, "toy", "reports", files=[Path(p) for p in df["_source"]], extra=extra)
         from unlearn_exp import precondition
 
+        t = time.time()
         pre = precondition.run(base, "reports")
+        stage_s["precondition"] = time.time() - t
         for name, table in tables.items():
             if name.startswith(("long", "transfer")):
                 print(f"\n{to_markdown(table)}")
         print(f"\n{precondition.to_markdown(pre)}")
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in stage_s.items())
         print(
-            f"\n{len(cells)} cells in {time.time() - start:.0f} s; tables and plots: {Path(written[0]).parent}"
+            f"\n{len(cells)} cells in {time.time() - start:.0f} s ({reused} recorded results reused; {stages}); "
+            f"tables and plots: {Path(written[0]).parent}"
         )
         return 0
 

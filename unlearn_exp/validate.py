@@ -198,6 +198,10 @@ def validate(cfg) -> None:
         lambda: c.number("inversion.steps", plain.get("inversion", {}).get("steps"), lo=1, integer=True),
         lambda: c.number("inversion.lr", plain.get("inversion", {}).get("lr"), lo=0, strict=True),
     ]  # fmt: skip
+    if not isinstance(plain.get("reuse_results", True), bool):
+        checks.append(
+            lambda: c.fail(f"reuse_results must be true or false, got '{plain.get('reuse_results')}'")
+        )
     if checkpoint.get("method") == "duo" or checkpoint.get("beta") is not None:
         checks.append(lambda: c.number("checkpoint.beta", checkpoint.get("beta"), lo=0, strict=True))
     if checkpoint.get("method") == "duo":
