@@ -90,7 +90,10 @@ def test_cell_writes_records_and_a_rerun_builds_nothing(inputs, tmp_path):
 def test_guidance_none_ignores_the_embedding_axis(inputs, tmp_path):
     run_cell(compose(overrides(inputs, tmp_path, "guidance=none", "embedding=explicit"), hydra=False))
     second = run_cell(
-        compose(overrides(inputs, tmp_path, "guidance=none", "embedding=inverted", "reuse_results=false"), hydra=False)
+        compose(
+            overrides(inputs, tmp_path, "guidance=none", "embedding=inverted", "reuse_results=false"),
+            hydra=False,
+        )
     )
     assert second["artifacts"]["built"] == []
     cell = read_table(Path(second["results"]) / "cells.parquet").iloc[0]
@@ -162,6 +165,11 @@ def test_cell_logs_one_offline_wandb_run(inputs, tmp_path):
     assert tiles["count"] == len(PROMPTS) and len(tiles["captions"]) == len(PROMPTS)
     assert all(" | " in c and c.rsplit(" | ", 1)[1] in ("safe", "UNSAFE") for c in tiles["captions"])
     assert run["config"]["guidance"]["name"] == "sld"
+    # lineage: the result tables as an artifact naming the checkpoint it came from
+    results = [a for a in run["artifacts"] if a["type"] == "results"]
+    assert len(results) == 1 and results[0]["name"] == f"cell-{out['cell']['cell_key']}"
+    assert sorted(results[0]["files"]) == ["cells.parquet", "images.parquet"]
+    assert results[0]["metadata"]["inputs"]["checkpoint"].startswith("checkpoint-original")
 
 
 def test_toy_cell_measures_benign_accuracy_and_flags_a_collapse(tmp_path):

@@ -286,3 +286,42 @@ def test_guidance_none_is_one_run_for_its_three_grid_positions(tmp_path: Path):
     # the offline run folder lives under the job's output folder, not the repository root
     tr = tracking.Tracker.from_cfg(cfg("logger=wandb"))
     assert str(tr.dir).startswith(str(tmp_path))
+
+
+def test_lineage_checkpoint_concept_results_in_an_offline_run(tmp_path: Path):
+    from unlearn_exp.guidance import Concept
+
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(b"lora")
+    cstar = tmp_path / "learned_embeds.safetensors"
+    cstar.write_bytes(b"cstar")
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("cells.parquet", "images.parquet"):
+        (results / name).write_bytes(b"table")
+    row = {
+        "checkpoint_method": "duo",
+        "checkpoint_id": "abc123",
+        "cell_key": "k1",
+        "spec_key": "s1",
+        "dsr": 0.5,
+    }
+    tracker = tracking.Tracker({"name": "wandb", "mode": "offline", "project": "t"}, dir=tmp_path)
+    tracker.start(OmegaConf.create({"name": "x", "checkpoint": {"method": "duo", "beta": 250}}))
+    tracker.log_lineage(
+        row,
+        {"method": "duo", "beta": 250.0, "id": "abc123", "files": [str(lora)]},
+        Concept("inverted", ["<c*>"], "inverted:feed", str(cstar)),
+        results,
+        built=["unlearning/duo/abc123", "inversion/feed"],
+    )
+    tracker.finish()
+    run = tracking.read_offline_run(tracking.find_offline_runs(tmp_path)[0], wait_s=15)
+    arts = {a["type"]: a for a in run["artifacts"]}
+    assert arts["checkpoint"]["name"] == "checkpoint-duo-abc123"
+    assert arts["checkpoint"]["files"] == [lora.name] and arts["checkpoint"]["metadata"]["beta"] == 250.0
+    assert arts["concept"]["metadata"]["learned_on"] == "checkpoint-duo-abc123"
+    assert arts["results"]["metadata"]["inputs"] == {
+        "checkpoint": "checkpoint-duo-abc123",
+        "concept": "concept-inverted-feed",
+    }

@@ -414,7 +414,7 @@ def resolve_concept(
     tokens = load_concept_tokens(comps, path)
     from unlearn_exp.store import file_sha256
 
-    return Concept(source, tokens, f"{source}:{file_sha256(path)[:16]}")
+    return Concept(source, tokens, f"{source}:{file_sha256(path)[:16]}", str(path))
 
 
 def apply_unlearning(cfg, comps: Components, store: ArtifactStore, checkpoint_cfg, logger) -> dict[str, Any]:
@@ -858,6 +858,7 @@ def record(
     write_table(cells_df, cell.out_dir / "cells.parquet")
     atomic_write_json(cell.out_dir / "artifacts.json", cell.store.summary())
     if tracker is not None:
+        tracker.log_lineage(row, ck.info, conc.concept, results, cell.store.built)
         bench_chunks = samples.chunks["bench"]
         tracker.log_cell(
             row, pd.DataFrame(image_rows), chunk_images(bench_chunks[0])[:16] if bench_chunks else []

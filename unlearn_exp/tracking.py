@@ -284,6 +284,62 @@ class Tracker:
         except Exception as e:
             self._fail("wandb log_cell", e)
 
+    def log_lineage(self, cell_row: dict, checkpoint: dict, concept, results_dir, built: Sequence[str] = ()):
+        """The cell's inputs and output as W&B Artifacts: the checkpoint (its files by reference),
+        ``C*`` (by reference; its metadata names the checkpoint it was learned on) and the result
+        tables (``cell-<cell_key>``, files added; its metadata names both inputs).
+
+        Online, the inputs this job did not build are declared with ``use_artifact`` and the ones it
+        built are logged by this run, so W&B draws the graph checkpoint -> C* -> results. Offline
+        runs cannot declare inputs (W&B refuses ``use_artifact`` there): every artifact is logged
+        and the links are in the metadata.
+        """
+        if not self.active:
+            return
+        try:
+            import wandb
+
+            offline = str(_get(self.cfg, "mode", "offline")) != "online"
+
+            def artifact(name: str, kind: str, files: Sequence[str], metadata: dict, reference: bool):
+                art = wandb.Artifact(_artifact_name(name), type=kind, metadata=metadata)
+                for f in files:
+                    p = Path(f).resolve()
+                    if p.is_file():
+                        if reference:
+                            art.add_reference(p.as_uri(), name=p.name, checksum=False)
+                        else:
+                            art.add_file(str(p), name=p.name)
+                return art
+
+            def declare(art, built_here: bool):
+                if offline or built_here:
+                    self.run.log_artifact(art)
+                else:
+                    self.run.use_artifact(art)
+
+            ck_name = f"checkpoint-{cell_row.get('checkpoint_method')}-{cell_row.get('checkpoint_id')}"
+            ck_meta = {
+                k: checkpoint.get(k) for k in ("method", "beta", "source", "id", "sha256") if k in checkpoint
+            }
+            ck_built = any(str(b).startswith("unlearning/") for b in built)
+            declare(artifact(ck_name, "checkpoint", checkpoint.get("files") or [], ck_meta, True), ck_built)
+            inputs = {"checkpoint": _artifact_name(ck_name)}
+            if concept is not None and getattr(concept, "learned", False) and concept.path:
+                c_name = f"concept-{concept.identity}"
+                c_meta = {"source": concept.source, "identity": concept.identity, "tokens": list(concept.tokens),
+                          "learned_on": _artifact_name(ck_name)}  # fmt: skip
+                declare(artifact(c_name, "concept", [concept.path], c_meta, True),
+                        any(str(b).startswith("inversion/") for b in built))  # fmt: skip
+                inputs["concept"] = _artifact_name(c_name)
+            res_meta = {"spec_key": cell_row.get("spec_key"), "dsr": cell_row.get("dsr"), "inputs": inputs}
+            tables = [str(Path(results_dir) / n) for n in ("cells.parquet", "images.parquet")]
+            self.run.log_artifact(
+                artifact(f"cell-{cell_row.get('cell_key')}", "results", tables, res_meta, False)
+            )
+        except Exception as e:
+            self._fail("wandb log_lineage", e)
+
     def _table(self, image_rows):
         """A wandb.Table of the per-image rows; the first ``logger.max_table_images`` with thumbnails."""
         import wandb
@@ -306,6 +362,11 @@ class Tracker:
         if inserted:
             return wandb.Table(columns=list(df.columns), data=df.values.tolist(), allow_mixed_types=True)
         return wandb.Table(dataframe=df)
+
+
+def _artifact_name(name: str) -> str:
+    """W&B artifact names allow letters, digits, '-', '_' and '.'."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in str(name))[:128]
 
 
 def run_name_from_row(row: dict) -> str:
@@ -447,6 +508,16 @@ def _read_offline_run(run_dir: Path) -> dict[str, Any]:
         elif kind == "summary":
             for keys, v in _items(rec.summary.update):
                 _set(out["summary"], keys, v)
+        elif kind == "artifact":
+            a = rec.artifact
+            out.setdefault("artifacts", []).append(
+                {
+                    "name": a.name,
+                    "type": a.type,
+                    "metadata": json.loads(a.metadata or "{}"),
+                    "files": [e.path for e in a.manifest.contents],
+                }  # fmt: skip
+            )
         elif kind == "metric" and rec.metric.step_metric:  # define_metric(name, step_metric=...)
             out["step_metrics"][rec.metric.glob_name or rec.metric.name] = rec.metric.step_metric
         elif kind == "exit":

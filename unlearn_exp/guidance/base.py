@@ -32,6 +32,7 @@ class Concept:
     source: str = "explicit"
     tokens: list[str] = field(default_factory=list)
     identity: str = "explicit"
+    path: str | None = None  # the learned embedding's file (inverted/shared)
 
     @property
     def learned(self) -> bool:
