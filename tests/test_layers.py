@@ -28,7 +28,7 @@ LAYERS = [
         "__init__",
     },
     {"models", "data"},
-    {"guidance", "sampling", "evaluation", "inversion", "unlearning"},
+    {"guidance", "sampling", "evaluation", "inversion", "unlearning", "attacks"},
     {
         "toy",
         "cell",

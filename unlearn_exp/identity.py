@@ -40,7 +40,7 @@ RUNTIME_KEYS: dict[str, tuple[str, ...]] = {
     "pp": ("batch_size", "device", "trunk_path", "lin_path"),
     "checkpoint": ("checkpoint_every", "allow_pickle_conversion", "path", "beta_label"),
     "inversion": ("checkpoint_every", "log_every_n_steps"),
-    "benchmark": ("path", "url", "file", "source_hint", "expected_prompts", "sha256"),
+    "benchmark": ("path", "url", "file", "source_hint", "expected_prompts", "sha256", "model", "cache_dir"),
 }  # fmt: skip
 
 # Keys added after results existed, at the value that reproduces the earlier behaviour: a key at
@@ -267,6 +267,11 @@ def benchmark_spec(bench: Any) -> dict[str, Any]:
         spec["content"] = "sha256:" + str(bench["sha256"]).lower()
     elif bench.get("url"):
         spec["content"] = str(bench["url"])
+    if isinstance(bench.get("base"), dict):  # a generated benchmark: its base prompt set by content
+        spec["base"] = benchmark_spec(bench["base"])
+    pairs = bench.get("concept_pairs")
+    if isinstance(pairs, dict) and pairs.get("path"):
+        spec["concept_pairs"] = {**pairs, "path": None, "content": _content_of(str(pairs["path"]))}
     return spec
 
 

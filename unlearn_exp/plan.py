@@ -159,6 +159,20 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
     for name, bench_cfg in (("bench", cfg.benchmark), ("coco", cfg.pp.get("prompts"))):
         if bench_cfg is None:
             continue
+        if str(bench_cfg.get("loader")) == "ring_a_bell":  # generated prompts: planning generates nothing
+            base = bench_cfg.base
+            try:
+                n = len(benchmark_rows(base, _local_data_dir(base, cfg.paths.data_dir))[0])
+            except UserError as exc:
+                p.notes.append(f"{name} base prompts unknown here ({str(exc).splitlines()[0][:90]})")
+                continue
+            passes = n * int(bench_cfg.population) * (int(bench_cfg.generations) + 1)
+            p.notes.append(
+                f"Ring-A-Bell prompts for {n} base prompts: up to {passes} text-encoder passes if not cached"
+            )
+            p.images += n * int(bench_cfg.get("images_per_prompt") or 1)
+            p.sampling_steps += n * int(bench_cfg.get("images_per_prompt") or 1) * steps
+            continue
         try:  # read a local or already downloaded file only: planning downloads nothing
             sets[name] = benchmark_rows(bench_cfg, _local_data_dir(bench_cfg, cfg.paths.data_dir))[0]
         except UserError as exc:

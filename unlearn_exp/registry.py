@@ -30,6 +30,7 @@ from unlearn_exp.store import config_hash
 # the modules whose import registers the built-in implementations (and the toy world's)
 PLUGINS = (
     "unlearn_exp.data.loaders",
+    "unlearn_exp.attacks.ring_a_bell",
     "unlearn_exp.evaluation.nudenet",
     "unlearn_exp.evaluation.q16",
     "unlearn_exp.evaluation.pp",
