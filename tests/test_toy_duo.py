@@ -121,3 +121,18 @@ def test_shipped_cache_holds_only_small_files():
     assert sum(f.stat().st_size for f in files) < 8_000_000
     assert len(list((SHIPPED / "unlearning" / "duo").glob("*/_key.json"))) == 4
     assert len(list((SHIPPED / "inversion").glob("*/_key.json"))) == 4  # shared = beta=500's
+
+
+def test_toy_duo_words_is_toy_duo_with_duo_trained_on_the_words():
+    from tests.conftest import compose
+    from unlearn_exp.identity import cell_spec
+
+    words = compose(["+experiment=toy_duo_words", "checkpoint.beta=2000"], hydra=True)
+    plain = compose(["+experiment=toy_duo", "checkpoint.beta=2000"], hydra=True)
+    assert words.checkpoint.condition == "unsafe" and "attn2.to_k" in words.checkpoint.target_modules
+    assert words.hydra.sweeper.params == plain.hydra.sweeper.params  # the same grid
+    a, b = cell_spec(words), cell_spec(plain)
+    assert a["checkpoint"] != b["checkpoint"]  # another checkpoint (never the shipped one)
+    assert {k: v for k, v in a.items() if k != "checkpoint"} == {
+        k: v for k, v in b.items() if k != "checkpoint"
+    }

@@ -13,7 +13,8 @@ say whether a checkpoint is in that regime:
    explicit-word guidance can work; where the model stopped reacting to the words they diverge.
 
 ``python -m unlearn_exp.precondition [overrides]`` runs both for every beta of the
-toy_duo sweep (cells are cached like any other) and writes ``reports/toy/precondition.{md,csv}``.
+toy_duo sweep (cells are cached like any other) and writes ``reports/toy/precondition.{md,csv}``;
+with ``+experiment=E`` another experiment's sweep, written to ``precondition_E.{md,csv}``.
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ def run(base: list[str], out: str | Path = "reports", progress=print) -> pd.Data
     from unlearn_exp.demo import _compose
     from unlearn_exp.store import atomic_write_text
 
-    params = _compose(base, hydra=True).hydra.sweeper.params
+    composed = _compose(base, hydra=True)
+    params = composed.hydra.sweeper.params
+    stem = "precondition" if str(composed.name) == "toy_duo" else f"precondition_{composed.name}"
     betas = [int(b) for b in str(params["checkpoint.beta"]).split(",")]
     dsr, alignment = {}, {}
     for beta in betas:
@@ -143,8 +146,8 @@ def run(base: list[str], out: str | Path = "reports", progress=print) -> pd.Data
         )
     table = precondition_table(dsr, alignment)
     folder = Path(out) / "toy"
-    atomic_write_text(folder / "precondition.md", to_markdown(table))
-    atomic_write_text(folder / "precondition.csv", table.to_csv(index=False, float_format="%.4f"))
+    atomic_write_text(folder / f"{stem}.md", to_markdown(table))
+    atomic_write_text(folder / f"{stem}.csv", table.to_csv(index=False, float_format="%.4f"))
     return table
 
 
@@ -155,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = list(sys.argv[1:] if argv is None else argv)
 
     def body() -> int:
-        table = run(["+experiment=toy_duo", *extra])
+        chosen = any(a.startswith("+experiment=") for a in extra)  # e.g. +experiment=toy_duo_words
+        table = run(extra if chosen else ["+experiment=toy_duo", *extra])
         print("\n" + to_markdown(table))
         return 0
 
