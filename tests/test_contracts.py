@@ -178,6 +178,7 @@ UNLEARNING_TINY = {
         "concept": {"nudity": "nudity"},
     },  # fmt: skip
     "uce": {"method": "uce", "erase": {"nudity": ["nudity"]}, "preserve": ["a cat"], "preserve_scale": 0.7},
+    "spm": "load-only",  # published adapters only: the contract writes a file in SPM's layout
 }
 
 
@@ -195,6 +196,19 @@ def test_unlearning_method_contract(name, tmp_path):
     cfg = UNLEARNING_TINY[name]
     task = {"name": "nudity"}
     before = _unet_out(build_tiny())
+    if cfg == "load-only":  # changes the UNet, the same way each time, from the user's file
+        from tests.test_unlearning_spm import spm_file
+
+        spm_file(build_tiny().unet, tmp_path / f"{name}.safetensors")
+        user = {"method": name, "path": str(tmp_path / f"{name}.safetensors")}
+        outs = []
+        for _ in range(2):
+            comps = build_tiny()
+            apply_checkpoint(comps, user, ArtifactStore(tmp_path / "cache"), task_cfg=task)
+            outs.append(_unet_out(comps))
+        assert (outs[0] - before).abs().max() > 1e-6
+        torch.testing.assert_close(outs[0], outs[1])
+        return
 
     applied = build_tiny()
     store = ArtifactStore(tmp_path / "cache")

@@ -39,6 +39,7 @@ PLUGINS = (
     "unlearn_exp.guidance.safree",
     "unlearn_exp.unlearning.checkpoints",
     "unlearn_exp.unlearning.duo",
+    "unlearn_exp.unlearning.spm",
     "unlearn_exp.toy.plugin",
 )
 _loaded = False

@@ -1,0 +1,97 @@
+"""SPM (docs/methods.md 8.3): published one-dimensional adapters in SPM's key layout, fused into the UNet
+and checked against the adapted layers' own forward; partial and mismatched files refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from unlearn_exp.errors import UserError
+from unlearn_exp.models import build_tiny
+from unlearn_exp.store import ArtifactStore
+from unlearn_exp.unlearning import apply_checkpoint
+from unlearn_exp.unlearning.spm import spm_layers
+
+
+def spm_file(unet, path, rank: int = 1, alpha: float = 1.0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A file as SPM's ``save_weights`` writes it, with random (non-zero) adapters."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for stem, layer in spm_layers(unet).items():
+        if isinstance(layer, torch.nn.Linear):
+            down = torch.randn(rank, layer.in_features, generator=g) * 0.2
+            up = torch.randn(layer.out_features, rank, generator=g) * 0.2
+        else:
+            down = torch.randn(rank, layer.in_channels, *layer.kernel_size, generator=g) * 0.2
+            up = torch.randn(layer.out_channels, rank, 1, 1, generator=g) * 0.2
+        tensors.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
+                        f"{stem}.alpha": torch.tensor(alpha)})  # fmt: skip
+    save_file(tensors, str(path))
+    return tensors
+
+
+def _out(comps):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, comps.unet.config.in_channels, 8, 8, generator=g)
+    c = comps.encode_prompts(["a naked cat"])[0]
+    with torch.no_grad():
+        return comps.unet(x, 500, encoder_hidden_states=c).sample
+
+
+def test_spm_file_fused_equals_the_adapted_layers(tmp_path):
+    unet_ref = build_tiny()
+    layers = spm_layers(unet_ref.unet)
+    assert any(isinstance(m, torch.nn.Conv2d) for m in layers.values()) or len(layers) > 4
+    tensors = spm_file(unet_ref.unet, tmp_path / "spm.safetensors", rank=2, alpha=1.0)
+
+    # the reference: SPM's forward, x -> W x + m (alpha / r) up(down(x)), as hooks on the original layers
+    handles = []
+    for stem, layer in layers.items():
+        down, up = tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"]
+        scale = 0.5 * 1.0 / 2  # multiplier 0.5, alpha 1, rank 2
+
+        def hook(mod, args, out, down=down, up=up, scale=scale):
+            x = args[0]
+            if isinstance(mod, torch.nn.Linear):
+                return out + scale * torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+            h = torch.nn.functional.conv2d(x, down, stride=mod.stride, padding=mod.padding)
+            return out + scale * torch.nn.functional.conv2d(h, up)
+
+        handles.append(layer.register_forward_hook(hook))
+    expected = _out(unet_ref)
+    for h in handles:
+        h.remove()
+
+    fused = build_tiny()
+    cfg = {"method": "spm", "path": str(tmp_path / "spm.safetensors"), "multiplier": 0.5}
+    info = apply_checkpoint(fused, cfg, ArtifactStore(tmp_path / "c"), task_cfg={})
+    assert info["source"] == "user" and info["n_layers"] == len(layers) and len(info["sha256"][0]) == 64
+    torch.testing.assert_close(_out(fused), expected, atol=1e-4, rtol=1e-4)
+    assert (_out(fused) - _out(build_tiny())).abs().max() > 1e-3  # the adapters do something
+
+
+def test_partial_mismatched_and_missing_spm_files_are_one_line(tmp_path):
+    comps = build_tiny()
+    tensors = spm_file(comps.unet, tmp_path / "full.safetensors")
+    stem = next(iter(spm_layers(comps.unet)))
+
+    def refused(t: dict, match: str):
+        path = tmp_path / "bad.safetensors"
+        save_file(t, str(path))
+        with pytest.raises(UserError, match=match) as e:
+            apply_checkpoint(build_tiny(), {"method": "spm", "path": str(path)}, ArtifactStore(tmp_path / "c"),
+                             task_cfg={})  # fmt: skip
+        assert "\n" not in str(e.value)
+
+    refused({k: v for k, v in tensors.items() if k != f"{stem}.alpha"}, "is partial")
+    renamed = {k.replace("lora_unet_", "lora_unet_mid_block_attentions_9_", 1) if k.startswith(stem) else k: v
+               for k, v in tensors.items()}  # fmt: skip
+    refused(renamed, "does not have")
+    wrong = dict(tensors)
+    wrong[f"{stem}.lora_down.weight"] = torch.zeros(1, 3)
+    refused(wrong, "does not fit this UNet")
+    with pytest.raises(UserError, match="set checkpoint.path"):
+        apply_checkpoint(
+            build_tiny(), {"method": "spm", "path": None}, ArtifactStore(tmp_path / "c"), task_cfg={}
+        )
