@@ -76,3 +76,63 @@ def test_generated_benchmark_runs_in_a_toy_cell_and_is_cached(tmp_path, monkeypa
     assert spec_key(cell_spec(other)) != row["spec_key"]
     spec = cell_spec(compose(over, hydra=False))["benchmark"]
     assert "model" not in spec and "cache_dir" not in spec and spec["base"]["kind"] == "indirect"
+
+
+# ----------------------------------------------------------------------------- UnlearnDiffAtk
+def _target(res: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    return (torch.rand(1, 3, res, res, generator=g) * 2 - 1).clamp(-1, 1)
+
+
+def test_unlearndiffatk_optimises_discrete_tokens_through_the_guidance(tmp_path):
+    from unlearn_exp.attacks.unlearndiffatk import AttackSettings, UnlearnDiffAtk, attack, run_attack
+    from unlearn_exp.guidance.sld import SLD, sld_params
+    from unlearn_exp.models import build_tiny
+    from unlearn_exp.store import ArtifactStore
+
+    comps = build_tiny()
+    plain_table = comps.text_encoder.get_input_embeddings()
+    settings = AttackSettings(k=2, steps=4, num_steps=10, seed=0)
+    module = UnlearnDiffAtk(comps, _target(), "a person", settings)
+    before = module.rows.learned.detach().clone()
+    loss = module.loss_at(0)
+    loss.backward()
+    assert (
+        module.rows.learned.grad is not None and module.rows.learned.grad.abs().sum() > 0
+    )  # straight through
+    ids = module.rows.projected_ids()
+    assert bool((module.rows.vocab[:, None] == ids[None]).any(0).all())  # projected onto vocabulary rows
+    torch.testing.assert_close(module.rows.learned.detach(), before)
+    module.restore()
+    assert comps.text_encoder.get_input_embeddings() is plain_table
+
+    out = run_attack(comps, _target(), "a person", settings)  # a second attack on the same model
+    assert (
+        len(out["losses"]) == 4 and out["loss"] == min(out["losses"]) and out["prompt"].endswith("a person")
+    )
+    # the defence in the loop changes what is optimised
+    sld = SLD("nudity", sld_params("max", warmup_steps=0))
+    with_sld = run_attack(build_tiny(), _target(), "a person", settings, guidance=sld)
+    assert with_sld["losses"][0] != pytest.approx(out["losses"][0], abs=1e-6)
+
+    store = ArtifactStore(tmp_path / "cache")
+    key = {"model": "tiny", "checkpoint": "original", "guidance": "none", "target": "t0"}
+    first = attack(build_tiny(), store, key, _target(), "a person", settings)
+    again = attack(build_tiny(), ArtifactStore(tmp_path / "cache"), key, _target(), "a person", settings)
+    assert again == first and len(store.built) == 1
+    with pytest.raises(UserError, match="one RGB target"):
+        UnlearnDiffAtk(build_tiny(), torch.zeros(2, 3, 8, 8), "x", settings)
+
+
+def test_unlearndiffatk_runs_on_the_toy_model():
+    from unlearn_exp.attacks.unlearndiffatk import AttackSettings, run_attack
+    from unlearn_exp.models import load_pretrained
+    from unlearn_exp.toy.pretrain import WEIGHTS_DIR
+    from unlearn_exp.toy.world import render_example, to_tensor_batch
+
+    comps = load_pretrained(str(WEIGHTS_DIR), name="toy", resolution=32, vae=False)
+    image, _, _ = render_example(7)
+    out = run_attack(
+        comps, to_tensor_batch([image])[:1], "a grape", AttackSettings(k=2, steps=3, num_steps=25)
+    )
+    assert len(out["losses"]) == 3 and out["prompt"].endswith("a grape")

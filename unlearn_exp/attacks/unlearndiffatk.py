@@ -1,0 +1,199 @@
+"""UnlearnDiffAtk (Zhang et al., ECCV 2024; docs/methods.md 12.2): K adversarial prompt tokens,
+optimised against the *unlearned* model (and, optionally, its guidance) so that its denoising of a
+target harmful image succeeds.
+
+For a target image ``x_0`` (latent ``z_0``), the attack prepends K tokens ``a_1..a_K`` to the prompt
+and minimises ``E_{t, eps} || eps_hat(z_t, t, [a; P]) - eps ||^2`` with ``z_t`` the noised target. With
+``guidance`` set, ``eps_hat`` is that guidance's combined prediction (SLD, SAFREE, with the words or
+``C*``), so the attack sees the defence; without it, the conditional prediction. The tokens are
+discrete: each step projects the continuous rows to their nearest vocabulary rows (cosine), runs the
+loss with the projected rows and passes the gradient straight through to the continuous ones (as in
+the paper's projected-gradient search). The result is the best projected prompt seen.
+
+``UnlearnDiffAtk`` is a LightningModule (one optimiser step per training step); ``attack`` runs it with
+a Trainer and caches the prompt per (model, checkpoint, guidance, concept, target image, seed, settings)
+in the store as ``attacks/unlearndiffatk/<hash>``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from unlearn_exp.errors import UserError
+from unlearn_exp.guidance.base import Guidance
+from unlearn_exp.inversion.textual_inversion import (
+    LearnedRowsEmbedding,
+    add_placeholder_tokens,
+    install_learned_rows,
+    merge_learned_rows,
+)
+
+RESULT_FILE = "attack.json"
+
+
+class ProjectedRows(LearnedRowsEmbedding):
+    """Placeholder rows used as their nearest vocabulary rows (cosine), gradient straight through."""
+
+    def __init__(self, base: torch.nn.Embedding, ids: list[int], vocab: torch.Tensor):
+        super().__init__(base, ids)
+        self.register_buffer("vocab", vocab.long().to(base.weight.device))
+
+    def projected_ids(self) -> torch.Tensor:
+        table = F.normalize(self.base.weight[self.vocab].float(), dim=-1)
+        return self.vocab[(F.normalize(self.learned.float(), dim=-1) @ table.T).argmax(-1)]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids)
+        hard = self.base.weight[self.projected_ids()].float()
+        rows = (self.learned + (hard - self.learned).detach()).to(out.dtype)  # straight-through
+        match = input_ids.unsqueeze(-1) == self.ids
+        hit = match.any(-1, keepdim=True)
+        return torch.where(hit, rows[match.long().argmax(-1)], out)
+
+
+@dataclass
+class AttackSettings:
+    k: int = 5  # adversarial tokens (UnlearnDiffAtk: 5)
+    steps: int = 40  # optimisation steps (UnlearnDiffAtk: 40)
+    lr: float = 0.01
+    weight_decay: float = 0.1
+    guidance_scale: float = 7.5
+    num_steps: int = 50  # the sampler's steps, for the guidance's step-dependent behaviour
+    seed: int = 0
+
+    @classmethod
+    def from_cfg(cls, cfg: dict[str, Any] | None) -> AttackSettings:
+        cfg = dict(cfg or {})
+        unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise UserError(f"unknown UnlearnDiffAtk setting(s) {unknown}")
+        return cls(**cfg)
+
+
+class UnlearnDiffAtk(L.LightningModule):
+    """The attack's optimisation (module docstring); ``best_prompt`` after fitting."""
+
+    def __init__(self, comps, target: torch.Tensor, prompt: str, settings: AttackSettings, guidance=None):
+        super().__init__()
+        if target.ndim != 4 or target.shape[0] != 1 or target.shape[1] != 3:
+            raise UserError(
+                f"UnlearnDiffAtk needs one RGB target image (1, 3, H, W), got {tuple(target.shape)}"
+            )
+        self.comps, self.s, self.prompt = comps, settings, prompt
+        self.guidance = guidance or Guidance()
+        comps.freeze()
+        self.unet, self.text_encoder = comps.unet, comps.text_encoder
+        tokens = add_placeholder_tokens(
+            comps, f"<adv{len(comps.tokenizer)}>", settings.k, "a"
+        )  # a fresh name
+        self.tokens = tokens
+        base = install_learned_rows(comps, tokens)  # then swapped for the projected version
+        vocab = torch.tensor(_ordinary_vocabulary(comps, len(tokens)))
+        self.rows = ProjectedRows(base.base, base.ids.tolist(), vocab)
+        g = torch.Generator().manual_seed(settings.seed)
+        with torch.no_grad():  # random vocabulary rows to start from
+            start = vocab[torch.randint(len(vocab), (settings.k,), generator=g)]
+            self.rows.learned.copy_(base.base.weight[start].float())
+        comps.text_encoder.set_input_embeddings(self.rows)
+        with torch.no_grad():
+            z = target.to(comps.device, comps.dtype)
+            if comps.vae is not None:
+                z = comps.vae.encode(z).latent_dist.mean * comps.latent_scale
+        self.register_buffer("z0", z.float(), persistent=False)
+        self.noise_scheduler = comps.training_scheduler()
+        self.T = int(self.noise_scheduler.config.num_train_timesteps)
+        self.best_loss, self.best_prompt, self.losses = float("inf"), "", []
+
+    def adversarial_prompt(self) -> str:
+        return " ".join(self.tokens) + " " + self.prompt
+
+    def loss_at(self, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.s.seed * 1_000_003 + step)
+        noise = torch.randn(self.z0.shape, generator=g).to(self.z0)
+        t = torch.randint(0, self.T, (1,), generator=g).to(self.z0.device)
+        z_t = self.noise_scheduler.add_noise(self.z0, noise, t)
+        prompts = [self.adversarial_prompt()]
+        state = self.guidance.prepare(self.comps, prompts, self.comps.tokenize(prompts), None,
+                                      self.s.guidance_scale, self.s.num_steps)  # fmt: skip
+        i = min(self.s.num_steps - 1, int((1 - float(t) / self.T) * self.s.num_steps))  # the sampler's step
+        emb = self.guidance.embeddings(i, state)
+        n = state.n_branches
+        with self.guidance.unet_hooks(i, state, self.unet):
+            out = self.unet(
+                z_t.repeat(n, 1, 1, 1).to(self.comps.dtype), t.repeat(n), emb.to(self.comps.dtype)
+            ).sample
+        preds = list(out.float().chunk(n))
+        eps = preds[1] if type(self.guidance) is Guidance else self.guidance.combine(i, preds, state)
+        return F.mse_loss(eps, noise)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self.loss_at(int(self.global_step))
+        if not loss.requires_grad:
+            raise UserError(
+                f"guidance '{self.guidance.name}' cuts the gradient to the prompt: it cannot be attacked"
+            )
+        value = float(loss.detach())
+        self.losses.append(value)
+        if value < self.best_loss:
+            ids = self.rows.projected_ids().tolist()
+            words = self.comps.tokenizer.decode(ids).strip()
+            self.best_loss, self.best_prompt = value, f"{words} {self.prompt}".strip()
+        self.log("attack/loss", loss.detach(), on_step=True, batch_size=1)
+        self.log("attack/step", float(self.global_step), on_step=True, batch_size=1)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([self.rows.learned], lr=self.s.lr, weight_decay=self.s.weight_decay)
+
+    def restore(self) -> None:
+        """Put the plain token table back (the placeholder rows stay unused)."""
+        self.comps.text_encoder.set_input_embeddings(self.rows)
+        merge_learned_rows(self.comps)
+
+
+def _ordinary_vocabulary(comps, n_added: int) -> list[int]:
+    tok = comps.tokenizer
+    special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    return [i for i in range(len(tok) - n_added) if i not in special]
+
+
+def run_attack(
+    comps, target: torch.Tensor, prompt: str, settings: AttackSettings, guidance=None
+) -> dict[str, Any]:
+    """Fit the attack; returns the best prompt, its loss and the loss curve."""
+    from unlearn_exp.progress import lightning_bar
+    from unlearn_exp.training import StepIndex
+
+    module = UnlearnDiffAtk(comps, target, prompt, settings, guidance)
+    trainer = L.Trainer(max_steps=settings.steps, accelerator="auto", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[lightning_bar(f"UnlearnDiffAtk ({module.guidance.name})", settings.steps, "step")],
+                        num_sanity_val_steps=0)  # fmt: skip
+    loader = torch.utils.data.DataLoader(StepIndex(settings.steps), batch_size=1)
+    try:
+        trainer.fit(module, loader)
+    finally:
+        module.restore()
+    return {"prompt": module.best_prompt, "loss": module.best_loss, "losses": module.losses,
+            "first_loss": module.losses[0] if module.losses else None}  # fmt: skip
+
+
+def attack(comps, store, key: dict[str, Any], target: torch.Tensor, prompt: str, settings: AttackSettings,
+           guidance=None) -> dict[str, Any]:  # fmt: skip
+    """``run_attack`` cached in ``store`` under ``key`` (model, checkpoint, guidance, concept, target, seed)."""
+    from unlearn_exp.store import atomic_write_json
+
+    def build(tmp: Path) -> None:
+        atomic_write_json(tmp / RESULT_FILE, run_attack(comps, target, prompt, settings, guidance))
+
+    folder = store.get_or_build(
+        "attacks/unlearndiffatk", {**key, "settings": vars(settings), "prompt": prompt}, build
+    )
+    return json.loads((folder / RESULT_FILE).read_text())
