@@ -35,15 +35,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.model == "toy":
-        from unlearn_exp.models import load_pretrained
-        from unlearn_exp.toy.pretrain import WEIGHTS_DIR
+    from unlearn_exp.bench import bench_model
 
-        comps = load_pretrained(str(WEIGHTS_DIR), name="toy", resolution=32, vae=False)
-    else:
-        from unlearn_exp.models import build_tiny
-
-        comps = build_tiny()
+    comps = bench_model(args.model)
     bases = ["a grape", "a plum", "an eggplant", "an amethyst"][: args.prompts]
     v = concept_vector(comps, ["a purple circle", "purple"], ["a circle", ""])
     vocab = search_vocabulary(comps, "prompts", [*bases, "a purple circle"])

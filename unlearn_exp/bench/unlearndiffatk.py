@@ -30,15 +30,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.model == "toy":
-        from unlearn_exp.models import load_pretrained
-        from unlearn_exp.toy.pretrain import WEIGHTS_DIR
+    from unlearn_exp.bench import bench_model
 
-        comps = load_pretrained(str(WEIGHTS_DIR), name="toy", resolution=32, vae=False)
-    else:
-        from unlearn_exp.models import build_tiny
-
-        comps = build_tiny()
+    comps = bench_model(args.model)
     target = (
         torch.rand(1, 3, comps.resolution, comps.resolution, generator=torch.Generator().manual_seed(0)) * 2
         - 1
