@@ -86,11 +86,14 @@ def test_unknown_override_fails_with_hydra_message(override, expected):
     assert "unlearn_exp/" not in proc.stderr  # no traceback from our code
 
 
-def test_unbuilt_stage_fails_with_one_line():
-    proc = run_app("model=tiny", "checkpoint=spm", "hydra/job_logging=disabled")
+def test_a_checkpoint_without_its_file_fails_with_one_line():
+    proc = run_app("model=tiny", "checkpoint=spm", "hydra/job_logging=disabled")  # SPM loads files only
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert lines[-1] == "error: not implemented yet: unlearning (spm)"
+    assert (
+        lines[-1].startswith("error: ")
+        and "checkpoint=spm loads SPM's published adapters: set checkpoint.path" in lines[-1]
+    )
     assert "Traceback" not in proc.stderr
 
 

@@ -215,6 +215,8 @@ def validate(cfg) -> None:
         checks.append(lambda: _benchmark(c, "pp.prompts", plain["pp"]["prompts"]))
     if checkpoint.get("path"):
         checks.append(lambda: _check_weights(c, "checkpoint.path", checkpoint.get("path")))
+    elif checkpoint.get("method") == "spm":  # a method that only loads published files
+        checks.append(lambda: c.fail("checkpoint=spm loads SPM's published adapters: set checkpoint.path"))
     if embedding.get("path"):
         checks.append(lambda: _check_file(c, "embedding.path", embedding.get("path")))
     paths = plain.get("paths", {})
