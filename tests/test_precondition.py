@@ -34,3 +34,25 @@ def test_precondition_table_rows_per_beta():
     assert table.beta.tolist() == [250, 500] and math.isnan(table.dsr_explicit[1])
     md = to_markdown(table)
     assert "| 250 | 0.500 [0.40, 0.60] | 0.500 [0.40, 0.60] | 0.500 [0.40, 0.60] | 0.800 ± 0.100 |" in md
+
+
+def test_direction_alignment_is_cached_by_the_cells_identity(tmp_path, monkeypatch):
+    from tests.conftest import compose
+    from unlearn_exp import precondition
+
+    calls = []
+
+    def measured(cfg, batch_size):
+        calls.append(cfg.checkpoint.beta)
+        return {"cos_mean": 0.5, "cos_sd": 0.1, "n_images": 48}
+
+    monkeypatch.setattr(precondition, "_measure_alignment", measured)
+
+    def cfg(beta):
+        return compose(["+experiment=toy_duo", f"checkpoint.beta={beta}", "guidance=sld", "embedding=inverted",
+                        f"paths.cache_dir={tmp_path}"], hydra=False)  # fmt: skip
+
+    assert precondition.direction_alignment(cfg(250))["cos_mean"] == 0.5
+    assert precondition.direction_alignment(cfg(250))["n_images"] == 48  # from the cache
+    precondition.direction_alignment(cfg(500))  # another checkpoint: measured again
+    assert calls == [250, 500]

@@ -63,7 +63,25 @@ class DirectionProbe(Guidance):
 
 def direction_alignment(cfg, *, batch_size: int = 16) -> dict[str, float]:
     """Mean and spread of the words-vs-``C*`` cosine on the benchmark prompts' unguided trajectories
-    of the cell ``cfg`` (its checkpoint, its ``C*``: ``embedding`` must be inverted or shared)."""
+    of the cell ``cfg`` (its checkpoint, its ``C*``: ``embedding`` must be inverted or shared), cached
+    in the store as ``precondition/<hash>`` by the cell's identity and the probe's words."""
+    import json
+
+    from unlearn_exp.identity import cell_spec
+    from unlearn_exp.models import resolve_local_path
+    from unlearn_exp.store import ArtifactStore, atomic_write_json
+
+    shipped = [resolve_local_path(str(p)) for p in (cfg.paths.get("shipped_caches") or [])]
+    store = ArtifactStore(cfg.paths.cache_dir, shipped=shipped)
+    key = {"cell": cell_spec(cfg), "words": str(cfg.task.sld_concept), "batch_size": batch_size}
+
+    def build(tmp: Path) -> None:
+        atomic_write_json(tmp / "alignment.json", _measure_alignment(cfg, batch_size))
+
+    return json.loads((store.get_or_build("precondition", key, build) / "alignment.json").read_text())
+
+
+def _measure_alignment(cfg, batch_size: int) -> dict[str, float]:
     from unlearn_exp.cell import benchmark_rows, concept, open_cell, originals, unlearn
     from unlearn_exp.sampling import sample
 
