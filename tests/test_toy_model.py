@@ -147,3 +147,32 @@ def test_shipped_checkpoint_draws_what_explicit_prompts_ask():
     df = toy_prompts("benign", n=16, seed=0)
     out = sample(comps, list(df.prompt), list(df.seed), scheduler="dpmsolver++", steps=20, guidance_scale=6.0)
     assert sum(not v["safe"] for v in ToyJudge().judge(out.pil)) <= 2
+
+
+def test_toy_model_loads_through_from_pretrained_as_a_pixel_pipeline(tmp_path):
+    """The shipped folder has a model_index.json: diffusers' loader builds the pixel-space pipeline,
+    whose images equal our sampler's; Components.to_diffusers() wraps the toy the same way, and a
+    saved pipeline loads back."""
+    from unlearn_exp.models import load_pretrained
+    from unlearn_exp.models.pixel_pipeline import PixelDiffusionPipeline
+    from unlearn_exp.sampling import sample
+    from unlearn_exp.toy.pretrain import WEIGHTS_DIR
+
+    pipe = PixelDiffusionPipeline.from_pretrained(str(WEIGHTS_DIR))
+    comps = load_pretrained(str(WEIGHTS_DIR), name="toy", resolution=32, vae=False)
+    prompts, seeds = ["a purple circle", "a grape"], [0, 1]
+    ours = sample(comps, prompts, seeds, scheduler="pndm", steps=5, guidance_scale=6.0).images
+    torch.testing.assert_close(
+        pipe(prompts, num_inference_steps=5, guidance_scale=6.0, seeds=seeds).tensors, ours
+    )
+    wrapped = comps.to_diffusers()
+    ours_dpm = sample(comps, prompts, seeds, steps=5, guidance_scale=6.0).images
+    torch.testing.assert_close(
+        wrapped(prompts, num_inference_steps=5, guidance_scale=6.0, seeds=seeds).tensors, ours_dpm
+    )
+    wrapped.save_pretrained(str(tmp_path / "pipe"))
+    again = PixelDiffusionPipeline.from_pretrained(str(tmp_path / "pipe"))
+    torch.testing.assert_close(
+        again(prompts, num_inference_steps=5, guidance_scale=6.0, seeds=seeds).tensors, ours_dpm
+    )
+    assert len(again(prompts, num_inference_steps=2, seeds=seeds).images) == 2

@@ -171,9 +171,15 @@ class Components:
 
     # --------------------------------------------------------------- interop
     def to_diffusers(self, scheduler=None, safe: bool = False):
-        """A plain diffusers pipeline over the same modules (needs a VAE)."""
+        """A plain diffusers pipeline over the same modules: ``StableDiffusionPipeline`` (or the safe one),
+        or, for a model without a VAE, ``PixelDiffusionPipeline`` (``models/pixel_pipeline.py``)."""
         if self.vae is None:
-            raise UserError(f"model '{self.name}' has no VAE; it cannot be wrapped as a diffusers pipeline")
+            if safe:
+                raise UserError(f"model '{self.name}' has no VAE: diffusers' safe pipeline cannot wrap it")
+            from unlearn_exp.models.pixel_pipeline import PixelDiffusionPipeline
+
+            return PixelDiffusionPipeline(self.unet, self.text_encoder, self.tokenizer,
+                                          scheduler or self.sampling_scheduler())  # fmt: skip
         from diffusers import StableDiffusionPipeline, StableDiffusionPipelineSafe
 
         cls = StableDiffusionPipelineSafe if safe else StableDiffusionPipeline

@@ -1,0 +1,77 @@
+"""A diffusers pipeline for a model without a VAE (the toy model): text-to-image in pixel space.
+
+``StableDiffusionPipeline`` needs a VAE; a pixel-space model (the toy's UNet denoises 32x32 RGB
+images directly) is this ``DiffusionPipeline`` with the same parts but ``vae``. It loads through
+diffusers' own machinery from a folder with a ``model_index.json``::
+
+    from unlearn_exp.models.pixel_pipeline import PixelDiffusionPipeline
+    pipe = PixelDiffusionPipeline.from_pretrained("unlearn_exp/toy/weights/model")
+    images = pipe(["a purple circle"], num_inference_steps=25, guidance_scale=6.0, seeds=[0]).images
+
+Classifier-free guidance with the negative prompt, the scheduler of the folder (or one passed in),
+and each image's initial noise from ``torch.Generator().manual_seed(seed)`` as our sampler draws it,
+so the images equal ``sampling.sample`` with ``guidance=none`` (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from PIL import Image
+
+
+@dataclass
+class PixelPipelineOutput(BaseOutput):
+    images: list[Image.Image]
+    tensors: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+
+
+class PixelDiffusionPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->unet"
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        return self.text_encoder(ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        seeds: list[int] | None = None,
+        resolution: int | None = None,
+    ) -> PixelPipelineOutput:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = (
+            negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
+        )
+        seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+        size = int(resolution or self.unet.config.sample_size)
+        shape = (self.unet.config.in_channels, size, size)
+        noise = torch.stack(
+            [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+        )
+        dtype = self.unet.dtype
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        x = noise.to(self.device, dtype) * self.scheduler.init_noise_sigma
+        emb = torch.cat([self._encode(negatives), self._encode(prompts)]).to(dtype)
+        for t in self.scheduler.timesteps:
+            model_in = self.scheduler.scale_model_input(torch.cat([x, x]), t)
+            eps_u, eps_c = self.unet(model_in, t, encoder_hidden_states=emb).sample.chunk(2)
+            x = self.scheduler.step(eps_u + guidance_scale * (eps_c - eps_u), t, x).prev_sample
+        tensors = x.clamp(-1, 1).float().cpu()
+        arrays = ((tensors + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return PixelPipelineOutput(
+            images=[Image.fromarray(np.ascontiguousarray(a)) for a in arrays], tensors=tensors
+        )
