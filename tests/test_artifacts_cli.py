@@ -52,3 +52,21 @@ def test_exported_checkpoint_loads_in_plain_diffusers_and_samples_the_same(uce_c
     assert np.abs(ref - ((ours + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()).max() < 1e-4
     with pytest.raises(UserError, match="was built on model"):
         artifacts.export(artifacts.find(root, info["id"]), tmp_path / "other", ["model=tiny", "model.seed=1"])
+
+
+def test_a_shipped_toy_checkpoint_exports_as_a_pixel_pipeline(tmp_path):
+    from unlearn_exp.models.pixel_pipeline import PixelDiffusionPipeline
+    from unlearn_exp.toy.artifacts import SHIPPED
+
+    cfg = compose(["+experiment=toy_duo", "checkpoint.beta=2000"], hydra=False)
+    comps = load_model(cfg.model)
+    from unlearn_exp.cell import apply_unlearning
+
+    info = apply_unlearning(
+        cfg, comps, ArtifactStore(tmp_path / "c", shipped=[SHIPPED]), cfg.checkpoint, None
+    )
+    assert artifacts.main(["--cache", str(SHIPPED), "export", info["id"], str(tmp_path / "out")]) == 0
+    pipe = PixelDiffusionPipeline.from_pretrained(str(tmp_path / "out"))
+    ours = sample(comps, ["a grape"], [4], steps=4, guidance_scale=6.0).images
+    torch.testing.assert_close(pipe(["a grape"], num_inference_steps=4, guidance_scale=6.0, seeds=[4]).tensors,
+                               ours, atol=1e-4, rtol=0)  # fmt: skip
