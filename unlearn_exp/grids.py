@@ -107,6 +107,22 @@ def render(columns: dict[str, pd.DataFrame], keys: pd.DataFrame, title: str, pat
     return path
 
 
+def _tiles(columns: dict[str, pd.DataFrame], keys: pd.DataFrame) -> list[tuple[str, str]]:
+    """(image file, "column | prompt | verdict") of every drawn tile, row by row."""
+    out = []
+    for key in keys.itertuples(index=False):
+        for name in COLUMNS:
+            frame = columns.get(name)
+            if frame is None:
+                continue
+            m = frame[(frame["case_id"] == key.case_id) & (frame["split"] == key.split)]
+            m = m[m["image_index"] == key.image_index]
+            if len(m) and Path(str(m.iloc[0].get("image_path"))).is_file():
+                hit = m.iloc[0].to_dict()
+                out.append((str(hit["image_path"]), f"{name} | {str(key.prompt)[:60]} | {caption(hit)}"))
+    return out
+
+
 def original_images(cfg_overrides: list[str], rows: pd.DataFrame) -> pd.DataFrame:
     """The original model's images for ``rows`` (same prompts and seeds), through the artifact store."""
     from unlearn_exp.cell import chunk_meta, generate_samples
@@ -142,8 +158,10 @@ def write_grids(
     extra: list[str] | tuple[str, ...] = (),
     n_bench: int = 6,
     n_benign: int = 3,
+    tiles: list[dict[str, Any]] | None = None,
 ) -> list[Path]:
-    """One grid per (task label, beta) of every long table whose cells have rows on disk."""
+    """One grid per (task label, beta) of every long table whose cells have rows on disk; with
+    ``tiles``, each grid's tiles (image file, "column | prompt | verdict") are appended to it."""
     written = []
     for label, table in long_tables.items():
         by_key = {str(r["cell_key"]): r for r in table.used}
@@ -168,4 +186,7 @@ def write_grids(
                 )
             title = f"{label}, DUO beta={int(beta)}: the same prompts and seeds across the methods"
             written.append(render(columns, keys, title, Path(out) / f"grid_{label}_beta{int(beta)}.png"))
+            if tiles is not None:
+                tiles.append({"name": f"{label}_beta{int(beta)}", "png": str(written[-1]), "title": title,
+                              "tiles": _tiles(columns, keys)})  # fmt: skip
     return written

@@ -340,6 +340,22 @@ class Tracker:
         except Exception as e:
             self._fail("wandb log_lineage", e)
 
+    def log_grids(self, grids: Sequence[dict]) -> None:
+        """Each per-checkpoint grid (``grids.write_grids``) as an image, and its tiles as images
+        captioned "column | prompt | verdict"."""
+        if not self.active:
+            return
+        try:
+            import wandb
+
+            data = {}
+            for g in grids:
+                data[f"grid/{g['name']}"] = wandb.Image(g["png"], caption=g["title"])
+                data[f"grid_tiles/{g['name']}"] = [wandb.Image(p, caption=c) for p, c in g["tiles"]]
+            self.run.log(data)
+        except Exception as e:
+            self._fail("wandb log_grids", e)
+
     def _table(self, image_rows):
         """A wandb.Table of the per-image rows; the first ``logger.max_table_images`` with thumbnails."""
         import wandb

@@ -174,6 +174,22 @@ def sources_md(
     return "\n".join(lines)
 
 
+def log_grids(grids: list[dict], scale: str, experiment: str, extra, out: Path) -> None:
+    """With ``logger=wandb`` among the overrides: one run ``report-<scale>`` holding each grid as an
+    image and its tiles as captioned images ("column | prompt | verdict")."""
+    from unlearn_exp.report.tables import _compose
+    from unlearn_exp.tracking import Tracker
+
+    logger_cfg = _compose([f"+experiment={experiment}", *extra]).logger
+    if str(logger_cfg.get("name")) != "wandb":
+        return
+    tracker = Tracker(logger_cfg, dir=out).start(
+        {"name": f"report-{scale}", "stage": "report"}, tags=["report"]
+    )
+    tracker.log_grids(grids)
+    tracker.finish()
+
+
 def write_report(
     rows: pd.DataFrame,
     scale: str,
@@ -198,5 +214,8 @@ def write_report(
         from unlearn_exp.grids import write_grids
 
         longs = {n[len("long_") :]: t for n, t in tables.items() if n.startswith("long_")}
-        written += write_grids(longs, SCALES[scale].main, out, list(extra))
+        tiles: list[dict] = []
+        written += write_grids(longs, SCALES[scale].main, out, list(extra), tiles=tiles)
+        if tiles:
+            log_grids(tiles, scale, next(iter(SCALES[scale].main.values())), extra, out)
     return written
