@@ -117,3 +117,20 @@ def test_no_arguments_runs_the_embedded_toy_default(capsys):
         "toy", "toy", "toy", "toy_features",
     )  # fmt: skip
     assert cfg.hydra.job.name == "unlearn_exp"
+
+
+def test_structured_guidance_configs_refuse_unknown_keys_and_wrong_types():
+    """conf/guidance/*.yaml extend their schema (unlearn_exp/schema.py): the YAML holds the values,
+    the schema the keys and types, and the factories read keys without defaults of their own."""
+    from hydra.errors import ConfigCompositionException
+
+    from unlearn_exp.schema import SCHEMAS
+
+    for (group, name), node in SCHEMAS.items():
+        cfg = compose([f"{group}={name.removesuffix('_schema')}"], hydra=False)
+        assert set(cfg[group]) == set(node.__dataclass_fields__)  # every key, none missing or extra
+    with pytest.raises(ConfigCompositionException):
+        compose(["guidance=sld", "guidance.bogus=1"], hydra=False)
+    with pytest.raises(ConfigCompositionException):
+        compose(["guidance=safree", "guidance.up_t=abc"], hydra=False)
+    assert compose(["guidance=safree", "guidance.alpha=1"], hydra=False).guidance.alpha == 1  # kept as written

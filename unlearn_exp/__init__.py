@@ -16,6 +16,7 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+__import__("unlearn_exp.schema", fromlist=["register"]).register()  # structured configs (schema.py)
 
 # Lightning's pytree helper calls a torch API that this torch version deprecates: a line on every
 # Trainer that a user can do nothing about

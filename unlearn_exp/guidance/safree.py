@@ -345,32 +345,32 @@ def _fourier_reattention(unet: torch.nn.Module, use_safe: list[bool], p: SAFREEP
 def build_safree(guidance_cfg, task_cfg, concept: Concept, step_scale: float = 1.0) -> SAFREE:
     """``guidance=safree``: the subspace is spanned by the pooled embeddings of the keywords (explicit)
     or of each learned token (rank K); ``up_t`` and ``re_attn_t`` count steps of a 50-step sampler."""
-    keywords = list(guidance_cfg.get("keywords") or task_cfg.safree_keywords or [])
+    keywords = list(guidance_cfg["keywords"] or task_cfg.safree_keywords or [])
     if not keywords:
         raise UserError("SAFREE needs keywords: set guidance.keywords or the task's safree_keywords")
     if concept.learned:
         prompts = list(concept.tokens)
-        mode = guidance_cfg.get("cfg_negative", "concept")
+        mode = guidance_cfg["cfg_negative"]
         negatives = {"concept": " ".join(concept.tokens), "keywords": ", ".join(keywords), "empty": ""}
         if mode not in negatives:
             raise UserError(f"guidance.cfg_negative must be one of {list(negatives)}, got '{mode}'")
         negative = negatives[mode]
     else:
         prompts, negative = keywords, ", ".join(keywords)
-    re_attn = tuple(guidance_cfg.get("re_attn_t", (-1, 1001)))
+    re_attn = tuple(guidance_cfg["re_attn_t"])
     params = SAFREEParams(
-        alpha=float(guidance_cfg.get("alpha", 0.01)),
-        svf=bool(guidance_cfg.get("svf", True)),
-        up_t=round(int(guidance_cfg.get("up_t", 10)) * step_scale),
-        svf_k=float(guidance_cfg.get("svf_k", 2.5)),
-        svf_t0=float(guidance_cfg.get("svf_t0", 5.333)),
+        alpha=float(guidance_cfg["alpha"]),
+        svf=bool(guidance_cfg["svf"]),
+        up_t=round(int(guidance_cfg["up_t"]) * step_scale),
+        svf_k=float(guidance_cfg["svf_k"]),
+        svf_t0=float(guidance_cfg["svf_t0"]),
         re_attn_t=(round(int(re_attn[0]) * step_scale), round(int(re_attn[1]) * step_scale)),
-        projection_order=str(guidance_cfg.get("projection_order", "code")),
-        lra=str(guidance_cfg.get("lra", "off")),
-        lra_b1=float(guidance_cfg.get("lra_b1", 1.0)),
-        lra_b2=float(guidance_cfg.get("lra_b2", 1.0)),
-        lra_s1=float(guidance_cfg.get("lra_s1", 0.9)),
-        lra_s2=float(guidance_cfg.get("lra_s2", 0.2)),
-        compat=str(guidance_cfg.get("compat", "fixed")),
+        projection_order=str(guidance_cfg["projection_order"]),
+        lra=str(guidance_cfg["lra"]),
+        lra_b1=float(guidance_cfg["lra_b1"]),
+        lra_b2=float(guidance_cfg["lra_b2"]),
+        lra_s1=float(guidance_cfg["lra_s1"]),
+        lra_s2=float(guidance_cfg["lra_s2"]),
+        compat=str(guidance_cfg["compat"]),
     )
     return SAFREE(concept_prompts=prompts, negative_prompt=negative, params=params)

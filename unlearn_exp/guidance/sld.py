@@ -113,16 +113,14 @@ class SLD(Guidance):
 def build_sld(guidance_cfg, task_cfg, concept: Concept, step_scale: float = 1.0) -> SLD:
     """``guidance=sld``: the safety prompt is the concept text (explicit) or the learned tokens as one
     prompt (sequence embedding); the warm-up counts steps of a 50-step sampler (``step_scale``)."""
-    text = (
-        " ".join(concept.tokens) if concept.learned else (guidance_cfg.get("concept") or task_cfg.sld_concept)
-    )
+    text = " ".join(concept.tokens) if concept.learned else (guidance_cfg["concept"] or task_cfg.sld_concept)
     params = sld_params(
-        guidance_cfg.get("preset", "medium"),
-        warmup_steps=guidance_cfg.get("warmup_steps"),
-        guidance_scale=guidance_cfg.get("guidance_scale"),
-        threshold=guidance_cfg.get("threshold"),
-        momentum_scale=guidance_cfg.get("momentum_scale"),
-        mom_beta=guidance_cfg.get("mom_beta"),
+        guidance_cfg["preset"],
+        warmup_steps=guidance_cfg["warmup_steps"],
+        guidance_scale=guidance_cfg["guidance_scale"],
+        threshold=guidance_cfg["threshold"],
+        momentum_scale=guidance_cfg["momentum_scale"],
+        mom_beta=guidance_cfg["mom_beta"],
     )
     if step_scale != 1.0:
         params = replace(params, warmup_steps=round(params.warmup_steps * step_scale))
