@@ -133,4 +133,6 @@ def test_structured_guidance_configs_refuse_unknown_keys_and_wrong_types():
         compose(["guidance=sld", "guidance.bogus=1"], hydra=False)
     with pytest.raises(ConfigCompositionException):
         compose(["guidance=safree", "guidance.up_t=abc"], hydra=False)
-    assert compose(["guidance=safree", "guidance.alpha=1"], hydra=False).guidance.alpha == 1  # kept as written
+    assert (
+        compose(["guidance=safree", "guidance.alpha=1"], hydra=False).guidance.alpha == 1
+    )  # kept as written
