@@ -145,6 +145,8 @@ def test_gpu_options_are_applied_when_asked(tiny):
     from unlearn_exp.sampling import apply_gpu_options
 
     comps = copy.deepcopy(tiny)
-    apply_gpu_options(comps, {"channels_last": True, "vae_slicing": True})
+    from tests.conftest import compose
+
+    apply_gpu_options(comps, compose(["sampling.channels_last=true", "sampling.vae_slicing=true"]).sampling)
     assert comps.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert comps.vae.use_slicing

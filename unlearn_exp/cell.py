@@ -60,7 +60,7 @@ def sample_identity(cfg, comps: Components) -> dict[str, Any]:
     """The sampler settings a sample artifact depends on, with the run precision resolved."""
     return {
         **sampling_settings(cfg),
-        "precision": resolved_precision(cfg.sampling.get("precision", "auto"), str(comps.device)),
+        "precision": resolved_precision(cfg.sampling.precision, str(comps.device)),
     }
 
 
@@ -104,7 +104,7 @@ def generate_samples(
     from unlearn_exp.sampling import predict_rows
 
     settings = sampling_settings(cfg)
-    size = int(cfg.sampling.get("chunk_size", 64))
+    size = int(cfg.sampling.chunk_size)
     chunks = []
     for start in range(0, len(rows), size):
         part = rows[start : start + size]
@@ -119,9 +119,9 @@ def generate_samples(
                 guidance,
                 part,
                 batch_size=int(cfg.sampling.batch_size),
-                devices=cfg.sampling.get("devices", 1),
-                precision=str(cfg.sampling.get("precision", "auto")),
-                progress=bool(cfg.sampling.get("progress", True)),
+                devices=cfg.sampling.devices,
+                precision=str(cfg.sampling.precision),
+                progress=bool(cfg.sampling.progress),
                 label=chunk_label,
                 **{k: v for k, v in settings.items()},
             )
@@ -756,8 +756,8 @@ def concept(cell: Cell, made: Originals, ck: Unlearned) -> ConceptGuidance:
     cfg = cell.cfg
     conc = resolve_concept(cfg, cell.comps, cell.store, cell.model_id, made.image_set, cell.loggers)
     step_scale = 1.0
-    if cfg.sampling.get("scale_step_counts"):  # presets count steps of a 50-step sampler
-        step_scale = int(cfg.sampling.steps) / int(cfg.sampling.get("reference_steps", 50))
+    if cfg.sampling.scale_step_counts:  # presets count steps of a 50-step sampler
+        step_scale = int(cfg.sampling.steps) / int(cfg.sampling.reference_steps)
     guidance = make_guidance(cfg.guidance, cfg.task, conc, step_scale=step_scale)
     identity = {"model": cell.model_id, "checkpoint": ck.checkpoint_id, "guidance": guidance.describe()}
     if cfg.guidance.name != "none":

@@ -178,7 +178,7 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
         except UserError as exc:
             p.notes.append(f"{name} prompts unknown here ({str(exc).splitlines()[0][:90]})")
     settings = sample_identity(cfg, _SampleModel(model))
-    size = int(cfg.sampling.get("chunk_size", 64))
+    size = int(cfg.sampling.chunk_size)
     original = {"model": model.identity, "checkpoint": "original", "guidance": {"name": "none"}}
     mine = _cell_identity(cfg, model, checkpoint_id, concept_id, original)
     for name, rows in sets.items():
@@ -235,8 +235,8 @@ def _cell_identity(cfg, model: _Model, checkpoint_id, concept_id: str, original:
     tokens = [str(cfg.inversion.placeholder)] if learned else []
     concept = Concept(str(cfg.embedding.source) if learned else "explicit", tokens, concept_id)
     scale = 1.0
-    if cfg.sampling.get("scale_step_counts"):
-        scale = int(cfg.sampling.steps) / int(cfg.sampling.get("reference_steps", 50))
+    if cfg.sampling.scale_step_counts:
+        scale = int(cfg.sampling.steps) / int(cfg.sampling.reference_steps)
     guidance = make_guidance(cfg.guidance, cfg.task, concept, step_scale=scale)
     ident = {"model": model.identity, "checkpoint": checkpoint_id, "guidance": guidance.describe()}
     if cfg.guidance.name != "none":

@@ -175,17 +175,17 @@ def apply_gpu_options(comps: Components, sampling_cfg) -> None:
     """``sampling.compile``, ``channels_last``, ``tf32``, ``vae_slicing``, ``vae_tiling`` (all off by
     default; ``make gpu-check`` measures each). Diffusers' UNet already uses scaled-dot-product
     attention (``AttnProcessor2_0``) where torch provides it."""
-    get = sampling_cfg.get if hasattr(sampling_cfg, "get") else lambda k, d=None: getattr(sampling_cfg, k, d)
-    if get("tf32", False) and torch.cuda.is_available():
+    s = sampling_cfg  # every key present: conf/sampling/default.yaml (schema.py)
+    if s["tf32"] and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if get("channels_last", False):
+    if s["channels_last"]:
         comps.unet.to(memory_format=torch.channels_last)
-    if comps.vae is not None and get("vae_slicing", False):
+    if comps.vae is not None and s["vae_slicing"]:
         comps.vae.enable_slicing()
-    if comps.vae is not None and get("vae_tiling", False):
+    if comps.vae is not None and s["vae_tiling"]:
         comps.vae.enable_tiling()
-    if get("compile", False) and not getattr(comps.unet, "_compiled_by_unlearn_exp", False):
+    if s["compile"] and not getattr(comps.unet, "_compiled_by_unlearn_exp", False):
         compiled = torch.compile(comps.unet)
         compiled._compiled_by_unlearn_exp = True
         comps.unet = compiled

@@ -6,7 +6,7 @@ own: the values live once, in the YAML. Fields are ``MISSING`` (``???``): a YAML
 fails to compose. Numbers that a config may give as an integer or a float are typed ``Any``, so that a
 value keeps the type it was written with (identities hash the config).
 
-Groups with a schema so far: ``guidance`` (none, sld, safree).
+Groups with a schema so far: ``guidance`` (none, sld, safree) and ``sampling``.
 """
 
 from __future__ import annotations
@@ -59,10 +59,33 @@ class SAFREEConfig:
     compat: str = MISSING
 
 
+@dataclass
+class SamplingConfig:
+    """``conf/sampling/default.yaml``: the sampler, its batching and its GPU options."""
+
+    scheduler: str = MISSING
+    steps: int = MISSING
+    guidance_scale: Any = MISSING
+    resolution: Any = MISSING  # ${model.resolution}
+    batch_size: int = MISSING
+    precision: str = MISSING
+    devices: Any = MISSING  # a count or a list of device ids
+    chunk_size: int = MISSING
+    progress: bool = MISSING
+    scale_step_counts: bool = MISSING
+    reference_steps: int = MISSING
+    compile: bool = MISSING
+    channels_last: bool = MISSING
+    tf32: bool = MISSING
+    vae_slicing: bool = MISSING
+    vae_tiling: bool = MISSING
+
+
 SCHEMAS = {
     ("guidance", "none_schema"): NoGuidanceConfig,
     ("guidance", "sld_schema"): SLDConfig,
     ("guidance", "safree_schema"): SAFREEConfig,
+    ("sampling", "default_schema"): SamplingConfig,
 }
 
 
