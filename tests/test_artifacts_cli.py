@@ -65,7 +65,10 @@ def test_a_shipped_toy_checkpoint_exports_as_a_pixel_pipeline(tmp_path):
     info = apply_unlearning(
         cfg, comps, ArtifactStore(tmp_path / "c", shipped=[SHIPPED]), cfg.checkpoint, None
     )
-    assert artifacts.main(["--cache", str(SHIPPED), "export", info["id"], str(tmp_path / "out")]) == 0
+    # found in the shipped cache when the given cache does not hold it
+    assert (
+        artifacts.main(["--cache", str(tmp_path / "empty"), "export", info["id"], str(tmp_path / "out")]) == 0
+    )
     pipe = PixelDiffusionPipeline.from_pretrained(str(tmp_path / "out"))
     ours = sample(comps, ["a grape"], [4], steps=4, guidance_scale=6.0).images
     torch.testing.assert_close(pipe(["a grape"], num_inference_steps=4, guidance_scale=6.0, seeds=[4]).tensors,

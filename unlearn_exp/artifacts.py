@@ -67,11 +67,18 @@ def list_artifacts(root: Path, **filters: Any) -> list[dict[str, Any]]:
 
 
 def find(root: Path, key: str) -> Path:
-    hits = [
-        f.parent
-        for f in root.rglob(KEY_FILE)
-        if f.parent.name.startswith(key) and "quarantine" not in f.parts
-    ]
+    """The artifact whose key starts with ``key``: in ``root``, else in the toy's shipped cache."""
+    from unlearn_exp.toy.artifacts import SHIPPED
+
+    hits = []
+    for where in (root, SHIPPED):
+        hits = [
+            f.parent
+            for f in Path(where).rglob(KEY_FILE)
+            if f.parent.name.startswith(key) and "quarantine" not in f.parts
+        ]
+        if hits:
+            break
     if not hits:
         raise UserError(f"no artifact with key '{key}' under {root}: `python -m unlearn_exp.artifacts list`")
     if len(hits) > 1:
