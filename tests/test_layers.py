@@ -16,6 +16,7 @@ PKG = ROOT / "unlearn_exp"
 LAYERS = [
     {
         "errors",
+        "config",
         "paths",
         "store",
         "registry",

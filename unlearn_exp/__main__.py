@@ -7,12 +7,13 @@ app runs the embedded default: one cell of the toy world (``EMBEDDED_DEFAULT``),
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from unlearn_exp import config
+
+CONF_DIR = str(config.CONF_DIR)
 
 
 # a cell that runs anywhere: the shipped toy model, DUO beta=500 (shipped), SLD with the words

@@ -18,19 +18,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from unlearn_exp.config import compose
 from unlearn_exp.errors import exit_status
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 EXPERIMENT = "toy_duo"
 
 
 def _compose(overrides: list[str], hydra: bool = False):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
+    return compose(overrides, hydra=hydra)
 
 
 def grid(overrides: list[str]) -> list[list[str]]:

@@ -10,10 +10,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from unlearn_exp.config import CONF_DIR
 from unlearn_exp.errors import UserError, exit_status
 from unlearn_exp.report.render import write_report
 from unlearn_exp.report.tables import (
-    CONF_DIR,
     SCALES,
     _as_frame,
     _compose,

@@ -39,7 +39,6 @@ CELL_COLUMNS = (
 # columns newer rows carry; rows without a spec are listed as "other cells", never in a table
 OPTIONAL_COLUMNS = ("checkpoint_label", "spec_key", "spec_json")
 MISSING = "-"
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 # ----------------------------------------------------------------------------- what each scale needs
@@ -573,16 +572,6 @@ def other_cells_table(
 
 
 def _compose(overrides: Sequence[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from unlearn_exp.config import compose
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(
-                config_name="config", overrides=[o for o in overrides if not o.startswith("hydra")]
-            )
-    except Exception as e:
-        raise UserError(f"cannot compose the config {list(overrides)}: {str(e).splitlines()[0]}") from e
-    finally:
-        GlobalHydra.instance().clear()
+    return compose(overrides)

@@ -29,14 +29,9 @@ SHIPPED_SUFFIXES = (".safetensors", ".json", ".csv", ".txt")
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from unlearn_exp.config import compose as compose_config
 
-    conf = str(Path(__file__).resolve().parents[2] / "conf")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    return compose_config(overrides, hydra=True)
 
 
 def sweep_betas(base: list[str]) -> list[str]:
