@@ -517,29 +517,30 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     from unlearn_exp import progress
 
     progress.configure(cfg.get("progress", "auto"))
+    spec = cell_spec(cfg)  # once: for the recorded result and for the cell's own row
     if cfg.get("reuse_results"):
-        done = recorded_result(cfg)
+        done = recorded_result(cfg, spec)
         if done is not None:
             return done
     tracker = Tracker.from_cfg(cfg)
     tracker.start(cfg)
     exit_code = 1
     try:
-        result = _run_cell(cfg, tracker)
+        result = _run_cell(cfg, tracker, spec)
         exit_code = 0
         return result
     finally:
         tracker.finish(exit_code=exit_code)
 
 
-def recorded_result(cfg: DictConfig) -> dict[str, Any] | None:
+def recorded_result(cfg: DictConfig, spec: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The result already recorded for exactly this cell (``reuse_results``): the row under
     ``<results>/<experiment>/`` whose ``spec_key`` is this config's, with the same checkpoint label,
     and both tables present. Nothing is loaded. None where there is none, or where the model's
     weights are not here (its content cannot be checked)."""
     from unlearn_exp.evaluation import read_table
 
-    spec = cell_spec(cfg)
+    spec = spec if spec is not None else cell_spec(cfg)
     if spec["model"]["content"] is None:
         return None
     key, label = spec_key(spec), checkpoint_label(cfg)[1]
@@ -563,7 +564,7 @@ def recorded_result(cfg: DictConfig) -> dict[str, Any] | None:
     return None
 
 
-def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
+def _run_cell(cfg: DictConfig, tracker, spec: dict[str, Any] | None = None) -> dict[str, Any]:
     """The named stages in order; each reads and writes the store, so any of them resumes."""
     started = time.time()
     timings: dict[str, float] = {}
@@ -574,7 +575,7 @@ def _run_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
         timings[stage] = time.time() - t
         return out
 
-    cell = timed("load", open_cell, cfg)
+    cell = timed("load", lambda: open_cell(cfg, spec=spec))
     made = timed("originals", originals, cell)
     ck = timed("unlearn", unlearn, cell)
     conc = timed("concept", concept, cell, made, ck)
@@ -670,14 +671,21 @@ class Scores:
     n_benign: int
 
 
-def open_cell(cfg: DictConfig, *, prompts: bool = True) -> Cell:
+def cell_store(cfg) -> ArtifactStore:
+    """The artifact store a cell reads and writes: ``paths.cache_dir`` over the shipped caches."""
+    from unlearn_exp.models import resolve_local_path
+
+    shipped = [resolve_local_path(str(p)) for p in (cfg.paths.get("shipped_caches") or [])]
+    return ArtifactStore(cfg.paths.cache_dir, shipped=shipped, verify=str(cfg.paths.get("verify", "small")))
+
+
+def open_cell(cfg: DictConfig, *, prompts: bool = True, spec: dict[str, Any] | None = None) -> Cell:
     """Load the model and (unless ``prompts`` is false) the benchmark and PP prompt sets."""
     if cfg.checkpoint.method not in UNLEARNING.names() and not cfg.checkpoint.get("_target_"):
         raise NotImplementedStage(f"unlearning ({cfg.checkpoint.method})")
     from unlearn_exp.models import resolve_local_path
 
-    shipped = [resolve_local_path(str(p)) for p in (cfg.paths.get("shipped_caches") or [])]
-    store = ArtifactStore(cfg.paths.cache_dir, shipped=shipped, verify=str(cfg.paths.get("verify", "small")))
+    store = cell_store(cfg)
     out_dir = job_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.model.get("source") == "pretrained":  # missing weights stop the job before any work
@@ -687,7 +695,7 @@ def open_cell(cfg: DictConfig, *, prompts: bool = True) -> Cell:
     # identity, judge and PP metric before any work: a missing file stops the job here
     from unlearn_exp.evaluation import make_judge, make_pp_metric
 
-    spec = cell_spec(cfg)
+    spec = spec if spec is not None else cell_spec(cfg)
     the_judge, metric = make_judge(cfg.judge), make_pp_metric(cfg.pp.metric)
     bench, bench_attrs, pp_sets = [], {}, {}
     if prompts:

@@ -125,15 +125,13 @@ def _tiles(columns: dict[str, pd.DataFrame], keys: pd.DataFrame) -> list[tuple[s
 
 def original_images(cfg_overrides: list[str], rows: pd.DataFrame) -> pd.DataFrame:
     """The original model's images for ``rows`` (same prompts and seeds), through the artifact store."""
-    from unlearn_exp.cell import chunk_meta, generate_samples
+    from unlearn_exp.cell import cell_store, chunk_meta, generate_samples
     from unlearn_exp.guidance.base import Guidance
-    from unlearn_exp.models import load_model, resolve_local_path
+    from unlearn_exp.models import load_model
     from unlearn_exp.report.tables import _compose
-    from unlearn_exp.store import ArtifactStore
 
     cfg = _compose(cfg_overrides)
-    shipped = [resolve_local_path(str(p)) for p in (cfg.paths.get("shipped_caches") or [])]
-    store = ArtifactStore(cfg.paths.cache_dir, shipped=shipped)
+    store = cell_store(cfg)
     comps = load_model(cfg.model)
     wanted = [
         {"case_id": r.case_id, "prompt": r.prompt, "seed": int(r.seed), "image_index": int(r.image_index)}

@@ -58,11 +58,9 @@ class CellPlan:
 
 def _cache(cfg):
     """The cell's artifact store (with the shipped caches), used only to look."""
-    from unlearn_exp.models import resolve_local_path
-    from unlearn_exp.store import ArtifactStore
+    from unlearn_exp.cell import cell_store
 
-    shipped = [resolve_local_path(str(p)) for p in (cfg.paths.get("shipped_caches") or [])]
-    return ArtifactStore(cfg.paths.cache_dir, shipped=shipped)
+    return cell_store(cfg)
 
 
 def _done_spec_keys(results_dir: Path) -> set[str]:

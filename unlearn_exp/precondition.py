@@ -67,12 +67,11 @@ def direction_alignment(cfg, *, batch_size: int = 16) -> dict[str, float]:
     in the store as ``precondition/<hash>`` by the cell's identity and the probe's words."""
     import json
 
+    from unlearn_exp.cell import cell_store
     from unlearn_exp.identity import cell_spec
-    from unlearn_exp.models import resolve_local_path
-    from unlearn_exp.store import ArtifactStore, atomic_write_json
+    from unlearn_exp.store import atomic_write_json
 
-    shipped = [resolve_local_path(str(p)) for p in (cfg.paths.get("shipped_caches") or [])]
-    store = ArtifactStore(cfg.paths.cache_dir, shipped=shipped)
+    store = cell_store(cfg)
     key = {"cell": cell_spec(cfg), "words": str(cfg.task.sld_concept), "batch_size": batch_size}
 
     def build(tmp: Path) -> None:

@@ -31,8 +31,8 @@ from unlearn_exp.guidance.base import Guidance
 from unlearn_exp.inversion.textual_inversion import (
     LearnedRowsEmbedding,
     add_placeholder_tokens,
-    install_learned_rows,
     merge_learned_rows,
+    token_ids,
 )
 
 RESULT_FILE = "attack.json"
@@ -94,13 +94,13 @@ class UnlearnDiffAtk(L.LightningModule):
             comps, f"<adv{len(comps.tokenizer)}>", settings.k, "a"
         )  # a fresh name
         self.tokens = tokens
-        base = install_learned_rows(comps, tokens)  # then swapped for the projected version
+        table = comps.text_encoder.get_input_embeddings()
         vocab = torch.tensor(_ordinary_vocabulary(comps, len(tokens)))
-        self.rows = ProjectedRows(base.base, base.ids.tolist(), vocab)
+        self.rows = ProjectedRows(table, token_ids(comps, tokens), vocab)
         g = torch.Generator().manual_seed(settings.seed)
         with torch.no_grad():  # random vocabulary rows to start from
             start = vocab[torch.randint(len(vocab), (settings.k,), generator=g)]
-            self.rows.learned.copy_(base.base.weight[start].float())
+            self.rows.learned.copy_(table.weight[start].float())
         comps.text_encoder.set_input_embeddings(self.rows)
         with torch.no_grad():
             z = target.to(comps.device, comps.dtype)
