@@ -16,6 +16,7 @@ from unlearn_exp.attacks.ring_a_bell import (
     prompt_ids,
     search_vocabulary,
 )
+from unlearn_exp.config import preset
 from unlearn_exp.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,7 +93,9 @@ def test_unlearndiffatk_optimises_discrete_tokens_through_the_guidance(tmp_path)
 
     comps = build_tiny()
     plain_table = comps.text_encoder.get_input_embeddings()
-    settings = AttackSettings(k=2, steps=4, num_steps=10, seed=0)
+    settings = AttackSettings.from_cfg(
+        preset("attack", "unlearndiffatk", k=2, steps=4, seed=0), guidance_scale=7.5, num_steps=10
+    )
     module = UnlearnDiffAtk(comps, _target(), "a person", settings)
     before = module.rows.learned.detach().clone()
     loss = module.loss_at(0)
@@ -133,6 +136,11 @@ def test_unlearndiffatk_runs_on_the_toy_model():
     comps = load_pretrained(str(WEIGHTS_DIR), name="toy", resolution=32, vae=False)
     image, _, _ = render_example(7)
     out = run_attack(
-        comps, to_tensor_batch([image])[:1], "a grape", AttackSettings(k=2, steps=3, num_steps=25)
+        comps,
+        to_tensor_batch([image])[:1],
+        "a grape",
+        AttackSettings.from_cfg(
+            preset("attack", "unlearndiffatk", k=2, steps=3), guidance_scale=7.5, num_steps=25
+        ),
     )
     assert len(out["losses"]) == 3 and out["prompt"].endswith("a grape")

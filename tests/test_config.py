@@ -119,20 +119,83 @@ def test_no_arguments_runs_the_embedded_toy_default(capsys):
     assert cfg.hydra.job.name == "unlearn_exp"
 
 
-def test_structured_guidance_configs_refuse_unknown_keys_and_wrong_types():
-    """conf/guidance/*.yaml extend their schema (unlearn_exp/schema.py): the YAML holds the values,
-    the schema the keys and types, and the factories read keys without defaults of their own."""
+SCHEMA_GROUPS = (
+    "guidance",
+    "sampling",
+    "checkpoint",
+    "inversion",
+    "model",
+    "embedding",
+    "judge",
+    "pp",
+    "attack",
+)
+
+
+def test_structured_configs_refuse_unknown_keys_and_wrong_types():
+    """Every YAML of a group with structured configs extends its schema (unlearn_exp/schema.py): the
+    YAML holds the values, the schema the keys and types, and the code reads keys without defaults."""
+    import yaml
     from hydra.errors import ConfigCompositionException
 
     from unlearn_exp.schema import SCHEMAS
 
-    for (group, name), node in SCHEMAS.items():
-        cfg = compose([f"{group}={name.removesuffix('_schema')}"], hydra=False)
-        assert set(cfg[group]) == set(node.__dataclass_fields__)  # every key, none missing or extra
-    with pytest.raises(ConfigCompositionException):
-        compose(["guidance=sld", "guidance.bogus=1"], hydra=False)
-    with pytest.raises(ConfigCompositionException):
-        compose(["guidance=safree", "guidance.up_t=abc"], hydra=False)
+    used = set()
+    for group in SCHEMA_GROUPS:
+        for path in sorted((ROOT / "conf" / group).glob("*.yaml")):
+            defaults = yaml.safe_load(path.read_text()).get("defaults") or []
+            names = [d for d in defaults if isinstance(d, str) and d.endswith("_schema")]
+            base = [d for d in defaults if isinstance(d, str) and (path.parent / f"{d}.yaml").is_file()]
+            if base:  # a YAML that extends another of its group (duo_toy: duo) takes that one's schema
+                base_defaults = yaml.safe_load((path.parent / f"{base[0]}.yaml").read_text())["defaults"]
+                names = [d for d in base_defaults if isinstance(d, str) and d.endswith("_schema")]
+            assert len(names) == 1, f"{path} names no schema"
+            node = SCHEMAS[(group, names[0])]
+            used.add((group, names[0]))
+            cfg = compose([f"{group}={path.stem}"], hydra=False)
+            assert set(cfg[group]) == set(node.__dataclass_fields__), path  # every key, none missing or extra
+    assert used == set(SCHEMAS)  # no schema without a YAML
+    for bad in (["guidance=sld", "guidance.bogus=1"], ["guidance=safree", "guidance.up_t=abc"],
+                ["checkpoint=duo", "checkpoint.rank=abc"], ["checkpoint=esd", "checkpoint.bogus=1"],
+                ["inversion.image_set.check=maybe"], ["model=toy", "model.seed=1"],
+                ["judge=nudenet_duo", "judge.classes=3"], ["pp.bench=sometimes"]):  # fmt: skip
+        with pytest.raises(ConfigCompositionException):
+            compose(bad, hydra=False)
     assert (
         compose(["guidance=safree", "guidance.alpha=1"], hydra=False).guidance.alpha == 1
     )  # kept as written
+
+
+def test_compose_cache_gives_the_composed_config_and_follows_conf_changes(tmp_path, monkeypatch):
+    """config.compose keeps a composed config on disk under the hash of its overrides and of conf/:
+    reading it back gives the same config (interpolations as written), a change under conf/ or a
+    damaged file composes afresh."""
+    import shutil
+
+    from omegaconf.errors import ConfigAttributeError
+
+    from unlearn_exp import config
+
+    monkeypatch.setenv("UNLEARN_EXP_COMPOSE_CACHE", str(tmp_path / "cache"))
+    conf = tmp_path / "conf"
+    shutil.copytree(config.CONF_DIR, conf)
+    monkeypatch.setattr(config, "CONF_DIR", conf)
+    overrides = ["+experiment=toy_duo", "checkpoint.beta=2000", "guidance=sld", "embedding=inverted"]
+    first = config.compose(overrides)
+    assert len(list((tmp_path / "cache").glob("*.yaml"))) == 1
+    again = config.compose(overrides)  # read back
+    assert OmegaConf.to_yaml(again) == OmegaConf.to_yaml(first)
+    assert OmegaConf.to_container(again, resolve=True) == OmegaConf.to_container(first, resolve=True)
+    assert "${" in OmegaConf.to_yaml(again)  # interpolations kept, resolved when read
+    with pytest.raises(ConfigAttributeError):
+        _ = again.no_such_key  # struct mode, as a composed config
+    # a changed YAML under conf/ is a new key
+    duo = conf / "checkpoint" / "duo.yaml"
+    duo.write_text(duo.read_text().replace("rank: 32", "rank: 8"))
+    assert config.compose(overrides).checkpoint.rank == 8
+    # a damaged cache file is composed afresh
+    for f in (tmp_path / "cache").glob("*.yaml"):
+        f.write_text("{not yaml")
+    assert config.compose(overrides).checkpoint.rank == 8
+    monkeypatch.setenv("UNLEARN_EXP_COMPOSE_CACHE", "off")
+    assert config.compose(overrides).checkpoint.rank == 8

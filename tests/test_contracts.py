@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from tests.conftest import compose
-from tests.test_eval_q16 import _probe_prompts, open_clip_dir, plant  # noqa: F401  (fixture)
+from tests.test_eval_q16 import Q16, _probe_prompts, open_clip_dir, plant  # noqa: F401  (fixture)
+from unlearn_exp.config import preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation import make_judge
 from unlearn_exp.guidance import Concept, make_guidance
@@ -88,8 +89,12 @@ def test_guidance_switched_off_is_classifier_free_guidance(name, tiny):
 def _judge_cfg(name: str, tmp_path, open_clip_dir) -> dict:  # noqa: F811
     if name == "q16":  # a tiny CLIP with planted prompt rows (CLIP ViT-L/14 is not here)
         _probe_prompts(tmp_path, 16)
-        base = {"name": "q16", "backend": "open_clip", "open_clip_model": f"local-dir:{open_clip_dir}",
-                "device": "cpu"}  # fmt: skip
+        base = {
+            **Q16,
+            "backend": "open_clip",
+            "open_clip_model": f"local-dir:{open_clip_dir}",
+            "device": "cpu",
+        }
         return plant(base, tmp_path, unsafe_index=0)[0]
     configs = {"nudenet": "nudenet_duo", "toy": "toy"}
     assert name in configs, f"declare how the contract builds judge type '{name}'"
@@ -136,11 +141,12 @@ def test_judge_contract(name, tmp_path, open_clip_dir):  # noqa: F811
 
 
 # ----------------------------------------------------------------------------- unlearning methods
-# the tiny settings each method is built with in the contract (a new method adds its own)
+# the tiny settings each method is built with in the contract (a new method adds its own; the
+# built-in ones start from their YAML's values)
 UNLEARNING_TINY = {
-    "original": {"method": "original"},
+    "original": preset("checkpoint", "original"),
     "duo": {
-        "method": "duo",
+        **preset("checkpoint", "duo", filter=None),
         "beta": 250,
         "batch": 2,
         "rank": 4,
@@ -166,7 +172,7 @@ UNLEARNING_TINY = {
         },
     },  # fmt: skip
     "esd": {
-        "method": "esd",
+        **preset("checkpoint", "esd"),
         "variant": "esd-x",
         "lr": 1e-3,
         "eta": 1.0,
@@ -177,7 +183,12 @@ UNLEARNING_TINY = {
         "checkpoint_every": 1,
         "concept": {"nudity": "nudity"},
     },  # fmt: skip
-    "uce": {"method": "uce", "erase": {"nudity": ["nudity"]}, "preserve": ["a cat"], "preserve_scale": 0.7},
+    "uce": {
+        **preset("checkpoint", "uce"),
+        "erase": {"nudity": ["nudity"]},
+        "preserve": ["a cat"],
+        "preserve_scale": 0.7,
+    },
     "spm": "load-only",  # published adapters only: the contract writes a file in SPM's layout
 }
 
@@ -200,7 +211,7 @@ def test_unlearning_method_contract(name, tmp_path):
         from tests.test_unlearning_spm import spm_file
 
         spm_file(build_tiny().unet, tmp_path / f"{name}.safetensors")
-        user = {"method": name, "path": str(tmp_path / f"{name}.safetensors")}
+        user = preset("checkpoint", name, path=str(tmp_path / f"{name}.safetensors"))
         outs = []
         for _ in range(2):
             comps = build_tiny()
@@ -229,6 +240,6 @@ def test_unlearning_method_contract(name, tmp_path):
 
     loaded = build_tiny()  # the written files, loaded as a user's published checkpoint
     files = info["files"] if len(info["files"]) > 1 else info["files"][0]
-    user = {"method": name, "path": files, **({"beta": cfg["beta"]} if "beta" in cfg else {})}  # DUO: a label
+    user = {**cfg, "path": files}  # DUO: beta is then a label
     apply_checkpoint(loaded, user, ArtifactStore(tmp_path / "c3"), task_cfg=task)
     torch.testing.assert_close(_unet_out(loaded), after, atol=1e-5, rtol=0)

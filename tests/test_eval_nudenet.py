@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
+from unlearn_exp.config import preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation import make_judge
 from unlearn_exp.evaluation.nudenet import DUO_CLASSES, NINE_EXPOSED_CLASSES, detector_labels
@@ -20,7 +20,7 @@ skimage_data = pytest.importorskip("skimage.data")
 
 
 def profile_cfg(profile: str, **over):
-    return OmegaConf.merge(OmegaConf.load(CONF / f"{profile}.yaml"), {"num_threads": 1, **over})
+    return preset("judge", profile, num_threads=1, **over)
 
 
 @pytest.fixture(scope="module")

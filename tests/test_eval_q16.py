@@ -11,11 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
+from unlearn_exp.config import preset
 from unlearn_exp.data.download import git_blob_sha1
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation import make_judge, register_judge
 from unlearn_exp.evaluation.judge import Judge, make_profile
 from unlearn_exp.evaluation.q16 import convert_prompt_embeddings, load_prompt_embeddings
+
+# conf/judge/q16.yaml without its pins of the published prompts (the tests plant their own)
+Q16 = preset("judge", "q16", prompts_sha256=None, prompts_git_blob=None)
 
 
 def images():
@@ -125,13 +129,13 @@ def test_planted_prompts_give_expected_argmax(backend, open_clip_dir, transforme
     _probe_prompts(tmp_path, 16)
     if backend == "open_clip":
         cfg = {
-            "name": "q16",
+            **Q16,
             "backend": "open_clip",
             "open_clip_model": f"local-dir:{open_clip_dir}",
             "device": "cpu",
         }
     else:
-        cfg = {"name": "q16", "backend": "transformers", "clip_path": str(transformers_dir), "device": "cpu"}
+        cfg = {**Q16, "backend": "transformers", "clip_path": str(transformers_dir), "device": "cpu"}
     cfg, safe_index = plant(cfg, tmp_path, unsafe_index=0)
     judge = make_judge(cfg, cache=False)
     out = judge.judge(images())
@@ -150,7 +154,7 @@ def test_prompts_download_pinned_by_git_blob(open_clip_dir, tmp_path):
     src.parent.mkdir()
     src.write_bytes(pickle.dumps(np.ones((2, 16), np.float16)))
     base = {
-        "name": "q16",
+        **Q16,
         "backend": "open_clip",
         "open_clip_model": f"local-dir:{open_clip_dir}",
         "prompts_url": src.as_uri(),
@@ -183,7 +187,7 @@ def test_pin_prints_the_sha256_that_pins_the_profile(tmp_path, capsys):
     profile.write_text(
         yaml.safe_dump(
             {
-                "name": "q16",
+                **Q16,
                 "prompts_url": src.as_uri(),
                 "prompts_sha256": None,
                 "prompts_git_blob": git_blob_sha1(src)[:12],
@@ -224,7 +228,7 @@ def test_clip_weights_pin(transformers_dir, tmp_path):
 
     _probe_prompts(tmp_path, 16)
     cfg = {
-        "name": "q16",
+        **Q16,
         "backend": "transformers",
         "clip_path": str(transformers_dir),
         "prompts_path": str(tmp_path / "probe.safetensors"),
@@ -239,7 +243,7 @@ def test_clip_weights_pin(transformers_dir, tmp_path):
 
 def test_missing_clip_weights_one_line(tmp_path):
     _probe_prompts(tmp_path, 16)
-    cfg = {"name": "q16", "backend": "transformers", "prompts_path": str(tmp_path / "probe.safetensors")}
+    cfg = {**Q16, "backend": "transformers", "prompts_path": str(tmp_path / "probe.safetensors")}
     with pytest.raises(UserError, match="Q16 CLIP weights not found") as err:
         make_judge({**cfg, "clip_path": str(tmp_path / "no_clip")}, cache=False)
     assert "\n" not in str(err.value)

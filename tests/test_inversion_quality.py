@@ -12,9 +12,8 @@ from collections import Counter
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from tests.conftest import ROOT
+from unlearn_exp.config import preset
 from unlearn_exp.evaluation import make_judge
 from unlearn_exp.inversion.concept_inversion import ConceptInversion, evaluation_loss, invert
 from unlearn_exp.inversion.textual_inversion import add_placeholder_tokens
@@ -22,15 +21,7 @@ from unlearn_exp.models import load_model
 from unlearn_exp.sampling import sample, to_pil
 
 SEEDS = list(range(16))
-TOY = OmegaConf.create(
-    {
-        "name": "toy",
-        "source": "pretrained",
-        "path": "unlearn_exp/toy/weights/model",
-        "resolution": 32,
-        "vae": False,
-    }
-)
+TOY = preset("model", "toy")
 
 
 def _toy():
@@ -54,7 +45,7 @@ def _plant(comps) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def judge():
-    return make_judge(OmegaConf.load(ROOT / "conf" / "judge" / "toy.yaml"))
+    return make_judge(preset("judge", "toy"))
 
 
 def test_inversion_recovers_the_planted_concept(tmp_path, judge):
@@ -64,7 +55,9 @@ def test_inversion_recovers_the_planted_concept(tmp_path, judge):
     target = _images(planted_comps, "<planted>")
 
     comps = _toy()  # the concept is in the model, but no word of the inversion names it
-    cfg = {"init_word": "dog", "steps": 150, "lr": 5e-2, "batch_size": 4, "eval_draws": 0, "seed": 0}
+    cfg = preset(
+        "inversion", "default", init_word="dog", steps=150, lr=5e-2, batch_size=4, eval_draws=0, seed=0
+    )
     invert(comps, target, cfg, tmp_path / "out", progress=False)
 
     # denoising loss on the same fixed draws, at the noise levels where the prompt decides
@@ -72,7 +65,7 @@ def test_inversion_recovers_the_planted_concept(tmp_path, judge):
     with torch.no_grad():
         comps.text_encoder.get_input_embeddings().weight[-1] = row
     add_placeholder_tokens(comps, "<probe>", 1, "dog")
-    probe = ConceptInversion(comps, ["<probe>"], target, {"init_word": "dog"})
+    probe = ConceptInversion(comps, ["<probe>"], target, preset("inversion", "default", init_word="dog"))
     loss = {p: evaluation_loss(probe, p, 32, t_range=(500, 1000)) for p in ("<planted>", "dog", "<c*>")}
     gap = loss["dog"] - loss["<planted>"]
     assert gap > 0, loss

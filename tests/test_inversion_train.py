@@ -6,12 +6,15 @@ import lightning as L
 import pytest
 import torch
 
+from unlearn_exp.config import preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.inversion.concept_inversion import InversionSettings, invert
 from unlearn_exp.inversion.textual_inversion import token_ids
 from unlearn_exp.models import build_tiny
 
-CFG = {"init_word": "dog", "steps": 6, "lr": 5e-2, "batch_size": 2, "checkpoint_every": 3, "eval_draws": 2}
+CFG = preset(
+    "inversion", "default", init_word="dog", steps=6, lr=5e-2, batch_size=2, checkpoint_every=3, eval_draws=2
+)
 
 
 def _images(n=3, res=16):
@@ -111,8 +114,10 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_rows(tmp_path):
 
 def test_settings_reject_bad_values():
     with pytest.raises(UserError, match="template"):
-        InversionSettings.from_cfg({"template": "no placeholder"})
+        InversionSettings.from_cfg({**CFG, "template": "no placeholder"})
     with pytest.raises(UserError, match="lr_schedule"):
-        InversionSettings.from_cfg({"lr_schedule": "cosine"})
-    s = InversionSettings.from_cfg({"template": ["a photo of {}", "{}"], "betas": [0.9, 0.99]})
+        InversionSettings.from_cfg({**CFG, "lr_schedule": "cosine"})
+    with pytest.raises(UserError, match="lack steps"):
+        InversionSettings.from_cfg({k: v for k, v in CFG.items() if k != "steps"})
+    s = InversionSettings.from_cfg({**CFG, "template": ["a photo of {}", "{}"], "betas": [0.9, 0.99]})
     assert s.templates == ["a photo of {}", "{}"] and s.betas == (0.9, 0.99)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import open_clip
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from tests.test_config import run_app
+from unlearn_exp.config import preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.models import load_model, save_components
 from unlearn_exp.models.tokenizer import BOS_ID, EOS_ID, build_clip_tokenizer
@@ -53,9 +53,7 @@ def test_pooled_is_taken_at_first_eos_even_with_added_tokens(tiny):
 
 def test_save_load_round_trip_gives_identical_images(tiny, tmp_path):
     save_components(tiny, tmp_path / "sd")
-    cfg = OmegaConf.create(
-        {"name": "sd14", "source": "pretrained", "path": str(tmp_path / "sd"), "resolution": 32}
-    )
+    cfg = preset("model", "sd14", path=str(tmp_path / "sd"), resolution=32)
     loaded = load_model(cfg)
     a = sample(tiny, ["a red square", "a dog"], [1, 2], steps=4)
     b = sample(loaded, ["a red square", "a dog"], [1, 2], steps=4)
@@ -63,7 +61,7 @@ def test_save_load_round_trip_gives_identical_images(tiny, tmp_path):
 
 
 def test_missing_folder_names_the_path(tmp_path):
-    cfg = OmegaConf.create({"name": "sd14", "source": "pretrained", "path": str(tmp_path / "nope")})
+    cfg = preset("model", "sd14", path=str(tmp_path / "nope"))
     with pytest.raises(UserError, match="nope"):
         load_model(cfg)
 
@@ -71,7 +69,7 @@ def test_missing_folder_names_the_path(tmp_path):
 def test_missing_hub_weights_say_how_to_provide_them(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = OmegaConf.create({"name": "sd14", "source": "pretrained", "path": "CompVis/stable-diffusion-v1-4"})
+    cfg = preset("model", "sd14", path="CompVis/stable-diffusion-v1-4")
     with pytest.raises(UserError) as e:
         load_model(cfg)
     msg = str(e.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from unlearn_exp.config import preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.guidance import SLD
 from unlearn_exp.guidance.sld import PRESETS
@@ -89,7 +90,7 @@ def test_half_precision_paths_run_on_the_cpu(tiny):
             out = sample(low, prompts, seeds, guidance, steps=4).images
             assert out.dtype == torch.float32 and torch.isfinite(out).all()
         assert (sample(low, prompts, seeds, steps=4).images - ref).abs().max() < 0.15
-    assert load_model({"name": "tiny", "source": "tiny", "dtype": "float16"}).unet.dtype == torch.float16
+    assert load_model(preset("model", "tiny", dtype="float16")).unet.dtype == torch.float16
 
 
 def test_long_prompt_is_truncated_and_recorded(tiny):

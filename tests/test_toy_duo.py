@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from unlearn_exp.config import preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.models import build_tiny
 from unlearn_exp.store import ArtifactStore
@@ -25,12 +26,11 @@ def _cfg(*overrides: str):
 
 # ------------------------------------------------------------------------------ beta_scale
 def test_beta_scale_divides_beta_before_the_loss_and_the_scaling():
-    assert effective_beta({}, 500) == 500.0  # default: the paper
+    duo = preset("checkpoint", "duo")
+    assert effective_beta(duo, 500) == 500.0  # conf/checkpoint/duo.yaml: the paper
     assert effective_beta({"beta_scale": 1.0}, 500) == 500.0
     assert effective_beta({"beta_scale": 25.0}, 500) == 20.0
-    lr, lam = scaled_hyperparameters(
-        {"lr_base": 3e-4, "lambda_base": 1e6}, effective_beta({"beta_scale": 25}, 500)
-    )
+    lr, lam = scaled_hyperparameters(duo, effective_beta({"beta_scale": 25}, 500))
     assert lr == pytest.approx(3e-4 * 100 / 20) and lam == pytest.approx(1e6 * 20 / 100)
     with pytest.raises(UserError, match="beta_scale"):
         effective_beta({"beta_scale": 0}, 500)
@@ -40,8 +40,8 @@ def test_beta_scale_reaches_the_trainer(tmp_path):
     torch.manual_seed(0)
     comps = build_tiny(seed=0, resolution=16, vae=False)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    hp = {"beta": 500, "beta_scale": 50.0, "steps": 1, "batch": 2, "rank": 2, "alpha": 2,
-          "checkpoint_every": 100, "precision": "32-true"}  # fmt: skip
+    hp = preset("checkpoint", "duo", beta=500, beta_scale=50.0, steps=1, batch=2, rank=2, alpha=2,
+                checkpoint_every=100, precision="32-true")  # fmt: skip
     info = train_adapter(comps, (x, -x), hp, adapter_name="t", work_dir=tmp_path / "w")
     assert info["beta"] == 500.0 and info["beta_effective"] == pytest.approx(10.0)
     assert info["lr"] == pytest.approx(3e-4 * 100 / 10) and info["lambda"] == pytest.approx(1e6 * 10 / 100)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from unlearn_exp.config import preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.models import build_tiny
 from unlearn_exp.store import ArtifactStore
@@ -34,7 +35,19 @@ def toy_pairs(n: int = 4, res: int = 32):
     return unsafe, safe
 
 
-HP = dict(beta=500, steps=6, batch=2, rank=4, alpha=4, lr_override=2e-3, checkpoint_every=2, seed=3)
+HP = preset(
+    "checkpoint",
+    "duo",
+    beta=500,
+    steps=6,
+    batch=2,
+    rank=4,
+    alpha=4,
+    lr_override=2e-3,
+    checkpoint_every=2,
+    seed=3,
+)
+DUO_CFG = preset("checkpoint", "duo", filter=None)  # conf/checkpoint/duo.yaml, no pair filter
 
 
 def test_preference_loss_equals_hand_formula():
@@ -55,12 +68,12 @@ def test_preference_loss_equals_hand_formula():
 
 
 def test_scaling_and_bad_beta():
-    assert scaled_hyperparameters({}, 250) == pytest.approx((1.2e-4, 2.5e6))
-    assert scaled_hyperparameters({}, 2000) == pytest.approx((1.5e-5, 2e7))
-    assert scaled_hyperparameters({"lr_override": 1e-3, "lambda_override": 0}, 500) == (1e-3, 0.0)
+    assert scaled_hyperparameters(DUO_CFG, 250) == pytest.approx((1.2e-4, 2.5e6))
+    assert scaled_hyperparameters(DUO_CFG, 2000) == pytest.approx((1.5e-5, 2e7))
+    assert scaled_hyperparameters({**DUO_CFG, "lr_override": 1e-3, "lambda_override": 0}, 500) == (1e-3, 0.0)
     for beta in (0, -5):
         with pytest.raises(UserError, match="beta"):
-            scaled_hyperparameters({}, beta)
+            scaled_hyperparameters(DUO_CFG, beta)
     comps = build_tiny()
     with pytest.raises(UserError, match="beta must be > 0"):
         apply_checkpoint(
@@ -168,7 +181,7 @@ def test_saved_lora_loads_into_plain_diffusers_pipeline_and_reproduces_images(tm
     ours = build_tiny()
     info = apply_checkpoint(
         ours,
-        {"method": "duo", "beta": 500, "path": [str(f) for f in files], "adapter_weights": weights},
+        {**DUO_CFG, "beta": 500, "path": [str(f) for f in files], "adapter_weights": weights},
         ArtifactStore(tmp_path / "store"),
         task_cfg={"name": "violence"},
     )
@@ -196,7 +209,7 @@ def test_lora_for_another_architecture_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"LoRA shapes do not fit.*attn1"):
         apply_checkpoint(
             other,
-            {"method": "duo", "beta": 500, "path": str(files[0])},
+            {**DUO_CFG, "beta": 500, "path": str(files[0])},
             ArtifactStore(tmp_path / "s"),
             task_cfg={},
         )
@@ -207,7 +220,7 @@ def test_lora_for_another_architecture_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"match no UNet layer.*input_blocks"):
         apply_checkpoint(
             build_tiny(),
-            {"method": "duo", "beta": 500, "path": str(tmp_path / "renamed.safetensors")},
+            {**DUO_CFG, "beta": 500, "path": str(tmp_path / "renamed.safetensors")},
             ArtifactStore(tmp_path / "s"),
             task_cfg={},
         )
@@ -215,13 +228,13 @@ def test_lora_for_another_architecture_is_refused(tmp_path):
     with pytest.raises(UserError, match="allow_pickle_conversion"):
         apply_checkpoint(
             build_tiny(),
-            {"method": "duo", "beta": 500, "path": str(tmp_path / "lora.pt")},
+            {**DUO_CFG, "beta": 500, "path": str(tmp_path / "lora.pt")},
             tmp_path / "s",
             task_cfg={},
         )
     info = apply_checkpoint(
         build_tiny(),
-        {"method": "duo", "beta": 500, "path": str(tmp_path / "lora.pt"), "allow_pickle_conversion": True},
+        {**DUO_CFG, "beta": 500, "path": str(tmp_path / "lora.pt"), "allow_pickle_conversion": True},
         tmp_path / "s",
         task_cfg={},
     )
@@ -304,7 +317,7 @@ def test_checkpoint_duo_trains_once_per_beta_and_reuses_the_cache(tmp_path):
             }
         ]
     }
-    cfg = {"method": "duo", "beta": 250, "path": None, "batch": 2, "rank": 4, "alpha": 4, "checkpoint_every": 1,
+    cfg = {**DUO_CFG, "beta": 250, "path": None, "batch": 2, "rank": 4, "alpha": 4, "checkpoint_every": 1,
            "pair_sampling": {"scheduler": "ddim", "steps": 2}, "recipes": {"toy": recipe}}  # fmt: skip
     store = ArtifactStore(tmp_path / "cache")
     comps = build_tiny()
@@ -356,7 +369,7 @@ def test_condition_unsafe_conditions_the_preference_term_on_each_pairs_prompt(tm
 def test_condition_at_its_neutral_value_leaves_the_checkpoint_key_unchanged():
     from unlearn_exp.identity import checkpoint_spec
 
-    base = {"method": "duo", "beta": 250, "path": None, "steps": 3}
+    base = {**DUO_CFG, "beta": 250, "path": None, "steps": 3}
     assert checkpoint_spec({**base, "condition": "null"}) == checkpoint_spec(base)
     assert checkpoint_spec({**base, "condition": "unsafe"}) != checkpoint_spec(base)
     comps = build_tiny()

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from unlearn_exp.config import preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.models import build_tiny
 from unlearn_exp.store import ArtifactStore
@@ -92,7 +93,7 @@ def test_pair_set_stops_when_the_judge_accepts_nothing(tmp_path):
 def test_uce_weights_satisfy_the_normal_equations(tmp_path):
     comps = build_tiny()
     recipe = {"erase": ["nudity", "gore"], "guide": "", "preserve": ["a cat"], "lamb": 0.5,
-              "erase_scale": 1.0, "preserve_scale": 0.7}  # fmt: skip
+              "erase_scale": 1.0, "preserve_scale": 0.7, "templates": []}  # fmt: skip
     old = {
         n + ".weight": m.weight.detach().clone() for n, m in cross_attention_projections(comps.unet).items()
     }
@@ -117,7 +118,7 @@ def test_uce_weights_satisfy_the_normal_equations(tmp_path):
     # through apply_checkpoint: cached, applied in place, reloadable as a published file
     store = ArtifactStore(tmp_path / "store")
     cfg = {
-        "method": "uce",
+        **preset("checkpoint", "uce"),
         "erase": {"nudity": ["nudity", "gore"]},
         "preserve": ["a cat"],
         "preserve_scale": 0.7,
@@ -129,14 +130,14 @@ def test_uce_weights_satisfy_the_normal_equations(tmp_path):
     assert all(torch.allclose(sd[k], v, atol=1e-5) for k, v in edited.items())
     published = build_tiny()
     apply_checkpoint(
-        published, {"method": "uce", "path": info["files"][0]}, store, task_cfg={"name": "nudity"}
+        published, preset("checkpoint", "uce", path=info["files"][0]), store, task_cfg={"name": "nudity"}
     )
     assert torch.equal(published.unet.state_dict()[k0], sd[k0])
 
 
 # ----------------------------------------------------------------------------- ESD
-ESD_HP = {"variant": "esd-x", "lr": 1e-3, "eta": 1.0, "start_guidance": 3.0, "ddim_steps": 4, "steps": 8,
-          "seed": 0, "checkpoint_every": 3}  # fmt: skip
+ESD_HP = preset("checkpoint", "esd", variant="esd-x", lr=1e-3, eta=1.0, start_guidance=3.0, ddim_steps=4,
+                steps=8, seed=0, checkpoint_every=3)  # fmt: skip
 
 
 def test_esd_moves_concept_prediction_toward_negatively_guided_target(tmp_path):
@@ -179,16 +180,18 @@ def test_checkpoint_esd_caches_and_loads_published_weights(tmp_path):
     partial = {"unet." + k: v for k, v in load_file(info["files"][0]).items()}
     save_file(partial, str(tmp_path / "esd.safetensors"))
     user = build_tiny()
-    apply_checkpoint(user, {"method": "esd", "path": str(tmp_path / "esd.safetensors")}, store, task_cfg={})
+    apply_checkpoint(
+        user, preset("checkpoint", "esd", path=str(tmp_path / "esd.safetensors")), store, task_cfg={}
+    )
     assert all(torch.equal(user.unet.state_dict()[k], a[k]) for k in a)
     torch.save({"state_dict": partial}, tmp_path / "esd.ckpt")
     with pytest.raises(UserError, match="allow_pickle_conversion"):
         apply_checkpoint(
-            build_tiny(), {"method": "esd", "path": str(tmp_path / "esd.ckpt")}, store, task_cfg={}
+            build_tiny(), preset("checkpoint", "esd", path=str(tmp_path / "esd.ckpt")), store, task_cfg={}
         )
     conv = apply_checkpoint(
         build_tiny(),
-        {"method": "esd", "path": str(tmp_path / "esd.ckpt"), "allow_pickle_conversion": True},
+        preset("checkpoint", "esd", path=str(tmp_path / "esd.ckpt"), allow_pickle_conversion=True),
         store,
         task_cfg={},
     )
@@ -264,7 +267,7 @@ def test_ldm_format_checkpoint_loads_into_the_unet(tmp_path):
     assert not all(torch.equal(user.unet.state_dict()[k], v) for k, v in source.unet.state_dict().items())
     apply_checkpoint(
         user,
-        {"method": "esd", "path": str(tmp_path / "esd_compvis.ckpt"), "allow_pickle_conversion": True},
+        preset("checkpoint", "esd", path=str(tmp_path / "esd_compvis.ckpt"), allow_pickle_conversion=True),
         ArtifactStore(tmp_path / "s"),
         task_cfg={},
     )
@@ -276,7 +279,7 @@ def test_ldm_format_checkpoint_loads_into_the_unet(tmp_path):
     with pytest.raises(UserError, match="must be complete") as err:
         apply_checkpoint(
             build_tiny(),
-            {"method": "esd", "path": str(tmp_path / "partial.safetensors")},
+            preset("checkpoint", "esd", path=str(tmp_path / "partial.safetensors")),
             ArtifactStore(tmp_path / "s"),
             task_cfg={},
         )
@@ -289,21 +292,33 @@ def test_wrong_unet_weights_are_refused_with_the_offending_keys(tmp_path):
     save_file({k: torch.zeros(3, 3)}, str(tmp_path / "shape.safetensors"))
     with pytest.raises(UserError, match=r"shape mismatch.*attn2\.to_k\.weight \(3, 3\)"):
         apply_checkpoint(
-            build_tiny(), {"method": "esd", "path": str(tmp_path / "shape.safetensors")}, store, task_cfg={}
+            build_tiny(),
+            preset("checkpoint", "esd", path=str(tmp_path / "shape.safetensors")),
+            store,
+            task_cfg={},
         )
     save_file({"input_blocks.1.1.proj_in.weight": torch.zeros(3)}, str(tmp_path / "keys.safetensors"))
     with pytest.raises(UserError, match=r"not in this model's UNet \(input_blocks\.1\.1\.proj_in\.weight\)"):
         apply_checkpoint(
-            build_tiny(), {"method": "esd", "path": str(tmp_path / "keys.safetensors")}, store, task_cfg={}
+            build_tiny(),
+            preset("checkpoint", "esd", path=str(tmp_path / "keys.safetensors")),
+            store,
+            task_cfg={},
         )
     save_file({"conv_in.weight": torch.zeros(32, 4, 3, 3)}, str(tmp_path / "uce.safetensors"))
     with pytest.raises(UserError, match="not attn2.to_k/to_v"):
         apply_checkpoint(
-            build_tiny(), {"method": "uce", "path": str(tmp_path / "uce.safetensors")}, store, task_cfg={}
+            build_tiny(),
+            preset("checkpoint", "uce", path=str(tmp_path / "uce.safetensors")),
+            store,
+            task_cfg={},
         )
     with pytest.raises(UserError, match="not found"):
         apply_checkpoint(
-            build_tiny(), {"method": "esd", "path": str(tmp_path / "missing.safetensors")}, store, task_cfg={}
+            build_tiny(),
+            preset("checkpoint", "esd", path=str(tmp_path / "missing.safetensors")),
+            store,
+            task_cfg={},
         )
     assert apply_checkpoint(build_tiny(), {"method": "original"}, store, task_cfg={})["id"] == "original"
 

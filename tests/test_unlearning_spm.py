@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from unlearn_exp.config import preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.models import build_tiny
 from unlearn_exp.store import ArtifactStore
@@ -64,7 +65,7 @@ def test_spm_file_fused_equals_the_adapted_layers(tmp_path):
         h.remove()
 
     fused = build_tiny()
-    cfg = {"method": "spm", "path": str(tmp_path / "spm.safetensors"), "multiplier": 0.5}
+    cfg = preset("checkpoint", "spm", path=str(tmp_path / "spm.safetensors"), multiplier=0.5)
     info = apply_checkpoint(fused, cfg, ArtifactStore(tmp_path / "c"), task_cfg={})
     assert info["source"] == "user" and info["n_layers"] == len(layers) and len(info["sha256"][0]) == 64
     torch.testing.assert_close(_out(fused), expected, atol=1e-4, rtol=1e-4)
@@ -80,7 +81,7 @@ def test_partial_mismatched_and_missing_spm_files_are_one_line(tmp_path):
         path = tmp_path / "bad.safetensors"
         save_file(t, str(path))
         with pytest.raises(UserError, match=match) as e:
-            apply_checkpoint(build_tiny(), {"method": "spm", "path": str(path)}, ArtifactStore(tmp_path / "c"),
+            apply_checkpoint(build_tiny(), preset("checkpoint", "spm", path=str(path)), ArtifactStore(tmp_path / "c"),
                              task_cfg={})  # fmt: skip
         assert "\n" not in str(e.value)
 
@@ -93,5 +94,5 @@ def test_partial_mismatched_and_missing_spm_files_are_one_line(tmp_path):
     refused(wrong, "does not fit this UNet")
     with pytest.raises(UserError, match="set checkpoint.path"):
         apply_checkpoint(
-            build_tiny(), {"method": "spm", "path": None}, ArtifactStore(tmp_path / "c"), task_cfg={}
+            build_tiny(), preset("checkpoint", "spm", path=None), ArtifactStore(tmp_path / "c"), task_cfg={}
         )

@@ -26,7 +26,7 @@ def label_user_checkpoint(cfg: DictConfig, overrides: list[str]) -> None:
     if not cfg.checkpoint.get("path"):
         return
     given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").startswith("checkpoint.beta=")]
-    with open_dict(cfg):
+    with open_dict(cfg), open_dict(cfg.checkpoint):  # a schema's node refuses new keys otherwise
         if cfg.checkpoint.get("beta_label") is None:
             cfg.checkpoint.beta_label = given[-1] if given else None
         if cfg.checkpoint.beta_label is not None:

@@ -125,15 +125,15 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
     concept_id = "explicit"
     if guided and cfg.embedding.source != "explicit" and not cfg.embedding.get("path"):
         spec = dict(to_plain(cfg.inversion.image_set))
-        if spec.get("source") == "generated":
-            judge = method_filter(spec.get("filter")) if spec.get("check", True) else None
+        if spec["source"] == "generated":
+            judge = method_filter(spec["filter"]) if spec["check"] else None
             ikey = image_set_key(cfg, _SampleModel(model), judge, model.identity) if judge else None
             img_hash = config_hash(ikey) if ikey else None
             cached = bool(ikey) and cache.locate("image_sets", ikey) is not None
             p.artifacts.append((f"C* image set ({img_hash})", cached))
             if not cached:
-                p.images += int(spec.get("n_images") or 0)
-                p.sampling_steps += int(spec.get("n_images") or 0) * steps
+                p.images += int(spec["n_images"] or 0)
+                p.sampling_steps += int(spec["n_images"] or 0) * steps
             if img_hash:
                 inv = inversion_key(cfg, model.identity, img_hash)
                 inv_folder = cache.locate("inversion", inv)
@@ -149,7 +149,7 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
 
                     concept_id = f"{cfg.embedding.source}:{file_sha256(inv_folder / 'learned_embeds.safetensors')[:16]}"
         else:
-            p.notes.append(f"C* from inversion.image_set.source={spec.get('source')}: counted when built")
+            p.notes.append(f"C* from inversion.image_set.source={spec['source']}: counted when built")
             p.train_steps += int(cfg.inversion.steps)
 
     # images: benchmark, benign PP prompts, the original model's references
@@ -180,7 +180,7 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
     original = {"model": model.identity, "checkpoint": "original", "guidance": {"name": "none"}}
     mine = _cell_identity(cfg, model, checkpoint_id, concept_id, original)
     for name, rows in sets.items():
-        refs = name != "bench" or cfg.pp.get("bench", True)  # the original model's images for PP
+        refs = name != "bench" or cfg.pp.bench  # the original model's images for PP
         wanted = [original, mine] if refs and mine != original else [mine]
         for ident in wanted:
             if ident is None:  # C* not built yet: these images cannot be cached

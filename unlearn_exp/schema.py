@@ -6,7 +6,14 @@ own: the values live once, in the YAML. Fields are ``MISSING`` (``???``): a YAML
 fails to compose. Numbers that a config may give as an integer or a float are typed ``Any``, so that a
 value keeps the type it was written with (identities hash the config).
 
-Groups with a schema so far: ``guidance`` (none, sld, safree) and ``sampling``.
+Groups with a schema: ``guidance``, ``sampling``, ``checkpoint``, ``inversion``, ``model``, ``embedding``,
+``judge``, ``pp`` and ``attack``. ``task`` and ``benchmark`` stay open: a method of your own reads its own task keys
+(``<method>_<key>``, docs/extending.md) and a prompt loader of your own its own benchmark keys;
+``validate.py`` checks the keys the built-in code reads. A config of your own (a new method's YAML)
+needs no schema.
+
+Tests and scripts that want a group's values with a few changed take them from the YAML with
+``unlearn_exp.config.preset(group, name, **changes)``, never from defaults in code.
 """
 
 from __future__ import annotations
@@ -81,11 +88,294 @@ class SamplingConfig:
     vae_tiling: bool = MISSING
 
 
+# ----------------------------------------------------------------------------- checkpoint
+@dataclass
+class OriginalCheckpointConfig:
+    """``conf/checkpoint/original.yaml``: the model as loaded."""
+
+    method: str = MISSING
+    beta: Any = MISSING  # a label only
+    path: Any = MISSING
+
+
+@dataclass
+class PairSamplingConfig:
+    """How DUO's pair images are sampled (null keeps the cell's sampler setting)."""
+
+    scheduler: Any = MISSING  # str | None
+    steps: Any = MISSING
+    guidance_scale: Any = MISSING
+
+
+@dataclass
+class DUOCheckpointConfig:
+    """``conf/checkpoint/duo.yaml`` (docs/methods.md 5)."""
+
+    method: str = MISSING
+    beta: Any = MISSING
+    path: Any = MISSING  # str | list[str] | None
+    adapter_weights: Any = MISSING  # list[float] | None
+    filter: Any = MISSING  # a judge profile (the task's DUO filter) or None
+    allow_pickle_conversion: bool = MISSING
+    lr_base: Any = MISSING
+    lambda_base: Any = MISSING
+    lr_override: Any = MISSING
+    lambda_override: Any = MISSING
+    beta_scale: Any = MISSING
+    steps: Any = MISSING  # int | None: None takes each adapter's steps from the recipe
+    batch: int = MISSING
+    rank: int = MISSING
+    alpha: Any = MISSING
+    init_lora_weights: Any = MISSING  # peft's init_lora_weights: a name or a bool
+    target_modules: list[str] = field(default_factory=lambda: MISSING)  # type: ignore[arg-type]
+    condition: str = MISSING  # "null" | "unsafe"
+    t_min: int = MISSING
+    t_max: int = MISSING
+    seed: int = MISSING
+    weight_decay: Any = MISSING
+    grad_clip: Any = MISSING  # float | None (None: no clipping)
+    checkpoint_every: int = MISSING
+    precision: str = MISSING
+    max_tries: int = MISSING
+    pair_batch: int = MISSING
+    pair_sampling: PairSamplingConfig = MISSING
+    recipes: Any = MISSING  # task name -> {adapters: [...]}
+
+
+@dataclass
+class ESDCheckpointConfig:
+    """``conf/checkpoint/esd.yaml`` (docs/methods.md 8.1)."""
+
+    method: str = MISSING
+    beta: Any = MISSING
+    path: Any = MISSING
+    allow_pickle_conversion: bool = MISSING
+    variant: str = MISSING
+    concept: Any = MISSING  # str | {task name: str}
+    steps: int = MISSING
+    lr: Any = MISSING
+    eta: Any = MISSING
+    start_guidance: Any = MISSING
+    ddim_steps: int = MISSING
+    batch: int = MISSING
+    sample_with: str = MISSING
+    seed: int = MISSING
+    grad_clip: Any = MISSING
+    checkpoint_every: int = MISSING
+    precision: str = MISSING
+
+
+@dataclass
+class UCECheckpointConfig:
+    """``conf/checkpoint/uce.yaml`` (docs/methods.md 8.2)."""
+
+    method: str = MISSING
+    beta: Any = MISSING
+    path: Any = MISSING
+    allow_pickle_conversion: bool = MISSING
+    erase: Any = MISSING  # list[str] | {task name: list[str]}
+    guide: Any = MISSING  # str | list[str]
+    preserve: Any = MISSING
+    lamb: Any = MISSING
+    erase_scale: Any = MISSING
+    preserve_scale: Any = MISSING
+    templates: Any = MISSING
+
+
+@dataclass
+class SPMCheckpointConfig:
+    """``conf/checkpoint/spm.yaml`` (docs/methods.md 8.3)."""
+
+    method: str = MISSING
+    beta: Any = MISSING
+    path: Any = MISSING
+    multiplier: Any = MISSING
+    allow_pickle_conversion: bool = MISSING
+
+
+# ----------------------------------------------------------------------------- inversion
+@dataclass
+class ImageSetConfig:
+    """C*'s training images (docs/methods.md 6.3)."""
+
+    source: str = MISSING  # generated | duo_pairs | folder
+    path: Any = MISSING
+    seed: int = MISSING
+    max_tries: int = MISSING
+    n_images: Any = MISSING
+    prompts: Any = MISSING
+    check: bool = MISSING
+    filter: Any = MISSING  # a judge profile or None
+
+
+@dataclass
+class InversionConfig:
+    """``conf/inversion/default.yaml`` (docs/methods.md 6)."""
+
+    num_vectors: int = MISSING
+    placeholder: str = MISSING
+    init_word: str = MISSING
+    template: Any = MISSING  # str | list[str]
+    lr: Any = MISSING
+    batch_size: int = MISSING
+    steps: int = MISSING
+    weight_decay: Any = MISSING
+    seed: int = MISSING
+    betas: Any = MISSING
+    adam_eps: Any = MISSING
+    lr_schedule: str = MISSING
+    flip_p: Any = MISSING
+    checkpoint_every: int = MISSING
+    max_loss: Any = MISSING  # float | None
+    precision: str = MISSING
+    eval_draws: int = MISSING
+    loss_window: int = MISSING
+    log_every_n_steps: int = MISSING
+    image_set: ImageSetConfig = MISSING
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass
+class PretrainedModelConfig:
+    """``conf/model/{sd14,toy}.yaml``: a diffusers folder or hub id."""
+
+    name: str = MISSING
+    source: str = MISSING
+    path: Any = MISSING
+    resolution: int = MISSING
+    vae: bool = MISSING
+    dtype: str = MISSING
+    device: str = MISSING
+
+
+@dataclass
+class TinyModelConfig:
+    """``conf/model/tiny.yaml``: random components built in memory."""
+
+    name: str = MISSING
+    source: str = MISSING
+    seed: int = MISSING
+    resolution: int = MISSING
+    vae: bool = MISSING
+    dtype: str = MISSING
+    device: str = MISSING
+
+
+# ----------------------------------------------------------------------------- embedding
+@dataclass
+class ExplicitEmbeddingConfig:
+    source: str = MISSING
+
+
+@dataclass
+class InvertedEmbeddingConfig:
+    source: str = MISSING
+    path: Any = MISSING  # a learned_embeds.safetensors of your own, else C* is learned
+
+
+@dataclass
+class SharedEmbeddingConfig:
+    source: str = MISSING
+    path: Any = MISSING
+    from_checkpoint: Any = MISSING  # the checkpoint keys C* is learned on
+
+
+# ----------------------------------------------------------------------------- judge
+@dataclass
+class NudeNetJudgeConfig:
+    """``conf/judge/nudenet_*.yaml`` (docs/methods.md 7.2)."""
+
+    name: str = MISSING
+    type: str = MISSING
+    model_path: Any = MISSING
+    model_sha256: Any = MISSING
+    classes: list[str] = field(default_factory=lambda: MISSING)  # type: ignore[arg-type]
+    threshold: Any = MISSING
+    batch_size: int = MISSING
+    num_threads: Any = MISSING
+
+
+@dataclass
+class Q16JudgeConfig:
+    """``conf/judge/q16.yaml`` (docs/methods.md 7.3)."""
+
+    name: str = MISSING
+    type: str = MISSING
+    backend: str = MISSING
+    clip_path: Any = MISSING
+    open_clip_model: Any = MISSING
+    open_clip_pretrained: Any = MISSING
+    model_sha256: Any = MISSING
+    prompts_path: Any = MISSING
+    prompts_url: Any = MISSING
+    prompts_sha256: Any = MISSING
+    prompts_git_blob: Any = MISSING
+    cache_dir: Any = MISSING
+    threshold: Any = MISSING
+    batch_size: int = MISSING
+    device: str = MISSING
+    dtype: str = MISSING
+
+
+@dataclass
+class ToyJudgeConfig:
+    """``conf/judge/toy.yaml`` (unlearn_exp/toy/judge.py)."""
+
+    name: str = MISSING
+    type: str = MISSING
+    model_path: Any = MISSING
+    model_sha256: Any = MISSING
+    threshold: Any = MISSING
+    batch_size: int = MISSING
+
+
+# ----------------------------------------------------------------------------- pp
+@dataclass
+class PPConfig:
+    """``conf/pp/*.yaml`` (docs/methods.md 7.4): the metric, its prompts and the collapse floors."""
+
+    prompts: Any = MISSING  # a benchmark config (the benign prompts)
+    metric: Any = MISSING  # {name: ..., the metric's own keys}
+    bench: bool = MISSING  # PP also on the benchmark's prompts
+    benign_acc_floor: Any = MISSING  # float | None
+    pp_floor: Any = MISSING  # float | None
+
+
+# ----------------------------------------------------------------------------- attack
+@dataclass
+class UnlearnDiffAtkConfig:
+    """``conf/attack/unlearndiffatk.yaml`` (docs/methods.md 12.2): the attack ``stage=attack`` runs."""
+
+    name: str = MISSING
+    k: int = MISSING
+    steps: int = MISSING
+    lr: Any = MISSING
+    weight_decay: Any = MISSING
+    seed: int = MISSING
+    n_targets: Any = MISSING  # int | None (all flagged prompts)
+
+
 SCHEMAS = {
     ("guidance", "none_schema"): NoGuidanceConfig,
     ("guidance", "sld_schema"): SLDConfig,
     ("guidance", "safree_schema"): SAFREEConfig,
     ("sampling", "default_schema"): SamplingConfig,
+    ("checkpoint", "original_schema"): OriginalCheckpointConfig,
+    ("checkpoint", "duo_schema"): DUOCheckpointConfig,
+    ("checkpoint", "esd_schema"): ESDCheckpointConfig,
+    ("checkpoint", "uce_schema"): UCECheckpointConfig,
+    ("checkpoint", "spm_schema"): SPMCheckpointConfig,
+    ("inversion", "default_schema"): InversionConfig,
+    ("model", "pretrained_schema"): PretrainedModelConfig,
+    ("model", "tiny_schema"): TinyModelConfig,
+    ("embedding", "explicit_schema"): ExplicitEmbeddingConfig,
+    ("embedding", "inverted_schema"): InvertedEmbeddingConfig,
+    ("embedding", "shared_schema"): SharedEmbeddingConfig,
+    ("judge", "nudenet_schema"): NudeNetJudgeConfig,
+    ("judge", "q16_schema"): Q16JudgeConfig,
+    ("judge", "toy_schema"): ToyJudgeConfig,
+    ("pp", "pp_schema"): PPConfig,
+    ("attack", "unlearndiffatk_schema"): UnlearnDiffAtkConfig,
 }
 
 

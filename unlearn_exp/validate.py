@@ -219,6 +219,16 @@ def validate(cfg) -> None:
         checks.append(lambda: c.fail("checkpoint=spm loads SPM's published adapters: set checkpoint.path"))
     if embedding.get("path"):
         checks.append(lambda: _check_file(c, "embedding.path", embedding.get("path")))
+    source = (embedding.get("from_checkpoint") or {}).get("method")
+    guided = (plain.get("guidance") or {}).get("name") != "none"
+    if guided and embedding.get("source") == "shared" and not embedding.get("path") and source:
+        if source != checkpoint.get("method"):  # C* is learned on the cell's method at another setting
+            checks.append(lambda: c.fail(
+                f"embedding=shared learns C* on the cell's own method at another setting: "
+                f"embedding.from_checkpoint.method is '{source}', checkpoint.method '{checkpoint.get('method')}'"
+            ))  # fmt: skip
+    if plain.get("stage") is not None:
+        checks.append(lambda: c.choice("stage", str(plain.get("stage")), ("cell", "attack", "compose")))
     paths = plain.get("paths", {})
     for key in ("results_dir", "cache_dir"):
         if paths.get(key):

@@ -60,21 +60,30 @@ class ProjectedRows(LearnedRowsEmbedding):
 
 @dataclass
 class AttackSettings:
-    k: int = 5  # adversarial tokens (UnlearnDiffAtk: 5)
-    steps: int = 40  # optimisation steps (UnlearnDiffAtk: 40)
-    lr: float = 0.01
-    weight_decay: float = 0.1
-    guidance_scale: float = 7.5
-    num_steps: int = 50  # the sampler's steps, for the guidance's step-dependent behaviour
-    seed: int = 0
+    """The optimisation's settings: ``conf/attack/unlearndiffatk.yaml`` (k, steps, lr, weight_decay,
+    seed) and the cell's sampler (guidance_scale, num_steps: the guidance's step-dependent behaviour)."""
+
+    k: int
+    steps: int
+    lr: float
+    weight_decay: float
+    guidance_scale: float
+    num_steps: int
+    seed: int
 
     @classmethod
-    def from_cfg(cls, cfg: dict[str, Any] | None) -> AttackSettings:
-        cfg = dict(cfg or {})
-        unknown = sorted(set(cfg) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise UserError(f"unknown UnlearnDiffAtk setting(s) {unknown}")
-        return cls(**cfg)
+    def from_cfg(cls, attack_cfg, *, guidance_scale: float, num_steps: int) -> AttackSettings:
+        """From an ``attack`` config (its other keys, as ``n_targets``, are the stage's)."""
+        cfg = dict(attack_cfg)
+        missing = sorted({"k", "steps", "lr", "weight_decay", "seed"} - set(cfg))
+        if missing:
+            raise UserError(
+                f"UnlearnDiffAtk settings lack {missing} (conf/attack/unlearndiffatk.yaml has them)"
+            )
+        if int(cfg["k"]) < 1 or int(cfg["steps"]) < 1:
+            raise UserError(f"attack.k and attack.steps must be >= 1, got {cfg['k']} and {cfg['steps']}")
+        return cls(int(cfg["k"]), int(cfg["steps"]), float(cfg["lr"]), float(cfg["weight_decay"]),
+                   float(guidance_scale), int(num_steps), int(cfg["seed"]))  # fmt: skip
 
 
 class UnlearnDiffAtk(L.LightningModule):
@@ -159,9 +168,11 @@ class UnlearnDiffAtk(L.LightningModule):
 
 
 def _ordinary_vocabulary(comps, n_added: int) -> list[int]:
+    """The tokenizer's own words: no special token, and no token added to it (this attack's, an
+    earlier attack's on the same model, or a learned concept's ``<c*>``)."""
     tok = comps.tokenizer
     special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
-    return [i for i in range(len(tok) - n_added) if i not in special]
+    return [i for i in range(min(tok.vocab_size, len(tok) - n_added)) if i not in special]
 
 
 def run_attack(

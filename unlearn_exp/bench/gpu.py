@@ -122,6 +122,7 @@ def _largest_batch(fn, start: int, cap: int) -> int | None:
 
 
 def _training(comps, args) -> dict[str, float]:
+    from unlearn_exp.config import preset
     from unlearn_exp.inversion.concept_inversion import invert
     from unlearn_exp.unlearning.duo import train_adapter
 
@@ -129,11 +130,15 @@ def _training(comps, args) -> dict[str, float]:
     images = torch.rand(4, 3, res, res) * 2 - 1
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        hp = {"beta": 500.0, "steps": n, "batch": 1 if args.smoke else 4, "checkpoint_every": 10**6}
+        hp = preset(
+            "checkpoint", "duo", beta=500.0, steps=n, batch=1 if args.smoke else 4, checkpoint_every=10**6
+        )
         t = time.perf_counter()
         train_adapter(comps, (images, images.flip(0)), hp, adapter_name="bench", work_dir=Path(tmp) / "duo")
         out["duo_steps_per_s"] = n / (time.perf_counter() - t)
-        cfg = {"steps": n, "checkpoint_every": 10**6, "eval_draws": 0, "init_word": "person"}
+        cfg = preset(
+            "inversion", "default", steps=n, checkpoint_every=10**6, eval_draws=0, init_word="person"
+        )
         t = time.perf_counter()
         invert(comps, images, cfg, Path(tmp) / "inv", progress=False)
         out["inversion_steps_per_s"] = n / (time.perf_counter() - t)

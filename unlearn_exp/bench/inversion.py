@@ -16,6 +16,7 @@ import warnings
 import lightning as L
 import torch
 
+from unlearn_exp.config import preset
 from unlearn_exp.inversion.concept_inversion import ConceptInversion
 from unlearn_exp.inversion.textual_inversion import add_placeholder_tokens
 from unlearn_exp.models import build_tiny
@@ -25,7 +26,7 @@ def _module(resolution: int, batch_size: int, steps: int) -> ConceptInversion:
     comps = build_tiny(resolution=resolution)
     tokens = add_placeholder_tokens(comps, "<c*>", 1, "dog")
     images = torch.rand(8, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    cfg = {"init_word": "dog", "batch_size": batch_size, "steps": steps, "lr": 5e-3}
+    cfg = preset("inversion", "default", init_word="dog", batch_size=batch_size, steps=steps, lr=5e-3)
     return ConceptInversion(comps, tokens, images, cfg)
 
 

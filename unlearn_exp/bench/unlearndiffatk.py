@@ -18,6 +18,7 @@ import torch
 
 def main(argv: list[str] | None = None) -> dict:
     from unlearn_exp.attacks.unlearndiffatk import AttackSettings, run_attack
+    from unlearn_exp.config import preset
     from unlearn_exp.guidance.base import Guidance
     from unlearn_exp.guidance.sld import SLD, sld_params
 
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     guidance = SLD("purple", sld_params("max", warmup_steps=0)) if args.guidance == "sld" else Guidance()
     start = time.perf_counter()
-    run_attack(comps, target, "a grape", AttackSettings(k=5, steps=args.steps, num_steps=25), guidance)
+    attack_cfg = preset("attack", "unlearndiffatk", steps=args.steps)
+    settings = AttackSettings.from_cfg(attack_cfg, guidance_scale=6.0, num_steps=25)  # the toy's sampler
+    run_attack(comps, target, "a grape", settings, guidance)
     rate = args.steps / (time.perf_counter() - start)
     out = {"model": args.model, "guidance": args.guidance, "threads": args.threads, "steps_per_s": round(rate, 2),
            "s_per_attack_40_steps": round(40 / rate, 1)}  # fmt: skip

@@ -74,27 +74,27 @@ class NudeNetJudge(Judge):
         import onnxruntime
         from nudenet import NudeDetector
 
-        name = str(cfg.get("name", "nudenet_duo"))
-        model_file = Path(cfg.get("model_path") or bundled_model_file()).expanduser()
+        name = str(cfg["name"])
+        model_file = Path(cfg["model_path"] or bundled_model_file()).expanduser()
         if not model_file.is_file():
             raise UserError(f"judge '{name}': NudeNet model file {model_file} not found")
         sha = file_sha256(model_file)
-        expected = cfg.get("model_sha256")
+        expected = cfg["model_sha256"]
         if expected and sha != str(expected).lower():
             raise UserError(
                 f"judge '{name}': {model_file} has sha256 {sha[:16]}..., the profile pins {str(expected)[:16]}... "
                 "(corrupt or a different detector)"
             )
         labels = detector_labels()
-        classes = list(cfg.get("classes") or DUO_CLASSES)
+        classes = list(cfg["classes"])
         unknown = sorted(set(classes) - set(labels))
         if unknown:
             raise UserError(f"judge '{name}': unknown NudeNet classes {unknown}; the detector has {labels}")
         self.classes = frozenset(classes)
-        self.threshold = float(cfg.get("threshold") or 0.0)
-        self.batch_size = int(cfg.get("batch_size", 8))
+        self.threshold = float(cfg["threshold"])
+        self.batch_size = int(cfg["batch_size"])
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = int(cfg.get("num_threads") or min(4, os.cpu_count() or 1))
+        options.intra_op_num_threads = int(cfg["num_threads"] or min(4, os.cpu_count() or 1))
         options.inter_op_num_threads = 1
         try:
             session = onnxruntime.InferenceSession(

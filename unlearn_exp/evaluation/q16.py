@@ -236,29 +236,29 @@ class Q16Judge(Judge):
     cache_dir), threshold, batch_size, device, dtype``."""
 
     def __init__(self, cfg: dict[str, Any]):
-        name = str(cfg.get("name", "q16"))
-        device = _device(cfg.get("device"))
-        dtype = {"float32": torch.float32, "float16": torch.float16}[str(cfg.get("dtype") or "float32")]
+        name = str(cfg["name"])
+        device = _device(cfg["device"])
+        dtype = {"float32": torch.float32, "float16": torch.float16}[str(cfg["dtype"])]
         prompts_file = resolve_prompts_file(cfg)
         prompts = torch.from_numpy(load_prompt_embeddings(prompts_file).astype(np.float32))
-        backend = str(cfg.get("backend", "transformers"))
+        backend = str(cfg["backend"])
         if backend == "transformers":
-            self.clip = _TransformersCLIP(str(cfg.get("clip_path") or ""), device, dtype)
+            self.clip = _TransformersCLIP(str(cfg["clip_path"] or ""), device, dtype)
         elif backend == "open_clip":
             self.clip = _OpenCLIP(
-                str(cfg.get("open_clip_model") or "ViT-L-14-quickgelu"),
-                cfg.get("open_clip_pretrained"),
+                str(cfg["open_clip_model"]),
+                cfg["open_clip_pretrained"],
                 device,
                 dtype,
             )
         else:
             raise UserError(f"judge '{name}': backend must be 'transformers' or 'open_clip', got '{backend}'")
         self.prompts = torch.nn.functional.normalize(prompts, dim=-1).to(device)
-        self.threshold = None if cfg.get("threshold") is None else float(cfg["threshold"])
-        self.batch_size = int(cfg.get("batch_size", 16))
+        self.threshold = None if cfg["threshold"] is None else float(cfg["threshold"])
+        self.batch_size = int(cfg["batch_size"])
         weights = Path(self.clip.weights)
         weights_sha = file_sha256(weights) if weights.is_file() else f"unhashed:{weights}"
-        pinned = cfg.get("model_sha256")
+        pinned = cfg["model_sha256"]
         if pinned and weights_sha != str(pinned).lower():
             raise UserError(
                 f"judge '{name}': CLIP weights {weights} have sha256 {weights_sha[:16]}..., "
@@ -348,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         if not profile.is_file():
             raise UserError(f"judge profile not found: {profile}")
         cfg = OmegaConf.to_container(OmegaConf.load(profile), resolve=False)
+        cfg.pop("defaults", None)  # the schema line of a YAML in conf/judge/
         cfg["cache_dir"] = args.cache_dir
         if args.prompts_path:
             cfg["prompts_path"] = args.prompts_path

@@ -55,27 +55,29 @@ _STEP_STRIDE = 1_000_003  # seed of step s: seed * stride + s
 
 @dataclass
 class InversionSettings:
-    """``conf/inversion/*.yaml`` (docs/methods.md 6.2 defaults: AdamW wd 0 = Adam, lr 5e-3, batch 1, 3000 steps)."""
+    """The keys of ``conf/inversion/default.yaml`` the optimisation reads (docs/methods.md 6.2: AdamW with
+    weight decay 0 = Adam, lr 5e-3, batch 1, 3000 steps). The values live in the YAML only: a caller
+    that wants them with a few changed takes ``unlearn_exp.config.preset("inversion", "default", ...)``."""
 
-    num_vectors: int = 1
-    placeholder: str = "<c*>"
-    init_word: str = "naked"
-    template: str | list[str] = "{}"
-    lr: float = 5.0e-3
-    batch_size: int = 1
-    steps: int = 3000
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1.0e-8
-    lr_schedule: str = "constant"
-    flip_p: float = 0.5
-    checkpoint_every: int = 500
-    max_loss: float | None = 1000.0
-    precision: str = "auto"
-    eval_draws: int = 32
-    loss_window: int = 50
-    log_every_n_steps: int = 10
-    seed: int = 0
+    num_vectors: int
+    placeholder: str
+    init_word: str
+    template: str | list[str]
+    lr: float
+    batch_size: int
+    steps: int
+    weight_decay: float
+    betas: tuple[float, float]
+    adam_eps: float
+    lr_schedule: str
+    flip_p: float
+    checkpoint_every: int
+    max_loss: float | None
+    precision: str
+    eval_draws: int
+    loss_window: int
+    log_every_n_steps: int
+    seed: int
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> InversionSettings:
@@ -91,6 +93,11 @@ class InversionSettings:
         cfg = dict(cfg or {})
         known = set(cls.__dataclass_fields__)
         values = {k: v for k, v in cfg.items() if k in known}
+        missing = sorted(known - set(values))
+        if missing:
+            raise UserError(
+                f"inversion settings lack {', '.join(missing)} (conf/inversion/default.yaml has them)"
+            )
         if "betas" in values:
             values["betas"] = tuple(float(b) for b in values["betas"])
         if isinstance(values.get("template"), list | tuple):

@@ -28,35 +28,33 @@ def load_model(model_cfg) -> Components:
     """Build or load the model a ``conf/model/*.yaml`` describes (``source: tiny | pretrained``)."""
     from unlearn_exp.identity import model_identity, resolved_device, resolved_dtype
 
-    source = model_cfg.get("source", "pretrained")
+    source = model_cfg["source"]
     device = resolved_device(model_cfg)
     dtype_name = resolved_dtype(model_cfg)  # auto: half precision where it is fast, fp32 on the CPU
     if dtype_name not in DTYPES:
         raise UserError(f"model.dtype must be one of {sorted(DTYPES)}, got '{dtype_name}'")
     if source == "tiny":
         comps = build_tiny(
-            seed=int(model_cfg.get("seed", 0)),
-            resolution=int(model_cfg.get("resolution", 32)),
-            vae=bool(model_cfg.get("vae", True)),
+            seed=int(model_cfg["seed"]),
+            resolution=int(model_cfg["resolution"]),
+            vae=bool(model_cfg["vae"]),
         )
     elif source == "pretrained":
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a "Loading weights" bar per model load says nothing useful
-        path = model_cfg.get("path")
+        path = model_cfg["path"]
         if not path:
-            raise UserError(
-                f"model '{model_cfg.get('name')}' needs model.path (a diffusers folder or hub id)"
-            )
+            raise UserError(f"model '{model_cfg['name']}' needs model.path (a diffusers folder or hub id)")
         comps = load_pretrained(
             resolve_local_path(str(path)),
-            name=str(model_cfg.get("name", "model")),
-            resolution=int(model_cfg.get("resolution", 512)),
-            vae=bool(model_cfg.get("vae", True)),
+            name=str(model_cfg["name"]),
+            resolution=int(model_cfg["resolution"]),
+            vae=bool(model_cfg["vae"]),
         )
     else:
         raise UserError(f"model.source must be 'tiny' or 'pretrained', got '{source}'")
-    comps.name = str(model_cfg.get("name", comps.name))
+    comps.name = str(model_cfg["name"])
     if torch.device(device) != comps.device:
         comps.to(device=device)
     if DTYPES[dtype_name] != comps.dtype:

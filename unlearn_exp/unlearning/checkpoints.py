@@ -54,7 +54,7 @@ def _load_user_unet_weights(
     paths = cfg["path"] if isinstance(cfg["path"], list) else [cfg["path"]]
     if len(paths) != 1:
         raise UserError(f"checkpoint.path for {method} must be one file, got {len(paths)}")
-    f = resolve_weight_file(paths[0], store, allow_pickle_conversion=bool(cfg.get("allow_pickle_conversion")))
+    f = resolve_weight_file(paths[0], store, allow_pickle_conversion=bool(cfg["allow_pickle_conversion"]))
     tensors = read_safetensors(f, f"{method} checkpoint '{f.name}'")
     if only_cross:
         tensors = {k: v for k, v in tensors.items() if not k.endswith("num_batches_tracked")}
@@ -95,7 +95,7 @@ def apply_uce(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, lo
 def _apply_esd(comps, cfg, store, task, logger) -> dict:
     from unlearn_exp.unlearning.esd import WEIGHTS_FILE, train_esd
 
-    if cfg.get("path"):
+    if cfg["path"]:
         return _load_user_unet_weights(comps, cfg, store, "esd", only_cross=False)
     concept = str(_per_task(cfg, "concept", task, fallback=task.get("name")))
     recipe = {k: v for k, v in cfg.items() if k not in (*USER_KEYS, "concept")}
@@ -120,17 +120,17 @@ def _apply_uce(comps, cfg, store, task) -> dict:
     from unlearn_exp.unlearning.uce import uce_edit
     from unlearn_exp.unlearning.weights import save_safetensors
 
-    if cfg.get("path"):
+    if cfg["path"]:
         return _load_user_unet_weights(comps, cfg, store, "uce", only_cross=True)
     erase = _per_task(cfg, "erase", task, fallback=[task.get("name")] if task.get("name") else None)
     recipe = {
         "erase": list(erase) if isinstance(erase, list | tuple) else [erase],
         "guide": _per_task(cfg, "guide", task, fallback=""),
         "preserve": list(_per_task(cfg, "preserve", task, fallback=[]) or []),
-        "lamb": float(cfg.get("lamb", 0.5)),
-        "erase_scale": float(cfg.get("erase_scale", 1.0)),
-        "preserve_scale": float(cfg.get("preserve_scale", 1.0)),
-        "templates": list(cfg.get("templates") or []),
+        "lamb": float(cfg["lamb"]),
+        "erase_scale": float(cfg["erase_scale"]),
+        "preserve_scale": float(cfg["preserve_scale"]),
+        "templates": list(cfg["templates"] or []),
     }
     key = {"recipe": recipe, "task": task.get("name"), "model": _model_key(comps)}
 

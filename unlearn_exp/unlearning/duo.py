@@ -64,14 +64,13 @@ def output_preservation_loss(model_T: torch.Tensor, ref_T: torch.Tensor) -> torc
 def effective_beta(cfg: dict[str, Any], beta: float) -> float:
     """``beta / beta_scale``: the beta the loss and the lr/lambda scaling see.
 
-    ``beta_scale`` (default 1.0 = the paper) maps the paper's beta values onto a model whose error
+    ``beta_scale`` (1.0 in conf/checkpoint/duo.yaml = the paper) maps the paper's beta values onto a model whose error
     gaps live on another scale (the toy, docs/design.md 2); it is a departure from docs/methods.md 5.4 only
     when set to another value.
     """
     if beta <= 0:
         raise UserError(f"DUO beta must be > 0, got {beta}")
-    scale = cfg.get("beta_scale")
-    scale = 1.0 if scale is None else float(scale)
+    scale = float(cfg["beta_scale"])
     if scale <= 0:
         raise UserError(f"checkpoint.beta_scale must be > 0, got {scale}")
     return float(beta) / scale
@@ -82,10 +81,9 @@ def scaled_hyperparameters(cfg: dict[str, Any], beta: float) -> tuple[float, flo
     ``beta`` already divided by ``beta_scale`` (see ``effective_beta``)."""
     if beta <= 0:
         raise UserError(f"DUO beta must be > 0, got {beta}")
-    lr = cfg.get("lr_override")
-    lam = cfg.get("lambda_override")
-    lr = float(lr) if lr is not None else float(cfg.get("lr_base", 3e-4)) * 100.0 / beta
-    lam = float(lam) if lam is not None else float(cfg.get("lambda_base", 1e6)) * beta / 100.0
+    lr, lam = cfg["lr_override"], cfg["lambda_override"]
+    lr = float(lr) if lr is not None else float(cfg["lr_base"]) * 100.0 / beta
+    lam = float(lam) if lam is not None else float(cfg["lambda_base"]) * beta / 100.0
     return lr, lam
 
 
@@ -301,7 +299,7 @@ def train_adapter(
     beta = effective_beta(hp, paper_beta)
     lr, lam = scaled_hyperparameters(hp, beta)
     unsafe, safe = pairs.images(comps.resolution) if isinstance(pairs, PairSet) else pairs
-    condition = str(hp.get("condition", "null"))
+    condition = str(hp["condition"])
     if condition not in ("null", "unsafe"):
         raise UserError(f"checkpoint.condition must be null or unsafe, got '{condition}'")
     prompts = None
@@ -312,11 +310,11 @@ def train_adapter(
     add_lora(
         comps.unet,
         adapter_name,
-        rank=int(hp.get("rank", 32)),
-        alpha=float(hp.get("alpha", 32)),
-        init=hp.get("init_lora_weights", "gaussian"),
-        targets=hp.get("target_modules") or SELF_ATTENTION,
-        seed=int(hp.get("seed", 42)),
+        rank=int(hp["rank"]),
+        alpha=float(hp["alpha"]),
+        init=hp["init_lora_weights"],
+        targets=list(hp["target_modules"]),
+        seed=int(hp["seed"]),
     )
     try:
         module = DUO(
@@ -326,21 +324,21 @@ def train_adapter(
             beta=beta,
             lr=lr,
             lambda_=lam,
-            batch=int(hp.get("batch", 4)),
-            t_min=int(hp.get("t_min", 1)),
-            t_max=int(hp.get("t_max", 750)),
-            weight_decay=float(hp.get("weight_decay", 1e-2)),
-            seed=int(hp.get("seed", 42)),
+            batch=int(hp["batch"]),
+            t_min=int(hp["t_min"]),
+            t_max=int(hp["t_max"]),
+            weight_decay=float(hp["weight_decay"]),
+            seed=int(hp["seed"]),
             prompts=prompts,
         )
         comps.unet.train()
         info = fit(
             module,
-            steps=int(hp.get("steps", 1000)),
+            steps=int(hp["steps"]),
             work_dir=Path(work_dir),
-            checkpoint_every=int(hp.get("checkpoint_every", 250)),
-            grad_clip=hp.get("grad_clip", 1.0),
-            precision=str(hp.get("precision", "auto")),
+            checkpoint_every=int(hp["checkpoint_every"]),
+            grad_clip=hp["grad_clip"],
+            precision=str(hp["precision"]),
             logger=logger,
             callbacks=callbacks,
             label=f"DUO training ({adapter_name.removeprefix('duo_')}, beta={paper_beta:g})",
@@ -390,7 +388,7 @@ PAIR_KEYS = ("max_tries", "pair_batch", "pair_sampling")
 def _pair_sampling(cfg: dict[str, Any], sample_kwargs: dict[str, Any] | None) -> dict[str, Any]:
     sampling = {
         **dict(sample_kwargs or {}),
-        **{k: v for k, v in (cfg.get("pair_sampling") or {}).items() if v is not None},
+        **{k: v for k, v in (cfg["pair_sampling"] or {}).items() if v is not None},
     }
     sampling.pop("guidance", None)
     return sampling
@@ -416,9 +414,9 @@ def pair_set_keys(comps, cfg: dict[str, Any], recipe: dict[str, Any], *, judge=N
         spec = dict(spec)
         pair_recipe = {
             **{k: v for k, v in spec.items() if k not in ("steps", "weight")},
-            "seed": int(cfg.get("seed", 42)),
-            "max_tries": int(cfg.get("max_tries", 20)),
-            "batch": int(cfg.get("pair_batch", 8)),
+            "seed": int(cfg["seed"]),
+            "max_tries": int(cfg["max_tries"]),
+            "batch": int(cfg["pair_batch"]),
         }
         if _checks(spec) and judge is None:
             raise UserError(
@@ -473,10 +471,13 @@ def train_duo(
 
     manifest = []
     for spec, folder in pair_sets(comps, cfg, recipe, store, judge=judge, sample_kwargs=sample_kwargs):
-        hp = {k: cfg.get(k) for k in TRAIN_KEYS if cfg.get(k) is not None}
-        hp["beta"] = float(cfg["beta"])
-        hp["steps"] = int(cfg.get("steps") or spec.get("steps") or 1000)
         name = str(spec["name"])
+        hp = {k: cfg[k] for k in TRAIN_KEYS}
+        hp["beta"] = float(cfg["beta"])
+        hp["steps"] = cfg["steps"] or spec.get("steps")
+        if not hp["steps"]:
+            raise UserError(f"DUO adapter '{name}' has no steps: set checkpoint.steps or the recipe's steps")
+        hp["steps"] = int(hp["steps"])
         info = train_adapter(
             comps,
             load_pair_set(folder),
@@ -549,19 +550,19 @@ def apply_duo(
     from unlearn_exp.unlearning.weights import resolve_weight_file
 
     cfg = dict(_plain(cfg))
-    beta = cfg.get("beta")
+    beta = cfg["beta"]
     if beta is None or float(beta) <= 0:
         raise UserError(f"checkpoint.beta must be > 0 for DUO, got {beta}")
     beta = float(beta)
-    if cfg.get("path"):
+    if cfg["path"]:
         paths = cfg["path"] if isinstance(cfg["path"], list) else [cfg["path"]]
-        weights = cfg.get("adapter_weights") or [1.0] * len(paths)
+        weights = cfg["adapter_weights"] or [1.0] * len(paths)
         if len(weights) != len(paths):
             raise UserError(
                 f"checkpoint.adapter_weights has {len(weights)} entries for {len(paths)} LoRA files"
             )
         files = [
-            resolve_weight_file(p, store, allow_pickle_conversion=bool(cfg.get("allow_pickle_conversion")))
+            resolve_weight_file(p, store, allow_pickle_conversion=bool(cfg["allow_pickle_conversion"]))
             for p in paths
         ]
         names = [f"duo_{i}_{Path(str(p)).stem}" for i, p in enumerate(paths)]

@@ -167,35 +167,37 @@ def train_esd(
     logger=None,
     callbacks: list | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune ``comps.unet`` in place and write ``out_dir/esd_unet.safetensors`` (trained params)."""
+    """Fine-tune ``comps.unet`` in place and write ``out_dir/esd_unet.safetensors`` (trained params).
+
+    ``hp``: the training keys of ``conf/checkpoint/esd.yaml`` (all of them: the YAML holds the values)."""
     module = ESD(
         comps,
         concept,
-        variant=str(hp.get("variant", "esd-u")),
-        lr=float(hp.get("lr", 1e-5)),
-        eta=float(hp.get("eta", 1.0)),
-        start_guidance=float(hp.get("start_guidance", 3.0)),
-        n_ddim=int(hp.get("ddim_steps", 50)),
-        seed=int(hp.get("seed", 42)),
-        batch=int(hp.get("batch", 1)),
-        sample_with=str(hp.get("sample_with", "original")),
+        variant=str(hp["variant"]),
+        lr=float(hp["lr"]),
+        eta=float(hp["eta"]),
+        start_guidance=float(hp["start_guidance"]),
+        n_ddim=int(hp["ddim_steps"]),
+        seed=int(hp["seed"]),
+        batch=int(hp["batch"]),
+        sample_with=str(hp["sample_with"]),
     )
     comps.unet.train()
     try:
         info = fit(
             module,
-            steps=int(hp.get("steps", 1000)),
+            steps=int(hp["steps"]),
             work_dir=Path(work_dir),
-            checkpoint_every=int(hp.get("checkpoint_every", 250)),
-            grad_clip=hp.get("grad_clip"),
-            precision=str(hp.get("precision", "auto")),
+            checkpoint_every=int(hp["checkpoint_every"]),
+            grad_clip=hp["grad_clip"],
+            precision=str(hp["precision"]),
             logger=logger,
             callbacks=callbacks,
-            label=f"ESD training ({hp.get('variant', 'esd')})",
+            label=f"ESD training ({hp['variant']})",
         )
         if out_dir is not None:
             save_safetensors(
-                module.trained_state(), Path(out_dir) / WEIGHTS_FILE, {"variant": str(hp.get("variant"))}
+                module.trained_state(), Path(out_dir) / WEIGHTS_FILE, {"variant": str(hp["variant"])}
             )
             copy_metrics(Path(work_dir), Path(out_dir))
     finally:

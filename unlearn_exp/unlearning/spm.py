@@ -92,14 +92,12 @@ def apply_spm(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, lo
     from unlearn_exp.unlearning.weights import read_safetensors, resolve_weight_file
 
     cfg = dict(to_plain(cfg) or {})
-    if not cfg.get("path"):
+    if not cfg["path"]:
         raise UserError(
             "checkpoint=spm loads SPM's published adapters: set checkpoint.path to the .safetensors file"
         )
-    f = resolve_weight_file(
-        cfg["path"], store, allow_pickle_conversion=bool(cfg.get("allow_pickle_conversion"))
-    )
-    multiplier = float(cfg.get("multiplier", 1.0))
+    f = resolve_weight_file(cfg["path"], store, allow_pickle_conversion=bool(cfg["allow_pickle_conversion"]))
+    multiplier = float(cfg["multiplier"])
     n = fuse_spm(comps.unet, read_safetensors(f), multiplier, f"SPM checkpoint '{f.name}'")
     sha = file_sha256(f)
     return {"method": "spm", "beta": None, "source": "user", "id": f"{sha[:16]}x{multiplier:g}",

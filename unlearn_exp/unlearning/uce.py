@@ -76,22 +76,22 @@ def expand(concepts: list[str], templates: list[str] | None) -> list[str]:
 def uce_edit(comps: Components, recipe: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Edited ``attn2.to_k/to_v`` weights (UNet state-dict names) for ``recipe``.
 
-    ``recipe``: ``erase`` (list of concepts), ``guide`` (one string, default "" = object type, or a
+    ``recipe``: ``erase`` (list of concepts), ``guide`` (one string, "" = object type, or a
     list matching ``erase``), ``preserve`` (list), ``lamb``, ``erase_scale``, ``preserve_scale``,
     ``templates`` (optional prompt expansion, applied to erase and preserve alike).
     """
     erase = [str(c) for c in recipe.get("erase") or []]
     if not erase:
         raise UserError("UCE needs at least one concept to erase (checkpoint.erase or the task's list)")
-    templates = recipe.get("templates") or None
-    guide = recipe.get("guide", "")
+    templates = recipe["templates"] or None
+    guide = recipe["guide"]
     guides = [str(g) for g in guide] if isinstance(guide, list | tuple) else [str(guide or "")] * len(erase)
     if len(guides) != len(erase):
         raise UserError(f"UCE: {len(guides)} guide concepts for {len(erase)} erased concepts")
     erase_x = expand(erase, templates)
     guide_x = [g for g in guides for _ in (templates or [None])]
     guide_x = [t.format(g) if g else g for g, t in zip(guide_x, (templates or ["{}"]) * len(guides))]
-    preserve_x = expand([str(c) for c in recipe.get("preserve") or []], templates)
+    preserve_x = expand([str(c) for c in recipe["preserve"] or []], templates)
     c_erase = last_token_embeddings(comps, erase_x)
     c_guide = last_token_embeddings(comps, guide_x)
     c_preserve = last_token_embeddings(comps, preserve_x) if preserve_x else None
@@ -102,9 +102,9 @@ def uce_edit(comps: Components, recipe: dict[str, Any]) -> dict[str, torch.Tenso
             c_erase.to(layer.weight.device),
             c_guide.to(layer.weight.device),
             None if c_preserve is None else c_preserve.to(layer.weight.device),
-            lamb=float(recipe.get("lamb", 0.5)),
-            erase_scale=float(recipe.get("erase_scale", 1.0)),
-            preserve_scale=float(recipe.get("preserve_scale", 1.0)),
+            lamb=float(recipe["lamb"]),
+            erase_scale=float(recipe["erase_scale"]),
+            preserve_scale=float(recipe["preserve_scale"]),
         )
         out[f"{name}.weight"] = W_new.to(layer.weight.dtype).cpu()
     return out
