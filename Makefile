@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help setup test lint format demo reproduce-table toy-pretrain bench gpu-check clean
+.PHONY: help setup test lint format demo demo-attacks reproduce-table toy-pretrain bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -36,6 +36,10 @@ format: setup  ## ruff format and autofix
 
 demo: setup  ## the newcomer's command: run what the framework has, on the embedded default
 	$(PYTHON) -m unlearn_exp.demo
+
+demo-attacks: setup  ## the toy grid on Ring-A-Bell prompts made against the toy model, and UnlearnDiffAtk on every cell (then: make reproduce-table SCALE=toy)
+	$(PYTHON) -m unlearn_exp +experiment=toy_duo benchmark=toy_ring_a_bell_generated multirun
+	$(PYTHON) -m unlearn_exp +experiment=toy_duo stage=attack multirun
 
 reproduce-table: setup  ## rebuild the paper's tables under reports/ (SCALE=sd14 or toy; ARGS="model.path=...")
 	$(PYTHON) -m unlearn_exp.report --scale $(SCALE) $(if $(ARGS),-- $(ARGS))

@@ -33,6 +33,7 @@ LAYERS = [
     {
         "toy",
         "cell",
+        "attack",
         "grids",
         "precondition",
         "tracking",

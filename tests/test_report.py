@@ -366,3 +366,20 @@ def test_paper_numbers_are_checked_against_our_n():
         ]["name"]
         == "i2p_sexual"
     )
+
+
+def test_generated_attack_cells_add_their_column_to_the_long_table():
+    """Cells of the toy grid on prompts generated against the model (benchmark=toy_ring_a_bell_generated)
+    give the long table's "DSR (generated attacks)"; without such cells the column is absent."""
+    gen = ("benchmark=toy_ring_a_bell_generated",)
+    plain = [_row("toy_duo", "toy", 2000, "sld", "explicit", 40, 48, 0.9, scale="toy")]
+    generated = _row("toy_duo", "toy", 2000, "sld", "explicit", 12, 48, 0.9, scale="toy", extra=gen)
+    rows = pd.DataFrame([{**r, "benchmark": "toy_indirect"} for r in plain]
+                        + [{**generated, "benchmark": "toy_ring_a_bell_generated"}])  # fmt: skip
+    tables = report.build_tables(rows, "toy")
+    long = report.formatted(tables["long_toy"])
+    at = long[(long["beta"] == "2000") & (long["Method"] == "DUO+SLD")]
+    assert at[["DSR", "DSR (generated attacks)"]].values.tolist() == [["0.833", "0.250"]]
+    assert tables["other_cells"].data.empty  # the generated cell has its place in the table
+    without = report.build_tables(rows.iloc[:1], "toy")
+    assert "DSR (generated attacks)" not in _fmt(without["long_toy"]).columns

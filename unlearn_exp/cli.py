@@ -47,7 +47,12 @@ def _run_stage(cfg: DictConfig):
 
         label_user_checkpoint(cfg, _command_line_overrides())
         return run_cell(cfg)
-    raise UserError(f"unknown stage '{cfg.stage}': choose compose or cell")
+    if cfg.stage == "attack":
+        from unlearn_exp.attack import run_attack_cell
+
+        label_user_checkpoint(cfg, _command_line_overrides())
+        return run_attack_cell(cfg)
+    raise UserError(f"unknown stage '{cfg.stage}': choose compose, cell or attack")
 
 
 def run_job(cfg: DictConfig):

@@ -47,20 +47,26 @@ class ScaleSpec:
     """Which experiments define the tables of one scale.
 
     ``main`` maps a table label (the task) to the experiment whose cells make its main and long
-    tables; ``transfer`` is (label, experiment) for the transfer table (embedding=shared).
+    tables; ``transfer`` is (label, experiment) for the transfer table (embedding=shared);
+    ``generated`` is the benchmark of prompts generated against the model (Ring-A-Bell), whose cells
+    (the same grid with ``benchmark=<generated>``) give the long table's "DSR (generated attacks)".
     """
 
     main: dict[str, str]
     transfer: tuple[str, str]
     checkpoint_method: str = "duo"
+    generated: str | None = None
 
 
 SCALES: dict[str, ScaleSpec] = {
     "sd14": ScaleSpec(
         main={"violence": "violence_duo", "nudity": "nudity_duo"},
         transfer=("nudity", "nudity_duo_transfer"),
+        generated="ring_a_bell_generated",
     ),
-    "toy": ScaleSpec(main={"toy": "toy_duo"}, transfer=("toy", "toy_duo")),
+    "toy": ScaleSpec(
+        main={"toy": "toy_duo"}, transfer=("toy", "toy_duo"), generated="toy_ring_a_bell_generated"
+    ),
 }
 
 
@@ -83,7 +89,9 @@ def find_cell_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def load_cells(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """All cell rows under ``paths``, one per ``cell_key`` (the last file in path order wins)."""
+    """All cell rows under ``paths``, one per ``cell_key`` (the last file in path order wins), with the
+    attack success rate of cells that ``stage=attack`` ran on (``asr``, ``asr_lo``, ``asr_hi``)."""
+    paths = list(paths)
     frames = []
     for f in find_cell_files(paths):
         try:
@@ -97,7 +105,24 @@ def load_cells(paths: Iterable[str | Path]) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=[*CELL_COLUMNS, "_source"])
     rows = pd.concat(frames, ignore_index=True)
-    return rows.drop_duplicates("cell_key", keep="last").reset_index(drop=True)
+    rows = rows.drop_duplicates("cell_key", keep="last").reset_index(drop=True)
+    return _with_attacks(rows, paths)
+
+
+def _with_attacks(rows: pd.DataFrame, paths: list) -> pd.DataFrame:
+    """Join the recorded attack results (``attack.load_attacks``) on ``spec_key``; rows of cells no
+    attack ran on get no value, and with no attack recorded the rows are returned unchanged."""
+    from unlearn_exp.attack import load_attacks
+
+    attacks = load_attacks(paths)
+    if attacks.empty or "spec_key" not in rows:
+        return rows
+    several = attacks[attacks.duplicated("spec_key", keep=False)]
+    if not several.empty:
+        log.warning("%d cell(s) were attacked with several settings: the report shows the last recorded",
+                    several["spec_key"].nunique())  # fmt: skip
+    attacks = attacks.drop_duplicates("spec_key", keep="last")[["spec_key", "asr", "asr_lo", "asr_hi"]]
+    return rows.merge(attacks, on="spec_key", how="left")
 
 
 def _as_frame(results) -> pd.DataFrame:
@@ -308,6 +333,7 @@ def _method_row(row, method, task, beta, pp_col) -> dict:
         "flag": _text(row, "flag"),
         "safree": _safree_mode(row),
         "cell_key": None if row is None else str(row["cell_key"]),
+        **({"asr": _num(row, "asr")} if row is not None and not math.isnan(_num(row, "asr")) else {}),
     }
 
 
@@ -349,16 +375,26 @@ def _n_notes(label: str, paper_values: list[float], ns: list[int | None]) -> lis
     return notes
 
 
-def _cells(rows, experiment, label, betas, pp_col, extra) -> tuple[pd.DataFrame, list[pd.Series], list[str]]:
+def _cells(
+    rows, experiment, label, betas, pp_col, extra, generated: str | None = None
+) -> tuple[pd.DataFrame, list[pd.Series], list[str]]:
     recs, used, paper_dsr, ns = [], [], [], []
+    # cells of the same grid on prompts generated against the model: looked up only where some exist
+    generated = generated if generated and _has_benchmark(rows, generated) else None
     for beta in betas:
         for method in paper.METHODS:
             guidance, embedding = paper.METHOD_CELLS[method]
-            pos = position(cell_overrides(experiment, beta, guidance, embedding), tuple(extra))
+            over = cell_overrides(experiment, beta, guidance, embedding)
+            pos = position(over, tuple(extra))
             row = _match(rows, pos)
             if row is not None:
                 used.append(row)
             rec = _method_row(row, method, label, beta, pp_col)
+            if generated:
+                gen = _match(rows, position(over, (*extra, f"benchmark={generated}")))
+                rec["dsr_generated"] = _num(gen, "dsr")
+                if gen is not None:
+                    used.append(gen)
             recs.append(rec)
             if rec["dsr_paper"] == rec["dsr_paper"]:
                 paper_dsr.append(rec["dsr_paper"])
@@ -375,9 +411,17 @@ def main_table(rows: pd.DataFrame, experiment: str, label: str, pp: str = "coco"
     return Table(f"main_{label}_beta{beta}", title, data, _MAIN_COLUMNS, used, notes)
 
 
-def long_table(rows: pd.DataFrame, experiment: str, label: str, pp: str = "coco", extra=()) -> Table:
-    """The five methods at every beta; the paper's numbers appear at its main beta only."""
-    data, used, notes = _cells(rows, experiment, label, list(paper.BETAS), _pp_column(pp), extra)
+def _has_benchmark(rows: pd.DataFrame, name: str) -> bool:
+    return not rows.empty and "benchmark" in rows and bool((rows["benchmark"].astype(str) == name).any())
+
+
+def long_table(
+    rows: pd.DataFrame, experiment: str, label: str, pp: str = "coco", extra=(), generated: str | None = None
+) -> Table:
+    """The five methods at every beta; the paper's numbers appear at its main beta only. Where cells
+    of the grid on ``generated`` prompts (attacks made against the model) or attack results exist,
+    their columns are added."""
+    data, used, notes = _cells(rows, experiment, label, list(paper.BETAS), _pp_column(pp), extra, generated)
     cols = [
         Column("beta", "beta", r"$\beta$", "int"),
         *_MAIN_COLUMNS[:8],
@@ -385,6 +429,10 @@ def long_table(rows: pd.DataFrame, experiment: str, label: str, pp: str = "coco"
         Column("pp_bench", "PP (bench)", "PP (bench)"),
         *_MAIN_COLUMNS[8:],
     ]
+    if "dsr_generated" in data:  # the same cell on Ring-A-Bell prompts generated against the model
+        cols.append(Column("dsr_generated", "DSR (generated attacks)", "DSR (generated attacks)"))
+    if "asr" in data:  # cells that stage=attack ran on: the share of its targets it made unsafe
+        cols.append(Column("asr", "ASR (UnlearnDiffAtk)", "ASR (UnlearnDiffAtk)"))
     title = f"{label.capitalize()}, DUO at all betas (paper numbers at beta={main_beta(label)} only)"
     return Table(f"long_{label}", title, data, cols, used, notes)
 
@@ -447,7 +495,7 @@ def build_tables(
     for label, experiment in spec.main.items():
         for t in (
             main_table(rows, experiment, label, pp, extra),
-            long_table(rows, experiment, label, pp, extra),
+            long_table(rows, experiment, label, pp, extra, spec.generated),
         ):
             tables[t.name] = t
     t_label, t_exp = spec.transfer

@@ -1,0 +1,197 @@
+"""``stage=attack``: UnlearnDiffAtk against one grid cell (docs/methods.md 12.2), and its success rate.
+
+For the cell's model, unlearned checkpoint and guidance (with the words or ``C*``), the targets are the
+first ``attack.n_targets`` benchmark prompts whose image by the *original* model the evaluation judge
+flags (the harmful image the unlearning was meant to remove). For each target the attack optimises
+``attack.k`` tokens prepended to its prompt against the unlearned model with the guidance in the loop
+(``attacks/unlearndiffatk.py``), then samples the adversarial prompt with the cell's model and
+guidance at the row's seed and judges the image. The attack success rate (ASR) is the share of
+targets whose adversarial image is judged unsafe (Wilson 95% interval); ``unsafe_before`` is the
+share whose own prompt is already unsafe under the cell, without the attack.
+
+Every step goes through the artifact store (the original model's images, the attack per target, the
+adversarial images, the verdicts), so a killed job resumes. The result is one JSON per cell and
+attack setting under ``<results_dir>/<name>/attacks/`` (keyed by the cell's ``spec_key``, which the
+report joins on) and the adversarial prompts as a CSV in the benchmark schema, usable as
+``benchmark=prompts_file benchmark.path=...``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from unlearn_exp.errors import UserError
+from unlearn_exp.identity import cell_spec, spec_key
+from unlearn_exp.store import atomic_write_json, atomic_write_text, config_hash, to_plain
+
+log = logging.getLogger("unlearn_exp")
+
+ORIGINAL_GUIDANCE = {"name": "none"}
+
+
+def _as_target(image) -> torch.Tensor:
+    """A PIL image as the attack's target tensor (1, 3, H, W) in [-1, 1]."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1.0
+
+
+def attack_key(cfg) -> str:
+    """The attack's settings by content (its part of a result's identity)."""
+    return config_hash({"attack": to_plain(cfg.attack), "steps": int(cfg.sampling.steps),
+                        "guidance_scale": float(cfg.sampling.guidance_scale)})  # fmt: skip
+
+
+def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
+    """Run ``stage=attack`` for the cell ``cfg`` describes; returns the recorded result."""
+    from unlearn_exp import progress
+    from unlearn_exp.attacks.unlearndiffatk import AttackSettings, attack
+    from unlearn_exp.cell import (
+        ORIGINAL,
+        Originals,
+        concept,
+        ensure_image_set,
+        generate_samples,
+        judge_chunks,
+        needs_learned_concept,
+        open_cell,
+        unlearn,
+    )
+    from unlearn_exp.evaluation import dsr
+    from unlearn_exp.guidance.base import Guidance
+    from unlearn_exp.validate import validate
+
+    validate(cfg)
+    progress.configure(cfg.progress)
+    settings = AttackSettings.from_cfg(
+        cfg.attack, guidance_scale=float(cfg.sampling.guidance_scale), num_steps=int(cfg.sampling.steps)
+    )
+    spec = cell_spec(cfg)
+    cell = open_cell(cfg, spec=spec)
+    if not cell.bench:
+        raise UserError(f"benchmark '{cfg.benchmark.name}' has no prompts to attack")
+
+    # before unlearning: the original model's images of the benchmark prompts, judged (the targets)
+    original = {"model": cell.model_id, **ORIGINAL}
+    refs = generate_samples(cell.comps, Guidance(), cell.bench, original, cell.store, cfg,
+                            f"original model: {cell.set_name['bench']} (attack targets)")  # fmt: skip
+    verdicts = judge_chunks(refs, cell.judge, cell.store, f"{cell.set_name['bench']} (original model)")
+    images = [img for chunk in refs for img in _chunk_images(chunk)]
+    flagged = [i for i, v in enumerate(verdicts) if not v["safe"]]
+    n = cfg.attack.n_targets
+    targets = flagged if n is None else flagged[: int(n)]
+    if not targets:
+        raise UserError(
+            f"the judge flags none of the original model's {len(verdicts)} images of '{cfg.benchmark.name}': "
+            "nothing to attack"
+        )
+    needs_images = needs_learned_concept(cfg) and not cfg.embedding.get("path")
+    image_set = ensure_image_set(cfg, cell.comps, cell.store, cell.model_id) if needs_images else None
+
+    # the cell: unlearned checkpoint, concept and guidance
+    ck = unlearn(cell)
+    conc = concept(cell, Originals({}, image_set), ck)
+    rows = [dict(cell.bench[i]) for i in targets]
+    results = []
+    for i, row in zip(targets, rows):
+        key = {**conc.identity, "target": _image_key(refs, i)}
+        out = attack(cell.comps, cell.store, key, _as_target(images[i]), str(row["prompt"]), settings,
+                     conc.guidance)  # fmt: skip
+        results.append(out)
+    adv_rows = [{**row, "prompt": r["prompt"]} for row, r in zip(rows, results)]
+    attacked = {**conc.identity, "attack": attack_key(cfg)}
+    adv = generate_samples(cell.comps, conc.guidance, adv_rows, attacked, cell.store, cfg,
+                           f"sampling adversarial prompts x {conc.what}")  # fmt: skip
+    adv_verdicts = judge_chunks(adv, cell.judge, cell.store, "adversarial prompts")
+    own = generate_samples(cell.comps, conc.guidance, rows, conc.identity, cell.store, cfg,
+                           f"sampling the targets' prompts x {conc.what}")  # fmt: skip
+    own_verdicts = judge_chunks(own, cell.judge, cell.store, "targets' own prompts")
+
+    stats = dsr([v["safe"] for v in adv_verdicts])  # the share judged safe: ASR = 1 - DSR
+    key = spec_key(spec)
+    record = {
+        "spec_key": key,
+        "attack": str(cfg.attack.name),
+        "attack_key": attack_key(cfg),
+        "attack_settings": to_plain(cfg.attack),
+        "model": cell.model_id,
+        "checkpoint": f"{cfg.checkpoint.method} beta={cfg.checkpoint.beta}",
+        "guidance": str(cfg.guidance.name),
+        "embedding": str(cfg.embedding.source),
+        "benchmark": str(cfg.benchmark.name),
+        "n_flagged": len(flagged),
+        "n_targets": len(targets),
+        "asr": 1.0 - stats["dsr"],
+        "asr_lo": 1.0 - stats["hi"],
+        "asr_hi": 1.0 - stats["lo"],
+        "unsafe_before": sum(not v["safe"] for v in own_verdicts) / len(own_verdicts),
+        "targets": [
+            {
+                "case_id": r.get("case_id"),
+                "seed": int(r["seed"]),
+                "prompt": str(r["prompt"]),
+                "adversarial_prompt": res["prompt"],
+                "loss": res["loss"],
+                "first_loss": res["first_loss"],
+                "unsafe_before": not ov["safe"],
+                "unsafe_after": not av["safe"],
+            }
+            for r, res, ov, av in zip(rows, results, own_verdicts, adv_verdicts)
+        ],  # fmt: skip
+    }
+    folder = Path(cfg.paths.results_dir) / str(cfg.name) / "attacks"
+    stem = f"{key}-{record['attack_key']}"
+    csv = pd.DataFrame(
+        [
+            {"prompt": t["adversarial_prompt"], "seed": t["seed"], "case_id": t["case_id"]}
+            for t in record["targets"]
+        ]
+    ).to_csv(index=False)
+    atomic_write_text(folder / f"{stem}.csv", csv)
+    atomic_write_json(folder / f"{stem}.json", {**record, "prompts_csv": str(folder / f"{stem}.csv")})
+    log.info("attack %s on %s x %s (%s): ASR %.3f [%.3f, %.3f] over %d targets (unsafe before: %.3f); %s",
+             record["attack"], record["checkpoint"], record["guidance"], record["embedding"], record["asr"],
+             record["asr_lo"], record["asr_hi"], len(targets), record["unsafe_before"], folder / f"{stem}.json")  # fmt: skip
+    return {**record, "results": str(folder / f"{stem}.json")}
+
+
+def _chunk_images(chunk):
+    from unlearn_exp.cell import chunk_images
+
+    return chunk_images(chunk)
+
+
+def _image_key(refs, index: int) -> str:
+    """A target by content: the original-model chunk's key and the row's place in it."""
+    offset = 0
+    for chunk in refs:
+        if index < offset + len(chunk.rows):
+            return f"{config_hash(chunk.key)}:{index - offset}"
+        offset += len(chunk.rows)
+    raise IndexError(index)
+
+
+def load_attacks(paths) -> pd.DataFrame:
+    """Every recorded attack result under ``paths`` (``*/attacks/*.json``), one row each; a later file
+    with the same cell and attack settings wins."""
+    import json
+
+    recs = []
+    for root in paths:
+        for f in sorted(Path(root).rglob("attacks/*.json")):
+            try:
+                rec = json.loads(f.read_text())
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read the attack result '{f}': {e}") from e
+            if "spec_key" in rec and "asr" in rec:
+                recs.append({k: rec[k] for k in ("spec_key", "attack", "attack_key", "asr", "asr_lo", "asr_hi",
+                                                 "n_targets", "unsafe_before")})  # fmt: skip
+    if not recs:
+        return pd.DataFrame(columns=["spec_key", "attack", "attack_key", "asr", "asr_lo", "asr_hi"])
+    return pd.DataFrame(recs).drop_duplicates(["spec_key", "attack_key"], keep="last")
