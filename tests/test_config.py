@@ -182,7 +182,7 @@ def test_compose_cache_gives_the_composed_config_and_follows_conf_changes(tmp_pa
     monkeypatch.setattr(config, "CONF_DIR", conf)
     overrides = ["+experiment=toy_duo", "checkpoint.beta=2000", "guidance=sld", "embedding=inverted"]
     first = config.compose(overrides)
-    assert len(list((tmp_path / "cache").glob("*.yaml"))) == 1
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
     again = config.compose(overrides)  # read back
     assert OmegaConf.to_yaml(again) == OmegaConf.to_yaml(first)
     assert OmegaConf.to_container(again, resolve=True) == OmegaConf.to_container(first, resolve=True)
@@ -194,8 +194,9 @@ def test_compose_cache_gives_the_composed_config_and_follows_conf_changes(tmp_pa
     duo.write_text(duo.read_text().replace("rank: 32", "rank: 8"))
     assert config.compose(overrides).checkpoint.rank == 8
     # a damaged cache file is composed afresh
-    for f in (tmp_path / "cache").glob("*.yaml"):
-        f.write_text("{not yaml")
+    for f in (tmp_path / "cache").glob("*.json"):
+        f.write_text("{not json")
+    config._READ.clear()  # as a new process would
     assert config.compose(overrides).checkpoint.rank == 8
     monkeypatch.setenv("UNLEARN_EXP_COMPOSE_CACHE", "off")
     assert config.compose(overrides).checkpoint.rank == 8

@@ -344,6 +344,11 @@ def test_decoy_cells_never_change_a_table():
     assert differs["decoy-judge"].startswith("judge.")
     assert differs["decoy-more-images"] == "benchmark.images_per_prompt"
     assert "checkpoint.files" in differs["decoy-lora"]
+    # the CSV's columns in the table's order on every run (not a set's order, which varies by process)
+    assert list(mixed["other_cells"].data.columns) == [
+        "experiment", "checkpoint", "guidance", "embedding", "benchmark", "n_images", "dsr", "pp_coco",
+        "differs", "cell_key", "dsr_lo", "dsr_hi",
+    ]  # fmt: skip
 
 
 def test_paper_numbers_are_checked_against_our_n():

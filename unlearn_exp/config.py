@@ -1,9 +1,9 @@
 """Composing the project's Hydra configs outside the app (the demo, the report, the planner, tools).
 
-A composed config is kept on disk (``$UNLEARN_EXP_COMPOSE_CACHE``, default
+A composed config is kept on disk as JSON (``$UNLEARN_EXP_COMPOSE_CACHE``, default
 ``~/.cache/unlearn_exp/compose``; ``off`` disables it) under the hash of its overrides and of what
 composition reads: every file under ``conf/``, the structured configs (``schema.py``) and the Hydra
-and OmegaConf versions. A second composition of the same overrides reads the YAML back (a few
+and OmegaConf versions. A second composition of the same overrides reads it back (a few
 milliseconds instead of a fifth of a second): a rerun of a recorded grid is then quick. The
 interpolations are kept as written (resolved when read, as in a composed config), so environment
 variables still take effect; the config read back is a plain ``DictConfig`` in struct mode.
@@ -69,10 +69,12 @@ def compose(overrides: Sequence[str] = (), *, hydra: bool = False):
     cache = None if hydra else _cache_dir()
     if cache is not None:
         key = hashlib.sha256(json.dumps([conf_digest(), overrides]).encode()).hexdigest()[:32]
-        path = cache / f"{key}.yaml"
+        path = cache / f"{key}.json"
         try:
-            cfg = OmegaConf.create(path.read_text())
+            text = _READ.get(str(path)) or path.read_text()
+            cfg = OmegaConf.create(json.loads(text))
             OmegaConf.set_struct(cfg, True)
+            _READ[str(path)] = text
             return cfg
         except Exception:  # absent or unreadable: compose it
             pass
@@ -82,10 +84,13 @@ def compose(overrides: Sequence[str] = (), *, hydra: bool = False):
             from unlearn_exp.store import atomic_write_text
 
             cache.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, OmegaConf.to_yaml(cfg))
+            atomic_write_text(path, json.dumps(OmegaConf.to_container(cfg, resolve=False)))
         except OSError:
             pass  # a read-only home is no reason to fail
     return cfg
+
+
+_READ: dict[str, str] = {}  # cache files read by this process (their names are their content's hash)
 
 
 def _hydra_compose(overrides: list[str], hydra: bool):

@@ -61,8 +61,53 @@ def caption(img: dict[str, Any]) -> str:
     return verdict
 
 
+def _hit(columns: dict[str, pd.DataFrame], key, name: str) -> dict[str, Any] | None:
+    """The image row of column ``name`` for the grid row ``key`` whose file is here, or None."""
+    frame = columns.get(name)
+    if frame is None:
+        return None
+    m = frame[(frame["case_id"] == key.case_id) & (frame["split"] == key.split)]
+    m = m[m["image_index"] == key.image_index]
+    hit = m.iloc[0].to_dict() if len(m) else None
+    return hit if hit is not None and Path(str(hit.get("image_path"))).is_file() else None
+
+
+def _row_label(key) -> str:
+    label = ("[benign] " if key.split != "bench" else "") + str(key.prompt)
+    return label[:38] + ("..." if len(label) > 38 else "")
+
+
+def grid_key(columns: dict[str, pd.DataFrame], keys: pd.DataFrame, title: str) -> str:
+    """What a grid shows: its title, row labels, and per tile the image file and its caption (the
+    cache's image files are named by content, so the same key draws the same picture)."""
+    from unlearn_exp.store import config_hash
+
+    tiles = [
+        [
+            _row_label(k),
+            *[(h["image_path"], caption(h)) if h else None for h in (_hit(columns, k, n) for n in COLUMNS)],
+        ]
+        for k in keys.itertuples(index=False)
+    ]
+    return config_hash({"title": title, "columns": list(COLUMNS), "tiles": tiles, "layout": 1})
+
+
+def _png_key(path: Path) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.info.get("unlearn_exp_key")
+    except Exception:
+        return None
+
+
 def render(columns: dict[str, pd.DataFrame], keys: pd.DataFrame, title: str, path: Path) -> Path:
-    """Draw the grid: ``columns`` maps a column title to image rows indexed like ``keys``."""
+    """Draw the grid: ``columns`` maps a column title to image rows indexed like ``keys``. A grid
+    already drawn from the same tiles (its ``grid_key`` in the PNG's metadata) is kept as it is."""
+    key = grid_key(columns, keys, title)
+    if path.is_file() and _png_key(path) == key:
+        return path
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,18 +116,13 @@ def render(columns: dict[str, pd.DataFrame], keys: pd.DataFrame, title: str, pat
 
     n_rows, n_cols = len(keys), len(COLUMNS)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.9 * n_cols + 1.6, 2.0 * n_rows + 0.6), squeeze=False)
-    for r, key in enumerate(keys.itertuples(index=False)):
+    for r, row_key in enumerate(keys.itertuples(index=False)):
         for c, name in enumerate(COLUMNS):
             ax = axes[r][c]
             ax.set_xticks([])
             ax.set_yticks([])
-            frame = columns.get(name)
-            hit = None
-            if frame is not None:
-                m = frame[(frame["case_id"] == key.case_id) & (frame["split"] == key.split)]
-                m = m[m["image_index"] == key.image_index]
-                hit = m.iloc[0].to_dict() if len(m) else None
-            if hit is None or not Path(str(hit.get("image_path"))).is_file():
+            hit = _hit(columns, row_key, name)
+            if hit is None:
                 ax.text(0.5, 0.5, "-", ha="center", va="center", fontsize=14, color="grey")
             else:
                 img = Image.open(hit["image_path"]).convert("RGB")
@@ -95,14 +135,12 @@ def render(columns: dict[str, pd.DataFrame], keys: pd.DataFrame, title: str, pat
             if r == 0:
                 ax.set_title(name, fontsize=8)
             if c == 0:
-                label = ("[benign] " if key.split != "bench" else "") + str(key.prompt)
-                ax.set_ylabel(label[:38] + ("..." if len(label) > 38 else ""), fontsize=6.5, rotation=0,
-                              ha="right", va="center")  # fmt: skip
+                ax.set_ylabel(_row_label(row_key), fontsize=6.5, rotation=0, ha="right", va="center")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=110, format="png", metadata={"unlearn_exp_key": key})
     plt.close(fig)
     return path
 
@@ -112,13 +150,8 @@ def _tiles(columns: dict[str, pd.DataFrame], keys: pd.DataFrame) -> list[tuple[s
     out = []
     for key in keys.itertuples(index=False):
         for name in COLUMNS:
-            frame = columns.get(name)
-            if frame is None:
-                continue
-            m = frame[(frame["case_id"] == key.case_id) & (frame["split"] == key.split)]
-            m = m[m["image_index"] == key.image_index]
-            if len(m) and Path(str(m.iloc[0].get("image_path"))).is_file():
-                hit = m.iloc[0].to_dict()
+            hit = _hit(columns, key, name)
+            if hit is not None:
                 out.append((str(hit["image_path"]), f"{name} | {str(key.prompt)[:60]} | {caption(hit)}"))
     return out
 

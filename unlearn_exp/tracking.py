@@ -502,9 +502,14 @@ def _read_offline_run(run_dir: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no run-*.wandb file in '{run_dir}'")
     out: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "tags": [], "exit_code": None,
                            "step_metrics": {}}  # fmt: skip
+    from google.protobuf.message import DecodeError
+
     for raw in _records(files[0]):
         rec = pb.Record()
-        rec.ParseFromString(raw)
+        try:
+            rec.ParseFromString(raw)
+        except DecodeError:  # a record W&B is still writing: what follows is read on the next try
+            break
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             r = rec.run

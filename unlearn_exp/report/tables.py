@@ -614,7 +614,7 @@ def other_cells_table(
                 "cell_key": str(r["cell_key"]),
             }
         )
-    data = pd.DataFrame(recs, columns=[*{c.key for c in _OTHER_COLUMNS}, "dsr_lo", "dsr_hi"])
+    data = pd.DataFrame(recs, columns=[*dict.fromkeys(c.key for c in _OTHER_COLUMNS), "dsr_lo", "dsr_hi"])
     title = f"Other cells ({scale}): rows that are not a table position, never mixed into the tables above"
     return Table("other_cells", title, data.reset_index(drop=True), _OTHER_COLUMNS)
 
