@@ -300,7 +300,7 @@ def test_toy_judge_pin_is_checked_before_the_file_is_parsed(tmp_path):
     with pytest.raises(UserError, match="the profile pins"):
         ToyJudge({"model_path": str(bad), "model_sha256": "0" * 64})
     with pytest.raises(UserError, match="not a readable safetensors"):
-        ToyJudge({"model_path": str(bad)})
+        ToyJudge({"model_path": str(bad), "model_sha256": None})  # unpinned
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys):

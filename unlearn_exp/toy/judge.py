@@ -312,16 +312,18 @@ def _base():
 
 
 class ToyJudge(_base()):
-    """``ToyJudge(cfg)``: keys ``name`` (toy), ``model_path`` (default: the shipped file),
-    ``model_sha256`` (checked if given), ``threshold`` (0.5), ``batch_size``."""
+    """``ToyJudge(cfg)``: keys ``name``, ``model_path`` (null: the shipped file), ``model_sha256`` (checked
+    if set; null: unpinned), ``threshold``, ``batch_size``; the keys ``cfg`` leaves out take
+    ``conf/judge/toy.yaml``'s values (as ``judge=toy judge.<key>=...`` would)."""
 
     def __init__(self, cfg: dict[str, Any] | None = None):
+        from unlearn_exp.config import preset
         from unlearn_exp.evaluation.judge import make_profile
 
-        cfg = dict(cfg or {})
-        name = str(cfg.get("name", "toy"))
-        path = Path(cfg.get("model_path") or JUDGE_FILE)
-        expected = cfg.get("model_sha256")
+        cfg = {**preset("judge", "toy"), **dict(cfg or {})}  # conf/judge/toy.yaml's values, then cfg's
+        name = str(cfg["name"])
+        path = Path(cfg["model_path"] or JUDGE_FILE)
+        expected = cfg["model_sha256"]
         if expected and path.is_file():  # the pin is checked before the file is parsed
             from unlearn_exp.store import file_sha256
 
@@ -331,8 +333,8 @@ class ToyJudge(_base()):
                     f"judge '{name}': {path} has sha256 {sha[:16]}..., the profile pins {str(expected)[:16]}..."
                 )
         self.net, sha = load_net(path)
-        self.threshold = float(cfg.get("threshold", 0.5))
-        self.batch_size = int(cfg.get("batch_size", 256))
+        self.threshold = float(cfg["threshold"])
+        self.batch_size = int(cfg["batch_size"])
         self.profile = make_profile(
             name,
             model_file=str(path),
