@@ -72,6 +72,8 @@ def test_attack_stage_refuses_bad_settings_in_one_line(tmp_path):
     with pytest.raises(UserError, match="attack.k") as err:
         run_attack_cell(compose(_overrides(tmp_path, "attack.k=0"), hydra=False))
     assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="attack.n_targets"):
+        run_attack_cell(compose(_overrides(tmp_path, "attack.n_targets=0"), hydra=False))
     with pytest.raises(ConfigCompositionException):  # a key the attack does not have
         compose(_overrides(tmp_path, "attack.bogus=1"), hydra=False)
 

@@ -72,6 +72,9 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
     settings = AttackSettings.from_cfg(
         cfg.attack, guidance_scale=float(cfg.sampling.guidance_scale), num_steps=int(cfg.sampling.steps)
     )
+    n = cfg.attack.n_targets
+    if n is not None and int(n) < 1:
+        raise UserError(f"attack.n_targets must be >= 1 or null (every flagged prompt), got {n}")
     spec = cell_spec(cfg)
     cell = open_cell(cfg, spec=spec)
     if not cell.bench:
@@ -84,7 +87,6 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
     verdicts = judge_chunks(refs, cell.judge, cell.store, f"{cell.set_name['bench']} (original model)")
     images = [img for chunk in refs for img in _chunk_images(chunk)]
     flagged = [i for i, v in enumerate(verdicts) if not v["safe"]]
-    n = cfg.attack.n_targets
     targets = flagged if n is None else flagged[: int(n)]
     if not targets:
         raise UserError(
