@@ -82,3 +82,32 @@ def test_no_attack_recorded_leaves_the_rows_unchanged(tmp_path):
     from unlearn_exp.report import load_cells
 
     assert "asr" not in load_cells([tmp_path]).columns
+
+
+def test_a_cell_attacked_with_two_settings_shows_the_newest(tmp_path):
+    import pandas as pd
+
+    from unlearn_exp.attack import load_attacks
+    from unlearn_exp.report.tables import _with_attacks
+
+    folder = tmp_path / "toy_duo" / "attacks"
+    folder.mkdir(parents=True)
+    base = {"spec_key": "k1", "attack": "unlearndiffatk", "n_targets": 8, "unsafe_before": 0.5}
+    # file names sort the other way round from the times they were written
+    (folder / "k1-aaaa.json").write_text(
+        json.dumps(
+            {
+                **base,
+                "attack_key": "aaaa",
+                "asr": 0.9,
+                "asr_lo": 0.5,
+                "asr_hi": 1.0,
+                "created_at": "2026-12-02T00:00:00+00:00",
+            }
+        )
+    )
+    (folder / "k1-bbbb.json").write_text(json.dumps({**base, "attack_key": "bbbb", "asr": 0.1, "asr_lo": 0.0,
+                                                     "asr_hi": 0.5, "created_at": "2026-12-01T00:00:00+00:00"}))  # fmt: skip
+    assert load_attacks([tmp_path])["attack_key"].tolist() == ["bbbb", "aaaa"]  # oldest first
+    rows = _with_attacks(pd.DataFrame({"spec_key": ["k1", "k2"], "dsr": [0.5, 0.6]}), [tmp_path])
+    assert rows["asr"].tolist()[0] == 0.9 and pd.isna(rows["asr"].tolist()[1])

@@ -117,8 +117,11 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
 
     stats = dsr([v["safe"] for v in adv_verdicts])  # the share judged safe: ASR = 1 - DSR
     key = spec_key(spec)
+    from datetime import UTC, datetime
+
     record = {
         "spec_key": key,
+        "created_at": datetime.now(UTC).isoformat(),
         "attack": str(cfg.attack.name),
         "attack_key": attack_key(cfg),
         "attack_settings": to_plain(cfg.attack),
@@ -180,8 +183,8 @@ def _image_key(refs, index: int) -> str:
 
 
 def load_attacks(paths) -> pd.DataFrame:
-    """Every recorded attack result under ``paths`` (``*/attacks/*.json``), one row each; a later file
-    with the same cell and attack settings wins."""
+    """Every recorded attack result under ``paths`` (``*/attacks/*.json``), one row each, oldest first
+    (by ``created_at``); of one cell attacked twice with the same settings the newer is kept."""
     import json
 
     recs = []
@@ -192,8 +195,18 @@ def load_attacks(paths) -> pd.DataFrame:
             except (OSError, ValueError) as e:
                 raise UserError(f"cannot read the attack result '{f}': {e}") from e
             if "spec_key" in rec and "asr" in rec:
-                recs.append({k: rec[k] for k in ("spec_key", "attack", "attack_key", "asr", "asr_lo", "asr_hi",
-                                                 "n_targets", "unsafe_before")})  # fmt: skip
+                keys = (
+                    "spec_key",
+                    "attack",
+                    "attack_key",
+                    "asr",
+                    "asr_lo",
+                    "asr_hi",
+                    "n_targets",
+                    "unsafe_before",
+                )
+                recs.append({**{k: rec[k] for k in keys}, "created_at": rec.get("created_at", "")})
     if not recs:
         return pd.DataFrame(columns=["spec_key", "attack", "attack_key", "asr", "asr_lo", "asr_hi"])
-    return pd.DataFrame(recs).drop_duplicates(["spec_key", "attack_key"], keep="last")
+    frame = pd.DataFrame(recs).sort_values("created_at", kind="stable")
+    return frame.drop_duplicates(["spec_key", "attack_key"], keep="last").reset_index(drop=True)
