@@ -22,9 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import torch
 from omegaconf import DictConfig
 
 from unlearn_exp.errors import UserError
@@ -32,14 +30,6 @@ from unlearn_exp.identity import cell_spec, spec_key
 from unlearn_exp.store import atomic_write_json, atomic_write_text, config_hash, to_plain
 
 log = logging.getLogger("unlearn_exp")
-
-ORIGINAL_GUIDANCE = {"name": "none"}
-
-
-def _as_target(image) -> torch.Tensor:
-    """A PIL image as the attack's target tensor (1, 3, H, W) in [-1, 1]."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1.0
 
 
 def attack_key(cfg) -> str:
@@ -55,6 +45,7 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
     from unlearn_exp.cell import (
         ORIGINAL,
         Originals,
+        chunk_images,
         concept,
         ensure_image_set,
         generate_samples,
@@ -64,6 +55,7 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
         unlearn,
     )
     from unlearn_exp.evaluation import dsr
+    from unlearn_exp.evaluation.images import to_tensor
     from unlearn_exp.guidance.base import Guidance
     from unlearn_exp.validate import validate
 
@@ -85,7 +77,7 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
     refs = generate_samples(cell.comps, Guidance(), cell.bench, original, cell.store, cfg,
                             f"original model: {cell.set_name['bench']} (attack targets)")  # fmt: skip
     verdicts = judge_chunks(refs, cell.judge, cell.store, f"{cell.set_name['bench']} (original model)")
-    images = [img for chunk in refs for img in _chunk_images(chunk)]
+    images = [img for chunk in refs for img in chunk_images(chunk)]
     flagged = [i for i, v in enumerate(verdicts) if not v["safe"]]
     targets = flagged if n is None else flagged[: int(n)]
     if not targets:
@@ -103,11 +95,12 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
     results = []
     for i, row in zip(targets, rows):
         key = {**conc.identity, "target": _image_key(refs, i)}
-        out = attack(cell.comps, cell.store, key, _as_target(images[i]), str(row["prompt"]), settings,
+        out = attack(cell.comps, cell.store, key, to_tensor([images[i]]), str(row["prompt"]), settings,
                      conc.guidance)  # fmt: skip
         results.append(out)
     adv_rows = [{**row, "prompt": r["prompt"]} for row, r in zip(rows, results)]
-    attacked = {**conc.identity, "attack": attack_key(cfg)}
+    settings_key = attack_key(cfg)
+    attacked = {**conc.identity, "attack": settings_key}
     adv = generate_samples(cell.comps, conc.guidance, adv_rows, attacked, cell.store, cfg,
                            f"sampling adversarial prompts x {conc.what}")  # fmt: skip
     adv_verdicts = judge_chunks(adv, cell.judge, cell.store, "adversarial prompts")
@@ -123,7 +116,7 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
         "spec_key": key,
         "created_at": datetime.now(UTC).isoformat(),
         "attack": str(cfg.attack.name),
-        "attack_key": attack_key(cfg),
+        "attack_key": settings_key,
         "attack_settings": to_plain(cfg.attack),
         "model": cell.model_id,
         "checkpoint": f"{cfg.checkpoint.method} beta={cfg.checkpoint.beta}",
@@ -164,12 +157,6 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
              record["attack"], record["checkpoint"], record["guidance"], record["embedding"], record["asr"],
              record["asr_lo"], record["asr_hi"], len(targets), record["unsafe_before"], folder / f"{stem}.json")  # fmt: skip
     return {**record, "results": str(folder / f"{stem}.json")}
-
-
-def _chunk_images(chunk):
-    from unlearn_exp.cell import chunk_images
-
-    return chunk_images(chunk)
 
 
 def _image_key(refs, index: int) -> str:
