@@ -3,8 +3,10 @@
 Every pluggable part of the pipeline is chosen from its config one way: a registered name (the
 config's ``type``, ``name``, ``loader`` or ``method`` key), or ``_target_: package.module.attr``
 naming a factory directly (a new method in one file plus one config, no edit anywhere else). The
-built-in implementations and the toy world register themselves when their modules are imported;
-``load_plugins()`` imports the modules listed in ``PLUGINS`` once. This module names no method.
+built-in implementations and the toy world register themselves when their modules are imported.
+Each registry knows its built-in names and the module that registers each (``BUILTIN``), so it lists
+and checks names without importing anything (validation stays fast), and imports a module only
+when its implementation is first asked for; ``load_plugins()`` imports them all.
 
 ==============  =========================  ==================================================
 registry        selected by                factory signature
@@ -27,21 +29,36 @@ from typing import Any
 from unlearn_exp.errors import UserError
 from unlearn_exp.store import config_hash
 
-# the modules whose import registers the built-in implementations (and the toy world's)
-PLUGINS = (
-    "unlearn_exp.data.loaders",
-    "unlearn_exp.attacks.ring_a_bell",
-    "unlearn_exp.evaluation.nudenet",
-    "unlearn_exp.evaluation.q16",
-    "unlearn_exp.evaluation.pp",
-    "unlearn_exp.guidance.base",
-    "unlearn_exp.guidance.sld",
-    "unlearn_exp.guidance.safree",
-    "unlearn_exp.unlearning.checkpoints",
-    "unlearn_exp.unlearning.duo",
-    "unlearn_exp.unlearning.spm",
-    "unlearn_exp.toy.plugin",
-)
+# registry -> built-in name -> the module whose import registers it (the toy world's included);
+# tests/test_registry.py checks that each module registers exactly these names
+BUILTIN: dict[str, dict[str, str]] = {
+    "judge type": {
+        "nudenet": "unlearn_exp.evaluation.nudenet",
+        "q16": "unlearn_exp.evaluation.q16",
+        "toy": "unlearn_exp.toy.plugin",
+    },
+    "PP metric": {
+        "lpips": "unlearn_exp.evaluation.pp",
+        "lpips_alex": "unlearn_exp.evaluation.pp",
+        "toy_features": "unlearn_exp.toy.plugin",
+    },
+    "benchmark loader": {
+        **dict.fromkeys(("i2p", "csv", "prompts_file"), "unlearn_exp.data.loaders"),
+        "ring_a_bell": "unlearn_exp.attacks.ring_a_bell",
+        "toy": "unlearn_exp.toy.plugin",
+    },
+    "guidance": {
+        "none": "unlearn_exp.guidance.base",
+        "sld": "unlearn_exp.guidance.sld",
+        "safree": "unlearn_exp.guidance.safree",
+    },
+    "unlearning method": {
+        **dict.fromkeys(("original", "esd", "uce"), "unlearn_exp.unlearning.checkpoints"),
+        "duo": "unlearn_exp.unlearning.duo",
+        "spm": "unlearn_exp.unlearning.spm",
+    },
+}
+PLUGINS = tuple(dict.fromkeys(m for names in BUILTIN.values() for m in names.values()))
 _loaded = False
 _load_lock = threading.Lock()
 
@@ -75,6 +92,7 @@ class Registry:
     def __init__(self, what: str, select: tuple[str, ...]):
         self.what = what
         self.select = select
+        self.builtin = BUILTIN.get(what, {})  # name -> module registering it, imported on first use
         self.factories: dict[str, Callable[..., Any]] = {}
         self._cache: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -88,8 +106,8 @@ class Registry:
         return factory
 
     def names(self) -> list[str]:
-        load_plugins()
-        return sorted(self.factories)
+        """Every registered name and every built-in one (nothing is imported)."""
+        return sorted({*self.factories, *self.builtin})
 
     def name_of(self, cfg: Mapping[str, Any] | str) -> str:
         if isinstance(cfg, str):
@@ -100,10 +118,11 @@ class Registry:
         """The factory a config (or a name) selects: its ``_target_``, else the registered name."""
         if not isinstance(cfg, str) and cfg.get("_target_"):
             return import_target(str(cfg["_target_"]))
-        load_plugins()
         name = self.name_of(cfg)
+        if name not in self.factories and name in self.builtin:
+            importlib.import_module(self.builtin[name])  # registers it
         if name not in self.factories:
-            raise UserError(f"unknown {self.what} '{name}'; registered: {sorted(self.factories)}")
+            raise UserError(f"unknown {self.what} '{name}'; registered: {self.names()}")
         return self.factories[name]
 
     def build(self, plain: dict, *, cache: bool = True, **kwargs) -> Any:
