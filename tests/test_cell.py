@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -157,7 +158,6 @@ def test_cell_logs_one_offline_wandb_run(inputs, tmp_path):
     assert run["summary"]["images"]["nrows"] == len(PROMPTS) + 3
     # the per-image table keeps the original model's image beside ours; the grid's tiles are captioned
     tables = list(runs[0].rglob("images_*.table.json"))
-    import json
 
     columns = json.loads(tables[0].read_text())["columns"]
     assert columns[:2] == ["image", "original"]
@@ -261,6 +261,24 @@ def test_a_recorded_cell_is_returned_without_loading_anything(inputs, tmp_path, 
         again["cell"]["dsr"] == first["cell"]["dsr"]
         and again["cell"]["spec_key"] == first["cell"]["spec_key"]
     )
+    # the original model's images of the cell's prompts come from the cache (the grids' column)
+    from unlearn_exp import grids
+
+    rows = read_table(Path(first["results"]) / "images.parquet").query("split == 'bench'")
+    originals = grids.original_images(overrides(inputs, tmp_path), rows)
+    assert len(originals) == len(rows) and all(Path(p).is_file() for p in originals.image_path)
+    # a fresh interpreter returns the recorded cell without importing diffusers, transformers or
+    # Lightning (the demo's rerun)
+    code = (
+        "import json, sys; from unlearn_exp.cell import run_cell; from unlearn_exp.config import compose; "
+        "out = run_cell(compose(json.loads(sys.argv[1]), hydra=False)); "
+        "print(json.dumps([out.get('reused_result'), "
+        "[m for m in ('diffusers', 'transformers', 'lightning') if m in sys.modules]]))"
+    )
+    argv = [sys.executable, "-c", code, json.dumps(overrides(inputs, tmp_path, "guidance=sld"))]
+    fresh = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert json.loads(fresh.stdout.splitlines()[-1]) == [True, []]
     # another cell (other guidance), or reuse switched off, is computed
     with pytest.raises(AssertionError, match="must not load"):
         run_cell(compose(overrides(inputs, tmp_path, "guidance=none"), hydra=False))

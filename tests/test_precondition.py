@@ -7,7 +7,8 @@ import math
 import torch
 
 from unlearn_exp.guidance.base import Guidance
-from unlearn_exp.precondition import DirectionProbe, precondition_table, to_markdown
+from unlearn_exp.guidance.probe import DirectionProbe
+from unlearn_exp.precondition import precondition_table, to_markdown
 from unlearn_exp.sampling import sample
 
 

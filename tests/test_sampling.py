@@ -151,3 +151,16 @@ def test_gpu_options_are_applied_when_asked(tiny):
     apply_gpu_options(comps, compose(["sampling.channels_last=true", "sampling.vae_slicing=true"]).sampling)
     assert comps.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert comps.vae.use_slicing
+
+
+def test_gpu_options_that_are_on_are_part_of_the_sample_key():
+    """An option may change an image's last bits: images sampled with it are cached apart. With every
+    option off the key has no entry for them (the keys of images sampled before the options existed)."""
+    from tests.conftest import compose
+    from unlearn_exp.cell import sample_identity
+
+    plain = sample_identity(compose([]), "cpu")
+    assert "gpu_options" not in plain and plain["precision"] == "32-true"
+    on = sample_identity(compose(["sampling.channels_last=true", "sampling.tf32=true"]), "cpu")
+    assert on == {**plain, "gpu_options": ["channels_last", "tf32"]}
+    assert sample_identity(compose([]), "cuda")["precision"] == "16-mixed"

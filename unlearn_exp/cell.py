@@ -22,28 +22,39 @@ A killed sweep resumes from the last finished chunk; a repeated sweep recomputes
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from unlearn_exp.errors import NotImplementedStage, UserError
-from unlearn_exp.guidance import Concept, Guidance, make_guidance
 from unlearn_exp.identity import cell_spec, model_identity, resolved_precision, spec_key
-from unlearn_exp.models import Components, load_model
 from unlearn_exp.registry import UNLEARNING
 from unlearn_exp.store import ArtifactStore, atomic_dir, atomic_write_json, config_hash, file_sha256
 from unlearn_exp.store import to_plain as plain
 
+if TYPE_CHECKING:
+    from unlearn_exp.guidance import Concept, Guidance
+    from unlearn_exp.models import Components
+
 log = logging.getLogger("unlearn_exp")
 
 __all__ = ["model_identity", "run_cell"]
+
+
+def load_model(model_cfg) -> Components:
+    """``models.load_model``, imported on first use: a cell whose result is recorded imports neither
+    diffusers nor transformers (the demo's rerun)."""
+    from unlearn_exp.models import load_model as load
+
+    return load(model_cfg)
 
 
 def sampling_settings(cfg) -> dict[str, Any]:
@@ -56,11 +67,19 @@ def sampling_settings(cfg) -> dict[str, Any]:
     }
 
 
-def sample_identity(cfg, comps: Components) -> dict[str, Any]:
-    """The sampler settings a sample artifact depends on, with the run precision resolved."""
+GPU_OPTIONS = ("compile", "channels_last", "tf32", "vae_slicing", "vae_tiling")
+
+
+def sample_identity(cfg, device: str) -> dict[str, Any]:
+    """The sampler settings a sample artifact depends on, with the run precision resolved for
+    ``device``. The GPU options (``sampling.compile`` ...) may change an image's last bits, so those
+    that are on are part of it (all off: the key is the same as before the options existed)."""
+    s = cfg.sampling
+    on = sorted(k for k in GPU_OPTIONS if s.get(k))
     return {
         **sampling_settings(cfg),
-        "precision": resolved_precision(cfg.sampling.precision, str(comps.device)),
+        "precision": resolved_precision(s.precision, device),
+        **({"gpu_options": on} if on else {}),
     }
 
 
@@ -91,7 +110,7 @@ def _rows_identity(rows: list[dict[str, Any]]) -> str:
 
 
 def generate_samples(
-    comps: Components,
+    comps: Components | Callable[[], Components],
     guidance: Guidance,
     rows: list[dict[str, Any]],
     identity: dict[str, Any],
@@ -100,22 +119,29 @@ def generate_samples(
     label: str = "sampling",
 ) -> list[Chunk]:
     """Sample ``rows`` in chunks, each chunk an artifact (PNG files + ``meta.json``); ``label`` names
-    what is sampled in the progress bar."""
+    what is sampled in the progress bar. ``comps`` may be a loader (a function returning the model,
+    called at most once): then a model is loaded only if a chunk is not cached yet."""
+    from unlearn_exp.identity import resolved_device
     from unlearn_exp.sampling import predict_rows
 
     settings = sampling_settings(cfg)
     size = int(cfg.sampling.chunk_size)
+    if callable(comps):
+        device, comps = resolved_device(cfg.model), functools.cache(comps)
+    else:
+        device, loaded = str(comps.device), comps
+        comps = lambda: loaded  # noqa: E731
     chunks = []
     for start in range(0, len(rows), size):
         part = rows[start : start + size]
-        key = {**identity, "sampling": sample_identity(cfg, comps), "rows": _rows_identity(part)}
+        key = {**identity, "sampling": sample_identity(cfg, device), "rows": _rows_identity(part)}
 
         n_chunks = (len(rows) + size - 1) // size
         chunk_label = label + (f" [chunk {start // size + 1}/{n_chunks}]" if n_chunks > 1 else "")
 
         def build(tmp: Path, part=part, chunk_label=chunk_label):
             out = predict_rows(
-                comps,
+                comps(),
                 guidance,
                 part,
                 batch_size=int(cfg.sampling.batch_size),
@@ -200,6 +226,8 @@ def pp_distances(
             continue
 
         def build(tmp: Path, chunk=chunk, ref=ref):
+            import torch
+
             nonlocal bar
             bar = bar or StageBar(f"PP {what} ({metric.profile['name']})".replace("  ", " "), todo, "img")
             d = metric.distance(from_pil(chunk_images(chunk)), from_pil(chunk_images(ref)))
@@ -303,7 +331,7 @@ def image_set_key(cfg, comps: Components, judge, model_id: str) -> dict[str, Any
         "prompts": list(spec["prompts"] or []),
         "n_images": int(spec["n_images"] or 0),
         "judge": judge.profile["hash"] if spec["check"] else None,
-        "sampling": sample_identity(cfg, comps),
+        "sampling": sample_identity(cfg, str(comps.device)),
         "seed": int(spec["seed"]),
     }
 
@@ -380,6 +408,7 @@ def ensure_image_set(cfg, comps: Components, store: ArtifactStore, model_id: str
 def resolve_concept(
     cfg, comps: Components, store: ArtifactStore, model_id: str, image_set: Path | None, loggers
 ) -> Concept:
+    from unlearn_exp.guidance import Concept
     from unlearn_exp.inversion.textual_inversion import load_concept_tokens
 
     source = cfg.embedding.source
@@ -739,6 +768,8 @@ def needs_learned_concept(cfg) -> bool:
 def originals(cell: Cell) -> Originals:
     """Stage 0 (before the model is unlearned): the original model's images of every PP prompt set,
     and the harmful images ``C*`` is learned from, where the cell learns one."""
+    from unlearn_exp.guidance import Guidance
+
     cfg = cell.cfg
     original = {"model": cell.model_id, **ORIGINAL}
     refs = {
@@ -761,6 +792,8 @@ def unlearn(cell: Cell) -> Unlearned:
 def concept(cell: Cell, made: Originals, ck: Unlearned) -> ConceptGuidance:
     """Stage 2: the concept (the words, or ``C*`` learned on the checkpoint or the shared source) and
     the guidance method built on it."""
+    from unlearn_exp.guidance import make_guidance
+
     cfg = cell.cfg
     conc = resolve_concept(cfg, cell.comps, cell.store, cell.model_id, made.image_set, cell.loggers)
     step_scale = 1.0

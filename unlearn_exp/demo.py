@@ -49,9 +49,6 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     warnings.filterwarnings("ignore")  # library deprecation notices; errors still stop the demo
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     extra = list(sys.argv[1:] if argv is None else argv)
     base = [f"+experiment={EXPERIMENT}", *extra]
     start = time.time()

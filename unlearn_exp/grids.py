@@ -158,21 +158,20 @@ def _tiles(columns: dict[str, pd.DataFrame], keys: pd.DataFrame) -> list[tuple[s
 
 def original_images(cfg_overrides: list[str], rows: pd.DataFrame) -> pd.DataFrame:
     """The original model's images for ``rows`` (same prompts and seeds), through the artifact store."""
-    from unlearn_exp.cell import cell_store, chunk_meta, generate_samples
-    from unlearn_exp.guidance.base import Guidance
-    from unlearn_exp.models import load_model
+    from unlearn_exp.cell import ORIGINAL, cell_store, chunk_meta, generate_samples, load_model
+    from unlearn_exp.identity import model_identity
     from unlearn_exp.report.tables import _compose
 
     cfg = _compose(cfg_overrides)
     store = cell_store(cfg)
-    comps = load_model(cfg.model)
     wanted = [
         {"case_id": r.case_id, "prompt": r.prompt, "seed": int(r.seed), "image_index": int(r.image_index)}
         for r in rows.itertuples(index=False)
     ]
-    identity = {"model": comps.identity, "checkpoint": "original", "guidance": {"name": "none"}}
+    identity = {"model": model_identity(cfg.model), **ORIGINAL}
     out = []
-    for chunk in generate_samples(comps, Guidance(), wanted, identity, store, cfg):
+    # the model is loaded (and diffusers imported) only when an image is not in the cache yet
+    for chunk in generate_samples(lambda: load_model(cfg.model), None, wanted, identity, store, cfg):
         for want, meta in zip(chunk.rows, chunk_meta(chunk)):
             out.append(
                 {**want, "image_path": str(chunk.folder / meta["file"]), "safe": None, "original": True}

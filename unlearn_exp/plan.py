@@ -175,7 +175,7 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
             sets[name] = benchmark_rows(bench_cfg, _local_data_dir(bench_cfg, cfg.paths.data_dir))[0]
         except UserError as exc:
             p.notes.append(f"{name} prompts unknown here ({str(exc).splitlines()[0][:90]})")
-    settings = sample_identity(cfg, _SampleModel(model))
+    settings = sample_identity(cfg, str(model.device))
     size = int(cfg.sampling.chunk_size)
     original = {"model": model.identity, "checkpoint": "original", "guidance": {"name": "none"}}
     mine = _cell_identity(cfg, model, checkpoint_id, concept_id, original)

@@ -25,40 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
-
-from unlearn_exp.guidance.base import Guidance, GuidanceState
 
 log = logging.getLogger("unlearn_exp")
 
 PROMPT_KINDS = ("explicit", "synonym", "indirect")
-
-
-class DirectionProbe(Guidance):
-    """Classifier-free guidance (the unguided cell's trajectory) that also predicts the noise for the
-    concept words and for ``C*`` and records, per step and image, the cosine between
-    ``eps(words) - eps(uncond)`` and ``eps(C*) - eps(uncond)``."""
-
-    name = "probe"
-
-    def __init__(self, words: str, concept_tokens: list[str]):
-        self.words = words
-        self.concept = " ".join(concept_tokens)
-        self.cosines: list[torch.Tensor] = []  # one (B,) tensor per step and batch
-
-    def prepare(self, comps, prompts, tokens, negative_prompts, guidance_scale, num_steps) -> GuidanceState:
-        state = super().prepare(comps, prompts, tokens, negative_prompts, guidance_scale, num_steps)
-        words, _ = comps.encode_prompts([self.words] * len(prompts))
-        concept, _ = comps.encode_prompts([self.concept] * len(prompts))
-        state.branches += [words, concept]
-        return state
-
-    def combine(self, i: int, preds: list[torch.Tensor], state: GuidanceState) -> torch.Tensor:
-        eps_u, eps_c, eps_w, eps_s = preds
-        d_words = (eps_w - eps_u).flatten(1).float()
-        d_concept = (eps_s - eps_u).flatten(1).float()
-        self.cosines.append(torch.nn.functional.cosine_similarity(d_words, d_concept, dim=1).cpu())
-        return eps_u + state.guidance_scale * (eps_c - eps_u)
 
 
 def direction_alignment(cfg, *, batch_size: int = 16) -> dict[str, float]:
@@ -81,7 +51,10 @@ def direction_alignment(cfg, *, batch_size: int = 16) -> dict[str, float]:
 
 
 def _measure_alignment(cfg, batch_size: int) -> dict[str, float]:
+    import torch
+
     from unlearn_exp.cell import benchmark_rows, concept, open_cell, originals, unlearn
+    from unlearn_exp.guidance.probe import DirectionProbe
     from unlearn_exp.sampling import sample
 
     cell = open_cell(cfg, prompts=False)  # the cell runner's stages 0-2: image set, checkpoint, C*
