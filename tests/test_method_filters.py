@@ -110,3 +110,35 @@ def test_image_set_that_cannot_fill_its_quota_stops_early(tiny, tmp_path):
     tries = int(err.value.args[0].split(" of ")[1].split(" ")[0])
     assert tries < 320 // 2  # stopped well before its share of max_tries was spent
     assert not Path(tmp_path / "set").exists()
+
+
+def test_a_user_image_folder_is_named_by_its_content(tmp_path):
+    """Two folders of the same name with other images learn two ``C*``; the same images anywhere
+    are one (the inversion key named the folder by its last path component)."""
+    from PIL import Image
+
+    from unlearn_exp.cell import image_set_ref
+
+    def folder(where: str, colour: tuple[int, int, int]) -> Path:
+        path = tmp_path / where / "images"
+        path.mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), colour).save(path / f"{i}.png")
+        (path / "notes.txt").write_text("not an image: not part of the set")
+        return path
+
+    red, blue, red_again = folder("a", (255, 0, 0)), folder("b", (0, 0, 255)), folder("c", (255, 0, 0))
+    cfg = compose(["model=tiny", "task=toy", "embedding=inverted", "guidance=sld",
+                   "inversion.image_set.source=folder"], hydra=False)  # fmt: skip
+    ids = {}
+    for name, path in (("red", red), ("blue", blue), ("red_again", red_again)):
+        with open_dict(cfg):
+            cfg.inversion.image_set.path = str(path)
+        ref = image_set_ref(cfg, None, ArtifactStore(tmp_path / "cache"), "m")
+        assert ref.folder() == path
+        ids[name] = ref.id
+    assert ids["red"] != ids["blue"] and ids["red"] == ids["red_again"]
+    with open_dict(cfg):
+        cfg.inversion.image_set.path = str(tmp_path / "missing")
+    with pytest.raises(UserError, match="image folder not found"):
+        image_set_ref(cfg, None, ArtifactStore(tmp_path / "cache"), "m")

@@ -49,15 +49,10 @@ def test_beta_scale_reaches_the_trainer(tmp_path):
 
 # ------------------------------------------------------------------------------ shipped artifacts
 class ShippedOnly(ArtifactStore):
-    """The cell runner's store with the shipped cache, where any training is a test failure.
-
-    Image sets (not shipped: the original model's samples) resolve to their keyed folder unbuilt;
-    only their name enters the inversion key."""
+    """The cell runner's store with the shipped cache, where building anything is a test failure
+    (image sets included: they are not shipped, and a cell whose ``C*`` is cached never makes one)."""
 
     def get_or_build(self, kind, key, build):
-        if kind == "image_sets":
-            return self.path(kind, key)
-
         def fail(tmp):
             pytest.fail(f"{kind} was not found in the shipped cache and would be rebuilt")
 
@@ -85,7 +80,7 @@ def test_shipped_artifacts_are_found_under_the_cell_keys(beta, toy_cfgs, tmp_pat
     the DUO checkpoint and both embeddings (inverted, shared) in the shipped cache: nothing trains,
     from any working directory (the keys name the model by content, not by path)."""
     monkeypatch.chdir(tmp_path)
-    from unlearn_exp.cell import apply_unlearning, ensure_image_set, model_identity, resolve_concept
+    from unlearn_exp.cell import apply_unlearning, image_set_ref, model_identity, resolve_concept
     from unlearn_exp.models import load_model
 
     for emb in ("inverted", "shared"):
@@ -93,7 +88,7 @@ def test_shipped_artifacts_are_found_under_the_cell_keys(beta, toy_cfgs, tmp_pat
         store = ShippedOnly(tmp_path / "cache", shipped=[SHIPPED])
         comps = load_model(cfg.model)
         model_id = model_identity(cfg.model)
-        image_set = ensure_image_set(cfg, comps, store, model_id)
+        image_set = image_set_ref(cfg, comps, store, model_id)
         ck = apply_unlearning(cfg, comps, store, cfg.checkpoint, None)
         assert ck["beta"] == float(beta) and Path(ck["artifact"]).parent.parent.parent == SHIPPED
         assert Path(ck["files"][0]).stat().st_size < 1_000_000

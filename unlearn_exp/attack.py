@@ -47,8 +47,8 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
         Originals,
         chunk_images,
         concept,
-        ensure_image_set,
         generate_samples,
+        image_set_ref,
         judge_chunks,
         needs_learned_concept,
         open_cell,
@@ -86,7 +86,7 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
             "nothing to attack"
         )
     needs_images = needs_learned_concept(cfg) and not cfg.embedding.get("path")
-    image_set = ensure_image_set(cfg, cell.comps, cell.store, cell.model_id) if needs_images else None
+    image_set = image_set_ref(cfg, cell.comps, cell.store, cell.model_id) if needs_images else None
 
     # the cell: unlearned checkpoint, concept and guidance
     ck = unlearn(cell)
