@@ -39,6 +39,25 @@ def test_plan_matches_what_the_cell_then_builds(tmp_path, monkeypatch):
     assert "estimated time" in text
 
 
+def test_a_shipped_concept_needs_no_image_set(tmp_path):
+    """C* for beta=2000 ships with the project: its image set is neither planned nor made."""
+    # the toy's own sampler: the image set's key (and so C*'s) names it
+    over = [
+        o for o in toy_overrides(tmp_path, "guidance=sld", "embedding=inverted") if o != "sampling.steps=4"
+    ]
+    before = plan.plan_cell(compose(over, hydra=False), over, set())
+    assert [what.split(" (")[0] for what, _ in before.artifacts] == [
+        "DUO checkpoint beta=2000",
+        "C* on duo beta=2000",
+    ]
+    assert all(cached for _, cached in before.artifacts) and before.images == 12
+    assert before.sampling_steps == 12 * 25
+    out = run_cell(compose(over, hydra=False))
+    built = out["artifacts"]["built"]
+    assert not [b for b in built if b.startswith("image_sets/")], built
+    assert len([b for b in built if b.startswith("samples/")]) == 6
+
+
 def test_plan_counts_training_that_is_not_cached(tmp_path):
     over = toy_overrides(tmp_path, "guidance=sld", "embedding=inverted", "checkpoint.beta=300",
                          "paths.shipped_caches=[]")  # fmt: skip

@@ -129,14 +129,15 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
             judge = method_filter(spec["filter"]) if spec["check"] else None
             ikey = image_set_key(cfg, _SampleModel(model), judge, model.identity) if judge else None
             img_hash = config_hash(ikey) if ikey else None
-            cached = bool(ikey) and cache.locate("image_sets", ikey) is not None
-            p.artifacts.append((f"C* image set ({img_hash})", cached))
-            if not cached:
-                p.images += int(spec["n_images"] or 0)
-                p.sampling_steps += int(spec["n_images"] or 0) * steps
-            if img_hash:
-                inv = inversion_key(cfg, model.identity, img_hash)
-                inv_folder = cache.locate("inversion", inv)
+            inv = inversion_key(cfg, model.identity, img_hash) if img_hash else None
+            inv_folder = cache.locate("inversion", inv) if inv else None
+            if inv_folder is None:  # the images are made only to learn C* (cell.image_set_ref)
+                cached = bool(ikey) and cache.locate("image_sets", ikey) is not None
+                p.artifacts.append((f"C* image set ({img_hash})", cached))
+                if not cached:
+                    p.images += int(spec["n_images"] or 0)
+                    p.sampling_steps += int(spec["n_images"] or 0) * steps
+            if inv:
                 p.artifacts.append((f"C* on {checkpoint_for_inversion(cfg).get('method')} "
                                     f"beta={checkpoint_for_inversion(cfg).get('beta')} ({config_hash(inv)})",
                                     inv_folder is not None))  # fmt: skip
