@@ -4,6 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
 SCALE   ?= sd14
+JOBS    ?= 1
 STAMP   := $(VENV)/.installed
 
 export HF_HUB_OFFLINE ?= 1
@@ -34,8 +35,8 @@ format: setup  ## ruff format and autofix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-demo: setup  ## the newcomer's command: run what the framework has, on the embedded default
-	$(PYTHON) -m unlearn_exp.demo
+demo: setup  ## the newcomer's command: run what the framework has, on the embedded default (JOBS=N: N worker processes)
+	$(PYTHON) -m unlearn_exp.demo --jobs $(JOBS)
 
 demo-attacks: setup  ## the toy grid on Ring-A-Bell prompts made against the toy model, and UnlearnDiffAtk on every cell (then: make reproduce-table SCALE=toy)
 	$(PYTHON) -m unlearn_exp +experiment=toy_duo benchmark=toy_ring_a_bell_generated multirun

@@ -5,15 +5,22 @@ shared) in this process through the same cell runner as ``python -m unlearn_exp`
 artifacts, then prints the main table and the transfer table and writes them under ``reports/toy/``,
 and measures the precondition of finding (a) per checkpoint (``precondition.py``).
 Extra Hydra overrides may follow: ``python -m unlearn_exp.demo +debug=default``.
+
+``--jobs N`` runs the cells in N worker processes (the machine's cores split between them; ``make demo
+JOBS=N``): the same cells through the same runner, so the same numbers, sooner where one process
+cannot keep every core busy.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import logging
+import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -43,51 +50,135 @@ def grid(overrides: list[str]) -> list[list[str]]:
     return cells
 
 
-def main(argv: list[str] | None = None) -> int:
-    from unlearn_exp.cell import run_cell
-    from unlearn_exp.report import build_tables, to_markdown, write_report
-
+def _quiet() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     warnings.filterwarnings("ignore")  # library deprecation notices; errors still stop the demo
-    extra = list(sys.argv[1:] if argv is None else argv)
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _quiet()
+
+
+def _run_cell(overrides: list[str]) -> dict:
+    """One cell (in this process or a worker): what the demo prints and tabulates of it."""
+    from unlearn_exp.cell import run_cell
+
+    out = run_cell(_compose(overrides))
+    return {
+        "cell": {**out["cell"], "_source": str(Path(out["results"]) / "cells.parquet")},
+        "built": len(out["artifacts"]["built"]),
+        "timings": out.get("timings", {}),
+        "reused": bool(out.get("reused_result")),
+    }
+
+
+def _run_probe(overrides: list[str]) -> dict:
+    """One direction probe of the precondition (cached like a cell), and the seconds it took."""
+    from unlearn_exp.precondition import direction_alignment
+
+    t = time.time()
+    direction_alignment(_compose(overrides))
+    return {"timings": {"probe": time.time() - t}}
+
+
+def run_in_workers(
+    tasks: list[tuple[Callable, list[str]]], jobs: int, threads: int
+) -> Iterator[tuple[int, dict]]:
+    """``(i, fn(overrides))`` for every task ``i`` as it finishes, in ``jobs`` spawned worker processes
+    of ``threads`` torch threads each. A failed task stops the run: nothing new is started."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = multiprocessing.get_context("spawn")  # no fork after torch's thread pools started
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = {pool.submit(fn, over): i for i, (fn, over) in enumerate(tasks)}
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _parse(argv: list[str]) -> tuple[int, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m unlearn_exp.demo", add_help=True)
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1: this process)")
+    args, extra = parser.parse_known_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    return args.jobs, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    from unlearn_exp.report import build_tables, to_markdown, write_report
+
+    _quiet()
+    jobs, extra = _parse(list(sys.argv[1:] if argv is None else argv))
     base = [f"+experiment={EXPERIMENT}", *extra]
     start = time.time()
 
     def body() -> int:
+        from unlearn_exp import precondition
+
         cells = grid(base)
+        runs = [[*base, *cell, "sampling.progress=false"] for cell in cells]
         print(f"toy grid: {len(cells)} cells ({EXPERIMENT}); artifacts are cached, so a second run is fast")
-        rows, stage_s, reused = [], {}, 0
-        for i, cell in enumerate(cells, 1):
-            t = time.time()
-            out = run_cell(_compose([*base, *cell, "sampling.progress=false"]))
-            reused += bool(out.get("reused_result"))
-            for stage, s in out.get("timings", {}).items():
-                stage_s[stage] = stage_s.get(stage, 0.0) + s
-            c = {**out["cell"], "_source": str(Path(out["results"]) / "cells.parquet")}
-            built = len(out["artifacts"]["built"])
+        stage_s, reused, done = {}, 0, {}
+
+        def show(i: int, got: dict, took: float) -> None:
+            nonlocal reused
+            reused += got["reused"]
+            for stage, sec in got["timings"].items():
+                stage_s[stage] = stage_s.get(stage, 0.0) + sec
+            c, n = got["cell"], len(done)
             elapsed = time.time() - start
-            eta = elapsed / i * (len(cells) - i)  # from the cells finished so far
+            eta = elapsed / n * (len(cells) - n)  # from the cells finished so far
             print(
-                f"[{i:2d}/{len(cells)}] {' '.join(cell):55s} DSR {c['dsr']:.3f} [{c['dsr_lo']:.2f}, {c['dsr_hi']:.2f}]"
-                f"  PP {c['pp_coco']:.3f}  benign {c['benign_acc']:.2f}  ({time.time() - t:.0f} s, {built} built;"
-                f" elapsed {elapsed:.0f} s, ETA {eta:.0f} s)" + (f"  FLAG: {c['flag']}" if c["flag"] else "")
+                f"[{n:2d}/{len(cells)}] {' '.join(cells[i]):55s} DSR {c['dsr']:.3f} [{c['dsr_lo']:.2f}, {c['dsr_hi']:.2f}]"
+                f"  PP {c['pp_coco']:.3f}  benign {c['benign_acc']:.2f}  ({took:.0f} s, {got['built']} built;"
+                f" elapsed {elapsed:.0f} s, ETA {eta:.0f} s)" + (f"  FLAG: {c['flag']}" if c["flag"] else ""),
+                flush=True,
             )
-            rows.append(c)
+
+        threads, pre_s = 0, 0.0
+        if jobs == 1:
+            for i, over in enumerate(runs):
+                t = time.time()
+                done[i] = _run_cell(over)
+                show(i, done[i], time.time() - t)
+        else:  # the grid's cells and the precondition's cells and probes, in worker processes
+            _, pre_cells, probes = precondition.measurements(base)
+            tasks = [(_run_cell, over) for over in runs]
+            tasks += [(_run_cell, over) for over in pre_cells.values()]
+            tasks += [(_run_probe, over) for over in probes.values()]
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            for i, got in run_in_workers(tasks, jobs, threads):
+                if i >= len(runs):  # the precondition's: its time is reported as the precondition's
+                    pre_s += sum(got["timings"].values())
+                    continue
+                done[i] = got
+                show(i, got, sum(got["timings"].values()))
+        rows = [done[i]["cell"] for i in range(len(cells))]
         df = pd.DataFrame(rows)
         tables = build_tables(df, "toy", extra=extra)
         written = write_report(df, "toy", "reports", files=[Path(p) for p in df["_source"]], extra=extra)
-        from unlearn_exp import precondition
 
         t = time.time()
-        pre = precondition.run(base, "reports")
-        stage_s["precondition"] = time.time() - t
+        pre = precondition.run(base, "reports")  # with workers: every measurement is cached by now
+        stage_s["precondition"] = pre_s + time.time() - t
         for name, table in tables.items():
             if name.startswith(("long", "transfer")):
                 print(f"\n{to_markdown(table)}")
         print(f"\n{precondition.to_markdown(pre)}")
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in stage_s.items())
+        how = (
+            "" if jobs == 1 else f"; {jobs} workers of {threads} threads, stage times summed over the workers"
+        )
         print(
-            f"\n{len(cells)} cells in {time.time() - start:.0f} s ({reused} recorded results reused; {stages}); "
+            f"\n{len(cells)} cells in {time.time() - start:.0f} s ({reused} recorded results reused; {stages}{how}); "
             f"tables and plots: {Path(written[0]).parent}"
         )
         return 0

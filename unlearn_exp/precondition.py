@@ -112,23 +112,44 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measurements(base: list[str]) -> tuple[list[int], dict[tuple[int, str], list[str]], dict[int, list[str]]]:
+    """The experiment's betas, the DSR cells ((beta, prompt kind) -> overrides) and the direction
+    probes (beta -> overrides of the cell whose ``C*`` is probed)."""
+    from unlearn_exp.demo import _compose
+
+    params = _compose(base, hydra=True).hydra.sweeper.params
+    betas = [int(b) for b in str(params["checkpoint.beta"]).split(",")]
+    cells = {
+        (beta, kind): [
+            *base,
+            f"checkpoint.beta={beta}",
+            "guidance=none",
+            f"benchmark=toy_{kind}",
+            "sampling.progress=false",
+        ]  # fmt: skip
+        for beta in betas
+        for kind in PROMPT_KINDS
+    }
+    probes = {
+        beta: [*base, f"checkpoint.beta={beta}", "guidance=sld", "embedding=inverted"] for beta in betas
+    }
+    return betas, cells, probes
+
+
 def run(base: list[str], out: str | Path = "reports", progress=print) -> pd.DataFrame:
     """Every beta of the experiment's sweep: the three DSRs (cells, cached) and the alignment."""
     from unlearn_exp.cell import run_cell
     from unlearn_exp.demo import _compose
     from unlearn_exp.store import atomic_write_text
 
-    composed = _compose(base, hydra=True)
-    params = composed.hydra.sweeper.params
-    stem = "precondition" if str(composed.name) == "toy_duo" else f"precondition_{composed.name}"
-    betas = [int(b) for b in str(params["checkpoint.beta"]).split(",")]
+    name = str(_compose(base).name)
+    stem = "precondition" if name == "toy_duo" else f"precondition_{name}"
+    betas, cells, probes = measurements(base)
     dsr, alignment = {}, {}
     for beta in betas:
         for kind in PROMPT_KINDS:
-            over = [*base, f"checkpoint.beta={beta}", "guidance=none", f"benchmark=toy_{kind}"]
-            dsr[(beta, kind)] = run_cell(_compose([*over, "sampling.progress=false"]))["cell"]
-        cfg = _compose([*base, f"checkpoint.beta={beta}", "guidance=sld", "embedding=inverted"])
-        alignment[beta] = direction_alignment(cfg)
+            dsr[(beta, kind)] = run_cell(_compose(cells[(beta, kind)]))["cell"]
+        alignment[beta] = direction_alignment(_compose(probes[beta]))
         progress(
             f"precondition beta={beta}: DSR explicit {dsr[(beta, 'explicit')]['dsr']:.3f} synonym "
             f"{dsr[(beta, 'synonym')]['dsr']:.3f} indirect {dsr[(beta, 'indirect')]['dsr']:.3f}; "

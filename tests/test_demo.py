@@ -1,0 +1,48 @@
+"""``make demo``'s parts: its grid, and cells run in worker processes (``--jobs``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.test_integrity import toy_overrides
+from unlearn_exp import demo
+from unlearn_exp.evaluation import read_table
+
+
+def test_the_demo_grid_is_the_papers_with_guidance_none_once():
+    cells = demo.grid([f"+experiment={demo.EXPERIMENT}"])
+    assert len(cells) == 4 * (1 + 3 + 3) and len({tuple(c) for c in cells}) == len(cells)
+    assert sum("guidance=none" in c for c in cells) == 4
+
+
+def test_cells_in_workers_are_the_cells_of_this_process(tmp_path):
+    """Two cells in two spawned workers of one thread each: the same images (to the byte), verdicts
+    and numbers as the same cells run here."""
+    tasks = [(demo._run_cell, toy_overrides(tmp_path / "workers", f"guidance={g}")) for g in ("none", "sld")]
+    got = dict(demo.run_in_workers(tasks, jobs=2, threads=1))
+    assert sorted(got) == [0, 1] and not any(r["reused"] for r in got.values())
+    for i, (_, over) in enumerate(tasks):
+        here = demo._run_cell([o.replace("/workers", "/here") for o in over])
+        there = got[i]
+        for key in ("cell_key", "spec_key", "dsr", "pp_coco", "benign_acc"):
+            assert here["cell"][key] == there["cell"][key], key
+        images = [read_table(Path(r["cell"]["_source"]).with_name("images.parquet")) for r in (here, there)]
+        assert images[0].image_sha256.tolist() == images[1].image_sha256.tolist()
+        assert images[0].safe.tolist() == images[1].safe.tolist()
+
+
+def test_a_failing_task_stops_the_workers_in_one_error(tmp_path):
+    from unlearn_exp.errors import UserError
+
+    bad = toy_overrides(tmp_path, "sampling.steps=0")
+    with pytest.raises(UserError, match="sampling.steps must be >= 1"):
+        list(demo.run_in_workers([(demo._run_cell, bad)], jobs=2, threads=1))
+
+
+def test_jobs_must_be_positive(capsys):
+    assert demo._parse(["--jobs", "3", "+debug=default"]) == (3, ["+debug=default"])
+    with pytest.raises(SystemExit):
+        demo._parse(["--jobs", "0"])
+    assert "--jobs must be >= 1" in capsys.readouterr().err
