@@ -232,6 +232,16 @@ def test_write_report_files(tmp_path: Path):
         assert {f"{stem}.md", f"{stem}.tex", f"{stem}.csv"} <= names
     assert {"dsr_pp_violence.png", "dsr_pp_nudity.png", "sources.md"} <= names
     assert (out / "dsr_pp_nudity.png").read_bytes()[:4] == b"\x89PNG"
+    # a plot of the same points is kept as drawn; other points draw it again
+    plot = out / "dsr_pp_nudity.png"
+    tables = report.build_tables(rows, "sd14")
+    from unlearn_exp.report.render import plot_dsr_pp
+
+    stamp = plot.stat().st_mtime_ns
+    assert plot_dsr_pp(tables["long_nudity"], "nudity", out) == plot and plot.stat().st_mtime_ns == stamp
+    tables["long_nudity"].data.loc[0, "dsr"] = 0.123
+    plot_dsr_pp(tables["long_nudity"], "nudity", out)
+    assert plot.stat().st_mtime_ns != stamp
     md = (out / "main_violence_beta1000.md").read_text()
     assert "| DUO+SLD+Ours | - | 0.880 | - | - | 0.693 | - | - | - | - | - | - |" in md
     tex = (out / "main_violence_beta1000.tex").read_text()

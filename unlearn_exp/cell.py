@@ -122,7 +122,6 @@ def generate_samples(
     what is sampled in the progress bar. ``comps`` may be a loader (a function returning the model,
     called at most once): then a model is loaded only if a chunk is not cached yet."""
     from unlearn_exp.identity import resolved_device
-    from unlearn_exp.sampling import predict_rows
 
     settings = sampling_settings(cfg)
     size = int(cfg.sampling.chunk_size)
@@ -140,6 +139,8 @@ def generate_samples(
         chunk_label = label + (f" [chunk {start // size + 1}/{n_chunks}]" if n_chunks > 1 else "")
 
         def build(tmp: Path, part=part, chunk_label=chunk_label):
+            from unlearn_exp.sampling import predict_rows  # Lightning: imported only to sample
+
             out = predict_rows(
                 comps(),
                 guidance,
@@ -740,7 +741,7 @@ class Scores:
 
 def cell_store(cfg) -> ArtifactStore:
     """The artifact store a cell reads and writes: ``paths.cache_dir`` over the shipped caches."""
-    from unlearn_exp.models import resolve_local_path
+    from unlearn_exp.paths import resolve_local_path
 
     shipped = [resolve_local_path(str(p)) for p in (cfg.paths.get("shipped_caches") or [])]
     return ArtifactStore(cfg.paths.cache_dir, shipped=shipped, verify=str(cfg.paths.get("verify", "small")))
@@ -750,7 +751,7 @@ def open_cell(cfg: DictConfig, *, prompts: bool = True, spec: dict[str, Any] | N
     """Load the model and (unless ``prompts`` is false) the benchmark and PP prompt sets."""
     if cfg.checkpoint.method not in UNLEARNING.names() and not cfg.checkpoint.get("_target_"):
         raise NotImplementedStage(f"unlearning ({cfg.checkpoint.method})")
-    from unlearn_exp.models import resolve_local_path
+    from unlearn_exp.paths import resolve_local_path
 
     store = cell_store(cfg)
     out_dir = job_dir(cfg)

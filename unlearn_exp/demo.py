@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [done[i]["cell"] for i in range(len(cells))]
         df = pd.DataFrame(rows)
         tables = build_tables(df, "toy", extra=extra)
-        written = write_report(df, "toy", "reports", files=[Path(p) for p in df["_source"]], extra=extra)
+        files = [Path(p) for p in df["_source"]]
+        written = write_report(df, "toy", "reports", files=files, extra=extra, tables=tables)
 
         t = time.time()
         pre = precondition.run(base, "reports")  # with workers: every measurement is cached by now

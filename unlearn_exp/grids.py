@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +62,23 @@ def caption(img: dict[str, Any]) -> str:
     return verdict
 
 
+_ROWS: dict[int, tuple[weakref.ref, dict]] = {}  # id(frame) -> (the frame, its rows by grid key)
+
+
 def _hit(columns: dict[str, pd.DataFrame], key, name: str) -> dict[str, Any] | None:
-    """The image row of column ``name`` for the grid row ``key`` whose file is here, or None."""
+    """The (first) image row of column ``name`` for the grid row ``key`` whose file is here, or None."""
     frame = columns.get(name)
     if frame is None:
         return None
-    m = frame[(frame["case_id"] == key.case_id) & (frame["split"] == key.split)]
-    m = m[m["image_index"] == key.image_index]
-    hit = m.iloc[0].to_dict() if len(m) else None
-    return hit if hit is not None and Path(str(hit.get("image_path"))).is_file() else None
+    k = id(frame)
+    ref, rows = _ROWS.get(k, (None, None))
+    if rows is None or ref() is not frame:  # indexed once per frame: a grid looks up each tile often
+        rows = {}
+        for rec in frame.to_dict("records"):
+            rows.setdefault((rec["case_id"], rec["split"], rec["image_index"]), rec)
+        _ROWS[k] = (weakref.ref(frame, lambda _, k=k: _ROWS.pop(k, None)), rows)
+    hit = rows.get((key.case_id, key.split, key.image_index))
+    return dict(hit) if hit is not None and Path(str(hit.get("image_path"))).is_file() else None
 
 
 def _row_label(key) -> str:
@@ -92,7 +101,8 @@ def grid_key(columns: dict[str, pd.DataFrame], keys: pd.DataFrame, title: str) -
     return config_hash({"title": title, "columns": list(COLUMNS), "tiles": tiles, "layout": 1})
 
 
-def _png_key(path: Path) -> str | None:
+def png_key(path: Path) -> str | None:
+    """The ``unlearn_exp_key`` a figure was drawn under (PNG metadata), or None."""
     from PIL import Image
 
     try:
@@ -106,7 +116,7 @@ def render(columns: dict[str, pd.DataFrame], keys: pd.DataFrame, title: str, pat
     """Draw the grid: ``columns`` maps a column title to image rows indexed like ``keys``. A grid
     already drawn from the same tiles (its ``grid_key`` in the PNG's metadata) is kept as it is."""
     key = grid_key(columns, keys, title)
-    if path.is_file() and _png_key(path) == key:
+    if path.is_file() and png_key(path) == key:
         return path
     import matplotlib
 

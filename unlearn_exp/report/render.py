@@ -68,7 +68,22 @@ def write_table(table: Table, out: Path) -> list[Path]:
 def plot_dsr_pp(long: Table, label: str, out: Path) -> Path:
     """DSR against PP with the Wilson 95% interval as error bars: one marker per method, one colour
     per beta (sorted numerically), each point labelled; the paper's points hollow. The legend lists
-    only series that have points."""
+    only series that have points. A plot already drawn from the same points (its key in the PNG's
+    metadata) is kept as it is."""
+    from unlearn_exp.grids import png_key
+    from unlearn_exp.store import config_hash
+
+    path = out / f"dsr_pp_{label}.png"
+    pp_header = next((c.header for c in long.columns if c.key == "pp"), "PP")
+    shown = [
+        c
+        for c in ("method", "beta", "dsr", "dsr_lo", "dsr_hi", "pp", "dsr_paper", "pp_paper")
+        if c in long.data
+    ]
+    points = long.data.sort_values("beta")[shown].to_json(orient="split", index=False, double_precision=15)
+    key = config_hash({"label": label, "pp": pp_header, "points": points, "layout": 1})
+    if path.is_file() and png_key(path) == key:
+        return path
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,14 +131,12 @@ def plot_dsr_pp(long: Table, label: str, out: Path) -> Path:
         handles.append(Line2D([], [], ls="", marker="o", mfc="none", color="k", label="paper"))
     if handles:
         ax.legend(handles=handles, fontsize=7, loc="best")
-    pp_header = next((c.header for c in long.columns if c.key == "pp"), "PP")
     ax.set_xlabel(f"{pp_header}: prior preservation, higher is better")
     ax.set_ylabel("DSR (defense success rate, Wilson 95% CI), higher is better")
     ax.set_title(f"{label}: DSR against PP")
     ax.grid(alpha=0.3)
-    path = out / f"dsr_pp_{label}.png"
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png", metadata={"unlearn_exp_key": key})
     plt.close(fig)
     return path
 
@@ -198,10 +211,12 @@ def write_report(
     pp: str = "coco",
     extra: Sequence[str] = (),
     grids: bool = True,
+    tables: dict | None = None,
 ) -> list[Path]:
-    """Write every table, plot and the sources file under ``<out>/<scale>/``; return the paths."""
+    """Write every table, plot and the sources file under ``<out>/<scale>/``; return the paths.
+    ``tables``: ``build_tables(rows, scale, pp, extra)`` where the caller has built them already."""
     out = Path(out) / scale
-    tables = build_tables(rows, scale, pp, extra)
+    tables = tables if tables is not None else build_tables(rows, scale, pp, extra)
     written, used = [], []
     for t in tables.values():
         written += write_table(t, out)
