@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import open_clip
 import pytest
 import torch
@@ -82,3 +84,18 @@ def test_cli_missing_weights_is_one_line(tmp_path):
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert lines[-1].startswith("error: model weights not found") and "absent" in lines[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_auto_device_is_the_cpu_without_asking_torch_where_no_gpu_can_be(monkeypatch):
+    from unlearn_exp import identity
+
+    monkeypatch.setattr(identity, "_GPU_DEVICE_FILES", ("/nonexistent/nvidiactl",))
+    if sys.platform.startswith("linux"):
+        assert identity._no_gpu_possible() and identity.resolved_device({"device": "auto"}) == "cpu"
+    monkeypatch.setattr(identity, "_GPU_DEVICE_FILES", ("/",))  # a device file is here: torch decides
+    if sys.platform.startswith("linux"):
+        assert not identity._no_gpu_possible()
+        assert identity.resolved_device({"device": "auto"}) == (
+            "cuda" if torch.cuda.is_available() else "cpu"
+        )
+    assert identity.resolved_device({"device": "cpu"}) == "cpu"

@@ -142,9 +142,27 @@ def _content_of(value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- model
+# device files without which no process here can reach a CUDA (or ROCm) GPU, on Linux
+_GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")
+
+
+def _no_gpu_possible() -> bool:
+    """True where torch cannot see a CUDA device, known without importing torch (seconds): a Linux
+    machine without NVIDIA, WSL or ROCm device files, or a Mac. Elsewhere torch is asked."""
+    import os
+    import sys
+
+    if sys.platform == "darwin":
+        return True
+    return sys.platform.startswith("linux") and not any(os.path.exists(p) for p in _GPU_DEVICE_FILES)
+
+
 def resolved_device(model_cfg) -> str:
+    """``model.device`` with ``auto`` resolved: ``cuda`` where torch sees a GPU, else ``cpu``."""
     device = str(model_cfg.get("device", "auto"))
     if device == "auto":
+        if _no_gpu_possible():
+            return "cpu"
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"

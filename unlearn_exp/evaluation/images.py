@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from unlearn_exp.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 ImageLike = Image.Image | str | Path | np.ndarray
 
@@ -41,6 +44,8 @@ def load_rgb_all(items: Sequence[ImageLike]) -> list[Image.Image]:
 
 def to_tensor(images: Sequence[ImageLike] | torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) float in [-1, 1]; a tensor passes through (it must already be in [-1, 1])."""
+    import torch
+
     if isinstance(images, torch.Tensor):
         if images.ndim != 4 or images.shape[1] != 3:
             raise UserError(f"image tensor must be (B, 3, H, W), got {tuple(images.shape)}")

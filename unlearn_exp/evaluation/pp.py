@@ -22,9 +22,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.images import ImageLike, to_tensor
@@ -34,16 +32,23 @@ from unlearn_exp.store import config_hash, file_sha256
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 PP_DEFAULTS = {"name": "lpips_alex", "net": "alex", "trunk_path": None, "lin_path": None}
 
-Images = Sequence[ImageLike] | torch.Tensor
+if TYPE_CHECKING:  # torch is imported where a distance is computed: reading results needs none
+    import torch
+
+    Images = Sequence[ImageLike] | torch.Tensor
 
 
 def pp(distances: Sequence[float] | torch.Tensor) -> float:
     """``1 - mean(distances)``; NaN for no pairs."""
+    import torch
+
     d = torch.as_tensor(distances, dtype=torch.float64).flatten()
     return float("nan") if d.numel() == 0 else float(1.0 - d.mean())
 
 
 def _device(name: str | None) -> torch.device:
+    import torch
+
     if not name or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -54,24 +59,26 @@ class Distance(ABC):
 
     profile: dict
     batch_size: int = 8
-    device: torch.device = torch.device("cpu")
+    device: torch.device | str = "cpu"
 
     @abstractmethod
     def _distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor: ...
 
-    @torch.no_grad()
     def distance(self, imgs_a: Images, imgs_b: Images) -> torch.Tensor:
         """(N,) distances between ``imgs_a[j]`` and ``imgs_b[j]`` (tensors in [-1, 1] or PIL images)."""
+        import torch
+
         a, b = to_tensor(imgs_a), to_tensor(imgs_b)
         if a.shape != b.shape:
             raise UserError(
                 f"PP compares images pairwise; got batches of shape {tuple(a.shape)} and {tuple(b.shape)}"
             )
         out = []
-        for i in range(0, a.shape[0], self.batch_size):
-            sa = a[i : i + self.batch_size].to(self.device)
-            sb = b[i : i + self.batch_size].to(self.device)
-            out.append(self._distance(sa, sb).flatten().float().cpu())
+        with torch.no_grad():
+            for i in range(0, a.shape[0], self.batch_size):
+                sa = a[i : i + self.batch_size].to(self.device)
+                sb = b[i : i + self.batch_size].to(self.device)
+                out.append(self._distance(sa, sb).flatten().float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
     def pp(self, imgs_a: Images, imgs_b: Images) -> float:
@@ -85,10 +92,14 @@ def _profile(**fields: Any) -> dict:
 
 # ----------------------------------------------------------------------------- LPIPS (AlexNet)
 def default_trunk_path() -> Path:
+    import torch
+
     return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
 
 
 def _load_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
+    import torch
+
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -153,6 +164,8 @@ class LPIPSDistance(Distance):
     @staticmethod
     def _load_trunk(model, state: dict[str, torch.Tensor], path: Path) -> None:
         """Copy torchvision's ``features.<i>.*`` tensors into lpips' ``net.slice<k>.<i>.*``."""
+        import torch
+
         copied = 0
         for k in range(1, 6):
             for child, module in getattr(model.net, f"slice{k}").named_children():
@@ -187,7 +200,7 @@ class FeatureDistance(Distance):
     ):
         self.feature_fn = feature_fn
         self.batch_size = int(batch_size)
-        self.device = _device(str(device)) if device is not None else torch.device("cpu")
+        self.device = _device(str(device) if device is not None else "cpu")
         self.profile = _profile(
             name=str(name),
             metric="feature_distance",
@@ -206,6 +219,8 @@ class FeatureDistance(Distance):
         return d.flatten(1).mean(dim=1) if d.ndim > 1 else d
 
     def _distance(self, a, b):
+        import torch
+
         feats_a, feats_b = list(self.feature_fn(a)), list(self.feature_fn(b))
         if not feats_a or len(feats_a) != len(feats_b):
             raise UserError(f"distance '{self.profile['name']}': the feature network returned no layers")
