@@ -179,9 +179,16 @@ def original_images(cfg_overrides: list[str], rows: pd.DataFrame) -> pd.DataFram
         for r in rows.itertuples(index=False)
     ]
     identity = {"model": model_identity(cfg.model), **ORIGINAL}
+
+    def load():  # only when an image is not in the cache yet: a rerun imports no diffusers
+        from unlearn_exp.sampling import apply_gpu_options
+
+        comps = load_model(cfg.model)
+        apply_gpu_options(comps, cfg.sampling)  # as the cell that sampled the other columns
+        return comps
+
     out = []
-    # the model is loaded (and diffusers imported) only when an image is not in the cache yet
-    for chunk in generate_samples(lambda: load_model(cfg.model), None, wanted, identity, store, cfg):
+    for chunk in generate_samples(load, None, wanted, identity, store, cfg):
         for want, meta in zip(chunk.rows, chunk_meta(chunk)):
             out.append(
                 {**want, "image_path": str(chunk.folder / meta["file"]), "safe": None, "original": True}
