@@ -30,8 +30,10 @@ from unlearn_exp.store import atomic_write_text, canonical_json, config_hash, fi
 MODEL_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae")
 MODEL_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model", ".ckpt", ".pt")
 
-# per config group, the keys that change how a job runs but never a number it produces (sampling
-# is batch independent, tested in tests/test_sampling.py; judges and metrics work image by image)
+# per config group, the keys that change how a job runs but not a number it produces (sampling is
+# batch independent up to float rounding, tested in tests/test_sampling.py; on the toy a batch size
+# moves a few pixel values by one level and no verdict, docs/results.md; judges and metrics work
+# image by image)
 RUNTIME_KEYS: dict[str, tuple[str, ...]] = {
     "model": ("device", "path", "source"),
     "sampling": ("batch_size", "devices", "chunk_size", "progress"),
