@@ -164,3 +164,45 @@ def test_gpu_options_that_are_on_are_part_of_the_sample_key():
     on = sample_identity(compose(["sampling.channels_last=true", "sampling.tf32=true"]), "cpu")
     assert on == {**plain, "gpu_options": ["channels_last", "tf32"]}
     assert sample_identity(compose([]), "cuda")["precision"] == "16-mixed"
+
+
+SIGTERM_JOB = """
+import signal, threading, time
+from unlearn_exp.models import build_tiny
+from unlearn_exp.sampling import predict_rows
+
+def tell_when_lightning_listens():  # Lightning installs its SIGTERM handler when predict starts
+    while signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        time.sleep(0.05)
+    print("listening", flush=True)
+
+comps = build_tiny(seed=0, resolution=32, vae=True)
+rows = [{"case_id": f"c{i}", "prompt": f"a cat {i}", "seed": i, "image_index": 0} for i in range(400)]
+threading.Thread(target=tell_when_lightning_listens, daemon=True).start()
+predict_rows(comps, None, rows, batch_size=2, steps=20, progress=False)
+print("finished", flush=True)
+"""
+
+
+def test_sigterm_stops_sampling_at_the_next_batch():
+    """Lightning only notes SIGTERM and its predict loop never looks: a killed job sampled on to its
+    end. It stops at the next batch now, with the status of a process ended by SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    job = subprocess.Popen([sys.executable, "-c", SIGTERM_JOB], cwd=ROOT, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert job.stdout.readline().strip() == "listening"
+        sent = time.time()
+        job.send_signal(signal.SIGTERM)
+        out, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 143, err[-2000:]
+    assert "finished" not in out and time.time() - sent < 30
+    assert "SIGTERM: sampling stops here" in err

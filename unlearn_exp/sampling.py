@@ -21,6 +21,8 @@ from unlearn_exp.errors import UserError
 from unlearn_exp.guidance.base import CFG, Guidance
 from unlearn_exp.models.components import Components
 
+log = logging.getLogger("unlearn_exp")
+
 
 @dataclass
 class SampleOutput:
@@ -191,6 +193,20 @@ def apply_gpu_options(comps: Components, sampling_cfg) -> None:
         comps.unet = compiled
 
 
+class StopOnSigterm(L.Callback):
+    """Stop sampling at the next batch after SIGTERM (``kill``, a scheduler's cancel). Lightning's own
+    handler only notes the signal, and its predict loop never looks, so a job went on sampling to its
+    end. The chunk being built is left unwritten (its temporary folder is discarded); a rerun resumes
+    from the last whole chunk. Exit status 143, as a process ended by SIGTERM."""
+
+    def on_predict_batch_end(self, trainer, *args, **kwargs) -> None:
+        if trainer.received_sigterm:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            log.warning("SIGTERM: sampling stops here; a rerun resumes from the last whole chunk")
+            raise SIGTERMException(143)
+
+
 def predict_rows(
     comps: Components,
     guidance: Guidance | None,
@@ -219,11 +235,12 @@ def predict_rows(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[
-            lightning_bar(label or f"sampling ({getattr(guidance, 'name', 'none')})", len(rows), "img")
-        ]
-        if progress
-        else [],
+        callbacks=[StopOnSigterm()]
+        + (
+            [lightning_bar(label or f"sampling ({getattr(guidance, 'name', 'none')})", len(rows), "img")]
+            if progress
+            else []
+        ),
     )
     loader = torch.utils.data.DataLoader(
         _Rows(rows), batch_size=batch_size, shuffle=False, collate_fn=_keep_list
