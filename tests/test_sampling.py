@@ -166,27 +166,53 @@ def test_gpu_options_that_are_on_are_part_of_the_sample_key():
     assert sample_identity(compose([]), "cuda")["precision"] == "16-mixed"
 
 
-SIGTERM_JOB = """
-import signal, threading, time
+SIGTERM_JOBS = {
+    "sampling": """
 from unlearn_exp.models import build_tiny
 from unlearn_exp.sampling import predict_rows
 
-def tell_when_lightning_listens():  # Lightning installs its SIGTERM handler when predict starts
+comps = build_tiny(seed=0, resolution=32, vae=True)
+rows = [{"case_id": f"c{i}", "prompt": f"a cat {i}", "seed": i, "image_index": 0} for i in range(400)]
+predict_rows(comps, None, rows, batch_size=2, steps=20, progress=False)
+""",
+    "training": """
+import sys, tempfile, time
+import lightning as L
+import torch
+from unlearn_exp.training import fit
+
+class Slow(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, i):
+        time.sleep(0.02)
+        return (self.w - 1).pow(2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+fit(Slow(), steps=100000, work_dir=tempfile.mkdtemp(), checkpoint_every=1000, grad_clip=None, progress=False)
+""",
+}
+LISTENING = """
+import signal, threading, time
+
+def tell_when_lightning_listens():  # Lightning installs its SIGTERM handler when predict/fit starts
     while signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         time.sleep(0.05)
     print("listening", flush=True)
 
-comps = build_tiny(seed=0, resolution=32, vae=True)
-rows = [{"case_id": f"c{i}", "prompt": f"a cat {i}", "seed": i, "image_index": 0} for i in range(400)]
 threading.Thread(target=tell_when_lightning_listens, daemon=True).start()
-predict_rows(comps, None, rows, batch_size=2, steps=20, progress=False)
-print("finished", flush=True)
 """
 
 
-def test_sigterm_stops_sampling_at_the_next_batch():
-    """Lightning only notes SIGTERM and its predict loop never looks: a killed job sampled on to its
-    end. It stops at the next batch now, with the status of a process ended by SIGTERM."""
+@pytest.mark.parametrize("what", sorted(SIGTERM_JOBS))
+def test_sigterm_stops_at_the_next_batch(what):
+    """Lightning only notes SIGTERM: its predict loop never looks (a killed job sampled on to its end)
+    and its fit loop exits with status 0. Both stop at the next batch now, with the status of a
+    process ended by SIGTERM."""
     import signal
     import subprocess
     import sys
@@ -194,7 +220,8 @@ def test_sigterm_stops_sampling_at_the_next_batch():
 
     from tests.conftest import ROOT
 
-    job = subprocess.Popen([sys.executable, "-c", SIGTERM_JOB], cwd=ROOT, text=True,
+    code = LISTENING + SIGTERM_JOBS[what] + "\nprint('finished', flush=True)\n"
+    job = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
         assert job.stdout.readline().strip() == "listening"
@@ -205,4 +232,4 @@ def test_sigterm_stops_sampling_at_the_next_batch():
         job.kill()
     assert job.returncode == 143, err[-2000:]
     assert "finished" not in out and time.time() - sent < 30
-    assert "SIGTERM: sampling stops here" in err
+    assert f"SIGTERM: {what} stops here" in err

@@ -21,8 +21,6 @@ from unlearn_exp.errors import UserError
 from unlearn_exp.guidance.base import CFG, Guidance
 from unlearn_exp.models.components import Components
 
-log = logging.getLogger("unlearn_exp")
-
 
 @dataclass
 class SampleOutput:
@@ -193,20 +191,6 @@ def apply_gpu_options(comps: Components, sampling_cfg) -> None:
         comps.unet = compiled
 
 
-class StopOnSigterm(L.Callback):
-    """Stop sampling at the next batch after SIGTERM (``kill``, a scheduler's cancel). Lightning's own
-    handler only notes the signal, and its predict loop never looks, so a job went on sampling to its
-    end. The chunk being built is left unwritten (its temporary folder is discarded); a rerun resumes
-    from the last whole chunk. Exit status 143, as a process ended by SIGTERM."""
-
-    def on_predict_batch_end(self, trainer, *args, **kwargs) -> None:
-        if trainer.received_sigterm:
-            from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-            log.warning("SIGTERM: sampling stops here; a rerun resumes from the last whole chunk")
-            raise SIGTERMException(143)
-
-
 def predict_rows(
     comps: Components,
     guidance: Guidance | None,
@@ -223,6 +207,7 @@ def predict_rows(
     ``label`` names what is sampled in the progress bar ("sampling i2p_nudity x sld+C* ...")."""
     from unlearn_exp.identity import resolved_precision
     from unlearn_exp.progress import lightning_bar
+    from unlearn_exp.training import StopOnSigterm
 
     precision = resolved_precision(precision)
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"

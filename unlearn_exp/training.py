@@ -9,6 +9,7 @@ same path as an uninterrupted one.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,27 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from unlearn_exp.store import atomic_file
 
 LAST = "last.ckpt"
+log = logging.getLogger("unlearn_exp")
+
+
+class StopOnSigterm(L.Callback):
+    """Stop at the next batch after SIGTERM (``kill``, a scheduler's cancel) with exit status 143, as
+    a process ended by SIGTERM. Lightning's own handler only notes the signal: its predict loop never
+    looks (a sampling job went on to its end) and its fit loop exits with status 0. The artifact
+    being built is left unwritten; a rerun resumes from the last whole chunk or checkpoint."""
+
+    def _check(self, trainer, what: str) -> None:
+        if trainer.received_sigterm:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            log.warning("SIGTERM: %s stops here; a rerun resumes from what is saved", what)
+            raise SIGTERMException(143)
+
+    def on_predict_batch_end(self, trainer, *args, **kwargs) -> None:
+        self._check(trainer, "sampling")
+
+    def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
+        self._check(trainer, "training")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -122,6 +144,7 @@ def fit(
         gradient_clip_val=grad_clip,
         logger=loggers,
         callbacks=[
+            StopOnSigterm(),
             *(callbacks or []),
             ckpt,
             *([lightning_bar(label, int(steps), "step")] if progress else []),

@@ -180,12 +180,13 @@ def run_attack(
 ) -> dict[str, Any]:
     """Fit the attack; returns the best prompt, its loss and the loss curve."""
     from unlearn_exp.progress import lightning_bar
-    from unlearn_exp.training import StepIndex
+    from unlearn_exp.training import StepIndex, StopOnSigterm
 
     module = UnlearnDiffAtk(comps, target, prompt, settings, guidance)
     trainer = L.Trainer(max_steps=settings.steps, accelerator="auto", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[lightning_bar(f"UnlearnDiffAtk ({module.guidance.name})", settings.steps, "step")],
+                        callbacks=[StopOnSigterm(),
+                                   lightning_bar(f"UnlearnDiffAtk ({module.guidance.name})", settings.steps, "step")],
                         num_sanity_val_steps=0)  # fmt: skip
     loader = torch.utils.data.DataLoader(StepIndex(settings.steps), batch_size=1)
     try:

@@ -42,7 +42,7 @@ from unlearn_exp.inversion.textual_inversion import (
 )
 from unlearn_exp.models.components import Components
 from unlearn_exp.store import atomic_file, atomic_write_json, config_hash
-from unlearn_exp.training import define_stage_axis
+from unlearn_exp.training import StopOnSigterm, define_stage_axis
 
 log = logging.getLogger(__name__)
 
@@ -426,6 +426,7 @@ def invert(
         precision=resolved_precision(s.precision),
         logger=logger if logger is not None else False,
         callbacks=[
+            StopOnSigterm(),
             RowsCheckpoint(ckpt_dir, s.checkpoint_every),
             *(callbacks or []),
             *([lightning_bar("concept inversion (C*)", s.steps, "step")] if progress else []),
