@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 done[i] = _run_cell(over)
                 show(i, done[i], time.time() - t)
         else:  # the grid's cells and the precondition's cells and probes, in worker processes
-            _, pre_cells, probes = precondition.measurements(base)
+            _, _, pre_cells, probes = precondition.measurements(base)
             tasks = [(_run_cell, over) for over in runs]
             tasks += [(_run_cell, over) for over in pre_cells.values()]
             tasks += [(_run_probe, over) for over in probes.values()]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -62,22 +61,21 @@ def caption(img: dict[str, Any]) -> str:
     return verdict
 
 
-_ROWS: dict[int, tuple[weakref.ref, dict]] = {}  # id(frame) -> (the frame, its rows by grid key)
-
-
-def _hit(columns: dict[str, pd.DataFrame], key, name: str) -> dict[str, Any] | None:
-    """The (first) image row of column ``name`` for the grid row ``key`` whose file is here, or None."""
-    frame = columns.get(name)
-    if frame is None:
-        return None
-    k = id(frame)
-    ref, rows = _ROWS.get(k, (None, None))
-    if rows is None or ref() is not frame:  # indexed once per frame: a grid looks up each tile often
-        rows = {}
+def _index(columns: dict[str, pd.DataFrame]) -> dict[str, dict[tuple, dict[str, Any]]]:
+    """Each column's image rows by (case_id, split, image_index), the first of each: built once per
+    grid, where every tile is looked up."""
+    index = {}
+    for name, frame in columns.items():
+        rows: dict[tuple, dict[str, Any]] = {}
         for rec in frame.to_dict("records"):
             rows.setdefault((rec["case_id"], rec["split"], rec["image_index"]), rec)
-        _ROWS[k] = (weakref.ref(frame, lambda _, k=k: _ROWS.pop(k, None)), rows)
-    hit = rows.get((key.case_id, key.split, key.image_index))
+        index[name] = rows
+    return index
+
+
+def _hit(index: dict[str, dict[tuple, dict[str, Any]]], key, name: str) -> dict[str, Any] | None:
+    """The image row of column ``name`` (``_index``) for the grid row ``key`` whose file is here, or None."""
+    hit = index.get(name, {}).get((key.case_id, key.split, key.image_index))
     return dict(hit) if hit is not None and Path(str(hit.get("image_path"))).is_file() else None
 
 
@@ -91,10 +89,11 @@ def grid_key(columns: dict[str, pd.DataFrame], keys: pd.DataFrame, title: str) -
     cache's image files are named by content, so the same key draws the same picture)."""
     from unlearn_exp.store import config_hash
 
+    index = _index(columns)
     tiles = [
         [
             _row_label(k),
-            *[(h["image_path"], caption(h)) if h else None for h in (_hit(columns, k, n) for n in COLUMNS)],
+            *[(h["image_path"], caption(h)) if h else None for h in (_hit(index, k, n) for n in COLUMNS)],
         ]
         for k in keys.itertuples(index=False)
     ]
@@ -124,6 +123,7 @@ def render(columns: dict[str, pd.DataFrame], keys: pd.DataFrame, title: str, pat
     import matplotlib.pyplot as plt
     from PIL import Image
 
+    index = _index(columns)
     n_rows, n_cols = len(keys), len(COLUMNS)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.9 * n_cols + 1.6, 2.0 * n_rows + 0.6), squeeze=False)
     for r, row_key in enumerate(keys.itertuples(index=False)):
@@ -131,7 +131,7 @@ def render(columns: dict[str, pd.DataFrame], keys: pd.DataFrame, title: str, pat
             ax = axes[r][c]
             ax.set_xticks([])
             ax.set_yticks([])
-            hit = _hit(columns, row_key, name)
+            hit = _hit(index, row_key, name)
             if hit is None:
                 ax.text(0.5, 0.5, "-", ha="center", va="center", fontsize=14, color="grey")
             else:
@@ -157,10 +157,10 @@ def render(columns: dict[str, pd.DataFrame], keys: pd.DataFrame, title: str, pat
 
 def _tiles(columns: dict[str, pd.DataFrame], keys: pd.DataFrame) -> list[tuple[str, str]]:
     """(image file, "column | prompt | verdict") of every drawn tile, row by row."""
-    out = []
+    index, out = _index(columns), []
     for key in keys.itertuples(index=False):
         for name in COLUMNS:
-            hit = _hit(columns, key, name)
+            hit = _hit(index, key, name)
             if hit is not None:
                 out.append((str(hit["image_path"]), f"{name} | {str(key.prompt)[:60]} | {caption(hit)}"))
     return out

@@ -127,7 +127,7 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
         spec = dict(to_plain(cfg.inversion.image_set))
         if spec["source"] == "generated":
             judge = method_filter(spec["filter"]) if spec["check"] else None
-            ikey = image_set_key(cfg, _SampleModel(model), judge, model.identity) if judge else None
+            ikey = image_set_key(cfg, model, judge, model.identity) if judge else None
             img_hash = config_hash(ikey) if ikey else None
             inv = inversion_key(cfg, model.identity, img_hash) if img_hash else None
             inv_folder = cache.locate("inversion", inv) if inv else None
@@ -206,15 +206,6 @@ def _local_data_dir(bench_cfg, data_dir) -> str | None:
     if bench_cfg.get("path") or not bench_cfg.get("url"):
         return data_dir
     return data_dir if pinned_download_path(bench_cfg, data_dir).is_file() else None
-
-
-@dataclass
-class _SampleModel:
-    model: _Model
-
-    @property
-    def device(self):
-        return self.model.device
 
 
 def _cell_identity(cfg, model: _Model, checkpoint_id, concept_id: str, original: dict) -> dict | None:

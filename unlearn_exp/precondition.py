@@ -112,12 +112,15 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def measurements(base: list[str]) -> tuple[list[int], dict[tuple[int, str], list[str]], dict[int, list[str]]]:
-    """The experiment's betas, the DSR cells ((beta, prompt kind) -> overrides) and the direction
-    probes (beta -> overrides of the cell whose ``C*`` is probed)."""
+def measurements(
+    base: list[str],
+) -> tuple[str, list[int], dict[tuple[int, str], list[str]], dict[int, list[str]]]:
+    """The experiment's name, its betas, the DSR cells ((beta, prompt kind) -> overrides) and the
+    direction probes (beta -> overrides of the cell whose ``C*`` is probed)."""
     from unlearn_exp.demo import _compose
 
-    params = _compose(base, hydra=True).hydra.sweeper.params
+    composed = _compose(base, hydra=True)
+    params = composed.hydra.sweeper.params
     betas = [int(b) for b in str(params["checkpoint.beta"]).split(",")]
     cells = {
         (beta, kind): [
@@ -133,7 +136,7 @@ def measurements(base: list[str]) -> tuple[list[int], dict[tuple[int, str], list
     probes = {
         beta: [*base, f"checkpoint.beta={beta}", "guidance=sld", "embedding=inverted"] for beta in betas
     }
-    return betas, cells, probes
+    return str(composed.name), betas, cells, probes
 
 
 def run(base: list[str], out: str | Path = "reports", progress=print) -> pd.DataFrame:
@@ -142,9 +145,8 @@ def run(base: list[str], out: str | Path = "reports", progress=print) -> pd.Data
     from unlearn_exp.demo import _compose
     from unlearn_exp.store import atomic_write_text
 
-    name = str(_compose(base).name)
+    name, betas, cells, probes = measurements(base)
     stem = "precondition" if name == "toy_duo" else f"precondition_{name}"
-    betas, cells, probes = measurements(base)
     dsr, alignment = {}, {}
     for beta in betas:
         for kind in PROMPT_KINDS:
