@@ -23,6 +23,7 @@ def test_cells_in_workers_are_the_cells_of_this_process(tmp_path):
     tasks = [(demo._run_cell, toy_overrides(tmp_path / "workers", f"guidance={g}")) for g in ("none", "sld")]
     got = dict(demo.run_in_workers(tasks, jobs=2, threads=1))
     assert sorted(got) == [0, 1] and not any(r["reused"] for r in got.values())
+    rows_here = []
     for i, (_, over) in enumerate(tasks):
         here = demo._run_cell([o.replace("/workers", "/here") for o in over])
         there = got[i]
@@ -31,6 +32,12 @@ def test_cells_in_workers_are_the_cells_of_this_process(tmp_path):
         images = [read_table(Path(r["cell"]["_source"]).with_name("images.parquet")) for r in (here, there)]
         assert images[0].image_sha256.tolist() == images[1].image_sha256.tolist()
         assert images[0].safe.tolist() == images[1].safe.tolist()
+        rows_here.append(here["unet_rows"])
+    # guidance=none: 12 images (benchmark, benign, the original's references) x 4 steps x 2 branches;
+    # SLD: its 8 x 4 x 3 (the references are the first cell's, in the same cache)
+    assert rows_here == [12 * 4 * 2, 8 * 4 * 3]
+    # counted in the workers and returned; either worker may be the one that makes the references
+    assert got[0]["unet_rows"] + got[1]["unet_rows"] == sum(rows_here)
 
 
 def test_a_failing_task_stops_the_workers_in_one_error(tmp_path):

@@ -112,6 +112,30 @@ def test_lra_off_is_two_branches_and_paper_adds_the_original(tiny):
     assert paper.prepare(tiny, ["a naked person"], toks, None, 7.5, 10).n_branches == 3
 
 
+def test_planned_branches_are_the_branches_prepare_stacks(tiny):
+    """The planner counts UNet rows with ``unet_branches`` without building anything: it must agree
+    with what ``prepare`` stacks, for every method and setting that changes the count."""
+    from dataclasses import replace
+
+    from unlearn_exp.guidance.base import CFG
+    from unlearn_exp.guidance.probe import DirectionProbe
+    from unlearn_exp.guidance.sld import PRESETS
+
+    toks = tiny.tokenize(["a naked person", "a cat"])
+    cases = [
+        (CFG(), 7.5, 2),
+        (SLD("nudity"), 7.5, 3),
+        (SLD("nudity"), 1.0, 2),  # SLD is off without classifier-free guidance
+        (SLD("nudity", replace(PRESETS["medium"], guidance_scale=0.0)), 7.5, 2),  # s_S = 0: off
+        (SAFREE(["nudity"], "nudity"), 7.5, 2),
+        (SAFREE(["nudity"], "nudity", SAFREEParams(lra="paper")), 7.5, 3),
+        (DirectionProbe("nudity", ["nudity"]), 7.5, 4),
+    ]
+    for guidance, scale, expected in cases:
+        state = guidance.prepare(tiny, ["a naked person", "a cat"], toks, None, scale, 10)
+        assert guidance.unet_branches(scale) == state.n_branches == expected, (guidance, scale)
+
+
 def test_safree_without_svf_uses_the_window(tiny):
     g = SAFREE(["nudity"], "nudity", SAFREEParams(svf=False, re_attn_t=(2, 4)))
     state = g.prepare(tiny, ["a b"], tiny.tokenize(["a b"]), None, 7.5, 10)

@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import compose
 from tests.test_integrity import toy_overrides
 from unlearn_exp import plan
 from unlearn_exp.cell import run_cell
+
+
+def _sampled_rows() -> int:
+    from unlearn_exp import sampling
+
+    return sampling.UNET_ROWS
 
 
 def test_plan_matches_what_the_cell_then_builds(tmp_path, monkeypatch):
@@ -17,26 +25,60 @@ def test_plan_matches_what_the_cell_then_builds(tmp_path, monkeypatch):
     assert not before.done and before.train_steps == 0  # DUO beta=2000 ships with the project
     assert ("DUO checkpoint beta=2000" in before.artifacts[0][0]) and before.artifacts[0][1]
     # 4 benchmark images + 4 benign ones + the original model's 4 benign references
-    assert before.images == 12 and before.images_cached == 0 and before.sampling_steps == 12 * 4
+    assert before.images == 12 and before.images_cached == 0
+    # 4 steps; SLD's three branches for the cell's 8 images, classifier-free guidance's two for the 4
+    assert before.unet_rows == 8 * 4 * 3 + 4 * 4 * 2
 
+    rows = _sampled_rows()
     out = run_cell(compose(over, hydra=False))
+    assert _sampled_rows() - rows == before.unet_rows  # what the sampler then ran, row for row
     built_samples = [b for b in out["artifacts"]["built"] if b.startswith("samples/")]
     assert len(built_samples) == 6  # chunks of 2: what the plan counted, in chunks
+    assert {w.key for w in before.work if w.kind == "images"} == {
+        f"samples/{b.split('/')[1]}" for b in built_samples
+    }
 
     done = plan._done_spec_keys(tmp_path / "results")
     after = plan.plan_cell(compose(over, hydra=False), over, done)
     assert after.done and after.images == 0 and after.images_cached == 12
 
-    monkeypatch.setenv("UNLEARN_EXP_CALIBRATION", str(tmp_path / "calibration.json"))
-    (tmp_path / "calibration.json").write_text(
-        json.dumps({"toy": {"s_per_image_step": 0.5, "s_per_train_step": 2}})
+    costs = {"s_per_unet_row": 0.01, "s_per_image": 0.1, "s_per_inversion_step": 1.0, "s_per_train_row": 0.5}
+    assert plan._estimate(before.work[1:], costs) == pytest.approx(128 * 0.01 + 12 * 0.1)
+    duo = before.work[0]  # cached: 300 steps of 3 x 4 rows forward and backward, and forward
+    assert (
+        duo.kind == "duo" and duo.cached and plan.work_seconds(duo, costs) == pytest.approx(300 * 12 * 0.51)
     )
-    calib = json.loads((tmp_path / "calibration.json").read_text())
-    assert plan._estimate(before, calib, "toy") == 12 * 4 * 0.5
-    text = plan.render([before, after], calib, "toy")
-    # 12 images to sample against 12 cached, and DUO's 300 steps cached in both: (12 + 600) / 624
-    assert "12 images to sample" in text and "the cache saves 98% of the work" in text
-    assert "estimated time" in text
+    monkeypatch.setenv("UNLEARN_EXP_CALIBRATION", str(tmp_path / "calibration.json"))
+    text = plan.render([before], {"toy": costs}, "toy")
+    assert "12 images to sample (128 UNet rows), 0 training steps" in text
+    assert "estimated time: 0.0 min" in text and "the cache saves 100% of it" in text
+    old = plan.render([before], {"toy": {"s_per_image_step": 0.5, "s_per_train_step": 2}}, "toy")
+    assert "estimated time" not in old and "older version" in old  # an old calibration is not misread
+
+
+def test_a_sweep_counts_shared_work_once(tmp_path):
+    """Two cells of one checkpoint share the original model's references: the plan counts them for the
+    first cell only, and its totals are what running the two cells then samples."""
+    overs = [toy_overrides(tmp_path, "guidance=none"), toy_overrides(tmp_path, "guidance=sld")]
+    plans = [plan.plan_cell(compose(o, hydra=False), o, set()) for o in overs]
+    (own1, shared1), (own2, shared2) = plan.sweep_work(plans)
+    assert not shared1 and sum(w.count for w in shared2) == 4  # the original's 4 benign references
+    planned_images = sum(w.count for w in own1 + own2)
+    planned_rows = sum(w.rows for w in own1 + own2)
+    assert (planned_images, planned_rows) == (12 + 8, 12 * 4 * 2 + 8 * 4 * 3)
+    text = plan.render(plans, None, "toy")
+    assert (
+        "4 made by an earlier cell" in text
+        and f"{planned_images} images to sample ({planned_rows} UNet" in text
+    )
+
+    rows, built = _sampled_rows(), []
+    for o in overs:
+        built += [
+            b for b in run_cell(compose(o, hydra=False))["artifacts"]["built"] if b.startswith("samples/")
+        ]
+    assert _sampled_rows() - rows == planned_rows
+    assert len(built) == planned_images // 2  # chunks of 2
 
 
 def test_a_shipped_concept_needs_no_image_set(tmp_path):
@@ -51,7 +93,7 @@ def test_a_shipped_concept_needs_no_image_set(tmp_path):
         "C* on duo beta=2000",
     ]
     assert all(cached for _, cached in before.artifacts) and before.images == 12
-    assert before.sampling_steps == 12 * 25
+    assert before.unet_rows == 8 * 25 * 3 + 4 * 25 * 2
     out = run_cell(compose(over, hydra=False))
     built = out["artifacts"]["built"]
     assert not [b for b in built if b.startswith("image_sets/")], built
@@ -73,5 +115,8 @@ def test_calibrate_writes_this_machines_costs(tmp_path):
     cfg = compose(["model=tiny"], hydra=False)
     table = plan.calibrate(cfg, tmp_path / "calibration.json")
     saved = json.loads((tmp_path / "calibration.json").read_text())
-    assert saved == json.loads(json.dumps(table)) and saved["tiny"]["s_per_image_step"] > 0
-    assert saved["tiny"]["s_per_train_step"] > 0 and saved["tiny"]["device"] == "cpu"
+    assert saved == json.loads(json.dumps(table)) and saved["tiny"]["device"] == "cpu"
+    assert all(saved["tiny"][k] >= 0 for k in plan.CALIBRATION_KEYS)
+    assert saved["tiny"]["s_per_unet_row"] > 0 and saved["tiny"]["s_per_train_row"] > 0
+    assert saved["tiny"]["sampling_batch"] == int(cfg.sampling.batch_size)
+    assert plan._costs(saved, "tiny") is not None

@@ -62,16 +62,24 @@ def _worker_init(threads: int) -> None:
     _quiet()
 
 
+def unet_rows() -> int:
+    """UNet rows (one image, one branch, one denoising step) sampled in this process so far, read
+    without importing the sampler: 0 where it never ran."""
+    return int(getattr(sys.modules.get("unlearn_exp.sampling"), "UNET_ROWS", 0))
+
+
 def _run_cell(overrides: list[str]) -> dict:
     """One cell (in this process or a worker): what the demo prints and tabulates of it."""
     from unlearn_exp.cell import run_cell
 
+    rows = unet_rows()
     out = run_cell(_compose(overrides))
     return {
         "cell": {**out["cell"], "_source": str(Path(out["results"]) / "cells.parquet")},
         "built": len(out["artifacts"]["built"]),
         "timings": out.get("timings", {}),
         "reused": bool(out.get("reused_result")),
+        "unet_rows": unet_rows() - rows,
     }
 
 
@@ -79,9 +87,9 @@ def _run_probe(overrides: list[str]) -> dict:
     """One direction probe of the precondition (cached like a cell), and the seconds it took."""
     from unlearn_exp.precondition import direction_alignment
 
-    t = time.time()
+    t, rows = time.time(), unet_rows()
     direction_alignment(_compose(overrides))
-    return {"timings": {"probe": time.time() - t}}
+    return {"timings": {"probe": time.time() - t}, "unet_rows": unet_rows() - rows}
 
 
 def run_in_workers(
@@ -127,10 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         runs = [[*base, *cell, "sampling.progress=false"] for cell in cells]
         print(f"toy grid: {len(cells)} cells ({EXPERIMENT}); artifacts are cached, so a second run is fast")
         stage_s, reused, done = {}, 0, {}
+        rows = {"cells": 0, "precondition": 0}  # UNet rows sampled, summed over the workers
 
         def show(i: int, got: dict, took: float) -> None:
             nonlocal reused
             reused += got["reused"]
+            rows["cells"] += got["unet_rows"]
             for stage, sec in got["timings"].items():
                 stage_s[stage] = stage_s.get(stage, 0.0) + sec
             c, n = got["cell"], len(done)
@@ -158,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, got in run_in_workers(tasks, jobs, threads):
                 if i >= len(runs):  # the precondition's: its time is reported as the precondition's
                     pre_s += sum(got["timings"].values())
+                    rows["precondition"] += got["unet_rows"]
                     continue
                 done[i] = got
                 show(i, got, sum(got["timings"].values()))
@@ -167,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         files = [Path(p) for p in df["_source"]]
         written = write_report(df, "toy", "reports", files=files, extra=extra, tables=tables)
 
-        t = time.time()
+        t, before = time.time(), unet_rows()
         pre = precondition.run(base, "reports")  # with workers: every measurement is cached by now
         stage_s["precondition"] = pre_s + time.time() - t
+        rows["precondition"] += unet_rows() - before
         for name, table in tables.items():
             if name.startswith(("long", "transfer")):
                 print(f"\n{to_markdown(table)}")
@@ -178,9 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         how = (
             "" if jobs == 1 else f"; {jobs} workers of {threads} threads, stage times summed over the workers"
         )
+        n_rows = rows["cells"] + rows["precondition"]
+        work = (
+            f"; {n_rows} UNet rows sampled, {rows['precondition']} of them by the precondition"
+            if n_rows
+            else ""
+        )
         print(
-            f"\n{len(cells)} cells in {time.time() - start:.0f} s ({reused} recorded results reused; {stages}{how}); "
-            f"tables and plots: {Path(written[0]).parent}"
+            f"\n{len(cells)} cells in {time.time() - start:.0f} s ({reused} recorded results reused; {stages}{how}"
+            f"{work}); tables and plots: {Path(written[0]).parent}"
         )
         return 0
 

@@ -4,11 +4,19 @@ For every cell of the sweep (``+experiment=...``'s grid; ``guidance=none`` once 
 prints, without running or building anything: whether the cell's result exists, the artifacts the
 cell needs and which are already cached (the unlearned checkpoint, its DUO pair sets, C*'s image
 set and C*), how many images remain to sample (benchmark, benign PP prompts, the original model's
-references) and how many training steps remain. With a calibration file
-(``$UNLEARN_EXP_CALIBRATION``, default ``~/.cache/unlearn_exp/calibration.json``: seconds per image
-per sampling step and per training step, per model name; ``--calibrate`` writes it from a short
-measurement on this machine) it estimates the time. It ends with the totals and the share of the
-work that the cache saves.
+references), how many UNet rows that is (images x denoising steps x the guidance's branches per
+step: 2 for classifier-free guidance, 3 for SLD or SAFREE with ``lra=paper``) and how many training
+steps remain. Work is named by the artifact it makes, so what several cells share (the original
+model's references, a checkpoint, the ``C*`` that ``embedding=shared`` cells reuse) is counted once,
+for the first cell in run order that needs it.
+
+With a calibration file (``$UNLEARN_EXP_CALIBRATION``, default
+``~/.cache/unlearn_exp/calibration.json``, per model name; ``--calibrate`` writes it from a short
+measurement on this machine at the sweep's batch size) it estimates the time: seconds per UNet row
+of sampling, per image (text encoding, decoding), per concept-inversion step and per UNet row of
+training (DUO's step runs ``3 x checkpoint.batch`` rows forward and backward, and as many forward
+through the frozen reference). It ends with the totals and the share of the work (in estimated time
+when calibrated) that the cache saves.
 """
 
 from __future__ import annotations
@@ -43,17 +51,48 @@ class _Model:
         return {"id": self.identity, "dtype": f"torch.{self.dtype}"}
 
 
+@dataclass(frozen=True)
+class Work:
+    """One piece of work, named by the artifact it makes (cells needing the same artifact share it)."""
+
+    key: str  # "<kind of artifact>/<hash>"; unique per artifact
+    kind: str  # "images" (sampling), "duo" or "inversion" (training steps)
+    count: int  # images, or training steps
+    rows: int = 0  # images: UNet rows (images x denoising steps x branches per step)
+    cached: bool = False
+    batch: int = 1  # duo: pairs per optimiser step
+
+
 @dataclass
 class CellPlan:
     overrides: list[str]
     done: bool = False
     artifacts: list[tuple[str, bool]] = field(default_factory=list)  # (what, cached)
-    images: int = 0  # to sample
-    images_cached: int = 0
-    train_steps: int = 0
-    train_steps_cached: int = 0
-    sampling_steps: int = 0
+    work: list[Work] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def _sum(self, kinds: tuple[str, ...], cached: bool, attr: str = "count") -> int:
+        return sum(getattr(w, attr) for w in self.work if w.kind in kinds and w.cached == cached)
+
+    @property
+    def images(self) -> int:  # to sample (shared ones included: see sweep_work)
+        return self._sum(("images",), False)
+
+    @property
+    def images_cached(self) -> int:
+        return self._sum(("images",), True)
+
+    @property
+    def unet_rows(self) -> int:
+        return self._sum(("images",), False, "rows")
+
+    @property
+    def train_steps(self) -> int:
+        return self._sum(("duo", "inversion"), False)
+
+    @property
+    def train_steps_cached(self) -> int:
+        return self._sum(("duo", "inversion"), True)
 
 
 def _cache(cfg):
@@ -90,6 +129,8 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
     cache = _cache(cfg)
     model = _Model(model_identity(cfg.model), resolved_dtype(cfg.model), resolved_device(cfg.model))
     steps = int(cfg.sampling.steps)
+    cfg_rows = 2  # classifier-free guidance: uncond and prompt
+    unique = f"cell:{config_hash(overrides)}"  # for work whose artifact cannot be named yet
 
     # the unlearned checkpoint (and its pair sets)
     ck = dict(to_plain(cfg.checkpoint))
@@ -104,19 +145,21 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
         checkpoint_id = config_hash(key)
         n_steps = sum(int(ck.get("steps") or a.get("steps") or 1000) for a in recipe["adapters"])
         p.artifacts.append((f"DUO checkpoint beta={ck.get('beta')} ({checkpoint_id})", folder is not None))
+        p.work.append(Work(f"unlearning/duo/{checkpoint_id}", "duo", n_steps, cached=folder is not None,
+                           batch=int(ck.get("batch") or 1)))  # fmt: skip
         if folder is None:
-            p.train_steps += n_steps
             for spec, _, sampling, pkey in pair_set_keys(model, ck, recipe, judge=judge):
                 cached = cache.locate("unlearning/duo_pairs", pkey) is not None
                 p.artifacts.append((f"DUO pairs {spec['name']} ({config_hash(pkey)})", cached))
-                n = 2 * int(spec.get("n_pairs", 1))
-                if cached:
-                    p.images_cached += n
-                else:  # at least one try per image; rejected images are tried again
-                    p.images += n
-                    p.sampling_steps += n * int(sampling.get("steps") or steps)
-        else:
-            p.train_steps_cached += n_steps
+                # at least one try per image (rejected images are tried again): the unsafe image from
+                # noise, its safe counterpart by SDEdit over int(steps x strength) steps
+                n = int(spec.get("n_pairs", 1))
+                pair_steps = int(sampling.get("steps") or steps)
+                sdedit = min(int(pair_steps * float(spec.get("strength", 0.75))), pair_steps)
+                rows = n * (pair_steps + sdedit) * cfg_rows
+                p.work.append(
+                    Work(f"unlearning/duo_pairs/{config_hash(pkey)}", "images", 2 * n, rows, cached)
+                )
     elif ck.get("method") not in ("original", None):
         p.notes.append(f"{ck.get('method')} checkpoints are not planned in detail")
 
@@ -134,26 +177,30 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
             if inv_folder is None:  # the images are made only to learn C* (cell.image_set_ref)
                 cached = bool(ikey) and cache.locate("image_sets", ikey) is not None
                 p.artifacts.append((f"C* image set ({img_hash})", cached))
-                if not cached:
-                    p.images += int(spec["n_images"] or 0)
-                    p.sampling_steps += int(spec["n_images"] or 0) * steps
+                n = int(spec["n_images"] or 0)  # at least: images the filter rejects are made again
+                p.work.append(
+                    Work(f"image_sets/{img_hash or unique}", "images", n, n * steps * cfg_rows, cached)
+                )
+            n_inv = int(cfg.inversion.steps)
             if inv:
-                p.artifacts.append((f"C* on {checkpoint_for_inversion(cfg).get('method')} "
-                                    f"beta={checkpoint_for_inversion(cfg).get('beta')} ({config_hash(inv)})",
+                ck_inv = checkpoint_for_inversion(cfg)
+                p.artifacts.append((f"C* on {ck_inv.get('method')} beta={ck_inv.get('beta')} ({config_hash(inv)})",
                                     inv_folder is not None))  # fmt: skip
-                n_inv = int(cfg.inversion.steps)
-                if inv_folder is None:
-                    p.train_steps += n_inv
-                else:
-                    p.train_steps_cached += n_inv
+                p.work.append(
+                    Work(f"inversion/{config_hash(inv)}", "inversion", n_inv, cached=inv_folder is not None)
+                )
+                if inv_folder is not None:
                     from unlearn_exp.store import file_sha256
 
                     concept_id = f"{cfg.embedding.source}:{file_sha256(inv_folder / 'learned_embeds.safetensors')[:16]}"
+            else:
+                p.work.append(Work(f"inversion/{unique}", "inversion", n_inv))
         else:
             p.notes.append(f"C* from inversion.image_set.source={spec['source']}: counted when built")
-            p.train_steps += int(cfg.inversion.steps)
+            p.work.append(Work(f"inversion/{unique}", "inversion", int(cfg.inversion.steps)))
 
     # images: benchmark, benign PP prompts, the original model's references
+    branches = _guidance(cfg, learned=False).unet_branches(float(cfg.sampling.guidance_scale))
     sets = {}
     for name, bench_cfg in (("bench", cfg.benchmark), ("coco", cfg.pp.get("prompts"))):
         if bench_cfg is None:
@@ -169,8 +216,8 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
             p.notes.append(
                 f"Ring-A-Bell prompts for {n} base prompts: up to {passes} text-encoder passes if not cached"
             )
-            p.images += n * int(bench_cfg.get("images_per_prompt") or 1)
-            p.sampling_steps += n * int(bench_cfg.get("images_per_prompt") or 1) * steps
+            n_img = n * int(bench_cfg.get("images_per_prompt") or 1)
+            p.work.append(Work(f"samples/{unique}:{name}", "images", n_img, n_img * steps * branches))
             continue
         try:  # read a local or already downloaded file only: planning downloads nothing
             sets[name] = benchmark_rows(bench_cfg, _local_data_dir(bench_cfg, cfg.paths.data_dir))[0]
@@ -184,18 +231,18 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
         refs = name != "bench" or cfg.pp.bench  # the original model's images for PP
         wanted = [original, mine] if refs and mine != original else [mine]
         for ident in wanted:
-            if ident is None:  # C* not built yet: these images cannot be cached
-                p.images += len(rows)
-                p.sampling_steps += len(rows) * steps
+            per_row = cfg_rows if ident is original else branches
+            if ident is None:  # C* not built yet: these images cannot be named, nor cached
+                p.work.append(
+                    Work(f"samples/{unique}:{name}", "images", len(rows), len(rows) * steps * per_row)
+                )
                 continue
             for start in range(0, len(rows), size):
                 part = rows[start : start + size]
                 key = {**ident, "sampling": settings, "rows": _rows_identity(part)}
-                if cache.locate("samples", key) is not None:
-                    p.images_cached += len(part)
-                else:
-                    p.images += len(part)
-                    p.sampling_steps += len(part) * steps
+                cached = cache.locate("samples", key) is not None
+                n = len(part)
+                p.work.append(Work(f"samples/{config_hash(key)}", "images", n, n * steps * per_row, cached))
     return p
 
 
@@ -208,10 +255,20 @@ def _local_data_dir(bench_cfg, data_dir) -> str | None:
     return data_dir if pinned_download_path(bench_cfg, data_dir).is_file() else None
 
 
-def _cell_identity(cfg, model: _Model, checkpoint_id, concept_id: str, original: dict) -> dict | None:
-    """The sample identity of the cell's own images, where it can be known before building."""
+def _guidance(cfg, learned: bool, concept_id: str = "explicit"):
+    """The cell's guidance object as the cell builds it (nothing loaded)."""
     from unlearn_exp.guidance import Concept, make_guidance
 
+    tokens = [str(cfg.inversion.placeholder)] if learned else []
+    concept = Concept(str(cfg.embedding.source) if learned else "explicit", tokens, concept_id)
+    scale = 1.0
+    if cfg.sampling.scale_step_counts:
+        scale = int(cfg.sampling.steps) / int(cfg.sampling.reference_steps)
+    return make_guidance(cfg.guidance, cfg.task, concept, step_scale=scale)
+
+
+def _cell_identity(cfg, model: _Model, checkpoint_id, concept_id: str, original: dict) -> dict | None:
+    """The sample identity of the cell's own images, where it can be known before building."""
     method = cfg.checkpoint.method
     if method == "original" and cfg.guidance.name == "none":
         return original
@@ -222,12 +279,7 @@ def _cell_identity(cfg, model: _Model, checkpoint_id, concept_id: str, original:
     learned = cfg.guidance.name != "none" and cfg.embedding.source != "explicit"
     if learned and concept_id == "explicit":
         return None
-    tokens = [str(cfg.inversion.placeholder)] if learned else []
-    concept = Concept(str(cfg.embedding.source) if learned else "explicit", tokens, concept_id)
-    scale = 1.0
-    if cfg.sampling.scale_step_counts:
-        scale = int(cfg.sampling.steps) / int(cfg.sampling.reference_steps)
-    guidance = make_guidance(cfg.guidance, cfg.task, concept, step_scale=scale)
+    guidance = _guidance(cfg, learned, concept_id)
     ident = {"model": model.identity, "checkpoint": checkpoint_id, "guidance": guidance.describe()}
     if cfg.guidance.name != "none":
         if not learned:  # as cell.resolve_concept names the explicit words
@@ -241,42 +293,98 @@ def _cell_identity(cfg, model: _Model, checkpoint_id, concept_id: str, original:
     return ident
 
 
-def _estimate(p: CellPlan, calib: dict[str, Any] | None, model_name: str) -> float | None:
+CALIBRATION_KEYS = ("s_per_unet_row", "s_per_image", "s_per_inversion_step", "s_per_train_row")
+
+
+def _costs(calib: dict[str, Any] | None, model_name: str) -> dict[str, float] | None:
     c = (calib or {}).get(model_name)
-    if not c:
+    if not c or any(k not in c for k in CALIBRATION_KEYS):
         return None
-    return p.sampling_steps * float(c["s_per_image_step"]) + p.train_steps * float(c["s_per_train_step"])
+    return {k: float(c[k]) for k in CALIBRATION_KEYS}
+
+
+def work_seconds(w: Work, c: dict[str, float]) -> float:
+    """The estimated time of one piece of work, from the calibrated costs ``c``."""
+    if w.kind == "images":
+        return w.rows * c["s_per_unet_row"] + w.count * c["s_per_image"]
+    if w.kind == "inversion":
+        return w.count * c["s_per_inversion_step"]
+    if w.kind == "duo":  # 3b rows forward and backward, and the same rows through the frozen reference
+        rows = 3 * w.batch
+        return w.count * rows * (c["s_per_train_row"] + c["s_per_unet_row"])
+    raise ValueError(f"unknown work kind {w.kind!r}")
+
+
+def sweep_work(plans: list[CellPlan]) -> list[tuple[list[Work], list[Work]]]:
+    """Per cell, in run order: (the work it does, the work an earlier cell does for it). A piece of
+    work is done by the first cell that needs it and is not cached; a recorded cell does nothing."""
+    seen: set[str] = set()
+    out = []
+    for p in plans:
+        own, shared = [], []
+        for w in p.work:
+            if w.cached or p.done:
+                continue
+            (shared if w.key in seen else own).append(w)
+            seen.add(w.key)
+        out.append((own, shared))
+    return out
+
+
+def _estimate(work: list[Work], costs: dict[str, float] | None) -> float | None:
+    return None if costs is None else sum(work_seconds(w, costs) for w in work)
 
 
 def calibrate(cfg, path: Path) -> dict[str, Any]:
-    """Measure seconds per image per sampling step and per training step for ``cfg.model`` here."""
+    """Measure this machine's costs for ``cfg.model`` at ``cfg``'s batch sizes: sampling with
+    classifier-free guidance at ``sampling.batch_size`` over 1 and 3 steps (the difference is the
+    UNet rows, the rest the per-image cost: text encoding, decoding), and the UNet forward and
+    backward to the prompt embedding (what concept inversion and DUO's LoRA train through) at
+    ``inversion.batch_size`` and at DUO's ``3 x checkpoint.batch`` rows."""
     import torch
 
     from unlearn_exp.models import load_model
     from unlearn_exp.sampling import sample
 
     comps = load_model(cfg.model)
-    n, steps = 4, 4
+    b = int(cfg.sampling.batch_size)
+    prompts, seeds = ["a photo"] * b, list(range(b))
+
+    def timed(fn, repeat: int = 2) -> float:
+        fn()  # warm-up
+        best = float("inf")
+        for _ in range(repeat):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best
+
     with torch.no_grad():
-        sample(comps, ["a photo"] * 2, [0, 1], steps=2)  # warm-up
-        t = time.time()
-        sample(comps, ["a photo"] * n, list(range(n)), steps=steps)
-        per_image_step = (time.time() - t) / (n * steps)
-    unet = comps.unet.train().requires_grad_(True)
-    x = torch.randn(1, *comps.latent_shape(), device=comps.device, dtype=comps.dtype)
+        t1 = timed(lambda: sample(comps, prompts, seeds, steps=1))
+        t3 = timed(lambda: sample(comps, prompts, seeds, steps=3))
+    per_row = max(t3 - t1, 1e-9) / (2 * 2 * b)
+    per_image = max(t1 - 2 * b * per_row, 0.0) / b
+
+    unet = comps.unet.eval().requires_grad_(False)
     e, _ = comps.encode_prompts(["a photo"])
-    t = time.time()
-    for _ in range(3):
-        loss = unet(x, torch.tensor([10], device=comps.device), encoder_hidden_states=e).sample.pow(2).mean()
-        loss.backward()
-    per_train = (time.time() - t) / 3
-    unet.eval().requires_grad_(False)
-    table = {}
-    if path.is_file():
-        table = json.loads(path.read_text())
+
+    def train_pass(rows: int) -> float:
+        x = torch.randn(rows, *comps.latent_shape(), device=comps.device, dtype=comps.dtype)
+        h = e.expand(rows, -1, -1).detach().clone().requires_grad_(True)
+        t = torch.full((rows,), 10, device=comps.device)
+        return timed(lambda: unet(x, t, encoder_hidden_states=h).sample.pow(2).mean().backward())
+
+    inv_step = train_pass(int(cfg.inversion.batch_size))
+    duo_rows = 3 * int(cfg.checkpoint.get("batch") or 4)
+    per_train_row = train_pass(duo_rows) / duo_rows
+    table = json.loads(path.read_text()) if path.is_file() else {}
     table[str(cfg.model.name)] = {
-        "s_per_image_step": per_image_step,
-        "s_per_train_step": per_train,
+        "s_per_unet_row": per_row,
+        "s_per_image": per_image,
+        "s_per_inversion_step": inv_step,
+        "s_per_train_row": per_train_row,
+        "sampling_batch": b,
+        "threads": torch.get_num_threads(),
         "measured": time.strftime("%Y-%m-%d %H:%M"),
         "device": str(comps.device),
     }
@@ -299,36 +407,55 @@ def plan(overrides: list[str]) -> tuple[list[CellPlan], Any]:
     return [plan_cell(_compose([*base, *c]), c, done) for c in cells], first
 
 
+def _count(work: list[Work], kinds: tuple[str, ...], attr: str = "count") -> int:
+    return sum(getattr(w, attr) for w in work if w.kind in kinds)
+
+
 def render(plans: list[CellPlan], calib: dict | None, model_name: str) -> str:
+    costs = _costs(calib, model_name)
+    train = ("duo", "inversion")
     lines = []
-    total_est = 0.0
-    for i, p in enumerate(plans, 1):
-        est = _estimate(p, calib, model_name)
-        total_est += est or 0.0
+    per_cell = sweep_work(plans)
+    for i, (p, (own, shared)) in enumerate(zip(plans, per_cell), 1):
+        est = _estimate(own, costs)
         status = "done" if p.done else "to run"
         need = ", ".join(f"{w} [{'cached' if c else 'build'}]" for w, c in p.artifacts) or "-"
+        by_earlier = _count(shared, ("images",))
         lines.append(
             f"[{i:2d}/{len(plans)}] {' '.join(p.overrides) or '(one cell)'}: {status}; images to sample "
-            f"{p.images} ({p.images_cached} cached), training steps {p.train_steps} ({p.train_steps_cached} cached)"
-            + (f", about {est / 60:.1f} min" if est is not None else "")
+            f"{_count(own, ('images',))} ({p.images_cached} cached"
+            + (f", {by_earlier} made by an earlier cell" if by_earlier else "")
+            + f"), UNet rows {_count(own, ('images',), 'rows')}, training steps {_count(own, train)} "
+            f"({p.train_steps_cached} cached)" + (f", about {est / 60:.1f} min" if est is not None else "")
         )
         lines.append(f"        needs: {need}")
         lines += [f"        note: {n}" for n in p.notes]
-    images = sum(p.images for p in plans)
-    cached = sum(p.images_cached for p in plans)
-    steps = sum(p.train_steps for p in plans)
-    steps_cached = sum(p.train_steps_cached for p in plans)
-    work = images + cached + steps + steps_cached
-    share = (cached + steps_cached) / work if work else 1.0
+    todo = [w for own, _ in per_cell for w in own]
+    done_keys = {w.key for w in todo}
+    held: dict[str, Work] = {}  # what the cache (or a recorded cell) already holds, each artifact once
+    for p in plans:
+        for w in p.work:
+            if (w.cached or p.done) and w.key not in done_keys:
+                held.setdefault(w.key, w)
+    saved = list(held.values())
+    images, rows, steps = _count(todo, ("images",)), _count(todo, ("images",), "rows"), _count(todo, train)
     lines.append(
-        f"total: {len(plans)} cells ({sum(p.done for p in plans)} done), {images} images to sample, "
-        f"{steps} training steps; the cache saves {share:.0%} of the work ({cached} images, {steps_cached} steps)"
+        f"total: {len(plans)} cells ({sum(p.done for p in plans)} done), {images} images to sample "
+        f"({rows} UNet rows), {steps} training steps; each shared artifact counted once"
     )
-    if calib and calib.get(model_name):
-        lines.append(f"estimated time: {total_est / 60:.1f} min on this machine ({calibration_path()})")
+    if costs is not None:
+        left, kept = _estimate(todo, costs), _estimate(saved, costs)
+        share = kept / (left + kept) if left + kept else 1.0
+        lines.append(
+            f"estimated time: {left / 60:.1f} min on this machine ({calibration_path()}); the cache saves "
+            f"{share:.0%} of it ({kept / 60:.1f} min: {_count(saved, ('images',))} images, "
+            f"{_count(saved, train)} training steps)"
+        )
     else:
         lines.append(
-            f"no calibration for model '{model_name}': `python -m unlearn_exp.plan --calibrate ...` measures it"
+            f"the cache holds {_count(saved, ('images',))} images and {_count(saved, train)} training steps; "
+            f"no calibration for model '{model_name}' (or one from an older version): "
+            "`python -m unlearn_exp.plan --calibrate ...` measures it"
         )
     return "\n".join(lines)
 

@@ -58,6 +58,14 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     )
 
 
+UNET_ROWS = 0  # UNet rows (one image, one branch, one step) this process has sampled
+
+
+def _count_rows(n: int) -> None:
+    global UNET_ROWS
+    UNET_ROWS += int(n)
+
+
 @torch.no_grad()
 def sample(
     comps: Components,
@@ -111,6 +119,7 @@ def sample(
         model_in = sched.scale_model_input(torch.cat([latents] * n), t)
         with guidance.unet_hooks(i, state, comps.unet):
             eps = comps.unet(model_in, t, encoder_hidden_states=emb).sample
+        _count_rows(model_in.shape[0])
         eps_hat = guidance.combine(i, list(eps.chunk(n)), state)
         latents = sched.step(eps_hat, t, latents).prev_sample
         if not torch.isfinite(latents.sum()):  # one reduction per step; NaN and inf propagate

@@ -73,6 +73,11 @@ class Guidance:
         uncond, _ = comps.encode_prompts(negative)
         return GuidanceState(branches=[uncond, cond], guidance_scale=guidance_scale, num_steps=num_steps)
 
+    def unet_branches(self, guidance_scale: float) -> int:
+        """How many UNet rows each image costs per step (what ``prepare`` will stack); the planner
+        counts work with it without building anything."""
+        return 2
+
     def embeddings(self, i: int, state: GuidanceState) -> torch.Tensor:
         if "stacked" not in state.extra:  # the same every step: stack once
             state.extra["stacked"] = torch.cat(state.branches, dim=0)

@@ -20,6 +20,9 @@ class DirectionProbe(Guidance):
         self.concept = " ".join(concept_tokens)
         self.cosines: list[torch.Tensor] = []  # one (B,) tensor per step and batch
 
+    def unet_branches(self, guidance_scale: float) -> int:
+        return 4  # uncond, prompt, words, C*
+
     def prepare(self, comps, prompts, tokens, negative_prompts, guidance_scale, num_steps) -> GuidanceState:
         state = super().prepare(comps, prompts, tokens, negative_prompts, guidance_scale, num_steps)
         words, _ = comps.encode_prompts([self.words] * len(prompts))

@@ -165,6 +165,9 @@ class SAFREE(Guidance):
         if self.params.compat not in ("fixed", "official"):
             raise UserError(f"safree.compat must be fixed or official, got '{self.params.compat}'")
 
+    def unet_branches(self, guidance_scale: float) -> int:
+        return 3 if self.params.lra == "paper" else 2  # lra=paper: the original prompt's branch
+
     # -------------------------------------------------------------------- preparation
     def prepare(
         self,

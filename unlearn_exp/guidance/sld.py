@@ -68,6 +68,9 @@ class SLD(Guidance):
     def enabled(self, guidance_scale: float) -> bool:
         return self.params.guidance_scale > 1.0 and guidance_scale > 1.0
 
+    def unet_branches(self, guidance_scale: float) -> int:
+        return 3 if self.enabled(guidance_scale) else 2  # + the safety concept's branch
+
     def prepare(
         self,
         comps: Components,
