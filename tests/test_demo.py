@@ -53,3 +53,34 @@ def test_jobs_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         demo._parse(["--jobs", "0"])
     assert "--jobs must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_the_demo_end_to_end_on_a_small_grid(tmp_path, monkeypatch, capsys, jobs):
+    """``python -m unlearn_exp.demo``'s own code path on two cells and one beta's precondition (the
+    shipped checkpoint and C* of beta 2000, 2 prompts per set at the toy's sampler settings): tables,
+    precondition and the last line with the UNet rows it sampled, in one process and in workers."""
+    from unlearn_exp import precondition
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "grid", lambda base: [["guidance=none"], ["guidance=sld"]])
+    real = precondition.measurements
+
+    def one_beta(base):
+        name, _, cells, probes = real(base)
+        return name, [2000], {k: v for k, v in cells.items() if k[0] == 2000}, {2000: probes[2000]}
+
+    monkeypatch.setattr(precondition, "measurements", one_beta)
+    small = ["checkpoint.beta=2000", "benchmark.n=2", "pp.prompts.n=2", "sampling.chunk_size=2",
+             f"paths.root_dir={tmp_path}", f"paths.output_root={tmp_path}"]  # fmt: skip
+    assert demo.main(["--jobs", str(jobs), *small]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "reports" / "toy" / "precondition.md").is_file()
+    assert (tmp_path / "reports" / "toy" / "long_toy.md").is_file()
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("2 cells in") and "precondition" in last
+    # 25 steps: guidance=none 2 + 2 images and the original's 2 references x 2 branches; SLD 2 + 2 x 3;
+    # the precondition: explicit and synonym prompts 2 each x 2, the probe 2 x 4 (its indirect cell is
+    # the grid's guidance=none cell, reused)
+    cells, pre = 6 * 25 * 2 + 4 * 25 * 3, (2 + 2) * 25 * 2 + 2 * 25 * 4
+    assert f"{cells + pre} UNet rows sampled, {pre} of them by the precondition" in last

@@ -135,12 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         runs = [[*base, *cell, "sampling.progress=false"] for cell in cells]
         print(f"toy grid: {len(cells)} cells ({EXPERIMENT}); artifacts are cached, so a second run is fast")
         stage_s, reused, done = {}, 0, {}
-        rows = {"cells": 0, "precondition": 0}  # UNet rows sampled, summed over the workers
+        unet = {"cells": 0, "precondition": 0}  # UNet rows sampled, summed over the workers
 
         def show(i: int, got: dict, took: float) -> None:
             nonlocal reused
             reused += got["reused"]
-            rows["cells"] += got["unet_rows"]
+            unet["cells"] += got["unet_rows"]
             for stage, sec in got["timings"].items():
                 stage_s[stage] = stage_s.get(stage, 0.0) + sec
             c, n = got["cell"], len(done)
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, got in run_in_workers(tasks, jobs, threads):
                 if i >= len(runs):  # the precondition's: its time is reported as the precondition's
                     pre_s += sum(got["timings"].values())
-                    rows["precondition"] += got["unet_rows"]
+                    unet["precondition"] += got["unet_rows"]
                     continue
                 done[i] = got
                 show(i, got, sum(got["timings"].values()))
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         t, before = time.time(), unet_rows()
         pre = precondition.run(base, "reports")  # with workers: every measurement is cached by now
         stage_s["precondition"] = pre_s + time.time() - t
-        rows["precondition"] += unet_rows() - before
+        unet["precondition"] += unet_rows() - before
         for name, table in tables.items():
             if name.startswith(("long", "transfer")):
                 print(f"\n{to_markdown(table)}")
@@ -190,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         how = (
             "" if jobs == 1 else f"; {jobs} workers of {threads} threads, stage times summed over the workers"
         )
-        n_rows = rows["cells"] + rows["precondition"]
+        n_rows = unet["cells"] + unet["precondition"]
         work = (
-            f"; {n_rows} UNet rows sampled, {rows['precondition']} of them by the precondition"
+            f"; {n_rows} UNet rows sampled, {unet['precondition']} of them by the precondition"
             if n_rows
             else ""
         )
