@@ -233,3 +233,38 @@ def test_sigterm_stops_at_the_next_batch(what):
     assert job.returncode == 143, err[-2000:]
     assert "finished" not in out and time.time() - sent < 30
     assert f"SIGTERM: {what} stops here" in err
+
+
+_SAMPLE_TOY = """
+import hashlib, sys
+from unlearn_exp import runtime
+from unlearn_exp.models import load_model
+from unlearn_exp.config import preset
+from unlearn_exp.sampling import sample
+comps = load_model(preset("model", "toy"))
+out = sample(comps, ["a purple circle", "a blue square"] * 4, list(range(8)), steps=3)
+print(runtime.keep_freed_memory(), hashlib.sha256(out.images.numpy().tobytes()).hexdigest())
+"""
+
+
+def test_keeping_freed_memory_changes_no_image(tmp_path):
+    """runtime.keep_freed_memory changes where memory comes from, never a result: the toy model's
+    images are the same to the bit with glibc's default allocator (``UNLEARN_EXP_MALLOC=default``)."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    from unlearn_exp import runtime
+
+    runs = {}
+    for mode in ("keep", "default"):
+        env = {**os.environ, "UNLEARN_EXP_MALLOC": mode}
+        out = subprocess.run(
+            [sys.executable, "-c", _SAMPLE_TOY], env=env, capture_output=True, text=True, check=True
+        )
+        runs[mode] = out.stdout.split()[-2:]
+    on_glibc = platform.libc_ver()[0] == "glibc"
+    assert runs["keep"][0] == str(on_glibc) and runs["default"][0] == "False"
+    assert runs["keep"][1] == runs["default"][1]
+    assert runtime.keep_freed_memory() is runtime.keep_freed_memory()  # once per process

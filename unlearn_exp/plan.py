@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -340,7 +341,8 @@ def calibrate(cfg, path: Path) -> dict[str, Any]:
     classifier-free guidance at ``sampling.batch_size`` over 1 and 3 steps (the difference is the
     UNet rows, the rest the per-image cost: text encoding, decoding), and the UNet forward and
     backward to the prompt embedding (what concept inversion and DUO's LoRA train through) at
-    ``inversion.batch_size`` and at DUO's ``3 x checkpoint.batch`` rows."""
+    ``inversion.batch_size`` and at DUO's ``3 x checkpoint.batch`` rows. Each time is the best of
+    two runs after a warm-up."""
     import torch
 
     from unlearn_exp.models import load_model
@@ -361,8 +363,10 @@ def calibrate(cfg, path: Path) -> dict[str, Any]:
 
     with torch.no_grad():
         t1 = timed(lambda: sample(comps, prompts, seeds, steps=1))
-        t3 = timed(lambda: sample(comps, prompts, seeds, steps=3))
-    per_row = max(t3 - t1, 1e-9) / (2 * 2 * b)
+        # enough further steps for about two seconds of UNet time (2 to 20): the difference is the rows
+        k = min(max(math.ceil(2.0 / max(t1, 1e-3)), 2), 20)
+        tk = timed(lambda: sample(comps, prompts, seeds, steps=1 + k))
+    per_row = max(tk - t1, 1e-9) / (k * 2 * b)
     per_image = max(t1 - 2 * b * per_row, 0.0) / b
 
     unet = comps.unet.eval().requires_grad_(False)

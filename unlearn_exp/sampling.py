@@ -20,6 +20,7 @@ from PIL import Image
 from unlearn_exp.errors import UserError
 from unlearn_exp.guidance.base import CFG, Guidance
 from unlearn_exp.models.components import Components
+from unlearn_exp.runtime import keep_freed_memory
 
 
 @dataclass
@@ -86,6 +87,7 @@ def sample(
         raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     if not prompts:
         raise UserError("nothing to sample: the prompt list is empty")
+    keep_freed_memory()  # once per process: the UNet's activations reuse freed memory (runtime.py)
     guidance = guidance or CFG()
     device, dtype = comps.device, comps.dtype
     sched = comps.sampling_scheduler(scheduler)

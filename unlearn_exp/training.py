@@ -120,7 +120,9 @@ def fit(
     a labelled bar (or log lines) shows the steps and the smoothed loss."""
     from unlearn_exp.identity import resolved_precision
     from unlearn_exp.progress import lightning_bar
+    from unlearn_exp.runtime import keep_freed_memory
 
+    keep_freed_memory()
     work_dir = Path(work_dir)
     ckpt_dir = work_dir / "checkpoints"
     resume = ckpt_dir / LAST

@@ -180,8 +180,10 @@ def run_attack(
 ) -> dict[str, Any]:
     """Fit the attack; returns the best prompt, its loss and the loss curve."""
     from unlearn_exp.progress import lightning_bar
+    from unlearn_exp.runtime import keep_freed_memory
     from unlearn_exp.training import StepIndex, StopOnSigterm
 
+    keep_freed_memory()
     module = UnlearnDiffAtk(comps, target, prompt, settings, guidance)
     trainer = L.Trainer(max_steps=settings.steps, accelerator="auto", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

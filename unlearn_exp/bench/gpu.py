@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.steps, args.batches, args.max_batch, args.train_steps = 2, [1, 2], 4, 2
         if not torch.cuda.is_available():
             args.dtypes = ["float32"]
+    from unlearn_exp.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as the sampler does, for ours and diffusers' pipelines alike
     report = run(args)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(table(report))

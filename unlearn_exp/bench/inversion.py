@@ -20,6 +20,7 @@ from unlearn_exp.config import preset
 from unlearn_exp.inversion.concept_inversion import ConceptInversion
 from unlearn_exp.inversion.textual_inversion import add_placeholder_tokens
 from unlearn_exp.models import build_tiny
+from unlearn_exp.runtime import keep_freed_memory
 
 
 def _module(resolution: int, batch_size: int, steps: int) -> ConceptInversion:
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=2, help="alternating runs; the best of each is kept")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    keep_freed_memory()  # as the trainers do, for both loops (runtime.py)
     plain, light = [], []
     for _ in range(a.repeats):  # alternate so that load changes hit both sides alike
         plain.append(plain_seconds_per_step(a.resolution, a.batch_size, a.steps, a.warmup))

@@ -23,6 +23,7 @@ from unlearn_exp.guidance.sld import PRESETS
 from unlearn_exp.models import Components, build_tiny, load_pretrained
 from unlearn_exp.models.tiny import SD_SCHEDULE
 from unlearn_exp.models.tokenizer import build_clip_tokenizer
+from unlearn_exp.runtime import keep_freed_memory
 from unlearn_exp.sampling import sample
 
 PROMPT = "a photo of a woman on a beach, highly detailed"
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: leave as is)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
+    keep_freed_memory()  # as the sampler does: ours and diffusers' pipelines alike (runtime.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.path:

@@ -41,6 +41,7 @@ from unlearn_exp.inversion.textual_inversion import (
     token_ids,
 )
 from unlearn_exp.models.components import Components
+from unlearn_exp.runtime import keep_freed_memory
 from unlearn_exp.store import atomic_file, atomic_write_json, config_hash
 from unlearn_exp.training import StopOnSigterm, define_stage_axis
 
@@ -419,6 +420,7 @@ def invert(
         log.info("concept inversion: resuming from %s", last)
     if logger is not None:
         define_stage_axis(logger, "inversion")
+    keep_freed_memory()
     trainer = L.Trainer(
         max_steps=s.steps,
         accelerator="auto",
