@@ -140,6 +140,22 @@ def test_gpu_check_runs_in_smoke_mode(tmp_path):
     assert report["device"] and "| none |" in gpu.table(report)
 
 
+def test_sampling_bench_times_every_side_in_turn(monkeypatch):
+    """``make bench``'s sampling comparison on the tiny model, one round: every side timed, the
+    ratios from those times, and the rounds interleaved (one call of each side in turn)."""
+    from unlearn_exp.bench import sampling as bench
+
+    order = []
+    res = bench._time_interleaved({k: (lambda k=k: order.append(k)) for k in "ab"}, repeats=2)
+    assert order == ["a", "b", "a", "b", "a", "b"] and set(res) == {"a", "b"}  # warm-up, then 2 rounds
+    out = bench.main(["--steps", "2", "--batch", "1", "--repeats", "1", "--resolution", "32"])
+    t = out["seconds_per_image"]
+    assert set(t) == {"ours_none", "diffusers_none", "ours_sld", "diffusers_sld", "ours_safree"}
+    assert all(v > 0 for v in t.values())
+    ratio = out["ratios"]["none: ours / diffusers (target <= 1.05)"]
+    assert ratio == t["ours_none"] / t["diffusers_none"]
+
+
 def test_gpu_options_are_applied_when_asked(tiny):
     import copy
 

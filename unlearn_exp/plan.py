@@ -341,8 +341,8 @@ def calibrate(cfg, path: Path) -> dict[str, Any]:
     classifier-free guidance at ``sampling.batch_size`` over 1 and 3 steps (the difference is the
     UNet rows, the rest the per-image cost: text encoding, decoding), and the UNet forward and
     backward to the prompt embedding (what concept inversion and DUO's LoRA train through) at
-    ``inversion.batch_size`` and at DUO's ``3 x checkpoint.batch`` rows. Each time is the best of
-    two runs after a warm-up."""
+    ``inversion.batch_size`` and at DUO's ``3 x checkpoint.batch`` rows. Each time is the median of
+    three runs after a warm-up."""
     import torch
 
     from unlearn_exp.models import load_model
@@ -352,14 +352,14 @@ def calibrate(cfg, path: Path) -> dict[str, Any]:
     b = int(cfg.sampling.batch_size)
     prompts, seeds = ["a photo"] * b, list(range(b))
 
-    def timed(fn, repeat: int = 2) -> float:
+    def timed(fn, repeat: int = 3) -> float:
         fn()  # warm-up
-        best = float("inf")
+        times = []
         for _ in range(repeat):
             t = time.perf_counter()
             fn()
-            best = min(best, time.perf_counter() - t)
-        return best
+            times.append(time.perf_counter() - t)
+        return sorted(times)[repeat // 2]  # the median: the best run is a burst a sweep does not keep up
 
     with torch.no_grad():
         t1 = timed(lambda: sample(comps, prompts, seeds, steps=1))

@@ -15,6 +15,7 @@ import argparse
 import json
 import time
 import warnings
+from typing import Any
 
 import torch
 
@@ -63,16 +64,26 @@ def sd14_sized(resolution: int) -> Components:
     ).freeze()
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
+def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
+
+
+def _time_interleaved(fns: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Seconds per call of each function: one warm-up call each, then ``repeats`` rounds that call
+    every function once in turn; the median round of each. Interleaving puts the machine's drift
+    (this project's CPU moves by 20-25% within minutes) on every side alike."""
+    for fn in fns.values():
         fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            _sync()
+            start = time.perf_counter()
+            fn()
+            _sync()
+            times[k].append(time.perf_counter() - start)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def run(comps: Components, steps: int, batch: int, repeats: int, scheduler: str) -> dict[str, float]:
@@ -89,17 +100,14 @@ def run(comps: Components, steps: int, batch: int, repeats: int, scheduler: str)
     safe.set_progress_bar_config(disable=True)
     safe.safety_concept = CONCEPT
     common = dict(num_inference_steps=steps, height=res, width=res, output_type="pt")
-    t = {
-        "ours_none": _time(
-            lambda: sample(comps, prompts, seeds, None, scheduler=scheduler, steps=steps), repeats
-        ),
-        "diffusers_none": _time(lambda: pipe(prompts, generator=gen, **common), repeats),
-        "ours_sld": _time(
-            lambda: sample(comps, prompts, seeds, SLD(CONCEPT, sld_params), scheduler=scheduler, steps=steps),
-            repeats,
-        ),
-        "diffusers_sld": _time(
-            lambda: safe(
+    t = _time_interleaved(
+        {
+            "ours_none": lambda: sample(comps, prompts, seeds, None, scheduler=scheduler, steps=steps),
+            "diffusers_none": lambda: pipe(prompts, generator=gen, **common),
+            "ours_sld": lambda: sample(
+                comps, prompts, seeds, SLD(CONCEPT, sld_params), scheduler=scheduler, steps=steps
+            ),
+            "diffusers_sld": lambda: safe(
                 prompts,
                 generator=gen,
                 sld_warmup_steps=sld_params.warmup_steps,
@@ -108,16 +116,13 @@ def run(comps: Components, steps: int, batch: int, repeats: int, scheduler: str)
                 sld_momentum_scale=sld_params.momentum_scale,
                 sld_mom_beta=sld_params.mom_beta,
                 **common,
-            ),
-            repeats,
-        ),  # fmt: skip
-        "ours_safree": _time(
-            lambda: sample(
+            ),  # fmt: skip
+            "ours_safree": lambda: sample(
                 comps, prompts, seeds, SAFREE(CONCEPT.split(", "), CONCEPT), scheduler=scheduler, steps=steps
             ),
-            repeats,
-        ),
-    }
+        },
+        repeats,
+    )
     return {k: v / batch for k, v in t.items()}
 
 
