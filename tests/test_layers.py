@@ -24,6 +24,7 @@ LAYERS = [
         "validate",
         "paper",
         "progress",
+        "runtime",
         "training",
         "launch",
         "__init__",
