@@ -338,8 +338,8 @@ def _estimate(work: list[Work], costs: dict[str, float] | None) -> float | None:
 
 def calibrate(cfg, path: Path) -> dict[str, Any]:
     """Measure this machine's costs for ``cfg.model`` at ``cfg``'s batch sizes: sampling with
-    classifier-free guidance at ``sampling.batch_size`` over 1 and 3 steps (the difference is the
-    UNet rows, the rest the per-image cost: text encoding, decoding), and the UNet forward and
+    classifier-free guidance at ``sampling.batch_size`` over 1 and 1 + k steps (the difference is
+    the UNet rows, the rest the per-image cost: text encoding, decoding), and the UNet forward and
     backward to the prompt embedding (what concept inversion and DUO's LoRA train through) at
     ``inversion.batch_size`` and at DUO's ``3 x checkpoint.batch`` rows. Each time is the median of
     three runs after a warm-up."""
