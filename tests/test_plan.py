@@ -120,3 +120,24 @@ def test_calibrate_writes_this_machines_costs(tmp_path):
     assert saved["tiny"]["s_per_unet_row"] > 0 and saved["tiny"]["s_per_train_row"] > 0
     assert saved["tiny"]["sampling_batch"] == int(cfg.sampling.batch_size)
     assert plan._costs(saved, "tiny") is not None
+
+
+def test_a_concept_not_yet_named_is_counted_once_per_checkpoint(tmp_path):
+    """``inversion.image_set.source=duo_pairs`` (the paper's nudity grid): C*'s key is known only once
+    its pairs exist, yet SLD and SAFREE of one checkpoint and the ``shared`` cells of other betas use
+    one C*, so the plan counts one inversion per checkpoint it is learned on."""
+    base = ["+experiment=nudity_duo", "model=tiny", f"paths.root_dir={tmp_path}"]
+    cells = [
+        ["checkpoint.beta=2000", "guidance=sld", "embedding=inverted"],
+        ["checkpoint.beta=2000", "guidance=safree", "embedding=inverted"],
+        ["checkpoint.beta=500", "guidance=sld", "embedding=inverted"],
+        ["checkpoint.beta=2000", "guidance=sld", "embedding=shared"],  # C* of beta 500
+    ]
+    plans = [plan.plan_cell(compose([*base, *c], hydra=False), c, set()) for c in cells]
+    assert compose(base, hydra=False).inversion.image_set.source == "duo_pairs"
+    keys = [[w.key for w in p.work if w.kind == "inversion"] for p in plans]
+    assert all(len(k) == 1 for k in keys)
+    assert keys[0] == keys[1] and keys[2] == keys[3] and keys[0] != keys[2]
+    own = [w for o, _ in plan.sweep_work(plans) for w in o if w.kind == "inversion"]
+    steps = int(compose(base, hydra=False).inversion.steps)
+    assert sum(w.count for w in own) == 2 * steps  # beta 2000's and beta 500's

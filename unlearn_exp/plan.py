@@ -195,10 +195,10 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
 
                     concept_id = f"{cfg.embedding.source}:{file_sha256(inv_folder / 'learned_embeds.safetensors')[:16]}"
             else:
-                p.work.append(Work(f"inversion/{unique}", "inversion", n_inv))
+                p.work.append(Work(f"inversion/{_learned_on(cfg)}", "inversion", n_inv))
         else:
             p.notes.append(f"C* from inversion.image_set.source={spec['source']}: counted when built")
-            p.work.append(Work(f"inversion/{unique}", "inversion", int(cfg.inversion.steps)))
+            p.work.append(Work(f"inversion/{_learned_on(cfg)}", "inversion", int(cfg.inversion.steps)))
 
     # images: benchmark, benign PP prompts, the original model's references
     branches = _guidance(cfg, learned=False).unet_branches(float(cfg.sampling.guidance_scale))
@@ -254,6 +254,16 @@ def _local_data_dir(bench_cfg, data_dir) -> str | None:
     if bench_cfg.get("path") or not bench_cfg.get("url"):
         return data_dir
     return data_dir if pinned_download_path(bench_cfg, data_dir).is_file() else None
+
+
+def _learned_on(cfg) -> str:
+    """A name for a ``C*`` whose key cannot be computed before building (its images are not named
+    yet): the checkpoint it is learned on and the inversion settings, so that the cells sharing it
+    (``embedding=shared``, SLD and SAFREE of one checkpoint) count it once."""
+    from unlearn_exp.cell import checkpoint_for_inversion
+
+    return "learned-on:" + config_hash({"checkpoint": checkpoint_for_inversion(cfg),
+                                        "inversion": to_plain(cfg.inversion)})  # fmt: skip
 
 
 def _guidance(cfg, learned: bool, concept_id: str = "explicit"):
