@@ -64,6 +64,11 @@ class Work:
     batch: int = 1  # duo: pairs per optimiser step
 
 
+def _count(work: list[Work], kinds: tuple[str, ...], attr: str = "count") -> int:
+    """Images (``count``), UNet rows (``rows``) or training steps of ``work`` of the given kinds."""
+    return sum(getattr(w, attr) for w in work if w.kind in kinds)
+
+
 @dataclass
 class CellPlan:
     overrides: list[str]
@@ -73,7 +78,7 @@ class CellPlan:
     notes: list[str] = field(default_factory=list)
 
     def _sum(self, kinds: tuple[str, ...], cached: bool, attr: str = "count") -> int:
-        return sum(getattr(w, attr) for w in self.work if w.kind in kinds and w.cached == cached)
+        return _count([w for w in self.work if w.cached == cached], kinds, attr)
 
     @property
     def images(self) -> int:  # to sample (shared ones included: see sweep_work)
@@ -419,10 +424,6 @@ def plan(overrides: list[str]) -> tuple[list[CellPlan], Any]:
     first = _compose([*base, *cells[0]])
     done = _done_spec_keys(Path(first.paths.results_dir))
     return [plan_cell(_compose([*base, *c]), c, done) for c in cells], first
-
-
-def _count(work: list[Work], kinds: tuple[str, ...], attr: str = "count") -> int:
-    return sum(getattr(w, attr) for w in work if w.kind in kinds)
 
 
 def render(plans: list[CellPlan], calib: dict | None, model_name: str) -> str:

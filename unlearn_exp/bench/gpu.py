@@ -26,12 +26,9 @@ from typing import Any
 
 import torch
 
+from unlearn_exp.bench.sampling import _sync
+
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _timed(fn, repeats: int = 1) -> float:
