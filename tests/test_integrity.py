@@ -179,6 +179,33 @@ def test_store_gc_removes_stale_temp_folders_and_locks(tmp_path):
     assert out.returncode == 0 and "1 stale item(s) removed" in out.stdout
 
 
+def test_store_gc_never_touches_a_build_that_is_running(tmp_path):
+    """gc --hours 0 while an artifact is being built (its lock held by the builder): the build's
+    temporary folder, its resumable work folder and the files in them stay; the build completes."""
+    store = ArtifactStore(tmp_path)
+    stale = tmp_path / "unlearning" / "duo" / ".0123456789abcdef.x9.tmp"  # a killed build, unheld
+    stale.mkdir(parents=True)
+    seen = {}
+
+    def build(tmp: Path) -> None:
+        work = tmp.parent / f"{tmp.name.lstrip('.').split('.')[0]}.work" / "logs" / "version_0"
+        work.mkdir(parents=True)
+        (work / "metrics.csv").write_text("step,loss\n")
+        (tmp / "part.txt").write_text("half")
+        out = subprocess.run(
+            [sys.executable, "-m", "unlearn_exp.store", "gc", "--cache", str(tmp_path), "--hours", "0"],
+            capture_output=True, text=True, cwd=ROOT,
+        )  # fmt: skip
+        seen["gc"] = out.stdout
+        seen["alive"] = tmp.is_dir() and (tmp / "part.txt").is_file() and (work / "metrics.csv").is_file()
+        (tmp / "weights.txt").write_text("done")
+
+    folder = store.get_or_build("unlearning/duo", {"beta": 500}, build)
+    assert seen["alive"], seen["gc"]
+    assert f"removed {stale}" in seen["gc"] and not stale.exists()
+    assert (folder / "weights.txt").read_text() == "done" and verify_folder(folder) is None
+
+
 def test_job_images_are_copies_that_cannot_change_the_cache(first_run):
     cache = first_run["root"] / ".cache" / "artifacts"
     jobs = sorted((first_run["root"] / "outputs" / "cells").rglob("bench/*.png"))

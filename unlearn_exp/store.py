@@ -187,21 +187,49 @@ def verify_folder(folder: Path, mode: str = "small") -> str | None:
     return None
 
 
-def remove_stale(folder: Path, older_than_s: float = STALE_S) -> list[Path]:
-    """Remove temporary folders/files (``.*.tmp``, ``.*.old<pid>``) and unheld ``.lock`` files in
-    ``folder`` older than ``older_than_s``; return what was removed."""
-    from filelock import FileLock, Timeout
+def _owner(name: str) -> str:
+    """The artifact a cache entry belongs to: ``.<h>.<x>.tmp``, ``.<h>.old<pid>``, ``<h>.work`` and
+    ``<h>.lock`` all belong to ``<h>`` (the artifact's folder name)."""
+    return name.lstrip(".").split(".", 1)[0]
 
+
+def _held(lock: Path) -> bool:
+    """Whether a running job holds ``lock`` (an exclusive lock that cannot be taken at once)."""
+    from filelock import Timeout
+
+    try:
+        with FileLock(str(lock), timeout=0):
+            return False
+    except Timeout:
+        return True
+    except OSError:  # unreadable: treat it as held rather than remove what may be in use
+        return True
+
+
+def held_artifacts(root: Path) -> set[str]:
+    """The names of the artifacts anywhere under ``root`` whose build lock a running job holds."""
+    if not root.is_dir():
+        return set()
+    return {lock.name[: -len(".lock")] for lock in root.rglob("*.lock") if lock.is_file() and _held(lock)}
+
+
+def remove_stale(folder: Path, older_than_s: float = STALE_S, held: set[str] | None = None) -> list[Path]:
+    """Remove temporary folders/files (``.*.tmp``, ``.*.old<pid>``) and unheld ``.lock`` files in
+    ``folder`` older than ``older_than_s``; return what was removed. Whatever belongs to an artifact
+    whose lock a running job holds (its build folder, its swap folder) is never touched, whatever its
+    age; ``held`` names such artifacts (default: the locks in ``folder``)."""
     removed = []
     if not folder.is_dir():
         return removed
+    if held is None:
+        held = {p.name[: -len(".lock")] for p in folder.glob("*.lock") if _held(p)}
     now = time.time()
     for p in folder.iterdir():
         try:
             age = now - p.lstat().st_mtime
         except OSError:
             continue
-        if age < older_than_s:
+        if age < older_than_s or _owner(p.name) in held:
             continue
         stale_tmp = p.name.startswith(".") and (
             p.name.endswith(".tmp") or ".old" in p.name or ".tmp." in p.name
@@ -209,14 +237,9 @@ def remove_stale(folder: Path, older_than_s: float = STALE_S) -> list[Path]:
         if stale_tmp:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             removed.append(p)
-        elif p.suffix == ".lock" and p.is_file():
-            try:
-                with FileLock(str(p), timeout=0):
-                    pass
-                p.unlink(missing_ok=True)
-                removed.append(p)
-            except Timeout:  # held by a running job
-                pass
+        elif p.suffix == ".lock" and p.is_file() and not _held(p):
+            p.unlink(missing_ok=True)
+            removed.append(p)
     return removed
 
 
@@ -323,15 +346,21 @@ class ArtifactStore:
 
 
 def gc(root: str | Path, older_than_s: float = STALE_S) -> list[Path]:
-    """Remove stale temporary folders and unheld lock files anywhere in the cache ``root``."""
+    """Remove stale temporary folders and unheld lock files anywhere in the cache ``root``. Nothing
+    that belongs to an artifact a running job holds is touched, at any age: its build and swap
+    folders, its resumable work folder (``<h>.work``, ``inversion_work/<h>``) and what lies in them."""
     root = Path(root)
     removed = []
     if not root.is_dir():
         return removed
+    held = held_artifacts(root)
     folders = [root, *(p for p in root.rglob("*") if p.is_dir() and not p.name.startswith("."))]
     for folder in folders:
+        inside = folder.relative_to(root).parts
+        if any(_owner(part) in held for part in inside):  # within a live job's folders
+            continue
         if folder.exists():
-            removed += remove_stale(folder, older_than_s)
+            removed += remove_stale(folder, older_than_s, held)
     return removed
 
 
