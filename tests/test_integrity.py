@@ -246,20 +246,52 @@ def test_a_failed_run_never_replaces_earlier_results(first_run, monkeypatch):
         (["checkpoint.beta=abc"], "checkpoint.beta must be a number, got 'abc'"),
         (["checkpoint.beta=-5"], "checkpoint.beta must be > 0"),
         (["benchmark.seed=9223372036854775808"], "must fit in int64"),
-        (["embedding=sideways"], None),  # Hydra's own message: no such config
+        (["+foo=1"], "unknown config key foo: no code reads it"),
+        (
+            ["+sampling.stepz=3", "+inversion.image_set.zz=1"],
+            "unknown config keys inversion.image_set.zz, sampling.stepz",
+        ),
     ],
 )
 def test_invalid_values_stop_before_any_model_is_loaded(extra, message, tmp_path, monkeypatch):
     from unlearn_exp import cell as cell_module
 
     monkeypatch.setattr(cell_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    if message is None:
-        with pytest.raises(Exception, match="embedding/sideways"):
-            compose(toy_overrides(tmp_path, *extra), hydra=False)
-        return
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         toy_cell(tmp_path, *extra)
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["guidance=sldd"], "error: unknown guidance 'sldd': choose one of none, safree, sld"),
+        (["guidance=none,sldd", "multirun"], "error: unknown guidance 'sldd'"),
+        (["+sampling.stepz=3"], "error: unknown config key sampling.stepz: no code reads it"),
+    ],
+)
+def test_unknown_choices_and_keys_are_one_line_from_the_command_line(extra, message, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "unlearn_exp", "+experiment=toy_duo", f"paths.root_dir={tmp_path}",
+         f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep", *extra],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "UNLEARN_EXP_COMPOSE_CACHE": "off"},
+    )  # fmt: skip
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(message) and "schema" not in out.stderr, out.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_every_shipped_option_composes_without_unknown_keys():
+    from unlearn_exp.config import CONF_DIR, group_choices
+    from unlearn_exp.schema import unknown_keys
+
+    for group in ("model", "task", "checkpoint", "guidance", "embedding", "sampling", "benchmark", "judge",
+                  "pp", "logger", "attack", "inversion", "experiment"):  # fmt: skip
+        assert (CONF_DIR / group).is_dir()
+        for name in group_choices(group):
+            override = f"+experiment={name}" if group == "experiment" else f"{group}={name}"
+            assert unknown_keys(compose([override], hydra=False)) == [], override
 
 
 def test_prompt_file_problems_are_one_line(tmp_path):
@@ -290,6 +322,59 @@ def test_unwritable_results_path_is_found_before_any_work(tmp_path, monkeypatch)
         ro.mkdir(mode=0o500)
         with pytest.raises(UserError, match="not writable"):
             run_cell(compose([*toy_overrides(tmp_path), f"paths.cache_dir={ro}/cache"], hydra=False))
+
+
+def test_unwritable_pseudo_filesystem_path_is_refused_for_the_right_reason(tmp_path, monkeypatch):
+    """/proc/foo cannot be created: the reason is that, not "0 MiB free"."""
+    from unlearn_exp import cell as cell_module
+
+    monkeypatch.setattr(cell_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    if not Path("/proc").is_dir():
+        pytest.skip("no /proc here")
+    with pytest.raises(UserError, match=r"paths.results_dir=/proc/unlearn-exp-x cannot be written") as info:
+        run_cell(compose([*toy_overrides(tmp_path), "paths.results_dir=/proc/unlearn-exp-x"], hydra=False))
+    assert "MiB free" not in str(info.value)
+    deep = tmp_path / "a" / "b" / "results"  # a folder the check creates is removed again
+    toy_cfg = compose(
+        [*toy_overrides(tmp_path), f"paths.results_dir={deep}", "sampling.steps=0"], hydra=False
+    )
+    with pytest.raises(UserError, match="sampling.steps"):
+        run_cell(toy_cfg)
+    assert not (tmp_path / "a").exists()
+
+
+def test_missing_shared_source_checkpoint_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from unlearn_exp import cell as cell_module
+
+    monkeypatch.setattr(cell_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    extra = ["guidance=sld", "embedding=shared", f"embedding.from_checkpoint.path={tmp_path}/nonexistent"]
+    with pytest.raises(UserError, match=r"embedding.from_checkpoint.path: checkpoint file not found"):
+        toy_cell(tmp_path, *extra)
+    with pytest.raises(UserError, match=r"checkpoint.path: checkpoint file not found: .*lora.pt"):
+        toy_cell(tmp_path, f"checkpoint.path={tmp_path}/lora.pt")
+
+
+def test_a_long_prompt_is_truncated_without_transformers_indexing_warning():
+    """We truncate at 77 tokens on purpose (and record it): transformers' "indexing errors" warning
+    about the untruncated count does not apply and is not printed."""
+    import logging
+    from types import SimpleNamespace
+
+    from unlearn_exp.models.components import Components
+    from unlearn_exp.models.tokenizer import build_clip_tokenizer
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    logger.addHandler(handler)
+    try:
+        fake = SimpleNamespace(tokenizer=build_clip_tokenizer(), device="cpu")
+        out = Components.tokenize(fake, ["a purple circle " * 300])
+    finally:
+        logger.removeHandler(handler)
+    assert out.truncated == [True] and out.n_tokens[0] > 77
+    assert not [r for r in records if "indexing errors" in r.getMessage()]
 
 
 def test_some_empty_and_long_prompts_are_reported_per_image(tmp_path):

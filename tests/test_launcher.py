@@ -79,13 +79,13 @@ def test_joblib_pins_one_gpu_per_worker(tmp_path: Path):
         tmp_path,
         "hydra/launcher=joblib",
         "guidance=none,sld",
-        "+probe=${oc.env:CUDA_VISIBLE_DEVICES,none}",
+        "name=${oc.env:CUDA_VISIBLE_DEVICES,none}",  # a root key: printed as `name: 7`
         env={"CUDA_VISIBLE_DEVICES": "7,9", "UNLEARN_EXP_GPU_LOCKS": str(tmp_path / "locks")},
     )
     probes = sorted(
         line.split(":", 1)[1].strip().strip("'")
         for line in res.stdout.splitlines()
-        if line.startswith("probe:")
+        if line.startswith("name:")
     )
     assert probes == ["7", "9"]  # each job resolved CUDA_VISIBLE_DEVICES inside its own pinned worker
     assert {c["guidance"]["name"] for c in _job_configs(tmp_path / "sweep")} == {"none", "sld"}

@@ -48,7 +48,10 @@ def hydra_main(cfg: DictConfig):
 
 
 def main() -> None:
+    from unlearn_exp.errors import run_guarded
+
     sys.argv = [sys.argv[0], *_normalise_argv(_default_argv(sys.argv[1:]))]
+    run_guarded(config.check_choices, [a for a in sys.argv[1:] if not a.startswith("-")])
     hydra_main()
 
 

@@ -39,6 +39,9 @@ def label_user_checkpoint(cfg: DictConfig, overrides: list[str]) -> None:
 
 
 def _run_stage(cfg: DictConfig):
+    from unlearn_exp.schema import refuse_unknown_keys
+
+    refuse_unknown_keys(cfg)  # before anything reads the config: a typo added with + is not ignored
     if cfg.stage == "compose":
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return None

@@ -56,6 +56,27 @@ def conf_digest(conf_dir: Path | None = None) -> str:
     return _DIGESTS[stamp]
 
 
+def group_choices(group: str) -> list[str]:
+    """The options of a config group: the YAML files under ``conf/<group>/`` (not the schemas)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def check_choices(overrides: Sequence[str]) -> None:
+    """One ``UserError`` for an override that picks a group option with no YAML (``guidance=sldd``),
+    naming the group's real options (Hydra's own message is several lines and lists the schemas).
+    Sweeps (``guidance=none,sld``) are checked value by value; sweep functions are left to Hydra."""
+    for o in overrides:
+        if o.startswith("~") or "=" not in o:
+            continue
+        key, value = o.lstrip("+").split("=", 1)
+        key = key.split("@", 1)[0]
+        if "." in key or not key or not (CONF_DIR / key).is_dir() or "(" in value or "[" in value:
+            continue
+        for v in (x.strip() for x in value.split(",")):
+            if v and v != "null" and not (CONF_DIR / key / f"{v}.yaml").is_file():
+                raise UserError(f"unknown {key} '{v}': choose one of {', '.join(group_choices(key))}")
+
+
 def compose(overrides: Sequence[str] = (), *, hydra: bool = False):
     """The config ``python -m unlearn_exp <overrides>`` would run; with ``hydra`` the ``hydra`` node
     too (sweep parameters), else overrides of the ``hydra`` node are left out. A config that does not
@@ -66,6 +87,7 @@ def compose(overrides: Sequence[str] = (), *, hydra: bool = False):
     from omegaconf import OmegaConf
 
     overrides = [o for o in overrides if hydra or not o.lstrip("+~").startswith("hydra")]
+    check_choices(overrides)
     cache = None if hydra else _cache_dir()
     if cache is not None:
         key = hashlib.sha256(json.dumps([conf_digest(), overrides]).encode()).hexdigest()[:32]
@@ -101,12 +123,16 @@ def _hydra_compose(overrides: list[str], hydra: bool):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
+            cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
     except Exception as e:
         detail = " ".join(line.strip() for line in str(e).splitlines()[:2] if line.strip())
         raise UserError(f"cannot compose the config {list(overrides)}: {detail}") from e
     finally:
         GlobalHydra.instance().clear()
+    from unlearn_exp.schema import refuse_unknown_keys
+
+    refuse_unknown_keys(cfg)
+    return cfg
 
 
 @lru_cache(maxsize=64)

@@ -88,6 +88,9 @@ def _check_weights(checks: _Checks, name: str, paths: Any) -> None:
     garbage file is refused here, before any model is loaded)."""
     for path in paths if isinstance(paths, list) else [paths]:
         p = Path(str(path)).expanduser()
+        if not p.exists():
+            checks.fail(f"{name}: checkpoint file not found: {p}")
+            continue
         if p.is_dir() or p.suffix != ".safetensors":
             continue  # folders and pickle files are resolved by the loader
         if not p.is_file():
@@ -106,7 +109,8 @@ def _check_weights(checks: _Checks, name: str, paths: Any) -> None:
 
 
 def _check_writable(checks: _Checks, name: str, path: Any) -> None:
-    """A folder the job writes: creatable, a folder, writable, with some room."""
+    """A folder the job writes: creatable, a folder, writable, with some room. The folder is created
+    and a file written in it, as the job will; what this check created is removed again."""
     p = Path(str(path)).expanduser()
     probe = p
     while not probe.exists() and probe != probe.parent:
@@ -117,14 +121,21 @@ def _check_writable(checks: _Checks, name: str, path: Any) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         checks.fail(f"{name}={p} is not writable (no write permission on {probe})")
         return
-    if p.is_dir():
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=".write-check.", dir=p)
-            os.close(fd)
-            os.unlink(tmp)
-        except OSError as exc:
-            checks.fail(f"{name}={p} is not writable ({exc.strerror})")
-            return
+    created = [q for q in [p, *p.parents] if q.is_relative_to(probe) and q != probe]
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-check.", dir=p)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        checks.fail(f"{name}={p} cannot be written ({exc.strerror or type(exc).__name__} at {probe})")
+        return
+    finally:
+        for q in created:  # deepest first
+            try:
+                q.rmdir()
+            except OSError:
+                pass
     free = shutil.disk_usage(probe).free
     if free < MIN_FREE_BYTES:
         checks.fail(f"{name}={p} has only {free / 2**20:.0f} MiB free")
@@ -172,6 +183,9 @@ def _guidance(checks: _Checks, g: dict, guidance_scale: Any) -> None:
 
 def validate(cfg) -> None:
     """Check the whole job config; raise one ``UserError`` naming every problem found."""
+    from unlearn_exp.schema import refuse_unknown_keys
+
+    refuse_unknown_keys(cfg)
     c = _Checks()
     plain: dict = {k: to_plain(cfg[k]) for k in cfg if k != "hydra"}
     model, sampling = plain.get("model", {}), plain.get("sampling", {})
@@ -219,6 +233,9 @@ def validate(cfg) -> None:
         checks.append(lambda: c.fail("checkpoint=spm loads SPM's published adapters: set checkpoint.path"))
     if embedding.get("path"):
         checks.append(lambda: _check_file(c, "embedding.path", embedding.get("path")))
+    from_path = (embedding.get("from_checkpoint") or {}).get("path")
+    if from_path and embedding.get("source") == "shared":
+        checks.append(lambda: _check_weights(c, "embedding.from_checkpoint.path", from_path))
     source = (embedding.get("from_checkpoint") or {}).get("method")
     guided = (plain.get("guidance") or {}).get("name") != "none"
     if guided and embedding.get("source") == "shared" and not embedding.get("path") and source:

@@ -96,7 +96,7 @@ def official_masked_pooled(
     sensitive to the last bits). Returns the masked-word count per prompt, the stacked pooled rows
     and whether each prompt was sliced (no end-of-text token: all its rows pool at the start token)."""
     max_len = comps.tokenizer.model_max_length
-    full = comps.tokenizer(list(prompts), padding=False, truncation=False).input_ids
+    full = comps.tokenizer(list(prompts), padding=False, truncation=False, verbose=False).input_ids
     counts, pooled, sliced = [], [], []
     for ids in full:
         ids = torch.tensor(list(ids)[:max_len], device=comps.device)

@@ -109,7 +109,7 @@ class Components:
     def tokenize(self, prompts: list[str]) -> TokenizedPrompts:
         """Pad to 77 with max-length padding and truncation, as Stable Diffusion does."""
         max_len = self.tokenizer.model_max_length
-        full = self.tokenizer(list(prompts), padding=False, truncation=False).input_ids
+        full = self.tokenizer(list(prompts), padding=False, truncation=False, verbose=False).input_ids
         enc = self.tokenizer(
             list(prompts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
         )
