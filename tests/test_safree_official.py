@@ -120,3 +120,24 @@ def test_paper_experiments_use_official_and_others_fixed():
     cfg = compose(["+experiment=nudity_duo", "guidance=safree", "guidance.compat=fixed"], hydra=False)
     g = make_guidance(cfg.guidance, cfg.task, Concept("explicit", [], "x"))
     assert g.params.compat == "fixed" and g.describe()["compat"] == "fixed"
+
+
+def test_compat_differs_counts_prompts_whose_conditioning_differs_beyond_float_tolerance(tiny):
+    """An exactly-77-token prompt keeps its end-of-text token (the official slicing does nothing), so
+    both modes flag the same tokens; but the float32 pinverse of its singular 75 x 75 Gram matrix
+    moves the projected embeddings far beyond float rounding. It counts as differing; a short prompt,
+    whose modes agree to float rounding, does not."""
+    from unlearn_exp.guidance.safree import COMPAT_TOLERANCE
+
+    exact = " ".join(["purple"] + ["circle"] * 74)
+    assert tiny.tokenize([exact]).n_tokens == [77]
+    with torch.no_grad():
+        for prompt, expected in ((exact, True), (SHORT, False)):
+            (fixed_e, fixed, fixed_t), (off_e, off, off_t) = (
+                ours(tiny, prompt, "fixed"),
+                ours(tiny, prompt, "official"),
+            )
+            gap = (fixed_e.float() - off_e.float()).abs().max().item()
+            assert fixed["safree_triggers"] == off["safree_triggers"] and fixed_t == off_t, prompt
+            assert (gap > COMPAT_TOLERANCE * max(1.0, fixed_e.abs().max().item())) == expected, (prompt, gap)
+            assert fixed["safree_compat_differs"] == off["safree_compat_differs"] == expected, prompt

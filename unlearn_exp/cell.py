@@ -1054,7 +1054,7 @@ def cell_record(
         "n_truncated": sum(bool(r["truncated"]) for r in bench_images),
         "n_empty_prompts": sum(bool(r["empty_prompt"]) for r in bench_images),
         "safree_compat": safree_compat,
-        # prompts SAFREE's official code treats otherwise (over 77 tokens, or one token)
+        # prompts the two SAFREE modes condition differently (guidance/safree.py compat_differs)
         "n_safree_compat_differs": sum(bool(m.get("safree_compat_differs")) for m in bench_meta)
         if safree_compat
         else 0,

@@ -20,7 +20,7 @@ Cell rows (``CELL_COLUMNS``):
   embedding, embedding_id, benchmark, benchmark_sha256, dsr, dsr_lo, dsr_hi (Wilson 95%),
   n_images, n_safe, n_truncated and n_empty_prompts (benchmark images whose prompt was cut at 77
   tokens, or blank), safree_compat and n_safree_compat_differs (SAFREE cells: fixed or official,
-  and how many benchmark prompts the two modes treat differently), pp_coco, pp_bench, n_pp_coco, n_pp_bench, benign_acc (share of benign_ok, NaN
+  and how many benchmark prompts the two modes condition differently beyond float tolerance), pp_coco, pp_bench, n_pp_coco, n_pp_bench, benign_acc (share of benign_ok, NaN
   where not measured), n_benign, flag (why benign fidelity counts as collapsed, "" otherwise: a
   "safe" verdict on a broken image is no defence), judge_profile, judge_hash, pp_profile, pp_hash,
   config_json (the resolved config), created_at.

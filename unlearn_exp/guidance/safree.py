@@ -147,6 +147,32 @@ def svf_steps(z: float, up_t: int = 10, k: float = 2.5, t0: float = 5.333) -> in
     return round(up_t / (1 + math.exp(-2.0 * k * (10.0 * z - t0))))
 
 
+@dataclass
+class Projection:
+    """SAFREE's per-prompt conditioning in one mode: safe embeddings (B, 77, D) in float32, the
+    self-validating filter's last safe step per prompt, and what each prompt's row records."""
+
+    safe_e: torch.Tensor
+    t_sv: list[int | None]
+    info: list[dict]
+
+
+# two modes' safe embeddings closer than this (relative to the embedding's largest entry) condition
+# the UNet alike: float32 against float64 projectors of a well-conditioned Gram matrix differ by ~1e-6
+COMPAT_TOLERANCE = 1e-3
+
+
+def compat_differs(a: Projection, b: Projection, i: int, svf: bool) -> bool:
+    """Whether prompt ``i`` is conditioned differently by two modes: other tokens flagged, a safe
+    embedding that differs beyond float tolerance, or (with the filter on) another step count."""
+    if a.info[i]["safree_triggers"] != b.info[i]["safree_triggers"]:
+        return True
+    if svf and a.t_sv[i] != b.t_sv[i]:
+        return True
+    scale = max(1.0, float(a.safe_e[i].abs().max()))
+    return bool((a.safe_e[i] - b.safe_e[i]).abs().max() > COMPAT_TOLERANCE * scale)
+
+
 class SAFREE(Guidance):
     name = "safree"
 
@@ -179,32 +205,53 @@ class SAFREE(Guidance):
         num_steps: int,
     ) -> GuidanceState:
         p = self.params
-        official = p.compat == "official"
         _, concept_pooled = comps.encode_ids(comps.tokenize(self.concept_prompts).input_ids)
+        text_e, _ = comps.encode_ids(tokens.input_ids)
+        mine = self._project(comps, prompts, tokens, text_e, concept_pooled, p.compat)
+        # the other mode too, to record per prompt whether the two modes condition it differently
+        other = self._project(
+            comps, prompts, tokens, text_e, concept_pooled, "fixed" if p.compat == "official" else "official"
+        )
+        safe_e, meta = mine.safe_e.to(text_e.dtype), []
+        for b, info in enumerate(mine.info):
+            differs = compat_differs(mine, other, b, p.svf)
+            meta.append({**info, "safree_compat": p.compat, "safree_compat_differs": differs})
+        t_sv = mine.t_sv
+
+        uncond, _ = comps.encode_prompts([self.negative_prompt] * len(prompts))
+        branches = [uncond, text_e] + ([text_e] if p.lra == "paper" else [])
+        state = GuidanceState(
+            branches=branches, guidance_scale=guidance_scale, num_steps=num_steps, meta=meta
+        )
+        state.extra.update(text_e=text_e, safe_e=safe_e, t_sv=t_sv)
+        return state
+
+    def _project(
+        self,
+        comps: Components,
+        prompts: list[str],
+        tokens: TokenizedPrompts,
+        text_e: torch.Tensor,
+        concept_pooled: torch.Tensor,
+        compat: str,
+    ) -> Projection:
+        """Steps 2-4 in one mode (``compat``): the flagged tokens, the safe embeddings (float32) and
+        the self-validating filter's step count of every prompt."""
+        p = self.params
+        official = compat == "official"
         p_c = official_projection_matrix(concept_pooled.T) if official else concept_projector(concept_pooled)
         eye = torch.eye(p_c.shape[0], device=p_c.device)
-        text_e, _ = comps.encode_ids(tokens.input_ids)
-
         if official:
             counts, masked_pooled, sliced = official_masked_pooled(comps, prompts)
         else:
             (counts, masked_pooled), sliced = masked_pooled_embeddings(comps, tokens), [False] * len(prompts)
-        safe_e, t_sv, meta, offset = text_e.clone(), [], [], 0
+        safe_e, t_sv, info, offset = text_e.float().clone(), [], [], 0
         for b, n in enumerate(counts):
             e = text_e[b].float()
-            differs = bool(tokens.truncated[b]) or n == 1  # prompts the official code treats otherwise
             if n == 0:
                 t_sv.append(-1)
-                meta.append(
-                    {
-                        "safree_n_tokens": 0,
-                        "safree_triggers": [],
-                        "safree_t_sv": -1,
-                        "safree_note": "empty prompt",
-                        "safree_compat": p.compat,
-                        "safree_compat_differs": differs,
-                    }
-                )
+                info.append({"safree_n_tokens": 0, "safree_triggers": [], "safree_t_sv": -1,
+                             "safree_note": "empty prompt"})  # fmt: skip
                 continue
             m = masked_pooled[offset : offset + n]
             offset += n
@@ -218,29 +265,20 @@ class SAFREE(Guidance):
             proj = (op @ e.T).T  # all 77 tokens projected
             mask = torch.ones(e.shape[0], dtype=torch.bool, device=e.device)
             mask[1 : n + 1] = keep
-            safe_e[b] = torch.where(mask[:, None], e, proj).to(text_e.dtype)
+            safe_e[b] = torch.where(mask[:, None], e, proj)
             active = tokens.attention_mask[b].bool()
             z = 1.0 - torch.nn.functional.cosine_similarity(proj[active], e[active], dim=-1).mean().item()
             steps = svf_steps(z, p.up_t, p.svf_k, p.svf_t0) if p.svf else None
             t_sv.append(steps)
-            meta.append(
+            info.append(
                 {
                     "safree_n_tokens": n,
                     "safree_triggers": [int(i) for i in (~keep).nonzero().flatten().tolist()],
                     "safree_t_sv": steps if steps is not None else -1,
-                    "safree_compat": p.compat,
-                    "safree_compat_differs": differs,
                     **({"safree_note": "sliced at 77 ids: pooled at the start token"} if sliced[b] else {}),
                 }
             )
-
-        uncond, _ = comps.encode_prompts([self.negative_prompt] * len(prompts))
-        branches = [uncond, text_e] + ([text_e] if p.lra == "paper" else [])
-        state = GuidanceState(
-            branches=branches, guidance_scale=guidance_scale, num_steps=num_steps, meta=meta
-        )
-        state.extra.update(text_e=text_e, safe_e=safe_e, t_sv=t_sv)
-        return state
+        return Projection(safe_e, t_sv, info)
 
     def use_safe(self, i: int, state: GuidanceState) -> list[bool]:
         """Per image: does step ``i`` use the safe embedding? (SVF, or the re_attn_t window)."""
