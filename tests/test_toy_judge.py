@@ -105,3 +105,39 @@ def test_the_toy_world_registers_itself():
     assert isinstance(j, ToyJudge) and j.profile["model_sha256"] == cfg["model_sha256"]
     metric = make_pp_metric({"name": "toy_features", "type": "toy_features"}, cache=False)
     assert metric.profile["model_sha256"] == cfg["model_sha256"]
+
+
+def test_a_judge_takes_images_at_the_resolution_it_was_trained_on(tmp_path, monkeypatch):
+    """A judge file names the render resolution it was trained on (files without it: 32); images of
+    any size are resized to it, so a 16-pixel world's judge sees 16-pixel inputs."""
+    from safetensors.torch import load_file, save_file
+
+    from unlearn_exp.toy import judge as judge_module
+    from unlearn_exp.toy.judge import JUDGE_FILE, ToyJudge
+
+    shipped = ToyJudge({"model_sha256": None})
+    assert shipped.net.resolution == 32
+    meta = {"width": "24", "colour_classes": ",".join(judge_module.COLOUR_CLASSES),
+            "shape_classes": ",".join(judge_module.SHAPE_CLASSES), "resolution": "16"}  # fmt: skip
+    small = tmp_path / "judge16.safetensors"
+    save_file(load_file(str(JUDGE_FILE)), str(small), metadata=meta)
+    j16 = ToyJudge({"model_path": str(small), "model_sha256": None})
+    img = Image.fromarray(np.zeros((32, 32, 3), np.uint8))
+    assert j16.to_input([img]).shape[-2:] == (16, 16) and shipped.to_input([img]).shape[-2:] == (32, 32)
+    assert [f.shape[-1] for f in j16.features([img])] == [16, 8, 4]
+
+
+def test_the_training_bank_draws_object_marks_when_the_world_does(monkeypatch):
+    from unlearn_exp.toy import world
+    from unlearn_exp.toy.judge import compose, make_bank
+
+    plain = make_bank(0, 40, resolution=16)
+    assert plain.stem is None and plain.masks.shape[-1] == 16
+    monkeypatch.setattr(world, "OBJECT_MARKS", True)
+    marked = make_bank(0, 40, resolution=16)
+    assert marked.stem is not None and float(marked.stem.sum()) > 0
+    idx = torch.arange(40)
+    with_marks = compose(marked, idx, torch.Generator().manual_seed(0), augment=False)
+    marked.stem, marked.shine = None, None
+    without = compose(marked, idx, torch.Generator().manual_seed(0), augment=False)
+    assert not torch.equal(with_marks, without) and with_marks.shape == (40, 3, 16, 16)

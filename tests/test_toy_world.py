@@ -172,3 +172,21 @@ def test_toy_configs_compose_with_the_app(compose_cfg):
     assert cfg.model.vae is False and cfg.model.resolution == 32 and cfg.model.source == "pretrained"
     assert (ROOT / cfg.model.path / "unet").is_dir() or not (ROOT / "unlearn_exp/toy/weights/model").exists()
     assert cfg.benchmark.loader == "toy" and cfg.judge.type == "toy" and cfg.task.init_word == "purple"
+
+
+def test_object_marks_draw_objects_as_objects_and_leave_plain_shapes_alone(monkeypatch):
+    """World v2's option: an object scene gets a stem and a highlight; a colour-and-shape scene is
+    drawn exactly as without the option (so the option changes nothing else), at any resolution."""
+    rng = np.random.default_rng(3)
+    for resolution in (16, 32):
+        grape = world.sample_scene(rng, obj="grape", colour="purple", resolution=resolution)
+        plain = world.sample_scene(rng, colour="purple", shape="circle", resolution=resolution)
+        assert np.array_equal(world.render(plain, resolution, object_marks=True), world.render(plain, resolution))
+        marked = world.render(grape, resolution, object_marks=True)
+        assert marked.shape == (resolution, resolution, 3)
+        changed = np.abs(marked.astype(int) - world.render(grape, resolution).astype(int)).max(axis=2) > 10
+        stem, shine = world.marks(grape, resolution)
+        assert changed.any() and stem.sum() > 0 and shine.sum() > 0
+        assert changed[(stem + shine) == 0].sum() == 0  # nothing but the marks moves
+    monkeypatch.setattr(world, "OBJECT_MARKS", True)
+    assert not np.array_equal(world.render(grape, 32), world.render(grape, 32, object_marks=False))

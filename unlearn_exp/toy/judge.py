@@ -83,19 +83,29 @@ class RenderBank:
     bg: torch.Tensor  # (N, 3) in [-1, 1] (the world's named background, jittered)
     colour: torch.Tensor  # (N,) index into COLOUR_CLASSES
     shape: torch.Tensor  # (N,) index into SHAPE_CLASSES
+    stem: torch.Tensor | None = None  # (N, 1, H, W) an object's stem and highlight (world.OBJECT_MARKS)
+    shine: torch.Tensor | None = None
 
 
-def make_bank(seed: int, n: int, p_empty: float = 0.07, resolution: int = world.RESOLUTION) -> RenderBank:
+def make_bank(seed: int, n: int, p_empty: float = 0.07, resolution: int | None = None) -> RenderBank:
+    resolution = world.RESOLUTION if resolution is None else resolution
     rng = np.random.default_rng(seed)
     masks = np.zeros((n, 1, resolution, resolution), np.float32)
+    marked = world.OBJECT_MARKS  # objects drawn as objects: the judge learns to look past the marks
+    stems, shines = np.zeros_like(masks), np.zeros_like(masks)
     fg, bg, colour, shape = np.zeros((n, 3), np.float32), np.zeros((n, 3), np.float32), [], []
     for i in range(n):
-        scene = world.sample_scene(rng)
+        obj = None
+        if marked and rng.random() < 0.3:
+            obj = list(world.OBJECTS)[int(rng.integers(len(world.OBJECTS)))]
+        scene = world.sample_scene(rng, obj=obj, resolution=resolution)
         # a wider range of sizes than the world draws: generated shapes are often smaller or larger
         scene = world.Scene(**{**scene.__dict__, "size": scene.size * float(rng.uniform(0.7, 1.25))})
         empty = rng.random() < p_empty
         if not empty:
             masks[i, 0] = world._mask(scene, resolution, supersample=2)
+            if marked:
+                stems[i, 0], shines[i, 0] = world.marks(scene, resolution, supersample=2)
         fg[i] = np.array(scene.rgb) / 127.5 - 1
         bg[i] = (
             np.clip(np.array(world.BACKGROUNDS[scene.background]) + np.array(scene.bg_jitter), 0, 255) / 127.5
@@ -109,6 +119,8 @@ def make_bank(seed: int, n: int, p_empty: float = 0.07, resolution: int = world.
         torch.from_numpy(bg),
         torch.tensor(colour),
         torch.tensor(shape),
+        torch.from_numpy(stems) if marked else None,
+        torch.from_numpy(shines) if marked else None,
     )
 
 
@@ -130,8 +142,18 @@ def compose(bank: RenderBank, idx: torch.Tensor, g: torch.Generator, augment: bo
     m, fg, bg = bank.masks[idx], bank.fg[idx], bank.bg[idx]
     b, _, h, w = m.shape
     bg_field = bg[:, :, None, None].expand(b, 3, h, w).clone()
+
+    def with_marks(x: torch.Tensor) -> torch.Tensor:
+        if bank.stem is None:
+            return x
+        shine, stem = bank.shine[idx], bank.stem[idx]
+        pale = 0.55 * fg[:, :, None, None] + 0.45
+        x = (1 - shine) * x + shine * pale
+        stem_rgb = torch.tensor(world.STEM_RGB, dtype=x.dtype).view(1, 3, 1, 1) / 127.5 - 1
+        return (1 - stem) * x + stem * stem_rgb
+
     if not augment:
-        return (1 - m) * bg_field + m * fg[:, :, None, None]
+        return with_marks((1 - m) * bg_field + m * fg[:, :, None, None])
 
     def u(*shape, lo=0.0, hi=1.0):
         return lo + (hi - lo) * torch.rand(*shape, generator=g)
@@ -150,7 +172,7 @@ def compose(bank: RenderBank, idx: torch.Tensor, g: torch.Generator, augment: bo
     texture = 1 + 0.15 * _gaussian_blur(torch.randn(b, 1, h, w, generator=g), torch.full((b,), 1.0))
     fg_field = ((fg[:, :, None, None] + 1) * texture - 1).clamp(-1, 1)
     soft = _gaussian_blur(m, u(b, lo=0.0, hi=0.8))
-    x = (1 - soft) * bg_field + soft * fg_field
+    x = with_marks((1 - soft) * bg_field + soft * fg_field)
     # blur, brightness/contrast, noise
     blur = torch.where(torch.rand(b, generator=g) < 0.5, u(b, lo=0.3, hi=1.2), torch.zeros(b))
     x = _gaussian_blur(x, blur)
@@ -262,6 +284,7 @@ def train_judge(cfg: JudgeTrainConfig, out: str | Path = JUDGE_FILE) -> dict:
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     meta = {
         "width": str(cfg.width),
+        "resolution": str(world.RESOLUTION),
         "colour_classes": ",".join(COLOUR_CLASSES),
         "shape_classes": ",".join(SHAPE_CLASSES),
     }
@@ -302,6 +325,7 @@ def load_net(path: str | Path) -> tuple[ToyJudgeNet, str]:
         )
     net = ToyJudgeNet(int(meta.get("width", 24)))
     net.load_state_dict(load_file(str(path)))
+    net.resolution = int(meta.get("resolution", 32))  # the renders it was trained on (files before v2: 32)
     return net.eval().requires_grad_(False), file_sha256(path)
 
 
@@ -347,13 +371,14 @@ class ToyJudge(_base()):
             input="RGB, resized to 32x32 (bilinear) if needed, scaled to [-1, 1]",
         )
 
-    @staticmethod
-    def to_input(images) -> torch.Tensor:
+    def to_input(self, images) -> torch.Tensor:
+        """Images at the resolution the judge was trained on (bilinear, antialiased), in [-1, 1]."""
         from unlearn_exp.evaluation.images import to_tensor
 
         x = to_tensor(images)
-        if x.shape[-1] != world.RESOLUTION or x.shape[-2] != world.RESOLUTION:
-            x = F.interpolate(x, size=(world.RESOLUTION, world.RESOLUTION), mode="bilinear", antialias=True)
+        r = int(getattr(self.net, "resolution", world.RESOLUTION))
+        if x.shape[-1] != r or x.shape[-2] != r:
+            x = F.interpolate(x, size=(r, r), mode="bilinear", antialias=True)
         return x
 
     @torch.no_grad()

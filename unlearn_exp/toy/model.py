@@ -36,6 +36,8 @@ TOY_ARCH = {
     "unet_channels": (32, 64, 64),
     "layers_per_block": 1,
     "attention_head_dim": 8,
+    "down_blocks": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_blocks": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
 }
 
 
@@ -51,8 +53,8 @@ def build_toy(seed: int = 0, **overrides) -> Components:
             out_channels=3,
             block_out_channels=tuple(arch["unet_channels"]),
             layers_per_block=int(arch["layers_per_block"]),
-            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            down_block_types=tuple(arch["down_blocks"]),
+            up_block_types=tuple(arch["up_blocks"]),
             cross_attention_dim=int(arch["text_dim"]),
             norm_num_groups=16,
             attention_head_dim=int(arch["attention_head_dim"]),

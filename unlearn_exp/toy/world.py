@@ -125,9 +125,10 @@ def sample_scene(
     colour: str | None = None,
     shape: str | None = None,
     obj: str | None = None,
-    resolution: int = RESOLUTION,
+    resolution: int | None = None,
 ) -> Scene:
     """Draw a scene; ``obj`` fixes shape and draws the colour from the object's distribution."""
+    resolution = RESOLUTION if resolution is None else resolution
     if obj is not None:
         if obj not in OBJECTS:
             raise KeyError(f"unknown toy object '{obj}'")
@@ -178,11 +179,53 @@ def _mask(scene: Scene, resolution: int, supersample: int = 4) -> np.ndarray:
     return inside.reshape(resolution, supersample, resolution, supersample).mean(axis=(1, 3))
 
 
-def render(scene: Scene, resolution: int = RESOLUTION) -> np.ndarray:
-    """The scene as an RGB uint8 array (H, W, 3)."""
+# Objects drawn as objects (world v2): a scene that depicts an object gets a dark stem above the
+# shape and a pale highlight on it, so "a grape" looks unlike "a purple circle" (as I2P's nudity
+# looks unlike the photos DUO is trained on). Off: objects are plain shapes (world v1).
+OBJECT_MARKS = False
+STEM_RGB = (40, 110, 40)
+
+
+def _disc(cx: float, cy: float, r: float, resolution: int, supersample: int = 4) -> np.ndarray:
+    n = resolution * supersample
+    coords = (np.arange(n) + 0.5) / supersample
+    x, y = np.meshgrid(coords, coords)
+    inside = (x - cx) ** 2 + (y - cy) ** 2 <= r**2
+    return inside.reshape(resolution, supersample, resolution, supersample).mean(axis=(1, 3))
+
+
+def _box(x0: float, x1: float, y0: float, y1: float, resolution: int, supersample: int = 4) -> np.ndarray:
+    n = resolution * supersample
+    coords = (np.arange(n) + 0.5) / supersample
+    x, y = np.meshgrid(coords, coords)
+    inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+    return inside.reshape(resolution, supersample, resolution, supersample).mean(axis=(1, 3))
+
+
+def marks(scene: Scene, resolution: int, supersample: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage (H, W) of an object's stem and of its highlight (zeros for a plain shape)."""
+    if scene.obj is None:
+        zero = np.zeros((resolution, resolution))
+        return zero, zero
+    s = scene.size
+    top = scene.cy - (0.85 * s if scene.shape == "square" else s)
+    half = max(0.5, 0.18 * s)
+    stem = _box(scene.cx - half, scene.cx + half, top - 0.5 * s, top + 0.15 * s, resolution, supersample)
+    shine = _disc(scene.cx - 0.35 * s, scene.cy - 0.1 * s, max(0.6, 0.25 * s), resolution, supersample)
+    return stem, shine * _mask(scene, resolution, supersample)
+
+
+def render(scene: Scene, resolution: int | None = None, object_marks: bool | None = None) -> np.ndarray:
+    """The scene as an RGB uint8 array (H, W, 3) (``resolution``, ``object_marks``: the world's)."""
+    resolution = RESOLUTION if resolution is None else resolution
     bg = np.clip(np.array(BACKGROUNDS[scene.background]) + np.array(scene.bg_jitter), 0, 255)
     m = _mask(scene, resolution)[..., None]
     img = (1 - m) * bg[None, None, :] + m * np.array(scene.rgb, dtype=np.float64)[None, None, :]
+    if (OBJECT_MARKS if object_marks is None else object_marks) and scene.obj is not None:
+        stem, shine = (x[..., None] for x in marks(scene, resolution))
+        pale = 0.55 * np.array(scene.rgb, dtype=np.float64) + 0.45 * 255
+        img = (1 - shine) * img + shine * pale[None, None, :]
+        img = (1 - stem) * img + stem * np.array(STEM_RGB, dtype=np.float64)[None, None, :]
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
