@@ -284,3 +284,53 @@ def test_keeping_freed_memory_changes_no_image(tmp_path):
     assert runs["keep"][0] == str(on_glibc) and runs["default"][0] == "False"
     assert runs["keep"][1] == runs["default"][1]
     assert runtime.keep_freed_memory() is runtime.keep_freed_memory()  # once per process
+
+
+def test_the_model_stays_on_its_device_after_lightning_predict(tiny, monkeypatch):
+    """Lightning moves the module it ran (which holds the shared model) to the CPU when predict ends;
+    on a GPU the next stage then ran on the CPU. The sampler puts the model back where it was."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from unlearn_exp.models import build_tiny
+    from unlearn_exp.sampling import predict_rows
+
+    moved = []
+    teardown = SingleDeviceStrategy.teardown
+
+    def spy_teardown(self):
+        teardown(self)
+        moved.append("teardown")
+
+    monkeypatch.setattr(SingleDeviceStrategy, "teardown", spy_teardown)
+    comps = build_tiny()
+    calls = []
+    original_to = type(comps).to
+
+    def spy_to(self, device=None, dtype=None):
+        calls.append(str(device))
+        return original_to(self, device, dtype)
+
+    monkeypatch.setattr(type(comps), "to", spy_to)
+    rows = [{"case_id": "a", "prompt": "a cat", "seed": 1, "image_index": 0}]
+    predict_rows(comps, None, rows, batch_size=1, progress=False, steps=2)
+    assert moved and calls and calls[-1] == str(comps.device)
+
+
+def test_large_finite_float16_latents_are_not_taken_for_non_finite(monkeypatch):
+    """The non-finite check looked at the latents' sum, which overflows in float16 (16 x 4 x 64 x 64
+    values of 1.5 sum past 65504) although every value is finite: SD-sized fp16 batches stopped."""
+    from unlearn_exp.models import build_tiny
+
+    comps = build_tiny()
+    comps.to(dtype=torch.float16)
+    sched = comps.sampling_scheduler("ddim")
+    step = type(sched).step
+
+    def big_step(self, eps, t, latents, **kw):
+        out = step(self, eps, t, latents, **kw)
+        out.prev_sample = torch.full_like(out.prev_sample, 1000.0)  # finite; their sum is not
+        return out
+
+    monkeypatch.setattr(type(sched), "step", big_step)
+    out = sample(comps, ["a cat"] * 4, [1, 2, 3, 4], scheduler="ddim", steps=2)
+    assert torch.isfinite(out.latents).all()

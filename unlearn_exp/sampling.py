@@ -124,7 +124,7 @@ def sample(
         _count_rows(model_in.shape[0])
         eps_hat = guidance.combine(i, list(eps.chunk(n)), state)
         latents = sched.step(eps_hat, t, latents).prev_sample
-        if not torch.isfinite(latents.sum()):  # one reduction per step; NaN and inf propagate
+        if not torch.isfinite(latents).all():  # not latents.sum(): in float16 a finite sum overflows
             bad = [p[:40] for p, ok in zip(prompts, torch.isfinite(latents).flatten(1).all(1)) if not ok]
             raise UserError(
                 f"non-finite latents at sampling step {i} (t={int(t)}) with guidance '{guidance.name}' "
@@ -241,5 +241,9 @@ def predict_rows(
     loader = torch.utils.data.DataLoader(
         _Rows(rows), batch_size=batch_size, shuffle=False, collate_fn=_keep_list
     )
-    batches = trainer.predict(GuidedSampler(comps, guidance, **sample_kwargs), loader)
+    device = comps.device
+    try:
+        batches = trainer.predict(GuidedSampler(comps, guidance, **sample_kwargs), loader)
+    finally:  # Lightning moves its module (and so the shared model) to the CPU when it ends
+        comps.to(device)
     return [r for b in batches for r in b]

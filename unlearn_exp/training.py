@@ -160,7 +160,13 @@ def fit(
         num_sanity_val_steps=0,
     )
     loader = torch.utils.data.DataLoader(StepIndex(int(steps)), batch_size=1, shuffle=False)
-    trainer.fit(module, loader, ckpt_path=str(resume) if resume.is_file() else None)
+    device = next(module.parameters()).device
+    try:
+        trainer.fit(module, loader, ckpt_path=str(resume) if resume.is_file() else None)
+    finally:  # Lightning moves its module (and so the shared model) to the CPU when it ends
+        module.to(device)
+        if getattr(module, "comps", None) is not None:
+            module.comps.to(device)
     return {"resumed_from_step": int(getattr(module, "start_step", 0)), "steps": int(trainer.global_step)}
 
 
