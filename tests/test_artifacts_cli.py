@@ -3,6 +3,8 @@ pipeline that plain diffusers loads and samples like our sampler."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -27,13 +29,14 @@ def uce_cache(tmp_path_factory):
 
 def test_list_and_show_in_human_terms(uce_cache, capsys):
     root, info, _ = uce_cache
+    key = Path(info["artifact"]).name  # the cache key (info["id"] names the weights by content)
     rows = artifacts.list_artifacts(root)
-    assert [(r["kind"], r["task"], r["key"]) for r in rows] == [("unlearning/uce", "nudity", info["id"])]
+    assert [(r["kind"], r["task"], r["key"]) for r in rows] == [("unlearning/uce", "nudity", key)]
     assert rows[0]["model"].startswith("tiny:") and rows[0]["size_mb"] > 0
     assert artifacts.list_artifacts(root, task="violence") == []
     assert artifacts.main(["--cache", str(root), "list"]) == 0
     assert "1 artifact(s)" in capsys.readouterr().out
-    text = artifacts.show(artifacts.find(root, info["id"][:6]))
+    text = artifacts.show(artifacts.find(root, key[:6]))
     assert "verified: yes" in text and "uce_cross_attention.safetensors" in text
     with pytest.raises(UserError, match="no artifact with key"):
         artifacts.find(root, "ffffffff")
@@ -43,7 +46,8 @@ def test_exported_checkpoint_loads_in_plain_diffusers_and_samples_the_same(uce_c
     from diffusers import StableDiffusionPipeline
 
     root, info, edited = uce_cache
-    out = artifacts.export(artifacts.find(root, info["id"]), tmp_path / "pipe", ["model=tiny"])
+    key = Path(info["artifact"]).name
+    out = artifacts.export(artifacts.find(root, key), tmp_path / "pipe", ["model=tiny"])
     assert (out / "model_index.json").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(str(out))
     ref = pipe(["a naked woman"], num_inference_steps=6, height=32, width=32,
@@ -51,7 +55,7 @@ def test_exported_checkpoint_loads_in_plain_diffusers_and_samples_the_same(uce_c
     ours = sample(edited, ["a naked woman"], [4], steps=6).images
     assert np.abs(ref - ((ours + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()).max() < 1e-4
     with pytest.raises(UserError, match="was built on model"):
-        artifacts.export(artifacts.find(root, info["id"]), tmp_path / "other", ["model=tiny", "model.seed=1"])
+        artifacts.export(artifacts.find(root, key), tmp_path / "other", ["model=tiny", "model.seed=1"])
 
 
 def test_a_shipped_toy_checkpoint_exports_as_a_pixel_pipeline(tmp_path):
@@ -67,7 +71,10 @@ def test_a_shipped_toy_checkpoint_exports_as_a_pixel_pipeline(tmp_path):
     )
     # found in the shipped cache when the given cache does not hold it
     assert (
-        artifacts.main(["--cache", str(tmp_path / "empty"), "export", info["id"], str(tmp_path / "out")]) == 0
+        artifacts.main(
+            ["--cache", str(tmp_path / "empty"), "export", Path(info["artifact"]).name, str(tmp_path / "out")]
+        )
+        == 0
     )
     pipe = PixelDiffusionPipeline.from_pretrained(str(tmp_path / "out"))
     ours = sample(comps, ["a grape"], [4], steps=4, guidance_scale=6.0).images

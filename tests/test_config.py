@@ -75,7 +75,7 @@ def test_default_sweep_dir_is_multirun(tmp_path):
 @pytest.mark.parametrize(
     "override,expected",
     [
-        ("guidance=bogus", "Could not find 'guidance/bogus'"),
+        ("guidance=bogus", "error: unknown guidance 'bogus': choose one of none, safree, sld"),
         ("no_such_key=1", "Could not override 'no_such_key'"),
     ],
 )

@@ -22,6 +22,7 @@ from unlearn_exp.evaluation import read_table
 from unlearn_exp.store import KEY_FILE, ArtifactStore, gc, verify_folder
 
 TOY_WEIGHTS = ROOT / "unlearn_exp" / "toy" / "weights" / "model"
+SHIPPED_DUO = ROOT / "unlearn_exp" / "toy" / "artifacts" / "unlearning" / "duo"
 LONG_PROMPT = "a purple circle " + " ".join(["on a wide plain grey background with soft light"] * 12)
 
 
@@ -81,11 +82,88 @@ def test_same_cell_from_another_folder_with_moved_weights_builds_nothing(first_r
     assert again["cell"]["cell_key"] == first_run["out"]["cell"]["cell_key"]
 
 
+def _bench_images(out: dict) -> list[str]:
+    images = read_table(Path(out["results"]) / "images.parquet")
+    return images[images.split == "bench"].image_sha256.tolist()
+
+
+def test_batch_size_is_part_of_the_identity_and_equal_keys_give_equal_images(tmp_path):
+    """How many rows one UNet call holds changes an image's last bits, so a cell at another
+    ``sampling.batch_size`` never takes images (or a recorded result) made at this one; two runs
+    with the same keys, in separate caches, give the same images to the bit."""
+    shared = tmp_path / "shared"
+    one = toy_cell(shared, "sampling.batch_size=1")
+    three = toy_cell(shared, "sampling.batch_size=3")
+    assert one["cell"]["spec_key"] != three["cell"]["spec_key"]
+    assert not three.get("reused_result") and any(
+        t.startswith("samples/") for t in three["artifacts"]["built"]
+    )
+    again = toy_cell(tmp_path / "fresh", "sampling.batch_size=3")  # same keys, nothing cached
+    assert again["cell"]["spec_key"] == three["cell"]["spec_key"]
+    assert again["cell"]["cell_key"] == three["cell"]["cell_key"]
+    assert _bench_images(again) == _bench_images(three)
+
+
+def test_images_are_keyed_by_the_checkpoint_content_not_its_recipe(tmp_path):
+    """A DUO checkpoint rebuilt under the same recipe key with other bits (as when a damaged shipped
+    LoRA is retrained) gets its own images: nothing made with the old weights is reused."""
+    import safetensors.torch
+
+    from unlearn_exp.store import manifest
+
+    root = tmp_path / "run"
+    first = toy_cell(root)
+    keys = {f.parent: json.loads(f.read_text())["key"] for f in SHIPPED_DUO.glob("*/_key.json")}
+    src, key = next((folder, k) for folder, k in keys.items() if k["checkpoint"]["beta"] == 2000)
+
+    def rebuild(tmp: Path) -> None:  # the same files, one LoRA tensor changed slightly
+        for f in src.rglob("*"):
+            if f.is_file() and f.name != KEY_FILE:
+                out = tmp / f.relative_to(src)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, out)
+        lora = next(tmp.rglob("*.safetensors"))
+        tensors = safetensors.torch.load_file(str(lora))
+        name = sorted(tensors)[0]
+        tensors[name] = tensors[name] * 1.5
+        safetensors.torch.save_file(tensors, str(lora))
+
+    store = ArtifactStore(root / ".cache" / "artifacts")
+    folder = store.get_or_build("unlearning/duo", key, rebuild)
+    assert folder.name == src.name and manifest(folder) != manifest(src)  # same recipe key, other bits
+    second = toy_cell(root, "reuse_results=false")
+    assert second["cell"]["checkpoint_id"] != first["cell"]["checkpoint_id"]
+    assert second["cell"]["cell_key"] != first["cell"]["cell_key"]
+    bench_built = [t for t in second["artifacts"]["built"] if t.startswith("samples/")]
+    assert bench_built, second["artifacts"]  # made again with the weights now in the cache
+
+
+def test_a_generated_image_set_is_made_by_the_original_model_after_unlearning(tmp_path):
+    """C*'s image set is generated only when C* must be learned, which is after the cell's checkpoint
+    is applied: it must still be the original model's images (its key says so)."""
+    from unlearn_exp.cell import ensure_image_set
+    from unlearn_exp.models import load_model
+
+    extra = ["guidance=sld", "embedding=inverted", "inversion.steps=2", "inversion.image_set.n_images=2",
+             "sampling.steps=10"]  # fmt: skip
+    toy_cell(tmp_path / "run", *extra)
+    built = [p for p in (tmp_path / "run" / ".cache" / "artifacts" / "image_sets").glob("*") if p.is_dir()]
+    assert len(built) == 1
+    cfg = compose(toy_overrides(tmp_path / "ref", *extra), hydra=False)
+    original = load_model(cfg.model)  # no checkpoint applied
+    ref = ensure_image_set(cfg, original, ArtifactStore(tmp_path / "ref-cache"), original.identity)
+    assert ref.name == built[0].name
+    pngs = sorted(p.name for p in ref.glob("*.png"))
+    assert pngs and pngs == sorted(p.name for p in built[0].glob("*.png"))
+    assert all((ref / n).read_bytes() == (built[0] / n).read_bytes() for n in pngs)
+
+
 def test_cell_rows_carry_their_spec_and_label(first_run):
     cell = read_table(Path(first_run["out"]["results"]) / "cells.parquet").iloc[0]
     spec = json.loads(cell.spec_json)
     assert cell.spec_key and spec["sampling"]["steps"] == 4 and spec["model"]["content"]
-    assert "path" not in spec["benchmark"] and "batch_size" not in spec["sampling"]
+    assert "path" not in spec["benchmark"] and "chunk_size" not in spec["sampling"]
+    assert spec["sampling"]["batch_size"] == 16  # it decides an image's last bits
     assert cell.checkpoint_label == "duo beta=2000" and cell.beta == 2000
 
 

@@ -17,6 +17,7 @@ LAYERS = [
     {
         "errors",
         "config",
+        "schema",
         "paths",
         "store",
         "registry",

@@ -29,7 +29,7 @@ def _keys(*overrides):
     return {
         "duo": config_hash(duo_key(comps, ck, cfg.task, method_filter(ck["filter"]))),
         "image_set": img,
-        "inversion": config_hash(inversion_key(cfg, comps.identity, img)),
+        "inversion": config_hash(inversion_key(cfg, comps.identity, img, "learned-on")),
     }
 
 

@@ -92,7 +92,7 @@ def test_shipped_artifacts_are_found_under_the_cell_keys(beta, toy_cfgs, tmp_pat
         ck = apply_unlearning(cfg, comps, store, cfg.checkpoint, None)
         assert ck["beta"] == float(beta) and Path(ck["artifact"]).parent.parent.parent == SHIPPED
         assert Path(ck["files"][0]).stat().st_size < 1_000_000
-        concept = resolve_concept(cfg, comps, store, model_id, image_set, lambda stage: None)
+        concept = resolve_concept(cfg, comps, store, model_id, image_set, lambda stage: None, ck["id"])
         assert concept.source == emb and concept.tokens
         assert store.built == [] and len(store.reused) == 2, store.summary()
         if emb == "shared":  # the shared embedding is the one inverted on beta=500
@@ -100,12 +100,14 @@ def test_shipped_artifacts_are_found_under_the_cell_keys(beta, toy_cfgs, tmp_pat
 
 
 def _concept_id(cfg, tmp_path) -> str:
-    from unlearn_exp.cell import inversion_key, model_identity
+    from unlearn_exp.cell import apply_unlearning, inversion_key, model_identity
+    from unlearn_exp.models import load_model
     from unlearn_exp.store import file_sha256
 
     store = ShippedOnly(tmp_path / "cache", shipped=[SHIPPED])
     inv = [json.loads(f.read_text())["key"] for f in (SHIPPED / "inversion").glob("*/_key.json")]
-    key = inversion_key(cfg, model_identity(cfg.model), inv[0]["image_set"])
+    learned_on = apply_unlearning(cfg, load_model(cfg.model), store, cfg.checkpoint, None)["id"]
+    key = inversion_key(cfg, model_identity(cfg.model), inv[0]["image_set"], learned_on)
     folder = store.get_or_build("inversion", key, None)
     return file_sha256(folder / "learned_embeds.safetensors")[:16]
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -324,8 +326,8 @@ def test_checkpoint_duo_trains_once_per_beta_and_reuses_the_cache(tmp_path):
     info = apply_checkpoint(comps, cfg, store, task_cfg={"name": "toy"})
     assert info["source"] == "trained" and info["beta"] == 250
     assert comps.unet.active_adapters() == ["duo_Toy"]
-    assert sorted(store.built) == sorted([f"unlearning/duo_pairs/{p.name}" for p in (tmp_path / "cache/unlearning/duo_pairs").iterdir() if not p.name.endswith(".lock")] + [f"unlearning/duo/{info['id']}"])  # fmt: skip
-    metrics = tmp_path / "cache/unlearning/duo" / info["id"] / "Toy" / "metrics.csv"
+    assert sorted(store.built) == sorted([f"unlearning/duo_pairs/{p.name}" for p in (tmp_path / "cache/unlearning/duo_pairs").iterdir() if not p.name.endswith(".lock")] + [f"unlearning/duo/{Path(info['artifact']).name}"])  # fmt: skip
+    metrics = Path(info["artifact"]) / "Toy" / "metrics.csv"
     assert metrics.is_file() and "duo/loss" in metrics.read_text().splitlines()[0]  # the stage's own keys
     assert not list((tmp_path / "cache/unlearning/duo").glob("*.work"))
     store2 = ArtifactStore(tmp_path / "cache")
@@ -378,3 +380,26 @@ def test_condition_at_its_neutral_value_leaves_the_checkpoint_key_unchanged():
     key = duo_key(comps, {**base, **recipe}, {"name": "toy"})
     assert duo_key(comps, {**base, **recipe, "condition": "null"}, {"name": "toy"}) == key
     assert duo_key(comps, {**base, **recipe, "condition": "unsafe"}, {"name": "toy"}) != key
+
+
+def test_a_lora_file_is_the_same_bytes_in_any_process(tmp_path):
+    """peft keeps target_modules as a set, ordered by the process's string-hash seed: the LoRA file
+    is written with it sorted, so the same weights are the same bytes (and the same content id)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch; from pathlib import Path; from peft import LoraConfig;"
+        "from unlearn_exp.models import build_tiny; from unlearn_exp.unlearning.duo import save_lora;"
+        "torch.manual_seed(0); c = build_tiny();"
+        "c.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights='gaussian',"
+        " target_modules=['attn1.to_q', 'attn1.to_k', 'attn1.to_v', 'attn1.to_out.0']), adapter_name='a');"
+        "save_lora(c.unet, 'a', Path(sys.argv[1]))"
+    )
+    files = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / seed
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed})  # fmt: skip
+        files.append((out / "pytorch_lora_weights.safetensors").read_bytes())
+    assert files[0] == files[1] == files[2]

@@ -18,6 +18,7 @@ report joins on) and the adversarial prompts as a CSV in the benchmark schema, u
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
         judge_chunks,
         needs_learned_concept,
         open_cell,
+        original_model,
         unlearn,
     )
     from unlearn_exp.evaluation import dsr
@@ -86,7 +88,11 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
             "nothing to attack"
         )
     needs_images = needs_learned_concept(cfg) and not cfg.embedding.get("path")
-    image_set = image_set_ref(cfg, cell.comps, cell.store, cell.model_id) if needs_images else None
+    image_set = (
+        image_set_ref(cfg, functools.partial(original_model, cell), cell.store, cell.model_id)
+        if needs_images
+        else None
+    )
 
     # the cell: unlearned checkpoint, concept and guidance
     ck = unlearn(cell)

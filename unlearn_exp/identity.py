@@ -11,7 +11,7 @@ Every cache key and every cell row names what produced it by content, never by w
   the project cloned elsewhere, give the same identity.
 - ``resolved_dtype`` / ``resolved_precision``: ``auto`` turned into what will actually run.
 - ``cell_spec(cfg)``: the whole configuration that determines a cell's numbers, with file paths
-  replaced by content and run-time knobs (devices, batch sizes, progress bars, output folders)
+  replaced by content and run-time knobs (devices, chunk sizes, judges' batch sizes, progress bars, output folders)
   left out. ``spec_key`` is its hash: the report takes a table position's cell by it (docs/results.md).
 """
 
@@ -30,13 +30,13 @@ from unlearn_exp.store import atomic_write_text, canonical_json, config_hash, fi
 MODEL_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae")
 MODEL_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model", ".ckpt", ".pt")
 
-# per config group, the keys that change how a job runs but not a number it produces (sampling is
-# batch independent up to float rounding, tested in tests/test_sampling.py; on the toy a batch size
-# moves a few pixel values by one level and no verdict, docs/results.md; judges and metrics work
-# image by image)
+# per config group, the keys that change how a job runs but not a number it produces. The sampler's
+# batch size is not among them: how many rows one UNet call holds changes an image's last bits
+# (docs/results.md), so it is part of the spec and of every sample key. Judges and metrics work
+# image by image and threshold or average: their batch sizes stay run-time knobs.
 RUNTIME_KEYS: dict[str, tuple[str, ...]] = {
     "model": ("device", "path", "source"),
-    "sampling": ("batch_size", "devices", "chunk_size", "progress"),
+    "sampling": ("devices", "chunk_size", "progress"),
     "judge": ("batch_size", "device", "num_threads", "cache_dir", "model_path", "prompts_path",
               "prompts_url", "clip_path"),
     "pp": ("batch_size", "device", "trunk_path", "lin_path"),

@@ -142,13 +142,15 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
     ck = dict(to_plain(cfg.checkpoint))
     checkpoint_id = None
     if ck.get("method") == "duo" and not ck.get("path"):
-        from unlearn_exp.unlearning.duo import duo_key, pair_set_keys, resolve_recipe
+        from unlearn_exp.unlearning.duo import duo_key, pair_set_keys, resolve_recipe, trained_duo_id
 
         judge = method_filter(ck.get("filter"))
         recipe = resolve_recipe(ck, cfg.task)
         key = duo_key(model, ck, cfg.task, judge)
         folder = cache.locate("unlearning/duo", key)
-        checkpoint_id = config_hash(key)
+        # samples are keyed by the checkpoint's content, known once it is built; until then the
+        # recipe names it in the plan (one recipe, one checkpoint)
+        checkpoint_id = trained_duo_id(folder) if folder is not None else f"recipe:{config_hash(key)}"
         n_steps = sum(int(ck.get("steps") or a.get("steps") or 1000) for a in recipe["adapters"])
         p.artifacts.append((f"DUO checkpoint beta={ck.get('beta')} ({checkpoint_id})", folder is not None))
         p.work.append(Work(f"unlearning/duo/{checkpoint_id}", "duo", n_steps, cached=folder is not None,
@@ -178,7 +180,10 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
             judge = method_filter(spec["filter"]) if spec["check"] else None
             ikey = image_set_key(cfg, model, judge, model.identity) if judge else None
             img_hash = config_hash(ikey) if ikey else None
-            inv = inversion_key(cfg, model.identity, img_hash) if img_hash else None
+            learned_on = _learned_on_id(cfg, model, cache, checkpoint_id)
+            inv = (
+                inversion_key(cfg, model.identity, img_hash, learned_on) if img_hash and learned_on else None
+            )
             inv_folder = cache.locate("inversion", inv) if inv else None
             if inv_folder is None:  # the images are made only to learn C* (cell.image_set_ref)
                 cached = bool(ikey) and cache.locate("image_sets", ikey) is not None
@@ -259,6 +264,26 @@ def _local_data_dir(bench_cfg, data_dir) -> str | None:
     if bench_cfg.get("path") or not bench_cfg.get("url"):
         return data_dir
     return data_dir if pinned_download_path(bench_cfg, data_dir).is_file() else None
+
+
+def _learned_on_id(cfg, model, cache, own_id: str | None) -> str | None:
+    """The content id of the checkpoint ``C*`` is learned on (``cell.learned_on_checkpoint``), where
+    it is built; None where it is not (``C*`` cannot be named yet)."""
+    from unlearn_exp.cell import checkpoint_for_inversion, method_filter
+
+    target = checkpoint_for_inversion(cfg)
+    if target == to_plain(cfg.checkpoint):
+        if target.get("method") == "original":
+            return "original"
+        return own_id if own_id and not own_id.startswith("recipe:") else None
+    if target.get("method") == "duo" and not target.get("path"):
+        from unlearn_exp.unlearning.duo import duo_key, trained_duo_id
+
+        folder = cache.locate(
+            "unlearning/duo", duo_key(model, target, cfg.task, method_filter(target.get("filter")))
+        )
+        return trained_duo_id(folder) if folder is not None else None
+    return None
 
 
 def _learned_on(cfg) -> str:

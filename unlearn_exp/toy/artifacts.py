@@ -78,14 +78,16 @@ def copy_small(cache_dir: Path, dest: Path) -> list[Path]:
                         out = tmp / f.relative_to(src)
                         out.parent.mkdir(parents=True, exist_ok=True)
                         shutil.copyfile(f, out)
-            _strip_local_paths(target)
+                _strip_local_paths(tmp)
             copied.append(target)
     return copied
 
 
 def _strip_local_paths(folder: Path) -> None:
-    """The DUO manifest names the pair set folder of the build machine; ship its name only."""
-    from unlearn_exp.store import atomic_write_json
+    """The DUO manifest names the pair set folder of the build machine; ship its name only, and
+    record the rewritten file in the artifact's file list (``_key.json``), so that it verifies."""
+    from unlearn_exp.store import KEY_FILE, atomic_write_json
+    from unlearn_exp.store import manifest as file_list
 
     manifest = folder / "manifest.json"
     if manifest.is_file():
@@ -94,6 +96,9 @@ def _strip_local_paths(folder: Path) -> None:
             if a.get("pairs"):
                 a["pairs"] = f"unlearning/duo_pairs/{Path(a['pairs']).name}"
         atomic_write_json(manifest, data)
+        key = json.loads((folder / KEY_FILE).read_text())
+        key["files"] = file_list(folder)
+        atomic_write_json(folder / KEY_FILE, key)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,8 +111,9 @@ def _apply_esd(comps, cfg, store, task, logger) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     f = folder / WEIGHTS_FILE
     load_unet_weights(comps.unet, read_safetensors(f), f"ESD artifact '{f}'")
-    return {"method": "esd", "beta": None, "source": "trained", "id": folder.name, "files": [str(f)],
-            "sha256": [file_sha256(f)], "variant": recipe.get("variant"), "concept": concept,
+    sha = file_sha256(f)  # by content, as a user's file: the bits the cell samples with
+    return {"method": "esd", "beta": None, "source": "trained", "id": sha[:16], "files": [str(f)],
+            "sha256": [sha], "variant": recipe.get("variant"), "concept": concept,
             "artifact": str(folder)}  # fmt: skip
 
 
@@ -141,8 +142,9 @@ def _apply_uce(comps, cfg, store, task) -> dict:
     folder = store.get_or_build("unlearning/uce", key, build)
     f = folder / "uce_cross_attention.safetensors"
     load_unet_weights(comps.unet, read_safetensors(f), f"UCE artifact '{f}'")
-    return {"method": "uce", "beta": None, "source": "trained", "id": folder.name, "files": [str(f)],
-            "sha256": [file_sha256(f)], "erase": recipe["erase"], "artifact": str(folder)}  # fmt: skip
+    sha = file_sha256(f)  # by content, as a user's file: the bits the cell samples with
+    return {"method": "uce", "beta": None, "source": "trained", "id": sha[:16], "files": [str(f)],
+            "sha256": [sha], "erase": recipe["erase"], "artifact": str(folder)}  # fmt: skip
 
 
 def apply_checkpoint(

@@ -146,9 +146,35 @@ def save_lora(unet, adapter_name: str, folder: Path) -> Path:
     StableDiffusionPipeline.save_lora_weights(
         str(folder),
         unet_lora_layers=state,
-        unet_lora_adapter_metadata=unet.peft_config[adapter_name].to_dict(),
+        unet_lora_adapter_metadata=_ordered(unet.peft_config[adapter_name].to_dict()),
     )
-    return folder / LORA_FILE
+    return _one_metadata_key(folder / LORA_FILE)
+
+
+def _one_metadata_key(path: Path) -> Path:
+    """Rewrite a LoRA file with only its ``lora_adapter_metadata`` entry: safetensors writes the
+    header's metadata from a hash map, so two entries came out in either order from one process to
+    the next, and the same weights were different bytes. (``format: pt`` is not needed to load it.)"""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    keep = {k: v for k, v in meta.items() if k == "lora_adapter_metadata"}
+    save_file(load_file(str(path)), str(path), metadata=keep or None)
+    return path
+
+
+def _ordered(meta: dict) -> dict:
+    """The LoRA config with its sets (``target_modules``) sorted: peft keeps them as sets, whose order
+    follows the process's string-hash seed, so the same weights were written as different bytes (and
+    named by another sha256) from one run to the next."""
+    out = {}
+    for k, v in meta.items():
+        if isinstance(v, set | frozenset) or (k == "target_modules" and isinstance(v, list)):
+            v = sorted(v)
+        out[k] = v
+    return out
 
 
 # ----------------------------------------------------------------------------- the LightningModule
@@ -546,7 +572,7 @@ def apply_duo(
     comps: Components, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, logger=None
 ) -> dict:
     """``checkpoint=duo``: load the user's LoRA file(s) (``path``) or train/reuse them for ``beta``."""
-    from unlearn_exp.store import atomic_write_json, config_hash, file_sha256
+    from unlearn_exp.store import atomic_write_json, file_sha256
     from unlearn_exp.unlearning.weights import resolve_weight_file
 
     cfg = dict(_plain(cfg))
@@ -569,8 +595,7 @@ def apply_duo(
         load_adapters(comps, files, names, weights)
         shas = [file_sha256(f) for f in files]
         return {
-            "method": "duo", "beta": beta, "source": "user",
-            "id": config_hash({"files": shas, "weights": [float(w) for w in weights]}),
+            "method": "duo", "beta": beta, "source": "user", "id": adapters_id(shas, weights),
             "files": [str(f) for f in files], "sha256": shas, "adapter_weights": [float(w) for w in weights],
         }  # fmt: skip
 
@@ -593,8 +618,28 @@ def apply_duo(
     manifest = json.loads((folder / "manifest.json").read_text())["adapters"]
     files = [folder / a["file"] for a in manifest]
     load_adapters(comps, files, [f"duo_{a['name']}" for a in manifest], [a["weight"] for a in manifest])
+    shas = [file_sha256(f) for f in files]
     return {
-        "method": "duo", "beta": beta, "source": "trained", "id": folder.name,
-        "files": [str(f) for f in files], "sha256": [file_sha256(f) for f in files],
+        "method": "duo", "beta": beta, "source": "trained",
+        "id": adapters_id(shas, [a["weight"] for a in manifest]),  # by content: the bits it samples with
+        "files": [str(f) for f in files], "sha256": shas,
         "adapter_weights": [a["weight"] for a in manifest], "artifact": str(folder),
     }  # fmt: skip
+
+
+def adapters_id(shas: list[str], weights: list[float]) -> str:
+    """A DUO checkpoint by content: its LoRA files' sha256 and their adapter weights. A trained
+    checkpoint and the same files loaded through ``checkpoint.path`` have the same id."""
+    from unlearn_exp.store import config_hash
+
+    return config_hash({"files": list(shas), "weights": [float(w) for w in weights]})
+
+
+def trained_duo_id(folder: Path) -> str:
+    """The content id of a trained DUO artifact folder, read without loading a model."""
+    import json
+
+    from unlearn_exp.store import file_sha256
+
+    manifest = json.loads((folder / "manifest.json").read_text())["adapters"]
+    return adapters_id([file_sha256(folder / a["file"]) for a in manifest], [a["weight"] for a in manifest])
