@@ -181,7 +181,9 @@ def test_object_marks_draw_objects_as_objects_and_leave_plain_shapes_alone(monke
     for resolution in (16, 32):
         grape = world.sample_scene(rng, obj="grape", colour="purple", resolution=resolution)
         plain = world.sample_scene(rng, colour="purple", shape="circle", resolution=resolution)
-        assert np.array_equal(world.render(plain, resolution, object_marks=True), world.render(plain, resolution))
+        assert np.array_equal(
+            world.render(plain, resolution, object_marks=True), world.render(plain, resolution)
+        )
         marked = world.render(grape, resolution, object_marks=True)
         assert marked.shape == (resolution, resolution, 3)
         changed = np.abs(marked.astype(int) - world.render(grape, resolution).astype(int)).max(axis=2) > 10
