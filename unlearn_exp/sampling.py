@@ -218,7 +218,7 @@ def predict_rows(
     ``label`` names what is sampled in the progress bar ("sampling i2p_nudity x sld+C* ...")."""
     from unlearn_exp.identity import resolved_precision
     from unlearn_exp.progress import lightning_bar
-    from unlearn_exp.training import StopOnSigterm
+    from unlearn_exp.training import StopOnSigterm, keeps_device
 
     precision = resolved_precision(precision)
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
@@ -241,9 +241,6 @@ def predict_rows(
     loader = torch.utils.data.DataLoader(
         _Rows(rows), batch_size=batch_size, shuffle=False, collate_fn=_keep_list
     )
-    device = comps.device
-    try:
+    with keeps_device(comps):  # Lightning moves its module (and the shared model) to the CPU at the end
         batches = trainer.predict(GuidedSampler(comps, guidance, **sample_kwargs), loader)
-    finally:  # Lightning moves its module (and so the shared model) to the CPU when it ends
-        comps.to(device)
     return [r for b in batches for r in b]

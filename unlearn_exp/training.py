@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,22 @@ def define_stage_axis(logger, prefix: str | None) -> None:
         logging.getLogger("unlearn_exp").warning("W&B step axis for %s/* not set (%s)", prefix, e)
 
 
+@contextmanager
+def keeps_device(*modules):
+    """Put ``modules`` (``Components`` or ``nn.Module``) back on the device they are on now when the
+    block ends: Lightning moves the module it ran, and so the shared model it holds, to the CPU at
+    the end of ``fit`` and ``predict``, and the next stage then ran on the CPU of a GPU machine."""
+    devices = []
+    for m in modules:
+        if m is not None:
+            devices.append((m, next(m.parameters()).device if isinstance(m, torch.nn.Module) else m.device))
+    try:
+        yield
+    finally:
+        for m, device in devices:
+            m.to(device)
+
+
 def fit(
     module: L.LightningModule,
     *,
@@ -160,13 +177,8 @@ def fit(
         num_sanity_val_steps=0,
     )
     loader = torch.utils.data.DataLoader(StepIndex(int(steps)), batch_size=1, shuffle=False)
-    device = next(module.parameters()).device
-    try:
+    with keeps_device(module, getattr(module, "comps", None)):
         trainer.fit(module, loader, ckpt_path=str(resume) if resume.is_file() else None)
-    finally:  # Lightning moves its module (and so the shared model) to the CPU when it ends
-        module.to(device)
-        if getattr(module, "comps", None) is not None:
-            module.comps.to(device)
     return {"resumed_from_step": int(getattr(module, "start_step", 0)), "steps": int(trainer.global_step)}
 
 

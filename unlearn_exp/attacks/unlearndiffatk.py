@@ -181,7 +181,7 @@ def run_attack(
     """Fit the attack; returns the best prompt, its loss and the loss curve."""
     from unlearn_exp.progress import lightning_bar
     from unlearn_exp.runtime import keep_freed_memory
-    from unlearn_exp.training import StepIndex, StopOnSigterm
+    from unlearn_exp.training import StepIndex, StopOnSigterm, keeps_device
 
     keep_freed_memory()
     module = UnlearnDiffAtk(comps, target, prompt, settings, guidance)
@@ -192,7 +192,8 @@ def run_attack(
                         num_sanity_val_steps=0)  # fmt: skip
     loader = torch.utils.data.DataLoader(StepIndex(settings.steps), batch_size=1)
     try:
-        trainer.fit(module, loader)
+        with keeps_device(comps):  # Lightning leaves its module (and the model) on the CPU
+            trainer.fit(module, loader)
     finally:
         module.restore()
     return {"prompt": module.best_prompt, "loss": module.best_loss, "losses": module.losses,

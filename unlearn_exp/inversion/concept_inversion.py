@@ -43,7 +43,7 @@ from unlearn_exp.inversion.textual_inversion import (
 from unlearn_exp.models.components import Components
 from unlearn_exp.runtime import keep_freed_memory
 from unlearn_exp.store import atomic_file, atomic_write_json, config_hash
-from unlearn_exp.training import StopOnSigterm, define_stage_axis
+from unlearn_exp.training import StopOnSigterm, define_stage_axis, keeps_device
 
 log = logging.getLogger(__name__)
 
@@ -444,7 +444,8 @@ def invert(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
-            trainer.fit(module, ckpt_path=str(last) if last.is_file() else None)
+            with keeps_device(comps):  # Lightning leaves its module (and the model) on the CPU
+                trainer.fit(module, ckpt_path=str(last) if last.is_file() else None)
     except InversionDiverged as exc:
         rows = merge_learned_rows(comps, module.last_good)
         path = save_textual_inversion(
