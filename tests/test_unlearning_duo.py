@@ -403,3 +403,27 @@ def test_a_lora_file_is_the_same_bytes_in_any_process(tmp_path):
                        env={**os.environ, "PYTHONHASHSEED": seed})  # fmt: skip
         files.append((out / "pytorch_lora_weights.safetensors").read_bytes())
     assert files[0] == files[1] == files[2]
+
+
+def test_weight_and_embedding_files_are_the_same_bytes_in_any_process(tmp_path):
+    """save_safetensors (ESD, UCE, converted pickles) and textual-inversion files carry one metadata
+    entry: two came out in hash order, so the same tensors were different bytes per process."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch; from pathlib import Path;"
+        "from unlearn_exp.unlearning.weights import save_safetensors;"
+        "from unlearn_exp.inversion.textual_inversion import save_textual_inversion;"
+        "out = Path(sys.argv[1]); out.mkdir();"
+        "save_safetensors({'w': torch.ones(3)}, out / 'w.safetensors', {'variant': 'xattn', 'b': '1'});"
+        "save_textual_inversion(out / 'e.safetensors', ['<c*>'], torch.ones(1, 8), {'steps': 3, 'run_key': 'k'})"
+    )
+    got = []
+    for seed in ("1", "2", "3", "4"):
+        out = tmp_path / seed
+        subprocess.run(
+            [sys.executable, "-c", script, str(out)], check=True, env={**os.environ, "PYTHONHASHSEED": seed}
+        )
+        got.append(((out / "w.safetensors").read_bytes(), (out / "e.safetensors").read_bytes()))
+    assert len(set(got)) == 1

@@ -180,10 +180,9 @@ def save_textual_inversion(
         )
     if not torch.isfinite(rows).all():
         raise UserError(f"refusing to save non-finite embedding rows for {tokens}")
-    header = {
-        METADATA_KEY: json.dumps({**(metadata or {}), "tokens": tokens}, sort_keys=True, default=str),
-        "format": "pt",
-    }
+    # one header entry: safetensors writes its metadata from a hash map, so two entries came out in
+    # either order from one process to the next and the same embedding was different bytes
+    header = {METADATA_KEY: json.dumps({**(metadata or {}), "tokens": tokens}, sort_keys=True, default=str)}
     path = Path(path)
     with atomic_file(path) as tmp:
         save_file({tokens[0]: rows.contiguous()}, str(tmp), metadata=header)

@@ -49,10 +49,15 @@ def read_safetensors(path: str | Path, what: str | None = None) -> dict[str, tor
 def save_safetensors(
     tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None
 ) -> Path:
-    """Atomic safetensors write of contiguous CPU tensors."""
+    """Atomic safetensors write of contiguous CPU tensors, the same bytes in any process: safetensors
+    writes the header's metadata from a hash map (in either order from one process to the next), so
+    ``metadata`` goes in as one JSON entry beside nothing else."""
+    import json
+
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    header = {"unlearn_exp": json.dumps(metadata, sort_keys=True)} if metadata else {"format": "pt"}
     with atomic_file(path) as tmp:
-        save_file(clean, str(tmp), metadata={"format": "pt", **(metadata or {})})
+        save_file(clean, str(tmp), metadata=header)
     return Path(path)
 
 
