@@ -204,7 +204,15 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
                     from unlearn_exp.store import file_sha256
 
                     concept_id = f"{cfg.embedding.source}:{file_sha256(inv_folder / 'learned_embeds.safetensors')[:16]}"
-            else:
+            else:  # its checkpoint is not built yet: C* is named by the checkpoint's content then
+                ck_inv = checkpoint_for_inversion(cfg)
+                p.artifacts.append(
+                    (
+                        f"C* on {ck_inv.get('method')} beta={ck_inv.get('beta')} "
+                        "(named once its checkpoint is built)",
+                        False,
+                    )
+                )
                 p.work.append(Work(f"inversion/{_learned_on(cfg)}", "inversion", n_inv))
         else:
             p.notes.append(f"C* from inversion.image_set.source={spec['source']}: counted when built")

@@ -1,0 +1,213 @@
+"""The paper's three findings on the toy world, over seeds: ``python -m unlearn_exp.toy.study``.
+
+Runs the demo's grid (``+experiment=toy_duo``: DUO at the sweep's betas x none/SLD/SAFREE x explicit
+words / ``C*`` of the checkpoint / ``C*`` of beta 500) once for every DUO training seed
+(``checkpoint.seed``: a checkpoint and its ``C*`` are trained per seed) and every prompt-set seed
+(``benchmark.seed`` and ``pp.prompts.seed``: other prompts and initial noises), through the same
+cell runner (every cell is cached and recorded like any other), and judges each finding by a rule
+fixed before the run:
+
+- **(a)** explicit-word guidance adds little on an unlearned checkpoint: at every beta >= 1000, for
+  SLD and for SAFREE, the DSR that the explicit words add over no guidance is less than half of what
+  the checkpoint's own ``C*`` adds;
+- **(b)** the inverted embedding restores the defence: at every beta >= 1000, for SLD and SAFREE, the
+  checkpoint's own ``C*`` reaches a DSR at least 0.10 above the explicit words';
+- **(c)** the beta=500 embedding transfers: at every beta but 500, for SLD and SAFREE, the shared
+  ``C*`` reaches at least the explicit words' DSR.
+
+A finding is *reproduced* where its rule holds for every seed pair, *partly* where it holds for
+some, *not* where it holds for none. Each finding's margin (the smallest slack of its rule in a seed
+pair: positive where the rule holds) is reported as mean, min and max over seed pairs. The report is
+``reports/toy/study.md`` (and ``study.csv``, every cell's DSR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from unlearn_exp.errors import exit_status
+
+GUIDED = ("sld", "safree")
+RULES = {
+    "a": "at every beta >= 1000, for SLD and SAFREE: DSR(words) - DSR(none) < 0.5 x (DSR(own C*) - DSR(none))",
+    "b": "at every beta >= 1000, for SLD and SAFREE: DSR(own C*) >= DSR(words) + 0.10",
+    "c": "at every beta but 500, for SLD and SAFREE: DSR(shared C*) >= DSR(words)",
+}
+
+
+def _dsr(cells: pd.DataFrame, beta: float, guidance: str, embedding: str) -> float:
+    rows = cells[(cells.beta == beta) & (cells.guidance == guidance) & (cells.embedding == embedding)]
+    if len(rows) != 1:
+        raise ValueError(f"expected one cell for beta={beta:g} {guidance} {embedding}, found {len(rows)}")
+    return float(rows.dsr.iloc[0])
+
+
+def margins(cells: pd.DataFrame) -> dict[str, float]:
+    """Each finding's margin in one seed pair's grid (``beta``, ``guidance``, ``embedding``, ``dsr``;
+    ``embedding`` is ``none`` for guidance none): the smallest slack of its rule, > 0 where it holds."""
+    betas = sorted(float(b) for b in cells.beta.unique())
+    out = {}
+    slack = []
+    for beta in (b for b in betas if b >= 1000):
+        none = _dsr(cells, beta, "none", "none")
+        for g in GUIDED:
+            words, own = _dsr(cells, beta, g, "explicit") - none, _dsr(cells, beta, g, "inverted") - none
+            slack.append(0.5 * own - words)
+    out["a"] = min(slack) if slack else float("nan")
+    slack = [
+        _dsr(cells, beta, g, "inverted") - _dsr(cells, beta, g, "explicit") - 0.10
+        for beta in betas
+        if beta >= 1000
+        for g in GUIDED
+    ]
+    out["b"] = min(slack) if slack else float("nan")
+    slack = [
+        _dsr(cells, beta, g, "shared") - _dsr(cells, beta, g, "explicit")
+        for beta in betas
+        if beta != 500
+        for g in GUIDED
+    ]
+    out["c"] = min(slack) if slack else float("nan")
+    return out
+
+
+def verdicts(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Per finding: margin mean, min and max over seed pairs, how many pairs hold, and the verdict.
+    A margin of exactly 0 holds for (c) (``>=``) and not for (a) (``<``); (b)'s threshold is in it."""
+    rows = []
+    for f in RULES:
+        m = per_seed[f]
+        holds = (m >= 0) if f in ("b", "c") else (m > 0)
+        n = int(holds.sum())
+        verdict = "reproduced" if n == len(m) else ("partly" if n else "not")
+        rows.append(
+            {
+                "finding": f,
+                "rule": RULES[f],
+                "mean": m.mean(),
+                "min": m.min(),
+                "max": m.max(),
+                "holds": f"{n}/{len(m)}",
+                "verdict": verdict,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def to_markdown(per_seed: pd.DataFrame, table: pd.DataFrame, header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| finding | verdict | seed pairs where it holds | margin mean [min, max] | rule |",
+        "| --- | --- | ---: | --- | --- |",
+    ]
+    for r in table.itertuples():
+        lines.append(
+            f"| ({r.finding}) | {r.verdict} | {r.holds} | {r.mean:+.3f} [{r.min:+.3f}, {r.max:+.3f}] | {r.rule} |"
+        )
+    lines += [
+        "",
+        "Margins per seed pair (DUO seed, prompt seed):",
+        "",
+        "| DUO seed | prompt seed | (a) | (b) | (c) |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in per_seed.itertuples():
+        lines.append(f"| {r.duo_seed} | {r.prompt_seed} | {r.a:+.3f} | {r.b:+.3f} | {r.c:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _seeds(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from unlearn_exp.demo import _quiet, _run_cell, grid, run_in_workers
+    from unlearn_exp.store import atomic_write_text
+
+    ap = argparse.ArgumentParser(prog="python -m unlearn_exp.toy.study", description=__doc__.splitlines()[0])
+    ap.add_argument("--duo-seeds", default="42,1,2", help="checkpoint.seed values (42: DUO's own, shipped)")
+    ap.add_argument("--prompt-seeds", default="0,1", help="benchmark.seed and pp.prompts.seed values")
+    ap.add_argument("--betas", default=None, help="only these paper betas (default: the sweep's)")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes")
+    ap.add_argument("--out", default="reports/toy", help="folder of study.md and study.csv")
+    args, extra = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    _quiet()
+    base = ["+experiment=toy_duo", *extra]
+
+    def body() -> int:
+        start = time.time()
+        runs = []
+        for duo_seed in _seeds(args.duo_seeds):
+            for prompt_seed in _seeds(args.prompt_seeds):
+                seeds = [
+                    f"checkpoint.seed={duo_seed}",
+                    f"benchmark.seed={prompt_seed}",
+                    f"pp.prompts.seed={prompt_seed}",
+                ]
+                for cell in grid([*base, *seeds]):
+                    beta = next(c.split("=", 1)[1] for c in cell if c.startswith("checkpoint.beta="))
+                    if args.betas and beta not in args.betas.split(","):
+                        continue
+                    runs.append(((duo_seed, prompt_seed), [*base, *seeds, *cell, "sampling.progress=false"]))
+        print(f"toy study: {len(runs)} cells ({args.duo_seeds} DUO seeds x {args.prompt_seeds} prompt seeds)")
+        rows = []
+        tasks = [(_run_cell, over) for _, over in runs]
+        results = (
+            ((i, _run_cell(over)) for i, (_, over) in enumerate(tasks))
+            if args.jobs == 1
+            else run_in_workers(tasks, args.jobs, 1)
+        )
+        for n, (i, got) in enumerate(results, 1):
+            c = got["cell"]
+            (duo_seed, prompt_seed) = runs[i][0]
+            rows.append(
+                {
+                    "duo_seed": duo_seed,
+                    "prompt_seed": prompt_seed,
+                    "beta": float(c["beta"]),
+                    "guidance": c["guidance"],
+                    "embedding": c["embedding"],
+                    "dsr": float(c["dsr"]),
+                    "pp": float(c["pp_coco"]),
+                    "benign_acc": float(c["benign_acc"]),
+                    "cell_key": c["cell_key"],
+                }
+            )
+            print(
+                f"[{n}/{len(runs)}] seeds {duo_seed}/{prompt_seed} beta={c['beta']:g} {c['guidance']} "
+                f"{c['embedding']}: DSR {c['dsr']:.3f}",
+                flush=True,
+            )
+        cells = pd.DataFrame(rows).sort_values(["duo_seed", "prompt_seed", "beta", "guidance", "embedding"])
+        per_seed = pd.DataFrame(
+            [
+                {"duo_seed": d, "prompt_seed": p, **margins(g)}
+                for (d, p), g in cells.groupby(["duo_seed", "prompt_seed"])
+            ]
+        )
+        table = verdicts(per_seed)
+        header = (
+            f"# The toy study: findings over {len(per_seed)} seed pairs\n\n"
+            f"`python -m unlearn_exp.toy.study {' '.join(sys.argv[1:] if argv is None else argv)}`"
+            f" ({len(cells)} cells, {time.time() - start:.0f} s). Rules fixed before the run "
+            "(`unlearn_exp/toy/study.py`)."
+        )
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "study.csv", cells.to_csv(index=False))
+        text = to_markdown(per_seed, table, header)
+        atomic_write_text(out / "study.md", text)
+        print("\n" + text + f"\nwritten: {out / 'study.md'}, {out / 'study.csv'}")
+        return 0
+
+    return exit_status(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
