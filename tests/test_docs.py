@@ -6,7 +6,7 @@ import re
 
 from tests.conftest import ROOT
 
-CITE = re.compile(r"docs/(methods|design|results)\.md(?: (\d+(?:\.\d+)?))?")
+CITE = re.compile(r"docs/(methods|design|results|toy)\.md(?: (\d+(?:\.\d+)?))?")
 
 
 def _sources():
@@ -21,7 +21,7 @@ def _sections(name: str) -> set[str]:
 
 
 def test_citations_point_to_existing_sections():
-    sections = {name: _sections(name) for name in ("methods", "design")}
+    sections = {name: _sections(name) for name in ("methods", "design", "toy")}
     missing = []
     for path in _sources():
         if path.name == "test_docs.py":
@@ -34,3 +34,19 @@ def test_citations_point_to_existing_sections():
                 missing.append(f"{path.relative_to(ROOT)}: docs/{name}.md {number}")
     assert not missing, missing
     assert sections["methods"] >= {"1.2", "3.2", "4.2", "5.3", "6.1", "7.2", "7.4", "8.1", "8.2"}
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    """Markdown links to files of the repository (not web addresses) point at files that exist."""
+    broken = []
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
+        for target in LINK.findall(text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
