@@ -144,8 +144,13 @@ def test_a_generated_image_set_is_made_by_the_original_model_after_unlearning(tm
     from unlearn_exp.cell import ensure_image_set
     from unlearn_exp.models import load_model
 
-    extra = ["guidance=sld", "embedding=inverted", "inversion.steps=2", "inversion.image_set.n_images=2",
-             "sampling.steps=10"]  # fmt: skip
+    extra = [
+        "guidance=sld",
+        "embedding=inverted",
+        "inversion.steps=2",
+        "inversion.image_set.n_images=2",
+        "sampling.steps=10",
+    ]
     toy_cell(tmp_path / "run", *extra)
     built = [p for p in (tmp_path / "run" / ".cache" / "artifacts" / "image_sets").glob("*") if p.is_dir()]
     assert len(built) == 1
@@ -252,8 +257,10 @@ def test_store_gc_removes_stale_temp_folders_and_locks(tmp_path):
     assert (kind / ".abc.x2.tmp").is_dir()  # fresh: a build may be running
     out = subprocess.run(
         [sys.executable, "-m", "unlearn_exp.store", "gc", "--cache", str(tmp_path), "--hours", "0"],
-        capture_output=True, text=True, cwd=ROOT,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 0 and "1 stale item(s) removed" in out.stdout
 
 
@@ -272,8 +279,10 @@ def test_store_gc_never_touches_a_build_that_is_running(tmp_path):
         (tmp / "part.txt").write_text("half")
         out = subprocess.run(
             [sys.executable, "-m", "unlearn_exp.store", "gc", "--cache", str(tmp_path), "--hours", "0"],
-            capture_output=True, text=True, cwd=ROOT,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         seen["gc"] = out.stdout
         seen["alive"] = tmp.is_dir() and (tmp / "part.txt").is_file() and (work / "metrics.csv").is_file()
         (tmp / "weights.txt").write_text("done")
@@ -350,10 +359,21 @@ def test_invalid_values_stop_before_any_model_is_loaded(extra, message, tmp_path
 )
 def test_unknown_choices_and_keys_are_one_line_from_the_command_line(extra, message, tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "unlearn_exp", "+experiment=toy_duo", f"paths.root_dir={tmp_path}",
-         f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep", *extra],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "UNLEARN_EXP_COMPOSE_CACHE": "off"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "unlearn_exp",
+            "+experiment=toy_duo",
+            f"paths.root_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path}/run",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "UNLEARN_EXP_COMPOSE_CACHE": "off"},
+    )
     assert out.returncode != 0
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith(message) and "schema" not in out.stderr, out.stderr
@@ -364,8 +384,21 @@ def test_every_shipped_option_composes_without_unknown_keys():
     from unlearn_exp.config import CONF_DIR, group_choices
     from unlearn_exp.schema import unknown_keys
 
-    for group in ("model", "task", "checkpoint", "guidance", "embedding", "sampling", "benchmark", "judge",
-                  "pp", "logger", "attack", "inversion", "experiment"):  # fmt: skip
+    for group in (
+        "model",
+        "task",
+        "checkpoint",
+        "guidance",
+        "embedding",
+        "sampling",
+        "benchmark",
+        "judge",
+        "pp",
+        "logger",
+        "attack",
+        "inversion",
+        "experiment",
+    ):
         assert (CONF_DIR / group).is_dir()
         for name in group_choices(group):
             override = f"+experiment={name}" if group == "experiment" else f"{group}={name}"

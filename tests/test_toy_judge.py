@@ -117,8 +117,12 @@ def test_a_judge_takes_images_at_the_resolution_it_was_trained_on(tmp_path, monk
 
     shipped = ToyJudge({"model_sha256": None})
     assert shipped.net.resolution == 32
-    meta = {"width": "24", "colour_classes": ",".join(judge_module.COLOUR_CLASSES),
-            "shape_classes": ",".join(judge_module.SHAPE_CLASSES), "resolution": "16"}  # fmt: skip
+    meta = {
+        "width": "24",
+        "colour_classes": ",".join(judge_module.COLOUR_CLASSES),
+        "shape_classes": ",".join(judge_module.SHAPE_CLASSES),
+        "resolution": "16",
+    }
     small = tmp_path / "judge16.safetensors"
     save_file(load_file(str(JUDGE_FILE)), str(small), metadata=meta)
     j16 = ToyJudge({"model_path": str(small), "model_sha256": None})

@@ -399,8 +399,9 @@ def test_a_lora_file_is_the_same_bytes_in_any_process(tmp_path):
     files = []
     for seed in ("1", "2", "3"):
         out = tmp_path / seed
-        subprocess.run([sys.executable, "-c", script, str(out)], check=True,
-                       env={**os.environ, "PYTHONHASHSEED": seed})  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-c", script, str(out)], check=True, env={**os.environ, "PYTHONHASHSEED": seed}
+        )
         files.append((out / "pytorch_lora_weights.safetensors").read_bytes())
     assert files[0] == files[1] == files[2]
 

@@ -390,8 +390,21 @@ def register() -> None:
 # the root config's own keys (conf/config.yaml) and its groups; `safree_compat` is set by the paper
 # experiments and read by guidance.compat
 ROOT_KEYS = ("stage", "progress", "reuse_results", "name", "safree_compat", "hydra")
-ROOT_GROUPS = ("paths", "model", "task", "checkpoint", "guidance", "embedding", "inversion", "sampling",
-               "benchmark", "judge", "pp", "logger", "attack")  # fmt: skip
+ROOT_GROUPS = (
+    "paths",
+    "model",
+    "task",
+    "checkpoint",
+    "guidance",
+    "embedding",
+    "inversion",
+    "sampling",
+    "benchmark",
+    "judge",
+    "pp",
+    "logger",
+    "attack",
+)
 # groups without a schema whose keys are nevertheless closed (task and benchmark stay open: a method
 # or loader of your own reads its own keys there)
 # keys the command line adds after composition (cli.label_user_checkpoint)

@@ -250,8 +250,14 @@ class SAFREE(Guidance):
             e = text_e[b].float()
             if n == 0:
                 t_sv.append(-1)
-                info.append({"safree_n_tokens": 0, "safree_triggers": [], "safree_t_sv": -1,
-                             "safree_note": "empty prompt"})  # fmt: skip
+                info.append(
+                    {
+                        "safree_n_tokens": 0,
+                        "safree_triggers": [],
+                        "safree_t_sv": -1,
+                        "safree_note": "empty prompt",
+                    }
+                )
                 continue
             m = masked_pooled[offset : offset + n]
             offset += n
