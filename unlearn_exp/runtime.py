@@ -5,7 +5,7 @@ each) and frees them again; glibc hands large freed blocks back to the kernel (t
 threshold, and the top of the heap past its trim threshold), so the next call faults every page in
 again (about 20,000 page faults per toy UNet call). Raising the mmap threshold to glibc's maximum
 (32 MiB) and the trim threshold to 1 GiB keeps the freed memory for the next call: on two cores a
-loop of toy UNet calls runs about 20% faster and the toy demo 12% (measured in the README's toy
+loop of toy UNet calls runs about 20% faster and the toy demo 12% (measured in docs/toy.md's toy
 section). Only where memory comes from changes; torch aligns every CPU tensor to 64 bytes either
 way, so every result is the same to the bit (tested; the toy demo's tables are identical).
 ``UNLEARN_EXP_MALLOC=default`` leaves the allocator as it is. Called once per process by the
