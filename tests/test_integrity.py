@@ -382,23 +382,9 @@ def test_unknown_choices_and_keys_are_one_line_from_the_command_line(extra, mess
 
 def test_every_shipped_option_composes_without_unknown_keys():
     from unlearn_exp.config import CONF_DIR, group_choices
-    from unlearn_exp.schema import unknown_keys
+    from unlearn_exp.schema import ROOT_GROUPS, unknown_keys
 
-    for group in (
-        "model",
-        "task",
-        "checkpoint",
-        "guidance",
-        "embedding",
-        "sampling",
-        "benchmark",
-        "judge",
-        "pp",
-        "logger",
-        "attack",
-        "inversion",
-        "experiment",
-    ):
+    for group in (*(g for g in ROOT_GROUPS if g != "paths"), "experiment"):
         assert (CONF_DIR / group).is_dir()
         for name in group_choices(group):
             override = f"+experiment={name}" if group == "experiment" else f"{group}={name}"

@@ -405,10 +405,10 @@ ROOT_GROUPS = (
     "logger",
     "attack",
 )
-# groups without a schema whose keys are nevertheless closed (task and benchmark stay open: a method
-# or loader of your own reads its own keys there)
 # keys the command line adds after composition (cli.label_user_checkpoint)
 ADDED_KEYS = ("checkpoint.beta_label",)
+# groups without a schema whose keys are nevertheless closed (task and benchmark stay open: a method
+# or loader of your own reads its own keys there)
 CLOSED_PLAIN_GROUPS = {
     "paths": ("root_dir", "output_root", "cache_dir", "data_dir", "results_dir", "shipped_caches", "verify"),
 }
