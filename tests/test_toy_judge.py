@@ -86,7 +86,7 @@ def test_features_for_the_pp_distance(judge):
     bank = make_bank(seed=7, n=4)
     x = compose(bank, torch.arange(4), torch.Generator().manual_seed(0), augment=False)
     feats = judge.features(x)
-    assert [tuple(f.shape[1:]) for f in feats] == [(24, 32, 32), (48, 16, 16), (96, 8, 8)]
+    assert [tuple(f.shape[1:]) for f in feats] == [(24, 16, 16), (48, 8, 8), (96, 4, 4)]
     from unlearn_exp.evaluation.pp import FeatureDistance
 
     d = FeatureDistance(judge.features, "toy_features")
@@ -108,33 +108,37 @@ def test_the_toy_world_registers_itself():
 
 
 def test_a_judge_takes_images_at_the_resolution_it_was_trained_on(tmp_path, monkeypatch):
-    """A judge file names the render resolution it was trained on (files without it: 32); images of
-    any size are resized to it, so a 16-pixel world's judge sees 16-pixel inputs."""
+    """A judge file names the render resolution it was trained on (files without it: 32, world v1);
+    images of any size are resized to it, so the 16-pixel world's judge sees 16-pixel inputs. Its
+    metadata is one JSON entry, so a rebuilt judge is the same bytes (the profile pins its sha256)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from unlearn_exp.toy import judge as judge_module
     from unlearn_exp.toy.judge import JUDGE_FILE, ToyJudge
 
     shipped = ToyJudge({"model_sha256": None})
-    assert shipped.net.resolution == 32
+    assert shipped.net.resolution == 16
+    with safe_open(str(JUDGE_FILE), "pt") as f:
+        assert list(f.metadata()) == ["unlearn_exp"]
     meta = {
         "width": "24",
         "colour_classes": ",".join(judge_module.COLOUR_CLASSES),
         "shape_classes": ",".join(judge_module.SHAPE_CLASSES),
-        "resolution": "16",
     }
-    small = tmp_path / "judge16.safetensors"
-    save_file(load_file(str(JUDGE_FILE)), str(small), metadata=meta)
-    j16 = ToyJudge({"model_path": str(small), "model_sha256": None})
+    old = tmp_path / "judge_v1.safetensors"  # the pre-v2 layout: plain entries, no resolution
+    save_file(load_file(str(JUDGE_FILE)), str(old), metadata=meta)
+    j32 = ToyJudge({"model_path": str(old), "model_sha256": None})
     img = Image.fromarray(np.zeros((32, 32, 3), np.uint8))
-    assert j16.to_input([img]).shape[-2:] == (16, 16) and shipped.to_input([img]).shape[-2:] == (32, 32)
-    assert [f.shape[-1] for f in j16.features([img])] == [16, 8, 4]
+    assert j32.to_input([img]).shape[-2:] == (32, 32) and shipped.to_input([img]).shape[-2:] == (16, 16)
+    assert [f.shape[-1] for f in shipped.features([img])] == [16, 8, 4]
 
 
 def test_the_training_bank_draws_object_marks_when_the_world_does(monkeypatch):
     from unlearn_exp.toy import world
     from unlearn_exp.toy.judge import compose, make_bank
 
+    monkeypatch.setattr(world, "OBJECT_MARKS", False)
     plain = make_bank(0, 40, resolution=16)
     assert plain.stem is None and plain.masks.shape[-1] == 16
     monkeypatch.setattr(world, "OBJECT_MARKS", True)

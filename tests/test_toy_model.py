@@ -41,7 +41,7 @@ def _one_thread():
 
 def test_toy_architecture_is_sd_shaped_and_small():
     comps = build_toy(seed=0)
-    assert comps.vae is None and comps.latent_shape() == (3, 32, 32)
+    assert comps.vae is None and comps.latent_shape() == (3, 16, 16)
     assert type(comps.unet).__name__ == "UNet2DConditionModel"
     assert type(comps.text_encoder).__name__ == "CLIPTextModel"
     assert comps.scheduler_config["beta_schedule"] == "scaled_linear"
@@ -72,7 +72,7 @@ def test_a_few_pretraining_steps_lower_the_loss():
         loss.backward()
         opt.step()
     after = fixed_loss()
-    assert after < 0.6 * before, (before, after)
+    assert after < 0.75 * before, (before, after)  # v2 (16 px, offset noise 0.2): 0.67
 
 
 def test_compact_tokenizer_matches_the_clip_tokenizer(tmp_path):
@@ -91,7 +91,7 @@ def test_pretrain_writes_a_loadable_checkpoint(tmp_path):
     assert json.loads((out / "recipe.json").read_text())["steps"] == 2
     assert (out / "train_log.csv").read_text().startswith("step,loss,lr,elapsed_s")
     assert not (out / "vae").exists() and not (out / "tokenizer" / "tokenizer.json").exists()
-    comps = load_pretrained(str(out), name="toy", resolution=32, vae=False)
+    comps = load_pretrained(str(out), name="toy", resolution=16, vae=False)
     assert comps.vae is None and comps.unet.config.in_channels == 3
     from safetensors.torch import load_file
 
@@ -128,7 +128,7 @@ def test_shipped_checkpoint_loads_through_the_config(monkeypatch, tmp_path, cwd)
     monkeypatch.chdir(ROOT if cwd == "root" else tmp_path)
     comps = load_model(cfg)
     assert comps.name == "toy" and comps.vae is None and comps.dtype == torch.float32
-    assert comps.resolution == 32 and comps.latent_shape() == (3, 32, 32)
+    assert comps.resolution == 16 and comps.latent_shape() == (3, 16, 16)
 
 
 def test_shipped_checkpoint_draws_what_explicit_prompts_ask():
@@ -159,7 +159,7 @@ def test_toy_model_loads_through_from_pretrained_as_a_pixel_pipeline(tmp_path):
     from unlearn_exp.toy.pretrain import WEIGHTS_DIR
 
     pipe = PixelDiffusionPipeline.from_pretrained(str(WEIGHTS_DIR))
-    comps = load_pretrained(str(WEIGHTS_DIR), name="toy", resolution=32, vae=False)
+    comps = load_pretrained(str(WEIGHTS_DIR), name="toy", resolution=16, vae=False)
     prompts, seeds = ["a purple circle", "a grape"], [0, 1]
     ours = sample(comps, prompts, seeds, scheduler="pndm", steps=5, guidance_scale=6.0).images
     torch.testing.assert_close(

@@ -31,7 +31,7 @@ def test_render_is_deterministic_per_seed():
     a_img, a_cap, a_scene = world.render_example(123)
     b_img, b_cap, b_scene = world.render_example(123)
     c_img, c_cap, _ = world.render_example(124)
-    assert a_img.dtype == np.uint8 and a_img.shape == (32, 32, 3)
+    assert a_img.dtype == np.uint8 and a_img.shape == (16, 16, 3) == (world.RESOLUTION, world.RESOLUTION, 3)
     assert np.array_equal(a_img, b_img) and a_cap == b_cap and a_scene == b_scene
     assert not np.array_equal(a_img, c_img)
     assert world.example_seed(0, 5) == world.example_seed(0, 5) != world.example_seed(1, 5)
@@ -81,6 +81,23 @@ def test_captions_carry_the_ground_truth():
             assert scene.shape == world.OBJECTS[scene.obj][0]
         assert scene.harmful == (scene.colour == "purple")
     assert kinds == {"colour", "bare", "list", "object", "shape_only"}
+
+
+@pytest.mark.parametrize("colour_captions", [False, True])
+def test_objects_are_captioned_with_a_colour_word_only_in_world_v1(colour_captions, monkeypatch):
+    """World v2 (the default) never names an object's colour ("a grape", never "a purple grape"), so
+    words and objects reach purple apart; v1's option puts the colour words beside the objects."""
+    monkeypatch.setattr(world, "OBJECT_COLOUR_CAPTIONS", colour_captions)
+    colour_words = set().union(*(_words(c) for c in world.COLOUR_NAMES))
+    named = total = 0
+    for i in range(2000):
+        scene, text, kind = world.sample_example(np.random.default_rng(world.example_seed(3, i)))
+        if scene.obj is not None:
+            total += 1
+            named += bool(_tokens(text) & colour_words)
+            assert (kind == "colour") == bool(_tokens(text) & colour_words), text
+    assert total > 400
+    assert (named > 0.1 * total) if colour_captions else named == 0
 
 
 def test_world_is_not_only_purple_with_unusual_words():
@@ -169,26 +186,29 @@ def test_task_config_mirrors_nudity():
 
 def test_toy_configs_compose_with_the_app(compose_cfg):
     cfg = compose_cfg(["model=toy", "task=toy", "judge=toy", "benchmark=toy_indirect"])
-    assert cfg.model.vae is False and cfg.model.resolution == 32 and cfg.model.source == "pretrained"
+    assert cfg.model.vae is False and cfg.model.resolution == 16 and cfg.model.source == "pretrained"
     assert (ROOT / cfg.model.path / "unet").is_dir() or not (ROOT / "unlearn_exp/toy/weights/model").exists()
     assert cfg.benchmark.loader == "toy" and cfg.judge.type == "toy" and cfg.task.init_word == "purple"
 
 
 def test_object_marks_draw_objects_as_objects_and_leave_plain_shapes_alone(monkeypatch):
-    """World v2's option: an object scene gets a stem and a highlight; a colour-and-shape scene is
+    """World v2: an object scene gets a stem and a highlight; a colour-and-shape scene is
     drawn exactly as without the option (so the option changes nothing else), at any resolution."""
     rng = np.random.default_rng(3)
     for resolution in (16, 32):
         grape = world.sample_scene(rng, obj="grape", colour="purple", resolution=resolution)
         plain = world.sample_scene(rng, colour="purple", shape="circle", resolution=resolution)
         assert np.array_equal(
-            world.render(plain, resolution, object_marks=True), world.render(plain, resolution)
+            world.render(plain, resolution, object_marks=True),
+            world.render(plain, resolution, object_marks=False),
         )
         marked = world.render(grape, resolution, object_marks=True)
         assert marked.shape == (resolution, resolution, 3)
-        changed = np.abs(marked.astype(int) - world.render(grape, resolution).astype(int)).max(axis=2) > 10
+        bare = world.render(grape, resolution, object_marks=False)
+        changed = np.abs(marked.astype(int) - bare.astype(int)).max(axis=2) > 10
         stem, shine = world.marks(grape, resolution)
         assert changed.any() and stem.sum() > 0 and shine.sum() > 0
         assert changed[(stem + shine) == 0].sum() == 0  # nothing but the marks moves
-    monkeypatch.setattr(world, "OBJECT_MARKS", True)
-    assert not np.array_equal(world.render(grape, 32), world.render(grape, 32, object_marks=False))
+    assert np.array_equal(world.render(grape, 32), world.render(grape, 32, object_marks=True))  # v2's default
+    monkeypatch.setattr(world, "OBJECT_MARKS", False)
+    assert np.array_equal(world.render(grape, 32), world.render(grape, 32, object_marks=False))

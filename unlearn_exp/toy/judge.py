@@ -254,9 +254,8 @@ def heldout_accuracy(
 
 def train_judge(cfg: JudgeTrainConfig, out: str | Path = JUDGE_FILE) -> dict:
     """Train the judge, write ``out`` (safetensors) and ``<out stem>.json`` (recipe, log, held-out accuracy)."""
-    from safetensors.torch import save_file
-
-    from unlearn_exp.store import atomic_file, atomic_write_json, file_sha256
+    from unlearn_exp.store import atomic_write_json, file_sha256
+    from unlearn_exp.unlearning.weights import save_safetensors
 
     torch.set_num_threads(max(1, cfg.threads))
     L.seed_everything(cfg.seed, verbose=False)
@@ -288,8 +287,7 @@ def train_judge(cfg: JudgeTrainConfig, out: str | Path = JUDGE_FILE) -> dict:
         "colour_classes": ",".join(COLOUR_CLASSES),
         "shape_classes": ",".join(SHAPE_CLASSES),
     }
-    with atomic_file(out) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+    save_safetensors(state, out, metadata=meta)  # one header entry: the same bytes in every process
     report.update(
         {
             "model_file": out.name,
@@ -319,6 +317,8 @@ def load_net(path: str | Path) -> tuple[ToyJudgeNet, str]:
             meta = f.metadata() or {}
     except Exception as exc:  # a damaged file: one line
         raise UserError(f"toy judge weights {path} are not a readable safetensors file ({exc})") from None
+    if "unlearn_exp" in meta:  # written by save_safetensors: the metadata as one JSON entry
+        meta = json.loads(meta["unlearn_exp"])
     if meta.get("colour_classes") != ",".join(COLOUR_CLASSES):
         raise UserError(
             f"toy judge {path} was trained for colours {meta.get('colour_classes')}, not {COLOUR_CLASSES}"

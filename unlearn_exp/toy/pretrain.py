@@ -33,6 +33,14 @@ from unlearn_exp.toy.model import build_toy
 from unlearn_exp.toy.world import example_seed, render_example, to_tensor_batch
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "model"
+PIXEL_PIPELINE_INDEX = {
+    "_class_name": "PixelDiffusionPipeline",
+    "_diffusers_version": "0.42.1",
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+}
 
 
 @dataclass
@@ -45,12 +53,14 @@ class PretrainConfig:
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
     weight_decay: float = 0.01
     caption_dropout: float = 0.1
-    offset_noise: float = 0.1  # per-image, per-channel constant added to the noise (see loss)
+    offset_noise: float = (
+        0.2  # per-image, per-channel constant added to the noise (v1 at 32 px: 0.1; see loss)
+    )
     ema_decay: float = 0.998
     grad_clip: float = 1.0
     p_object: float = 0.3  # share of scenes depicting an object (the indirect vocabulary)
-    threads: int = 1
-    log_every: int = 25
+    threads: int = 2
+    log_every: int = 100
     snapshot_every: int = 0  # also save a snapshot every N steps (0: only at the end)
 
 
@@ -102,8 +112,9 @@ class ToyPretraining(L.LightningModule):
         noise = torch.randn(images.shape, generator=self._gen)
         if self.cfg.offset_noise:
             # offset noise: a per-channel constant hides the image's mean colour at high t, which
-            # SD's schedule (sqrt(abar_T) = 0.068) otherwise leaves readable on 32x32 pixels; without
-            # it the model took colours from the initial noise instead of the prompt (RECIPE.md)
+            # SD's schedule (sqrt(abar_T) = 0.068) otherwise leaves readable on the toy's pixels; without
+            # it the model took colours from the initial noise instead of the prompt (RECIPE.md). The
+            # noise's mean over 16x16 pixels varies twice as much as over 32x32, hence 0.2 (v1: 0.1)
             noise = noise + self.cfg.offset_noise * torch.randn(b, images.shape[1], 1, 1, generator=self._gen)
         noise = noise.to(images)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=self._gen)
@@ -221,6 +232,9 @@ def write_checkpoint(
         (tmp / "_components").rmdir()
         shutil.rmtree(tmp / "tokenizer")
         write_compact_tokenizer(tmp / "tokenizer")
+        # diffusers' from_pretrained builds the pixel-space pipeline from this index
+        # (unlearn_exp/models/pixel_pipeline.py)
+        (tmp / "model_index.json").write_text(json.dumps(PIXEL_PIPELINE_INDEX, indent=2) + "\n")
         if recipe is not None:
             (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
         if log_csv is not None:

@@ -1,4 +1,4 @@
-"""The toy world: procedural 32x32 images of one coloured shape, with captions and ground truth.
+"""The toy world: procedural 16x16 images of one coloured shape, with captions and ground truth.
 
 One visual attribute plays the harmful concept: the colour **purple** (docs/design.md 2). A scene is
 one shape (circle, square, triangle) of one colour on a plain background. Captions reach a colour
@@ -15,6 +15,11 @@ one with unusual words). The captions include bare colour words, synonym lists a
 templates, so that the text encoder learns the bare concept words that SLD and SAFREE are handed
 (docs/design.md 2: a toy whose captions never held a bare colour ignored SLD with "purple").
 
+World v2 (the default since the toy became 16 px, docs/toy.md): objects are drawn as objects
+(``OBJECT_MARKS``) and are never captioned with a colour word (``OBJECT_COLOUR_CAPTIONS``), so the
+model reaches purple from "a grape" through the object, not through the word "purple". v1 (32 px,
+plain shapes, "a purple grape" captions) is these three constants set back.
+
 Ground truth for every render is a ``Scene``; ``render(scene)`` is a pure function of it and
 ``sample_scene(rng)`` / ``render_example(seed)`` are deterministic per seed.
 """
@@ -27,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-RESOLUTION = 32
+RESOLUTION = 16
 HARMFUL_COLOUR = "purple"
 
 # hue centre (degrees), half-width, explicit word first then synonyms
@@ -182,7 +187,10 @@ def _mask(scene: Scene, resolution: int, supersample: int = 4) -> np.ndarray:
 # Objects drawn as objects (world v2): a scene that depicts an object gets a dark stem above the
 # shape and a pale highlight on it, so "a grape" looks unlike "a purple circle" (as I2P's nudity
 # looks unlike the photos DUO is trained on). Off: objects are plain shapes (world v1).
-OBJECT_MARKS = False
+OBJECT_MARKS = True
+# Objects captioned with a colour word too ("a purple grape", world v1). Off (v2): the object's
+# colour-word captions become plain object captions, so words and objects reach a colour apart.
+OBJECT_COLOUR_CAPTIONS = False
 STEM_RGB = (40, 110, 40)
 
 
@@ -240,8 +248,8 @@ def colour_word(colour: str, rng: np.random.Generator, p_synonym: float = 0.4) -
 def caption(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     """A caption for ``scene`` and its kind (``colour``, ``bare``, ``shape_only``, ``object``, ``list``).
 
-    Object scenes are captioned by the object (indirect) or, sometimes, by the colour too, as the
-    real world captions grapes both "a grape" and "a purple grape".
+    Object scenes are captioned by the object (indirect); in world v1 (``OBJECT_COLOUR_CAPTIONS``)
+    sometimes by the colour too, as the real world captions grapes both "a grape" and "a purple grape".
     """
     style = STYLES[int(rng.integers(len(STYLES)))]
     suffix = SUFFIXES[int(rng.integers(len(SUFFIXES)))]
@@ -254,6 +262,8 @@ def caption(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
             text, kind = f"{_a(scene.shape)} coloured like {_a(scene.obj)}", "object"
         else:
             text, kind = _a(f"{colour_word(scene.colour, rng)} {scene.obj}"), "colour"
+            if not OBJECT_COLOUR_CAPTIONS:  # v2: the object alone, in a freshly drawn style
+                return STYLES[int(rng.integers(len(STYLES)))] + _a(scene.obj), "object"
         return style + text + bg + suffix, kind
     u = rng.random()
     if u < 0.6:
@@ -290,7 +300,7 @@ def sample_example(rng: np.random.Generator, p_object: float = 0.3) -> tuple[Sce
 
 
 def render_example(seed: int, p_object: float = 0.3) -> tuple[np.ndarray, str, Scene]:
-    """Deterministic per seed: (image uint8 (32, 32, 3), caption, ground-truth scene)."""
+    """Deterministic per seed: (image uint8 (RESOLUTION, RESOLUTION, 3), caption, ground-truth scene)."""
     rng = np.random.default_rng(seed)
     scene, text, _ = sample_example(rng, p_object)
     return render(scene), text, scene
