@@ -36,6 +36,34 @@ def test_beta_scale_divides_beta_before_the_loss_and_the_scaling():
         effective_beta({"beta_scale": 0}, 500)
 
 
+def test_beta_map_names_the_beta_of_each_paper_beta():
+    """The toy's map: its four entries exactly, linear in log(beta) between them, refused outside its
+    range or beside a beta_scale; `checkpoint=duo` (the paper) has none, so SD keys stay as they were."""
+    toy = preset("checkpoint", "duo_toy")
+    assert [effective_beta(toy, b) for b in (250, 500, 1000, 2000)] == [20.0, 24.0, 28.0, 32.0]
+    assert effective_beta(toy, 250 * 2**0.5) == pytest.approx(22.0)
+    lr, lam = scaled_hyperparameters(toy, effective_beta(toy, 250))
+    assert lr == pytest.approx(3e-4 * 100 / 20) and lam == pytest.approx(1e6 * 20 / 100)
+    with pytest.raises(UserError, match="outside checkpoint.beta_map"):
+        effective_beta(toy, 4000)
+    with pytest.raises(UserError, match="not both"):
+        effective_beta({**toy, "beta_scale": 25.0}, 500)
+    assert preset("checkpoint", "duo")["beta_map"] is None
+    from unlearn_exp.identity import without_neutral
+
+    assert "beta_map" not in without_neutral("checkpoint", dict(preset("checkpoint", "duo")))
+
+
+def test_a_beta_outside_the_map_is_refused_before_anything_runs():
+    from unlearn_exp.validate import validate
+
+    with pytest.raises(UserError, match=r"outside checkpoint.beta_map \(250-2000\)"):
+        validate(_cfg("checkpoint.beta=3000"))
+    with pytest.raises(UserError, match=r"beta_map\[250\]"):
+        validate(_cfg("checkpoint.beta_map={250: -1, 2000: 32}"))
+    validate(_cfg("checkpoint.beta=700"))
+
+
 def test_beta_scale_reaches_the_trainer(tmp_path):
     torch.manual_seed(0)
     comps = build_tiny(seed=0, resolution=16, vae=False)

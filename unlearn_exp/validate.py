@@ -72,6 +72,26 @@ class _Checks:
             self.fail(f"unknown {name} '{value}': choose one of {list(choices)}")
 
 
+def _beta_map(checks: _Checks, table: Any, beta: Any) -> None:
+    """``checkpoint.beta_map``: null, or {paper beta: beta} of positive numbers that covers ``beta``."""
+    if table is None:
+        return
+    if not isinstance(table, dict) or not table:
+        checks.fail(f"checkpoint.beta_map must map paper betas to betas, got '{table}'")
+        return
+    for k, v in table.items():
+        checks.number(f"checkpoint.beta_map[{k}]", v, lo=0, strict=True)
+        try:
+            if float(k) <= 0:
+                raise ValueError
+        except ValueError:
+            checks.fail(f"checkpoint.beta_map keys must be positive paper betas, got '{k}'")
+            return
+    keys = sorted(float(k) for k in table)
+    if isinstance(beta, int | float) and not isinstance(beta, bool) and not keys[0] <= beta <= keys[-1]:
+        checks.fail(f"checkpoint.beta={beta:g} is outside checkpoint.beta_map ({keys[0]:g}-{keys[-1]:g})")
+
+
 def _check_file(checks: _Checks, name: str, path: Any) -> None:
     """A configured prompt file: a file (not a folder), present."""
     if not path:
@@ -225,6 +245,7 @@ def validate(cfg) -> None:
         checks.append(
             lambda: c.choice("checkpoint.condition", checkpoint.get("condition"), ("null", "unsafe"))
         )
+        checks.append(lambda: _beta_map(c, checkpoint.get("beta_map"), checkpoint.get("beta")))
     if isinstance(plain.get("pp"), dict) and plain["pp"].get("prompts"):
         checks.append(lambda: _benchmark(c, "pp.prompts", plain["pp"]["prompts"]))
     if checkpoint.get("path"):

@@ -62,18 +62,43 @@ def output_preservation_loss(model_T: torch.Tensor, ref_T: torch.Tensor) -> torc
 
 
 def effective_beta(cfg: dict[str, Any], beta: float) -> float:
-    """``beta / beta_scale``: the beta the loss and the lr/lambda scaling see.
+    """The beta the loss and the lr/lambda scaling see: ``beta / beta_scale``, or ``beta_map``'s value.
 
     ``beta_scale`` (1.0 in conf/checkpoint/duo.yaml = the paper) maps the paper's beta values onto a model whose error
     gaps live on another scale (the toy, docs/design.md 2); it is a departure from docs/methods.md 5.4 only
-    when set to another value.
+    when set to another value. ``beta_map`` (null = none; the toy's departure, docs/toy.md) names the beta
+    for each paper beta ``{250: 20, 500: 24, ...}``, linear in log(beta) between its entries; a beta
+    outside its range is refused.
     """
+    import math
+
     if beta <= 0:
         raise UserError(f"DUO beta must be > 0, got {beta}")
     scale = float(cfg["beta_scale"])
     if scale <= 0:
         raise UserError(f"checkpoint.beta_scale must be > 0, got {scale}")
-    return float(beta) / scale
+    table = cfg.get("beta_map")
+    if not table:
+        return float(beta) / scale
+    if scale != 1.0:
+        raise UserError(f"set checkpoint.beta_map or checkpoint.beta_scale, not both (beta_scale={scale})")
+    try:
+        points = sorted((float(k), float(v)) for k, v in dict(table).items())
+    except (TypeError, ValueError):
+        raise UserError(f"checkpoint.beta_map must map paper betas to betas, got {table}") from None
+    if any(k <= 0 or v <= 0 for k, v in points):
+        raise UserError(f"checkpoint.beta_map needs positive betas, got {table}")
+    lo, hi = points[0][0], points[-1][0]
+    if not lo <= float(beta) <= hi:
+        raise UserError(
+            f"DUO beta {beta:g} is outside checkpoint.beta_map ({lo:g}-{hi:g}): add an entry for it"
+        )
+    x = math.log(float(beta))
+    for (k0, v0), (k1, v1) in zip(points, points[1:]):
+        if x <= math.log(k1):
+            w = (x - math.log(k0)) / (math.log(k1) - math.log(k0))
+            return v0 + w * (v1 - v0)
+    return points[-1][1]  # a one-entry map
 
 
 def scaled_hyperparameters(cfg: dict[str, Any], beta: float) -> tuple[float, float]:
@@ -406,7 +431,7 @@ def resolve_recipe(cfg: dict[str, Any], task_cfg) -> dict[str, Any]:
 TRAIN_KEYS = (
     "steps", "batch", "rank", "alpha", "init_lora_weights", "target_modules", "t_min", "t_max", "seed",
     "weight_decay", "grad_clip", "checkpoint_every", "precision", "lr_base", "lambda_base",
-    "lr_override", "lambda_override", "beta_scale", "condition",
+    "lr_override", "lambda_override", "beta_scale", "beta_map", "condition",
 )  # fmt: skip
 PAIR_KEYS = ("max_tries", "pair_batch", "pair_sampling")
 
