@@ -148,13 +148,15 @@ def test_shipped_cache_holds_only_small_files():
     assert len(list((SHIPPED / "inversion").glob("*/_key.json"))) == 4  # shared = beta=500's
 
 
-def test_toy_duo_words_is_toy_duo_with_duo_trained_on_the_words():
+def test_toy_duo_words_is_toy_duo_with_lora_on_the_words_keys_and_values():
     from tests.conftest import compose
     from unlearn_exp.identity import cell_spec
 
     words = compose(["+experiment=toy_duo_words", "checkpoint.beta=2000"], hydra=True)
     plain = compose(["+experiment=toy_duo", "checkpoint.beta=2000"], hydra=True)
-    assert words.checkpoint.condition == "unsafe" and "attn2.to_k" in words.checkpoint.target_modules
+    assert words.checkpoint.condition == plain.checkpoint.condition == "unsafe"
+    assert "attn2.to_k" in words.checkpoint.target_modules
+    assert "attn2.to_k" not in plain.checkpoint.target_modules
     assert words.hydra.sweeper.params == plain.hydra.sweeper.params  # the same grid
     a, b = cell_spec(words), cell_spec(plain)
     assert a["checkpoint"] != b["checkpoint"]  # another checkpoint (never the shipped one)

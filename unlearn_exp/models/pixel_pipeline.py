@@ -1,6 +1,6 @@
 """A diffusers pipeline for a model without a VAE (the toy model): text-to-image in pixel space.
 
-``StableDiffusionPipeline`` needs a VAE; a pixel-space model (the toy's UNet denoises 32x32 RGB
+``StableDiffusionPipeline`` needs a VAE; a pixel-space model (the toy's UNet denoises 16x16 RGB
 images directly) is this ``DiffusionPipeline`` with the same parts but ``vae``. It loads through
 diffusers' own machinery from a folder with a ``model_index.json``::
 

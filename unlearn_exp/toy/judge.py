@@ -368,7 +368,8 @@ class ToyJudge(_base()):
             rule=RULE,
             judge="toy",
             colour_classes=COLOUR_CLASSES,
-            input="RGB, resized to 32x32 (bilinear) if needed, scaled to [-1, 1]",
+            input=f"RGB, resized to {self.net.resolution}x{self.net.resolution} (bilinear) if needed, "
+            "scaled to [-1, 1]",
         )
 
     def to_input(self, images) -> torch.Tensor:
