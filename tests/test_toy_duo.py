@@ -48,6 +48,8 @@ def test_beta_map_names_the_beta_of_each_paper_beta():
         effective_beta(toy, 4000)
     with pytest.raises(UserError, match="not both"):
         effective_beta({**toy, "beta_scale": 25.0}, 500)
+    with pytest.raises(UserError, match="pairs"):
+        effective_beta({**toy, "beta_map": [[250]]}, 500)
     assert preset("checkpoint", "duo")["beta_map"] is None
     from unlearn_exp.identity import without_neutral
 
@@ -59,8 +61,12 @@ def test_a_beta_outside_the_map_is_refused_before_anything_runs():
 
     with pytest.raises(UserError, match=r"outside checkpoint.beta_map \(250-2000\)"):
         validate(_cfg("checkpoint.beta=3000"))
-    with pytest.raises(UserError, match=r"beta_map\[250\]"):
-        validate(_cfg("checkpoint.beta_map={250: -1, 2000: 32}"))
+    with pytest.raises(UserError, match=r"beta_map\[0\]\[1\]"):
+        validate(_cfg("checkpoint.beta_map=[[250,-1],[2000,32]]"))
+    with pytest.raises(UserError, match="beta_map"):  # a mapping: refused when composed, in one line
+        validate(_cfg("checkpoint.beta_map={250: 20}"))
+    with pytest.raises(UserError, match=r"list of \[paper beta, beta\] pairs"):
+        validate(_cfg("checkpoint.beta_map=[[250,20,1]]"))
     validate(_cfg("checkpoint.beta=700"))
 
 

@@ -73,21 +73,23 @@ class _Checks:
 
 
 def _beta_map(checks: _Checks, table: Any, beta: Any) -> None:
-    """``checkpoint.beta_map``: null, or {paper beta: beta} of positive numbers that covers ``beta``."""
+    """``checkpoint.beta_map``: null, or [paper beta, beta] pairs of positive numbers that cover ``beta``."""
     if table is None:
         return
-    if not isinstance(table, dict) or not table:
-        checks.fail(f"checkpoint.beta_map must map paper betas to betas, got '{table}'")
+    if (
+        not isinstance(table, list)
+        or not table
+        or not all(isinstance(p, list) and len(p) == 2 for p in table)
+    ):
+        checks.fail(f"checkpoint.beta_map must be a list of [paper beta, beta] pairs, got '{table}'")
         return
-    for k, v in table.items():
-        checks.number(f"checkpoint.beta_map[{k}]", v, lo=0, strict=True)
-        try:
-            if float(k) <= 0:
-                raise ValueError
-        except ValueError:
-            checks.fail(f"checkpoint.beta_map keys must be positive paper betas, got '{k}'")
-            return
-    keys = sorted(float(k) for k in table)
+    before = len(checks.problems)
+    for i, (paper, toy) in enumerate(table):
+        checks.number(f"checkpoint.beta_map[{i}][0]", paper, lo=0, strict=True)
+        checks.number(f"checkpoint.beta_map[{i}][1]", toy, lo=0, strict=True)
+    if len(checks.problems) > before:
+        return
+    keys = sorted(float(p) for p, _ in table)
     if isinstance(beta, int | float) and not isinstance(beta, bool) and not keys[0] <= beta <= keys[-1]:
         checks.fail(f"checkpoint.beta={beta:g} is outside checkpoint.beta_map ({keys[0]:g}-{keys[-1]:g})")
 

@@ -67,8 +67,9 @@ def effective_beta(cfg: dict[str, Any], beta: float) -> float:
     ``beta_scale`` (1.0 in conf/checkpoint/duo.yaml = the paper) maps the paper's beta values onto a model whose error
     gaps live on another scale (the toy, docs/design.md 2); it is a departure from docs/methods.md 5.4 only
     when set to another value. ``beta_map`` (null = none; the toy's departure, docs/toy.md) names the beta
-    for each paper beta ``{250: 20, 500: 24, ...}``, linear in log(beta) between its entries; a beta
-    outside its range is refused.
+    for each paper beta as ``[[250, 20], [500, 24], ...]`` pairs (a list, not a mapping: the composed
+    config goes through JSON, which would turn numeric keys into strings), linear in log(beta) between
+    them; a beta outside its range is refused.
     """
     import math
 
@@ -83,9 +84,9 @@ def effective_beta(cfg: dict[str, Any], beta: float) -> float:
     if scale != 1.0:
         raise UserError(f"set checkpoint.beta_map or checkpoint.beta_scale, not both (beta_scale={scale})")
     try:
-        points = sorted((float(k), float(v)) for k, v in dict(table).items())
+        points = sorted((float(k), float(v)) for k, v in table)
     except (TypeError, ValueError):
-        raise UserError(f"checkpoint.beta_map must map paper betas to betas, got {table}") from None
+        raise UserError(f"checkpoint.beta_map must be [paper beta, beta] pairs, got {table}") from None
     if any(k <= 0 or v <= 0 for k, v in points):
         raise UserError(f"checkpoint.beta_map needs positive betas, got {table}")
     lo, hi = points[0][0], points[-1][0]
