@@ -200,3 +200,20 @@ def test_compose_cache_gives_the_composed_config_and_follows_conf_changes(tmp_pa
     assert config.compose(overrides).checkpoint.rank == 8
     monkeypatch.setenv("UNLEARN_EXP_COMPOSE_CACHE", "off")
     assert config.compose(overrides).checkpoint.rank == 8
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_a_config_read_back_from_the_compose_cache_has_the_same_identity(experiment, tmp_path, monkeypatch):
+    """The compose cache stores configs as JSON; what it gives back must hash as the fresh config does
+    (a mapping with numeric keys once came back with string keys, another spec key)."""
+    from unlearn_exp import config
+    from unlearn_exp.identity import cell_spec, config_hash
+
+    monkeypatch.setenv("UNLEARN_EXP_COMPOSE_CACHE", str(tmp_path / "cache"))
+    overrides = [f"+experiment={experiment}", "guidance=sld", "embedding=inverted"]
+    fresh = config.compose(overrides)
+    config._READ.clear()
+    again = config.compose(overrides)
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+    assert OmegaConf.to_yaml(again) == OmegaConf.to_yaml(fresh)
+    assert config_hash(cell_spec(again)) == config_hash(cell_spec(fresh))

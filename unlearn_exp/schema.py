@@ -122,7 +122,7 @@ class DUOCheckpointConfig:
     lr_override: Any = MISSING
     lambda_override: Any = MISSING
     beta_scale: Any = MISSING
-    beta_map: Any = MISSING  # dict[paper beta, beta] | None (the toy's departure, docs/toy.md)
+    beta_map: Any = MISSING  # list of [paper beta, beta] pairs | None (the toy's departure, docs/toy.md)
     steps: Any = MISSING  # int | None: None takes each adapter's steps from the recipe
     batch: int = MISSING
     rank: int = MISSING
