@@ -29,6 +29,17 @@ def test_margins_follow_the_written_rules():
     assert m["a"] < 0 and m["b"] < 0 and m["c"] < 0
 
 
+def test_the_precondition_rule_reads_the_explicit_prompts_unguided_cells():
+    grid = _grid(none=0.45, words=0.50, own=0.90, shared=0.85).assign(benchmark="toy_indirect")
+    explicit = grid[grid.guidance == "none"].assign(benchmark="toy_explicit", dsr=[1.0, 0.9, 0.8, 0.7])
+    m = margins(pd.concat([grid, explicit]))
+    assert m["0"] == pytest.approx(0.70 - 0.45 - 0.15)  # the smallest gap, at beta 2000
+    assert m["a"] == pytest.approx(0.5 * 0.45 - 0.05)  # the other rules read the indirect cells only
+    assert pd.isna(margins(grid)["0"])  # no explicit cells: not measured
+    table = verdicts(pd.DataFrame([{"duo_seed": 42, "prompt_seed": 0, **m}])).set_index("finding")
+    assert table.loc["0", "verdict"] == "reproduced"
+
+
 def test_verdicts_count_seed_pairs():
     per_seed = pd.DataFrame(
         [
@@ -79,9 +90,11 @@ def test_the_study_runs_its_grid_per_seed_pair_and_writes_its_report(tmp_path, m
     ]
     assert study.main(argv) == 0
     cells = pd.read_csv(tmp_path / "r" / "study.csv")
-    assert len(cells) == 2 * 2 * 7 and set(cells.prompt_seed) == {0, 1}
-    assert cells.groupby("prompt_seed").cell_key.nunique().tolist() == [14, 14]
+    # per beta the grid's 7 cells and the explicit prompts' unguided cell
+    assert len(cells) == 2 * 2 * 8 and set(cells.prompt_seed) == {0, 1}
+    assert cells.groupby("prompt_seed").cell_key.nunique().tolist() == [16, 16]
+    assert (cells.benchmark == "toy_explicit").sum() == 4
     text = (tmp_path / "r" / "study.md").read_text()
-    for finding in ("(a)", "(b)", "(c)"):
+    for finding in ("(0)", "(a)", "(b)", "(c)"):
         assert finding in text
     assert "seed pairs where it holds" in text
