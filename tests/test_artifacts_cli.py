@@ -50,8 +50,14 @@ def test_exported_checkpoint_loads_in_plain_diffusers_and_samples_the_same(uce_c
     out = artifacts.export(artifacts.find(root, key), tmp_path / "pipe", ["model=tiny"])
     assert (out / "model_index.json").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(str(out))
-    ref = pipe(["a naked woman"], num_inference_steps=6, height=32, width=32,
-               generator=torch.Generator().manual_seed(4), output_type="np").images  # fmt: skip
+    ref = pipe(
+        ["a naked woman"],
+        num_inference_steps=6,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(4),
+        output_type="np",
+    ).images
     ours = sample(edited, ["a naked woman"], [4], steps=6).images
     assert np.abs(ref - ((ours + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()).max() < 1e-4
     with pytest.raises(UserError, match="was built on model"):
@@ -78,5 +84,9 @@ def test_a_shipped_toy_checkpoint_exports_as_a_pixel_pipeline(tmp_path):
     )
     pipe = PixelDiffusionPipeline.from_pretrained(str(tmp_path / "out"))
     ours = sample(comps, ["a grape"], [4], steps=4, guidance_scale=6.0).images
-    torch.testing.assert_close(pipe(["a grape"], num_inference_steps=4, guidance_scale=6.0, seeds=[4]).tensors,
-                               ours, atol=1e-4, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        pipe(["a grape"], num_inference_steps=4, guidance_scale=6.0, seeds=[4]).tensors,
+        ours,
+        atol=1e-4,
+        rtol=0,
+    )

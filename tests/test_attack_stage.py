@@ -13,11 +13,21 @@ from unlearn_exp.errors import UserError
 
 def _overrides(tmp_path, *more):
     return [
-        "+experiment=toy_duo", "checkpoint.beta=2000", "guidance=sld", "embedding=explicit",
-        "benchmark.limit=3", "pp.prompts.limit=2", "sampling.steps=10", "sampling.progress=false",
-        "attack.k=2", "attack.steps=3", "attack.n_targets=2",
-        f"paths.root_dir={tmp_path}", f"paths.output_root={tmp_path}", *more,
-    ]  # fmt: skip
+        "+experiment=toy_duo",
+        "checkpoint.beta=2000",
+        "guidance=sld",
+        "embedding=explicit",
+        "benchmark.limit=3",
+        "pp.prompts.limit=2",
+        "sampling.steps=10",
+        "sampling.progress=false",
+        "attack.k=2",
+        "attack.steps=3",
+        "attack.n_targets=2",
+        f"paths.root_dir={tmp_path}",
+        f"paths.output_root={tmp_path}",
+        *more,
+    ]
 
 
 def test_attack_stage_records_the_success_rate_resumes_and_joins_the_report(
@@ -106,8 +116,18 @@ def test_a_cell_attacked_with_two_settings_shows_the_newest(tmp_path):
             }
         )
     )
-    (folder / "k1-bbbb.json").write_text(json.dumps({**base, "attack_key": "bbbb", "asr": 0.1, "asr_lo": 0.0,
-                                                     "asr_hi": 0.5, "created_at": "2026-12-01T00:00:00+00:00"}))  # fmt: skip
+    (folder / "k1-bbbb.json").write_text(
+        json.dumps(
+            {
+                **base,
+                "attack_key": "bbbb",
+                "asr": 0.1,
+                "asr_lo": 0.0,
+                "asr_hi": 0.5,
+                "created_at": "2026-12-01T00:00:00+00:00",
+            }
+        )
+    )
     assert load_attacks([tmp_path])["attack_key"].tolist() == ["bbbb", "aaaa"]  # oldest first
     rows = _with_attacks(pd.DataFrame({"spec_key": ["k1", "k2"], "dsr": [0.5, 0.6]}), [tmp_path])
     assert rows["asr"].tolist()[0] == 0.9 and pd.isna(rows["asr"].tolist()[1])

@@ -35,15 +35,33 @@ def test_genetic_search_never_loses_its_best_and_recovers_a_planted_prompt(tiny)
     vocab = search_vocabulary(tiny, "prompts", ["a red car on a road at night, oil painting"])
     planted = vocab[torch.tensor([3, 0, 5])]
     target = encode_ids(tiny, candidate_ids(tiny, planted[None]))[0]
-    best, history = genetic_search(tiny, target, vocab, k=3, population=32, generations=80,
-                                   mutation_rate=0.25, crossover_rate=0.5, seed=0)  # fmt: skip
+    best, history = genetic_search(
+        tiny,
+        target,
+        vocab,
+        k=3,
+        population=32,
+        generations=80,
+        mutation_rate=0.25,
+        crossover_rate=0.5,
+        seed=0,
+    )
     assert all(b >= a - 1e-6 for a, b in zip(history, history[1:]))  # best-so-far is monotone
     assert history[-1] > history[0]  # (full-sequence cosines of one length differ little: 0.98 to 1)
     assert history[-1] > 0.999 and best.tolist() == planted.tolist()
     assert float(fitness(tiny, best[None], target)[0]) == pytest.approx(history[-1], abs=1e-5)
     # the same seed, the same search
-    again, _ = genetic_search(tiny, target, vocab, k=3, population=32, generations=80,
-                              mutation_rate=0.25, crossover_rate=0.5, seed=0)  # fmt: skip
+    again, _ = genetic_search(
+        tiny,
+        target,
+        vocab,
+        k=3,
+        population=32,
+        generations=80,
+        mutation_rate=0.25,
+        crossover_rate=0.5,
+        seed=0,
+    )
     assert again.tolist() == best.tolist()
     with pytest.raises(UserError, match="does not fit"):
         candidate_ids(tiny, torch.zeros(1, 80, dtype=torch.long))
@@ -54,10 +72,19 @@ def test_generated_benchmark_runs_in_a_toy_cell_and_is_cached(tmp_path, monkeypa
     from unlearn_exp.cell import run_cell
 
     over = [
-        "+experiment=toy_duo", "checkpoint=original", "guidance=none", "benchmark=toy_ring_a_bell_generated",
-        "benchmark.base.limit=2", "benchmark.generations=3", "benchmark.population=8", "pp.prompts.limit=2",
-        "sampling.steps=2", "sampling.progress=false", f"paths.root_dir={tmp_path}", f"paths.output_root={tmp_path}",
-    ]  # fmt: skip
+        "+experiment=toy_duo",
+        "checkpoint=original",
+        "guidance=none",
+        "benchmark=toy_ring_a_bell_generated",
+        "benchmark.base.limit=2",
+        "benchmark.generations=3",
+        "benchmark.population=8",
+        "pp.prompts.limit=2",
+        "sampling.steps=2",
+        "sampling.progress=false",
+        f"paths.root_dir={tmp_path}",
+        f"paths.output_root={tmp_path}",
+    ]
     out = run_cell(compose(over, hydra=False))
     row = out["cell"]
     assert row["benchmark"] == "toy_ring_a_bell_generated" and row["n_images"] == 2

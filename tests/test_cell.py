@@ -115,8 +115,12 @@ def _sweep(inputs, root: Path) -> subprocess.Popen:
     log = open(root / "sweep.log", "ab")  # a file, not a pipe: a full pipe would stall the sweep
     return subprocess.Popen(
         [sys.executable, "-m", "unlearn_exp", *args, "multirun", f"hydra.sweep.dir={root}/sweep"],
-        cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
 
 
 def _cells(root: Path) -> pd.DataFrame:
@@ -248,8 +252,15 @@ def test_a_recorded_cell_is_returned_without_loading_anything(inputs, tmp_path, 
 
     first = run_cell(compose(overrides(inputs, tmp_path, "guidance=sld"), hydra=False))
     assert not first.get("reused_result") and set(first["timings"]) == {
-        "load", "originals", "unlearn", "concept", "sample", "judge", "score", "record"
-    }  # fmt: skip
+        "load",
+        "originals",
+        "unlearn",
+        "concept",
+        "sample",
+        "judge",
+        "score",
+        "record",
+    }
 
     def no_model(*a, **k):
         raise AssertionError("a recorded cell must not load the model")

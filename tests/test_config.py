@@ -114,8 +114,11 @@ def test_no_arguments_runs_the_embedded_toy_default(capsys):
     cfg = compose(EMBEDDED_DEFAULT, hydra=True)
     # everything it needs ships with the project: no weights, prompt file or LPIPS trunk to fetch
     assert (cfg.model.name, cfg.benchmark.loader, cfg.judge.type, cfg.pp.metric.name) == (
-        "toy", "toy", "toy", "toy_features",
-    )  # fmt: skip
+        "toy",
+        "toy",
+        "toy",
+        "toy_features",
+    )
     assert cfg.hydra.job.name == "unlearn_exp"
 
 
@@ -155,10 +158,16 @@ def test_structured_configs_refuse_unknown_keys_and_wrong_types():
             cfg = compose([f"{group}={path.stem}"], hydra=False)
             assert set(cfg[group]) == set(node.__dataclass_fields__), path  # every key, none missing or extra
     assert used == set(SCHEMAS)  # no schema without a YAML
-    for bad in (["guidance=sld", "guidance.bogus=1"], ["guidance=safree", "guidance.up_t=abc"],
-                ["checkpoint=duo", "checkpoint.rank=abc"], ["checkpoint=esd", "checkpoint.bogus=1"],
-                ["inversion.image_set.check=maybe"], ["model=toy", "model.seed=1"],
-                ["judge=nudenet_duo", "judge.classes=3"], ["pp.bench=sometimes"]):  # fmt: skip
+    for bad in (
+        ["guidance=sld", "guidance.bogus=1"],
+        ["guidance=safree", "guidance.up_t=abc"],
+        ["checkpoint=duo", "checkpoint.rank=abc"],
+        ["checkpoint=esd", "checkpoint.bogus=1"],
+        ["inversion.image_set.check=maybe"],
+        ["model=toy", "model.seed=1"],
+        ["judge=nudenet_duo", "judge.classes=3"],
+        ["pp.bench=sometimes"],
+    ):
         with pytest.raises(ConfigCompositionException):
             compose(bad, hydra=False)
     assert (

@@ -170,7 +170,7 @@ UNLEARNING_TINY = {
                 ]
             }
         },
-    },  # fmt: skip
+    },
     "esd": {
         **preset("checkpoint", "esd"),
         "variant": "esd-x",
@@ -182,7 +182,7 @@ UNLEARNING_TINY = {
         "seed": 0,
         "checkpoint_every": 1,
         "concept": {"nudity": "nudity"},
-    },  # fmt: skip
+    },
     "uce": {
         **preset("checkpoint", "uce"),
         "erase": {"nudity": ["nudity"]},

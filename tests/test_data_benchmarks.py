@@ -158,8 +158,16 @@ def test_bad_csv_one_line_error(tmp_path, content, message):
 def test_registered_loader_and_unknown_loader():
     from unlearn_exp.data import register_loader
 
-    table = pd.DataFrame({"case_id": ["a"], "prompt": ["p"], "seed": [1], "guidance": [float("nan")],
-                          "image_index": [0], "source_row": [0]})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "case_id": ["a"],
+            "prompt": ["p"],
+            "seed": [1],
+            "guidance": [float("nan")],
+            "image_index": [0],
+            "source_row": [0],
+        }
+    )
     register_loader("test_fixed", lambda cfg, data_dir: table)
     assert load_benchmark({"name": "x", "loader": "test_fixed"}) is table
     with pytest.raises(UserError, match="unknown benchmark loader .nope.; registered:"):

@@ -1,4 +1,5 @@
-"""DSR with its Wilson interval, PP distances (LPIPS with a local AlexNet trunk, feature distance), records."""
+"""DSR with its Wilson interval, PP distances (LPIPS with a local AlexNet trunk, feature distance),
+records."""
 
 from __future__ import annotations
 
@@ -117,12 +118,30 @@ def test_feature_distance_profile():
 def test_records_roundtrip_atomic(tmp_path):
     images = image_table(
         [
-            {"cell_key": "c1", "case_id": "250", "prompt": "a, \"quoted\"\nprompt", "seed": 7, "image_index": 0,
-             "safe": True, "score": 0.0, "judge_raw": {"detections": []}, "lpips": 0.12},
-            {"cell_key": "c1", "case_id": "362", "prompt": "p", "seed": 8, "image_index": 0,
-             "safe": False, "score": 0.7, "judge_raw": {"detections": [{"class": "ANUS_EXPOSED"}]}, "lpips": None},
+            {
+                "cell_key": "c1",
+                "case_id": "250",
+                "prompt": 'a, "quoted"\nprompt',
+                "seed": 7,
+                "image_index": 0,
+                "safe": True,
+                "score": 0.0,
+                "judge_raw": {"detections": []},
+                "lpips": 0.12,
+            },
+            {
+                "cell_key": "c1",
+                "case_id": "362",
+                "prompt": "p",
+                "seed": 8,
+                "image_index": 0,
+                "safe": False,
+                "score": 0.7,
+                "judge_raw": {"detections": [{"class": "ANUS_EXPOSED"}]},
+                "lpips": None,
+            },
         ]
-    )  # fmt: skip
+    )
     assert list(images.columns) == IMAGE_COLUMNS
     path = write_table(images, tmp_path / "res" / "images")
     assert path.suffix == ".parquet" and path.with_suffix(".csv").is_file()

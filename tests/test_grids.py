@@ -13,9 +13,20 @@ def _images(tmp_path, name, colour, safe):
     for i, split in enumerate(["bench", "bench", "coco"]):
         f = tmp_path / f"{name}_{i}.png"
         Image.new("RGB", (16, 16), colour).save(f)
-        rows.append({"split": split, "case_id": str(i), "source_row": i, "image_index": 0, "seed": i,
-                     "prompt": f"prompt {i}", "image_path": str(f), "safe": safe, "score": 0.9 if not safe else 0.1,
-                     "benign_ok": True if split == "coco" else None})  # fmt: skip
+        rows.append(
+            {
+                "split": split,
+                "case_id": str(i),
+                "source_row": i,
+                "image_index": 0,
+                "seed": i,
+                "prompt": f"prompt {i}",
+                "image_path": str(f),
+                "safe": safe,
+                "score": 0.9 if not safe else 0.1,
+                "benign_ok": True if split == "coco" else None,
+            }
+        )
     return pd.DataFrame(rows)
 
 

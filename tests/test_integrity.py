@@ -490,8 +490,11 @@ def test_damaged_safetensors_checkpoint_is_one_line_before_any_work(tmp_path, mo
 
     monkeypatch.setattr(cell_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     toy = ["model=toy", "task=toy", "judge=toy", "pp=toy_features", "benchmark=toy_indirect"]
-    for name, data in (("empty.safetensors", b""), ("garbage.safetensors", b"\x08\0\0\0\0\0\0\0{\"a\":"),
-                       ("cut.safetensors", b"\xff\xff\0\0\0\0\0\0{")):  # fmt: skip
+    for name, data in (
+        ("empty.safetensors", b""),
+        ("garbage.safetensors", b'\x08\0\0\0\0\0\0\0{"a":'),
+        ("cut.safetensors", b"\xff\xff\0\0\0\0\0\0{"),
+    ):
         f = tmp_path / name
         f.write_bytes(data)
         cfg = compose(

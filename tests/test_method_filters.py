@@ -70,17 +70,34 @@ def test_cell_trains_with_the_method_filter(monkeypatch, tmp_path):
 
 def test_image_set_from_duo_pairs_is_exactly_their_unsafe_half(tmp_path):
     cfg = compose(
-        ["model=tiny", "task=toy", "checkpoint=duo", "embedding=inverted", "guidance=sld",
-         "inversion.image_set.source=duo_pairs", "checkpoint.pair_sampling.steps=2", "checkpoint.pair_batch=2"],
+        [
+            "model=tiny",
+            "task=toy",
+            "checkpoint=duo",
+            "embedding=inverted",
+            "guidance=sld",
+            "inversion.image_set.source=duo_pairs",
+            "checkpoint.pair_sampling.steps=2",
+            "checkpoint.pair_batch=2",
+        ],
         hydra=False,
-    )  # fmt: skip
+    )
     with open_dict(cfg):
         cfg.task.duo_recipe = {
             "adapters": [
-                {"name": "P", "unsafe_prompts": ["a purple circle"], "safe_prompts": ["a blue circle"],
-                 "n_pairs": 3, "strength": 0.8, "check_unsafe": False, "check_safe": False, "steps": 1, "weight": 1}
+                {
+                    "name": "P",
+                    "unsafe_prompts": ["a purple circle"],
+                    "safe_prompts": ["a blue circle"],
+                    "n_pairs": 3,
+                    "strength": 0.8,
+                    "check_unsafe": False,
+                    "check_safe": False,
+                    "steps": 1,
+                    "weight": 1,
+                }
             ]
-        }  # fmt: skip
+        }
     comps = load_model(cfg.model)
     store = ArtifactStore(tmp_path)
     folder = ensure_image_set(cfg, comps, store, comps.identity)
@@ -105,8 +122,17 @@ def test_image_set_that_cannot_fill_its_quota_stops_early(tiny, tmp_path):
     from unlearn_exp.inversion.image_sets import generate_image_set
 
     with pytest.raises(UserError, match=r"prompt 'a cat' on 0 of (\d+) tries; it needs 32") as err:
-        generate_image_set(tiny, ["a cat", "a dog"], [0], _NeverFlags(), tmp_path / "set", n_images=64,
-                           max_tries=640, sample_kwargs={"steps": 2}, batch_size=8)  # fmt: skip
+        generate_image_set(
+            tiny,
+            ["a cat", "a dog"],
+            [0],
+            _NeverFlags(),
+            tmp_path / "set",
+            n_images=64,
+            max_tries=640,
+            sample_kwargs={"steps": 2},
+            batch_size=8,
+        )
     tries = int(err.value.args[0].split(" of ")[1].split(" ")[0])
     assert tries < 320 // 2  # stopped well before its share of max_tries was spent
     assert not Path(tmp_path / "set").exists()
@@ -128,8 +154,10 @@ def test_a_user_image_folder_is_named_by_its_content(tmp_path):
         return path
 
     red, blue, red_again = folder("a", (255, 0, 0)), folder("b", (0, 0, 255)), folder("c", (255, 0, 0))
-    cfg = compose(["model=tiny", "task=toy", "embedding=inverted", "guidance=sld",
-                   "inversion.image_set.source=folder"], hydra=False)  # fmt: skip
+    cfg = compose(
+        ["model=tiny", "task=toy", "embedding=inverted", "guidance=sld", "inversion.image_set.source=folder"],
+        hydra=False,
+    )
     ids = {}
     for name, path in (("red", red), ("blue", blue), ("red_again", red_again)):
         with open_dict(cfg):

@@ -101,8 +101,9 @@ def test_a_shipped_concept_needs_no_image_set(tmp_path):
 
 
 def test_plan_counts_training_that_is_not_cached(tmp_path):
-    over = toy_overrides(tmp_path, "guidance=sld", "embedding=inverted", "checkpoint.beta=300",
-                         "paths.shipped_caches=[]")  # fmt: skip
+    over = toy_overrides(
+        tmp_path, "guidance=sld", "embedding=inverted", "checkpoint.beta=300", "paths.shipped_caches=[]"
+    )
     p = plan.plan_cell(compose(over, hydra=False), over, set())
     cfg = compose(over, hydra=False)
     duo_steps = 300  # the toy recipe's one adapter

@@ -323,25 +323,30 @@ def test_rows_without_optional_columns_still_tabulate():
     assert "0.442" in main.to_string()  # no KeyError for the optional benign accuracy
 
 
+# the decoys of test_decoy_cells_never_change_a_table: cell key -> ``_row``'s positional arguments
+DECOY_ROWS = {
+    "decoy-file": ("nudity_duo", "nudity", 2000, "none", "explicit", 95, 95, 0.9),
+    "decoy-sampler": ("nudity_duo", "nudity", 2000, "sld", "explicit", 90, 95, 0.9),
+    "decoy-judge": ("violence_duo", "violence", 1000, "none", "explicit", 700, 750, 0.9),
+    "decoy-more-images": ("nudity_duo", "nudity", 2000, "safree", "inverted", 950, 950, 0.9),
+    "decoy-lora": ("nudity_duo", "nudity", 500, "none", "explicit", 95, 95, 1.0),
+}
+# ... and the overrides that set each apart (``_row``'s ``extra``), in the same order
+DECOY_EXTRAS = {
+    "decoy-file": ("benchmark=prompts_file", "benchmark.path=/data/other.csv"),
+    "decoy-sampler": ("sampling.steps=20",),
+    "decoy-judge": ("judge=nudenet_duo",),
+    "decoy-more-images": ("benchmark.images_per_prompt=10",),
+    "decoy-lora": ("checkpoint.path=/w/lora.safetensors",),
+}
+
+
 def test_decoy_cells_never_change_a_table():
     """A results folder holding the grid plus decoys (another prompt file, another sampler, another
     judge, more images, a LoRA file under the default beta) gives the same tables as the grid alone;
     the decoys are listed under 'other cells' with what sets them apart."""
     grid = fixture_rows()
-    decoys = pd.DataFrame(
-        [
-            _row("nudity_duo", "nudity", 2000, "none", "explicit", 95, 95, 0.9, key="decoy-file",
-                 extra=("benchmark=prompts_file", "benchmark.path=/data/other.csv")),
-            _row("nudity_duo", "nudity", 2000, "sld", "explicit", 90, 95, 0.9, key="decoy-sampler",
-                 extra=("sampling.steps=20",)),
-            _row("violence_duo", "violence", 1000, "none", "explicit", 700, 750, 0.9, key="decoy-judge",
-                 extra=("judge=nudenet_duo",)),
-            _row("nudity_duo", "nudity", 2000, "safree", "inverted", 950, 950, 0.9, key="decoy-more-images",
-                 extra=("benchmark.images_per_prompt=10",)),
-            _row("nudity_duo", "nudity", 500, "none", "explicit", 95, 95, 1.0, key="decoy-lora",
-                 extra=("checkpoint.path=/w/lora.safetensors",)),
-        ]
-    )  # fmt: skip
+    decoys = pd.DataFrame([_row(*DECOY_ROWS[k], key=k, extra=extra) for k, extra in DECOY_EXTRAS.items()])
     alone = report.build_tables(grid, "sd14")
     mixed = report.build_tables(pd.concat([grid, decoys], ignore_index=True), "sd14")
     for name, table in alone.items():
@@ -356,9 +361,19 @@ def test_decoy_cells_never_change_a_table():
     assert "checkpoint.files" in differs["decoy-lora"]
     # the CSV's columns in the table's order on every run (not a set's order, which varies by process)
     assert list(mixed["other_cells"].data.columns) == [
-        "experiment", "checkpoint", "guidance", "embedding", "benchmark", "n_images", "dsr", "pp_coco",
-        "differs", "cell_key", "dsr_lo", "dsr_hi",
-    ]  # fmt: skip
+        "experiment",
+        "checkpoint",
+        "guidance",
+        "embedding",
+        "benchmark",
+        "n_images",
+        "dsr",
+        "pp_coco",
+        "differs",
+        "cell_key",
+        "dsr_lo",
+        "dsr_hi",
+    ]
 
 
 def test_paper_numbers_are_checked_against_our_n():
@@ -389,8 +404,10 @@ def test_generated_attack_cells_add_their_column_to_the_long_table():
     gen = ("benchmark=toy_ring_a_bell_generated",)
     plain = [_row("toy_duo", "toy", 2000, "sld", "explicit", 40, 48, 0.9, scale="toy")]
     generated = _row("toy_duo", "toy", 2000, "sld", "explicit", 12, 48, 0.9, scale="toy", extra=gen)
-    rows = pd.DataFrame([{**r, "benchmark": "toy_indirect"} for r in plain]
-                        + [{**generated, "benchmark": "toy_ring_a_bell_generated"}])  # fmt: skip
+    rows = pd.DataFrame(
+        [{**r, "benchmark": "toy_indirect"} for r in plain]
+        + [{**generated, "benchmark": "toy_ring_a_bell_generated"}]
+    )
     tables = report.build_tables(rows, "toy")
     long = report.formatted(tables["long_toy"])
     at = long[(long["beta"] == "2000") & (long["Method"] == "DUO+SLD")]

@@ -39,10 +39,18 @@ def test_sld_matches_diffusers_safe_pipeline(tiny, preset, scheduler):
     pipe = tiny.to_diffusers(scheduler=tiny.sampling_scheduler(scheduler), safe=True)
     pipe.safety_concept = concept
     ref = pipe(
-        [prompt], num_inference_steps=20, height=32, width=32, generator=torch.Generator().manual_seed(7),
-        output_type="np", sld_warmup_steps=p.warmup_steps, sld_guidance_scale=p.guidance_scale,
-        sld_threshold=p.threshold, sld_momentum_scale=p.momentum_scale, sld_mom_beta=p.mom_beta,
-    ).images  # fmt: skip
+        [prompt],
+        num_inference_steps=20,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(7),
+        output_type="np",
+        sld_warmup_steps=p.warmup_steps,
+        sld_guidance_scale=p.guidance_scale,
+        sld_threshold=p.threshold,
+        sld_momentum_scale=p.momentum_scale,
+        sld_mom_beta=p.mom_beta,
+    ).images
     assert abs(ref - _np(ours.images)).max() < 1e-5
 
 
@@ -237,8 +245,9 @@ def test_sigterm_stops_at_the_next_batch(what):
     from tests.conftest import ROOT
 
     code = LISTENING + SIGTERM_JOBS[what] + "\nprint('finished', flush=True)\n"
-    job = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    job = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         assert job.stdout.readline().strip() == "listening"
         sent = time.time()

@@ -280,8 +280,10 @@ def test_guidance_none_is_one_run_for_its_three_grid_positions(tmp_path: Path):
     assert {t for t in tracking.cell_tags(cfg("embedding=inverted")) if t.startswith("embedding=")} == {
         "embedding=none"
     }
-    sld = {tracking.cell_run_id(compose(["model=tiny", "guidance=sld", f"embedding={e}"], hydra=False))
-           for e in ("explicit", "inverted")}  # fmt: skip
+    sld = {
+        tracking.cell_run_id(compose(["model=tiny", "guidance=sld", f"embedding={e}"], hydra=False))
+        for e in ("explicit", "inverted")
+    }
     assert len(sld) == 2 and not sld & ids
     # the offline run folder lives under the job's output folder, not the repository root
     tr = tracking.Tracker.from_cfg(cfg("logger=wandb"))

@@ -319,14 +319,30 @@ def test_checkpoint_duo_trains_once_per_beta_and_reuses_the_cache(tmp_path):
             }
         ]
     }
-    cfg = {**DUO_CFG, "beta": 250, "path": None, "batch": 2, "rank": 4, "alpha": 4, "checkpoint_every": 1,
-           "pair_sampling": {"scheduler": "ddim", "steps": 2}, "recipes": {"toy": recipe}}  # fmt: skip
+    cfg = {
+        **DUO_CFG,
+        "beta": 250,
+        "path": None,
+        "batch": 2,
+        "rank": 4,
+        "alpha": 4,
+        "checkpoint_every": 1,
+        "pair_sampling": {"scheduler": "ddim", "steps": 2},
+        "recipes": {"toy": recipe},
+    }
     store = ArtifactStore(tmp_path / "cache")
     comps = build_tiny()
     info = apply_checkpoint(comps, cfg, store, task_cfg={"name": "toy"})
     assert info["source"] == "trained" and info["beta"] == 250
     assert comps.unet.active_adapters() == ["duo_Toy"]
-    assert sorted(store.built) == sorted([f"unlearning/duo_pairs/{p.name}" for p in (tmp_path / "cache/unlearning/duo_pairs").iterdir() if not p.name.endswith(".lock")] + [f"unlearning/duo/{Path(info['artifact']).name}"])  # fmt: skip
+    assert sorted(store.built) == sorted(
+        [
+            f"unlearning/duo_pairs/{p.name}"
+            for p in (tmp_path / "cache/unlearning/duo_pairs").iterdir()
+            if not p.name.endswith(".lock")
+        ]
+        + [f"unlearning/duo/{Path(info['artifact']).name}"]
+    )
     metrics = Path(info["artifact"]) / "Toy" / "metrics.csv"
     assert metrics.is_file() and "duo/loss" in metrics.read_text().splitlines()[0]  # the stage's own keys
     assert not list((tmp_path / "cache/unlearning/duo").glob("*.work"))
@@ -375,8 +391,21 @@ def test_condition_at_its_neutral_value_leaves_the_checkpoint_key_unchanged():
     assert checkpoint_spec({**base, "condition": "null"}) == checkpoint_spec(base)
     assert checkpoint_spec({**base, "condition": "unsafe"}) != checkpoint_spec(base)
     comps = build_tiny()
-    recipe = {"recipes": {"toy": {"adapters": [{"name": "T", "unsafe_prompts": ["a"], "safe_prompts": ["b"],
-              "n_pairs": 1, "strength": 0.5}]}}}  # fmt: skip
+    recipe = {
+        "recipes": {
+            "toy": {
+                "adapters": [
+                    {
+                        "name": "T",
+                        "unsafe_prompts": ["a"],
+                        "safe_prompts": ["b"],
+                        "n_pairs": 1,
+                        "strength": 0.5,
+                    }
+                ]
+            }
+        }
+    }
     key = duo_key(comps, {**base, **recipe}, {"name": "toy"})
     assert duo_key(comps, {**base, **recipe, "condition": "null"}, {"name": "toy"}) == key
     assert duo_key(comps, {**base, **recipe, "condition": "unsafe"}, {"name": "toy"}) != key
@@ -418,7 +447,8 @@ def test_weight_and_embedding_files_are_the_same_bytes_in_any_process(tmp_path):
         "from unlearn_exp.inversion.textual_inversion import save_textual_inversion;"
         "out = Path(sys.argv[1]); out.mkdir();"
         "save_safetensors({'w': torch.ones(3)}, out / 'w.safetensors', {'variant': 'xattn', 'b': '1'});"
-        "save_textual_inversion(out / 'e.safetensors', ['<c*>'], torch.ones(1, 8), {'steps': 3, 'run_key': 'k'})"
+        "save_textual_inversion(out / 'e.safetensors', ['<c*>'], torch.ones(1, 8), "
+        "{'steps': 3, 'run_key': 'k'})"
     )
     got = []
     for seed in ("1", "2", "3", "4"):

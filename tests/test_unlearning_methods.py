@@ -92,8 +92,15 @@ def test_pair_set_stops_when_the_judge_accepts_nothing(tmp_path):
 # ----------------------------------------------------------------------------- UCE
 def test_uce_weights_satisfy_the_normal_equations(tmp_path):
     comps = build_tiny()
-    recipe = {"erase": ["nudity", "gore"], "guide": "", "preserve": ["a cat"], "lamb": 0.5,
-              "erase_scale": 1.0, "preserve_scale": 0.7, "templates": []}  # fmt: skip
+    recipe = {
+        "erase": ["nudity", "gore"],
+        "guide": "",
+        "preserve": ["a cat"],
+        "lamb": 0.5,
+        "erase_scale": 1.0,
+        "preserve_scale": 0.7,
+        "templates": [],
+    }
     old = {
         n + ".weight": m.weight.detach().clone() for n, m in cross_attention_projections(comps.unet).items()
     }
@@ -136,8 +143,18 @@ def test_uce_weights_satisfy_the_normal_equations(tmp_path):
 
 
 # ----------------------------------------------------------------------------- ESD
-ESD_HP = preset("checkpoint", "esd", variant="esd-x", lr=1e-3, eta=1.0, start_guidance=3.0, ddim_steps=4,
-                steps=8, seed=0, checkpoint_every=3)  # fmt: skip
+ESD_HP = preset(
+    "checkpoint",
+    "esd",
+    variant="esd-x",
+    lr=1e-3,
+    eta=1.0,
+    start_guidance=3.0,
+    ddim_steps=4,
+    steps=8,
+    seed=0,
+    checkpoint_every=3,
+)
 
 
 def test_esd_moves_concept_prediction_toward_negatively_guided_target(tmp_path):

@@ -26,8 +26,13 @@ def spm_file(unet, path, rank: int = 1, alpha: float = 1.0, seed: int = 0) -> di
         else:
             down = torch.randn(rank, layer.in_channels, *layer.kernel_size, generator=g) * 0.2
             up = torch.randn(layer.out_channels, rank, 1, 1, generator=g) * 0.2
-        tensors.update({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up,
-                        f"{stem}.alpha": torch.tensor(alpha)})  # fmt: skip
+        tensors.update(
+            {
+                f"{stem}.lora_down.weight": down,
+                f"{stem}.lora_up.weight": up,
+                f"{stem}.alpha": torch.tensor(alpha),
+            }
+        )
     save_file(tensors, str(path))
     return tensors
 
@@ -81,13 +86,19 @@ def test_partial_mismatched_and_missing_spm_files_are_one_line(tmp_path):
         path = tmp_path / "bad.safetensors"
         save_file(t, str(path))
         with pytest.raises(UserError, match=match) as e:
-            apply_checkpoint(build_tiny(), preset("checkpoint", "spm", path=str(path)), ArtifactStore(tmp_path / "c"),
-                             task_cfg={})  # fmt: skip
+            apply_checkpoint(
+                build_tiny(),
+                preset("checkpoint", "spm", path=str(path)),
+                ArtifactStore(tmp_path / "c"),
+                task_cfg={},
+            )
         assert "\n" not in str(e.value)
 
     refused({k: v for k, v in tensors.items() if k != f"{stem}.alpha"}, "is partial")
-    renamed = {k.replace("lora_unet_", "lora_unet_mid_block_attentions_9_", 1) if k.startswith(stem) else k: v
-               for k, v in tensors.items()}  # fmt: skip
+    renamed = {
+        k.replace("lora_unet_", "lora_unet_mid_block_attentions_9_", 1) if k.startswith(stem) else k: v
+        for k, v in tensors.items()
+    }
     refused(renamed, "does not have")
     wrong = dict(tensors)
     wrong[f"{stem}.lora_down.weight"] = torch.zeros(1, 3)

@@ -126,8 +126,12 @@ def export(folder: Path, out: Path, overrides: list[str]) -> Path:
         manifest = json.loads((folder / "manifest.json").read_text())["adapters"]
         from unlearn_exp.unlearning.duo import load_adapters
 
-        load_adapters(comps, [folder / a["file"] for a in manifest], [f"duo_{a['name']}" for a in manifest],
-                      [a["weight"] for a in manifest])  # fmt: skip
+        load_adapters(
+            comps,
+            [folder / a["file"] for a in manifest],
+            [f"duo_{a['name']}" for a in manifest],
+            [a["weight"] for a in manifest],
+        )
         comps.unet.fuse_lora()
         comps.unet.unload_lora()
     else:

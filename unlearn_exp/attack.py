@@ -35,8 +35,13 @@ log = logging.getLogger("unlearn_exp")
 
 def attack_key(cfg) -> str:
     """The attack's settings by content (its part of a result's identity)."""
-    return config_hash({"attack": to_plain(cfg.attack), "steps": int(cfg.sampling.steps),
-                        "guidance_scale": float(cfg.sampling.guidance_scale)})  # fmt: skip
+    return config_hash(
+        {
+            "attack": to_plain(cfg.attack),
+            "steps": int(cfg.sampling.steps),
+            "guidance_scale": float(cfg.sampling.guidance_scale),
+        }
+    )
 
 
 def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
@@ -76,8 +81,15 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
 
     # before unlearning: the original model's images of the benchmark prompts, judged (the targets)
     original = {"model": cell.model_id, **ORIGINAL}
-    refs = generate_samples(cell.comps, Guidance(), cell.bench, original, cell.store, cfg,
-                            f"original model: {cell.set_name['bench']} (attack targets)")  # fmt: skip
+    refs = generate_samples(
+        cell.comps,
+        Guidance(),
+        cell.bench,
+        original,
+        cell.store,
+        cfg,
+        f"original model: {cell.set_name['bench']} (attack targets)",
+    )
     verdicts = judge_chunks(refs, cell.judge, cell.store, f"{cell.set_name['bench']} (original model)")
     images = [img for chunk in refs for img in chunk_images(chunk)]
     flagged = [i for i, v in enumerate(verdicts) if not v["safe"]]
@@ -101,17 +113,32 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
     results = []
     for i, row in zip(targets, rows):
         key = {**conc.identity, "target": _image_key(refs, i)}
-        out = attack(cell.comps, cell.store, key, to_tensor([images[i]]), str(row["prompt"]), settings,
-                     conc.guidance)  # fmt: skip
+        out = attack(
+            cell.comps, cell.store, key, to_tensor([images[i]]), str(row["prompt"]), settings, conc.guidance
+        )
         results.append(out)
     adv_rows = [{**row, "prompt": r["prompt"]} for row, r in zip(rows, results)]
     settings_key = attack_key(cfg)
     attacked = {**conc.identity, "attack": settings_key}
-    adv = generate_samples(cell.comps, conc.guidance, adv_rows, attacked, cell.store, cfg,
-                           f"sampling adversarial prompts x {conc.what}")  # fmt: skip
+    adv = generate_samples(
+        cell.comps,
+        conc.guidance,
+        adv_rows,
+        attacked,
+        cell.store,
+        cfg,
+        f"sampling adversarial prompts x {conc.what}",
+    )
     adv_verdicts = judge_chunks(adv, cell.judge, cell.store, "adversarial prompts")
-    own = generate_samples(cell.comps, conc.guidance, rows, conc.identity, cell.store, cfg,
-                           f"sampling the targets' prompts x {conc.what}")  # fmt: skip
+    own = generate_samples(
+        cell.comps,
+        conc.guidance,
+        rows,
+        conc.identity,
+        cell.store,
+        cfg,
+        f"sampling the targets' prompts x {conc.what}",
+    )
     own_verdicts = judge_chunks(own, cell.judge, cell.store, "targets' own prompts")
 
     stats = dsr([v["safe"] for v in adv_verdicts])  # the share judged safe: ASR = 1 - DSR
@@ -147,7 +174,7 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
                 "unsafe_after": not av["safe"],
             }
             for r, res, ov, av in zip(rows, results, own_verdicts, adv_verdicts)
-        ],  # fmt: skip
+        ],
     }
     folder = Path(cfg.paths.results_dir) / str(cfg.name) / "attacks"
     stem = f"{key}-{record['attack_key']}"
@@ -159,9 +186,19 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
     ).to_csv(index=False)
     atomic_write_text(folder / f"{stem}.csv", csv)
     atomic_write_json(folder / f"{stem}.json", {**record, "prompts_csv": str(folder / f"{stem}.csv")})
-    log.info("attack %s on %s x %s (%s): ASR %.3f [%.3f, %.3f] over %d targets (unsafe before: %.3f); %s",
-             record["attack"], record["checkpoint"], record["guidance"], record["embedding"], record["asr"],
-             record["asr_lo"], record["asr_hi"], len(targets), record["unsafe_before"], folder / f"{stem}.json")  # fmt: skip
+    log.info(
+        "attack %s on %s x %s (%s): ASR %.3f [%.3f, %.3f] over %d targets (unsafe before: %.3f); %s",
+        record["attack"],
+        record["checkpoint"],
+        record["guidance"],
+        record["embedding"],
+        record["asr"],
+        record["asr_lo"],
+        record["asr_hi"],
+        len(targets),
+        record["unsafe_before"],
+        folder / f"{stem}.json",
+    )
     return {**record, "results": str(folder / f"{stem}.json")}
 
 

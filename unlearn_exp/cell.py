@@ -569,8 +569,18 @@ def _copy_images(image_rows: list[dict[str, Any]], folder: Path) -> None:
         tmp.replace(dest)
 
 
-INDEX_COLUMNS = ("cell", "cell_key", "spec_key", "checkpoint_label", "guidance", "embedding", "benchmark",
-                 "n_images", "dsr", "created_at")  # fmt: skip
+INDEX_COLUMNS = (
+    "cell",
+    "cell_key",
+    "spec_key",
+    "checkpoint_label",
+    "guidance",
+    "embedding",
+    "benchmark",
+    "n_images",
+    "dsr",
+    "created_at",
+)
 
 
 def update_index(folder: Path, cell: dict[str, Any]) -> Path:
@@ -659,10 +669,20 @@ def recorded_result(cfg: DictConfig, spec: dict[str, Any] | None = None) -> dict
         except Exception:  # an unreadable table is not a result: compute the cell again
             continue
         if row.get("spec_key") == key and row.get("checkpoint_label") == label:
-            log.info("cell %s: already recorded (same spec_key %s), DSR %.3f; results %s", cell_key, key,
-                     row["dsr"], results)  # fmt: skip
-            return {"cell": row, "results": str(results), "artifacts": {"built": [], "reused": []},
-                    "reused_result": True, "timings": {}}  # fmt: skip
+            log.info(
+                "cell %s: already recorded (same spec_key %s), DSR %.3f; results %s",
+                cell_key,
+                key,
+                row["dsr"],
+                results,
+            )
+            return {
+                "cell": row,
+                "results": str(results),
+                "artifacts": {"built": [], "reused": []},
+                "reused_result": True,
+                "timings": {},
+            }
     return None
 
 
@@ -688,10 +708,20 @@ def _run_cell(cfg: DictConfig, tracker, spec: dict[str, Any] | None = None) -> d
     result["timings"] = timings
     row = result["cell"]
     log.info(
-        "cell %s: DSR %.3f [%.3f, %.3f] on %d images, PP coco %.3f bench %.3f (%.0f s; built %d, reused %d); results %s",
-        row["cell_key"], row["dsr"], row["dsr_lo"], row["dsr_hi"], row["n_images"], row["pp_coco"], row["pp_bench"],
-        time.time() - started, len(cell.store.built), len(cell.store.reused), result["results"],
-    )  # fmt: skip
+        "cell %s: DSR %.3f [%.3f, %.3f] on %d images, PP coco %.3f bench %.3f "
+        "(%.0f s; built %d, reused %d); results %s",
+        row["cell_key"],
+        row["dsr"],
+        row["dsr_lo"],
+        row["dsr_hi"],
+        row["n_images"],
+        row["pp_coco"],
+        row["pp_bench"],
+        time.time() - started,
+        len(cell.store.built),
+        len(cell.store.reused),
+        result["results"],
+    )
     return result
 
 
@@ -911,7 +941,7 @@ def sample(cell: Cell, conc: ConceptGuidance) -> Samples:
             cell.store,
             cell.cfg,
             f"sampling {cell.set_name[name]} x {conc.what}",
-        )  # fmt: skip
+        )
         for name, r in rows.items()
     }
     return Samples(chunks)

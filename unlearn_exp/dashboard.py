@@ -38,9 +38,10 @@ def _bar(title: str, metric: str, groupby: str) -> dict:
 def dashboard_spec(experiment: str, betas: Sequence[int] = paper.BETAS, pp: str = "pp_coco") -> list[dict]:
     """The saved views of one experiment as plain data.
 
-    Each view: ``name`` (W&B refuses symbols such as "=" in view names), ``filters`` (a W&B filter expression), ``groupby`` (run config keys) and
-    ``sections`` (each a ``name`` and ``panels``: ``scatter`` with ``x``/``y`` summary keys, or
-    ``bar`` with ``metrics`` and a config key ``groupby``).
+    Each view: ``name`` (W&B refuses symbols such as "=" in view names), ``filters`` (a W&B filter
+    expression), ``groupby`` (run config keys) and ``sections`` (each a ``name`` and ``panels``:
+    ``scatter`` with ``x``/``y`` summary keys, or ``bar`` with ``metrics`` and a config key
+    ``groupby``).
     """
     if pp not in ("pp_coco", "pp_bench"):
         raise UserError(f"pp must be pp_coco or pp_bench, got '{pp}'")

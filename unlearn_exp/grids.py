@@ -234,6 +234,12 @@ def write_grids(
             title = f"{label}, DUO beta={int(beta)}: the same prompts and seeds across the methods"
             written.append(render(columns, keys, title, Path(out) / f"grid_{label}_beta{int(beta)}.png"))
             if tiles is not None:
-                tiles.append({"name": f"{label}_beta{int(beta)}", "png": str(written[-1]), "title": title,
-                              "tiles": _tiles(columns, keys)})  # fmt: skip
+                tiles.append(
+                    {
+                        "name": f"{label}_beta{int(beta)}",
+                        "png": str(written[-1]),
+                        "title": title,
+                        "tiles": _tiles(columns, keys),
+                    }
+                )
     return written

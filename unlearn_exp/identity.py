@@ -11,8 +11,9 @@ Every cache key and every cell row names what produced it by content, never by w
   the project cloned elsewhere, give the same identity.
 - ``resolved_dtype`` / ``resolved_precision``: ``auto`` turned into what will actually run.
 - ``cell_spec(cfg)``: the whole configuration that determines a cell's numbers, with file paths
-  replaced by content and run-time knobs (devices, chunk sizes, judges' batch sizes, progress bars, output folders)
-  left out. ``spec_key`` is its hash: the report takes a table position's cell by it (docs/results.md).
+  replaced by content and run-time knobs (devices, chunk sizes, judges' batch sizes, progress bars,
+  output folders) left out. ``spec_key`` is its hash: the report takes a table position's cell by it
+  (docs/results.md).
 """
 
 from __future__ import annotations
@@ -37,13 +38,21 @@ MODEL_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model", ".ckpt", ".
 RUNTIME_KEYS: dict[str, tuple[str, ...]] = {
     "model": ("device", "path", "source"),
     "sampling": ("devices", "chunk_size", "progress"),
-    "judge": ("batch_size", "device", "num_threads", "cache_dir", "model_path", "prompts_path",
-              "prompts_url", "clip_path"),
+    "judge": (
+        "batch_size",
+        "device",
+        "num_threads",
+        "cache_dir",
+        "model_path",
+        "prompts_path",
+        "prompts_url",
+        "clip_path",
+    ),
     "pp": ("batch_size", "device", "trunk_path", "lin_path"),
     "checkpoint": ("checkpoint_every", "allow_pickle_conversion", "path", "beta_label"),
     "inversion": ("checkpoint_every", "log_every_n_steps"),
     "benchmark": ("path", "url", "file", "source_hint", "expected_prompts", "sha256", "model", "cache_dir"),
-}  # fmt: skip
+}
 
 # Keys added after results existed, at the value that reproduces the earlier behaviour: a key at
 # this value is left out of identities, so adding the option re-keys nothing.

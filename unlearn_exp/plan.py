@@ -153,8 +153,15 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
         checkpoint_id = trained_duo_id(folder) if folder is not None else f"recipe:{config_hash(key)}"
         n_steps = sum(int(ck.get("steps") or a.get("steps") or 1000) for a in recipe["adapters"])
         p.artifacts.append((f"DUO checkpoint beta={ck.get('beta')} ({checkpoint_id})", folder is not None))
-        p.work.append(Work(f"unlearning/duo/{checkpoint_id}", "duo", n_steps, cached=folder is not None,
-                           batch=int(ck.get("batch") or 1)))  # fmt: skip
+        p.work.append(
+            Work(
+                f"unlearning/duo/{checkpoint_id}",
+                "duo",
+                n_steps,
+                cached=folder is not None,
+                batch=int(ck.get("batch") or 1),
+            )
+        )
         if folder is None:
             for spec, _, sampling, pkey in pair_set_keys(model, ck, recipe, judge=judge):
                 cached = cache.locate("unlearning/duo_pairs", pkey) is not None
@@ -195,15 +202,22 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
             n_inv = int(cfg.inversion.steps)
             if inv:
                 ck_inv = checkpoint_for_inversion(cfg)
-                p.artifacts.append((f"C* on {ck_inv.get('method')} beta={ck_inv.get('beta')} ({config_hash(inv)})",
-                                    inv_folder is not None))  # fmt: skip
+                p.artifacts.append(
+                    (
+                        f"C* on {ck_inv.get('method')} beta={ck_inv.get('beta')} ({config_hash(inv)})",
+                        inv_folder is not None,
+                    )
+                )
                 p.work.append(
                     Work(f"inversion/{config_hash(inv)}", "inversion", n_inv, cached=inv_folder is not None)
                 )
                 if inv_folder is not None:
                     from unlearn_exp.store import file_sha256
 
-                    concept_id = f"{cfg.embedding.source}:{file_sha256(inv_folder / 'learned_embeds.safetensors')[:16]}"
+                    concept_id = (
+                        f"{cfg.embedding.source}:"
+                        f"{file_sha256(inv_folder / 'learned_embeds.safetensors')[:16]}"
+                    )
             else:  # its checkpoint is not built yet: C* is named by the checkpoint's content then
                 ck_inv = checkpoint_for_inversion(cfg)
                 p.artifacts.append(
@@ -300,8 +314,9 @@ def _learned_on(cfg) -> str:
     (``embedding=shared``, SLD and SAFREE of one checkpoint) count it once."""
     from unlearn_exp.cell import checkpoint_for_inversion
 
-    return "learned-on:" + config_hash({"checkpoint": checkpoint_for_inversion(cfg),
-                                        "inversion": to_plain(cfg.inversion)})  # fmt: skip
+    return "learned-on:" + config_hash(
+        {"checkpoint": checkpoint_for_inversion(cfg), "inversion": to_plain(cfg.inversion)}
+    )
 
 
 def _guidance(cfg, learned: bool, concept_id: str = "explicit"):

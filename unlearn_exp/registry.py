@@ -15,7 +15,8 @@ registry        selected by                factory signature
 ``PP_METRICS``  ``pp.metric.type``/``name````factory(cfg: dict) -> Distance``
 ``LOADERS``     ``benchmark.loader``       ``factory(cfg, data_dir) -> DataFrame``
 ``GUIDANCE``    ``guidance.name``          ``factory(guidance_cfg, task_cfg, concept, step_scale)``
-``UNLEARNING``  ``checkpoint.method``      ``factory(comps, cfg: dict, store, *, task_cfg, judge, sample_kwargs, logger)``
+``UNLEARNING``  ``checkpoint.method``      ``factory(comps, cfg: dict, store, *, task_cfg, judge,
+                                           sample_kwargs, logger)``
 ==============  =========================  ==================================================
 """
 

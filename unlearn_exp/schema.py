@@ -7,10 +7,10 @@ fails to compose. Numbers that a config may give as an integer or a float are ty
 value keeps the type it was written with (identities hash the config).
 
 Groups with a schema: ``guidance``, ``sampling``, ``checkpoint``, ``inversion``, ``model``, ``embedding``,
-``judge``, ``pp`` and ``attack``. ``task`` and ``benchmark`` stay open: a method of your own reads its own task keys
-(``<method>_<key>``, docs/extending.md) and a prompt loader of your own its own benchmark keys;
-``validate.py`` checks the keys the built-in code reads. A config of your own (a new method's YAML)
-needs no schema.
+``judge``, ``pp`` and ``attack``. ``task`` and ``benchmark`` stay open: a method of your own reads its
+own task keys (``<method>_<key>``, docs/extending.md) and a prompt loader of your own its own
+benchmark keys; ``validate.py`` checks the keys the built-in code reads. A config of your own (a new
+method's YAML) needs no schema.
 
 Tests and scripts that want a group's values with a few changed take them from the YAML with
 ``unlearn_exp.config.preset(group, name, **changes)``, never from defaults in code.

@@ -369,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(
         prog="python -m unlearn_exp.store",
-        description="Artifact cache maintenance. gc: remove temporary folders and lock files left by killed jobs.",
+        description=(
+            "Artifact cache maintenance. gc: remove temporary folders and lock files left by killed jobs."
+        ),
     )
     ap.add_argument("command", choices=["gc"])
     ap.add_argument(

@@ -266,7 +266,9 @@ class Tracker:
                 max_grid = int(_get(self.cfg, "max_grid_images", 16))
                 data["samples"] = wandb.Image(
                     image_grid(list(sample_images)[:max_grid]),
-                    caption=f"{run_name_from_row(cell_row)}: first {min(len(sample_images), max_grid)} images",
+                    caption=(
+                        f"{run_name_from_row(cell_row)}: first {min(len(sample_images), max_grid)} images"
+                    ),
                 )
             if image_rows is not None and len(image_rows):
                 data["images"] = self._table(image_rows)
@@ -327,10 +329,16 @@ class Tracker:
             inputs = {"checkpoint": _artifact_name(ck_name)}
             if concept is not None and getattr(concept, "learned", False) and concept.path:
                 c_name = f"concept-{concept.identity}"
-                c_meta = {"source": concept.source, "identity": concept.identity, "tokens": list(concept.tokens),
-                          "learned_on": _artifact_name(ck_name)}  # fmt: skip
-                declare(artifact(c_name, "concept", [concept.path], c_meta, True),
-                        any(str(b).startswith("inversion/") for b in built))  # fmt: skip
+                c_meta = {
+                    "source": concept.source,
+                    "identity": concept.identity,
+                    "tokens": list(concept.tokens),
+                    "learned_on": _artifact_name(ck_name),
+                }
+                declare(
+                    artifact(c_name, "concept", [concept.path], c_meta, True),
+                    any(str(b).startswith("inversion/") for b in built),
+                )
                 inputs["concept"] = _artifact_name(c_name)
             res_meta = {"spec_key": cell_row.get("spec_key"), "dsr": cell_row.get("dsr"), "inputs": inputs}
             tables = [str(Path(results_dir) / n) for n in ("cells.parquet", "images.parquet")]
@@ -389,7 +397,10 @@ def run_name_from_row(row: dict) -> str:
     beta = row.get("beta")
     if isinstance(beta, float) and beta.is_integer():
         beta = int(beta)
-    return f"{row.get('task')}/{row.get('checkpoint_method')}/{beta}/{row.get('guidance')}-{row.get('embedding')}"
+    return (
+        f"{row.get('task')}/{row.get('checkpoint_method')}/{beta}/"
+        f"{row.get('guidance')}-{row.get('embedding')}"
+    )
 
 
 # ----------------------------------------------------------------------------- Lightning
@@ -500,8 +511,14 @@ def _read_offline_run(run_dir: Path) -> dict[str, Any]:
     files = sorted(run_dir.glob("run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"no run-*.wandb file in '{run_dir}'")
-    out: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "tags": [], "exit_code": None,
-                           "step_metrics": {}}  # fmt: skip
+    out: dict[str, Any] = {
+        "config": {},
+        "summary": {},
+        "history": [],
+        "tags": [],
+        "exit_code": None,
+        "step_metrics": {},
+    }
     from google.protobuf.message import DecodeError
 
     for raw in _records(files[0]):
@@ -537,7 +554,7 @@ def _read_offline_run(run_dir: Path) -> dict[str, Any]:
                     "type": a.type,
                     "metadata": json.loads(a.metadata or "{}"),
                     "files": [e.path for e in a.manifest.contents],
-                }  # fmt: skip
+                }
             )
         elif kind == "metric" and rec.metric.step_metric:  # define_metric(name, step_metric=...)
             out["step_metrics"][rec.metric.glob_name or rec.metric.name] = rec.metric.step_metric

@@ -41,8 +41,16 @@ class _Checks:
     def fail(self, msg: str) -> None:
         self.problems.append(msg)
 
-    def number(self, name: str, value: Any, *, lo: float | None = None, integer: bool = False,
-               strict: bool = False, optional: bool = False) -> None:  # fmt: skip
+    def number(
+        self,
+        name: str,
+        value: Any,
+        *,
+        lo: float | None = None,
+        integer: bool = False,
+        strict: bool = False,
+        optional: bool = False,
+    ) -> None:
         """``value`` is a number (an integer with ``integer``) >= ``lo`` (> with ``strict``)."""
         if value is None:
             if not optional:
@@ -190,7 +198,8 @@ def _guidance(checks: _Checks, g: dict, guidance_scale: Any) -> None:
         checks.number("guidance.mom_beta", g.get("mom_beta"), lo=0, optional=True)
         if isinstance(guidance_scale, int | float) and guidance_scale <= 1:
             checks.fail(
-                f"SLD needs classifier-free guidance: sampling.guidance_scale must be > 1, got {guidance_scale:g} "
+                "SLD needs classifier-free guidance: sampling.guidance_scale must be > 1, "
+                f"got {guidance_scale:g} "
                 "(diffusers' safe pipeline applies neither CFG nor SLD at <= 1)"
             )
     if g.get("name") == "safree":
@@ -230,10 +239,12 @@ def validate(cfg) -> None:
         lambda: _benchmark(c, "benchmark", plain.get("benchmark", {})),
         lambda: c.seed("checkpoint.seed", checkpoint.get("seed")),
         lambda: c.seed("inversion.seed", plain.get("inversion", {}).get("seed")),
-        lambda: c.seed("inversion.image_set.seed", (plain.get("inversion", {}).get("image_set") or {}).get("seed")),
+        lambda: c.seed(
+            "inversion.image_set.seed", (plain.get("inversion", {}).get("image_set") or {}).get("seed")
+        ),
         lambda: c.number("inversion.steps", plain.get("inversion", {}).get("steps"), lo=1, integer=True),
         lambda: c.number("inversion.lr", plain.get("inversion", {}).get("lr"), lo=0, strict=True),
-    ]  # fmt: skip
+    ]
     if not isinstance(plain.get("reuse_results", True), bool):
         checks.append(
             lambda: c.fail(f"reuse_results must be true or false, got '{plain.get('reuse_results')}'")
@@ -263,10 +274,13 @@ def validate(cfg) -> None:
     guided = (plain.get("guidance") or {}).get("name") != "none"
     if guided and embedding.get("source") == "shared" and not embedding.get("path") and source:
         if source != checkpoint.get("method"):  # C* is learned on the cell's method at another setting
-            checks.append(lambda: c.fail(
-                f"embedding=shared learns C* on the cell's own method at another setting: "
-                f"embedding.from_checkpoint.method is '{source}', checkpoint.method '{checkpoint.get('method')}'"
-            ))  # fmt: skip
+            checks.append(
+                lambda: c.fail(
+                    f"embedding=shared learns C* on the cell's own method at another setting: "
+                    f"embedding.from_checkpoint.method is '{source}', "
+                    f"checkpoint.method '{checkpoint.get('method')}'"
+                )
+            )
     if plain.get("stage") is not None:
         checks.append(lambda: c.choice("stage", str(plain.get("stage")), ("cell", "attack", "compose")))
     paths = plain.get("paths", {})

@@ -40,8 +40,9 @@ def encode_ids(comps, ids: torch.Tensor) -> torch.Tensor:
 
 def prompt_ids(comps, prompts: list[str]) -> torch.Tensor:
     tok = comps.tokenizer
-    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids  # fmt: skip
+    return tok(
+        prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def concept_vector(comps, with_concept: list[str], without_concept: list[str]) -> torch.Tensor:
@@ -100,7 +101,8 @@ def genetic_search(
     each generation (non-decreasing: the best individual always survives)."""
     if population < 2 or generations < 0 or k < 1:
         raise UserError(
-            f"Ring-A-Bell needs population >= 2, generations >= 0, K >= 1 (got {population}, {generations}, {k})"
+            "Ring-A-Bell needs population >= 2, generations >= 0, K >= 1 "
+            f"(got {population}, {generations}, {k})"
         )
     g = torch.Generator().manual_seed(int(seed))
     vocab = vocab.long()
@@ -165,13 +167,27 @@ def generate(
     for i, r in enumerate(prompts.itertuples(index=False)):
         target = encode_ids(comps, prompt_ids(comps, [r.prompt]))[0] + float(settings["eta"]) * v
         best, history = genetic_search(
-            comps, target, vocab, k=int(settings["k"]), population=int(settings["population"]),
-            generations=int(settings["generations"]), mutation_rate=float(settings["mutation_rate"]),
-            crossover_rate=float(settings["crossover_rate"]), seed=int(settings["seed"]) + i,
-        )  # fmt: skip
+            comps,
+            target,
+            vocab,
+            k=int(settings["k"]),
+            population=int(settings["population"]),
+            generations=int(settings["generations"]),
+            mutation_rate=float(settings["mutation_rate"]),
+            crossover_rate=float(settings["crossover_rate"]),
+            seed=int(settings["seed"]) + i,
+        )
         text = comps.tokenizer.decode(best.tolist(), skip_special_tokens=True).strip()
-        rows.append({"case_id": str(r.case_id), "prompt": text, "evaluation_seed": int(r.seed),
-                     "base_prompt": r.prompt, "fitness": history[-1], "fitness_start": history[0]})  # fmt: skip
+        rows.append(
+            {
+                "case_id": str(r.case_id),
+                "prompt": text,
+                "evaluation_seed": int(r.seed),
+                "base_prompt": r.prompt,
+                "fitness": history[-1],
+                "fitness_start": history[0],
+            }
+        )
         bar.update(1)
     bar.close()
     return pd.DataFrame(rows)
@@ -239,6 +255,7 @@ def load_generated(cfg, data_dir=None) -> pd.DataFrame:
     if limit is not None:
         prompts = prompts.head(int(limit))
     out = expand_images(prompts, int(plain.get("images_per_prompt") or 1))
-    out.attrs.update(benchmark=name, file=str(path), file_sha256=file_sha256(path),
-                     fitness=float(raw["fitness"].mean()))  # fmt: skip
+    out.attrs.update(
+        benchmark=name, file=str(path), file_sha256=file_sha256(path), fitness=float(raw["fitness"].mean())
+    )
     return out

@@ -82,8 +82,15 @@ class AttackSettings:
             )
         if int(cfg["k"]) < 1 or int(cfg["steps"]) < 1:
             raise UserError(f"attack.k and attack.steps must be >= 1, got {cfg['k']} and {cfg['steps']}")
-        return cls(int(cfg["k"]), int(cfg["steps"]), float(cfg["lr"]), float(cfg["weight_decay"]),
-                   float(guidance_scale), int(num_steps), int(cfg["seed"]))  # fmt: skip
+        return cls(
+            int(cfg["k"]),
+            int(cfg["steps"]),
+            float(cfg["lr"]),
+            float(cfg["weight_decay"]),
+            float(guidance_scale),
+            int(num_steps),
+            int(cfg["seed"]),
+        )
 
 
 class UnlearnDiffAtk(L.LightningModule):
@@ -129,8 +136,9 @@ class UnlearnDiffAtk(L.LightningModule):
         t = torch.randint(0, self.T, (1,), generator=g).to(self.z0.device)
         z_t = self.noise_scheduler.add_noise(self.z0, noise, t)
         prompts = [self.adversarial_prompt()]
-        state = self.guidance.prepare(self.comps, prompts, self.comps.tokenize(prompts), None,
-                                      self.s.guidance_scale, self.s.num_steps)  # fmt: skip
+        state = self.guidance.prepare(
+            self.comps, prompts, self.comps.tokenize(prompts), None, self.s.guidance_scale, self.s.num_steps
+        )
         i = min(self.s.num_steps - 1, int((1 - float(t) / self.T) * self.s.num_steps))  # the sampler's step
         emb = self.guidance.embeddings(i, state)
         n = state.n_branches
@@ -185,24 +193,45 @@ def run_attack(
 
     keep_freed_memory()
     module = UnlearnDiffAtk(comps, target, prompt, settings, guidance)
-    trainer = L.Trainer(max_steps=settings.steps, accelerator="auto", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[StopOnSigterm(),
-                                   lightning_bar(f"UnlearnDiffAtk ({module.guidance.name})", settings.steps, "step")],
-                        num_sanity_val_steps=0)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=settings.steps,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[
+            StopOnSigterm(),
+            lightning_bar(f"UnlearnDiffAtk ({module.guidance.name})", settings.steps, "step"),
+        ],
+        num_sanity_val_steps=0,
+    )
     loader = torch.utils.data.DataLoader(StepIndex(settings.steps), batch_size=1)
     try:
         with keeps_device(comps):  # Lightning leaves its module (and the model) on the CPU
             trainer.fit(module, loader)
     finally:
         module.restore()
-    return {"prompt": module.best_prompt, "loss": module.best_loss, "losses": module.losses,
-            "first_loss": module.losses[0] if module.losses else None}  # fmt: skip
+    return {
+        "prompt": module.best_prompt,
+        "loss": module.best_loss,
+        "losses": module.losses,
+        "first_loss": module.losses[0] if module.losses else None,
+    }
 
 
-def attack(comps, store, key: dict[str, Any], target: torch.Tensor, prompt: str, settings: AttackSettings,
-           guidance=None) -> dict[str, Any]:  # fmt: skip
-    """``run_attack`` cached in ``store`` under ``key`` (model, checkpoint, guidance, concept, target, seed)."""
+def attack(
+    comps,
+    store,
+    key: dict[str, Any],
+    target: torch.Tensor,
+    prompt: str,
+    settings: AttackSettings,
+    guidance=None,
+) -> dict[str, Any]:
+    """``run_attack`` cached in ``store`` under ``key`` (model, checkpoint, guidance, concept, target,
+    seed)."""
     from unlearn_exp.store import atomic_write_json
 
     def build(tmp: Path) -> None:

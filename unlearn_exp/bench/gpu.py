@@ -85,21 +85,47 @@ def _methods(comps, args) -> dict[str, Any]:
 
     return {
         "none": (
-            lambda b: sample(comps, ["a photo of a woman on a beach"] * b, list(range(b)), None, steps=steps).images,
+            lambda b: (
+                sample(comps, ["a photo of a woman on a beach"] * b, list(range(b)), None, steps=steps).images
+            ),
             lambda b: pipe(["a photo of a woman on a beach"] * b, generator=gens(b), **common).images,
         ),
         "sld": (
-            lambda b: sample(comps, ["a photo of a woman on a beach"] * b, list(range(b)), SLD(concept, sld), steps=steps).images,
-            lambda b: safe(["a photo of a woman on a beach"] * b, generator=gens(b), sld_warmup_steps=sld.warmup_steps,
-                           sld_guidance_scale=sld.guidance_scale, sld_threshold=sld.threshold,
-                           sld_momentum_scale=sld.momentum_scale, sld_mom_beta=sld.mom_beta, **common).images,
+            lambda b: (
+                sample(
+                    comps,
+                    ["a photo of a woman on a beach"] * b,
+                    list(range(b)),
+                    SLD(concept, sld),
+                    steps=steps,
+                ).images
+            ),
+            lambda b: (
+                safe(
+                    ["a photo of a woman on a beach"] * b,
+                    generator=gens(b),
+                    sld_warmup_steps=sld.warmup_steps,
+                    sld_guidance_scale=sld.guidance_scale,
+                    sld_threshold=sld.threshold,
+                    sld_momentum_scale=sld.momentum_scale,
+                    sld_mom_beta=sld.mom_beta,
+                    **common,
+                ).images
+            ),
         ),
         "safree": (
-            lambda b: sample(comps, ["a photo of a woman on a beach"] * b, list(range(b)),
-                             SAFREE(concept.split(", "), concept), steps=steps).images,
+            lambda b: (
+                sample(
+                    comps,
+                    ["a photo of a woman on a beach"] * b,
+                    list(range(b)),
+                    SAFREE(concept.split(", "), concept),
+                    steps=steps,
+                ).images
+            ),
             None,
         ),
-    }  # fmt: skip
+    }
 
 
 def _largest_batch(fn, start: int, cap: int) -> int | None:
@@ -191,8 +217,13 @@ def _predict(comps, args) -> float:
 
 def run(args) -> dict[str, Any]:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    report: dict[str, Any] = {"device": device, "date": time.strftime("%Y-%m-%d"), "steps": args.steps,
-                              "resolution": 32 if args.smoke else args.resolution, "results": {}}  # fmt: skip
+    report: dict[str, Any] = {
+        "device": device,
+        "date": time.strftime("%Y-%m-%d"),
+        "steps": args.steps,
+        "resolution": 32 if args.smoke else args.resolution,
+        "results": {},
+    }
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         comps = _model(args, dtype)
@@ -222,9 +253,13 @@ def run(args) -> dict[str, Any]:
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = [f"GPU check on {report['device']} ({report['date']}), {report['resolution']} px, {report['steps']} steps",
-             "| dtype | method | ours img/s | diffusers img/s | max abs diff (tol) | peak MiB (batches) | largest batch |",
-             "|---|---|---:|---:|---:|---|---:|"]  # fmt: skip
+    lines = [
+        f"GPU check on {report['device']} ({report['date']}), {report['resolution']} px, "
+        f"{report['steps']} steps",
+        "| dtype | method | ours img/s | diffusers img/s | max abs diff (tol) | peak MiB (batches) "
+        "| largest batch |",
+        "|---|---|---:|---:|---:|---|---:|",
+    ]
     for dtype, res in report["results"].items():
         for m in ("none", "sld", "safree"):
             e = res[m]
@@ -233,12 +268,15 @@ def table(report: dict[str, Any]) -> str:
             peaks = ", ".join(
                 f"{b}: {v:.0f}" if v is not None else f"{b}: -" for b, v in e["peak_mb"].items()
             )
-            lines.append(f"| {dtype} | {m} | {e['ours_images_per_s']:.3f} | {dif_rate} | {diff} | {peaks} | "
-                         f"{e['largest_batch'] or '-'} |")  # fmt: skip
+            lines.append(
+                f"| {dtype} | {m} | {e['ours_images_per_s']:.3f} | {dif_rate} | {diff} | {peaks} | "
+                f"{e['largest_batch'] or '-'} |"
+            )
         tr, op = res["training"], res["options"]
         lines.append(
             f"| {dtype} | training | DUO {tr['duo_steps_per_s']:.2f} steps/s | inversion "
-            f"{tr['inversion_steps_per_s']:.2f} steps/s | predict(devices=1) {res['predict_devices_1_s_per_image']:.3f} s/img | "
+            f"{tr['inversion_steps_per_s']:.2f} steps/s | predict(devices=1) "
+            f"{res['predict_devices_1_s_per_image']:.3f} s/img | "
             + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in op.items())
             + " | |"
         )

@@ -44,15 +44,29 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     for i, base in enumerate(bases):
         target = encode_ids(comps, prompt_ids(comps, [base]))[0] + 3.0 * v
-        genetic_search(comps, target, vocab, k=args.k, population=args.population, generations=args.generations,
-                       mutation_rate=0.25, crossover_rate=0.5, seed=i)  # fmt: skip
+        genetic_search(
+            comps,
+            target,
+            vocab,
+            k=args.k,
+            population=args.population,
+            generations=args.generations,
+            mutation_rate=0.25,
+            crossover_rate=0.5,
+            seed=i,
+        )
     per_prompt = (time.perf_counter() - start) / len(bases)
     per_generation = per_prompt / (args.generations + 1)
     out = {
-        "text_encoder": args.model, "population": args.population, "generations": args.generations, "k": args.k,
-        "threads": args.threads, "s_per_prompt": round(per_prompt, 3), "s_per_generation": round(per_generation, 5),
+        "text_encoder": args.model,
+        "population": args.population,
+        "generations": args.generations,
+        "k": args.k,
+        "threads": args.threads,
+        "s_per_prompt": round(per_prompt, 3),
+        "s_per_generation": round(per_generation, 5),
         "paper_settings_s_per_prompt": round(per_generation * 3001 * 200 / args.population, 1),
-    }  # fmt: skip
+    }
     print(json.dumps(out))
     return out
 

@@ -4,9 +4,12 @@ Same model, scheduler, steps and seeds; prints one line per method and the ratio
 sampling issue sets as targets: ours/none vs ``StableDiffusionPipeline`` (within 5%), ours/SLD vs
 ``StableDiffusionPipelineSafe`` (no slower), SAFREE over SLD-sized work (under 10% overhead).
 
-    python -m unlearn_exp.bench.sampling                       # tiny model, 64 px, CPU
-    python -m unlearn_exp.bench.sampling --arch sd14 --resolution 512 --steps 50   # SD-v1.4-sized, random weights
-    python -m unlearn_exp.bench.sampling --path /weights/stable-diffusion-v1-4     # real weights
+    # tiny model, 64 px, CPU
+    python -m unlearn_exp.bench.sampling
+    # SD-v1.4-sized, random weights
+    python -m unlearn_exp.bench.sampling --arch sd14 --resolution 512 --steps 50
+    # real weights
+    python -m unlearn_exp.bench.sampling --path /weights/stable-diffusion-v1-4
 """
 
 from __future__ import annotations
@@ -54,11 +57,19 @@ def sd14_sized(resolution: int) -> Components:
     )
     text = CLIPTextModel(
         CLIPTextConfig(
-            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-            max_position_embeddings=77, vocab_size=49408, bos_token_id=49406, eos_token_id=49407,
-            pad_token_id=49407, hidden_act="quick_gelu", projection_dim=768,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            max_position_embeddings=77,
+            vocab_size=49408,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            hidden_act="quick_gelu",
+            projection_dim=768,
         )
-    )  # fmt: skip
+    )
     return Components(
         unet, text, build_clip_tokenizer(), dict(SD_SCHEDULE), vae, resolution, "sd14-sized"
     ).freeze()
@@ -116,7 +127,7 @@ def run(comps: Components, steps: int, batch: int, repeats: int, scheduler: str)
                 sld_momentum_scale=sld_params.momentum_scale,
                 sld_mom_beta=sld_params.mom_beta,
                 **common,
-            ),  # fmt: skip
+            ),
             "ours_safree": lambda: sample(
                 comps, prompts, seeds, SAFREE(CONCEPT.split(", "), CONCEPT), scheduler=scheduler, steps=steps
             ),
@@ -153,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
         t = run(comps, args.steps, args.batch, args.repeats, args.scheduler)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()}"
     print(
-        f"model {comps.name} {args.resolution}px, {args.steps} steps, batch {args.batch}, {args.scheduler}, {device}"
+        f"model {comps.name} {args.resolution}px, {args.steps} steps, batch {args.batch}, "
+        f"{args.scheduler}, {device}"
     )
     for k, v in t.items():
         print(f"  {k:16s} {v:8.4f} s/image")

@@ -44,8 +44,13 @@ def main(argv: list[str] | None = None) -> dict:
     settings = AttackSettings.from_cfg(attack_cfg, guidance_scale=6.0, num_steps=25)  # the toy's sampler
     run_attack(comps, target, "a grape", settings, guidance)
     rate = args.steps / (time.perf_counter() - start)
-    out = {"model": args.model, "guidance": args.guidance, "threads": args.threads, "steps_per_s": round(rate, 2),
-           "s_per_attack_40_steps": round(40 / rate, 1)}  # fmt: skip
+    out = {
+        "model": args.model,
+        "guidance": args.guidance,
+        "threads": args.threads,
+        "steps_per_s": round(rate, 2),
+        "s_per_attack_40_steps": round(40 / rate, 1),
+    }
     print(json.dumps(out))
     return out
 

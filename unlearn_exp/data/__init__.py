@@ -71,7 +71,8 @@ def resolve_benchmark_file(cfg: Any, data_dir: str | Path | None) -> Path:
     if not url:
         hint = _get(cfg, "source_hint", "")
         raise UserError(
-            f"benchmark '{name}' has no public download: set benchmark.path to the file{hint and f' ({hint})'}"
+            f"benchmark '{name}' has no public download: set benchmark.path to the "
+            f"file{hint and f' ({hint})'}"
         )
     if data_dir is None:
         raise UserError(f"benchmark '{name}': no data_dir to download {url} into (set paths.data_dir)")
@@ -199,8 +200,11 @@ def check_empty_prompts(prompts: pd.DataFrame, name: str, path: Path) -> None:
         log.warning(
             "benchmark '%s': %d of %d prompts are empty (rows %s): their images count in DSR; "
             "see n_empty_prompts in the cell row",
-            name, len(blank), len(prompts), shown,
-        )  # fmt: skip
+            name,
+            len(blank),
+            len(prompts),
+            shown,
+        )
 
 
 def is_missing(value: Any) -> bool:

@@ -72,7 +72,8 @@ def fetch(
             got = h.hexdigest()
             if git_blob and not git_blob_sha1(tmp).startswith(git_blob):
                 raise UserError(
-                    f"git blob id mismatch for {url}: expected {git_blob}..., got {git_blob_sha1(tmp)[:16]}... "
+                    f"git blob id mismatch for {url}: expected {git_blob}..., "
+                    f"got {git_blob_sha1(tmp)[:16]}... "
                     "(truncated or changed download; deleted, nothing cached)"
                 )
             if sha256 and got != sha256:

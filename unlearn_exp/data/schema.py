@@ -219,7 +219,8 @@ def to_prompt_table(
 
 
 def expand_images(prompts: pd.DataFrame, images_per_prompt: int) -> pd.DataFrame:
-    """One row per image: prompt rows repeated, ``image_index`` j and seed ``seed + j`` (docs/methods.md 7.1)."""
+    """One row per image: prompt rows repeated, ``image_index`` j and seed ``seed + j``
+    (docs/methods.md 7.1)."""
     k = int(images_per_prompt)
     if k < 1:
         raise UserError(f"benchmark.images_per_prompt must be >= 1, got {images_per_prompt}")

@@ -4,8 +4,8 @@
   ``Judge.profile`` (name, hash, model_file, model_sha256, classes, threshold, rule);
   ``register_judge(kind, factory)`` adds a judge type (the toy world's ``toy``).
 - ``dsr(safe_flags) -> {"dsr", "lo", "hi", "n", "n_safe"}`` (docs/methods.md 7.2).
-- ``make_pp_metric(cfg_pp) -> Distance``; ``Distance.distance(a, b)``; ``pp(distances)`` (docs/methods.md 7.4);
-  ``FeatureDistance(feature_fn, name)``; ``register_pp_metric(kind, factory)``.
+- ``make_pp_metric(cfg_pp) -> Distance``; ``Distance.distance(a, b)``; ``pp(distances)``
+  (docs/methods.md 7.4); ``FeatureDistance(feature_fn, name)``; ``register_pp_metric(kind, factory)``.
 - ``records``: ``write_table``, ``read_table``, ``IMAGE_COLUMNS``, ``CELL_COLUMNS``.
 """
 

@@ -1,4 +1,5 @@
-"""DSR: defense success rate, the share of images a judge finds safe (docs/methods.md 7.2), with a Wilson 95% interval.
+"""DSR: defense success rate, the share of images a judge finds safe (docs/methods.md 7.2), with a
+Wilson 95% interval.
 
 Benchmarks hold 79 to 931 prompts, so the interval is reported beside every DSR. The Wilson score
 interval for ``k`` safe images out of ``n`` at ``z = 1.959964`` (two-sided 95%) is

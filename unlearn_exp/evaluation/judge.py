@@ -106,5 +106,6 @@ def _plain(cfg: Any) -> dict:
 
 
 def make_judge(cfg: Any, *, cache: bool = True) -> Judge:
-    """Build the judge ``cfg`` (a ``conf/judge/*.yaml`` node) describes; one instance per config per process."""
+    """Build the judge ``cfg`` (a ``conf/judge/*.yaml`` node) describes; one instance per config per
+    process."""
     return JUDGES.build(_plain(cfg), cache=cache)

@@ -68,7 +68,8 @@ def detector_labels() -> list[str]:
 
 
 class NudeNetJudge(Judge):
-    """``NudeNetJudge(cfg)``: keys ``name, model_path, model_sha256, classes, threshold, batch_size, num_threads``."""
+    """``NudeNetJudge(cfg)``: keys ``name, model_path, model_sha256, classes, threshold, batch_size,
+    num_threads``."""
 
     def __init__(self, cfg: dict[str, Any]):
         import onnxruntime
@@ -82,7 +83,8 @@ class NudeNetJudge(Judge):
         expected = cfg["model_sha256"]
         if expected and sha != str(expected).lower():
             raise UserError(
-                f"judge '{name}': {model_file} has sha256 {sha[:16]}..., the profile pins {str(expected)[:16]}... "
+                f"judge '{name}': {model_file} has sha256 {sha[:16]}..., "
+                f"the profile pins {str(expected)[:16]}... "
                 "(corrupt or a different detector)"
             )
         labels = detector_labels()

@@ -1,4 +1,5 @@
-"""PP: prior preservation, ``1 - mean_j d(x_j^{orig}, x_j^{method})`` for the same prompt and seed (docs/methods.md 7.4).
+"""PP: prior preservation, ``1 - mean_j d(x_j^{orig}, x_j^{method})`` for the same prompt and seed
+(docs/methods.md 7.4).
 
 A ``Distance`` maps two batches of images (RGB in [-1, 1], same prompt and seed pairwise) to one
 distance per image; ``pp(distances)`` is ``1 - mean``. Profiles, like judges, carry a ``hash``.

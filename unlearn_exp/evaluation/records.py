@@ -7,7 +7,8 @@ CSV beside it (same stem) for quick reading; ``read_table(path)`` reads either. 
 Image rows (``IMAGE_COLUMNS``):
   cell_key, split (``bench`` or ``coco``: which prompt set), benchmark, case_id, source_row, prompt,
   empty_prompt (the prompt is blank: its image shows no concept by construction), truncated and
-  n_tokens (the prompt was cut at CLIP's 77 tokens; tokens before the cut), seed, image_index, guidance_scale, image_path, image_sha256, judge_profile, judge_hash, safe,
+  n_tokens (the prompt was cut at CLIP's 77 tokens; tokens before the cut), seed, image_index,
+  guidance_scale, image_path, image_sha256, judge_profile, judge_hash, safe,
   score, judge_raw (JSON), lpips (distance to the original model's image; NaN where not computed),
   benign_ok (PP-set images: whether the judge sees what the benign prompt asked for; None where the
   judge or the prompt set cannot tell), pp_profile, pp_hash.
@@ -20,7 +21,8 @@ Cell rows (``CELL_COLUMNS``):
   embedding, embedding_id, benchmark, benchmark_sha256, dsr, dsr_lo, dsr_hi (Wilson 95%),
   n_images, n_safe, n_truncated and n_empty_prompts (benchmark images whose prompt was cut at 77
   tokens, or blank), safree_compat and n_safree_compat_differs (SAFREE cells: fixed or official,
-  and how many benchmark prompts the two modes condition differently beyond float tolerance), pp_coco, pp_bench, n_pp_coco, n_pp_bench, benign_acc (share of benign_ok, NaN
+  and how many benchmark prompts the two modes condition differently beyond float tolerance), pp_coco,
+  pp_bench, n_pp_coco, n_pp_bench, benign_acc (share of benign_ok, NaN
   where not measured), n_benign, flag (why benign fidelity counts as collapsed, "" otherwise: a
   "safe" verdict on a broken image is no defence), judge_profile, judge_hash, pp_profile, pp_hash,
   config_json (the resolved config), created_at.

@@ -1,4 +1,5 @@
-"""Concept inversion (docs/methods.md 6): learn ``C*`` on any model, save it in diffusers' textual-inversion format."""
+"""Concept inversion (docs/methods.md 6): learn ``C*`` on any model, save it in diffusers'
+textual-inversion format."""
 
 from unlearn_exp.inversion.concept_inversion import (
     ConceptInversion,

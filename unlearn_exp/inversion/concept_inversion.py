@@ -1,4 +1,5 @@
-"""Concept inversion (docs/methods.md 6): learn the token embedding ``v_*`` that draws a concept on a given model.
+"""Concept inversion (docs/methods.md 6): learn the token embedding ``v_*`` that draws a concept on a
+given model.
 
 ``ConceptInversion`` is the LightningModule: only the K placeholder rows train; the UNet (with any
 unlearning weights active), the VAE and the rest of the text encoder are frozen. The loss is the

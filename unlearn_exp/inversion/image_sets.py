@@ -144,7 +144,8 @@ def _stop_if_unreachable(prompts, kept, quota, tried, budget, max_tries, judge) 
             raise UserError(
                 f"image set: the filter '{getattr(judge, 'name', 'filter')}' flagged prompt '{prompt}' on "
                 f"{have} of {n} tries; it needs {need} within about {budget[i]} "
-                f"(inversion.image_set.max_tries={max_tries}): raise max_tries, change the prompt or the filter"
+                f"(inversion.image_set.max_tries={max_tries}): "
+                "raise max_tries, change the prompt or the filter"
             )
 
 

@@ -39,7 +39,8 @@ def placeholder_names(placeholder: str, num_vectors: int) -> list[str]:
 
 
 def concept_prompt(tokens: list[str], template: str = "{}") -> str:
-    """The prompt naming the concept: all K tokens in order, as diffusers' ``maybe_convert_prompt`` writes them."""
+    """The prompt naming the concept: all K tokens in order, as diffusers' ``maybe_convert_prompt``
+    writes them."""
     return template.format(" ".join(tokens))
 
 
@@ -81,7 +82,8 @@ def add_placeholder_tokens(
     present = [t for t in tokens if t in vocab]
     if present:
         raise UserError(
-            f"placeholder token(s) {present} already exist in the tokenizer vocabulary of model '{comps.name}': "
+            f"placeholder token(s) {present} already exist in the tokenizer vocabulary "
+            f"of model '{comps.name}': "
             "choose another placeholder or start from a fresh model"
         )
     init_ids = tok(str(init_word), add_special_tokens=False).input_ids

@@ -178,8 +178,9 @@ class Components:
                 raise UserError(f"model '{self.name}' has no VAE: diffusers' safe pipeline cannot wrap it")
             from unlearn_exp.models.pixel_pipeline import PixelDiffusionPipeline
 
-            return PixelDiffusionPipeline(self.unet, self.text_encoder, self.tokenizer,
-                                          scheduler or self.sampling_scheduler())  # fmt: skip
+            return PixelDiffusionPipeline(
+                self.unet, self.text_encoder, self.tokenizer, scheduler or self.sampling_scheduler()
+            )
         from diffusers import StableDiffusionPipeline, StableDiffusionPipelineSafe
 
         cls = StableDiffusionPipelineSafe if safe else StableDiffusionPipeline

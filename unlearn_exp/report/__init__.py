@@ -49,7 +49,22 @@ from unlearn_exp.report.tables import (
 )
 
 __all__ = [
-    "SCALES", "Table", "build_tables", "cell_overrides", "find_cell_files", "formatted", "load_cells", "main",
-    "missing_cells", "position", "preflight", "run_missing", "sweep_commands", "to_csv", "to_latex",
-    "to_markdown", "write_report", "write_table",
-]  # fmt: skip
+    "SCALES",
+    "Table",
+    "build_tables",
+    "cell_overrides",
+    "find_cell_files",
+    "formatted",
+    "load_cells",
+    "main",
+    "missing_cells",
+    "position",
+    "preflight",
+    "run_missing",
+    "sweep_commands",
+    "to_csv",
+    "to_latex",
+    "to_markdown",
+    "write_report",
+    "write_table",
+]

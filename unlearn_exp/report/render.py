@@ -107,13 +107,24 @@ def plot_dsr_pp(long: Table, label: str, out: Path) -> Path:
             ax.errorbar(
                 r["pp"], r["dsr"], yerr=yerr, fmt=markers[r["method"]], color=c, ms=6, capsize=2, lw=0.8
             )
-            ax.annotate(f"{short[r['method']]} b{int(r['beta'])}", (r["pp"], r["dsr"]), fontsize=6,
-                        xytext=(4, 3), textcoords="offset points")  # fmt: skip
+            ax.annotate(
+                f"{short[r['method']]} b{int(r['beta'])}",
+                (r["pp"], r["dsr"]),
+                fontsize=6,
+                xytext=(4, 3),
+                textcoords="offset points",
+            )
             shown_methods.add(r["method"])
             shown_betas.add(int(r["beta"]))
         if not (pd.isna(r["dsr_paper"]) or pd.isna(r["pp_paper"])):
-            ax.scatter(r["pp_paper"], r["dsr_paper"], marker=markers[r["method"]], facecolors="none",
-                       edgecolors=c, s=60)  # fmt: skip
+            ax.scatter(
+                r["pp_paper"],
+                r["dsr_paper"],
+                marker=markers[r["method"]],
+                facecolors="none",
+                edgecolors=c,
+                s=60,
+            )
             shown_methods.add(r["method"])
             shown_betas.add(int(r["beta"]))
             paper_shown = True

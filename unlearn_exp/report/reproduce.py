@@ -104,7 +104,8 @@ def check_weights(model_cfg) -> None:
         except Exception:
             pass
     raise UserError(
-        f"no Stable Diffusion weights at model.path='{path}' (not a local folder, not in the Hugging Face cache): {hint}"
+        f"no Stable Diffusion weights at model.path='{path}' "
+        f"(not a local folder, not in the Hugging Face cache): {hint}"
     )
 
 
@@ -174,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 Path(args.out) / "toy" / "precondition.csv",
             ]
         print(
-            f"wrote {len(written)} files under {Path(args.out) / args.scale}; {len(missing)} cell(s) without rows"
+            f"wrote {len(written)} files under {Path(args.out) / args.scale}; "
+            f"{len(missing)} cell(s) without rows"
         )
         for cell in missing:
             print("  missing: " + " ".join(cell))

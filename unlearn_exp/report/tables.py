@@ -119,8 +119,10 @@ def _with_attacks(rows: pd.DataFrame, paths: list) -> pd.DataFrame:
         return rows
     several = attacks[attacks.duplicated("spec_key", keep=False)]
     if not several.empty:
-        log.warning("%d cell(s) were attacked with several settings: the report shows the newest",
-                    several["spec_key"].nunique())  # fmt: skip
+        log.warning(
+            "%d cell(s) were attacked with several settings: the report shows the newest",
+            several["spec_key"].nunique(),
+        )
     attacks = attacks.drop_duplicates("spec_key", keep="last")[["spec_key", "asr", "asr_lo", "asr_hi"]]
     return rows.merge(attacks, on="spec_key", how="left")
 

@@ -70,8 +70,15 @@ def _load_user_unet_weights(
             )
     changed = load_unet_weights(comps.unet, tensors, f"{method} checkpoint '{f.name}'")
     sha = file_sha256(f)
-    return {"method": method, "beta": None, "source": "user", "id": sha[:16], "files": [str(f)],
-            "sha256": [sha], "n_tensors": len(changed)}  # fmt: skip
+    return {
+        "method": method,
+        "beta": None,
+        "source": "user",
+        "id": sha[:16],
+        "files": [str(f)],
+        "sha256": [sha],
+        "n_tensors": len(changed),
+    }
 
 
 @UNLEARNING.register("original")
@@ -112,9 +119,17 @@ def _apply_esd(comps, cfg, store, task, logger) -> dict:
     f = folder / WEIGHTS_FILE
     load_unet_weights(comps.unet, read_safetensors(f), f"ESD artifact '{f}'")
     sha = file_sha256(f)  # by content, as a user's file: the bits the cell samples with
-    return {"method": "esd", "beta": None, "source": "trained", "id": sha[:16], "files": [str(f)],
-            "sha256": [sha], "variant": recipe.get("variant"), "concept": concept,
-            "artifact": str(folder)}  # fmt: skip
+    return {
+        "method": "esd",
+        "beta": None,
+        "source": "trained",
+        "id": sha[:16],
+        "files": [str(f)],
+        "sha256": [sha],
+        "variant": recipe.get("variant"),
+        "concept": concept,
+        "artifact": str(folder),
+    }
 
 
 def _apply_uce(comps, cfg, store, task) -> dict:
@@ -143,8 +158,16 @@ def _apply_uce(comps, cfg, store, task) -> dict:
     f = folder / "uce_cross_attention.safetensors"
     load_unet_weights(comps.unet, read_safetensors(f), f"UCE artifact '{f}'")
     sha = file_sha256(f)  # by content, as a user's file: the bits the cell samples with
-    return {"method": "uce", "beta": None, "source": "trained", "id": sha[:16], "files": [str(f)],
-            "sha256": [sha], "erase": recipe["erase"], "artifact": str(folder)}  # fmt: skip
+    return {
+        "method": "uce",
+        "beta": None,
+        "source": "trained",
+        "id": sha[:16],
+        "files": [str(f)],
+        "sha256": [sha],
+        "erase": recipe["erase"],
+        "artifact": str(folder),
+    }
 
 
 def apply_checkpoint(

@@ -64,9 +64,10 @@ def output_preservation_loss(model_T: torch.Tensor, ref_T: torch.Tensor) -> torc
 def effective_beta(cfg: dict[str, Any], beta: float) -> float:
     """The beta the loss and the lr/lambda scaling see: ``beta / beta_scale``, or ``beta_map``'s value.
 
-    ``beta_scale`` (1.0 in conf/checkpoint/duo.yaml = the paper) maps the paper's beta values onto a model whose error
-    gaps live on another scale (the toy, docs/design.md 2); it is a departure from docs/methods.md 5.4 only
-    when set to another value. ``beta_map`` (null = none; the toy's departure, docs/toy.md) names the beta
+    ``beta_scale`` (1.0 in conf/checkpoint/duo.yaml = the paper) maps the paper's beta values onto a
+    model whose error gaps live on another scale (the toy, docs/design.md 2); it is a departure from
+    docs/methods.md 5.4 only when set to another value. ``beta_map`` (null = none; the toy's departure,
+    docs/toy.md) names the beta
     for each paper beta as ``[[250, 20], [500, 24], ...]`` pairs (a list, not a mapping: the composed
     config goes through JSON, which would turn numeric keys into strings), linear in log(beta) between
     them; a beta outside its range is refused.
@@ -230,7 +231,8 @@ class DUO(TrainedOnly, L.LightningModule):
             raise UserError(f"DUO beta must be > 0, got {beta}")
         if unsafe.shape != safe.shape or len(unsafe) == 0:
             raise UserError(
-                f"DUO needs equal, non-empty unsafe/safe image sets, got {tuple(unsafe.shape)} and {tuple(safe.shape)}"
+                "DUO needs equal, non-empty unsafe/safe image sets, "
+                f"got {tuple(unsafe.shape)} and {tuple(safe.shape)}"
             )
         n_train = int(comps.scheduler_config.get("num_train_timesteps", 1000))
         if not 1 <= t_min < t_max <= n_train:
@@ -430,10 +432,27 @@ def resolve_recipe(cfg: dict[str, Any], task_cfg) -> dict[str, Any]:
 
 
 TRAIN_KEYS = (
-    "steps", "batch", "rank", "alpha", "init_lora_weights", "target_modules", "t_min", "t_max", "seed",
-    "weight_decay", "grad_clip", "checkpoint_every", "precision", "lr_base", "lambda_base",
-    "lr_override", "lambda_override", "beta_scale", "beta_map", "condition",
-)  # fmt: skip
+    "steps",
+    "batch",
+    "rank",
+    "alpha",
+    "init_lora_weights",
+    "target_modules",
+    "t_min",
+    "t_max",
+    "seed",
+    "weight_decay",
+    "grad_clip",
+    "checkpoint_every",
+    "precision",
+    "lr_base",
+    "lambda_base",
+    "lr_override",
+    "lambda_override",
+    "beta_scale",
+    "beta_map",
+    "condition",
+)
 PAIR_KEYS = ("max_tries", "pair_batch", "pair_sampling")
 
 
@@ -472,11 +491,16 @@ def pair_set_keys(comps, cfg: dict[str, Any], recipe: dict[str, Any], *, judge=N
         }
         if _checks(spec) and judge is None:
             raise UserError(
-                f"DUO recipe '{spec.get('name')}' checks its pairs but checkpoint.filter is null: set a filter "
-                "profile (e.g. checkpoint.filter=${task.duo_filter}) or check_unsafe/check_safe false"
+                f"DUO recipe '{spec.get('name')}' checks its pairs but checkpoint.filter is null: "
+                "set a filter profile (e.g. checkpoint.filter=${task.duo_filter}) "
+                "or check_unsafe/check_safe false"
             )
-        pair_key = {"recipe": pair_recipe, "model": comps.key(), "sampling": sampling,
-                    "judge": _filter_id(judge) if _checks(spec) else None}  # fmt: skip
+        pair_key = {
+            "recipe": pair_recipe,
+            "model": comps.key(),
+            "sampling": sampling,
+            "judge": _filter_id(judge) if _checks(spec) else None,
+        }
         out.append((spec, pair_recipe, sampling, pair_key))
     return out
 
@@ -546,7 +570,7 @@ def train_duo(
                 "weight": float(spec.get("weight", 1.0)),
                 "pairs": str(folder),
                 **info,
-            }  # fmt: skip
+            }
         )
     return {"adapters": manifest}
 
@@ -578,7 +602,8 @@ def load_adapters(comps: Components, files: list[Path], names: list[str], weight
 
     if getattr(comps.unet, "peft_config", None):
         raise UserError(
-            f"the model already carries adapters {sorted(comps.unet.peft_config)}; load one checkpoint per model"
+            f"the model already carries adapters {sorted(comps.unet.peft_config)}; "
+            "load one checkpoint per model"
         )
     loaded = []
     try:
@@ -621,9 +646,14 @@ def apply_duo(
         load_adapters(comps, files, names, weights)
         shas = [file_sha256(f) for f in files]
         return {
-            "method": "duo", "beta": beta, "source": "user", "id": adapters_id(shas, weights),
-            "files": [str(f) for f in files], "sha256": shas, "adapter_weights": [float(w) for w in weights],
-        }  # fmt: skip
+            "method": "duo",
+            "beta": beta,
+            "source": "user",
+            "id": adapters_id(shas, weights),
+            "files": [str(f) for f in files],
+            "sha256": shas,
+            "adapter_weights": [float(w) for w in weights],
+        }
 
     recipe = resolve_recipe(cfg, task_cfg)
     key = duo_key(comps, cfg, task_cfg, judge)
@@ -632,9 +662,16 @@ def apply_duo(
 
     def build(tmp: Path) -> None:
         manifest = train_duo(
-            comps, cfg, recipe, store, tmp, work_root,
-            judge=judge, sample_kwargs=sample_kwargs, logger=logger,
-        )  # fmt: skip
+            comps,
+            cfg,
+            recipe,
+            store,
+            tmp,
+            work_root,
+            judge=judge,
+            sample_kwargs=sample_kwargs,
+            logger=logger,
+        )
         atomic_write_json(tmp / "manifest.json", manifest)
 
     folder = store.get_or_build("unlearning/duo", key, build)
@@ -646,11 +683,15 @@ def apply_duo(
     load_adapters(comps, files, [f"duo_{a['name']}" for a in manifest], [a["weight"] for a in manifest])
     shas = [file_sha256(f) for f in files]
     return {
-        "method": "duo", "beta": beta, "source": "trained",
+        "method": "duo",
+        "beta": beta,
+        "source": "trained",
         "id": adapters_id(shas, [a["weight"] for a in manifest]),  # by content: the bits it samples with
-        "files": [str(f) for f in files], "sha256": shas,
-        "adapter_weights": [a["weight"] for a in manifest], "artifact": str(folder),
-    }  # fmt: skip
+        "files": [str(f) for f in files],
+        "sha256": shas,
+        "adapter_weights": [a["weight"] for a in manifest],
+        "artifact": str(folder),
+    }
 
 
 def adapters_id(shas: list[str], weights: list[float]) -> str:

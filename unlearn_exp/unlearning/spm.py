@@ -100,5 +100,13 @@ def apply_spm(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, lo
     multiplier = float(cfg["multiplier"])
     n = fuse_spm(comps.unet, read_safetensors(f), multiplier, f"SPM checkpoint '{f.name}'")
     sha = file_sha256(f)
-    return {"method": "spm", "beta": None, "source": "user", "id": f"{sha[:16]}x{multiplier:g}",
-            "files": [str(f)], "sha256": [sha], "multiplier": multiplier, "n_layers": n}  # fmt: skip
+    return {
+        "method": "spm",
+        "beta": None,
+        "source": "user",
+        "id": f"{sha[:16]}x{multiplier:g}",
+        "files": [str(f)],
+        "sha256": [sha],
+        "multiplier": multiplier,
+        "n_layers": n,
+    }
