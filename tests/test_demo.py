@@ -71,8 +71,14 @@ def test_the_demo_end_to_end_on_a_small_grid(tmp_path, monkeypatch, capsys, jobs
         return name, [2000], {k: v for k, v in cells.items() if k[0] == 2000}, {2000: probes[2000]}
 
     monkeypatch.setattr(precondition, "measurements", one_beta)
-    small = ["checkpoint.beta=2000", "benchmark.n=2", "pp.prompts.n=2", "sampling.chunk_size=2",
-             f"paths.root_dir={tmp_path}", f"paths.output_root={tmp_path}"]  # fmt: skip
+    small = [
+        "checkpoint.beta=2000",
+        "benchmark.n=2",
+        "pp.prompts.n=2",
+        "sampling.chunk_size=2",
+        f"paths.root_dir={tmp_path}",
+        f"paths.output_root={tmp_path}",
+    ]
     assert demo.main(["--jobs", str(jobs), *small]) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "reports" / "toy" / "precondition.md").is_file()

@@ -50,8 +50,16 @@ def test_direction_alignment_is_cached_by_the_cells_identity(tmp_path, monkeypat
     monkeypatch.setattr(precondition, "_measure_alignment", measured)
 
     def cfg(beta):
-        return compose(["+experiment=toy_duo", f"checkpoint.beta={beta}", "guidance=sld", "embedding=inverted",
-                        f"paths.cache_dir={tmp_path}"], hydra=False)  # fmt: skip
+        return compose(
+            [
+                "+experiment=toy_duo",
+                f"checkpoint.beta={beta}",
+                "guidance=sld",
+                "embedding=inverted",
+                f"paths.cache_dir={tmp_path}",
+            ],
+            hydra=False,
+        )
 
     assert precondition.direction_alignment(cfg(250))["cos_mean"] == 0.5
     assert precondition.direction_alignment(cfg(250))["n_images"] == 48  # from the cache

@@ -74,8 +74,18 @@ def test_beta_scale_reaches_the_trainer(tmp_path):
     torch.manual_seed(0)
     comps = build_tiny(seed=0, resolution=16, vae=False)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
-    hp = preset("checkpoint", "duo", beta=500, beta_scale=50.0, steps=1, batch=2, rank=2, alpha=2,
-                checkpoint_every=100, precision="32-true")  # fmt: skip
+    hp = preset(
+        "checkpoint",
+        "duo",
+        beta=500,
+        beta_scale=50.0,
+        steps=1,
+        batch=2,
+        rank=2,
+        alpha=2,
+        checkpoint_every=100,
+        precision="32-true",
+    )
     info = train_adapter(comps, (x, -x), hp, adapter_name="t", work_dir=tmp_path / "w")
     assert info["beta"] == 500.0 and info["beta_effective"] == pytest.approx(10.0)
     assert info["lr"] == pytest.approx(3e-4 * 100 / 10) and info["lambda"] == pytest.approx(1e6 * 10 / 100)

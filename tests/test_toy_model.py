@@ -1,4 +1,4 @@
-"""The toy model: the recipe lowers the loss, the checkpoint format, and the shipped checkpoint's behaviour."""
+"""The toy model: the recipe lowers the loss, the checkpoint format, the shipped checkpoint's behaviour."""
 
 from __future__ import annotations
 

@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             elapsed = time.time() - start
             eta = elapsed / n * (len(cells) - n)  # from the cells finished so far
             print(
-                f"[{n:2d}/{len(cells)}] {' '.join(cells[i]):55s} DSR {c['dsr']:.3f} [{c['dsr_lo']:.2f}, {c['dsr_hi']:.2f}]"
+                f"[{n:2d}/{len(cells)}] {' '.join(cells[i]):55s} DSR {c['dsr']:.3f}"
+                f" [{c['dsr_lo']:.2f}, {c['dsr_hi']:.2f}]"
                 f"  PP {c['pp_coco']:.3f}  benign {c['benign_acc']:.2f}  ({took:.0f} s, {got['built']} built;"
                 f" elapsed {elapsed:.0f} s, ETA {eta:.0f} s)" + (f"  FLAG: {c['flag']}" if c["flag"] else ""),
                 flush=True,
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             else ""
         )
         print(
-            f"\n{len(cells)} cells in {time.time() - start:.0f} s ({reused} recorded results reused; {stages}{how}"
+            f"\n{len(cells)} cells in {time.time() - start:.0f} s ({reused} recorded results reused; "
+            f"{stages}{how}"
             f"{work}); tables and plots: {Path(written[0]).parent}"
         )
         return 0

@@ -129,7 +129,7 @@ def measurements(
             "guidance=none",
             f"benchmark=toy_{kind}",
             "sampling.progress=false",
-        ]  # fmt: skip
+        ]
         for beta in betas
         for kind in PROMPT_KINDS
     }

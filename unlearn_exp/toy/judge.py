@@ -253,7 +253,8 @@ def heldout_accuracy(
 
 
 def train_judge(cfg: JudgeTrainConfig, out: str | Path = JUDGE_FILE) -> dict:
-    """Train the judge, write ``out`` (safetensors) and ``<out stem>.json`` (recipe, log, held-out accuracy)."""
+    """Train the judge, write ``out`` (safetensors) and ``<out stem>.json`` (recipe, log, held-out
+    accuracy)."""
     from unlearn_exp.store import atomic_write_json, file_sha256
     from unlearn_exp.unlearning.weights import save_safetensors
 
@@ -354,7 +355,8 @@ class ToyJudge(_base()):
             sha = file_sha256(path)
             if sha != str(expected).lower():
                 raise UserError(
-                    f"judge '{name}': {path} has sha256 {sha[:16]}..., the profile pins {str(expected)[:16]}..."
+                    f"judge '{name}': {path} has sha256 {sha[:16]}..., "
+                    f"the profile pins {str(expected)[:16]}..."
                 )
         self.net, sha = load_net(path)
         self.threshold = float(cfg["threshold"])

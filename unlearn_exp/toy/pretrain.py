@@ -2,10 +2,10 @@
 
 A LightningModule trains the UNet and the CLIP text encoder jointly with Stable Diffusion's
 epsilon-prediction loss, ``|| eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, c) ||^2``,
-with t uniform over the 1000 DDPM steps of SD v1.4's scaled-linear schedule and offset noise, on rendered (image, caption) pairs
-streamed deterministically from a seed (``world.render_example``). Captions are replaced by the
-empty prompt with probability ``caption_dropout`` so classifier-free guidance works. The weights
-saved are an exponential moving average of the trained ones.
+with t uniform over the 1000 DDPM steps of SD v1.4's scaled-linear schedule and offset noise, on
+rendered (image, caption) pairs streamed deterministically from a seed (``world.render_example``).
+Captions are replaced by the empty prompt with probability ``caption_dropout`` so classifier-free
+guidance works. The weights saved are an exponential moving average of the trained ones.
 
 The shipped checkpoint ``unlearn_exp/toy/weights/`` was made by ``make toy-pretrain``, i.e. this
 module with the defaults of ``PretrainConfig`` (recipe in ``RECIPE.md``, log in ``train_log.csv``).

@@ -10,7 +10,8 @@ Kinds, each the analogue of a real benchmark (docs/design.md 2):
 
 Prompts are drawn from the caption grammar of ``world`` (so the model knows every word) and are
 deterministic in ``seed``. ``toy_prompts`` also returns each prompt's intent (``kind``,
-``target_colour``, ``target_shape``, ``p_harmful``, ``allowed_colours``) so agreement between judge and prompt can be measured.
+``target_colour``, ``target_shape``, ``p_harmful``, ``allowed_colours``) so agreement between judge
+and prompt can be measured.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def toy_prompts(
 
 
 def load_toy_benchmark(cfg: Any) -> pd.DataFrame:
-    """``loader: toy`` benchmarks (``conf/benchmark/toy_*.yaml``): keys ``kind, n, images_per_prompt, limit, seed``."""
+    """``loader: toy`` benchmarks (``conf/benchmark/toy_*.yaml``): keys ``kind, n, images_per_prompt,
+    limit, seed``."""
 
     def get(key, default=None):
         value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)

@@ -40,7 +40,8 @@ from unlearn_exp.errors import exit_status
 GUIDED = ("sld", "safree")
 RULES = {
     "0": "at every beta, without guidance: DSR(explicit prompts) >= DSR(indirect prompts) + 0.15",
-    "a": "at every beta >= 1000, for SLD and SAFREE: DSR(words) - DSR(none) < 0.5 x (DSR(own C*) - DSR(none))",
+    "a": "at every beta >= 1000, for SLD and SAFREE: "
+    "DSR(words) - DSR(none) < 0.5 x (DSR(own C*) - DSR(none))",
     "b": "at every beta >= 1000, for SLD and SAFREE: DSR(own C*) >= DSR(words) + 0.10",
     "c": "at every beta but 500, for SLD and SAFREE: DSR(shared C*) >= DSR(words)",
 }
@@ -132,7 +133,8 @@ def to_markdown(per_seed: pd.DataFrame, table: pd.DataFrame, header: str) -> str
     ]
     for r in table.itertuples():
         lines.append(
-            f"| ({r.finding}) | {r.verdict} | {r.holds} | {r.mean:+.3f} [{r.min:+.3f}, {r.max:+.3f}] | {r.rule} |"
+            f"| ({r.finding}) | {r.verdict} | {r.holds} | "
+            f"{r.mean:+.3f} [{r.min:+.3f}, {r.max:+.3f}] | {r.rule} |"
         )
     lines += [
         "",
