@@ -85,8 +85,8 @@ def test_the_demo_end_to_end_on_a_small_grid(tmp_path, monkeypatch, capsys, jobs
     assert (tmp_path / "reports" / "toy" / "long_toy.md").is_file()
     last = out.strip().splitlines()[-1]
     assert last.startswith("2 cells in") and "precondition" in last
-    # 20 steps: guidance=none 2 + 2 images and the original's 2 references x 2 branches; SLD 2 + 2 x 3;
+    # 15 steps: guidance=none 2 + 2 images and the original's 2 references x 2 branches; SLD 2 + 2 x 3;
     # the precondition: explicit and synonym prompts 2 each x 2, the probe 2 x 4 (its indirect cell is
     # the grid's guidance=none cell, reused)
-    cells, pre = 6 * 20 * 2 + 4 * 20 * 3, (2 + 2) * 20 * 2 + 2 * 20 * 4
+    cells, pre = 6 * 15 * 2 + 4 * 15 * 3, (2 + 2) * 15 * 2 + 2 * 15 * 4
     assert f"{cells + pre} UNet rows sampled, {pre} of them by the precondition" in last

@@ -89,8 +89,18 @@ class Components:
         return int(self.text_encoder.config.hidden_size)
 
     def to(self, device=None, dtype=None) -> Components:
-        for m in self.modules().values():
-            m.to(device=device, dtype=dtype)
+        from diffusers.utils import logging as diffusers_logging
+
+        # diffusers warns that "modules should be kept in float32" on every dtype cast, even when
+        # the list of such modules is empty (as for every model here): silence that one call
+        level = diffusers_logging.get_verbosity()
+        if dtype is not None:
+            diffusers_logging.set_verbosity_error()
+        try:
+            for m in self.modules().values():
+                m.to(device=device, dtype=dtype)
+        finally:
+            diffusers_logging.set_verbosity(level)
         return self
 
     def modules(self) -> dict[str, torch.nn.Module]:
