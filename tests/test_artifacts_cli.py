@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import compose
+from tests.helpers import compose
 from unlearn_exp import artifacts
 from unlearn_exp.errors import UserError
 from unlearn_exp.models import load_model

@@ -7,7 +7,7 @@ import json
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from tests.conftest import compose
+from tests.helpers import compose
 from unlearn_exp.errors import UserError
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import compose
+from tests.helpers import compose
 from unlearn_exp.attacks.ring_a_bell import (
     candidate_ids,
     concept_vector,

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import ROOT, compose
+from tests.helpers import ROOT, compose
 from unlearn_exp.cell import run_cell
 from unlearn_exp.evaluation import read_table
 

@@ -3,29 +3,12 @@ bad overrides fail with Hydra's own message, unbuilt stages fail with one line."
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT, compose
+from tests.helpers import ROOT, compose, run_app
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
-
-
-def run_app(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "UNLEARN_EXP_ROOT": str(cwd or ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "unlearn_exp", *args],
-        cwd=cwd or ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -19,8 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from tests.conftest import compose
-from tests.test_eval_q16 import Q16, _probe_prompts, open_clip_dir, plant  # noqa: F401  (fixture)
+from tests.helpers import Q16, _probe_prompts, compose, plant
 from unlearn_exp.config import preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation import make_judge
@@ -208,7 +207,7 @@ def test_unlearning_method_contract(name, tmp_path):
     task = {"name": "nudity"}
     before = _unet_out(build_tiny())
     if cfg == "load-only":  # changes the UNet, the same way each time, from the user's file
-        from tests.test_unlearning_spm import spm_file
+        from tests.helpers import spm_file
 
         spm_file(build_tiny().unet, tmp_path / f"{name}.safetensors")
         user = preset("checkpoint", name, path=str(tmp_path / f"{name}.safetensors"))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_integrity import toy_overrides
+from tests.helpers import toy_overrides
 from unlearn_exp import demo
 from unlearn_exp.evaluation import read_table
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 CITE = re.compile(r"docs/(methods|design|results|toy)\.md(?: (\d+(?:\.\d+)?))?")
 

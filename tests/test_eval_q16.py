@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
@@ -11,20 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from unlearn_exp.config import preset
+from tests.helpers import Q16, _probe_prompts, images, plant
 from unlearn_exp.data.download import git_blob_sha1
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation import make_judge, register_judge
 from unlearn_exp.evaluation.judge import Judge, make_profile
 from unlearn_exp.evaluation.q16 import convert_prompt_embeddings, load_prompt_embeddings
-
-# conf/judge/q16.yaml without its pins of the published prompts (the tests plant their own)
-Q16 = preset("judge", "q16", prompts_sha256=None, prompts_git_blob=None)
-
-
-def images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(3)]
 
 
 # --------------------------------------------------------------------------- prompts.p
@@ -67,30 +58,6 @@ def test_restricted_unpickler_runs_no_code(tmp_path):
 
 # --------------------------------------------------------------------------- tiny CLIP backends
 @pytest.fixture(scope="module")
-def open_clip_dir(tmp_path_factory):
-    import open_clip
-    from safetensors.torch import save_file
-
-    folder = tmp_path_factory.mktemp("openclip")
-    cfg = {
-        "model_cfg": {
-            "embed_dim": 16,
-            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-            "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
-        },
-        "preprocess_cfg": {"mean": [0.481, 0.458, 0.408], "std": [0.269, 0.261, 0.276]},
-    }
-    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
-    torch.manual_seed(0)
-    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()},
-        str(folder / "open_clip_model.safetensors"),
-    )
-    return folder
-
-
-@pytest.fixture(scope="module")
 def transformers_dir(tmp_path_factory):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -110,23 +77,6 @@ def transformers_dir(tmp_path_factory):
         folder
     )
     return folder
-
-
-def plant(judge_cfg, tmp_path, unsafe_index: int):
-    """Prompt rows built from the model's own embeddings: row 1 = image ``unsafe_index``, row 0 = another."""
-    probe = make_judge({**judge_cfg, "prompts_path": str(tmp_path / "probe.safetensors")}, cache=False)
-    emb = probe.clip.embed(images()).numpy()
-    safe_index = (unsafe_index + 1) % 3
-    prompts = np.stack([emb[safe_index], emb[unsafe_index]]).astype(np.float16)
-    path = tmp_path / "prompts.p"
-    path.write_bytes(pickle.dumps(prompts, protocol=4))
-    return {**judge_cfg, "prompts_path": str(path)}, safe_index
-
-
-def _probe_prompts(tmp_path, dim):
-    from safetensors.numpy import save_file
-
-    save_file({"prompts": np.ones((2, dim), np.float32)}, str(tmp_path / "probe.safetensors"))
 
 
 @pytest.mark.parametrize("backend", ["open_clip", "transformers"])
@@ -286,7 +236,7 @@ def test_register_judge_hook():
 
 
 def test_q16_profile_pins_the_published_prompts_by_sha256_and_git_blob():
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     judge = compose(["judge=q16"], hydra=False).judge
     assert judge.prompts_sha256 == "9b6c411824c2f64e0f847aa3c9f2b15b8e3a6c75e0efd82f2f672670c97ccad5"

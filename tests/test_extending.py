@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import compose
+from tests.helpers import compose
 from unlearn_exp.guidance import Concept, make_guidance
 from unlearn_exp.guidance.base import Guidance
 from unlearn_exp.sampling import sample

@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import compose
+from tests.helpers import compose
 from unlearn_exp.errors import UserError
 from unlearn_exp.guidance import SAFREE, SLD, Concept, make_guidance
 from unlearn_exp.guidance.safree import (

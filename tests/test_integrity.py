@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT, compose
+from tests.helpers import ROOT, compose, toy_overrides
 from unlearn_exp.cell import run_cell
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation import read_table
@@ -24,24 +24,6 @@ from unlearn_exp.store import KEY_FILE, ArtifactStore, gc, verify_folder
 TOY_WEIGHTS = ROOT / "unlearn_exp" / "toy" / "weights" / "model"
 SHIPPED_DUO = ROOT / "unlearn_exp" / "toy" / "artifacts" / "unlearning" / "duo"
 LONG_PROMPT = "a purple circle " + " ".join(["on a wide plain grey background with soft light"] * 12)
-
-
-def toy_overrides(root: Path, *extra: str) -> list[str]:
-    """A small toy cell (4 benchmark images, 4 benign ones, 4 steps) with its own cache and results."""
-    own_benchmark = any(e.startswith("benchmark=") for e in extra)
-    return [
-        "+experiment=toy_duo",
-        "checkpoint.beta=2000",
-        "guidance=none",
-        *([] if own_benchmark else ["benchmark.n=4"]),
-        "pp.prompts.n=4",
-        "sampling.steps=4",
-        "sampling.chunk_size=2",
-        "sampling.progress=false",
-        f"paths.root_dir={root}",
-        f"paths.output_root={root}",
-        *extra,
-    ]
 
 
 def toy_cell(root: Path, *extra: str) -> dict:

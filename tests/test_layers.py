@@ -8,7 +8,7 @@ import ast
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 PKG = ROOT / "unlearn_exp"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict
 
-from tests.conftest import compose
+from tests.helpers import compose
 from unlearn_exp.cell import ensure_image_set, image_set_key, inversion_key, method_filter
 from unlearn_exp.errors import UserError
 from unlearn_exp.models import load_model

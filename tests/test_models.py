@@ -8,7 +8,7 @@ import open_clip
 import pytest
 import torch
 
-from tests.test_config import run_app
+from tests.helpers import run_app
 from unlearn_exp.config import preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.models import load_model, save_components

@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import compose
-from tests.test_integrity import toy_overrides
+from tests.helpers import compose, toy_overrides
 from unlearn_exp import plan
 from unlearn_exp.cell import run_cell
 

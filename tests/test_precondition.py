@@ -38,7 +38,7 @@ def test_precondition_table_rows_per_beta():
 
 
 def test_direction_alignment_is_cached_by_the_cells_identity(tmp_path, monkeypatch):
-    from tests.conftest import compose
+    from tests.helpers import compose
     from unlearn_exp import precondition
 
     calls = []

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 # in a fresh interpreter: which plugin module registers each name (the innermost plugin module on
 # the stack of each register call), and what is imported before any implementation is asked for

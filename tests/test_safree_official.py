@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import compose
+from tests.helpers import compose
 from unlearn_exp.guidance import SAFREE, Concept, make_guidance
 from unlearn_exp.guidance.base import Guidance
 from unlearn_exp.guidance.safree import SAFREEParams

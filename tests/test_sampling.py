@@ -170,7 +170,7 @@ def test_gpu_options_are_applied_when_asked(tiny):
     from unlearn_exp.sampling import apply_gpu_options
 
     comps = copy.deepcopy(tiny)
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     apply_gpu_options(comps, compose(["sampling.channels_last=true", "sampling.vae_slicing=true"]).sampling)
     assert comps.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -180,7 +180,7 @@ def test_gpu_options_are_applied_when_asked(tiny):
 def test_gpu_options_that_are_on_are_part_of_the_sample_key():
     """An option may change an image's last bits: images sampled with it are cached apart. With every
     option off the key has no entry for them (the keys of images sampled before the options existed)."""
-    from tests.conftest import compose
+    from tests.helpers import compose
     from unlearn_exp.cell import sample_identity
 
     plain = sample_identity(compose([]), "cpu")
@@ -242,7 +242,7 @@ def test_sigterm_stops_at_the_next_batch(what):
     import sys
     import time
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     code = LISTENING + SIGTERM_JOBS[what] + "\nprint('finished', flush=True)\n"
     job = subprocess.Popen(

@@ -165,7 +165,7 @@ def test_shipped_cache_holds_only_small_files():
 
 
 def test_toy_duo_words_is_toy_duo_with_lora_on_the_words_keys_and_values():
-    from tests.conftest import compose
+    from tests.helpers import compose
     from unlearn_exp.identity import cell_spec
 
     words = compose(["+experiment=toy_duo_words", "checkpoint.beta=2000"], hydra=True)

@@ -270,7 +270,7 @@ def test_pin_gpu_worker_gives_distinct_gpus(tmp_path: Path, monkeypatch):
 
 
 def test_guidance_none_is_one_run_for_its_three_grid_positions(tmp_path: Path):
-    from tests.conftest import compose
+    from tests.helpers import compose
 
     def cfg(*o):
         return compose(["model=tiny", "guidance=none", *o, f"paths.output_root={tmp_path}"], hydra=False)
