@@ -1,9 +1,9 @@
 """Concept inversion really inverts: a planted token's concept is recovered from its images (issue item 5).
 
 On the shipped toy model (which conditions on text for real), a new token ``<planted>`` is planted
-with an embedding row near the row of "green" (perturbed), so it draws green shapes while no prompt
+with an embedding row near the row of "blue" (perturbed), so it draws blue shapes while no prompt
 word of the inversion names it. Its images are sampled; a fresh copy of the model then inverts
-``<c*>`` from the unrelated word "dog" (which draws red, orange or purple shapes). The recovered
+``<c*>`` from the unrelated word "dog" (which draws green shapes on the shipped model). The recovered
 token must be closer to the planted one than the initial word: in the denoising loss at high noise
 levels, in the toy judge's colour verdicts, and in pixels for the same seeds.
 """
@@ -21,6 +21,7 @@ from unlearn_exp.models import load_model
 from unlearn_exp.sampling import sample, to_pil
 
 SEEDS = list(range(16))
+PLANTED = "blue"
 TOY = preset("model", "toy")
 
 
@@ -35,9 +36,9 @@ def _images(comps, prompt):
 def _plant(comps) -> torch.Tensor:
     add_placeholder_tokens(comps, "<planted>", 1, "dog")
     weight = comps.text_encoder.get_input_embeddings().weight
-    green = comps.tokenizer("green").input_ids[1]
+    colour = comps.tokenizer(PLANTED).input_ids[1]
     noise = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(1))
-    row = weight[green].detach() + 0.1 * weight[:49408].std() * noise
+    row = weight[colour].detach() + 0.1 * weight[:49408].std() * noise
     with torch.no_grad():
         weight[-1] = row
     return row
@@ -75,8 +76,8 @@ def test_inversion_recovers_the_planted_concept(tmp_path, judge):
         return Counter(v["raw"]["colour"] for v in judge.judge(to_pil(images)))
 
     recovered, init = _images(comps, "<c*>"), _images(comps, "dog")
-    assert colours(target)["green"] >= 12, colours(target)
-    assert colours(recovered)["green"] >= 10 and colours(init)["green"] <= 2, (
+    assert colours(target)[PLANTED] >= 12, colours(target)
+    assert colours(recovered)[PLANTED] >= 10 and colours(init)[PLANTED] <= 2, (
         colours(recovered),
         colours(init),
     )

@@ -43,9 +43,9 @@ def test_plan_matches_what_the_cell_then_builds(tmp_path, monkeypatch):
 
     costs = {"s_per_unet_row": 0.01, "s_per_image": 0.1, "s_per_inversion_step": 1.0, "s_per_train_row": 0.5}
     assert plan._estimate(before.work[1:], costs) == pytest.approx(128 * 0.01 + 12 * 0.1)
-    duo = before.work[0]  # cached: 300 steps of 3 x 4 rows forward and backward, and forward
+    duo = before.work[0]  # cached: 1000 steps of 3 x 4 rows forward and backward, and forward
     assert (
-        duo.kind == "duo" and duo.cached and plan.work_seconds(duo, costs) == pytest.approx(300 * 12 * 0.51)
+        duo.kind == "duo" and duo.cached and plan.work_seconds(duo, costs) == pytest.approx(1000 * 12 * 0.51)
     )
     monkeypatch.setenv("UNLEARN_EXP_CALIBRATION", str(tmp_path / "calibration.json"))
     text = plan.render([before], {"toy": costs}, "toy")
@@ -92,7 +92,7 @@ def test_a_shipped_concept_needs_no_image_set(tmp_path):
         "C* on duo beta=2000",
     ]
     assert all(cached for _, cached in before.artifacts) and before.images == 12
-    assert before.unet_rows == 8 * 25 * 3 + 4 * 25 * 2
+    assert before.unet_rows == 8 * 15 * 3 + 4 * 15 * 2
     out = run_cell(compose(over, hydra=False))
     built = out["artifacts"]["built"]
     assert not [b for b in built if b.startswith("image_sets/")], built
@@ -105,7 +105,7 @@ def test_plan_counts_training_that_is_not_cached(tmp_path):
     )
     p = plan.plan_cell(compose(over, hydra=False), over, set())
     cfg = compose(over, hydra=False)
-    duo_steps = 300  # the toy recipe's one adapter
+    duo_steps = 1000  # the toy recipe's one adapter
     assert p.train_steps == duo_steps + int(cfg.inversion.steps)
     assert [cached for _, cached in p.artifacts] == [False, False, False, False]  # DUO, pairs, image set, C*
     assert p.images >= 2 * 48 + int(cfg.inversion.image_set.n_images)  # pairs and the image set at least
