@@ -248,7 +248,6 @@ def test_every_stage_of_a_cell_reports_labelled_progress(inputs, tmp_path, caplo
 
 
 def test_a_recorded_cell_is_returned_without_loading_anything(inputs, tmp_path, monkeypatch):
-    import unlearn_exp.cell as cell_mod
 
     first = run_cell(compose(overrides(inputs, tmp_path, "guidance=sld"), hydra=False))
     assert not first.get("reused_result") and set(first["timings"]) == {
@@ -265,7 +264,7 @@ def test_a_recorded_cell_is_returned_without_loading_anything(inputs, tmp_path, 
     def no_model(*a, **k):
         raise AssertionError("a recorded cell must not load the model")
 
-    monkeypatch.setattr(cell_mod, "load_model", no_model)
+    monkeypatch.setattr("unlearn_exp.models.load_model", no_model)
     again = run_cell(compose(overrides(inputs, tmp_path, "guidance=sld"), hydra=False))
     assert again["reused_result"] and again["results"] == first["results"]
     assert (

@@ -20,12 +20,14 @@ def test_the_demo_grid_is_the_papers_with_guidance_none_once():
 def test_cells_in_workers_are_the_cells_of_this_process(tmp_path):
     """Two cells in two spawned workers of one thread each: the same images (to the byte), verdicts
     and numbers as the same cells run here."""
-    tasks = [(demo._run_cell, toy_overrides(tmp_path / "workers", f"guidance={g}")) for g in ("none", "sld")]
+    tasks = [
+        (demo.run_grid_cell, toy_overrides(tmp_path / "workers", f"guidance={g}")) for g in ("none", "sld")
+    ]
     got = dict(demo.run_in_workers(tasks, jobs=2, threads=1))
     assert sorted(got) == [0, 1] and not any(r["reused"] for r in got.values())
     rows_here = []
     for i, (_, over) in enumerate(tasks):
-        here = demo._run_cell([o.replace("/workers", "/here") for o in over])
+        here = demo.run_grid_cell([o.replace("/workers", "/here") for o in over])
         there = got[i]
         for key in ("cell_key", "spec_key", "dsr", "pp_coco", "benign_acc"):
             assert here["cell"][key] == there["cell"][key], key
@@ -45,7 +47,7 @@ def test_a_failing_task_stops_the_workers_in_one_error(tmp_path):
 
     bad = toy_overrides(tmp_path, "sampling.steps=0")
     with pytest.raises(UserError, match="sampling.steps must be >= 1"):
-        list(demo.run_in_workers([(demo._run_cell, bad)], jobs=2, threads=1))
+        list(demo.run_in_workers([(demo.run_grid_cell, bad)], jobs=2, threads=1))
 
 
 def test_jobs_must_be_positive(capsys):

@@ -288,12 +288,11 @@ def test_job_images_are_copies_that_cannot_change_the_cache(first_run):
 def test_a_failed_run_never_replaces_earlier_results(first_run, monkeypatch):
     results = Path(first_run["out"]["results"])
     before = (results / "cells.parquet").read_bytes()
-    from unlearn_exp import cell as cell_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("the judge died")
 
-    monkeypatch.setattr(cell_module, "collapse_flag", broken)  # fails after sampling and judging
+    monkeypatch.setattr("unlearn_exp.cell.records.collapse_flag", broken)  # fails after sampling and judging
     with pytest.raises(RuntimeError):
         toy_cell(first_run["root"], "reuse_results=false")
     assert (results / "cells.parquet").read_bytes() == before
@@ -323,9 +322,8 @@ def test_a_failed_run_never_replaces_earlier_results(first_run, monkeypatch):
     ],
 )
 def test_invalid_values_stop_before_any_model_is_loaded(extra, message, tmp_path, monkeypatch):
-    from unlearn_exp import cell as cell_module
 
-    monkeypatch.setattr(cell_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("unlearn_exp.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         toy_cell(tmp_path, *extra)
     assert not (tmp_path / "results").exists()
@@ -389,9 +387,8 @@ def test_prompt_file_problems_are_one_line(tmp_path):
 
 
 def test_unwritable_results_path_is_found_before_any_work(tmp_path, monkeypatch):
-    from unlearn_exp import cell as cell_module
 
-    monkeypatch.setattr(cell_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("unlearn_exp.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(UserError, match=r"paths.results_dir=.* is not a folder"):
@@ -405,9 +402,8 @@ def test_unwritable_results_path_is_found_before_any_work(tmp_path, monkeypatch)
 
 def test_unwritable_pseudo_filesystem_path_is_refused_for_the_right_reason(tmp_path, monkeypatch):
     """/proc/foo cannot be created: the reason is that, not "0 MiB free"."""
-    from unlearn_exp import cell as cell_module
 
-    monkeypatch.setattr(cell_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("unlearn_exp.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     if not Path("/proc").is_dir():
         pytest.skip("no /proc here")
     with pytest.raises(UserError, match=r"paths.results_dir=/proc/unlearn-exp-x cannot be written") as info:
@@ -423,9 +419,8 @@ def test_unwritable_pseudo_filesystem_path_is_refused_for_the_right_reason(tmp_p
 
 
 def test_missing_shared_source_checkpoint_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):
-    from unlearn_exp import cell as cell_module
 
-    monkeypatch.setattr(cell_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("unlearn_exp.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     extra = ["guidance=sld", "embedding=shared", f"embedding.from_checkpoint.path={tmp_path}/nonexistent"]
     with pytest.raises(UserError, match=r"embedding.from_checkpoint.path: checkpoint file not found"):
         toy_cell(tmp_path, *extra)
@@ -468,9 +463,8 @@ def test_some_empty_and_long_prompts_are_reported_per_image(tmp_path):
 
 
 def test_damaged_safetensors_checkpoint_is_one_line_before_any_work(tmp_path, monkeypatch):
-    from unlearn_exp import cell as cell_module
 
-    monkeypatch.setattr(cell_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("unlearn_exp.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     toy = ["model=toy", "task=toy", "judge=toy", "pp=toy_features", "benchmark=toy_indirect"]
     for name, data in (
         ("empty.safetensors", b""),

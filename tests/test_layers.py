@@ -1,6 +1,7 @@
 """The package's layering: every module imports only its own layer or lower ones (function-local
-imports included), module-level imports form no cycle, and every module imports in a fresh
-interpreter."""
+imports included), no module reaches a ``_private`` name of another, imports form no cycle (at
+module level, and with function-local imports too: only ``if TYPE_CHECKING:`` blocks, which never
+run, are left out), and every module imports in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ PKG = ROOT / "unlearn_exp"
 LAYERS = [
     {
         "errors",
+        "checks",
         "config",
         "schema",
         "paths",
@@ -81,6 +83,62 @@ def _imports(path, module_level_only=False):
                 yield node.module
 
 
+def _runtime_nodes(tree):
+    """Every node of ``tree`` except those under ``if TYPE_CHECKING:`` (annotations only)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
+def _targets(path, modules):
+    """The package modules ``path`` imports at run time (anywhere in it): ``from pkg import sub``
+    counts as importing ``pkg.sub`` where that is a module."""
+    for node in _runtime_nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names if a.name in modules)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("unlearn_exp"):
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                yield sub if sub in modules else node.module
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
 def _files():
     return sorted(p for p in PKG.rglob("*.py") if "weights" not in p.parts)
 
@@ -118,3 +176,26 @@ def test_every_module_imports_in_a_fresh_interpreter():
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\nprint('ok')"
     out = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_no_import_circle_even_through_function_local_imports():
+    files = {_module_name(p): p for p in _files()}
+    graph = {m: {t for t in _targets(p, files) if t in files and t != m} for m, p in files.items()}
+    circles = _cycles(graph)
+    assert not circles, "import circles: " + "; ".join(" <-> ".join(c) for c in circles)
+
+
+def test_cycle_finder_sees_a_circle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_imports_a_private_name_of_another():
+    wrong = []
+    for path in _files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("unlearn_exp"):
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        wrong.append(f"{_module_name(path)}:{node.lineno} imports {node.module}.{a.name}")
+    assert not wrong, "\n".join(wrong)

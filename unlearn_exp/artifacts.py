@@ -108,11 +108,11 @@ def export(folder: Path, out: Path, overrides: list[str]) -> Path:
         raise UserError(
             f"artifact kind '{folder.parent.name}' cannot be exported (unlearned checkpoints and C* can)"
         )
+    from unlearn_exp.config import compose
     from unlearn_exp.models import load_model
-    from unlearn_exp.report.tables import _compose
 
     key = json.loads((folder / KEY_FILE).read_text())["key"]
-    cfg = _compose(overrides or ["+experiment=toy_duo"])
+    cfg = compose(overrides or ["+experiment=toy_duo"])
     comps = load_model(cfg.model)
     want = key["model"]["id"] if isinstance(key.get("model"), dict) else key.get("model")
     if want and comps.identity != want:

@@ -31,13 +31,9 @@ from unlearn_exp.errors import exit_status
 EXPERIMENT = "toy_duo"
 
 
-def _compose(overrides: list[str], hydra: bool = False):
-    return compose(overrides, hydra=hydra)
-
-
 def grid(overrides: list[str]) -> list[list[str]]:
     """The sweep of the experiment as lists of overrides; cells with guidance=none once."""
-    params = _compose(overrides, hydra=True).hydra.sweeper.params
+    params = compose(overrides, hydra=True).hydra.sweeper.params
     axes = [[f"{k}={v}" for v in str(vals).split(",")] for k, vals in params.items()]
     cells, seen = [], set()
     for combo in itertools.product(*axes):
@@ -50,7 +46,7 @@ def grid(overrides: list[str]) -> list[list[str]]:
     return cells
 
 
-def _quiet() -> None:
+def quiet_logs() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     warnings.filterwarnings("ignore")  # library deprecation notices; errors still stop the demo
 
@@ -59,7 +55,7 @@ def _worker_init(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    _quiet()
+    quiet_logs()
 
 
 def unet_rows() -> int:
@@ -68,12 +64,12 @@ def unet_rows() -> int:
     return int(getattr(sys.modules.get("unlearn_exp.sampling"), "UNET_ROWS", 0))
 
 
-def _run_cell(overrides: list[str]) -> dict:
+def run_grid_cell(overrides: list[str]) -> dict:
     """One cell (in this process or a worker): what the demo prints and tabulates of it."""
     from unlearn_exp.cell import run_cell
 
     rows = unet_rows()
-    out = run_cell(_compose(overrides))
+    out = run_cell(compose(overrides))
     return {
         "cell": {**out["cell"], "_source": str(Path(out["results"]) / "cells.parquet")},
         "built": len(out["artifacts"]["built"]),
@@ -83,12 +79,12 @@ def _run_cell(overrides: list[str]) -> dict:
     }
 
 
-def _run_probe(overrides: list[str]) -> dict:
+def run_probe(overrides: list[str]) -> dict:
     """One direction probe of the precondition (cached like a cell), and the seconds it took."""
     from unlearn_exp.precondition import direction_alignment
 
     t, rows = time.time(), unet_rows()
-    direction_alignment(_compose(overrides))
+    direction_alignment(compose(overrides))
     return {"timings": {"probe": time.time() - t}, "unet_rows": unet_rows() - rows}
 
 
@@ -123,7 +119,7 @@ def _parse(argv: list[str]) -> tuple[int, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     from unlearn_exp.report import build_tables, to_markdown, write_report
 
-    _quiet()
+    quiet_logs()
     jobs, extra = _parse(list(sys.argv[1:] if argv is None else argv))
     base = [f"+experiment={EXPERIMENT}", *extra]
     start = time.time()
@@ -158,13 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         if jobs == 1:
             for i, over in enumerate(runs):
                 t = time.time()
-                done[i] = _run_cell(over)
+                done[i] = run_grid_cell(over)
                 show(i, done[i], time.time() - t)
         else:  # the grid's cells and the precondition's cells and probes, in worker processes
             _, _, pre_cells, probes = precondition.measurements(base)
-            tasks = [(_run_cell, over) for over in runs]
-            tasks += [(_run_cell, over) for over in pre_cells.values()]
-            tasks += [(_run_probe, over) for over in probes.values()]
+            tasks = [(run_grid_cell, over) for over in runs]
+            tasks += [(run_grid_cell, over) for over in pre_cells.values()]
+            tasks += [(run_probe, over) for over in probes.values()]
             threads = max(1, (os.cpu_count() or 1) // jobs)
             for i, got in run_in_workers(tasks, jobs, threads):
                 if i >= len(runs):  # the precondition's: its time is reported as the precondition's

@@ -169,10 +169,10 @@ def _tiles(columns: dict[str, pd.DataFrame], keys: pd.DataFrame) -> list[tuple[s
 def original_images(cfg_overrides: list[str], rows: pd.DataFrame) -> pd.DataFrame:
     """The original model's images for ``rows`` (same prompts and seeds), through the artifact store."""
     from unlearn_exp.cell import ORIGINAL, cell_store, chunk_meta, generate_samples, load_model
+    from unlearn_exp.config import compose
     from unlearn_exp.identity import model_identity
-    from unlearn_exp.report.tables import _compose
 
-    cfg = _compose(cfg_overrides)
+    cfg = compose(cfg_overrides)
     store = cell_store(cfg)
     wanted = [
         {"case_id": r.case_id, "prompt": r.prompt, "seed": int(r.seed), "image_index": int(r.image_index)}

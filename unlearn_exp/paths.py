@@ -14,3 +14,21 @@ def resolve_local_path(path: str) -> str:
     if p.is_absolute() or p.exists() or not (REPO_ROOT / p).exists():
         return str(p) if (p.exists() or path.startswith((".", "/", "~"))) else path
     return str(REPO_ROOT / p)
+
+
+def job_dir(cfg) -> Path:
+    """A job's own output folder: Hydra's run directory, or (composed outside a Hydra app: tests,
+    the demo) one folder per config under ``paths.output_root``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        from unlearn_exp.store import config_hash, to_plain
+
+        return (
+            Path(cfg.paths.output_root)
+            / "outputs"
+            / "cells"
+            / config_hash({k: to_plain(cfg[k]) for k in cfg if k != "hydra"})
+        )

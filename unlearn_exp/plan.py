@@ -120,12 +120,12 @@ def _done_spec_keys(results_dir: Path) -> set[str]:
 def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
     """What one cell needs and what of it the cache already holds."""
     from unlearn_exp.cell import (
-        _rows_identity,
         benchmark_rows,
         checkpoint_for_inversion,
         image_set_key,
         inversion_key,
         method_filter,
+        rows_identity,
         sample_identity,
     )
     from unlearn_exp.identity import cell_spec, model_identity, resolved_device, resolved_dtype, spec_key
@@ -272,7 +272,7 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
                 continue
             for start in range(0, len(rows), size):
                 part = rows[start : start + size]
-                key = {**ident, "sampling": settings, "rows": _rows_identity(part)}
+                key = {**ident, "sampling": settings, "rows": rows_identity(part)}
                 cached = cache.locate("samples", key) is not None
                 n = len(part)
                 p.work.append(Work(f"samples/{config_hash(key)}", "images", n, n * steps * per_row, cached))
@@ -462,16 +462,17 @@ def calibrate(cfg, path: Path) -> dict[str, Any]:
 
 
 def plan(overrides: list[str]) -> tuple[list[CellPlan], Any]:
-    from unlearn_exp.demo import _compose, grid
+    from unlearn_exp.config import compose
+    from unlearn_exp.demo import grid
 
     base = list(overrides)
     try:
         cells = grid(base)
     except Exception:  # no sweep in the config: the one cell the overrides describe
         cells = [[]]
-    first = _compose([*base, *cells[0]])
+    first = compose([*base, *cells[0]])
     done = _done_spec_keys(Path(first.paths.results_dir))
-    return [plan_cell(_compose([*base, *c]), c, done) for c in cells], first
+    return [plan_cell(compose([*base, *c]), c, done) for c in cells], first
 
 
 def render(plans: list[CellPlan], calib: dict | None, model_name: str) -> str:

@@ -117,9 +117,9 @@ def measurements(
 ) -> tuple[str, list[int], dict[tuple[int, str], list[str]], dict[int, list[str]]]:
     """The experiment's name, its betas, the DSR cells ((beta, prompt kind) -> overrides) and the
     direction probes (beta -> overrides of the cell whose ``C*`` is probed)."""
-    from unlearn_exp.demo import _compose
+    from unlearn_exp.config import compose
 
-    composed = _compose(base, hydra=True)
+    composed = compose(base, hydra=True)
     params = composed.hydra.sweeper.params
     betas = [int(b) for b in str(params["checkpoint.beta"]).split(",")]
     cells = {
@@ -142,7 +142,7 @@ def measurements(
 def run(base: list[str], out: str | Path = "reports", progress=print) -> pd.DataFrame:
     """Every beta of the experiment's sweep: the three DSRs (cells, cached) and the alignment."""
     from unlearn_exp.cell import run_cell
-    from unlearn_exp.demo import _compose
+    from unlearn_exp.config import compose
     from unlearn_exp.store import atomic_write_text
 
     name, betas, cells, probes = measurements(base)
@@ -150,8 +150,8 @@ def run(base: list[str], out: str | Path = "reports", progress=print) -> pd.Data
     dsr, alignment = {}, {}
     for beta in betas:
         for kind in PROMPT_KINDS:
-            dsr[(beta, kind)] = run_cell(_compose(cells[(beta, kind)]))["cell"]
-        alignment[beta] = direction_alignment(_compose(probes[beta]))
+            dsr[(beta, kind)] = run_cell(compose(cells[(beta, kind)]))["cell"]
+        alignment[beta] = direction_alignment(compose(probes[beta]))
         progress(
             f"precondition beta={beta}: DSR explicit {dsr[(beta, 'explicit')]['dsr']:.3f} synonym "
             f"{dsr[(beta, 'synonym')]['dsr']:.3f} indirect {dsr[(beta, 'indirect')]['dsr']:.3f}; "

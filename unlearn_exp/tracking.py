@@ -167,7 +167,7 @@ class Tracker:
         folder = _get(logger_cfg, "dir")
         if not folder:
             try:
-                from unlearn_exp.cell import job_dir
+                from unlearn_exp.paths import job_dir
 
                 folder = job_dir(cfg)
             except Exception:

@@ -7,7 +7,6 @@ that cannot be written). The rules are the ranges documented beside each key in 
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -15,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from unlearn_exp.checks import Checks
 from unlearn_exp.errors import UserError
 from unlearn_exp.store import to_plain
 
-INT64_MAX = 2**63 - 1
 MIN_FREE_BYTES = 64 << 20  # a results or cache folder with less room than this is refused up front
 
 SCHEDULERS = ("dpmsolver++", "pndm", "ddim")
@@ -34,53 +33,7 @@ SAFREE_CHOICES = {
 }
 
 
-class _Checks:
-    def __init__(self):
-        self.problems: list[str] = []
-
-    def fail(self, msg: str) -> None:
-        self.problems.append(msg)
-
-    def number(
-        self,
-        name: str,
-        value: Any,
-        *,
-        lo: float | None = None,
-        integer: bool = False,
-        strict: bool = False,
-        optional: bool = False,
-    ) -> None:
-        """``value`` is a number (an integer with ``integer``) >= ``lo`` (> with ``strict``)."""
-        if value is None:
-            if not optional:
-                self.fail(f"{name} is required")
-            return
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self.fail(f"{name} must be a number, got '{value}'")
-            return
-        if not math.isfinite(value):
-            self.fail(f"{name} must be finite, got {value}")
-            return
-        if integer and not float(value).is_integer():
-            self.fail(f"{name} must be a whole number, got {value}")
-            return
-        if lo is not None and (value <= lo if strict else value < lo):
-            self.fail(f"{name} must be {'>' if strict else '>='} {lo:g}, got {value:g}")
-
-    def seed(self, name: str, value: Any) -> None:
-        if value is None:
-            return
-        self.number(name, value, lo=0, integer=True)
-        if isinstance(value, int) and not isinstance(value, bool) and value > INT64_MAX:
-            self.fail(f"{name} must fit in int64 (<= {INT64_MAX}), got {value}")
-
-    def choice(self, name: str, value: Any, choices: tuple[str, ...]) -> None:
-        if value not in choices:
-            self.fail(f"unknown {name} '{value}': choose one of {list(choices)}")
-
-
-def _beta_map(checks: _Checks, table: Any, beta: Any) -> None:
+def _beta_map(checks: Checks, table: Any, beta: Any) -> None:
     """``checkpoint.beta_map``: null, or [paper beta, beta] pairs of positive numbers that cover ``beta``."""
     if table is None:
         return
@@ -102,7 +55,7 @@ def _beta_map(checks: _Checks, table: Any, beta: Any) -> None:
         checks.fail(f"checkpoint.beta={beta:g} is outside checkpoint.beta_map ({keys[0]:g}-{keys[-1]:g})")
 
 
-def _check_file(checks: _Checks, name: str, path: Any) -> None:
+def _check_file(checks: Checks, name: str, path: Any) -> None:
     """A configured prompt file: a file (not a folder), present."""
     if not path:
         return
@@ -113,7 +66,7 @@ def _check_file(checks: _Checks, name: str, path: Any) -> None:
         checks.fail(f"{name}={p} does not exist")
 
 
-def _check_weights(checks: _Checks, name: str, paths: Any) -> None:
+def _check_weights(checks: Checks, name: str, paths: Any) -> None:
     """A safetensors checkpoint file: present, and its header readable (a truncated download or a
     garbage file is refused here, before any model is loaded)."""
     for path in paths if isinstance(paths, list) else [paths]:
@@ -138,7 +91,7 @@ def _check_weights(checks: _Checks, name: str, paths: Any) -> None:
                 checks.fail(f"{name}: '{p.name}' ({p}) is not a readable safetensors file ({first})")
 
 
-def _check_writable(checks: _Checks, name: str, path: Any) -> None:
+def _check_writable(checks: Checks, name: str, path: Any) -> None:
     """A folder the job writes: creatable, a folder, writable, with some room. The folder is created
     and a file written in it, as the job will; what this check created is removed again."""
     p = Path(str(path)).expanduser()
@@ -171,7 +124,7 @@ def _check_writable(checks: _Checks, name: str, path: Any) -> None:
         checks.fail(f"{name}={p} has only {free / 2**20:.0f} MiB free")
 
 
-def _benchmark(checks: _Checks, prefix: str, bench: dict) -> None:
+def _benchmark(checks: Checks, prefix: str, bench: dict) -> None:
     _check_file(checks, f"{prefix}.path", bench.get("path"))
     if bench.get("format") is not None:
         checks.choice(f"{prefix}.format", bench.get("format"), ("auto", "csv", "lines"))
@@ -184,7 +137,7 @@ def _benchmark(checks: _Checks, prefix: str, bench: dict) -> None:
         checks.seed(f"{prefix}.{key}", bench.get(key))
 
 
-def _guidance(checks: _Checks, g: dict, guidance_scale: Any) -> None:
+def _guidance(checks: Checks, g: dict, guidance_scale: Any) -> None:
     if not g.get("_target_"):  # a method of your own names its factory; else a registered name
         from unlearn_exp.registry import GUIDANCE as REGISTERED
 
@@ -217,7 +170,7 @@ def validate(cfg) -> None:
     from unlearn_exp.schema import refuse_unknown_keys
 
     refuse_unknown_keys(cfg)
-    c = _Checks()
+    c = Checks()
     plain: dict = {k: to_plain(cfg[k]) for k in cfg if k != "hydra"}
     model, sampling = plain.get("model", {}), plain.get("sampling", {})
     checkpoint, embedding = plain.get("checkpoint", {}), plain.get("embedding", {})

@@ -26,18 +26,18 @@ from typing import Any
 
 import torch
 
-from unlearn_exp.bench.sampling import _sync
+from unlearn_exp.bench.sampling import sync
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}
 
 
 def _timed(fn, repeats: int = 1) -> float:
     fn()  # warm-up (and compilation)
-    _sync()
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    _sync()
+    sync()
     return (time.perf_counter() - start) / repeats
 
 
@@ -47,7 +47,7 @@ def _peak_mb(fn) -> float | None:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     fn()
-    _sync()
+    sync()
     return torch.cuda.max_memory_allocated() / 2**20
 
 

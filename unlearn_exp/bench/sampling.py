@@ -75,7 +75,7 @@ def sd14_sized(resolution: int) -> Components:
     ).freeze()
 
 
-def _sync() -> None:
+def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -89,10 +89,10 @@ def _time_interleaved(fns: dict[str, Any], repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            _sync()
+            sync()
             start = time.perf_counter()
             fn()
-            _sync()
+            sync()
             times[k].append(time.perf_counter() - start)
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 

@@ -241,7 +241,7 @@ def register_pp_metric(kind: str, factory: PPFactory) -> None:
 
 def make_pp_metric(cfg_pp: Any = None, *, cache: bool = True) -> Distance:
     """The distance a PP config names (default ``lpips_alex``); one instance per config per process."""
-    from unlearn_exp.evaluation.judge import _plain
+    from unlearn_exp.store import to_plain
 
-    plain = {**PP_DEFAULTS, **(_plain(cfg_pp) if cfg_pp is not None else {})}
+    plain = {**PP_DEFAULTS, **(dict(to_plain(cfg_pp)) if cfg_pp is not None else {})}
     return PP_METRICS.build(plain, cache=cache)

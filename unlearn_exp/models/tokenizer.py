@@ -19,7 +19,7 @@ EOS_ID = 49407
 
 
 @lru_cache(maxsize=1)
-def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     from open_clip import tokenizer as oc_tok
 
     lines = gzip.open(oc_tok.default_bpe()).read().decode("utf-8").split("\n")
@@ -34,7 +34,7 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def build_clip_tokenizer(model_max_length: int = MAX_LENGTH) -> CLIPTokenizer:
     """Return a fresh ``CLIPTokenizer`` (a new object each call: callers may add tokens to it)."""
-    vocab, merges = _vocab_and_merges()
+    vocab, merges = vocab_and_merges()
     tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
     assert tok.bos_token_id == BOS_ID and tok.eos_token_id == EOS_ID
     return tok

@@ -201,10 +201,10 @@ def sources_md(
 def log_grids(grids: list[dict], scale: str, experiment: str, extra, out: Path) -> None:
     """With ``logger=wandb`` among the overrides: one run ``report-<scale>`` holding each grid as an
     image and its tiles as captioned images ("column | prompt | verdict")."""
-    from unlearn_exp.report.tables import _compose
+    from unlearn_exp.config import compose
     from unlearn_exp.tracking import Tracker
 
-    logger_cfg = _compose([f"+experiment={experiment}", *extra]).logger
+    logger_cfg = compose([f"+experiment={experiment}", *extra]).logger
     if str(logger_cfg.get("name")) != "wandb":
         return
     tracker = Tracker(logger_cfg, dir=out).start(

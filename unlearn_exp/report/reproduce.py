@@ -10,19 +10,18 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from unlearn_exp.config import CONF_DIR
+from unlearn_exp.config import CONF_DIR, compose
 from unlearn_exp.errors import UserError, exit_status
 from unlearn_exp.report.render import write_report
 from unlearn_exp.report.tables import (
     SCALES,
-    _as_frame,
-    _compose,
-    _match,
-    _of_scale,
-    _with_identity,
+    as_frame,
     find_cell_files,
     grid_positions,
     load_cells,
+    match_position,
+    of_scale,
+    with_identity,
 )
 
 log = logging.getLogger("unlearn_exp.report")
@@ -37,10 +36,10 @@ def missing_cells(results, scale: str, extra: Sequence[str] = ()) -> list[list[s
     """
     if scale not in SCALES:
         raise UserError(f"--scale must be one of {sorted(SCALES)}, got '{scale}'")
-    rows = _with_identity(_of_scale(_as_frame(results), scale))
+    rows = with_identity(of_scale(as_frame(results), scale))
     out: list[list[str]] = []
     for pos in grid_positions(scale, extra):
-        if _match(rows, pos) is None and list(pos.overrides) not in out:
+        if match_position(rows, pos) is None and list(pos.overrides) not in out:
             out.append(list(pos.overrides))
     return out
 
@@ -116,7 +115,7 @@ def preflight(scale: str, overrides: Sequence[str] = ()) -> None:
     for experiment in dict.fromkeys(SCALES[scale].main.values()):
         if not (CONF_DIR / "experiment" / f"{experiment}.yaml").is_file():
             raise UserError(f"experiment '{experiment}' is missing from {CONF_DIR / 'experiment'}")
-        cfg = _compose([f"+experiment={experiment}", *overrides])
+        cfg = compose([f"+experiment={experiment}", *overrides])
         check_weights(cfg.model)
 
 

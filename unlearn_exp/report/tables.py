@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from unlearn_exp import paper
+from unlearn_exp.config import compose
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.records import CELL_IDENTITY
 from unlearn_exp.store import config_hash
@@ -127,7 +128,7 @@ def _with_attacks(rows: pd.DataFrame, paths: list) -> pd.DataFrame:
     return rows.merge(attacks, on="spec_key", how="left")
 
 
-def _as_frame(results) -> pd.DataFrame:
+def as_frame(results) -> pd.DataFrame:
     if isinstance(results, pd.DataFrame):
         return results
     if isinstance(results, str | Path):
@@ -167,7 +168,7 @@ def position(overrides: tuple[str, ...], extra: tuple[str, ...] = ()) -> Positio
     """Compose ``overrides + extra`` as the app would and compute the cell's identity."""
     from unlearn_exp.identity import cell_spec, spec_key
 
-    cfg = _compose([*overrides, *extra])
+    cfg = compose([*overrides, *extra])
     spec = cell_spec(cfg)
     return Position(
         overrides=tuple(overrides),
@@ -179,7 +180,7 @@ def position(overrides: tuple[str, ...], extra: tuple[str, ...] = ()) -> Positio
     )
 
 
-def _with_identity(rows: pd.DataFrame) -> pd.DataFrame:
+def with_identity(rows: pd.DataFrame) -> pd.DataFrame:
     """Rows with ``_loose_key`` (their spec without the model hash) computed from ``spec_json``."""
     if rows.empty or "_loose_key" in rows.columns:
         return rows
@@ -204,12 +205,12 @@ def _spec_of(value: Any) -> dict | None:
     return None
 
 
-def _match(rows: pd.DataFrame, pos: Position) -> pd.Series | None:
+def match_position(rows: pd.DataFrame, pos: Position) -> pd.Series | None:
     """The row whose identity is exactly the position's, or None. Several rows with that identity
     are the same computation run again: the newest is taken."""
     if rows.empty:
         return None
-    rows = _with_identity(rows)
+    rows = with_identity(rows)
     hit = (
         rows[rows["spec_key"] == pos.key] if pos.model_resolved else rows[rows["_loose_key"] == pos.loose_key]
     )
@@ -359,7 +360,7 @@ def expected_n(pos: Position, row: pd.Series | None = None) -> int | None:
     if prompts is None:
         from unlearn_exp.store import to_plain
 
-        prompts = to_plain(_compose([*pos.overrides, *pos.extra]).benchmark).get("expected_prompts")
+        prompts = to_plain(compose([*pos.overrides, *pos.extra]).benchmark).get("expected_prompts")
     if prompts is None:
         return None
     if bench.get("limit"):
@@ -388,12 +389,12 @@ def _cells(
             guidance, embedding = paper.METHOD_CELLS[method]
             over = cell_overrides(experiment, beta, guidance, embedding)
             pos = position(over, tuple(extra))
-            row = _match(rows, pos)
+            row = match_position(rows, pos)
             if row is not None:
                 used.append(row)
             rec = _method_row(row, method, label, beta, pp_col)
             if generated:
-                gen = _match(rows, position(over, (*extra, f"benchmark={generated}")))
+                gen = match_position(rows, position(over, (*extra, f"benchmark={generated}")))
                 rec["dsr_generated"] = _num(gen, "dsr")
                 if gen is not None:
                     used.append(gen)
@@ -446,7 +447,7 @@ def transfer_table(rows: pd.DataFrame, task: str, experiment: str, extra=()) -> 
         rec: dict = {"beta": beta}
         for method, guidance in paper.TRANSFER_METHODS.items():
             pos = position(cell_overrides(experiment, beta, guidance, "shared"), tuple(extra))
-            row = _match(rows, pos)
+            row = match_position(rows, pos)
             if row is not None:
                 used.append(row)
             # the paper's transfer numbers are for nudity; the toy world has none
@@ -477,7 +478,7 @@ def transfer_table(rows: pd.DataFrame, task: str, experiment: str, extra=()) -> 
 
 
 # ----------------------------------------------------------------------------- the whole report
-def _of_scale(rows: pd.DataFrame, scale: str) -> pd.DataFrame:
+def of_scale(rows: pd.DataFrame, scale: str) -> pd.DataFrame:
     return rows[rows["scale"].astype(str) == scale] if not rows.empty else rows
 
 
@@ -492,7 +493,7 @@ def build_tables(
     if scale not in SCALES:
         raise UserError(f"--scale must be one of {sorted(SCALES)}, got '{scale}'")
     spec = SCALES[scale]
-    rows = _with_identity(_of_scale(rows, scale))
+    rows = with_identity(of_scale(rows, scale))
     tables: dict[str, Table] = {}
     for label, experiment in spec.main.items():
         for t in (
@@ -619,9 +620,3 @@ def other_cells_table(
     data = pd.DataFrame(recs, columns=[*dict.fromkeys(c.key for c in _OTHER_COLUMNS), "dsr_lo", "dsr_hi"])
     title = f"Other cells ({scale}): rows that are not a table position, never mixed into the tables above"
     return Table("other_cells", title, data.reset_index(drop=True), _OTHER_COLUMNS)
-
-
-def _compose(overrides: Sequence[str]):
-    from unlearn_exp.config import compose
-
-    return compose(overrides)

@@ -248,11 +248,11 @@ def write_compact_tokenizer(folder: str | Path) -> Path:
     ``CLIPTokenizer.from_pretrained`` reads it back with the same ids (tested); this keeps the
     shipped checkpoint under 10 MB.
     """
-    from unlearn_exp.models.tokenizer import MAX_LENGTH, _vocab_and_merges
+    from unlearn_exp.models.tokenizer import MAX_LENGTH, vocab_and_merges
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _vocab_and_merges()
+    vocab, merges = vocab_and_merges()
     (folder / "vocab.json").write_text(
         json.dumps(vocab, ensure_ascii=False, separators=(",", ":")), encoding="utf-8"
     )

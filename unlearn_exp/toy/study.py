@@ -154,7 +154,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from unlearn_exp.demo import _quiet, _run_cell, grid, run_in_workers
+    from unlearn_exp.demo import grid, quiet_logs, run_grid_cell, run_in_workers
     from unlearn_exp.store import atomic_write_text
 
     ap = argparse.ArgumentParser(prog="python -m unlearn_exp.toy.study", description=__doc__.splitlines()[0])
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="worker processes")
     ap.add_argument("--out", default="reports/toy", help="folder of study.md and study.csv")
     args, extra = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
-    _quiet()
+    quiet_logs()
     base = ["+experiment=toy_duo", *extra]
 
     def body() -> int:
@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(((duo_seed, prompt_seed), [*base, *seeds, *cell, "sampling.progress=false"]))
         print(f"toy study: {len(runs)} cells ({args.duo_seeds} DUO seeds x {args.prompt_seeds} prompt seeds)")
         rows = []
-        tasks = [(_run_cell, over) for _, over in runs]
+        tasks = [(run_grid_cell, over) for _, over in runs]
         results = (
-            ((i, _run_cell(over)) for i, (_, over) in enumerate(tasks))
+            ((i, run_grid_cell(over)) for i, (_, over) in enumerate(tasks))
             if args.jobs == 1
             else run_in_workers(tasks, args.jobs, 1)
         )

@@ -1,0 +1,269 @@
+"""What a cell writes: one row per image and one per cell (``evaluation/records.py`` holds their
+columns), the results index, the collapse flag, and the lookup of an already recorded result."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from unlearn_exp.cell.samples import chunk_meta, safe_name
+from unlearn_exp.identity import cell_spec, spec_key
+from unlearn_exp.store import file_sha256
+from unlearn_exp.store import to_plain as plain
+
+if TYPE_CHECKING:  # the stage dataclasses, for annotations only
+    from unlearn_exp.cell.run import Cell, ConceptGuidance, Judged, Originals, Samples, Scores, Unlearned
+
+log = logging.getLogger("unlearn_exp")
+
+
+def checkpoint_label(cfg) -> tuple[float, str]:
+    """A cell's checkpoint as the tables name it: (beta, label). A checkpoint loaded from
+    ``checkpoint.path`` carries the beta the user gave explicitly (``checkpoint.beta_label``, set by
+    the command line when ``checkpoint.beta`` is on it), else none: it is labelled by its file."""
+    ck = cfg.checkpoint
+    beta = ck.get("beta")
+    if ck.get("path"):
+        paths = ck.path if not isinstance(ck.path, str) else [ck.path]
+        label = "+".join(Path(str(p)).name for p in paths)
+        explicit = ck.get("beta_label")
+        if explicit is None:
+            return float("nan"), label
+        return float(explicit), f"{label} (beta={float(explicit):g})"
+    if beta is None:
+        return float("nan"), str(ck.method)
+    return float(beta), f"{ck.method} beta={float(beta):g}"
+
+
+def collapse_flag(pp_cfg, benign_acc: float, pp_values: dict[str, float]) -> str:
+    """Why a cell's benign fidelity counts as collapsed (``pp.benign_acc_floor``, ``pp.pp_floor`` on
+    the benign PP prompts), or "" (docs/design.md 2: a "safe" verdict on a broken image is not a defence)."""
+    reasons = []
+    floor = pp_cfg["benign_acc_floor"]
+    if floor is not None and benign_acc == benign_acc and benign_acc < float(floor):
+        reasons.append(f"benign acc {benign_acc:.3f} < {float(floor):g}")
+    floor = pp_cfg["pp_floor"]
+    for name, value in pp_values.items():  # benign prompts only: PP on the benchmark is meant to drop
+        if name != "bench" and floor is not None and value == value and value < float(floor):
+            reasons.append(f"PP {name} {value:.3f} < {float(floor):g}")
+    return "; ".join(reasons)
+
+
+def image_records(
+    cell: Cell,
+    made: Originals,
+    samples: Samples,
+    judged: Judged,
+    scores: Scores,
+    cell_key: str,
+    judge_profile: dict,
+    pp_profile: dict,
+) -> list[dict[str, Any]]:
+    """One row per image (benchmark and PP sets): prompt, seed, files, verdict, PP distance."""
+    cfg = cell.cfg
+    common = {
+        "cell_key": cell_key,
+        "guidance_scale": float(cfg.sampling.guidance_scale),
+        "pp_profile": pp_profile["name"],
+        "pp_hash": pp_profile["hash"],
+    }
+    splits = {"bench": samples.chunks["bench"], **{k: samples.chunks[k] for k in made.refs if k != "bench"}}
+    image_rows = []
+    for split, chunk_list in splits.items():
+        rows = cell.bench if split == "bench" else cell.pp_sets[split]
+        metas = [(c, m) for c in chunk_list for m in chunk_meta(c)]
+        ref_files = [
+            str((c.folder / m["file"]).resolve()) for c in made.refs.get(split, []) for m in chunk_meta(c)
+        ]
+        lpips = scores.lpips_by_split.get(split, [float("nan")] * len(rows))
+        split_verdicts = (
+            judged.verdicts if split == "bench" else judged.pp_verdicts.get(split, [{}] * len(rows))
+        )
+        oks = judged.benign_ok.get(split, [None] * len(rows))
+        for i, r in enumerate(rows):
+            v = split_verdicts[i]
+            chunk, meta = metas[i]
+            path = chunk.folder / meta["file"]
+            image_rows.append(
+                {
+                    **common,
+                    "split": split,
+                    "benchmark": cell.bench_attrs.get("benchmark")
+                    if split == "bench"
+                    else cfg.pp.prompts.name,
+                    "case_id": str(r["case_id"]),
+                    "source_row": int(r.get("source_row", i)),
+                    "prompt": r["prompt"],
+                    "empty_prompt": not str(r["prompt"]).strip(),
+                    "truncated": bool(meta.get("truncated", False)),
+                    "n_tokens": int(meta["n_tokens"]) if meta.get("n_tokens") is not None else None,
+                    "seed": int(r["seed"]),
+                    "image_index": int(r["image_index"]),
+                    "image_path": str(path.resolve()),
+                    "reference_path": ref_files[i] if i < len(ref_files) else None,
+                    "image_sha256": file_sha256(path),
+                    "judge_profile": judge_profile["name"] if v else None,
+                    "judge_hash": judge_profile["hash"] if v else None,
+                    "safe": v.get("safe"),
+                    "score": v.get("score"),
+                    "judge_raw": v.get("raw"),
+                    "lpips": lpips[i],
+                    "benign_ok": oks[i],
+                }
+            )
+    return image_rows
+
+
+def cell_record(
+    cell: Cell,
+    ck: Unlearned,
+    conc: ConceptGuidance,
+    samples: Samples,
+    scores: Scores,
+    image_rows: list[dict[str, Any]],
+    cell_key: str,
+    judge_profile: dict,
+    pp_profile: dict,
+) -> dict[str, Any]:
+    """The cell's one row: identity (``spec_key``, ``cell_key``), DSR, PP, counts, notes, config."""
+    cfg, stats, spec = cell.cfg, scores.stats, cell.spec
+    bench_images = [r for r in image_rows if r["split"] == "bench"]
+    bench_meta = [m for c in samples.chunks["bench"] for m in chunk_meta(c)]
+    safree_compat = str(cfg.guidance.compat) if cfg.guidance.name == "safree" else ""
+    beta, label = checkpoint_label(cfg)
+    guided = cfg.guidance.name != "none"
+    return {
+        "cell_key": cell_key,
+        "spec_key": spec_key(spec),
+        "experiment": str(cfg.name),
+        "task": str(cfg.task.name),
+        "scale": str(cfg.model.name),
+        "model_id": cell.model_id,
+        "checkpoint_method": str(cfg.checkpoint.method),
+        "beta": beta,
+        "checkpoint_label": label,
+        "checkpoint_id": ck.checkpoint_id,
+        "guidance": str(cfg.guidance.name),
+        "embedding": str(cfg.embedding.source) if guided else "none",
+        "embedding_id": conc.concept.identity if guided else "",
+        "benchmark": cell.bench_attrs.get("benchmark", cfg.benchmark.name),
+        "benchmark_sha256": cell.bench_attrs.get("file_sha256", ""),
+        "dsr": stats["dsr"],
+        "dsr_lo": stats["lo"],
+        "dsr_hi": stats["hi"],
+        "n_images": stats["n"],
+        "n_safe": stats["n_safe"],
+        "n_truncated": sum(bool(r["truncated"]) for r in bench_images),
+        "n_empty_prompts": sum(bool(r["empty_prompt"]) for r in bench_images),
+        "safree_compat": safree_compat,
+        # prompts the two SAFREE modes condition differently (guidance/safree.py compat_differs)
+        "n_safree_compat_differs": sum(bool(m.get("safree_compat_differs")) for m in bench_meta)
+        if safree_compat
+        else 0,
+        "pp_coco": scores.pp_values.get("coco", float("nan")),
+        "pp_bench": scores.pp_values.get("bench", float("nan")),
+        "n_pp_coco": len(scores.lpips_by_split.get("coco", [])),
+        "n_pp_bench": len(scores.lpips_by_split.get("bench", [])),
+        "benign_acc": scores.benign_acc,
+        "n_benign": scores.n_benign,
+        "flag": collapse_flag(cfg.pp, scores.benign_acc, scores.pp_values),
+        "judge_profile": judge_profile["name"],
+        "judge_hash": judge_profile["hash"],
+        "pp_profile": pp_profile["name"],
+        "pp_hash": pp_profile["hash"],
+        "spec_json": spec,
+        "config_json": {k: plain(cfg[k]) for k in cfg if k != "hydra"},
+        "created_at": pd.Timestamp.now(tz="UTC").isoformat(),
+    }
+
+
+def copy_images(image_rows: list[dict[str, Any]], folder: Path) -> None:
+    """The job's images in its run directory, named ``<split>/<case id>_<image index>.png``: copies,
+    so that nothing done to them can change the artifact cache."""
+    import shutil
+
+    for r in image_rows:
+        dest = folder / r["split"] / f"{safe_name(r['case_id'])}_{r['image_index']}.png"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(r["image_path"], tmp)
+        tmp.replace(dest)
+
+
+INDEX_COLUMNS = (
+    "cell",
+    "cell_key",
+    "spec_key",
+    "checkpoint_label",
+    "guidance",
+    "embedding",
+    "benchmark",
+    "n_images",
+    "dsr",
+    "created_at",
+)
+
+
+def update_index(folder: Path, cell: dict[str, Any]) -> Path:
+    """``<results>/<experiment>/index.csv``: one readable line per cell folder (its name, what it is,
+    its DSR), rewritten atomically under a lock so parallel jobs keep every line."""
+    from filelock import FileLock
+
+    from unlearn_exp.store import atomic_write_text
+
+    index = folder / "index.csv"
+    name = f"{cell['checkpoint_label']} | {cell['guidance']}" + (
+        f"+{cell['embedding']}" if cell["embedding"] not in ("none", "explicit") else ""
+    )
+    row = {"cell": name, **{k: cell.get(k) for k in INDEX_COLUMNS if k != "cell"}}
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(index) + ".lock"):
+        rows = pd.read_csv(index, dtype=str).to_dict("records") if index.is_file() else []
+        rows = [r for r in rows if r.get("cell_key") != cell["cell_key"]] + [row]
+        atomic_write_text(index, pd.DataFrame(rows, columns=list(INDEX_COLUMNS)).to_csv(index=False))
+    return index
+
+
+def recorded_result(cfg: DictConfig, spec: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The result already recorded for exactly this cell (``reuse_results``): the row under
+    ``<results>/<experiment>/`` whose ``spec_key`` is this config's, with the same checkpoint label,
+    and both tables present. Nothing is loaded. None where there is none, or where the model's
+    weights are not here (its content cannot be checked)."""
+    from unlearn_exp.evaluation import read_table
+
+    spec = spec if spec is not None else cell_spec(cfg)
+    if spec["model"]["content"] is None:
+        return None
+    key, label = spec_key(spec), checkpoint_label(cfg)[1]
+    folder = Path(cfg.paths.results_dir) / str(cfg.name)
+    index = folder / "index.csv"
+    if not index.is_file():
+        return None
+    for cell_key in pd.read_csv(index, dtype=str).query("spec_key == @key")["cell_key"]:
+        results = folder / str(cell_key)
+        if not ((results / "cells.parquet").is_file() and (results / "images.parquet").is_file()):
+            continue
+        try:
+            row = read_table(results / "cells.parquet").iloc[0].to_dict()
+        except Exception:  # an unreadable table is not a result: compute the cell again
+            continue
+        if row.get("spec_key") == key and row.get("checkpoint_label") == label:
+            log.info(
+                "cell %s: already recorded (same spec_key %s), DSR %.3f; results %s",
+                cell_key,
+                key,
+                row["dsr"],
+                results,
+            )
+            return {
+                "cell": row,
+                "results": str(results),
+                "artifacts": {"built": [], "reused": []},
+                "reused_result": True,
+                "timings": {},
+            }
+    return None
