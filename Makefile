@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help setup test lint format demo demo-attacks reproduce-table toy-pretrain bench gpu-check clean
+.PHONY: help setup test test-fast lint format demo demo-attacks reproduce-table toy-pretrain bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ setup: $(STAMP)  ## create .venv and install the package with its test tools
 
 test: setup  ## run the test suite (CPU, a few minutes)
 	$(PYTHON) -m pytest
+
+test-fast: setup  ## the tests not marked slow (about a minute)
+	$(PYTHON) -m pytest -m "not slow"
 
 lint: setup  ## ruff lint and format check
 	$(BIN)/ruff check .

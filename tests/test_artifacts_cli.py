@@ -42,6 +42,7 @@ def test_list_and_show_in_human_terms(uce_cache, capsys):
         artifacts.find(root, "ffffffff")
 
 
+@pytest.mark.slow
 def test_exported_checkpoint_loads_in_plain_diffusers_and_samples_the_same(uce_cache, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -64,6 +65,7 @@ def test_exported_checkpoint_loads_in_plain_diffusers_and_samples_the_same(uce_c
         artifacts.export(artifacts.find(root, key), tmp_path / "other", ["model=tiny", "model.seed=1"])
 
 
+@pytest.mark.slow
 def test_a_shipped_toy_checkpoint_exports_as_a_pixel_pipeline(tmp_path):
     from unlearn_exp.models.pixel_pipeline import PixelDiffusionPipeline
     from unlearn_exp.toy.artifacts import SHIPPED

@@ -30,6 +30,7 @@ def _overrides(tmp_path, *more):
     ]
 
 
+@pytest.mark.slow
 def test_attack_stage_records_the_success_rate_resumes_and_joins_the_report(
     tmp_path, monkeypatch, one_thread
 ):

@@ -31,6 +31,7 @@ def test_concept_vector_is_the_mean_difference_of_the_encodings(tiny):
         concept_vector(tiny, plus, minus[:1])
 
 
+@pytest.mark.slow
 def test_genetic_search_never_loses_its_best_and_recovers_a_planted_prompt(tiny):
     vocab = search_vocabulary(tiny, "prompts", ["a red car on a road at night, oil painting"])
     planted = vocab[torch.tensor([3, 0, 5])]
@@ -67,6 +68,7 @@ def test_genetic_search_never_loses_its_best_and_recovers_a_planted_prompt(tiny)
         candidate_ids(tiny, torch.zeros(1, 80, dtype=torch.long))
 
 
+@pytest.mark.slow
 def test_generated_benchmark_runs_in_a_toy_cell_and_is_cached(tmp_path, monkeypatch):
     from unlearn_exp.attacks import ring_a_bell
     from unlearn_exp.cell import run_cell
@@ -112,6 +114,7 @@ def _target(res: int = 32) -> torch.Tensor:
     return (torch.rand(1, 3, res, res, generator=g) * 2 - 1).clamp(-1, 1)
 
 
+@pytest.mark.slow
 def test_unlearndiffatk_optimises_discrete_tokens_through_the_guidance(tmp_path):
     from unlearn_exp.attacks.unlearndiffatk import AttackSettings, UnlearnDiffAtk, attack, run_attack
     from unlearn_exp.guidance.sld import SLD, sld_params

@@ -61,6 +61,7 @@ def overrides(inputs, root: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_cell_writes_records_and_a_rerun_builds_nothing(inputs, tmp_path):
     cfg = compose(overrides(inputs, tmp_path, "guidance=sld", "guidance.preset=max"), hydra=False)
     first = run_cell(cfg)
@@ -88,6 +89,7 @@ def test_cell_writes_records_and_a_rerun_builds_nothing(inputs, tmp_path):
     assert read_table(Path(again["results"]) / "cells.parquet").iloc[0].dsr == row.dsr
 
 
+@pytest.mark.slow
 def test_guidance_none_ignores_the_embedding_axis(inputs, tmp_path):
     run_cell(compose(overrides(inputs, tmp_path, "guidance=none", "embedding=explicit"), hydra=False))
     second = run_cell(
@@ -129,6 +131,7 @@ def _cells(root: Path) -> pd.DataFrame:
     return pd.concat(rows).sort_values("cell_key")[cols].reset_index(drop=True)
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_to_the_same_results(inputs, tmp_path):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     proc = _sweep(inputs, killed)
@@ -149,6 +152,7 @@ def test_killed_sweep_resumes_to_the_same_results(inputs, tmp_path):
     assert not list(killed.rglob("*.tmp")), "no half-written files are left behind"
 
 
+@pytest.mark.slow
 def test_cell_logs_one_offline_wandb_run(inputs, tmp_path):
     from unlearn_exp import tracking
 
@@ -176,6 +180,7 @@ def test_cell_logs_one_offline_wandb_run(inputs, tmp_path):
     assert results[0]["metadata"]["inputs"]["checkpoint"].startswith("checkpoint-original")
 
 
+@pytest.mark.slow
 def test_toy_cell_measures_benign_accuracy_and_flags_a_collapse(tmp_path):
     """On the toy world the PP prompts say which colours a faithful image shows: the cell judges its
     benign images, reports benign accuracy beside DSR and PP, and flags a cell below the floor."""
@@ -222,6 +227,7 @@ def test_collapse_flag_names_each_floor():
     assert collapse_flag({"benign_acc_floor": None, "pp_floor": None}, 0.0, {"coco": 0.0}) == ""
 
 
+@pytest.mark.slow
 def test_every_stage_of_a_cell_reports_labelled_progress(inputs, tmp_path, caplog):
     import logging
 
@@ -247,6 +253,7 @@ def test_every_stage_of_a_cell_reports_labelled_progress(inputs, tmp_path, caplo
             assert done == total, line
 
 
+@pytest.mark.slow
 def test_a_recorded_cell_is_returned_without_loading_anything(inputs, tmp_path, monkeypatch):
 
     first = run_cell(compose(overrides(inputs, tmp_path, "guidance=sld"), hydra=False))

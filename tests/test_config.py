@@ -12,6 +12,7 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.slow
 def test_every_experiment_composes(experiment):
     cfg = compose([f"+experiment={experiment}"])
     OmegaConf.resolve(cfg)  # every interpolation resolves
@@ -35,6 +36,7 @@ def test_debug_shrinks_an_experiment():
 
 
 @pytest.mark.parametrize("word", ["multirun", "--multirun"])
+@pytest.mark.slow
 def test_multirun_word_starts_the_sweep(tmp_path, word):
     proc = run_app(
         "+experiment=nudity_duo",
@@ -69,6 +71,7 @@ def test_unknown_override_fails_with_hydra_message(override, expected):
     assert "unlearn_exp/" not in proc.stderr  # no traceback from our code
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_its_file_fails_with_one_line():
     proc = run_app("model=tiny", "checkpoint=spm", "hydra/job_logging=disabled")  # SPM loads files only
     assert proc.returncode == 2
@@ -80,6 +83,7 @@ def test_a_checkpoint_without_its_file_fails_with_one_line():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_help_says_what_the_app_does_with_examples():
     proc = run_app("--help")
     assert proc.returncode == 0
@@ -118,6 +122,7 @@ SCHEMA_GROUPS = (
 )
 
 
+@pytest.mark.slow
 def test_structured_configs_refuse_unknown_keys_and_wrong_types():
     """Every YAML of a group with structured configs extends its schema (unlearn_exp/schema.py): the
     YAML holds the values, the schema the keys and types, and the code reads keys without defaults."""
@@ -158,6 +163,7 @@ def test_structured_configs_refuse_unknown_keys_and_wrong_types():
     )  # kept as written
 
 
+@pytest.mark.slow
 def test_compose_cache_gives_the_composed_config_and_follows_conf_changes(tmp_path, monkeypatch):
     """config.compose keeps a composed config on disk under the hash of its overrides and of conf/:
     reading it back gives the same config (interpolations as written), a change under conf/ or a

@@ -55,6 +55,7 @@ def _guidance(name: str, *overrides: str) -> Guidance:
 
 
 @pytest.mark.parametrize("name", GUIDANCE.names())
+@pytest.mark.slow
 def test_guidance_is_batch_independent(name, tiny):
     g = _guidance(name)
     assert g.describe()["name"] == name
@@ -66,6 +67,7 @@ def test_guidance_is_batch_independent(name, tiny):
 
 
 @pytest.mark.parametrize("name", GUIDANCE.names())
+@pytest.mark.slow
 def test_guidance_switched_off_is_classifier_free_guidance(name, tiny):
     assert name in GUIDANCE_OFF, f"declare the overrides that switch '{name}' off in GUIDANCE_OFF"
     overrides, negative, acting = GUIDANCE_OFF[name]
@@ -201,6 +203,7 @@ def _unet_out(comps) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", UNLEARNING.names())
+@pytest.mark.slow
 def test_unlearning_method_contract(name, tmp_path):
     assert name in UNLEARNING_TINY, f"declare the tiny settings of unlearning method '{name}'"
     cfg = UNLEARNING_TINY[name]

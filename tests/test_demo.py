@@ -17,6 +17,7 @@ def test_the_demo_grid_is_the_papers_with_guidance_none_once():
     assert sum("guidance=none" in c for c in cells) == 4
 
 
+@pytest.mark.slow
 def test_cells_in_workers_are_the_cells_of_this_process(tmp_path):
     """Two cells in two spawned workers of one thread each: the same images (to the byte), verdicts
     and numbers as the same cells run here."""
@@ -42,6 +43,7 @@ def test_cells_in_workers_are_the_cells_of_this_process(tmp_path):
     assert got[0]["unet_rows"] + got[1]["unet_rows"] == sum(rows_here)
 
 
+@pytest.mark.slow
 def test_a_failing_task_stops_the_workers_in_one_error(tmp_path):
     from unlearn_exp.errors import UserError
 
@@ -58,6 +60,7 @@ def test_jobs_must_be_positive(capsys):
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
+@pytest.mark.slow
 def test_the_demo_end_to_end_on_a_small_grid(tmp_path, monkeypatch, capsys, jobs):
     """``python -m unlearn_exp.demo``'s own code path on two cells and one beta's precondition (the
     shipped checkpoint and C* of beta 2000, 2 prompts per set at the toy's sampler settings): tables,

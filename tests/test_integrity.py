@@ -54,6 +54,7 @@ def test_model_identity_is_the_same_for_copied_weights_and_resolved_dtype(tmp_pa
     assert model_identity({**base, "path": str(copy), "dtype": "float32"}) != here
 
 
+@pytest.mark.slow
 def test_same_cell_from_another_folder_with_moved_weights_builds_nothing(first_run, tmp_path, monkeypatch):
     moved = tmp_path / "weights"
     shutil.copytree(TOY_WEIGHTS, moved)
@@ -69,6 +70,7 @@ def _bench_images(out: dict) -> list[str]:
     return images[images.split == "bench"].image_sha256.tolist()
 
 
+@pytest.mark.slow
 def test_batch_size_is_part_of_the_identity_and_equal_keys_give_equal_images(tmp_path):
     """How many rows one UNet call holds changes an image's last bits, so a cell at another
     ``sampling.batch_size`` never takes images (or a recorded result) made at this one; two runs
@@ -86,6 +88,7 @@ def test_batch_size_is_part_of_the_identity_and_equal_keys_give_equal_images(tmp
     assert _bench_images(again) == _bench_images(three)
 
 
+@pytest.mark.slow
 def test_images_are_keyed_by_the_checkpoint_content_not_its_recipe(tmp_path):
     """A DUO checkpoint rebuilt under the same recipe key with other bits (as when a damaged shipped
     LoRA is retrained) gets its own images: nothing made with the old weights is reused."""
@@ -120,6 +123,7 @@ def test_images_are_keyed_by_the_checkpoint_content_not_its_recipe(tmp_path):
     assert bench_built, second["artifacts"]  # made again with the weights now in the cache
 
 
+@pytest.mark.slow
 def test_a_generated_image_set_is_made_by_the_original_model_after_unlearning(tmp_path):
     """C*'s image set is generated only when C* must be learned, which is after the cell's checkpoint
     is applied: it must still be the original model's images (its key says so)."""
@@ -321,6 +325,7 @@ def test_a_failed_run_never_replaces_earlier_results(first_run, monkeypatch):
         ),
     ],
 )
+@pytest.mark.slow
 def test_invalid_values_stop_before_any_model_is_loaded(extra, message, tmp_path, monkeypatch):
 
     monkeypatch.setattr("unlearn_exp.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
@@ -360,6 +365,7 @@ def test_unknown_choices_and_keys_are_one_line_from_the_command_line(extra, mess
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_every_shipped_option_composes_without_unknown_keys():
     from unlearn_exp.config import CONF_DIR, group_choices
     from unlearn_exp.schema import ROOT_GROUPS, unknown_keys
@@ -451,6 +457,7 @@ def test_a_long_prompt_is_truncated_without_transformers_indexing_warning():
     assert not [r for r in records if "indexing errors" in r.getMessage()]
 
 
+@pytest.mark.slow
 def test_some_empty_and_long_prompts_are_reported_per_image(tmp_path):
     prompts = tmp_path / "mine.csv"
     pd.DataFrame({"prompt": ["a purple circle", "", LONG_PROMPT]}).to_csv(prompts, index=False)

@@ -49,6 +49,7 @@ def judge():
     return make_judge(preset("judge", "toy"))
 
 
+@pytest.mark.slow
 def test_inversion_recovers_the_planted_concept(tmp_path, judge):
     torch.set_num_threads(1)
     planted_comps = _toy()

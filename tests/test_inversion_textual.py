@@ -44,6 +44,7 @@ def test_placeholder_rows_start_from_the_init_word(comps):
         ({"num_vectors": 0}, "positive integer"),
     ],
 )
+@pytest.mark.slow
 def test_bad_placeholder_requests_are_user_errors(comps, kwargs, message):
     args = {"placeholder": "<c*>", "num_vectors": 1, "init_word": "dog", **kwargs}
     with pytest.raises(UserError, match=message):

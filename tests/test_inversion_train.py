@@ -21,6 +21,7 @@ def _images(n=3, res=16):
     return torch.rand(n, 3, res, res, generator=torch.Generator().manual_seed(3)) * 2 - 1
 
 
+@pytest.mark.slow
 def test_only_placeholder_rows_change_with_three_vectors(tmp_path):
     comps = build_tiny(resolution=16)
     before = comps.text_encoder.get_input_embeddings().weight.clone()
@@ -58,6 +59,7 @@ class _Interrupt(L.Callback):
             raise RuntimeError("simulated kill")
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     cfg = {**CFG, "steps": 8}
     full = build_tiny(resolution=16)

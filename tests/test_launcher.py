@@ -27,6 +27,7 @@ def _hydra_cfg(*overrides: str):
 
 
 @pytest.mark.filterwarnings("ignore")
+@pytest.mark.slow
 def test_presets_compose_with_our_settings():
     j = _hydra_cfg("hydra/launcher=joblib")
     assert j.launcher._target_.endswith("JoblibLauncher")
@@ -74,6 +75,7 @@ def _job_configs(sweep: Path) -> list[dict]:
     return [yaml.safe_load(p.read_text()) for p in sorted(sweep.glob("[0-9]*/.hydra/config.yaml"))]
 
 
+@pytest.mark.slow
 def test_joblib_pins_one_gpu_per_worker(tmp_path: Path):
     res = _sweep(
         tmp_path,
@@ -91,6 +93,7 @@ def test_joblib_pins_one_gpu_per_worker(tmp_path: Path):
     assert {c["guidance"]["name"] for c in _job_configs(tmp_path / "sweep")} == {"none", "sld"}
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_a_two_cell_sweep(tmp_path: Path):
     """The cluster path with real work: two tiny cells through submitit's local executor."""
     import pandas as pd

@@ -9,6 +9,8 @@ import ast
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
 
 PKG = ROOT / "unlearn_exp"
@@ -171,6 +173,7 @@ def test_module_level_imports_form_no_cycle():
         visit(node, [])
 
 
+@pytest.mark.slow
 def test_every_module_imports_in_a_fresh_interpreter():
     modules = [_module_name(p) for p in _files() if p.name != "__main__.py"]
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\nprint('ok')"

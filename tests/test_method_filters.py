@@ -33,6 +33,7 @@ def _keys(*overrides):
     }
 
 
+@pytest.mark.slow
 def test_the_evaluation_judge_never_changes_training_data():
     base = _keys()
     assert _keys("judge=nudenet_duo") == base  # another evaluation judge: the same training data
@@ -68,6 +69,7 @@ def test_cell_trains_with_the_method_filter(monkeypatch, tmp_path):
     assert seen["judge"] == "toy"
 
 
+@pytest.mark.slow
 def test_image_set_from_duo_pairs_is_exactly_their_unsafe_half(tmp_path):
     cfg = compose(
         [
@@ -118,6 +120,7 @@ class _NeverFlags:
         return [{"safe": True, "score": 0.0, "raw": {}} for _ in images]
 
 
+@pytest.mark.slow
 def test_image_set_that_cannot_fill_its_quota_stops_early(tiny, tmp_path):
     from unlearn_exp.inversion.image_sets import generate_image_set
 

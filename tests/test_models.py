@@ -78,6 +78,7 @@ def test_missing_hub_weights_say_how_to_provide_them(tmp_path, monkeypatch):
     assert "CompVis/stable-diffusion-v1-4" in msg and "model.path" in msg and "\n" not in msg
 
 
+@pytest.mark.slow
 def test_cli_missing_weights_is_one_line(tmp_path):
     proc = run_app("model=sd14", f"model.path={tmp_path}/absent", "hydra/job_logging=disabled")
     assert proc.returncode == 2

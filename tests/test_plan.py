@@ -18,6 +18,7 @@ def _sampled_rows() -> int:
     return sampling.UNET_ROWS
 
 
+@pytest.mark.slow
 def test_plan_matches_what_the_cell_then_builds(tmp_path, monkeypatch):
     over = toy_overrides(tmp_path, "guidance=sld")
     before = plan.plan_cell(compose(over, hydra=False), over, set())
@@ -55,6 +56,7 @@ def test_plan_matches_what_the_cell_then_builds(tmp_path, monkeypatch):
     assert "estimated time" not in old and "older version" in old  # an old calibration is not misread
 
 
+@pytest.mark.slow
 def test_a_sweep_counts_shared_work_once(tmp_path):
     """Two cells of one checkpoint share the original model's references: the plan counts them for the
     first cell only, and its totals are what running the two cells then samples."""
@@ -80,6 +82,7 @@ def test_a_sweep_counts_shared_work_once(tmp_path):
     assert len(built) == planned_images // 2  # chunks of 2
 
 
+@pytest.mark.slow
 def test_a_shipped_concept_needs_no_image_set(tmp_path):
     """C* for beta=2000 ships with the project: its image set is neither planned nor made."""
     # the toy's own sampler: the image set's key (and so C*'s) names it
@@ -111,6 +114,7 @@ def test_plan_counts_training_that_is_not_cached(tmp_path):
     assert p.images >= 2 * 48 + int(cfg.inversion.image_set.n_images)  # pairs and the image set at least
 
 
+@pytest.mark.slow
 def test_calibrate_writes_this_machines_costs(tmp_path):
     cfg = compose(["model=tiny"], hydra=False)
     table = plan.calibrate(cfg, tmp_path / "calibration.json")
@@ -122,6 +126,7 @@ def test_calibrate_writes_this_machines_costs(tmp_path):
     assert plan._costs(saved, "tiny") is not None
 
 
+@pytest.mark.slow
 def test_a_concept_not_yet_named_is_counted_once_per_checkpoint(tmp_path):
     """``inversion.image_set.source=duo_pairs`` (the paper's nudity grid): C*'s key is known only once
     its pairs exist, yet SLD and SAFREE of one checkpoint and the ``shared`` cells of other betas use

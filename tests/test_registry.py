@@ -41,6 +41,7 @@ print(json.dumps({"seen": seen, "names": names, "light": light, "after_one": aft
 """
 
 
+@pytest.mark.slow
 def test_builtin_names_are_what_their_modules_register():
     from unlearn_exp.registry import BUILTIN
 

@@ -102,6 +102,7 @@ def _fmt(table):
     return report.formatted(table).set_index(table.columns[0].header)
 
 
+@pytest.mark.slow
 def test_main_tables_cell_for_cell():
     tables = report.build_tables(fixture_rows(), "sd14")
     assert set(tables) == {
@@ -211,6 +212,7 @@ def test_missing_cells_lists_exactly_the_absent_ones():
     assert len(toy) == 4 * 5 - 1 + 6
 
 
+@pytest.mark.slow
 def test_write_report_files(tmp_path: Path):
     d = tmp_path / "results" / "job0"
     d.mkdir(parents=True)
@@ -288,6 +290,7 @@ def test_cli_no_run_and_bad_input(tmp_path: Path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_preflight_stops_without_weights(tmp_path: Path):
     with pytest.raises(UserError, match=r"model\.path.*make demo"):
         report.preflight("sd14", [f"model.path={tmp_path / 'absent'}"])
@@ -341,6 +344,7 @@ DECOY_EXTRAS = {
 }
 
 
+@pytest.mark.slow
 def test_decoy_cells_never_change_a_table():
     """A results folder holding the grid plus decoys (another prompt file, another sampler, another
     judge, more images, a LoRA file under the default beta) gives the same tables as the grid alone;
@@ -376,6 +380,7 @@ def test_decoy_cells_never_change_a_table():
     ]
 
 
+@pytest.mark.slow
 def test_paper_numbers_are_checked_against_our_n():
     assert paper.attainable(0.484, 95) and not paper.attainable(0.990, 95) and paper.attainable(0.990, 931)
     assert 95 in paper.consistent_ns([0.442, 0.484, 0.937, 0.568, 0.947])

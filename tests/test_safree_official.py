@@ -111,6 +111,7 @@ def test_official_mode_leaves_a_long_prompt_as_plain_cfg_with_the_keyword_negati
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_paper_experiments_use_official_and_others_fixed():
     for exp in ("nudity_duo", "violence_duo", "nudity_duo_transfer"):
         cfg = compose([f"+experiment={exp}", "guidance=safree"], hydra=False)

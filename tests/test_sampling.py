@@ -32,6 +32,7 @@ def test_plain_cfg_matches_diffusers_pipeline(tiny, scheduler):
 
 
 @pytest.mark.parametrize("preset,scheduler", [(p, "dpmsolver++") for p in PRESETS] + [("strong", "pndm")])
+@pytest.mark.slow
 def test_sld_matches_diffusers_safe_pipeline(tiny, preset, scheduler):
     p = PRESETS[preset]
     prompt, concept = "a naked woman on a beach", "nudity, sexual"
@@ -77,6 +78,7 @@ def test_predict_rows_keeps_order_and_metadata(tiny):
     assert torch.allclose(out[3]["image_tensor"], direct.images[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_half_precision_paths_run_on_the_cpu(tiny):
     """What GPUs run (``model.dtype: auto`` -> float16, ``sampling.precision: auto`` -> 16-mixed)
     checked on the CPU with bfloat16 and float16: finite images near the float32 ones."""
@@ -131,6 +133,7 @@ def test_prompt_seed_count_mismatch(tiny):
         sample(tiny, ["a", "b"], [1], steps=2)
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_in_smoke_mode(tmp_path):
     """The GPU check's --smoke mode: the tiny model, every measurement, ours equal to diffusers."""
     import json
@@ -233,6 +236,7 @@ threading.Thread(target=tell_when_lightning_listens, daemon=True).start()
 
 
 @pytest.mark.parametrize("what", sorted(SIGTERM_JOBS))
+@pytest.mark.slow
 def test_sigterm_stops_at_the_next_batch(what):
     """Lightning only notes SIGTERM: its predict loop never looks (a killed job sampled on to its end)
     and its fit loop exits with status 0. Both stop at the next batch now, with the status of a
@@ -272,6 +276,7 @@ print(runtime.keep_freed_memory(), hashlib.sha256(out.images.numpy().tobytes()).
 """
 
 
+@pytest.mark.slow
 def test_keeping_freed_memory_changes_no_image(tmp_path):
     """runtime.keep_freed_memory changes where memory comes from, never a result: the toy model's
     images are the same to the bit with glibc's default allocator (``UNLEARN_EXP_MALLOC=default``)."""
@@ -295,6 +300,7 @@ def test_keeping_freed_memory_changes_no_image(tmp_path):
     assert runtime.keep_freed_memory() is runtime.keep_freed_memory()  # once per process
 
 
+@pytest.mark.slow
 def test_the_model_stays_on_its_device_after_lightning_predict(tiny, monkeypatch):
     """Lightning moves the module it ran (which holds the shared model) to the CPU when predict ends;
     on a GPU the next stage then ran on the CPU. The sampler puts the model back where it was."""
@@ -325,6 +331,7 @@ def test_the_model_stays_on_its_device_after_lightning_predict(tiny, monkeypatch
     assert moved and calls and calls[-1] == str(comps.device)
 
 
+@pytest.mark.slow
 def test_large_finite_float16_latents_are_not_taken_for_non_finite(monkeypatch):
     """The non-finite check looked at the latents' sum, which overflows in float16 (16 x 4 x 64 x 64
     values of 1.5 sum past 65504) although every value is finite: SD-sized fp16 batches stopped."""

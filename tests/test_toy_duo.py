@@ -56,6 +56,7 @@ def test_beta_map_names_the_beta_of_each_paper_beta():
     assert "beta_map" not in without_neutral("checkpoint", dict(preset("checkpoint", "duo")))
 
 
+@pytest.mark.slow
 def test_a_beta_outside_the_map_is_refused_before_anything_runs():
     from unlearn_exp.validate import validate
 
@@ -119,6 +120,7 @@ def test_toy_duo_sweeps_the_four_paper_betas():
 
 
 @pytest.mark.parametrize("beta", [250, 500, 1000, 2000])
+@pytest.mark.slow
 def test_shipped_artifacts_are_found_under_the_cell_keys(beta, toy_cfgs, tmp_path, monkeypatch):
     """``cell.apply_unlearning`` and ``cell.resolve_concept`` on the composed toy_duo configs find
     the DUO checkpoint and both embeddings (inverted, shared) in the shipped cache: nothing trains,

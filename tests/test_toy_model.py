@@ -50,6 +50,7 @@ def test_toy_architecture_is_sd_shaped_and_small():
     assert torch.equal(comps.unet.conv_in.weight, again.unet.conv_in.weight)
 
 
+@pytest.mark.slow
 def test_a_few_pretraining_steps_lower_the_loss():
     torch.manual_seed(0)
     cfg = PretrainConfig(steps=15, batch_size=8, warmup_steps=3, caption_dropout=0.0)
@@ -85,6 +86,7 @@ def test_compact_tokenizer_matches_the_clip_tokenizer(tmp_path):
     assert tok.model_max_length == 77 and tok.pad_token_id == ref.pad_token_id
 
 
+@pytest.mark.slow
 def test_pretrain_writes_a_loadable_checkpoint(tmp_path):
     cfg = PretrainConfig(steps=2, batch_size=4, log_every=1)
     out = pretrain(cfg, tmp_path / "toy")
@@ -131,6 +133,7 @@ def test_shipped_checkpoint_loads_through_the_config(monkeypatch, tmp_path, cwd)
     assert comps.resolution == 16 and comps.latent_shape() == (3, 16, 16)
 
 
+@pytest.mark.slow
 def test_shipped_checkpoint_draws_what_explicit_prompts_ask():
     from unlearn_exp.sampling import sample
     from unlearn_exp.toy.judge import ToyJudge
@@ -149,6 +152,7 @@ def test_shipped_checkpoint_draws_what_explicit_prompts_ask():
     assert sum(not v["safe"] for v in ToyJudge().judge(out.pil)) <= 2
 
 
+@pytest.mark.slow
 def test_toy_model_loads_through_from_pretrained_as_a_pixel_pipeline(tmp_path):
     """The shipped folder has a model_index.json: diffusers' loader builds the pixel-space pipeline,
     whose images equal our sampler's; Components.to_diffusers() wraps the toy the same way, and a

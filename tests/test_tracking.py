@@ -269,6 +269,7 @@ def test_pin_gpu_worker_gives_distinct_gpus(tmp_path: Path, monkeypatch):
     assert launch.pin_gpu_worker(str(tmp_path)) is None
 
 
+@pytest.mark.slow
 def test_guidance_none_is_one_run_for_its_three_grid_positions(tmp_path: Path):
     from tests.helpers import compose
 

@@ -131,6 +131,7 @@ def _train_and_eval(lambda_, tmp_path):
     return before, after, drift
 
 
+@pytest.mark.slow
 def test_duo_steps_lower_preference_loss_and_regulariser_keeps_null_output(tmp_path):
     before, after, drift_reg = _train_and_eval(1e4, tmp_path)
     assert before["loss_dpo"] == pytest.approx(math.log(2), abs=1e-5)  # adapters off: model == reference
@@ -175,6 +176,7 @@ def _with_random_lora_b(files, tmp_path):
     return out
 
 
+@pytest.mark.slow
 def test_saved_lora_loads_into_plain_diffusers_pipeline_and_reproduces_images(tmp_path):
     from unlearn_exp.sampling import initial_noise, sample
 
@@ -247,6 +249,7 @@ class _Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_from_last_checkpoint(tmp_path):
     import lightning as L
     from safetensors.torch import load_file
@@ -304,6 +307,7 @@ class ColourJudge:
         return [{"safe": bool(np.asarray(im).mean() / 127.5 - 1 <= self.threshold)} for im in pil]
 
 
+@pytest.mark.slow
 def test_checkpoint_duo_trains_once_per_beta_and_reuses_the_cache(tmp_path):
     recipe = {
         "adapters": [
@@ -411,6 +415,7 @@ def test_condition_at_its_neutral_value_leaves_the_checkpoint_key_unchanged():
     assert duo_key(comps, {**base, **recipe, "condition": "unsafe"}, {"name": "toy"}) != key
 
 
+@pytest.mark.slow
 def test_a_lora_file_is_the_same_bytes_in_any_process(tmp_path):
     """peft keeps target_modules as a set, ordered by the process's string-hash seed: the LoRA file
     is written with it sorted, so the same weights are the same bytes (and the same content id)."""
@@ -435,6 +440,7 @@ def test_a_lora_file_is_the_same_bytes_in_any_process(tmp_path):
     assert files[0] == files[1] == files[2]
 
 
+@pytest.mark.slow
 def test_weight_and_embedding_files_are_the_same_bytes_in_any_process(tmp_path):
     """save_safetensors (ESD, UCE, converted pickles) and textual-inversion files carry one metadata
     entry: two came out in hash order, so the same tensors were different bytes per process."""

@@ -59,6 +59,7 @@ def test_pair_prompts_are_consecutive_blocks():
         pair_prompts({**RECIPE, "safe_prompts": ["x"]})
 
 
+@pytest.mark.slow
 def test_pair_set_keeps_only_judge_accepted_images(tmp_path):
     judge = ParityJudge()
     comps = build_tiny()
@@ -157,6 +158,7 @@ ESD_HP = preset(
 )
 
 
+@pytest.mark.slow
 def test_esd_moves_concept_prediction_toward_negatively_guided_target(tmp_path):
     from unlearn_exp.unlearning.esd import ESD, train_esd
 
@@ -181,6 +183,7 @@ def test_esd_moves_concept_prediction_toward_negatively_guided_target(tmp_path):
     assert set(changed) <= set(saved) and all(".attn2." in k for k in saved)
 
 
+@pytest.mark.slow
 def test_checkpoint_esd_caches_and_loads_published_weights(tmp_path):
     store = ArtifactStore(tmp_path / "store")
     cfg = {"method": "esd", **ESD_HP, "steps": 2, "concept": {"violence": "violence"}}
@@ -340,6 +343,7 @@ def test_wrong_unet_weights_are_refused_with_the_offending_keys(tmp_path):
     assert apply_checkpoint(build_tiny(), {"method": "original"}, store, task_cfg={})["id"] == "original"
 
 
+@pytest.mark.slow
 def test_checkpoint_configs_compose_into_the_recipes(compose_cfg):
     from unlearn_exp.unlearning.duo import resolve_recipe
     from unlearn_exp.unlearning.pairs import _plain
