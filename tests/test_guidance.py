@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.helpers import compose
+from unlearn_exp import config
 from unlearn_exp.errors import UserError
 from unlearn_exp.guidance import SAFREE, SLD, Concept, make_guidance
 from unlearn_exp.guidance.safree import (
@@ -169,5 +170,10 @@ def test_factory_explicit_and_learned_concepts():
     )
     assert isinstance(sld, SLD) and sld.concept_prompt == "<c*> <c*>_1"
     assert sld.params.threshold == 0.5 and sld.params.guidance_scale == 5000
-    with pytest.raises(UserError, match="preset"):
-        make_guidance(compose(["guidance=sld", "guidance.preset=ultra"]).guidance, cfg.task)
+    with pytest.raises(UserError, match="unknown guidance.preset 'ultra'"):  # composition refuses it
+        config.compose(["guidance=sld", "guidance.preset=ultra"])
+    sld_cfg = OmegaConf.to_container(compose(["guidance=sld"]).guidance)
+    with pytest.raises(UserError, match="unknown guidance.preset 'ultra'"):  # and the typed config
+        make_guidance(OmegaConf.create({**sld_cfg, "preset": "ultra"}), cfg.task)
+    with pytest.raises(UserError, match="guidance.threshold must be >= 0"):
+        make_guidance(OmegaConf.create({**sld_cfg, "threshold": -1}), cfg.task)

@@ -20,6 +20,7 @@ LAYERS = [
     {
         "errors",
         "checks",
+        "settings",
         "config",
         "schema",
         "paths",
@@ -65,6 +66,8 @@ def _module_name(path) -> str:
 
 def _layer(module: str) -> int:
     parts = module.split(".")
+    if parts[-1] == "config" and len(parts) == 3:
+        return 0  # a method's settings (guidance/config.py, ...): the schema imports them, no torch
     top = parts[1] if len(parts) > 1 else "__init__"
     for i, names in enumerate(LAYERS):
         if top in names:

@@ -77,10 +77,10 @@ def test_scaling_and_bad_beta():
         with pytest.raises(UserError, match="beta"):
             scaled_hyperparameters(DUO_CFG, beta)
     comps = build_tiny()
-    with pytest.raises(UserError, match="beta must be > 0"):
-        apply_checkpoint(
-            comps, {"method": "duo", "beta": 0}, ArtifactStore("/nonexistent"), task_cfg={"name": "x"}
-        )
+    with pytest.raises(UserError, match="checkpoint.beta must be > 0"):
+        apply_checkpoint(comps, {**DUO_CFG, "beta": 0}, ArtifactStore("/nonexistent"), task_cfg={"name": "x"})
+    with pytest.raises(UserError, match="DUOCheckpointConfig needs .*checkpoint.rank"):
+        apply_checkpoint(comps, {"method": "duo", "beta": 500}, ArtifactStore("/nonexistent"), task_cfg={})
 
 
 def test_lora_only_on_self_attention_and_reference_is_disabled_adapter():

@@ -36,7 +36,8 @@ _DIGESTS: dict[tuple, str] = {}
 
 
 def conf_digest(conf_dir: Path | None = None) -> str:
-    """The hash of what composition reads: ``conf/``'s files (names and bytes), ``schema.py``, and the
+    """The hash of what composition reads: ``conf/``'s files (names and bytes), the schemas
+    (``schema.py``, ``settings.py``, each method's ``config.py``), and the
     Hydra and OmegaConf versions. Recomputed only when a file's size or mtime changes."""
     import hashlib
 
@@ -44,12 +45,14 @@ def conf_digest(conf_dir: Path | None = None) -> str:
     import omegaconf
 
     conf_dir = Path(conf_dir or CONF_DIR)
-    files = sorted([*(p for p in conf_dir.rglob("*") if p.is_file()), Path(__file__).with_name("schema.py")])
+    package = Path(__file__).parent  # the schemas: schema.py, settings.py and every method's config.py
+    schemas = [package / "schema.py", package / "settings.py", *sorted(package.glob("*/config.py"))]
+    files = sorted([*(p for p in conf_dir.rglob("*") if p.is_file()), *schemas])
     stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     if stamp not in _DIGESTS:
         h = hashlib.sha256(f"hydra {hydra.__version__} omegaconf {omegaconf.__version__}".encode())
         for p in files:
-            name = p.relative_to(conf_dir).as_posix() if p.is_relative_to(conf_dir) else p.name
+            name = p.relative_to(conf_dir if p.is_relative_to(conf_dir) else package).as_posix()
             h.update(f"\0{name}\0".encode())
             h.update(p.read_bytes())
         _DIGESTS[stamp] = h.hexdigest()
@@ -70,11 +73,34 @@ def check_choices(overrides: Sequence[str]) -> None:
             continue
         key, value = o.lstrip("+").split("=", 1)
         key = key.split("@", 1)[0]
+        _check_enum_value(key, value)
         if "." in key or not key or not (CONF_DIR / key).is_dir() or "(" in value or "[" in value:
             continue
         for v in (x.strip() for x in value.split(",")):
             if v and v != "null" and not (CONF_DIR / key / f"{v}.yaml").is_file():
                 raise UserError(f"unknown {key} '{v}': choose one of {', '.join(group_choices(key))}")
+
+
+def _check_enum_value(key: str, value: str) -> None:
+    """``group.key=value`` where the group's schemas type ``key`` as an ``Enum``: a value that is not
+    one of its members is one ``UserError`` (Hydra's own message is several lines)."""
+    import enum
+    import typing
+
+    group, _, field = key.partition(".")
+    if not field or "." in field or "(" in value or "[" in value or "$" in value:
+        return
+    from unlearn_exp.schema import SCHEMAS
+
+    members: list[str] = []
+    for (g, _), node in SCHEMAS.items():
+        hint = typing.get_type_hints(node).get(field) if g == group else None
+        for t in (hint, *typing.get_args(hint)):
+            if isinstance(t, type) and issubclass(t, enum.Enum):
+                members += [m.name for m in t if m.name not in members]
+    for v in (x.strip() for x in value.split(",")):
+        if members and v and v != "null" and v not in members:
+            raise UserError(f"unknown {key} '{v}': choose one of {members}")
 
 
 def compose(overrides: Sequence[str] = (), *, hydra: bool = False):

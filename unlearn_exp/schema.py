@@ -24,46 +24,14 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-
-@dataclass
-class NoGuidanceConfig:
-    name: str = MISSING
-
-
-@dataclass
-class SLDConfig:
-    """``conf/guidance/sld.yaml``: a preset, each of its values overridable (null keeps the preset's)."""
-
-    name: str = MISSING
-    preset: str = MISSING
-    warmup_steps: Any = MISSING  # int | None
-    guidance_scale: Any = MISSING  # float | None
-    threshold: Any = MISSING
-    momentum_scale: Any = MISSING
-    mom_beta: Any = MISSING
-    concept: Any = MISSING  # str | None: the safety concept (null: the task's)
-
-
-@dataclass
-class SAFREEConfig:
-    """``conf/guidance/safree.yaml`` (docs/methods.md 4)."""
-
-    name: str = MISSING
-    alpha: Any = MISSING
-    svf: bool = MISSING
-    up_t: int = MISSING
-    svf_k: Any = MISSING
-    svf_t0: Any = MISSING
-    re_attn_t: list[int] = field(default_factory=lambda: MISSING)  # type: ignore[arg-type]
-    projection_order: str = MISSING
-    lra: str = MISSING
-    lra_b1: Any = MISSING
-    lra_b2: Any = MISSING
-    lra_s1: Any = MISSING
-    lra_s2: Any = MISSING
-    keywords: Any = MISSING  # list[str] | None: null takes the task's
-    cfg_negative: str = MISSING
-    compat: str = MISSING
+from unlearn_exp.guidance.config import NoGuidanceConfig, SAFREEConfig, SLDConfig
+from unlearn_exp.unlearning.config import (
+    DUOCheckpointConfig,
+    ESDCheckpointConfig,
+    OriginalCheckpointConfig,
+    SPMCheckpointConfig,
+    UCECheckpointConfig,
+)
 
 
 @dataclass
@@ -86,112 +54,6 @@ class SamplingConfig:
     tf32: bool = MISSING
     vae_slicing: bool = MISSING
     vae_tiling: bool = MISSING
-
-
-# ----------------------------------------------------------------------------- checkpoint
-@dataclass
-class OriginalCheckpointConfig:
-    """``conf/checkpoint/original.yaml``: the model as loaded."""
-
-    method: str = MISSING
-    beta: Any = MISSING  # a label only
-    path: Any = MISSING
-
-
-@dataclass
-class PairSamplingConfig:
-    """How DUO's pair images are sampled (null keeps the cell's sampler setting)."""
-
-    scheduler: Any = MISSING  # str | None
-    steps: Any = MISSING
-    guidance_scale: Any = MISSING
-
-
-@dataclass
-class DUOCheckpointConfig:
-    """``conf/checkpoint/duo.yaml`` (docs/methods.md 5)."""
-
-    method: str = MISSING
-    beta: Any = MISSING
-    path: Any = MISSING  # str | list[str] | None
-    adapter_weights: Any = MISSING  # list[float] | None
-    filter: Any = MISSING  # a judge profile (the task's DUO filter) or None
-    allow_pickle_conversion: bool = MISSING
-    lr_base: Any = MISSING
-    lambda_base: Any = MISSING
-    lr_override: Any = MISSING
-    lambda_override: Any = MISSING
-    beta_scale: Any = MISSING
-    beta_map: Any = MISSING  # list of [paper beta, beta] pairs | None (the toy's departure, docs/toy.md)
-    steps: Any = MISSING  # int | None: None takes each adapter's steps from the recipe
-    batch: int = MISSING
-    rank: int = MISSING
-    alpha: Any = MISSING
-    init_lora_weights: Any = MISSING  # peft's init_lora_weights: a name or a bool
-    target_modules: list[str] = field(default_factory=lambda: MISSING)  # type: ignore[arg-type]
-    condition: str = MISSING  # "null" | "unsafe"
-    t_min: int = MISSING
-    t_max: int = MISSING
-    seed: int = MISSING
-    weight_decay: Any = MISSING
-    grad_clip: Any = MISSING  # float | None (None: no clipping)
-    checkpoint_every: int = MISSING
-    precision: str = MISSING
-    max_tries: int = MISSING
-    pair_batch: int = MISSING
-    pair_sampling: PairSamplingConfig = MISSING
-    recipes: Any = MISSING  # task name -> {adapters: [...]}
-
-
-@dataclass
-class ESDCheckpointConfig:
-    """``conf/checkpoint/esd.yaml`` (docs/methods.md 8.1)."""
-
-    method: str = MISSING
-    beta: Any = MISSING
-    path: Any = MISSING
-    allow_pickle_conversion: bool = MISSING
-    variant: str = MISSING
-    concept: Any = MISSING  # str | {task name: str}
-    steps: int = MISSING
-    lr: Any = MISSING
-    eta: Any = MISSING
-    start_guidance: Any = MISSING
-    ddim_steps: int = MISSING
-    batch: int = MISSING
-    sample_with: str = MISSING
-    seed: int = MISSING
-    grad_clip: Any = MISSING
-    checkpoint_every: int = MISSING
-    precision: str = MISSING
-
-
-@dataclass
-class UCECheckpointConfig:
-    """``conf/checkpoint/uce.yaml`` (docs/methods.md 8.2)."""
-
-    method: str = MISSING
-    beta: Any = MISSING
-    path: Any = MISSING
-    allow_pickle_conversion: bool = MISSING
-    erase: Any = MISSING  # list[str] | {task name: list[str]}
-    guide: Any = MISSING  # str | list[str]
-    preserve: Any = MISSING
-    lamb: Any = MISSING
-    erase_scale: Any = MISSING
-    preserve_scale: Any = MISSING
-    templates: Any = MISSING
-
-
-@dataclass
-class SPMCheckpointConfig:
-    """``conf/checkpoint/spm.yaml`` (docs/methods.md 8.3)."""
-
-    method: str = MISSING
-    beta: Any = MISSING
-    path: Any = MISSING
-    multiplier: Any = MISSING
-    allow_pickle_conversion: bool = MISSING
 
 
 # ----------------------------------------------------------------------------- inversion

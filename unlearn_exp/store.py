@@ -57,7 +57,7 @@ def _canonical(obj: Any) -> Any:
         from omegaconf import DictConfig, ListConfig, OmegaConf
 
         if isinstance(obj, DictConfig | ListConfig):
-            obj = OmegaConf.to_container(obj, resolve=True)
+            obj = OmegaConf.to_container(obj, resolve=True, enum_to_str=True)
     except ImportError:  # pragma: no cover
         pass
     if isinstance(obj, dict):
@@ -72,12 +72,13 @@ def _canonical(obj: Any) -> Any:
 
 
 def to_plain(node: Any) -> Any:
-    """An OmegaConf node as plain dicts and lists (resolved); anything else unchanged."""
+    """An OmegaConf node as plain dicts and lists (resolved; an ``Enum`` value as its string); anything
+    else unchanged."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
 
         if isinstance(node, DictConfig | ListConfig):
-            return OmegaConf.to_container(node, resolve=True)
+            return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
     except ImportError:  # pragma: no cover
         pass
     return node

@@ -16,43 +16,16 @@ from typing import Any
 
 from unlearn_exp.checks import Checks
 from unlearn_exp.errors import UserError
+from unlearn_exp.guidance.config import NoGuidanceConfig, SAFREEConfig, SLDConfig
 from unlearn_exp.store import to_plain
+from unlearn_exp.unlearning.config import CHECKPOINT_SETTINGS, PRECISIONS
 
 MIN_FREE_BYTES = 64 << 20  # a results or cache folder with less room than this is refused up front
 
 SCHEDULERS = ("dpmsolver++", "pndm", "ddim")
-PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 EMBEDDINGS = ("explicit", "inverted", "shared")
-SLD_PRESETS = ("weak", "medium", "strong", "max")
-SAFREE_CHOICES = {
-    "projection_order": ("code", "paper"),
-    "lra": ("off", "paper"),
-    "cfg_negative": ("concept", "keywords", "empty"),
-    "compat": ("fixed", "official"),
-}
-
-
-def _beta_map(checks: Checks, table: Any, beta: Any) -> None:
-    """``checkpoint.beta_map``: null, or [paper beta, beta] pairs of positive numbers that cover ``beta``."""
-    if table is None:
-        return
-    if (
-        not isinstance(table, list)
-        or not table
-        or not all(isinstance(p, list) and len(p) == 2 for p in table)
-    ):
-        checks.fail(f"checkpoint.beta_map must be a list of [paper beta, beta] pairs, got '{table}'")
-        return
-    before = len(checks.problems)
-    for i, (paper, toy) in enumerate(table):
-        checks.number(f"checkpoint.beta_map[{i}][0]", paper, lo=0, strict=True)
-        checks.number(f"checkpoint.beta_map[{i}][1]", toy, lo=0, strict=True)
-    if len(checks.problems) > before:
-        return
-    keys = sorted(float(p) for p, _ in table)
-    if isinstance(beta, int | float) and not isinstance(beta, bool) and not keys[0] <= beta <= keys[-1]:
-        checks.fail(f"checkpoint.beta={beta:g} is outside checkpoint.beta_map ({keys[0]:g}-{keys[-1]:g})")
+TYPED_GUIDANCE = {"none": NoGuidanceConfig, "sld": SLDConfig, "safree": SAFREEConfig}
 
 
 def _check_file(checks: Checks, name: str, path: Any) -> None:
@@ -138,31 +111,21 @@ def _benchmark(checks: Checks, prefix: str, bench: dict) -> None:
 
 
 def _guidance(checks: Checks, g: dict, guidance_scale: Any) -> None:
+    """The method's own settings (its typed config, ``guidance/config.py``) and what they need of the
+    sampler."""
     if not g.get("_target_"):  # a method of your own names its factory; else a registered name
         from unlearn_exp.registry import GUIDANCE as REGISTERED
 
         checks.choice("guidance", g.get("name"), tuple(REGISTERED.names()))
-    if g.get("name") == "sld":
-        checks.choice("guidance.preset", g.get("preset"), SLD_PRESETS)
-        for key in ("warmup_steps",):
-            checks.number(f"guidance.{key}", g.get(key), lo=0, integer=True, optional=True)
-        for key in ("guidance_scale", "threshold", "momentum_scale"):
-            checks.number(f"guidance.{key}", g.get(key), lo=0, optional=True)
-        checks.number("guidance.mom_beta", g.get("mom_beta"), lo=0, optional=True)
-        if isinstance(guidance_scale, int | float) and guidance_scale <= 1:
-            checks.fail(
-                "SLD needs classifier-free guidance: sampling.guidance_scale must be > 1, "
-                f"got {guidance_scale:g} "
-                "(diffusers' safe pipeline applies neither CFG nor SLD at <= 1)"
-            )
-    if g.get("name") == "safree":
-        for key, choices in SAFREE_CHOICES.items():
-            checks.choice(f"guidance.{key}", g.get(key), choices)
-        for key in ("alpha", "svf_k", "svf_t0", "lra_b1", "lra_b2", "lra_s1", "lra_s2"):
-            checks.number(f"guidance.{key}", g.get(key), lo=0)
-        checks.number("guidance.up_t", g.get("up_t"), lo=0, integer=True)
-        if not isinstance(g.get("svf"), bool):
-            checks.fail(f"guidance.svf must be true or false, got '{g.get('svf')}'")
+    kind = TYPED_GUIDANCE.get(g.get("name"))
+    if kind is not None and not g.get("_target_"):
+        checks.problems += kind.problems_of(g)
+    if g.get("name") == "sld" and isinstance(guidance_scale, int | float) and guidance_scale <= 1:
+        checks.fail(
+            "SLD needs classifier-free guidance: sampling.guidance_scale must be > 1, "
+            f"got {guidance_scale:g} "
+            "(diffusers' safe pipeline applies neither CFG nor SLD at <= 1)"
+        )
 
 
 def validate(cfg) -> None:
@@ -190,7 +153,6 @@ def validate(cfg) -> None:
         lambda: c.choice("embedding", embedding.get("source"), EMBEDDINGS),
         lambda: _guidance(c, plain.get("guidance", {}), sampling.get("guidance_scale")),
         lambda: _benchmark(c, "benchmark", plain.get("benchmark", {})),
-        lambda: c.seed("checkpoint.seed", checkpoint.get("seed")),
         lambda: c.seed("inversion.seed", plain.get("inversion", {}).get("seed")),
         lambda: c.seed(
             "inversion.image_set.seed", (plain.get("inversion", {}).get("image_set") or {}).get("seed")
@@ -202,22 +164,17 @@ def validate(cfg) -> None:
         checks.append(
             lambda: c.fail(f"reuse_results must be true or false, got '{plain.get('reuse_results')}'")
         )
-    if checkpoint.get("method") == "duo" or checkpoint.get("beta") is not None:
-        checks.append(lambda: c.number("checkpoint.beta", checkpoint.get("beta"), lo=0, strict=True))
-    if checkpoint.get("method") == "duo":
-        checks.append(
-            lambda: c.number("checkpoint.beta_scale", checkpoint.get("beta_scale"), lo=0, strict=True)
-        )
-        checks.append(
-            lambda: c.choice("checkpoint.condition", checkpoint.get("condition"), ("null", "unsafe"))
-        )
-        checks.append(lambda: _beta_map(c, checkpoint.get("beta_map"), checkpoint.get("beta")))
+    typed = None if checkpoint.get("_target_") else CHECKPOINT_SETTINGS.get(checkpoint.get("method"))
+    if typed is not None:  # a built-in method: its typed config (unlearning/config.py)
+        checks.append(lambda: c.problems.extend(typed.problems_of(checkpoint)))
+    else:  # a method of your own: the keys every cell reads
+        checks.append(lambda: c.seed("checkpoint.seed", checkpoint.get("seed")))
+        if checkpoint.get("beta") is not None:
+            checks.append(lambda: c.number("checkpoint.beta", checkpoint.get("beta"), lo=0, strict=True))
     if isinstance(plain.get("pp"), dict) and plain["pp"].get("prompts"):
         checks.append(lambda: _benchmark(c, "pp.prompts", plain["pp"]["prompts"]))
     if checkpoint.get("path"):
         checks.append(lambda: _check_weights(c, "checkpoint.path", checkpoint.get("path")))
-    elif checkpoint.get("method") == "spm":  # a method that only loads published files
-        checks.append(lambda: c.fail("checkpoint=spm loads SPM's published adapters: set checkpoint.path"))
     if embedding.get("path"):
         checks.append(lambda: _check_file(c, "embedding.path", embedding.get("path")))
     from_path = (embedding.get("from_checkpoint") or {}).get("path")

@@ -1,36 +1,27 @@
-"""Guidance methods (one file each) and the factory that builds one from config and a concept source."""
+"""Guidance methods (one file each), their settings (``config.py``, no torch) and the factory that
+builds one from config and a concept source (``make_guidance``). Names are imported on first use,
+so ``unlearn_exp.guidance.config`` composes and validates without loading torch."""
 
 from __future__ import annotations
 
-from unlearn_exp.errors import UserError
-from unlearn_exp.guidance.base import CFG, Concept, Guidance, GuidanceState
-from unlearn_exp.guidance.safree import SAFREE, SAFREEParams
-from unlearn_exp.guidance.sld import SLD, sld_params
-from unlearn_exp.registry import GUIDANCE
+import importlib
+from typing import Any
 
-__all__ = [
-    "CFG",
-    "Concept",
-    "Guidance",
-    "GuidanceState",
-    "SAFREE",
-    "SAFREEParams",
-    "SLD",
-    "make_guidance",
-    "sld_params",
-]
+_WHERE = {
+    "CFG": "base",
+    "Concept": "base",
+    "Guidance": "base",
+    "GuidanceState": "base",
+    "SAFREE": "safree",
+    "SAFREEParams": "safree",
+    "SLD": "sld",
+    "sld_params": "sld",
+    "make_guidance": "factory",
+}
+__all__ = sorted(_WHERE)
 
 
-def make_guidance(
-    guidance_cfg, task_cfg, concept: Concept | None = None, step_scale: float = 1.0
-) -> Guidance:
-    """Build the configured method. SLD's safety prompt is the concept text (explicit) or the learned
-    tokens as one prompt (sequence embedding); SAFREE's subspace is spanned by the pooled embeddings
-    of the keywords (explicit) or of each learned token (rank K).
-
-    ``step_scale`` multiplies the methods' step counts (SLD's warm-up, SAFREE's ``up_t`` and
-    ``re_attn_t``), which refer to a 50-step sampler; 1.0 keeps them as published."""
-    concept = concept or Concept()
-    if concept.learned and not concept.tokens:
-        raise UserError(f"embedding '{concept.source}' has no learned tokens")
-    return GUIDANCE.get(guidance_cfg)(guidance_cfg, task_cfg, concept, step_scale)
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'unlearn_exp.guidance' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"unlearn_exp.guidance.{_WHERE[name]}"), name)

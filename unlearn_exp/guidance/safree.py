@@ -38,6 +38,7 @@ import torch
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.guidance.base import Concept, Guidance, GuidanceState
+from unlearn_exp.guidance.config import SAFREEConfig
 from unlearn_exp.models.components import Components, TokenizedPrompts
 from unlearn_exp.registry import GUIDANCE
 
@@ -392,32 +393,29 @@ def _fourier_reattention(unet: torch.nn.Module, use_safe: list[bool], p: SAFREEP
 def build_safree(guidance_cfg, task_cfg, concept: Concept, step_scale: float = 1.0) -> SAFREE:
     """``guidance=safree``: the subspace is spanned by the pooled embeddings of the keywords (explicit)
     or of each learned token (rank K); ``up_t`` and ``re_attn_t`` count steps of a 50-step sampler."""
-    keywords = list(guidance_cfg["keywords"] or task_cfg.safree_keywords or [])
+    s = SAFREEConfig.from_cfg(guidance_cfg)
+    keywords = list(s.keywords or task_cfg.safree_keywords or [])
     if not keywords:
         raise UserError("SAFREE needs keywords: set guidance.keywords or the task's safree_keywords")
     if concept.learned:
         prompts = list(concept.tokens)
-        mode = guidance_cfg["cfg_negative"]
         negatives = {"concept": " ".join(concept.tokens), "keywords": ", ".join(keywords), "empty": ""}
-        if mode not in negatives:
-            raise UserError(f"guidance.cfg_negative must be one of {list(negatives)}, got '{mode}'")
-        negative = negatives[mode]
+        negative = negatives[s.cfg_negative]
     else:
         prompts, negative = keywords, ", ".join(keywords)
-    re_attn = tuple(guidance_cfg["re_attn_t"])
     params = SAFREEParams(
-        alpha=float(guidance_cfg["alpha"]),
-        svf=bool(guidance_cfg["svf"]),
-        up_t=round(int(guidance_cfg["up_t"]) * step_scale),
-        svf_k=float(guidance_cfg["svf_k"]),
-        svf_t0=float(guidance_cfg["svf_t0"]),
-        re_attn_t=(round(int(re_attn[0]) * step_scale), round(int(re_attn[1]) * step_scale)),
-        projection_order=str(guidance_cfg["projection_order"]),
-        lra=str(guidance_cfg["lra"]),
-        lra_b1=float(guidance_cfg["lra_b1"]),
-        lra_b2=float(guidance_cfg["lra_b2"]),
-        lra_s1=float(guidance_cfg["lra_s1"]),
-        lra_s2=float(guidance_cfg["lra_s2"]),
-        compat=str(guidance_cfg["compat"]),
+        alpha=s.alpha,
+        svf=s.svf,
+        up_t=round(s.up_t * step_scale),
+        svf_k=s.svf_k,
+        svf_t0=s.svf_t0,
+        re_attn_t=(round(int(s.re_attn_t[0]) * step_scale), round(int(s.re_attn_t[1]) * step_scale)),
+        projection_order=str(s.projection_order),
+        lra=str(s.lra),
+        lra_b1=s.lra_b1,
+        lra_b2=s.lra_b2,
+        lra_s1=s.lra_s1,
+        lra_s2=s.lra_s2,
+        compat=str(s.compat),
     )
     return SAFREE(concept_prompts=prompts, negative_prompt=negative, params=params)

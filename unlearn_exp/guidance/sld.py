@@ -23,6 +23,7 @@ import torch
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.guidance.base import Concept, Guidance, GuidanceState
+from unlearn_exp.guidance.config import SLDConfig
 from unlearn_exp.models.components import Components, TokenizedPrompts
 from unlearn_exp.registry import GUIDANCE
 
@@ -116,14 +117,15 @@ class SLD(Guidance):
 def build_sld(guidance_cfg, task_cfg, concept: Concept, step_scale: float = 1.0) -> SLD:
     """``guidance=sld``: the safety prompt is the concept text (explicit) or the learned tokens as one
     prompt (sequence embedding); the warm-up counts steps of a 50-step sampler (``step_scale``)."""
-    text = " ".join(concept.tokens) if concept.learned else (guidance_cfg["concept"] or task_cfg.sld_concept)
+    s = SLDConfig.from_cfg(guidance_cfg)
+    text = " ".join(concept.tokens) if concept.learned else (s.concept or task_cfg.sld_concept)
     params = sld_params(
-        guidance_cfg["preset"],
-        warmup_steps=guidance_cfg["warmup_steps"],
-        guidance_scale=guidance_cfg["guidance_scale"],
-        threshold=guidance_cfg["threshold"],
-        momentum_scale=guidance_cfg["momentum_scale"],
-        mom_beta=guidance_cfg["mom_beta"],
+        s.preset,
+        warmup_steps=s.warmup_steps,
+        guidance_scale=s.guidance_scale,
+        threshold=s.threshold,
+        momentum_scale=s.momentum_scale,
+        mom_beta=s.mom_beta,
     )
     if step_scale != 1.0:
         params = replace(params, warmup_steps=round(params.warmup_steps * step_scale))

@@ -21,6 +21,10 @@ from unlearn_exp.models.components import Components
 from unlearn_exp.registry import UNLEARNING
 from unlearn_exp.store import ArtifactStore, atomic_write_json, file_sha256
 from unlearn_exp.store import to_plain as _plain
+from unlearn_exp.unlearning.config import (
+    ESDCheckpointConfig,
+    UCECheckpointConfig,
+)
 from unlearn_exp.unlearning.weights import load_unet_weights, read_safetensors, resolve_weight_file
 
 USER_KEYS = ("path", "allow_pickle_conversion", "adapter_weights")
@@ -83,20 +87,21 @@ def _load_user_unet_weights(
 
 @UNLEARNING.register("original")
 def apply_original(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, logger=None) -> dict:
-    """``checkpoint=original``: the model as loaded."""
+    """``checkpoint=original``: the model as loaded (no setting is read)."""
     return {"method": "original", "beta": None, "source": "original", "id": "original", "files": []}
 
 
 @UNLEARNING.register("esd")
 def apply_esd(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, logger=None) -> dict:
     """``checkpoint=esd``: train (cached) or load the user's UNet weights."""
+    ESDCheckpointConfig.from_cfg(cfg)  # the settings checked; the recipe key hashes them as written
     return _apply_esd(comps, cfg, _store(store), _task(task_cfg), logger)
 
 
 @UNLEARNING.register("uce")
 def apply_uce(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, logger=None) -> dict:
     """``checkpoint=uce``: the closed-form cross-attention edit (cached) or the user's edited weights."""
-    return _apply_uce(comps, cfg, _store(store), _task(task_cfg))
+    return _apply_uce(comps, cfg, UCECheckpointConfig.from_cfg(cfg), _store(store), _task(task_cfg))
 
 
 def _apply_esd(comps, cfg, store, task, logger) -> dict:
@@ -132,21 +137,21 @@ def _apply_esd(comps, cfg, store, task, logger) -> dict:
     }
 
 
-def _apply_uce(comps, cfg, store, task) -> dict:
+def _apply_uce(comps, cfg, settings: UCECheckpointConfig, store, task) -> dict:
     from unlearn_exp.unlearning.uce import uce_edit
     from unlearn_exp.unlearning.weights import save_safetensors
 
-    if cfg["path"]:
+    if settings.path:
         return _load_user_unet_weights(comps, cfg, store, "uce", only_cross=True)
     erase = _per_task(cfg, "erase", task, fallback=[task.get("name")] if task.get("name") else None)
     recipe = {
         "erase": list(erase) if isinstance(erase, list | tuple) else [erase],
         "guide": _per_task(cfg, "guide", task, fallback=""),
         "preserve": list(_per_task(cfg, "preserve", task, fallback=[]) or []),
-        "lamb": float(cfg["lamb"]),
-        "erase_scale": float(cfg["erase_scale"]),
-        "preserve_scale": float(cfg["preserve_scale"]),
-        "templates": list(cfg["templates"] or []),
+        "lamb": settings.lamb,
+        "erase_scale": settings.erase_scale,
+        "preserve_scale": settings.preserve_scale,
+        "templates": list(settings.templates or []),
     }
     key = {"recipe": recipe, "task": task.get("name"), "model": _model_key(comps)}
 

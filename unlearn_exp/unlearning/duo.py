@@ -28,6 +28,7 @@ from unlearn_exp.models.components import Components
 from unlearn_exp.registry import UNLEARNING
 from unlearn_exp.store import to_plain as _plain
 from unlearn_exp.training import TrainedOnly, copy_metrics, fit, step_generator
+from unlearn_exp.unlearning.config import DUOCheckpointConfig
 from unlearn_exp.unlearning.pairs import PairSet
 
 SELF_ATTENTION = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"]
@@ -627,20 +628,13 @@ def apply_duo(
     from unlearn_exp.unlearning.weights import resolve_weight_file
 
     cfg = dict(_plain(cfg))
-    beta = cfg["beta"]
-    if beta is None or float(beta) <= 0:
-        raise UserError(f"checkpoint.beta must be > 0 for DUO, got {beta}")
-    beta = float(beta)
-    if cfg["path"]:
-        paths = cfg["path"] if isinstance(cfg["path"], list) else [cfg["path"]]
-        weights = cfg["adapter_weights"] or [1.0] * len(paths)
-        if len(weights) != len(paths):
-            raise UserError(
-                f"checkpoint.adapter_weights has {len(weights)} entries for {len(paths)} LoRA files"
-            )
+    s = DUOCheckpointConfig.from_cfg(cfg)  # checked and typed; the training key hashes cfg as written
+    beta = s.beta
+    if s.path:
+        paths = s.path if isinstance(s.path, list) else [s.path]
+        weights = s.adapter_weights or [1.0] * len(paths)
         files = [
-            resolve_weight_file(p, store, allow_pickle_conversion=bool(cfg["allow_pickle_conversion"]))
-            for p in paths
+            resolve_weight_file(p, store, allow_pickle_conversion=s.allow_pickle_conversion) for p in paths
         ]
         names = [f"duo_{i}_{Path(str(p)).stem}" for i, p in enumerate(paths)]
         load_adapters(comps, files, names, weights)

@@ -21,6 +21,7 @@ import torch
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.registry import UNLEARNING
+from unlearn_exp.unlearning.config import SPMCheckpointConfig
 
 PREFIX = "lora_unet"
 PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
@@ -88,16 +89,12 @@ def fuse_spm(unet, tensors: dict[str, torch.Tensor], multiplier: float, what: st
 @UNLEARNING.register("spm")
 def apply_spm(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, logger=None) -> dict[str, Any]:
     """``checkpoint=spm``: load SPM's published adapter file (``checkpoint.path``) into the UNet."""
-    from unlearn_exp.store import file_sha256, to_plain
+    from unlearn_exp.store import file_sha256
     from unlearn_exp.unlearning.weights import read_safetensors, resolve_weight_file
 
-    cfg = dict(to_plain(cfg) or {})
-    if not cfg["path"]:
-        raise UserError(
-            "checkpoint=spm loads SPM's published adapters: set checkpoint.path to the .safetensors file"
-        )
-    f = resolve_weight_file(cfg["path"], store, allow_pickle_conversion=bool(cfg["allow_pickle_conversion"]))
-    multiplier = float(cfg["multiplier"])
+    s = SPMCheckpointConfig.from_cfg(cfg)  # refuses a missing path, among others
+    f = resolve_weight_file(s.path, store, allow_pickle_conversion=s.allow_pickle_conversion)
+    multiplier = s.multiplier
     n = fuse_spm(comps.unet, read_safetensors(f), multiplier, f"SPM checkpoint '{f.name}'")
     sha = file_sha256(f)
     return {

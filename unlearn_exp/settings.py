@@ -1,0 +1,143 @@
+"""The typed home of a method's settings: ``Settings``, the base of every ``*/config.py`` dataclass.
+
+A method's config dataclass is at once its group's Hydra schema (``schema.py`` registers it, so
+composition refuses an unknown key, a wrong type and a value outside an ``Enum``) and the object its
+factory receives (``SLDConfig.from_cfg(cfg.guidance)``). One field per YAML key, declared once:
+
+- a choice among identifiers is a ``StrEnum`` (composition checks it; the value is still the string);
+- a choice among other strings (``"esd-u"``, ``"dpmsolver++"``) is ``choice(...)``;
+- a number is ``number(...)``: typed ``Any`` for composition, so the composed config keeps the number
+  as it was written (identities hash the config), checked for its range and converted to ``int`` or
+  ``float`` in the typed object;
+- cross-field rules are the class's ``check``.
+
+Composition never instantiates the dataclass; ``from_cfg`` does, and ``__post_init__`` raises one
+``UserError`` naming every problem (``validate.py`` asks ``problems`` for the same list up front).
+Imports no torch: the configs compose and validate in a process that never loads a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from typing import Any, ClassVar
+
+from omegaconf import MISSING
+
+from unlearn_exp.checks import Checks
+from unlearn_exp.errors import UserError
+
+
+def number(
+    kind: type = float,
+    *,
+    lo: float | None = None,
+    strict: bool = False,
+    optional: bool = False,
+    seed: bool = False,
+) -> Any:
+    """A numeric field: ``kind`` (int or float), at least ``lo`` (above it when ``strict``), null
+    allowed when ``optional``; ``seed``: an int that fits int64."""
+    meta = {"number": kind, "lo": lo, "strict": strict, "optional": optional, "seed": seed}
+    return dataclasses.field(default=MISSING, metadata=meta)
+
+
+def choice(*values: str) -> Any:
+    """A string field that must be one of ``values`` (strings that are not identifiers)."""
+    return dataclasses.field(default=MISSING, metadata={"choices": values})
+
+
+def listed(optional: bool = False) -> Any:
+    """A list field (``MISSING`` until composed)."""
+    return dataclasses.field(default_factory=lambda: MISSING, metadata={"optional": optional})
+
+
+def _is_missing(value: Any) -> bool:
+    return isinstance(value, str) and value == MISSING
+
+
+class Settings:
+    """Base of the typed configs. Subclasses are dataclasses with ``GROUP`` (the config group whose
+    keys they describe: messages name ``GROUP.key``) and, where fields depend on each other, a
+    ``check``."""
+
+    GROUP: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if any(_is_missing(getattr(self, f.name)) for f in dataclasses.fields(self)):
+            return  # the schema itself, before composition
+        problems = self.problems()
+        if problems:
+            raise UserError("invalid config: " + "; ".join(problems))
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = f.metadata.get("number")
+            if kind is not None and value is not None:
+                setattr(self, f.name, kind(value))
+            elif _enum_type(hints.get(f.name)) and isinstance(value, str):
+                setattr(self, f.name, hints[f.name](value))
+
+    def problems(self) -> list[str]:
+        """Every problem of these values, each naming its dotted key."""
+        c = Checks()
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            name, value, meta = f"{self.GROUP}.{f.name}", getattr(self, f.name), f.metadata
+            if meta.get("seed"):
+                c.seed(name, value)
+            elif meta.get("number") is not None:
+                c.number(
+                    name,
+                    value,
+                    lo=meta["lo"],
+                    integer=meta["number"] is int,
+                    strict=meta["strict"],
+                    optional=meta["optional"],
+                )
+            elif meta.get("choices"):
+                c.choice(name, None if value is None else str(value), meta["choices"])
+            elif (kind := _enum_type(hints.get(f.name))) is not None:
+                c.choice(name, None if value is None else str(value), tuple(m.value for m in kind))
+        if not c.problems:
+            self.check(c)
+        return c.problems
+
+    def check(self, c: Checks) -> None:
+        """Rules between fields (a subclass's own); each problem goes to ``c.fail``."""
+
+    @classmethod
+    def from_cfg(cls, node: Any):
+        """The typed object of a composed group node (a ``DictConfig`` or a dict); keys the class does
+        not declare are left out, so a schema's extra keys (``_target_``) do not matter here."""
+        from unlearn_exp.store import to_plain
+
+        plain = to_plain(node) or {}
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in plain]
+        if missing:
+            names = ", ".join(f"{cls.GROUP}.{m}" for m in missing)
+            raise UserError(f"invalid config: {cls.__name__} needs {names}")
+        return cls(**{f.name: plain[f.name] for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def problems_of(cls, node: Any) -> list[str]:
+        """``problems`` of a composed node, without raising (``validate.py`` collects them all)."""
+        from unlearn_exp.store import to_plain
+
+        plain = to_plain(node)
+        try:
+            obj = object.__new__(cls)
+            for f in dataclasses.fields(cls):
+                object.__setattr__(obj, f.name, plain.get(f.name))
+        except Exception as exc:  # pragma: no cover - a dataclass with slots or the like
+            return [f"{cls.GROUP}: {exc}"]
+        return obj.problems()
+
+
+def _enum_type(hint: Any) -> type[enum.Enum] | None:
+    """The ``Enum`` class of a field annotation (``Mode`` or ``Mode | None``), else None."""
+    for t in (hint, *typing.get_args(hint)):
+        if isinstance(t, type) and issubclass(t, enum.Enum):
+            return t
+    return None
