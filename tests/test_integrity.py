@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from tests.helpers import ROOT, compose, toy_overrides
+from unlearn_exp import config
 from unlearn_exp.cell import run_cell
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation import read_table
@@ -27,7 +28,7 @@ LONG_PROMPT = "a purple circle " + " ".join(["on a wide plain grey background wi
 
 
 def toy_cell(root: Path, *extra: str) -> dict:
-    return run_cell(compose(toy_overrides(root, *extra), hydra=False))
+    return run_cell(config.compose(toy_overrides(root, *extra)))  # a bad choice is one line
 
 
 @pytest.fixture(scope="module")

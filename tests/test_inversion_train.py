@@ -8,7 +8,8 @@ import torch
 
 from unlearn_exp.config import preset
 from unlearn_exp.errors import UserError
-from unlearn_exp.inversion.concept_inversion import InversionSettings, invert
+from unlearn_exp.inversion.concept_inversion import invert
+from unlearn_exp.inversion.config import InversionConfig
 from unlearn_exp.inversion.textual_inversion import token_ids
 from unlearn_exp.models import build_tiny
 
@@ -116,10 +117,10 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_rows(tmp_path):
 
 def test_settings_reject_bad_values():
     with pytest.raises(UserError, match="template"):
-        InversionSettings.from_cfg({**CFG, "template": "no placeholder"})
+        InversionConfig.from_cfg({**CFG, "template": "no placeholder"})
     with pytest.raises(UserError, match="lr_schedule"):
-        InversionSettings.from_cfg({**CFG, "lr_schedule": "cosine"})
-    with pytest.raises(UserError, match="lack steps"):
-        InversionSettings.from_cfg({k: v for k, v in CFG.items() if k != "steps"})
-    s = InversionSettings.from_cfg({**CFG, "template": ["a photo of {}", "{}"], "betas": [0.9, 0.99]})
-    assert s.templates == ["a photo of {}", "{}"] and s.betas == (0.9, 0.99)
+        InversionConfig.from_cfg({**CFG, "lr_schedule": "cosine"})
+    with pytest.raises(UserError, match="InversionConfig needs inversion.steps"):
+        InversionConfig.from_cfg({k: v for k, v in CFG.items() if k != "steps"})
+    s = InversionConfig.from_cfg({**CFG, "template": ["a photo of {}", "{}"], "betas": [0.9, 0.99]})
+    assert s.templates == ["a photo of {}", "{}"] and s.as_dict()["betas"] == [0.9, 0.99]

@@ -25,6 +25,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from unlearn_exp.guidance.config import NoGuidanceConfig, SAFREEConfig, SLDConfig
+from unlearn_exp.inversion.config import InversionConfig
 from unlearn_exp.unlearning.config import (
     DUOCheckpointConfig,
     ESDCheckpointConfig,
@@ -54,47 +55,6 @@ class SamplingConfig:
     tf32: bool = MISSING
     vae_slicing: bool = MISSING
     vae_tiling: bool = MISSING
-
-
-# ----------------------------------------------------------------------------- inversion
-@dataclass
-class ImageSetConfig:
-    """C*'s training images (docs/methods.md 6.3)."""
-
-    source: str = MISSING  # generated | duo_pairs | folder
-    path: Any = MISSING
-    seed: int = MISSING
-    max_tries: int = MISSING
-    n_images: Any = MISSING
-    prompts: Any = MISSING
-    check: bool = MISSING
-    filter: Any = MISSING  # a judge profile or None
-
-
-@dataclass
-class InversionConfig:
-    """``conf/inversion/default.yaml`` (docs/methods.md 6)."""
-
-    num_vectors: int = MISSING
-    placeholder: str = MISSING
-    init_word: str = MISSING
-    template: Any = MISSING  # str | list[str]
-    lr: Any = MISSING
-    batch_size: int = MISSING
-    steps: int = MISSING
-    weight_decay: Any = MISSING
-    seed: int = MISSING
-    betas: Any = MISSING
-    adam_eps: Any = MISSING
-    lr_schedule: str = MISSING
-    flip_p: Any = MISSING
-    checkpoint_every: int = MISSING
-    max_loss: Any = MISSING  # float | None
-    precision: str = MISSING
-    eval_draws: int = MISSING
-    loss_window: int = MISSING
-    log_every_n_steps: int = MISSING
-    image_set: ImageSetConfig = MISSING
 
 
 # ----------------------------------------------------------------------------- model

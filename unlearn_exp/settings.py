@@ -9,7 +9,7 @@ factory receives (``SLDConfig.from_cfg(cfg.guidance)``). One field per YAML key,
 - a number is ``number(...)``: typed ``Any`` for composition, so the composed config keeps the number
   as it was written (identities hash the config), checked for its range and converted to ``int`` or
   ``float`` in the typed object;
-- cross-field rules are the class's ``check``.
+- cross-field rules are the class's ``rules``.
 
 Composition never instantiates the dataclass; ``from_cfg`` does, and ``__post_init__`` raises one
 ``UserError`` naming every problem (``validate.py`` asks ``problems`` for the same list up front).
@@ -60,7 +60,7 @@ def _is_missing(value: Any) -> bool:
 class Settings:
     """Base of the typed configs. Subclasses are dataclasses with ``GROUP`` (the config group whose
     keys they describe: messages name ``GROUP.key``) and, where fields depend on each other, a
-    ``check``."""
+    ``rules``."""
 
     GROUP: ClassVar[str] = ""
 
@@ -101,10 +101,10 @@ class Settings:
             elif (kind := _enum_type(hints.get(f.name))) is not None:
                 c.choice(name, None if value is None else str(value), tuple(m.value for m in kind))
         if not c.problems:
-            self.check(c)
+            self.rules(c)
         return c.problems
 
-    def check(self, c: Checks) -> None:
+    def rules(self, c: Checks) -> None:
         """Rules between fields (a subclass's own); each problem goes to ``c.fail``."""
 
     @classmethod
@@ -113,7 +113,11 @@ class Settings:
         not declare are left out, so a schema's extra keys (``_target_``) do not matter here."""
         from unlearn_exp.store import to_plain
 
+        if isinstance(node, cls):
+            return node
         plain = to_plain(node) or {}
+        absent_ok = {f.name for f in dataclasses.fields(cls) if f.metadata.get("absent_ok")}
+        plain = {**dict.fromkeys(absent_ok), **plain}
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in plain]
         if missing:
             names = ", ".join(f"{cls.GROUP}.{m}" for m in missing)

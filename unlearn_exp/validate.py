@@ -17,6 +17,7 @@ from typing import Any
 from unlearn_exp.checks import Checks
 from unlearn_exp.errors import UserError
 from unlearn_exp.guidance.config import NoGuidanceConfig, SAFREEConfig, SLDConfig
+from unlearn_exp.inversion.config import InversionConfig
 from unlearn_exp.store import to_plain
 from unlearn_exp.unlearning.config import CHECKPOINT_SETTINGS, PRECISIONS
 
@@ -153,12 +154,7 @@ def validate(cfg) -> None:
         lambda: c.choice("embedding", embedding.get("source"), EMBEDDINGS),
         lambda: _guidance(c, plain.get("guidance", {}), sampling.get("guidance_scale")),
         lambda: _benchmark(c, "benchmark", plain.get("benchmark", {})),
-        lambda: c.seed("inversion.seed", plain.get("inversion", {}).get("seed")),
-        lambda: c.seed(
-            "inversion.image_set.seed", (plain.get("inversion", {}).get("image_set") or {}).get("seed")
-        ),
-        lambda: c.number("inversion.steps", plain.get("inversion", {}).get("steps"), lo=1, integer=True),
-        lambda: c.number("inversion.lr", plain.get("inversion", {}).get("lr"), lo=0, strict=True),
+        lambda: c.problems.extend(InversionConfig.problems_of(plain.get("inversion", {}))),
     ]
     if not isinstance(plain.get("reuse_results", True), bool):
         checks.append(

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from unlearn_exp.cell.inputs import apply_unlearning, load_model, method_filter
 from unlearn_exp.cell.keys import checkpoint_for_inversion, image_set_key, inversion_key, sampling_settings
 from unlearn_exp.errors import UserError
+from unlearn_exp.inversion.config import ImageSetConfig, ImageSource
 from unlearn_exp.store import ArtifactStore, config_hash
 from unlearn_exp.store import to_plain as plain
 
@@ -49,23 +50,17 @@ def image_set_ref(
 
     original = comps if callable(comps) else (lambda: comps)
     where = SimpleNamespace(device=resolved_device(cfg.model)) if callable(comps) else comps
-    spec = plain(cfg.inversion.image_set)
-    if spec["source"] == "folder":
-        if not spec["path"]:
-            raise UserError("inversion.image_set.source=folder needs inversion.image_set.path")
-        folder = Path(spec["path"])
+    spec = ImageSetConfig.from_cfg(cfg.inversion.image_set)  # a folder without its path is refused
+    if spec.source == ImageSource.folder:
+        folder = Path(spec.path)
         return ImageSetRef(folder_content_id(folder), lambda: folder)
-    if spec["source"] == "duo_pairs":
+    if spec.source == ImageSource.duo_pairs:
         pairs = duo_pair_images(cfg, original(), store)
         return ImageSetRef(pairs.name, lambda: pairs)
-    if spec["source"] != "generated":
-        raise UserError(
-            f"unknown inversion.image_set.source '{spec['source']}': choose generated, duo_pairs or folder"
-        )
-    judge = method_filter(spec["filter"]) if spec["check"] else None
-    if spec["check"] and judge is None:
+    judge = method_filter(spec.filter) if spec.check else None
+    if spec.check and judge is None:
         raise UserError("inversion.image_set.check is true but inversion.image_set.filter is null")
-    prompts, n = list(spec["prompts"] or []), int(spec["n_images"] or 0)
+    prompts, n = list(spec.prompts or []), spec.n_images or 0
     if not prompts or n < 1:
         raise UserError(
             "no image set for concept inversion: set task.inversion_images or inversion.image_set.path"
@@ -79,11 +74,11 @@ def image_set_ref(
         generate_image_set(
             original(),
             prompts,
-            [int(spec["seed"])],
-            judge if spec["check"] else KeepEvery(),
+            [spec.seed],
+            judge if spec.check else KeepEvery(),
             tmp,
             n_images=n,
-            max_tries=int(spec["max_tries"]),
+            max_tries=spec.max_tries,
             sample_kwargs=settings,
             batch_size=int(cfg.sampling.batch_size),
         )

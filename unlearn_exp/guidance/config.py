@@ -97,6 +97,6 @@ class SAFREEConfig(Settings):
     cfg_negative: CFGNegative = MISSING
     compat: SAFREECompat = MISSING
 
-    def check(self, c: Checks) -> None:
+    def rules(self, c: Checks) -> None:
         if len(self.re_attn_t) != 2:
             c.fail(f"guidance.re_attn_t must be two step numbers [from, to], got {list(self.re_attn_t)}")

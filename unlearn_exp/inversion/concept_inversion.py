@@ -22,7 +22,6 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from unlearn_exp.errors import UserError
+from unlearn_exp.inversion.config import InversionConfig
 from unlearn_exp.inversion.image_sets import ImageSet, read_image_folder, tensor_image_set
 from unlearn_exp.inversion.textual_inversion import (
     LearnedRowsEmbedding,
@@ -55,83 +55,6 @@ LAST_GOOD_FILE = "last_good_embeds.safetensors"
 _STEP_STRIDE = 1_000_003  # seed of step s: seed * stride + s
 
 
-@dataclass
-class InversionSettings:
-    """The keys of ``conf/inversion/default.yaml`` the optimisation reads (docs/methods.md 6.2: AdamW with
-    weight decay 0 = Adam, lr 5e-3, batch 1, 3000 steps). The values live in the YAML only: a caller
-    that wants them with a few changed takes ``unlearn_exp.config.preset("inversion", "default", ...)``."""
-
-    num_vectors: int
-    placeholder: str
-    init_word: str
-    template: str | list[str]
-    lr: float
-    batch_size: int
-    steps: int
-    weight_decay: float
-    betas: tuple[float, float]
-    adam_eps: float
-    lr_schedule: str
-    flip_p: float
-    checkpoint_every: int
-    max_loss: float | None
-    precision: str
-    eval_draws: int
-    loss_window: int
-    log_every_n_steps: int
-    seed: int
-
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> InversionSettings:
-        if isinstance(cfg, InversionSettings):
-            return cfg
-        try:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(cfg, DictConfig):
-                cfg = OmegaConf.to_container(cfg, resolve=True)
-        except ImportError:  # pragma: no cover
-            pass
-        cfg = dict(cfg or {})
-        known = set(cls.__dataclass_fields__)
-        values = {k: v for k, v in cfg.items() if k in known}
-        missing = sorted(known - set(values))
-        if missing:
-            raise UserError(
-                f"inversion settings lack {', '.join(missing)} (conf/inversion/default.yaml has them)"
-            )
-        if "betas" in values:
-            values["betas"] = tuple(float(b) for b in values["betas"])
-        if isinstance(values.get("template"), list | tuple):
-            values["template"] = [str(t) for t in values["template"]]
-        s = cls(**values)
-        s.validate()
-        return s
-
-    @property
-    def templates(self) -> list[str]:
-        return [self.template] if isinstance(self.template, str) else list(self.template)
-
-    def validate(self) -> None:
-        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
-            raise UserError(
-                f"inversion.template must hold exactly one '{{}}' per template, got {self.template!r}"
-            )
-        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
-            raise UserError("inversion.steps, batch_size and checkpoint_every must be positive")
-        if not self.lr > 0:
-            raise UserError(f"inversion.lr must be positive, got {self.lr}")
-        if self.lr_schedule != "constant":
-            raise UserError(f"inversion.lr_schedule '{self.lr_schedule}' is not supported: use 'constant'")
-        if not 0.0 <= self.flip_p <= 1.0:
-            raise UserError(f"inversion.flip_p must be in [0, 1], got {self.flip_p}")
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-
 class InversionDiverged(UserError):
     """The loss became non-finite or exploded; ``step`` is the step that produced it."""
 
@@ -151,7 +74,7 @@ class ConceptInversion(L.LightningModule):
         self, comps: Components, tokens: list[str], images: torch.Tensor, cfg: Any, run_key: str = ""
     ):
         super().__init__()
-        self.settings = InversionSettings.from_cfg(cfg)
+        self.settings = InversionConfig.from_cfg(cfg)
         self.comps = comps  # a dataclass, not a module: its modules are registered below
         self.tokens = list(tokens)
         token_ids(comps, self.tokens)
@@ -303,7 +226,11 @@ class ConceptInversion(L.LightningModule):
     def configure_optimizers(self):
         s = self.settings
         return torch.optim.AdamW(
-            [self.embedding.learned], lr=s.lr, betas=s.betas, eps=s.adam_eps, weight_decay=s.weight_decay
+            [self.embedding.learned],
+            lr=s.lr,
+            betas=tuple(s.betas),
+            eps=s.adam_eps,
+            weight_decay=s.weight_decay,
         )
 
     def train_dataloader(self):
@@ -404,7 +331,7 @@ def invert(
     from unlearn_exp.progress import lightning_bar
 
     wall_start = time.time()
-    s = InversionSettings.from_cfg(inversion_cfg)
+    s = InversionConfig.from_cfg(inversion_cfg)
     image_set = _as_image_set(images_or_folder, comps.resolution)
     out_dir = Path(out_dir)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else out_dir / "checkpoints"

@@ -90,7 +90,7 @@ class DUOCheckpointConfig(Settings):
     pair_sampling: PairSamplingConfig = MISSING
     recipes: Any = MISSING  # task name -> {adapters: [...]}
 
-    def check(self, c: Checks) -> None:
+    def rules(self, c: Checks) -> None:
         paths = self.path if isinstance(self.path, list) else [self.path]
         if self.path and self.adapter_weights and len(self.adapter_weights) != len(paths):
             c.fail(
@@ -178,7 +178,7 @@ class SPMCheckpointConfig(Settings):
     multiplier: Any = number()
     allow_pickle_conversion: bool = MISSING
 
-    def check(self, c: Checks) -> None:
+    def rules(self, c: Checks) -> None:
         if not self.path:
             c.fail("checkpoint=spm loads SPM's published adapters: set checkpoint.path")
 
