@@ -18,12 +18,11 @@ from unlearn_exp.evaluation import (
     dsr,
     image_table,
     make_pp_metric,
-    pp,
     read_table,
     register_pp_metric,
     write_table,
 )
-from unlearn_exp.evaluation.pp import ALEXNET_FILE
+from unlearn_exp.evaluation.pp import ALEXNET_FILE, pp
 from unlearn_exp.evaluation.records import load_json_cell
 
 

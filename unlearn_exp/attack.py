@@ -47,6 +47,7 @@ def attack_key(cfg) -> str:
 def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
     """Run ``stage=attack`` for the cell ``cfg`` describes; returns the recorded result."""
     from unlearn_exp import progress
+    from unlearn_exp.attacks.config import UnlearnDiffAtkConfig
     from unlearn_exp.attacks.unlearndiffatk import AttackSettings, attack
     from unlearn_exp.cell import (
         ORIGINAL,
@@ -71,9 +72,7 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
     settings = AttackSettings.from_cfg(
         cfg.attack, guidance_scale=float(cfg.sampling.guidance_scale), num_steps=int(cfg.sampling.steps)
     )
-    n = cfg.attack.n_targets
-    if n is not None and int(n) < 1:
-        raise UserError(f"attack.n_targets must be >= 1 or null (every flagged prompt), got {n}")
+    n = UnlearnDiffAtkConfig.from_cfg(cfg.attack).n_targets  # >= 1, or None: every flagged prompt
     spec = cell_spec(cfg)
     cell = open_cell(cfg, spec=spec)
     if not cell.bench:

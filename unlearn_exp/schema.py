@@ -1,16 +1,18 @@
 """Structured configs: the types of each config group's keys, registered in Hydra's ConfigStore.
 
 A group's YAML names its schema first in its defaults list (``- sld_schema``), so composition refuses
-an unknown key or a value of the wrong type, and the code reads every key without a default of its
-own: the values live once, in the YAML. Fields are ``MISSING`` (``???``): a YAML that leaves one out
-fails to compose. Numbers that a config may give as an integer or a float are typed ``Any``, so that a
-value keeps the type it was written with (identities hash the config).
+an unknown key, a value of the wrong type or outside an ``Enum``, and the code reads every key
+without a default of its own: the values live once, in the YAML. Fields are ``MISSING`` (``???``): a
+YAML that leaves one out fails to compose. Numbers that a config may give as an integer or a float
+are typed ``Any``, so that a value keeps the type it was written with (identities hash the config).
 
-Groups with a schema: ``guidance``, ``sampling``, ``checkpoint``, ``inversion``, ``model``, ``embedding``,
-``judge``, ``pp`` and ``attack``. ``task`` and ``benchmark`` stay open: a method of your own reads its
-own task keys (``<method>_<key>``, docs/extending.md) and a prompt loader of your own its own
-benchmark keys; ``validate.py`` checks the keys the built-in code reads. A config of your own (a new
-method's YAML) needs no schema.
+Each method's settings live beside it, typed (``unlearn_exp/settings.py``): ``guidance/config.py``,
+``unlearning/config.py`` (the ``checkpoint`` group), ``inversion/config.py``, ``attacks/config.py``,
+``evaluation/config.py`` and ``toy/config.py`` (the ``judge`` group). The groups that are not a
+method's (``sampling``, ``model``, ``embedding``, ``pp``) are declared here. ``task`` and
+``benchmark`` stay open: a method of your own reads its own task keys (``<method>_<key>``,
+docs/extending.md) and a prompt loader of your own its own benchmark keys; ``validate.py`` checks
+the keys the built-in code reads. A config of your own (a new method's YAML) needs no schema.
 
 Tests and scripts that want a group's values with a few changed take them from the YAML with
 ``unlearn_exp.config.preset(group, name, **changes)``, never from defaults in code.
@@ -18,14 +20,17 @@ Tests and scripts that want a group's values with a few changed take them from t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from unlearn_exp.attacks.config import UnlearnDiffAtkConfig
+from unlearn_exp.evaluation.config import NudeNetJudgeConfig, Q16JudgeConfig
 from unlearn_exp.guidance.config import NoGuidanceConfig, SAFREEConfig, SLDConfig
 from unlearn_exp.inversion.config import InversionConfig
+from unlearn_exp.toy.config import ToyJudgeConfig
 from unlearn_exp.unlearning.config import (
     DUOCheckpointConfig,
     ESDCheckpointConfig,
@@ -103,55 +108,6 @@ class SharedEmbeddingConfig:
     from_checkpoint: Any = MISSING  # the checkpoint keys C* is learned on
 
 
-# ----------------------------------------------------------------------------- judge
-@dataclass
-class NudeNetJudgeConfig:
-    """``conf/judge/nudenet_*.yaml`` (docs/methods.md 7.2)."""
-
-    name: str = MISSING
-    type: str = MISSING
-    model_path: Any = MISSING
-    model_sha256: Any = MISSING
-    classes: list[str] = field(default_factory=lambda: MISSING)  # type: ignore[arg-type]
-    threshold: Any = MISSING
-    batch_size: int = MISSING
-    num_threads: Any = MISSING
-
-
-@dataclass
-class Q16JudgeConfig:
-    """``conf/judge/q16.yaml`` (docs/methods.md 7.3)."""
-
-    name: str = MISSING
-    type: str = MISSING
-    backend: str = MISSING
-    clip_path: Any = MISSING
-    open_clip_model: Any = MISSING
-    open_clip_pretrained: Any = MISSING
-    model_sha256: Any = MISSING
-    prompts_path: Any = MISSING
-    prompts_url: Any = MISSING
-    prompts_sha256: Any = MISSING
-    prompts_git_blob: Any = MISSING
-    cache_dir: Any = MISSING
-    threshold: Any = MISSING
-    batch_size: int = MISSING
-    device: str = MISSING
-    dtype: str = MISSING
-
-
-@dataclass
-class ToyJudgeConfig:
-    """``conf/judge/toy.yaml`` (unlearn_exp/toy/judge.py)."""
-
-    name: str = MISSING
-    type: str = MISSING
-    model_path: Any = MISSING
-    model_sha256: Any = MISSING
-    threshold: Any = MISSING
-    batch_size: int = MISSING
-
-
 # ----------------------------------------------------------------------------- pp
 @dataclass
 class PPConfig:
@@ -162,20 +118,6 @@ class PPConfig:
     bench: bool = MISSING  # PP also on the benchmark's prompts
     benign_acc_floor: Any = MISSING  # float | None
     pp_floor: Any = MISSING  # float | None
-
-
-# ----------------------------------------------------------------------------- attack
-@dataclass
-class UnlearnDiffAtkConfig:
-    """``conf/attack/unlearndiffatk.yaml`` (docs/methods.md 12.2): the attack ``stage=attack`` runs."""
-
-    name: str = MISSING
-    k: int = MISSING
-    steps: int = MISSING
-    lr: Any = MISSING
-    weight_decay: Any = MISSING
-    seed: int = MISSING
-    n_targets: Any = MISSING  # int | None (all flagged prompts)
 
 
 SCHEMAS = {

@@ -14,11 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from unlearn_exp.attacks.config import UnlearnDiffAtkConfig
 from unlearn_exp.checks import Checks
 from unlearn_exp.errors import UserError
+from unlearn_exp.evaluation.config import NudeNetJudgeConfig, Q16JudgeConfig
 from unlearn_exp.guidance.config import NoGuidanceConfig, SAFREEConfig, SLDConfig
 from unlearn_exp.inversion.config import InversionConfig
 from unlearn_exp.store import to_plain
+from unlearn_exp.toy.config import ToyJudgeConfig
 from unlearn_exp.unlearning.config import CHECKPOINT_SETTINGS, PRECISIONS
 
 MIN_FREE_BYTES = 64 << 20  # a results or cache folder with less room than this is refused up front
@@ -27,6 +30,7 @@ SCHEDULERS = ("dpmsolver++", "pndm", "ddim")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 EMBEDDINGS = ("explicit", "inverted", "shared")
 TYPED_GUIDANCE = {"none": NoGuidanceConfig, "sld": SLDConfig, "safree": SAFREEConfig}
+TYPED_JUDGES = {"nudenet": NudeNetJudgeConfig, "q16": Q16JudgeConfig, "toy": ToyJudgeConfig}
 
 
 def _check_file(checks: Checks, name: str, path: Any) -> None:
@@ -156,6 +160,12 @@ def validate(cfg) -> None:
         lambda: _benchmark(c, "benchmark", plain.get("benchmark", {})),
         lambda: c.problems.extend(InversionConfig.problems_of(plain.get("inversion", {}))),
     ]
+    attack = plain.get("attack") or {}
+    if attack.get("name") == "unlearndiffatk":
+        checks.append(lambda: c.problems.extend(UnlearnDiffAtkConfig.problems_of(attack)))
+    judge = plain.get("judge") or {}
+    if judge.get("type") in TYPED_JUDGES and not judge.get("_target_"):
+        checks.append(lambda: c.problems.extend(TYPED_JUDGES[judge["type"]].problems_of(judge)))
     if not isinstance(plain.get("reuse_results", True), bool):
         checks.append(
             lambda: c.fail(f"reuse_results must be true or false, got '{plain.get('reuse_results')}'")

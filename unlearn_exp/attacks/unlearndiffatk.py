@@ -26,6 +26,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from unlearn_exp.attacks.config import UnlearnDiffAtkConfig
 from unlearn_exp.errors import UserError
 from unlearn_exp.guidance.base import Guidance
 from unlearn_exp.inversion.textual_inversion import (
@@ -73,24 +74,9 @@ class AttackSettings:
 
     @classmethod
     def from_cfg(cls, attack_cfg, *, guidance_scale: float, num_steps: int) -> AttackSettings:
-        """From an ``attack`` config (its other keys, as ``n_targets``, are the stage's)."""
-        cfg = dict(attack_cfg)
-        missing = sorted({"k", "steps", "lr", "weight_decay", "seed"} - set(cfg))
-        if missing:
-            raise UserError(
-                f"UnlearnDiffAtk settings lack {missing} (conf/attack/unlearndiffatk.yaml has them)"
-            )
-        if int(cfg["k"]) < 1 or int(cfg["steps"]) < 1:
-            raise UserError(f"attack.k and attack.steps must be >= 1, got {cfg['k']} and {cfg['steps']}")
-        return cls(
-            int(cfg["k"]),
-            int(cfg["steps"]),
-            float(cfg["lr"]),
-            float(cfg["weight_decay"]),
-            float(guidance_scale),
-            int(num_steps),
-            int(cfg["seed"]),
-        )
+        """From an ``attack`` config (checked by its typed config; ``n_targets`` is the stage's)."""
+        s = UnlearnDiffAtkConfig.from_cfg(attack_cfg)
+        return cls(s.k, s.steps, s.lr, s.weight_decay, float(guidance_scale), int(num_steps), s.seed)
 
 
 class UnlearnDiffAtk(L.LightningModule):

@@ -344,7 +344,8 @@ def judge(cell: Cell, samples: Samples) -> Judged:
 
 def score(cell: Cell, made: Originals, samples: Samples, judged: Judged) -> Scores:
     """Stage 5: DSR (Wilson interval), PP against the original model's images, benign accuracy."""
-    from unlearn_exp.evaluation import dsr, pp
+    from unlearn_exp.evaluation import dsr
+    from unlearn_exp.evaluation.pp import pp
 
     pp_values, lpips_by_split = {}, {}
     for name, ref in made.refs.items():

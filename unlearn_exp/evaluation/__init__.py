@@ -4,14 +4,20 @@
   ``Judge.profile`` (name, hash, model_file, model_sha256, classes, threshold, rule);
   ``register_judge(kind, factory)`` adds a judge type (the toy world's ``toy``).
 - ``dsr(safe_flags) -> {"dsr", "lo", "hi", "n", "n_safe"}`` (docs/methods.md 7.2).
-- ``make_pp_metric(cfg_pp) -> Distance``; ``Distance.distance(a, b)``; ``pp(distances)``
+- ``make_pp_metric(cfg_pp) -> Distance``; ``Distance.distance(a, b)``; ``evaluation.pp.pp(distances)``
   (docs/methods.md 7.4); ``FeatureDistance(feature_fn, name)``; ``register_pp_metric(kind, factory)``.
 - ``records``: ``write_table``, ``read_table``, ``IMAGE_COLUMNS``, ``CELL_COLUMNS``.
+- ``config``: each judge type's settings. Nothing here imports torch; ``pp.py`` (which registers the
+  LPIPS metrics) is imported on first use of its names, so composing a config registers nothing.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from unlearn_exp.evaluation.dsr import dsr, wilson_interval
 from unlearn_exp.evaluation.judge import Judge, make_judge, make_profile, register_judge, registered_judges
-from unlearn_exp.evaluation.pp import Distance, FeatureDistance, make_pp_metric, pp, register_pp_metric
 from unlearn_exp.evaluation.records import (
     CELL_COLUMNS,
     IMAGE_COLUMNS,
@@ -33,7 +39,6 @@ __all__ = [
     "make_judge",
     "make_pp_metric",
     "make_profile",
-    "pp",
     "read_table",
     "register_judge",
     "register_pp_metric",
@@ -41,3 +46,12 @@ __all__ = [
     "wilson_interval",
     "write_table",
 ]
+
+
+_LAZY = {"Distance", "FeatureDistance", "make_pp_metric", "register_pp_metric"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'unlearn_exp.evaluation' has no attribute '{name}'")
+    return getattr(importlib.import_module("unlearn_exp.evaluation.pp"), name)

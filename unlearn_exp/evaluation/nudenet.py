@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from unlearn_exp.errors import UserError
+from unlearn_exp.evaluation.config import NudeNetJudgeConfig
 from unlearn_exp.evaluation.judge import Judge, make_profile
 from unlearn_exp.registry import JUDGES
 from unlearn_exp.store import file_sha256
@@ -75,12 +76,13 @@ class NudeNetJudge(Judge):
         import onnxruntime
         from nudenet import NudeDetector
 
-        name = str(cfg["name"])
-        model_file = Path(cfg["model_path"] or bundled_model_file()).expanduser()
+        s = NudeNetJudgeConfig.from_cfg(cfg)
+        name = s.name
+        model_file = Path(s.model_path or bundled_model_file()).expanduser()
         if not model_file.is_file():
             raise UserError(f"judge '{name}': NudeNet model file {model_file} not found")
         sha = file_sha256(model_file)
-        expected = cfg["model_sha256"]
+        expected = s.model_sha256
         if expected and sha != str(expected).lower():
             raise UserError(
                 f"judge '{name}': {model_file} has sha256 {sha[:16]}..., "
@@ -88,15 +90,15 @@ class NudeNetJudge(Judge):
                 "(corrupt or a different detector)"
             )
         labels = detector_labels()
-        classes = list(cfg["classes"])
+        classes = list(s.classes)
         unknown = sorted(set(classes) - set(labels))
         if unknown:
             raise UserError(f"judge '{name}': unknown NudeNet classes {unknown}; the detector has {labels}")
         self.classes = frozenset(classes)
-        self.threshold = float(cfg["threshold"])
-        self.batch_size = int(cfg["batch_size"])
+        self.threshold = s.threshold
+        self.batch_size = s.batch_size
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = int(cfg["num_threads"] or min(4, os.cpu_count() or 1))
+        options.intra_op_num_threads = s.num_threads or min(4, os.cpu_count() or 1)
         options.inter_op_num_threads = 1
         try:
             session = onnxruntime.InferenceSession(

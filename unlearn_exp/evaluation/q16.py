@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from unlearn_exp.errors import UserError
+from unlearn_exp.evaluation.config import Q16Backend, Q16JudgeConfig
 from unlearn_exp.evaluation.judge import Judge, make_profile
 from unlearn_exp.registry import JUDGES
 from unlearn_exp.store import atomic_file, file_sha256
@@ -238,29 +239,23 @@ class Q16Judge(Judge):
     cache_dir), threshold, batch_size, device, dtype``."""
 
     def __init__(self, cfg: dict[str, Any]):
-        name = str(cfg["name"])
-        device = _device(cfg["device"])
-        dtype = {"float32": torch.float32, "float16": torch.float16}[str(cfg["dtype"])]
+        s = Q16JudgeConfig.from_cfg(cfg)  # an unknown backend or dtype is refused here
+        name = s.name
+        device = _device(s.device)
+        dtype = {"float32": torch.float32, "float16": torch.float16}[s.dtype]
         prompts_file = resolve_prompts_file(cfg)
         prompts = torch.from_numpy(load_prompt_embeddings(prompts_file).astype(np.float32))
-        backend = str(cfg["backend"])
-        if backend == "transformers":
-            self.clip = _TransformersCLIP(str(cfg["clip_path"] or ""), device, dtype)
-        elif backend == "open_clip":
-            self.clip = _OpenCLIP(
-                str(cfg["open_clip_model"]),
-                cfg["open_clip_pretrained"],
-                device,
-                dtype,
-            )
+        backend = str(s.backend)
+        if s.backend == Q16Backend.transformers:
+            self.clip = _TransformersCLIP(str(s.clip_path or ""), device, dtype)
         else:
-            raise UserError(f"judge '{name}': backend must be 'transformers' or 'open_clip', got '{backend}'")
+            self.clip = _OpenCLIP(str(s.open_clip_model), s.open_clip_pretrained, device, dtype)
         self.prompts = torch.nn.functional.normalize(prompts, dim=-1).to(device)
-        self.threshold = None if cfg["threshold"] is None else float(cfg["threshold"])
-        self.batch_size = int(cfg["batch_size"])
+        self.threshold = s.threshold
+        self.batch_size = s.batch_size
         weights = Path(self.clip.weights)
         weights_sha = file_sha256(weights) if weights.is_file() else f"unhashed:{weights}"
-        pinned = cfg["model_sha256"]
+        pinned = s.model_sha256
         if pinned and weights_sha != str(pinned).lower():
             raise UserError(
                 f"judge '{name}': CLIP weights {weights} have sha256 {weights_sha[:16]}..., "

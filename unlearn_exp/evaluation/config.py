@@ -1,0 +1,59 @@
+"""The settings of each judge (``conf/judge/*.yaml``, docs/methods.md 7): one typed dataclass per judge
+type, its group's schema and the object the judge receives (``unlearn_exp/settings.py``). A judge
+profile (``judge``, ``task.duo_filter``, ``task.inversion_filter``) is one of these. No torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from omegaconf import MISSING
+
+from unlearn_exp.settings import Settings, choice, listed, number
+
+
+class Q16Backend(StrEnum):
+    """Which library loads Q16's CLIP ViT-L/14."""
+
+    transformers = "transformers"
+    open_clip = "open_clip"
+
+
+@dataclass
+class NudeNetJudgeConfig(Settings):
+    """``conf/judge/nudenet_*.yaml`` (docs/methods.md 7.2): unsafe iff a detection of a counted class
+    scores above ``threshold``."""
+
+    GROUP = "judge"
+    name: str = MISSING
+    type: str = MISSING
+    model_path: Any = MISSING  # null: the detector in the nudenet wheel
+    model_sha256: Any = MISSING
+    classes: list[str] = listed()
+    threshold: Any = number(lo=0)
+    batch_size: int = number(int, lo=1)
+    num_threads: Any = number(int, lo=1, optional=True)  # null: min(4, cpu count)
+
+
+@dataclass
+class Q16JudgeConfig(Settings):
+    """``conf/judge/q16.yaml`` (docs/methods.md 7.3): argmax of Q16's two prompts, or p >= threshold."""
+
+    GROUP = "judge"
+    name: str = MISSING
+    type: str = MISSING
+    backend: Q16Backend = MISSING
+    clip_path: Any = MISSING
+    open_clip_model: Any = MISSING
+    open_clip_pretrained: Any = MISSING
+    model_sha256: Any = MISSING
+    prompts_path: Any = MISSING
+    prompts_url: Any = MISSING
+    prompts_sha256: Any = MISSING
+    prompts_git_blob: Any = MISSING
+    cache_dir: Any = MISSING
+    threshold: Any = number(lo=0, optional=True)  # null: argmax
+    batch_size: int = number(int, lo=1)
+    device: str = MISSING
+    dtype: str = choice("float32", "float16")

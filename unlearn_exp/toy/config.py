@@ -1,0 +1,24 @@
+"""The toy judge's settings (``conf/judge/toy.yaml``, ``unlearn_exp/toy/judge.py``): its group's schema,
+typed (``unlearn_exp/settings.py``). No torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import MISSING
+
+from unlearn_exp.settings import Settings, number
+
+
+@dataclass
+class ToyJudgeConfig(Settings):
+    """Unsafe iff P(colour = purple) >= ``threshold``; ``model_path`` null: the shipped judge."""
+
+    GROUP = "judge"
+    name: str = MISSING
+    type: str = MISSING
+    model_path: Any = MISSING
+    model_sha256: Any = MISSING
+    threshold: Any = number(lo=0)
+    batch_size: int = number(int, lo=1)
