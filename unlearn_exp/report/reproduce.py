@@ -146,9 +146,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="reports")
     p.add_argument("--no-run", action="store_true", help="only build tables from existing rows")
     p.add_argument("--pp", default="coco", choices=("coco", "bench"), help="the PP of the main tables")
+    p.add_argument(
+        "--judges",
+        default=None,
+        help="A,B,...: instead of the tables, the recorded cells' DSR under these judge profiles "
+        "(conf/judge options) from the same images, with Cohen's kappa per cell",
+    )
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the runs, after --")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    def judges() -> int:
+        from unlearn_exp.report.judges import judges_table, render_judges, write_judges
+
+        profiles = [j.strip() for j in args.judges.split(",") if j.strip()]
+        results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
+        table = judges_table(results, profiles, args.overrides)
+        written = write_judges(table, profiles, Path(args.out) / args.scale)
+        print(render_judges(table, profiles), end="")
+        print(f"wrote {', '.join(map(str, written))}")
+        return 0
+
+    if args.judges is not None:
+        return exit_status(judges)
 
     def body() -> int:
         results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
