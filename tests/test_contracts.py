@@ -190,8 +190,22 @@ UNLEARNING_TINY = {
         "preserve": ["a cat"],
         "preserve_scale": 0.7,
     },
-    "spm": "load-only",  # published adapters only: the contract writes a file in SPM's layout
+    # published files only: the contract writes one in the method's layout
+    "spm": "load-only",
+    "unet_folder": "load-only",
+    "advunlearn": "load-only",
 }
+
+
+def _published(name: str, where) -> str:
+    """A file or folder in the published layout of a load-only method, changing the tiny model."""
+    from tests.helpers import spm_file, text_encoder_folder, unet_folder
+
+    if name == "spm":
+        spm_file(build_tiny().unet, where / "spm.safetensors")
+        return str(where / "spm.safetensors")
+    write = {"unet_folder": unet_folder, "advunlearn": text_encoder_folder}[name]
+    return str(write(where / name))
 
 
 def _unet_out(comps) -> torch.Tensor:
@@ -209,11 +223,8 @@ def test_unlearning_method_contract(name, tmp_path):
     cfg = UNLEARNING_TINY[name]
     task = {"name": "nudity"}
     before = _unet_out(build_tiny())
-    if cfg == "load-only":  # changes the UNet, the same way each time, from the user's file
-        from tests.helpers import spm_file
-
-        spm_file(build_tiny().unet, tmp_path / f"{name}.safetensors")
-        user = preset("checkpoint", name, path=str(tmp_path / f"{name}.safetensors"))
+    if cfg == "load-only":  # changes the model, the same way each time, from the user's file
+        user = preset("checkpoint", name, path=_published(name, tmp_path))
         outs = []
         for _ in range(2):
             comps = build_tiny()

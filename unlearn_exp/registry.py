@@ -57,6 +57,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         **dict.fromkeys(("original", "esd", "uce"), "unlearn_exp.unlearning.checkpoints"),
         "duo": "unlearn_exp.unlearning.duo",
         "spm": "unlearn_exp.unlearning.spm",
+        **dict.fromkeys(("unet_folder", "advunlearn"), "unlearn_exp.unlearning.published"),
     },
 }
 PLUGINS = tuple(dict.fromkeys(m for names in BUILTIN.values() for m in names.values()))

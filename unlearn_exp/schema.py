@@ -32,11 +32,13 @@ from unlearn_exp.guidance.config import NoGuidanceConfig, SAFREEConfig, SLDConfi
 from unlearn_exp.inversion.config import InversionConfig
 from unlearn_exp.toy.config import ToyJudgeConfig
 from unlearn_exp.unlearning.config import (
+    AdvUnlearnCheckpointConfig,
     DUOCheckpointConfig,
     ESDCheckpointConfig,
     OriginalCheckpointConfig,
     SPMCheckpointConfig,
     UCECheckpointConfig,
+    UNetFolderCheckpointConfig,
 )
 
 
@@ -130,6 +132,8 @@ SCHEMAS = {
     ("checkpoint", "esd_schema"): ESDCheckpointConfig,
     ("checkpoint", "uce_schema"): UCECheckpointConfig,
     ("checkpoint", "spm_schema"): SPMCheckpointConfig,
+    ("checkpoint", "unet_folder_schema"): UNetFolderCheckpointConfig,
+    ("checkpoint", "advunlearn_schema"): AdvUnlearnCheckpointConfig,
     ("inversion", "default_schema"): InversionConfig,
     ("model", "pretrained_schema"): PretrainedModelConfig,
     ("model", "tiny_schema"): TinyModelConfig,

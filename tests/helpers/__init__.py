@@ -2,6 +2,7 @@
 ``tests/conftest.py``."""
 
 from tests.helpers.config import CONF_DIR, ROOT, compose, run_app
+from tests.helpers.published import text_encoder_folder, unet_folder
 from tests.helpers.q16 import Q16, _probe_prompts, images, plant
 from tests.helpers.spm import spm_file
 from tests.helpers.toy import toy_overrides
@@ -16,5 +17,7 @@ __all__ = [
     "plant",
     "run_app",
     "spm_file",
+    "text_encoder_folder",
+    "unet_folder",
     "toy_overrides",
 ]

@@ -183,10 +183,40 @@ class SPMCheckpointConfig(Settings):
             c.fail("checkpoint=spm loads SPM's published adapters: set checkpoint.path")
 
 
+@dataclass
+class UNetFolderCheckpointConfig(Settings):
+    """``conf/checkpoint/unet_folder.yaml`` (docs/methods.md 8.4): a diffusers UNet folder."""
+
+    GROUP = "checkpoint"
+    method: str = MISSING
+    beta: Any = number(lo=0, strict=True, optional=True)  # a label only
+    path: Any = MISSING
+
+    def rules(self, c: Checks) -> None:
+        if not self.path:
+            c.fail("checkpoint=unet_folder loads a diffusers UNet folder: set checkpoint.path")
+
+
+@dataclass
+class AdvUnlearnCheckpointConfig(Settings):
+    """``conf/checkpoint/advunlearn.yaml`` (docs/methods.md 8.4): AdvUnlearn's text encoder."""
+
+    GROUP = "checkpoint"
+    method: str = MISSING
+    beta: Any = number(lo=0, strict=True, optional=True)  # a label only
+    path: Any = MISSING
+
+    def rules(self, c: Checks) -> None:
+        if not self.path:
+            c.fail("checkpoint=advunlearn loads AdvUnlearn's text encoder: set checkpoint.path")
+
+
 CHECKPOINT_SETTINGS: dict[str, type[Settings]] = {
     "original": OriginalCheckpointConfig,
     "duo": DUOCheckpointConfig,
     "esd": ESDCheckpointConfig,
     "uce": UCECheckpointConfig,
     "spm": SPMCheckpointConfig,
+    "unet_folder": UNetFolderCheckpointConfig,
+    "advunlearn": AdvUnlearnCheckpointConfig,
 }

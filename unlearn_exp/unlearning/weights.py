@@ -23,7 +23,7 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 LDM_PREFIX = "model.diffusion_model."
 
 
-def _few(keys: Iterable[str], n: int = 4) -> str:
+def few_keys(keys: Iterable[str], n: int = 4) -> str:
     keys = list(keys)
     shown = ", ".join(keys[:n])
     return shown + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
@@ -148,7 +148,7 @@ def check_unet_state(unet, tensors: dict[str, torch.Tensor], what: str) -> dict[
     unknown = [k for k in tensors if k not in own]
     if unknown:
         raise UserError(
-            f"{what}: {len(unknown)} key(s) are not in this model's UNet ({_few(unknown)}); "
+            f"{what}: {len(unknown)} key(s) are not in this model's UNet ({few_keys(unknown)}); "
             "is it for another architecture?"
         )
     bad = [
@@ -157,7 +157,7 @@ def check_unet_state(unet, tensors: dict[str, torch.Tensor], what: str) -> dict[
         if v.shape != own[k].shape
     ]
     if bad:
-        raise UserError(f"{what}: shape mismatch for {len(bad)} key(s): {_few(bad, 3)}")
+        raise UserError(f"{what}: shape mismatch for {len(bad)} key(s): {few_keys(bad, 3)}")
     return tensors
 
 
@@ -215,11 +215,11 @@ def check_lora_state(unet, tensors: dict[str, torch.Tensor], what: str) -> None:
             bad.append(f"{key} {tuple(v.shape)}")
     if unknown:
         raise UserError(
-            f"{what}: {len(unknown)} key(s) match no UNet layer of this model ({_few(unknown)}); "
+            f"{what}: {len(unknown)} key(s) match no UNet layer of this model ({few_keys(unknown)}); "
             "is the LoRA for another architecture?"
         )
     if bad:
-        raise UserError(f"{what}: LoRA shapes do not fit this model's layers: {_few(bad, 3)}")
+        raise UserError(f"{what}: LoRA shapes do not fit this model's layers: {few_keys(bad, 3)}")
     if n_lora == 0:
         raise UserError(f"{what}: no LoRA weights found in the file")
 

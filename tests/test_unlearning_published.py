@@ -1,0 +1,108 @@
+"""Published checkpoints that replace a component: a diffusers UNet folder (RECE, MACE, SafeGen, ...)
+and AdvUnlearn's text encoder; loaded from files in their layout, refused in one line when partial,
+mismatched or pickled (docs/methods.md 8.4)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.helpers import text_encoder_folder, unet_folder
+from unlearn_exp.config import preset
+from unlearn_exp.errors import UserError
+from unlearn_exp.models import build_tiny
+from unlearn_exp.store import ArtifactStore
+from unlearn_exp.unlearning import apply_checkpoint
+
+
+def _apply(method: str, path, tmp_path):
+    comps = build_tiny()
+    cfg = preset("checkpoint", method, path=str(path))
+    return comps, apply_checkpoint(comps, cfg, ArtifactStore(tmp_path / "cache"), task_cfg={})
+
+
+def test_unet_folder_loads_every_weight_and_is_named_by_content(tmp_path):
+    folder = unet_folder(tmp_path / "unet", seed=1)
+    comps, info = _apply("unet_folder", folder, tmp_path)
+    want = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    got = comps.unet.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert info["method"] == "unet_folder" and info["source"] == "user" and len(info["sha256"]) == 1
+    pipeline = tmp_path / "pipeline"  # a whole pipeline's folder: its unet/ is taken
+    shutil.copytree(folder, pipeline / "unet")
+    assert _apply("unet_folder", pipeline, tmp_path)[1]["id"] == info["id"]
+    other = unet_folder(tmp_path / "other", seed=2)
+    assert _apply("unet_folder", other, tmp_path)[1]["id"] != info["id"]
+
+
+def test_unet_folder_refuses_partial_mismatched_and_pickled_folders(tmp_path):
+    folder = unet_folder(tmp_path / "unet")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    partial = tmp_path / "partial"
+    shutil.copytree(folder, partial)
+    tensors = load_file(str(weights))
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(partial / weights.name))
+    with pytest.raises(UserError, match="lacks 1 of this UNet's weights"):
+        _apply("unet_folder", partial, tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    conf = json.loads((other / "config.json").read_text())
+    conf["cross_attention_dim"] = 1024
+    (other / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(UserError, match="another architecture: cross_attention_dim=1024"):
+        _apply("unet_folder", other, tmp_path)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(folder, pickled)
+    (pickled / weights.name).rename(pickled / "diffusion_pytorch_model.bin")
+    with pytest.raises(UserError, match="only pickle weights"):
+        _apply("unet_folder", pickled, tmp_path)
+    with pytest.raises(UserError, match="not found"):
+        _apply("unet_folder", tmp_path / "absent", tmp_path)
+    with pytest.raises(UserError, match="set checkpoint.path"):
+        apply_checkpoint(build_tiny(), preset("checkpoint", "unet_folder"), tmp_path, task_cfg={})
+
+
+def test_advunlearn_text_encoder_replaces_the_models(tmp_path):
+    folder = text_encoder_folder(tmp_path / "text_encoder", seed=3)
+    before = build_tiny()
+    comps, info = _apply("advunlearn", folder, tmp_path)
+    prompt = ["a naked cat"]
+    assert not torch.allclose(comps.encode_prompts(prompt)[0], before.encode_prompts(prompt)[0])
+    for k, v in before.unet.state_dict().items():  # the UNet is the model's own
+        assert torch.equal(comps.unet.state_dict()[k], v)
+    one_file = tmp_path / "advunlearn.safetensors"  # the same weights as one state-dict file
+    save_file(
+        {f"text_encoder.{k}": v for k, v in load_file(str(folder / "model.safetensors")).items()},
+        str(one_file),
+    )
+    again, _ = _apply("advunlearn", one_file, tmp_path)
+    torch.testing.assert_close(again.encode_prompts(prompt)[0], comps.encode_prompts(prompt)[0])
+    assert info["method"] == "advunlearn" and info["files"] == [str(folder / "model.safetensors")]
+
+
+def test_advunlearn_refuses_partial_and_foreign_text_encoders(tmp_path):
+    folder = text_encoder_folder(tmp_path / "text_encoder")
+    tensors = load_file(str(folder / "model.safetensors"))
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in tensors.items() if "layers.0." not in k}, str(partial))
+    with pytest.raises(UserError, match="lacks .* text-encoder weight"):
+        _apply("advunlearn", partial, tmp_path)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({**tensors, "vision_model.post_layernorm.weight": torch.ones(4)}, str(foreign))
+    with pytest.raises(UserError, match="not in this model's text encoder"):
+        _apply("advunlearn", foreign, tmp_path)
+    name = next(k for k in tensors if k.endswith("final_layer_norm.weight"))
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({**tensors, name: torch.ones(tensors[name].shape[0] + 1)}, str(wrong))
+    with pytest.raises(UserError, match="shape mismatch"):
+        _apply("advunlearn", wrong, tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"\x80\x02")  # a pickle is never read
+    with pytest.raises(UserError, match="not a .safetensors file"):
+        _apply("advunlearn", tmp_path / "weights.bin", tmp_path)
+    with pytest.raises(UserError, match="not found"):
+        _apply("advunlearn", tmp_path / "absent", tmp_path)
