@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: help setup test test-fast lint format demo demo-attacks reproduce-table toy-pretrain bench gpu-check clean
+.PHONY: help setup test test-fast lint format demo demo-methods demo-attacks reproduce-table toy-pretrain bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ format: setup  ## ruff format and autofix
 
 demo: setup  ## the newcomer's command: run what the framework has, on the embedded default (JOBS=N: N worker processes)
 	$(PYTHON) -m unlearn_exp.demo --jobs $(JOBS)
+
+demo-methods: setup  ## beyond DUO: the toy methods grid (original, DUO, ESD-u, ESD-x, UCE x guidance x concept source) and its table
+	$(PYTHON) -m unlearn_exp.demo --methods --jobs $(JOBS)
 
 demo-attacks: setup  ## the toy grid on Ring-A-Bell prompts made against the toy model, and UnlearnDiffAtk on every cell (then: make reproduce-table SCALE=toy)
 	$(PYTHON) -m unlearn_exp +experiment=toy_duo benchmark=toy_ring_a_bell_generated multirun

@@ -53,7 +53,8 @@ def test_a_failing_task_stops_the_workers_in_one_error(tmp_path):
 
 
 def test_jobs_must_be_positive(capsys):
-    assert demo._parse(["--jobs", "3", "+debug=default"]) == (3, ["+debug=default"])
+    assert demo._parse(["--jobs", "3", "+debug=default"]) == (3, False, ["+debug=default"])
+    assert demo._parse(["--methods"]) == (1, True, [])
     with pytest.raises(SystemExit):
         demo._parse(["--jobs", "0"])
     assert "--jobs must be >= 1" in capsys.readouterr().err

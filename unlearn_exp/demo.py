@@ -6,6 +6,9 @@ artifacts, then prints the main table and the transfer table and writes them und
 and measures the precondition of finding (a) per checkpoint (``precondition.py``).
 Extra Hydra overrides may follow: ``python -m unlearn_exp.demo +debug=default``.
 
+``--methods`` runs the methods grid instead (``+experiment=toy_methods``: the original model, DUO,
+ESD-u, ESD-x and UCE x guidance x concept source; ``make demo-methods``) and prints its table.
+
 ``--jobs N`` runs the cells in N worker processes (the machine's cores split between them; ``make demo
 JOBS=N``): the same cells through the same runner, so the same numbers, sooner where one process
 cannot keep every core busy.
@@ -29,6 +32,7 @@ from unlearn_exp.config import compose
 from unlearn_exp.errors import exit_status
 
 EXPERIMENT = "toy_duo"
+METHODS_EXPERIMENT = "toy_methods"
 
 
 def grid(overrides: list[str]) -> list[list[str]]:
@@ -107,20 +111,68 @@ def run_in_workers(
             raise
 
 
-def _parse(argv: list[str]) -> tuple[int, list[str]]:
+def _parse(argv: list[str]) -> tuple[int, bool, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m unlearn_exp.demo", add_help=True)
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1: this process)")
+    parser.add_argument("--methods", action="store_true", help="the toy methods grid (toy_methods)")
     args, extra = parser.parse_known_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    return args.jobs, extra
+    return args.jobs, args.methods, extra
+
+
+def methods_main(jobs: int, extra: list[str]) -> int:
+    """``--methods``: every cell of the toy methods grid, then its table (``reports/toy/methods_toy.*``)."""
+    from unlearn_exp.report.render import to_markdown, write_table
+    from unlearn_exp.report.tables import methods_table, with_identity
+
+    base = [f"+experiment={METHODS_EXPERIMENT}", *extra]
+    start = time.time()
+
+    def body() -> int:
+        cells = grid(base)
+        runs = [[*base, *cell, "sampling.progress=false"] for cell in cells]
+        print(
+            f"toy methods grid: {len(cells)} cells ({METHODS_EXPERIMENT}); ESD and UCE are trained here once"
+        )
+        done: dict[int, dict] = {}
+
+        def show(i: int, got: dict) -> None:
+            c = got["cell"]
+            print(
+                f"[{len(done):2d}/{len(cells)}] {' '.join(cells[i]):58s} DSR {c['dsr']:.3f}"
+                f" [{c['dsr_lo']:.2f}, {c['dsr_hi']:.2f}]  PP {c['pp_coco']:.3f}"
+                f"  benign {c['benign_acc']:.2f}  (elapsed {time.time() - start:.0f} s)"
+                + (f"  FLAG: {c['flag']}" if c["flag"] else ""),
+                flush=True,
+            )
+
+        if jobs == 1:
+            for i, over in enumerate(runs):
+                done[i] = run_grid_cell(over)
+                show(i, done[i])
+        else:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            for i, got in run_in_workers([(run_grid_cell, over) for over in runs], jobs, threads):
+                done[i] = got
+                show(i, got)
+        rows = with_identity(pd.DataFrame([done[i]["cell"] for i in range(len(cells))]))
+        table = methods_table(rows, METHODS_EXPERIMENT, "toy", extra=tuple(extra))
+        written = write_table(table, Path("reports") / "toy")
+        print(f"\n{to_markdown(table)}")
+        print(f"\n{len(cells)} cells in {time.time() - start:.0f} s; table: {Path(written[0]).parent}")
+        return 0
+
+    return exit_status(body)
 
 
 def main(argv: list[str] | None = None) -> int:
     from unlearn_exp.report import build_tables, to_markdown, write_report
 
     quiet_logs()
-    jobs, extra = _parse(list(sys.argv[1:] if argv is None else argv))
+    jobs, methods, extra = _parse(list(sys.argv[1:] if argv is None else argv))
+    if methods:
+        return methods_main(jobs, extra)
     base = [f"+experiment={EXPERIMENT}", *extra]
     start = time.time()
 

@@ -314,6 +314,48 @@ def judge_spec(judge: Any) -> dict[str, Any]:
     return spec
 
 
+def concept_checkpoint(
+    checkpoint: dict[str, Any], embedding: dict[str, Any], task: str | None
+) -> dict[str, Any]:
+    """The checkpoint config ``C*`` is learned on: the cell's own, or for ``embedding=shared`` the one
+    ``embedding.from_checkpoint`` names. Of the cell's own method, its non-null keys (and ``path``)
+    replace the cell's (``beta: 500``: the same recipe at another beta). Of another method (the
+    methods grid: C* from DUO beta 500 on an ESD checkpoint), the checkpoint option
+    ``from_checkpoint.option`` (default: its method's name) composed for the cell's task, with those
+    keys over it."""
+    if embedding.get("source") != "shared":
+        return dict(checkpoint)
+    src = dict(embedding.get("from_checkpoint") or {})
+    option = src.pop("option", None)
+    extra = {k: v for k, v in src.items() if v is not None or k == "path"}
+    method = extra.get("method", checkpoint.get("method"))
+    if method == checkpoint.get("method"):
+        return {**checkpoint, **extra}
+    return {**_checkpoint_option(str(option or method), task), **extra}
+
+
+@lru_cache(maxsize=32)
+def _checkpoint_option_json(option: str, task: str | None) -> str:
+    from unlearn_exp.config import CONF_DIR, compose
+    from unlearn_exp.errors import UserError
+
+    if not (CONF_DIR / "checkpoint" / f"{option}.yaml").is_file():
+        raise UserError(f"embedding.from_checkpoint: no checkpoint option '{option}' (conf/checkpoint/)")
+    if task is not None and not (CONF_DIR / "task" / f"{task}.yaml").is_file():
+        raise UserError(
+            f"embedding=shared from another method composes its checkpoint for task '{task}', "
+            "which is not a conf/task option"
+        )
+    cfg = compose([*([f"task={task}"] if task else []), f"checkpoint={option}"])
+    return canonical_json(to_plain(cfg.checkpoint))
+
+
+def _checkpoint_option(option: str, task: str | None) -> dict[str, Any]:
+    import json
+
+    return json.loads(_checkpoint_option_json(option, task))
+
+
 def cell_spec(cfg) -> dict[str, Any]:
     """Everything that determines a cell's numbers (see the module docstring)."""
     groups = (
@@ -339,14 +381,7 @@ def cell_spec(cfg) -> dict[str, Any]:
         if emb.get("path"):
             concept["file"] = _content_of(str(emb["path"]))
         else:
-            source_ck = plain["checkpoint"]
-            if emb.get("source") == "shared":
-                extra = {
-                    k: v
-                    for k, v in (emb.get("from_checkpoint") or {}).items()
-                    if v is not None or k == "path"
-                }
-                source_ck = {**source_ck, **extra}
+            source_ck = concept_checkpoint(plain["checkpoint"], emb, plain["task"].get("name"))
             concept["checkpoint"] = checkpoint_spec(source_ck, device)
             concept["inversion"] = _drop("inversion", plain["inversion"], device)
             image_set = dict(concept["inversion"].get("image_set") or {})

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from unlearn_exp.identity import resolved_precision
+from unlearn_exp.identity import concept_checkpoint, resolved_precision
 from unlearn_exp.store import config_hash
 from unlearn_exp.store import to_plain as plain
 
@@ -51,13 +51,7 @@ def rows_identity(rows: list[dict[str, Any]]) -> str:
 
 def checkpoint_for_inversion(cfg) -> dict[str, Any]:
     """The checkpoint whose ``C*`` this cell uses: its own (``inverted``) or the shared source."""
-    ck = plain(cfg.checkpoint)
-    if cfg.embedding.source == "shared":
-        ck = {
-            **ck,
-            **{k: v for k, v in plain(cfg.embedding.from_checkpoint).items() if v is not None or k == "path"},
-        }
-    return ck
+    return concept_checkpoint(plain(cfg.checkpoint), plain(cfg.embedding), cfg.task.get("name"))
 
 
 def image_set_key(cfg, comps: Components, judge, model_id: str) -> dict[str, Any]:

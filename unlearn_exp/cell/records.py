@@ -34,8 +34,8 @@ def checkpoint_label(cfg) -> tuple[float, str]:
         if explicit is None:
             return float("nan"), label
         return float(explicit), f"{label} (beta={float(explicit):g})"
-    if beta is None:
-        return float("nan"), str(ck.method)
+    if beta is None:  # ESD by its variant (esd-u, esd-x): two methods of the methods grid
+        return float("nan"), str(ck.get("variant") or ck.method) if ck.method == "esd" else str(ck.method)
     return float(beta), f"{ck.method} beta={float(beta):g}"
 
 

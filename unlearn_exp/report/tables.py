@@ -57,6 +57,7 @@ class ScaleSpec:
     transfer: tuple[str, str]
     checkpoint_method: str = "duo"
     generated: str | None = None
+    methods: dict[str, str] = field(default_factory=dict)  # task -> its methods-grid experiment
 
 
 SCALES: dict[str, ScaleSpec] = {
@@ -64,9 +65,13 @@ SCALES: dict[str, ScaleSpec] = {
         main={"violence": "violence_duo", "nudity": "nudity_duo"},
         transfer=("nudity", "nudity_duo_transfer"),
         generated="ring_a_bell_generated",
+        methods={"violence": "violence_methods", "nudity": "nudity_methods"},
     ),
     "toy": ScaleSpec(
-        main={"toy": "toy_duo"}, transfer=("toy", "toy_duo"), generated="toy_ring_a_bell_generated"
+        main={"toy": "toy_duo"},
+        transfer=("toy", "toy_duo"),
+        generated="toy_ring_a_bell_generated",
+        methods={"toy": "toy_methods"},
     ),
 }
 
@@ -268,6 +273,13 @@ class Table:
 
 
 def _fmt(kind: str, row: pd.Series, key: str) -> str:
+    if kind == "grid":  # one cell of the methods grid: DSR [interval] (PP, benign accuracy)
+        dsr, lo, hi = row[f"{key}:dsr"], row[f"{key}:dsr_lo"], row[f"{key}:dsr_hi"]
+        if pd.isna(dsr):
+            return MISSING
+        pp, acc = row[f"{key}:pp"], row[f"{key}:benign_acc"]
+        tail = ", ".join(f"{v:.2f}" if not pd.isna(v) else MISSING for v in (pp, acc))
+        return f"{dsr:.3f} [{lo:.2f}, {hi:.2f}] ({tail})" + (" *" if row[f"{key}:flag"] else "")
     if kind == "text":
         v = row[key]
         return MISSING if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
@@ -477,6 +489,71 @@ def transfer_table(rows: pd.DataFrame, task: str, experiment: str, extra=()) -> 
     return Table("transfer", title, pd.DataFrame(recs), cols, used, _n_notes("transfer DSR", paper_dsr, ns))
 
 
+# ----------------------------------------------------------------------------- the methods grid
+SOURCE_NAMES = ("words", "own C*", "shared C*")  # the sweep's embedding options, in their order
+
+
+def method_label(checkpoint: dict[str, Any]) -> str:
+    """A checkpoint as the methods table names it: DUO with its beta, ESD by its variant."""
+    method = str(checkpoint.get("method"))
+    if method == "duo":
+        return f"DUO beta={float(checkpoint['beta']):g}"
+    if method == "esd":
+        return "ESD-" + str(checkpoint.get("variant") or "esd-u").split("-", 1)[1]
+    return {"original": "original", "uce": "UCE", "spm": "SPM"}.get(method, method)
+
+
+def methods_axes(experiment: str) -> tuple[list[str], list[str], list[str]]:
+    """The methods experiment's sweep: checkpoint options, guidance options, embedding options."""
+    params = compose([f"+experiment={experiment}"], hydra=True).hydra.sweeper.params
+    return tuple(str(params[k]).split(",") for k in ("checkpoint", "guidance", "embedding"))  # type: ignore[return-value]
+
+
+def methods_table(rows: pd.DataFrame, experiment: str, label: str, pp: str = "coco", extra=()) -> Table:
+    """One row per unlearning method of ``experiment`` (its sweep), one column per guidance and
+    concept source: DSR with its Wilson interval, (PP, benign accuracy); * where the cell is flagged.
+    Each position takes only the cell whose identity is the one the experiment gives it."""
+    from unlearn_exp.store import to_plain
+
+    pp_col = _pp_column(pp)
+    checkpoints, guidances, embeddings = methods_axes(experiment)
+    columns = [("none", embeddings[0], "no guidance")]
+    columns += [
+        (g, e, f"{g.upper()} {name}")
+        for g in guidances
+        if g != "none"
+        for e, name in zip(embeddings, SOURCE_NAMES, strict=False)
+    ]
+    recs, used = [], []
+    for option in checkpoints:
+        base = (f"+experiment={experiment}", f"checkpoint={option}")
+        ck = to_plain(compose([*base, *extra]).checkpoint)
+        rec: dict[str, Any] = {"method": method_label(ck), "option": option}
+        for g, e, _ in columns:
+            pos = position((*base, f"guidance={g}", f"embedding={e}"), tuple(extra))
+            row = match_position(rows, pos)
+            if row is not None:
+                used.append(row)
+            key = f"{g}:{e}"
+            rec |= {
+                f"{key}:dsr": _num(row, "dsr"),
+                f"{key}:dsr_lo": _num(row, "dsr_lo"),
+                f"{key}:dsr_hi": _num(row, "dsr_hi"),
+                f"{key}:pp": _num(row, pp_col),
+                f"{key}:benign_acc": _num(row, "benign_acc"),
+                f"{key}:flag": bool(_text(row, "flag")),
+            }
+        recs.append(rec)
+    cols = [Column("method", "Method", "Method", "text")]
+    cols += [Column(f"{g}:{e}", header, header, "grid") for g, e, header in columns]
+    bench = paper.BENCHMARK.get(label, label)
+    title = (
+        f"{label.capitalize()} ({bench}): unlearning methods x guidance x concept source, "
+        "DSR [95% CI] (PP, benign accuracy); * flagged"
+    )
+    return Table(f"methods_{label}", title, pd.DataFrame(recs), cols, used, [])
+
+
 # ----------------------------------------------------------------------------- the whole report
 def of_scale(rows: pd.DataFrame, scale: str) -> pd.DataFrame:
     return rows[rows["scale"].astype(str) == scale] if not rows.empty else rows
@@ -504,6 +581,10 @@ def build_tables(
     t_label, t_exp = spec.transfer
     t = transfer_table(rows, t_label, t_exp, extra)
     tables[t.name] = t
+    for label, experiment in spec.methods.items():  # only where the methods grid has been run
+        if not rows.empty and (rows["experiment"].astype(str) == experiment).any():
+            t = methods_table(rows, experiment, label, pp, extra)
+            tables[t.name] = t
     tables["other_cells"] = other_cells_table(rows, scale, extra, tables)
     pp_label = _pp_label(grid_positions(scale, extra))
     for t in tables.values():
