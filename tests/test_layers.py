@@ -21,6 +21,7 @@ LAYERS = [
         "errors",
         "checks",
         "settings",
+        "lazy",
         "config",
         "schema",
         "paths",

@@ -13,9 +13,6 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from unlearn_exp.evaluation.dsr import dsr, wilson_interval
 from unlearn_exp.evaluation.judge import Judge, make_judge, make_profile, register_judge, registered_judges
 from unlearn_exp.evaluation.records import (
@@ -26,6 +23,7 @@ from unlearn_exp.evaluation.records import (
     read_table,
     write_table,
 )
+from unlearn_exp.lazy import lazy_attributes
 
 __all__ = [
     "CELL_COLUMNS",
@@ -50,8 +48,4 @@ __all__ = [
 
 _LAZY = {"Distance", "FeatureDistance", "make_pp_metric", "register_pp_metric"}
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'unlearn_exp.evaluation' has no attribute '{name}'")
-    return getattr(importlib.import_module("unlearn_exp.evaluation.pp"), name)
+__getattr__ = lazy_attributes(__name__, {name: "pp" for name in _LAZY})

@@ -4,8 +4,7 @@ so ``unlearn_exp.guidance.config`` composes and validates without loading torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from unlearn_exp.lazy import lazy_attributes
 
 _WHERE = {
     "CFG": "base",
@@ -20,8 +19,4 @@ _WHERE = {
 }
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'unlearn_exp.guidance' has no attribute '{name}'")
-    return getattr(importlib.import_module(f"unlearn_exp.guidance.{_WHERE[name]}"), name)
+__getattr__ = lazy_attributes(__name__, _WHERE)

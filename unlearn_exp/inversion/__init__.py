@@ -3,8 +3,7 @@ textual-inversion format; its settings in ``config.py`` (no torch). Names are im
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from unlearn_exp.lazy import lazy_attributes
 
 _WHERE = {
     "ConceptInversion": "concept_inversion",
@@ -24,8 +23,4 @@ _WHERE = {
 }
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'unlearn_exp.inversion' has no attribute '{name}'")
-    return getattr(importlib.import_module(f"unlearn_exp.inversion.{_WHERE[name]}"), name)
+__getattr__ = lazy_attributes(__name__, _WHERE)

@@ -3,8 +3,7 @@ published files; their settings in ``config.py`` (no torch). Names are imported 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from unlearn_exp.lazy import lazy_attributes
 
 _WHERE = {
     "apply_checkpoint": "checkpoints",
@@ -14,8 +13,4 @@ _WHERE = {
 }
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'unlearn_exp.unlearning' has no attribute '{name}'")
-    return getattr(importlib.import_module(f"unlearn_exp.unlearning.{_WHERE[name]}"), name)
+__getattr__ = lazy_attributes(__name__, _WHERE)

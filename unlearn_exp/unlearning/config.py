@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import MISSING
 
@@ -168,47 +168,41 @@ class UCECheckpointConfig(Settings):
 
 
 @dataclass
-class SPMCheckpointConfig(Settings):
-    """``conf/checkpoint/spm.yaml`` (docs/methods.md 8.3): SPM's published adapters, loaded only."""
+class PublishedCheckpointConfig(Settings):
+    """A method whose checkpoints are only loaded from published files: ``path`` is required."""
 
     GROUP = "checkpoint"
+    LOADS: ClassVar[str] = "published files"  # what checkpoint.path must point to, for the message
     method: str = MISSING
-    beta: Any = number(lo=0, strict=True, optional=True)
+    beta: Any = number(lo=0, strict=True, optional=True)  # a label only
     path: Any = MISSING
+
+    def rules(self, c: Checks) -> None:
+        if not self.path:
+            c.fail(f"checkpoint={self.method} loads {self.LOADS}: set checkpoint.path")
+
+
+@dataclass
+class SPMCheckpointConfig(PublishedCheckpointConfig):
+    """``conf/checkpoint/spm.yaml`` (docs/methods.md 8.3): SPM's published adapters, loaded only."""
+
+    LOADS = "SPM's published adapters"
     multiplier: Any = number()
     allow_pickle_conversion: bool = MISSING
 
-    def rules(self, c: Checks) -> None:
-        if not self.path:
-            c.fail("checkpoint=spm loads SPM's published adapters: set checkpoint.path")
-
 
 @dataclass
-class UNetFolderCheckpointConfig(Settings):
+class UNetFolderCheckpointConfig(PublishedCheckpointConfig):
     """``conf/checkpoint/unet_folder.yaml`` (docs/methods.md 8.4): a diffusers UNet folder."""
 
-    GROUP = "checkpoint"
-    method: str = MISSING
-    beta: Any = number(lo=0, strict=True, optional=True)  # a label only
-    path: Any = MISSING
-
-    def rules(self, c: Checks) -> None:
-        if not self.path:
-            c.fail("checkpoint=unet_folder loads a diffusers UNet folder: set checkpoint.path")
+    LOADS = "a diffusers UNet folder"
 
 
 @dataclass
-class AdvUnlearnCheckpointConfig(Settings):
+class AdvUnlearnCheckpointConfig(PublishedCheckpointConfig):
     """``conf/checkpoint/advunlearn.yaml`` (docs/methods.md 8.4): AdvUnlearn's text encoder."""
 
-    GROUP = "checkpoint"
-    method: str = MISSING
-    beta: Any = number(lo=0, strict=True, optional=True)  # a label only
-    path: Any = MISSING
-
-    def rules(self, c: Checks) -> None:
-        if not self.path:
-            c.fail("checkpoint=advunlearn loads AdvUnlearn's text encoder: set checkpoint.path")
+    LOADS = "AdvUnlearn's text encoder"
 
 
 CHECKPOINT_SETTINGS: dict[str, type[Settings]] = {

@@ -24,7 +24,7 @@ from unlearn_exp.errors import UserError
 from unlearn_exp.registry import UNLEARNING
 from unlearn_exp.store import config_hash, file_sha256
 from unlearn_exp.unlearning.config import AdvUnlearnCheckpointConfig, UNetFolderCheckpointConfig
-from unlearn_exp.unlearning.weights import few_keys, load_unet_weights, read_safetensors
+from unlearn_exp.unlearning.weights import check_state_dict, few_keys, load_unet_weights, read_safetensors
 
 # config.json fields that decide whether a UNet's weights fit this model's layers
 UNET_FIELDS = (
@@ -150,22 +150,10 @@ def load_text_encoder_weights(text_encoder, tensors: dict[str, torch.Tensor], wh
     buffer excepted: ``save_pretrained`` leaves it out)."""
     tensors = {k.removeprefix("text_encoder."): v for k, v in tensors.items()}
     own = text_encoder.state_dict()
-    unknown = [k for k in tensors if k not in own]
-    if unknown:
-        raise UserError(
-            f"{what}: {len(unknown)} key(s) are not in this model's text encoder ({few_keys(unknown)}); "
-            "is it another text encoder?"
-        )
+    check_state_dict(own, tensors, what, "text encoder", "is it another text encoder?")
     missing = [k for k in own if k not in tensors and not k.endswith("position_ids")]
     if missing:
         raise UserError(f"{what}: the file lacks {len(missing)} text-encoder weight(s) ({few_keys(missing)})")
-    bad = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-        for k, v in tensors.items()
-        if v.shape != own[k].shape
-    ]
-    if bad:
-        raise UserError(f"{what}: shape mismatch for {len(bad)} key(s): {few_keys(bad, 3)}")
     for k, v in tensors.items():
         own[k].copy_(v.to(device=own[k].device, dtype=own[k].dtype))
     return len(tensors)

@@ -144,12 +144,17 @@ def check_unet_state(unet, tensors: dict[str, torch.Tensor], what: str) -> dict[
     if any(k.startswith(LDM_PREFIX) for k in tensors):
         tensors = _ldm_to_diffusers(tensors, unet)
     tensors = {k.removeprefix("unet."): v for k, v in tensors.items()}
-    own = unet.state_dict()
+    check_state_dict(unet.state_dict(), tensors, what, "UNet", "is it for another architecture?")
+    return tensors
+
+
+def check_state_dict(own: dict, tensors: dict[str, torch.Tensor], what: str, part: str, hint: str) -> None:
+    """Every key of ``tensors`` names a tensor of ``own`` (a module's state dict) of the same shape;
+    else one ``UserError`` naming a few offending keys."""
     unknown = [k for k in tensors if k not in own]
     if unknown:
         raise UserError(
-            f"{what}: {len(unknown)} key(s) are not in this model's UNet ({few_keys(unknown)}); "
-            "is it for another architecture?"
+            f"{what}: {len(unknown)} key(s) are not in this model's {part} ({few_keys(unknown)}); {hint}"
         )
     bad = [
         f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
@@ -158,7 +163,6 @@ def check_unet_state(unet, tensors: dict[str, torch.Tensor], what: str) -> dict[
     ]
     if bad:
         raise UserError(f"{what}: shape mismatch for {len(bad)} key(s): {few_keys(bad, 3)}")
-    return tensors
 
 
 @torch.no_grad()
