@@ -31,7 +31,7 @@ def register(self, name, factory=None, *, replace=True):
 
 registry.Registry.register = register
 names = {r.what: r.names() for r in (registry.JUDGES, registry.PP_METRICS, registry.LOADERS,
-                                     registry.GUIDANCE, registry.UNLEARNING)}
+                                     registry.GUIDANCE, registry.UNLEARNING, registry.UTILITY)}
 light = [m for m in ("torch", "diffusers", "lightning") if m in sys.modules]
 guidance = registry.GUIDANCE.get("sld")
 after_one = sorted(m for m in registry.PLUGINS if m in sys.modules)

@@ -17,6 +17,7 @@ registry        selected by                factory signature
 ``GUIDANCE``    ``guidance.name``          ``factory(guidance_cfg, task_cfg, concept, step_scale)``
 ``UNLEARNING``  ``checkpoint.method``      ``factory(comps, cfg: dict, store, *, task_cfg, judge,
                                            sample_kwargs, logger)``
+``UTILITY``     ``utility.type`` / ``name````factory(cfg: dict) -> Utility`` (``report --utility``)
 ==============  =========================  ==================================================
 """
 
@@ -52,6 +53,10 @@ BUILTIN: dict[str, dict[str, str]] = {
         "none": "unlearn_exp.guidance.base",
         "sld": "unlearn_exp.guidance.sld",
         "safree": "unlearn_exp.guidance.safree",
+    },
+    "utility metric": {
+        **dict.fromkeys(("clip_score", "fid", "kid"), "unlearn_exp.evaluation.utility"),
+        **dict.fromkeys(("toy_clip_score", "toy_fid", "toy_kid"), "unlearn_exp.toy.plugin"),
     },
     "unlearning method": {
         **dict.fromkeys(("original", "esd", "uce"), "unlearn_exp.unlearning.checkpoints"),
@@ -145,3 +150,4 @@ PP_METRICS = Registry("PP metric", ("type", "name"))
 LOADERS = Registry("benchmark loader", ("loader",))
 GUIDANCE = Registry("guidance", ("name",))
 UNLEARNING = Registry("unlearning method", ("method",))
+UTILITY = Registry("utility metric", ("type", "name"))

@@ -173,6 +173,7 @@ ROOT_GROUPS = (
     "pp",
     "logger",
     "attack",
+    "utility",
 )
 # keys the command line adds after composition (cli.label_user_checkpoint)
 ADDED_KEYS = ("checkpoint.beta_label",)

@@ -190,8 +190,18 @@ class _TransformersCLIP:
         return self.model(pixel_values=pixels.to(self.device, self.dtype)).image_embeds.float()
 
 
-class _OpenCLIP:
-    def __init__(self, model_name: str, pretrained: str | None, device: torch.device, dtype: torch.dtype):
+class OpenCLIPModel:
+    """An open_clip model from a weights file, a ``local-dir:`` folder or a tag in the local cache."""
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str | None,
+        device: torch.device,
+        dtype: torch.dtype,
+        what: str = "Q16",
+        keys: tuple[str, str] = ("judge.open_clip_pretrained", "judge.open_clip_model"),
+    ):
         import open_clip
 
         if model_name.startswith("local-dir:"):
@@ -203,16 +213,16 @@ class _OpenCLIP:
             self.weights = None
         if self.weights is None and not (pretrained and not Path(str(pretrained)).suffix):
             raise UserError(
-                f"Q16 open_clip weights not found for '{model_name}' "
+                f"{what} open_clip weights not found for '{model_name}' "
                 f"(pretrained={pretrained}): give a weights "
-                "file as judge.open_clip_pretrained or a folder as judge.open_clip_model=local-dir:<folder>"
+                f"file as {keys[0]} or a folder as {keys[1]}=local-dir:<folder>"
             )
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
         except (OSError, ValueError, RuntimeError) as exc:
             first = str(exc).strip().splitlines()[0]
             raise UserError(
-                f"cannot load Q16 open_clip model '{model_name}' ({pretrained}): {first}"
+                f"cannot load {what} open_clip model '{model_name}' ({pretrained}): {first}"
             ) from None
         if self.weights is None:  # a pretrained tag resolved in the local cache
             self.weights = Path(
@@ -220,11 +230,19 @@ class _OpenCLIP:
             )
         self.model = model.to(device, dtype).eval()
         self.preprocess, self.device, self.dtype = preprocess, device, dtype
+        self.model_name = model_name
 
     @torch.no_grad()
     def embed(self, images: list) -> torch.Tensor:
         batch = torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)
         return self.model.encode_image(batch).float()
+
+    @torch.no_grad()
+    def embed_text(self, prompts: list[str]) -> torch.Tensor:
+        import open_clip
+
+        tokens = open_clip.get_tokenizer(self.model_name)(list(prompts)).to(self.device)
+        return self.model.encode_text(tokens).float()
 
 
 def _device(name: str | None) -> torch.device:
@@ -249,7 +267,7 @@ class Q16Judge(Judge):
         if s.backend == Q16Backend.transformers:
             self.clip = _TransformersCLIP(str(s.clip_path or ""), device, dtype)
         else:
-            self.clip = _OpenCLIP(str(s.open_clip_model), s.open_clip_pretrained, device, dtype)
+            self.clip = OpenCLIPModel(str(s.open_clip_model), s.open_clip_pretrained, device, dtype)
         self.prompts = torch.nn.functional.normalize(prompts, dim=-1).to(device)
         self.threshold = s.threshold
         self.batch_size = s.batch_size

@@ -53,9 +53,9 @@ def _judge(name: str, overrides: Sequence[str]):
     return make_judge(compose([*overrides, f"judge={name}"]).judge)
 
 
-def _bench_images(cell: pd.Series) -> pd.DataFrame:
-    """The cell's benchmark images (``images.parquet`` beside its ``cells.parquet``), each checked
-    against its recorded sha256."""
+def recorded_images(cell: pd.Series, split: str = "bench") -> pd.DataFrame:
+    """The cell's images of ``split`` (``bench``: the benchmark; ``coco``: the benign PP prompts), from
+    the ``images.parquet`` beside its ``cells.parquet``, each checked against its recorded sha256."""
     from unlearn_exp.evaluation.records import read_table
     from unlearn_exp.store import file_sha256
 
@@ -63,7 +63,7 @@ def _bench_images(cell: pd.Series) -> pd.DataFrame:
     if not table.is_file():
         raise UserError(f"cell {cell['cell_key']}: no image rows beside {cell['_source']}")
     rows = read_table(table)
-    rows = rows[(rows["cell_key"] == cell["cell_key"]) & (rows["split"] == "bench")]
+    rows = rows[(rows["cell_key"] == cell["cell_key"]) & (rows["split"] == split)]
     rows = rows.sort_values(["case_id", "image_index"]).reset_index(drop=True)
     for path, sha in zip(rows["image_path"], rows["image_sha256"], strict=True):
         if not Path(path).is_file():
@@ -88,7 +88,7 @@ def judges_table(
     judges = {name: _judge(name, overrides) for name in profiles}
     out = []
     for _, cell in cells.sort_values(KEY_COLUMNS, na_position="last").iterrows():
-        images = _bench_images(cell)
+        images = recorded_images(cell)
         pil = [Image.open(p).convert("RGB") for p in images["image_path"]]
         row = {"cell_key": cell["cell_key"], **{k: cell.get(k) for k in KEY_COLUMNS}, "n": len(pil)}
         row["recorded_judge"] = cell["judge_profile"]

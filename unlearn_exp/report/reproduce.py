@@ -152,6 +152,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="A,B,...: instead of the tables, the recorded cells' DSR under these judge profiles "
         "(conf/judge options) from the same images, with Cohen's kappa per cell",
     )
+    p.add_argument(
+        "--utility",
+        default=None,
+        help="A,B,...: instead of the tables, utility metrics (conf/utility options: clip_score, fid, "
+        "kid, toy_*) of the recorded cells' benign images",
+    )
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the runs, after --")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -167,8 +173,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {', '.join(map(str, written))}")
         return 0
 
+    def utility() -> int:
+        from unlearn_exp.report.utility import render_utility, utility_table, write_utility
+
+        names = [j.strip() for j in args.utility.split(",") if j.strip()]
+        results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
+        table = utility_table(results, names, args.overrides)
+        written = write_utility(table, names, Path(args.out) / args.scale)
+        print(render_utility(table, names), end="")
+        print(f"wrote {', '.join(map(str, written))}")
+        return 0
+
     if args.judges is not None:
         return exit_status(judges)
+    if args.utility is not None:
+        return exit_status(utility)
 
     def body() -> int:
         results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
