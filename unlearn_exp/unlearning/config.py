@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -172,7 +172,7 @@ class PublishedCheckpointConfig(Settings):
     """A method whose checkpoints are only loaded from published files: ``path`` is required."""
 
     GROUP = "checkpoint"
-    LOADS: ClassVar[str] = "published files"  # what checkpoint.path must point to, for the message
+    LOADS = "published files"  # what checkpoint.path must point to, for the message
     method: str = MISSING
     beta: Any = number(lo=0, strict=True, optional=True)  # a label only
     path: Any = MISSING
