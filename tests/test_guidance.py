@@ -172,6 +172,9 @@ def test_factory_explicit_and_learned_concepts():
     assert sld.params.threshold == 0.5 and sld.params.guidance_scale == 5000
     with pytest.raises(UserError, match="unknown guidance.preset 'ultra'"):  # composition refuses it
         config.compose(["guidance=sld", "guidance.preset=ultra"])
+    with pytest.raises(UserError, match="unknown guidance.preset 'maxx'"):  # each value of a sweep
+        config.compose(["guidance=sld", "guidance.preset=weak,maxx"])
+    assert config.compose(["guidance=safree", "guidance.lra='paper'"]).guidance.lra == "paper"
     sld_cfg = OmegaConf.to_container(compose(["guidance=sld"]).guidance)
     with pytest.raises(UserError, match="unknown guidance.preset 'ultra'"):  # and the typed config
         make_guidance(OmegaConf.create({**sld_cfg, "preset": "ultra"}), cfg.task)

@@ -98,7 +98,7 @@ def _check_enum_value(key: str, value: str) -> None:
         for t in (hint, *typing.get_args(hint)):
             if isinstance(t, type) and issubclass(t, enum.Enum):
                 members += [m.name for m in t if m.name not in members]
-    for v in (x.strip() for x in value.split(",")):
+    for v in (x.strip().strip("'\"") for x in value.split(",")):
         if members and v and v != "null" and v not in members:
             raise UserError(f"unknown {key} '{v}': choose one of {members}")
 
