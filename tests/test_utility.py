@@ -140,3 +140,23 @@ def test_toy_analogues_on_a_recorded_cell(recorded, tmp_path, capsys):
     assert (tmp_path / "toy" / "utility.csv").is_file()
     assert main(["--utility", "fidd", "--results", str(recorded), "--out", str(tmp_path)]) == 2
     assert "unknown utility metric 'fidd'" in capsys.readouterr().err
+
+
+def test_utility_columns_join_the_main_and_long_tables(recorded):
+    import pandas as pd
+
+    from unlearn_exp.report import formatted
+    from unlearn_exp.report.tables import Column, Table, load_cells
+    from unlearn_exp.report.utility import add_utility_columns
+
+    cell = load_cells([recorded]).iloc[0]
+    data = pd.DataFrame({"method": ["DUO", "DUO+SLD"], "cell_key": [cell["cell_key"], None]})
+    tables = {
+        "long_toy": Table("long_toy", "t", data, [Column("method", "Method", "Method", "text")], [cell]),
+        "transfer": Table("transfer", "t", data.copy(), [], [cell]),  # not a main or long table
+    }
+    add_utility_columns(tables, ["toy_clip_score"])
+    shown = formatted(tables["long_toy"])
+    want = utility_table([recorded], ["toy_clip_score"]).iloc[0]["toy_clip_score"]
+    assert shown["toy_clip_score"].tolist() == [f"{want:.4g}", "-"]
+    assert "toy_clip_score" not in tables["transfer"].data

@@ -158,6 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="A,B,...: instead of the tables, utility metrics (conf/utility options: clip_score, fid, "
         "kid, toy_*) of the recorded cells' benign images",
     )
+    p.add_argument(
+        "--utility-columns",
+        default=None,
+        help="A,B,...: add these utility metrics as columns of the main and long tables",
+    )
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the runs, after --")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -203,7 +208,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
             rows = load_cells(results)
             missing = missing_cells(rows, args.scale, args.overrides)
-        written = write_report(rows, args.scale, args.out, find_cell_files(results), args.pp, args.overrides)
+        tables = None
+        if args.utility_columns:
+            from unlearn_exp.report.tables import build_tables
+            from unlearn_exp.report.utility import add_utility_columns
+
+            tables = build_tables(rows, args.scale, args.pp, args.overrides)
+            names = [n.strip() for n in args.utility_columns.split(",") if n.strip()]
+            add_utility_columns(tables, names, args.overrides)
+        files = find_cell_files(results)
+        written = write_report(rows, args.scale, args.out, files, args.pp, args.overrides, tables=tables)
         if args.scale == "toy" and not args.no_run:  # the precondition of finding (a), per checkpoint
             from unlearn_exp import precondition
 

@@ -257,7 +257,7 @@ class Column:
     key: str
     header: str
     latex: str
-    kind: str = "f3"  # text | f3 | diff | int | ci
+    kind: str = "f3"  # text | f3 | diff | int | ci | g4 | grid
 
 
 @dataclass
@@ -295,6 +295,8 @@ def _fmt(kind: str, row: pd.Series, key: str) -> str:
         return str(int(v))
     if kind == "diff":
         return f"{v:+.3f}"
+    if kind == "g4":  # four significant digits (utility metrics: KID is small, FID large)
+        return f"{v:.4g}"
     return f"{v:.3f}"
 
 

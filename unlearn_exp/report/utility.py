@@ -68,30 +68,64 @@ def _references(cfg, rows: pd.DataFrame) -> list:
     return [Image.open(p).convert("RGB") for p in paths]
 
 
+def _metrics(names: Sequence[str], overrides: Sequence[str]) -> dict:
+    if not names or len(set(names)) != len(names):
+        raise UserError(f"--utility needs distinct metric names, got {list(names)}")
+    return {name: _metric(name, overrides) for name in names}
+
+
+def cell_utility(cell: pd.Series, metrics: dict) -> dict[str, float]:
+    """Each metric of one recorded cell's benign images (``metrics``: name -> (config, metric))."""
+    from PIL import Image
+
+    rows = recorded_images(cell, "coco")
+    if rows.empty:
+        raise UserError(f"cell {cell['cell_key']} recorded no benign images (pp.prompts)")
+    images = [Image.open(p).convert("RGB") for p in rows["image_path"]]
+    prompts, expected = list(rows["prompt"]), _expected(cell, rows)
+    out = {"n": len(images)}
+    for name, (cfg, metric) in metrics.items():
+        out[name] = metric.score(images, prompts, _references(cfg, rows), expected)
+    return out
+
+
 def utility_table(
     results: Sequence[str | Path], names: Sequence[str], overrides: Sequence[str] = ()
 ) -> pd.DataFrame:
     """One row per recorded cell: each metric of its benign images."""
-    from PIL import Image
-
-    if not names or len(set(names)) != len(names):
-        raise UserError(f"--utility needs distinct metric names, got {list(names)}")
     cells = load_cells(results)
     if cells.empty:
         raise UserError(f"no recorded cells under {', '.join(map(str, results))}")
-    metrics = {name: _metric(name, overrides) for name in names}
+    metrics = _metrics(names, overrides)
     out = []
     for _, cell in cells.sort_values(KEY_COLUMNS, na_position="last").iterrows():
-        rows = recorded_images(cell, "coco")
-        if rows.empty:
-            raise UserError(f"cell {cell['cell_key']} recorded no benign images (pp.prompts)")
-        images = [Image.open(p).convert("RGB") for p in rows["image_path"]]
-        prompts, expected = list(rows["prompt"]), _expected(cell, rows)
-        row = {"cell_key": cell["cell_key"], **{k: cell.get(k) for k in KEY_COLUMNS}, "n": len(images)}
-        for name, (cfg, metric) in metrics.items():
-            row[name] = metric.score(images, prompts, _references(cfg, rows), expected)
-        out.append(row)
+        row = {"cell_key": cell["cell_key"], **{k: cell.get(k) for k in KEY_COLUMNS}}
+        out.append(row | cell_utility(cell, metrics))
     return pd.DataFrame(out)
+
+
+def add_utility_columns(tables: dict, names: Sequence[str], overrides: Sequence[str] = ()) -> None:
+    """The metrics as columns of the main and long tables, for the cells their positions took
+    (``make reproduce-table`` with ``--utility-columns``); "-" where a position has no cell."""
+    import math
+
+    from unlearn_exp.report.tables import Column
+
+    metrics = _metrics(names, overrides)
+    done: dict[str, dict[str, float]] = {}
+    for table in tables.values():
+        if not table.name.startswith(("main_", "long_")) or "cell_key" not in table.data:
+            continue
+        by_key = {str(r["cell_key"]): r for r in table.used}
+        for key in table.data["cell_key"].dropna().astype(str):
+            if key in by_key and key not in done:
+                done[key] = cell_utility(by_key[key], metrics)
+        for name in names:
+            table.data[name] = [
+                done.get(str(k), {}).get(name, math.nan) if isinstance(k, str) else math.nan
+                for k in table.data["cell_key"]
+            ]
+            table.columns.append(Column(name, name, name.replace("_", r"\_"), "g4"))
 
 
 def render_utility(table: pd.DataFrame, names: Sequence[str]) -> str:
