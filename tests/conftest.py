@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -55,23 +54,6 @@ def shared_datasets() -> Path:
 @pytest.fixture(scope="module")
 def open_clip_dir(tmp_path_factory):
     """A tiny open_clip model folder (the Q16 judge's tests and the judge contract use it)."""
-    import open_clip
-    from safetensors.torch import save_file
+    from tests.helpers.q16 import tiny_open_clip
 
-    folder = tmp_path_factory.mktemp("openclip")
-    cfg = {
-        "model_cfg": {
-            "embed_dim": 16,
-            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-            "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
-        },
-        "preprocess_cfg": {"mean": [0.481, 0.458, 0.408], "std": [0.269, 0.261, 0.276]},
-    }
-    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
-    torch.manual_seed(0)
-    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()},
-        str(folder / "open_clip_model.safetensors"),
-    )
-    return folder
+    return tiny_open_clip(tmp_path_factory.mktemp("openclip"))

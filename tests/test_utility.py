@@ -3,7 +3,6 @@ analogues on a recorded toy cell, and ``report --utility``."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 
 from tests.helpers import toy_overrides
+from tests.helpers.q16 import tiny_open_clip
 from unlearn_exp import config
 from unlearn_exp.cell import run_cell
 from unlearn_exp.errors import UserError
@@ -29,26 +29,7 @@ def _images(n: int, seed: int, size: int = 32) -> list[Image.Image]:
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     """A tiny open_clip model with CLIP's vocabulary size (its tokenizer is CLIP's BPE)."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    folder = tmp_path_factory.mktemp("clip")
-    cfg = {
-        "model_cfg": {
-            "embed_dim": 16,
-            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-        },
-        "preprocess_cfg": {"mean": [0.481, 0.458, 0.408], "std": [0.269, 0.261, 0.276]},
-    }
-    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
-    torch.manual_seed(0)
-    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()},
-        str(folder / "open_clip_model.safetensors"),
-    )
-    return folder
+    return tiny_open_clip(tmp_path_factory.mktemp("clip"), vocab_size=49408)
 
 
 def test_clip_score_is_the_clipped_cosine_times_100(clip_dir):

@@ -81,15 +81,12 @@ def check_choices(overrides: Sequence[str]) -> None:
                 raise UserError(f"unknown {key} '{v}': choose one of {', '.join(group_choices(key))}")
 
 
-def _check_enum_value(key: str, value: str) -> None:
-    """``group.key=value`` where the group's schemas type ``key`` as an ``Enum``: a value that is not
-    one of its members is one ``UserError`` (Hydra's own message is several lines)."""
+@lru_cache(maxsize=256)
+def _enum_members(group: str, field: str) -> tuple[str, ...]:
+    """The members of the ``Enum`` that the group's schemas type ``field`` with (none: not an enum)."""
     import enum
     import typing
 
-    group, _, field = key.partition(".")
-    if not field or "." in field or "(" in value or "[" in value or "$" in value:
-        return
     from unlearn_exp.schema import SCHEMAS
 
     members: list[str] = []
@@ -98,6 +95,16 @@ def _check_enum_value(key: str, value: str) -> None:
         for t in (hint, *typing.get_args(hint)):
             if isinstance(t, type) and issubclass(t, enum.Enum):
                 members += [m.name for m in t if m.name not in members]
+    return tuple(members)
+
+
+def _check_enum_value(key: str, value: str) -> None:
+    """``group.key=value`` where the group's schemas type ``key`` as an ``Enum``: a value that is not
+    one of its members is one ``UserError`` (Hydra's own message is several lines)."""
+    group, _, field = key.partition(".")
+    if not field or "." in field or "(" in value or "[" in value or "$" in value:
+        return
+    members = list(_enum_members(group, field))
     for v in (x.strip().strip("'\"") for x in value.split(",")):
         if members and v and v != "null" and v not in members:
             raise UserError(f"unknown {key} '{v}': choose one of {members}")

@@ -130,12 +130,9 @@ class Settings:
         from unlearn_exp.store import to_plain
 
         plain = to_plain(node)
-        try:
-            obj = object.__new__(cls)
-            for f in dataclasses.fields(cls):
-                object.__setattr__(obj, f.name, plain.get(f.name))
-        except Exception as exc:  # pragma: no cover - a dataclass with slots or the like
-            return [f"{cls.GROUP}: {exc}"]
+        obj = object.__new__(cls)  # the values as given, unconverted: __post_init__ would raise
+        for f in dataclasses.fields(cls):
+            setattr(obj, f.name, plain.get(f.name))
         return obj.problems()
 
 

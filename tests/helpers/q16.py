@@ -34,3 +34,36 @@ def _probe_prompts(tmp_path, dim):
     from safetensors.numpy import save_file
 
     save_file({"prompts": np.ones((2, dim), np.float32)}, str(tmp_path / "probe.safetensors"))
+
+
+def tiny_open_clip(folder, vocab_size: int = 1000):
+    """A tiny open_clip model folder (``local-dir:<folder>``): config and safetensors weights, seed 0.
+    ``vocab_size=49408`` makes its text tower read CLIP's BPE tokens (the CLIP-score tests)."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = {
+        "model_cfg": {
+            "embed_dim": 16,
+            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+            "text_cfg": {
+                "context_length": 77,
+                "vocab_size": vocab_size,
+                "width": 32,
+                "heads": 2,
+                "layers": 1,
+            },
+        },
+        "preprocess_cfg": {"mean": [0.481, 0.458, 0.408], "std": [0.269, 0.261, 0.276]},
+    }
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(folder / "open_clip_model.safetensors"),
+    )
+    return folder

@@ -167,32 +167,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    def judges() -> int:
-        from unlearn_exp.report.judges import judges_table, render_judges, write_judges
+    def table_mode(arg: str, module: str, what: str) -> int:
+        """``--judges`` / ``--utility``: a table over the recorded cells instead of the report."""
+        import importlib
 
-        profiles = [j.strip() for j in args.judges.split(",") if j.strip()]
+        m = importlib.import_module(f"unlearn_exp.report.{module}")
+        names = [n.strip() for n in arg.split(",") if n.strip()]
         results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
-        table = judges_table(results, profiles, args.overrides)
-        written = write_judges(table, profiles, Path(args.out) / args.scale)
-        print(render_judges(table, profiles), end="")
-        print(f"wrote {', '.join(map(str, written))}")
-        return 0
-
-    def utility() -> int:
-        from unlearn_exp.report.utility import render_utility, utility_table, write_utility
-
-        names = [j.strip() for j in args.utility.split(",") if j.strip()]
-        results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
-        table = utility_table(results, names, args.overrides)
-        written = write_utility(table, names, Path(args.out) / args.scale)
-        print(render_utility(table, names), end="")
+        table = getattr(m, f"{what}_table")(results, names, args.overrides)
+        written = getattr(m, f"write_{what}")(table, names, Path(args.out) / args.scale)
+        print(getattr(m, f"render_{what}")(table, names), end="")
         print(f"wrote {', '.join(map(str, written))}")
         return 0
 
     if args.judges is not None:
-        return exit_status(judges)
+        return exit_status(table_mode, args.judges, "judges", "judges")
     if args.utility is not None:
-        return exit_status(utility)
+        return exit_status(table_mode, args.utility, "utility", "utility")
 
     def body() -> int:
         results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]

@@ -83,9 +83,12 @@ def cell_utility(cell: pd.Series, metrics: dict) -> dict[str, float]:
         raise UserError(f"cell {cell['cell_key']} recorded no benign images (pp.prompts)")
     images = [Image.open(p).convert("RGB") for p in rows["image_path"]]
     prompts, expected = list(rows["prompt"]), _expected(cell, rows)
-    out = {"n": len(images)}
+    out, references = {"n": len(images)}, {}
     for name, (cfg, metric) in metrics.items():
-        out[name] = metric.score(images, prompts, _references(cfg, rows), expected)
+        source = cfg.get("reference_folder")  # each reference set read once per cell
+        if source not in references:
+            references[source] = _references(cfg, rows)
+        out[name] = metric.score(images, prompts, references[source], expected)
     return out
 
 
