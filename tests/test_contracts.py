@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from tests.helpers import Q16, _probe_prompts, compose, plant
+from tests.helpers.nudenet import red_minus_blue_classifier
 from unlearn_exp.config import preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation import make_judge
@@ -97,6 +98,10 @@ def _judge_cfg(name: str, tmp_path, open_clip_dir) -> dict:  # noqa: F811
             "device": "cpu",
         }
         return plant(base, tmp_path, unsafe_index=0)[0]
+    if name == "nudenet_classifier":  # its file is not shipped: a small model with its contract
+        pytest.importorskip("onnx")
+        model = red_minus_blue_classifier(tmp_path / "classifier_model.onnx")
+        return {**preset("judge", "nudenet_classifier"), "model_path": str(model)}
     configs = {"nudenet": "nudenet_duo", "toy": "toy"}
     assert name in configs, f"declare how the contract builds judge type '{name}'"
     return OmegaConf.to_container(compose([f"judge={configs[name]}"], hydra=False).judge)

@@ -97,9 +97,9 @@ def test_bad_model_file_and_bad_images(tmp_path):
         make_judge(profile_cfg("nudenet_duo", model_path=str(tmp_path / "absent.onnx")), cache=False)
     corrupt = tmp_path / "320n.onnx"
     corrupt.write_bytes(b"not an onnx model")
-    with pytest.raises(UserError, match="corrupt or a different detector"):
+    with pytest.raises(UserError, match="corrupt or a different model"):
         make_judge(profile_cfg("nudenet_duo", model_path=str(corrupt)), cache=False)
-    with pytest.raises(UserError, match="cannot load NudeNet model") as err:
+    with pytest.raises(UserError, match="cannot load model") as err:
         make_judge(profile_cfg("nudenet_duo", model_path=str(corrupt), model_sha256=None), cache=False)
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="unknown NudeNet classes"):

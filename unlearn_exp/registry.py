@@ -36,6 +36,7 @@ from unlearn_exp.store import config_hash
 BUILTIN: dict[str, dict[str, str]] = {
     "judge type": {
         "nudenet": "unlearn_exp.evaluation.nudenet",
+        "nudenet_classifier": "unlearn_exp.evaluation.nudenet_classifier",
         "q16": "unlearn_exp.evaluation.q16",
         "toy": "unlearn_exp.toy.plugin",
     },

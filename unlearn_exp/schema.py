@@ -27,7 +27,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from unlearn_exp.attacks.config import UnlearnDiffAtkConfig
-from unlearn_exp.evaluation.config import NudeNetJudgeConfig, Q16JudgeConfig
+from unlearn_exp.evaluation.config import NudeNetClassifierJudgeConfig, NudeNetJudgeConfig, Q16JudgeConfig
 from unlearn_exp.guidance.config import NoGuidanceConfig, SAFREEConfig, SLDConfig
 from unlearn_exp.inversion.config import InversionConfig
 from unlearn_exp.toy.config import ToyJudgeConfig
@@ -141,6 +141,7 @@ SCHEMAS = {
     ("embedding", "inverted_schema"): InvertedEmbeddingConfig,
     ("embedding", "shared_schema"): SharedEmbeddingConfig,
     ("judge", "nudenet_schema"): NudeNetJudgeConfig,
+    ("judge", "nudenet_classifier_schema"): NudeNetClassifierJudgeConfig,
     ("judge", "q16_schema"): Q16JudgeConfig,
     ("judge", "toy_schema"): ToyJudgeConfig,
     ("pp", "pp_schema"): PPConfig,

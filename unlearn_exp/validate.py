@@ -17,7 +17,7 @@ from typing import Any
 from unlearn_exp.attacks.config import UnlearnDiffAtkConfig
 from unlearn_exp.checks import Checks
 from unlearn_exp.errors import UserError
-from unlearn_exp.evaluation.config import NudeNetJudgeConfig, Q16JudgeConfig
+from unlearn_exp.evaluation.config import NudeNetClassifierJudgeConfig, NudeNetJudgeConfig, Q16JudgeConfig
 from unlearn_exp.guidance.config import NoGuidanceConfig, SAFREEConfig, SLDConfig
 from unlearn_exp.inversion.config import InversionConfig
 from unlearn_exp.store import to_plain
@@ -30,7 +30,12 @@ SCHEDULERS = ("dpmsolver++", "pndm", "ddim")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 EMBEDDINGS = ("explicit", "inverted", "shared")
 TYPED_GUIDANCE = {"none": NoGuidanceConfig, "sld": SLDConfig, "safree": SAFREEConfig}
-TYPED_JUDGES = {"nudenet": NudeNetJudgeConfig, "q16": Q16JudgeConfig, "toy": ToyJudgeConfig}
+TYPED_JUDGES = {
+    "nudenet": NudeNetJudgeConfig,
+    "nudenet_classifier": NudeNetClassifierJudgeConfig,
+    "q16": Q16JudgeConfig,
+    "toy": ToyJudgeConfig,
+}
 
 
 def _check_file(checks: Checks, name: str, path: Any) -> None:

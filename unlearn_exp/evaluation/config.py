@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from unlearn_exp.checks import Checks
 from unlearn_exp.settings import Settings, choice, listed, number
 
 
@@ -34,6 +35,29 @@ class NudeNetJudgeConfig(Settings):
     threshold: Any = number(lo=0)
     batch_size: int = number(int, lo=1)
     num_threads: Any = number(int, lo=1, optional=True)  # null: min(4, cpu count)
+
+
+@dataclass
+class NudeNetClassifierJudgeConfig(Settings):
+    """``conf/judge/nudenet_classifier.yaml`` (docs/methods.md 7.2): NudeNet v2's image classifier, as
+    SAFREE judges nudity; unsafe iff P(unsafe) >= ``threshold``."""
+
+    GROUP = "judge"
+    name: str = MISSING
+    type: str = MISSING
+    model_path: Any = MISSING  # classifier_model.onnx; not in the nudenet wheel, so it must be given
+    model_sha256: Any = MISSING  # checked when set; the file's sha256 is always in the profile
+    threshold: Any = number(lo=0)
+    image_size: int = number(int, lo=1)
+    batch_size: int = number(int, lo=1)
+    num_threads: Any = number(int, lo=1, optional=True)  # null: min(4, cpu count)
+
+    def rules(self, c: Checks) -> None:
+        if not self.model_path:
+            c.fail(
+                f"{self.GROUP}.model_path: the NudeNet v2 classifier (classifier_model.onnx) is not in the "
+                "nudenet wheel; give its file (judge.model_path=FILE or UNLEARN_EXP_NUDENET_CLASSIFIER=FILE)"
+            )
 
 
 @dataclass
