@@ -1,4 +1,4 @@
-"""Published checkpoints that replace a component: a diffusers UNet folder (RECE, MACE, SafeGen, ...)
+"""Published checkpoints that replace a component: a diffusers UNet folder (MACE, SafeGen, ...)
 and AdvUnlearn's text encoder; loaded from files in their layout, refused in one line when partial,
 mismatched or pickled (docs/methods.md 8.4)."""
 
@@ -19,9 +19,9 @@ from unlearn_exp.store import ArtifactStore
 from unlearn_exp.unlearning import apply_checkpoint
 
 
-def _apply(method: str, path, tmp_path):
+def _apply(method: str, path, tmp_path, **over):
     comps = build_tiny()
-    cfg = preset("checkpoint", method, path=str(path))
+    cfg = preset("checkpoint", method, path=str(path), **over)
     return comps, apply_checkpoint(comps, cfg, ArtifactStore(tmp_path / "cache"), task_cfg={})
 
 
@@ -101,8 +101,71 @@ def test_advunlearn_refuses_partial_and_foreign_text_encoders(tmp_path):
     save_file({**tensors, name: torch.ones(tensors[name].shape[0] + 1)}, str(wrong))
     with pytest.raises(UserError, match="shape mismatch"):
         _apply("advunlearn", wrong, tmp_path)
-    (tmp_path / "weights.bin").write_bytes(b"\x80\x02")  # a pickle is never read
-    with pytest.raises(UserError, match="not a .safetensors file"):
+    (tmp_path / "weights.bin").write_bytes(b"\x80\x02")  # a pickle is not read unless allowed
+    with pytest.raises(UserError, match="is a pickle file"):
         _apply("advunlearn", tmp_path / "weights.bin", tmp_path)
+    (tmp_path / "weights.txt").write_text("weights")
+    with pytest.raises(UserError, match="not a weight file"):
+        _apply("advunlearn", tmp_path / "weights.txt", tmp_path)
     with pytest.raises(UserError, match="not found"):
         _apply("advunlearn", tmp_path / "absent", tmp_path)
+
+
+def test_advunlearn_reads_its_published_layouts(tmp_path):
+    """AdvUnlearn's hub folders (one ``<concept>_unlearned/`` per concept, saved by transformers 4:
+    ``text_model.*`` keys and the position-id buffer) and its training code's ``TextEncoder-<name>.pt``
+    (the CLIP model under ``text_encoder.`` beside aliases of the same tensors) load to the same
+    encoder as transformers 5's layout."""
+    folder = text_encoder_folder(tmp_path / "te", seed=4)
+    tensors = load_file(str(folder / "model.safetensors"))
+    reference, _ = _apply("advunlearn", folder, tmp_path)
+    prompt = ["a naked cat"]
+    expected = reference.encode_prompts(prompt)[0]
+    n_positions = tensors["embeddings.position_embedding.weight"].shape[0]
+    v4 = {f"text_model.{k}": v for k, v in tensors.items()}
+    v4["text_model.embeddings.position_ids"] = torch.arange(n_positions)[None]
+    hub = tmp_path / "AdvUnlearn"
+    for concept in ("nudity", "vangogh"):
+        (hub / f"{concept}_unlearned").mkdir(parents=True)
+        shutil.copy(folder / "config.json", hub / f"{concept}_unlearned" / "config.json")
+        save_file(v4, str(hub / f"{concept}_unlearned" / "model.safetensors"))
+    with pytest.raises(UserError, match=r"per concept \(nudity_unlearned, vangogh_unlearned\)"):
+        _apply("advunlearn", hub, tmp_path)
+    comps, _ = _apply("advunlearn", hub / "nudity_unlearned", tmp_path)
+    torch.testing.assert_close(comps.encode_prompts(prompt)[0], expected)
+
+    wrapper = {f"text_encoder.{k}": v for k, v in v4.items()}  # the CLIP model inside the wrapper
+    for alias in ("embeddings.", "encoder.", "final_layer_norm."):  # the wrapper's aliases of it
+        aliased = {k: v for k, v in tensors.items() if k.startswith(alias)}
+        wrapper.update({k.replace("embeddings.", "embedding.", 1): v for k, v in aliased.items()})
+    pt = tmp_path / "TextEncoder-nudity.pt"
+    torch.save(wrapper, pt)
+    with pytest.raises(UserError, match="allow_pickle_conversion"):
+        _apply("advunlearn", pt, tmp_path)
+    comps, info = _apply("advunlearn", pt, tmp_path, allow_pickle_conversion=True)
+    torch.testing.assert_close(comps.encode_prompts(prompt)[0], expected)
+    assert info["n_tensors"] == len(tensors)
+
+    bin_folder = tmp_path / "bin_te"  # transformers 4's pickled save_pretrained
+    bin_folder.mkdir()
+    shutil.copy(folder / "config.json", bin_folder / "config.json")
+    torch.save(v4, bin_folder / "pytorch_model.bin")
+    with pytest.raises(UserError, match="only pickle weights"):
+        _apply("advunlearn", bin_folder, tmp_path)
+    comps, _ = _apply("advunlearn", bin_folder, tmp_path, allow_pickle_conversion=True)
+    torch.testing.assert_close(comps.encode_prompts(prompt)[0], expected)
+
+
+def test_unet_folder_reads_pickled_weights_only_when_allowed(tmp_path):
+    folder = unet_folder(tmp_path / "unet", seed=2)
+    reference, _ = _apply("unet_folder", folder, tmp_path)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(folder / "config.json", pickled / "config.json")
+    weights = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    torch.save(weights, pickled / "diffusion_pytorch_model.bin")
+    with pytest.raises(UserError, match="allow_pickle_conversion=true"):
+        _apply("unet_folder", pickled, tmp_path)
+    comps, _ = _apply("unet_folder", pickled, tmp_path, allow_pickle_conversion=True)
+    for k, v in reference.unet.state_dict().items():
+        assert torch.equal(comps.unet.state_dict()[k], v)

@@ -196,6 +196,7 @@ class UNetFolderCheckpointConfig(PublishedCheckpointConfig):
     """``conf/checkpoint/unet_folder.yaml`` (docs/methods.md 8.4): a diffusers UNet folder."""
 
     LOADS = "a diffusers UNet folder"
+    allow_pickle_conversion: bool = MISSING
 
 
 @dataclass
@@ -203,6 +204,7 @@ class AdvUnlearnCheckpointConfig(PublishedCheckpointConfig):
     """``conf/checkpoint/advunlearn.yaml`` (docs/methods.md 8.4): AdvUnlearn's text encoder."""
 
     LOADS = "AdvUnlearn's text encoder"
+    allow_pickle_conversion: bool = MISSING
 
 
 CHECKPOINT_SETTINGS: dict[str, type[Settings]] = {

@@ -2,19 +2,27 @@
 
 - ``checkpoint=unet_folder``: any diffusers UNet folder (``config.json`` and
   ``diffusion_pytorch_model.safetensors``, or its shards and index), or a pipeline folder holding
-  ``unet/``: the released UNets of RECE, MACE, SafeGen and others, saved with ``save_pretrained``.
+  ``unet/``: the released pipelines of MACE, SafeGen and others, saved with ``save_pretrained`` (RECE
+  saves a ``.pt`` of the whole UNet: ``checkpoint=esd``).
   Every weight of this model's UNet must be in it, with this model's architecture.
 - ``checkpoint=advunlearn``: AdvUnlearn's robust CLIP text encoder (a transformers ``CLIPTextModel``
-  folder with ``model.safetensors``, a pipeline folder holding ``text_encoder/``, or one
-  ``.safetensors`` of its state dict) replaces the model's text encoder; the UNet is untouched.
+  folder such as its hub repository's ``nudity_unlearned/``, a pipeline folder holding
+  ``text_encoder/``, or one file of its state dict, e.g. its training code's
+  ``TextEncoder-<name>.pt``) replaces the model's text encoder; the UNet is untouched. Key layouts of
+  transformers 4 (``text_model.*``) and 5 (no prefix) are both read; the training code's wrapper
+  (``text_encoder.text_model.*`` beside aliases of the same tensors) keeps only its CLIP model's keys,
+  as AdvUnlearn's own loader does.
 
-Both load only ``.safetensors`` (a pickle is refused in one line), refuse a partial or mismatched file
-naming the keys, and are identified by the files' content (sha256).
+Both read ``.safetensors``; pickled weights (``.bin``, ``.pt``) are refused in one line unless
+``checkpoint.allow_pickle_conversion=true`` (then read with ``torch.load(weights_only=True)`` and
+converted once into a cached safetensors artifact). A partial or mismatched file is refused naming the
+keys; a checkpoint is identified by its files' content (sha256).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +32,14 @@ from unlearn_exp.errors import UserError
 from unlearn_exp.registry import UNLEARNING
 from unlearn_exp.store import config_hash, file_sha256
 from unlearn_exp.unlearning.config import AdvUnlearnCheckpointConfig, UNetFolderCheckpointConfig
-from unlearn_exp.unlearning.weights import check_state_dict, few_keys, load_unet_weights, read_safetensors
+from unlearn_exp.unlearning.weights import (
+    PICKLE_SUFFIXES,
+    check_state_dict,
+    few_keys,
+    load_unet_weights,
+    read_safetensors,
+    resolve_weight_file,
+)
 
 # config.json fields that decide whether a UNet's weights fit this model's layers
 UNET_FIELDS = (
@@ -48,9 +63,11 @@ def _component_folder(path: Path, sub: str, what: str) -> Path:
     return path
 
 
-def _weight_files(folder: Path, stem: str, what: str) -> list[Path]:
+def _weight_files(
+    folder: Path, stem: str, what: str, *, pickle_stem: str, store=None, allow_pickle: bool = False
+) -> list[Path]:
     """The ``.safetensors`` weights of a ``save_pretrained`` folder: one file, or the shards its
-    index names."""
+    index names; pickled weights (``<pickle_stem>*.bin``) only when ``allow_pickle``, converted."""
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
         try:
@@ -65,11 +82,14 @@ def _weight_files(folder: Path, stem: str, what: str) -> list[Path]:
     single = folder / f"{stem}.safetensors"
     if single.is_file():
         return [single]
-    pickles = [p.name for p in folder.glob(f"{stem}*.bin")]
+    pickles = sorted(folder.glob(f"{pickle_stem}*.bin"))
+    if pickles and allow_pickle:
+        return [resolve_weight_file(p, store, allow_pickle_conversion=True) for p in pickles]
     if pickles:
         raise UserError(
-            f"{what}: {folder} holds only pickle weights ({', '.join(pickles)}); "
-            "save it with save_pretrained(safe_serialization=True) or convert it to safetensors"
+            f"{what}: {folder} holds only pickle weights ({', '.join(p.name for p in pickles)}); "
+            "set checkpoint.allow_pickle_conversion=true (read with torch.load(weights_only=True)) "
+            "or convert them to safetensors"
         )
     raise UserError(f"{what}: no {stem}.safetensors in {folder}")
 
@@ -114,7 +134,14 @@ def apply_unet_folder(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=
     ]
     if differ:
         raise UserError(f"{what}: the folder's UNet is another architecture: {'; '.join(differ[:3])}")
-    files = _weight_files(folder, "diffusion_pytorch_model", what)
+    files = _weight_files(
+        folder,
+        "diffusion_pytorch_model",
+        what,
+        pickle_stem="diffusion_pytorch_model",
+        store=store,
+        allow_pickle=s.allow_pickle_conversion,
+    )
     tensors = _read_all(files, what)
     missing = sorted(set(comps.unet.state_dict()) - {k.removeprefix("unet.") for k in tensors})
     if missing:
@@ -133,23 +160,44 @@ def apply_advunlearn(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=N
     what = "checkpoint=advunlearn"
     path = _component_folder(Path(str(s.path)).expanduser(), "text_encoder", what)
     if path.is_dir():
-        files = _weight_files(path, "model", what)
-    elif path.suffix == ".safetensors":
-        files = [path]
+        concepts = sorted(p.name for p in path.glob("*_unlearned") if (p / "config.json").is_file())
+        if not (path / "config.json").is_file() and concepts:
+            raise UserError(
+                f"{what}: {path} holds one text encoder per concept ({', '.join(concepts)}): "
+                f"name one, e.g. checkpoint.path={path / concepts[0]}"
+            )
+        allow = s.allow_pickle_conversion
+        files = _weight_files(
+            path, "model", what, pickle_stem="pytorch_model", store=store, allow_pickle=allow
+        )
+    elif path.suffix == ".safetensors" or path.suffix in PICKLE_SUFFIXES:
+        files = [resolve_weight_file(path, store, allow_pickle_conversion=s.allow_pickle_conversion)]
     else:
-        raise UserError(f"{what}: '{path.name}' is not a .safetensors file or a text-encoder folder")
+        raise UserError(f"{what}: '{path.name}' is not a weight file (.safetensors, .pt) or a folder")
     tensors = _read_all(files, what)
     n = load_text_encoder_weights(comps.text_encoder, tensors, what)
     return _identity("advunlearn", files, n_tensors=n)
 
 
+def text_encoder_keys(tensors: dict[str, torch.Tensor], own: Iterable[str]) -> dict[str, torch.Tensor]:
+    """A text-encoder state dict in the key layout of ``own`` (the model's keys): AdvUnlearn's training
+    wrapper (``text_encoder.text_model.*`` beside aliases of the same tensors) keeps its CLIP model's
+    keys; ``text_model.`` is added or dropped as the installed transformers names them (4: with it,
+    5: without); the position-id buffer (an ``arange``, saved by transformers 4 only) is left out."""
+    wrapped = "text_encoder."
+    if any(k.startswith(wrapped) for k in tensors):
+        tensors = {k.removeprefix(wrapped): v for k, v in tensors.items() if k.startswith(wrapped)}
+    prefix = "text_model." if any(k.startswith("text_model.") for k in own) else ""
+    kept = {k.removeprefix("text_model."): v for k, v in tensors.items() if not k.endswith("position_ids")}
+    return {prefix + k: v for k, v in kept.items()}
+
+
 @torch.no_grad()
 def load_text_encoder_weights(text_encoder, tensors: dict[str, torch.Tensor], what: str) -> int:
-    """Copy a complete text-encoder state dict (``text_model.*``; a ``text_encoder.`` prefix is
-    dropped) into ``text_encoder``; every weight must be there with its shape (the position-id
-    buffer excepted: ``save_pretrained`` leaves it out)."""
-    tensors = {k.removeprefix("text_encoder."): v for k, v in tensors.items()}
+    """Copy a complete text-encoder state dict (any layout ``text_encoder_keys`` reads) into
+    ``text_encoder``; every weight must be there with its shape (the position-id buffer excepted)."""
     own = text_encoder.state_dict()
+    tensors = text_encoder_keys(tensors, own)
     check_state_dict(own, tensors, what, "text encoder", "is it another text encoder?")
     missing = [k for k in own if k not in tensors and not k.endswith("position_ids")]
     if missing:

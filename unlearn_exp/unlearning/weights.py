@@ -51,10 +51,16 @@ def save_safetensors(
 ) -> Path:
     """Atomic safetensors write of contiguous CPU tensors, the same bytes in any process: safetensors
     writes the header's metadata from a hash map (in either order from one process to the next), so
-    ``metadata`` goes in as one JSON entry beside nothing else."""
+    ``metadata`` goes in as one JSON entry beside nothing else. Tensors sharing memory (aliases kept by
+    a pickle) are each written whole."""
     import json
 
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    clean, storages = {}, set()
+    for k, v in tensors.items():  # tensors that share memory (a pickle's aliases) are written apart
+        v = v.detach().to("cpu").contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        clean[k] = v.clone() if ptr in storages else v
+        storages.add(ptr)
     header = {"unlearn_exp": json.dumps(metadata, sort_keys=True)} if metadata else {"format": "pt"}
     with atomic_file(path) as tmp:
         save_file(clean, str(tmp), metadata=header)
