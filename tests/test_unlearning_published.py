@@ -169,3 +169,15 @@ def test_unet_folder_reads_pickled_weights_only_when_allowed(tmp_path):
     comps, _ = _apply("unet_folder", pickled, tmp_path, allow_pickle_conversion=True)
     for k, v in reference.unet.state_dict().items():
         assert torch.equal(comps.unet.state_dict()[k], v)
+
+
+def test_rece_whole_unet_pt_loads_as_esd(tmp_path):
+    """RECE's training saves ``unet.state_dict()`` of a diffusers pipeline as ``<rate>-<epoch>.pt``
+    (docs/methods.md 8.4): it loads as ``checkpoint=esd`` with pickle conversion, every weight."""
+    folder = unet_folder(tmp_path / "unet", seed=5)
+    weights = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    pt = tmp_path / "0.0000-2.pt"
+    torch.save(weights, pt)
+    comps, info = _apply("esd", pt, tmp_path, allow_pickle_conversion=True)
+    assert all(torch.equal(comps.unet.state_dict()[k], v) for k, v in weights.items())
+    assert info["method"] == "esd"
