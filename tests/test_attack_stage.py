@@ -59,11 +59,19 @@ def test_attack_stage_records_the_success_rate_resumes_and_joins_the_report(
         raise AssertionError("the attack must come from the cache")
 
     monkeypatch.setattr(unlearndiffatk, "run_attack", no_attack)
-    again = run_job(compose(_overrides(tmp_path, "stage=attack"), hydra=False))
+    tracked = "logger=wandb"  # and logged as its own W&B run (offline, in the job's folder)
+    again = run_job(compose(_overrides(tmp_path, "stage=attack", tracked), hydra=False))
     assert [t["adversarial_prompt"] for t in again["targets"]] == [
         t["adversarial_prompt"] for t in out["targets"]
     ]
     assert again["asr"] == out["asr"]
+    from unlearn_exp import tracking
+
+    (run_dir,) = tracking.find_offline_runs(tmp_path)
+    run = tracking.read_offline_run(run_dir, wait_s=15)
+    assert run["summary"]["asr"] == pytest.approx(out["asr"]) and run["exit_code"] == 0
+    assert run["summary"]["spec_key"] == out["spec_key"] and "stage=attack" in run["tags"]
+    assert run["summary"]["targets"]["nrows"] == out["n_targets"]
 
     # the cell itself, then the report: its long table carries the attack's column for that cell
     from unlearn_exp.cell import run_cell

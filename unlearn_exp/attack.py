@@ -13,7 +13,9 @@ Every step goes through the artifact store (the original model's images, the att
 adversarial images, the verdicts), so a killed job resumes. The result is one JSON per cell and
 attack setting under ``<results_dir>/<name>/attacks/`` (keyed by the cell's ``spec_key``, which the
 report joins on) and the adversarial prompts as a CSV in the benchmark schema, usable as
-``benchmark=prompts_file benchmark.path=...``.
+``benchmark=prompts_file benchmark.path=...``. With ``logger=wandb`` the result is also logged as its
+own run (``attack-<spec_key>-<attack_key>``, job type ``attack``): ASR, its interval and a table of
+the targets.
 """
 
 from __future__ import annotations
@@ -45,7 +47,24 @@ def attack_key(cfg) -> str:
 
 
 def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
-    """Run ``stage=attack`` for the cell ``cfg`` describes; returns the recorded result."""
+    """Run ``stage=attack`` for the cell ``cfg`` describes; returns the recorded result. Its W&B run
+    (with ``logger=wandb``) is open throughout, so training curves of stages it builds attach to it."""
+    from unlearn_exp.tracking import Tracker
+    from unlearn_exp.validate import validate
+
+    validate(cfg)
+    run_id = f"attack-{spec_key(cell_spec(cfg))}-{attack_key(cfg)}"
+    tracker = Tracker.from_cfg(cfg).start(cfg, tags=["stage=attack"], run_id=run_id)
+    exit_code = 1
+    try:
+        result = _attack_cell(cfg, tracker)
+        exit_code = 0
+        return result
+    finally:
+        tracker.finish(exit_code=exit_code)
+
+
+def _attack_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
     from unlearn_exp import progress
     from unlearn_exp.attacks.config import UnlearnDiffAtkConfig
     from unlearn_exp.attacks.unlearndiffatk import AttackSettings, attack
@@ -65,9 +84,7 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
     from unlearn_exp.evaluation import dsr
     from unlearn_exp.evaluation.images import to_tensor
     from unlearn_exp.guidance.base import Guidance
-    from unlearn_exp.validate import validate
 
-    validate(cfg)
     progress.configure(cfg.progress)
     settings = AttackSettings.from_cfg(
         cfg.attack, guidance_scale=float(cfg.sampling.guidance_scale), num_steps=int(cfg.sampling.steps)
@@ -185,6 +202,7 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
     ).to_csv(index=False)
     atomic_write_text(folder / f"{stem}.csv", csv)
     atomic_write_json(folder / f"{stem}.json", {**record, "prompts_csv": str(folder / f"{stem}.csv")})
+    tracker.log_attack(record)  # written first, then tracked (as a cell)
     log.info(
         "attack %s on %s x %s (%s): ASR %.3f [%.3f, %.3f] over %d targets (unsafe before: %.3f); %s",
         record["attack"],

@@ -30,6 +30,17 @@ from unlearn_exp.evaluation import records
 log = logging.getLogger("unlearn_exp.tracking")
 
 CELL_METRICS = ("dsr", "dsr_lo", "dsr_hi", "pp_coco", "pp_bench", "benign_acc", "n_images", "n_safe")
+ATTACK_METRICS = ("asr", "asr_lo", "asr_hi", "unsafe_before", "n_targets", "n_flagged")
+ATTACK_IDENTITY = (
+    "spec_key",
+    "attack",
+    "attack_key",
+    "model",
+    "checkpoint",
+    "guidance",
+    "embedding",
+    "benchmark",
+)
 CELL_IDENTITY = (
     *records.CELL_IDENTITY,
     "judge_profile",
@@ -189,8 +200,9 @@ class Tracker:
             except Exception:  # the run is lost to tracking, never to the results
                 pass
 
-    def start(self, cfg, tags: Iterable[str] | None = None) -> Tracker:
-        """Open this job's run: resolved config, group = experiment, tags from the cell's axes."""
+    def start(self, cfg, tags: Iterable[str] | None = None, run_id: str | None = None) -> Tracker:
+        """Open this job's run: resolved config, group = experiment, tags from the cell's axes; the
+        run id is ``run_id`` or the cell's (``cell_run_id``)."""
         if self.name == "none":
             return self
         try:
@@ -200,7 +212,7 @@ class Tracker:
             group = _get(self.cfg, "group") or _get(cfg, "name")
             all_tags = list(dict.fromkeys([*cell_tags(cfg), *(tags or [])]))
             self.dir.mkdir(parents=True, exist_ok=True)
-            run_id = cell_run_id(cfg)
+            run_id = run_id or cell_run_id(cfg)
             self.run = wandb.init(
                 id=run_id,
                 resume="allow" if run_id else None,
@@ -285,6 +297,31 @@ class Tracker:
                     self.run.summary[k] = v if isinstance(v, int | float | str | bool) else str(v)
         except Exception as e:
             self._fail("wandb log_cell", e)
+
+    def log_attack(self, record: dict) -> None:
+        """An attack stage's result (``attack.py``): ASR with its interval, the share unsafe before the
+        attack and the counts to the history and the summary, the cell's and the attack's identities to
+        the summary, and one table row per target (prompt, adversarial prompt, losses, verdicts)."""
+        if not self.active:
+            return
+        try:
+            import wandb
+
+            data: dict[str, Any] = {k: record[k] for k in ATTACK_METRICS if _finite(record.get(k))}
+            targets = record.get("targets") or []
+            if targets:
+                columns = list(targets[0])
+                rows = [[t[c] for c in columns] for t in targets]
+                data["targets"] = wandb.Table(columns=columns, data=rows)
+            self.run.log(data)
+            for k in ATTACK_METRICS:
+                if k in data:
+                    self.run.summary[k] = data[k]
+            for k in ATTACK_IDENTITY:
+                if record.get(k) is not None:
+                    self.run.summary[k] = str(record[k])
+        except Exception as e:
+            self._fail("wandb log_attack", e)
 
     def log_lineage(self, cell_row: dict, checkpoint: dict, concept, results_dir, built: Sequence[str] = ()):
         """The cell's inputs and output as W&B Artifacts: the checkpoint (its files by reference),
