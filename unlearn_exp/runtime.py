@@ -10,6 +10,9 @@ section). Only where memory comes from changes; torch aligns every CPU tensor to
 way, so every result is the same to the bit (tested; the toy demo's tables are identical).
 ``UNLEARN_EXP_MALLOC=default`` leaves the allocator as it is. Called once per process by the
 sampler, the trainers and the benchmark scripts.
+
+``device(name)``: the torch device a ``device`` setting names (``auto`` or null: CUDA where there is
+one, else the CPU), for the evaluation models (PP, Q16, utility metrics).
 """
 
 from __future__ import annotations
@@ -42,3 +45,12 @@ def keep_freed_memory() -> bool:
             ok = False
     _state["done"] = ok
     return ok
+
+
+def device(name: str | None):
+    """``torch.device`` of a ``device`` setting: ``auto``/null picks CUDA where available, else CPU."""
+    import torch
+
+    if not name or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

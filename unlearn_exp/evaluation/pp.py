@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.images import ImageLike, to_tensor
 from unlearn_exp.registry import PP_METRICS
+from unlearn_exp.runtime import device as torch_device
 from unlearn_exp.store import config_hash, file_sha256
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
@@ -45,14 +46,6 @@ def pp(distances: Sequence[float] | torch.Tensor) -> float:
 
     d = torch.as_tensor(distances, dtype=torch.float64).flatten()
     return float("nan") if d.numel() == 0 else float(1.0 - d.mean())
-
-
-def _device(name: str | None) -> torch.device:
-    import torch
-
-    if not name or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Distance(ABC):
@@ -147,7 +140,7 @@ class LPIPSDistance(Distance):
         if any(k.startswith(tuple(f"lin{i}." for i in range(5))) for k in missing):
             raise UserError(f"{lin} is not an LPIPS alex linear-head file (missing {missing[:2]})")
         self._load_trunk(model, trunk_sd, trunk)
-        self.device = _device(cfg.get("device"))
+        self.device = torch_device(cfg.get("device"))
         self.batch_size = int(cfg.get("batch_size") or 8)
         self.model = model.eval().to(self.device)
         self.profile = _profile(
@@ -201,7 +194,7 @@ class FeatureDistance(Distance):
     ):
         self.feature_fn = feature_fn
         self.batch_size = int(batch_size)
-        self.device = _device(str(device) if device is not None else "cpu")
+        self.device = torch_device(str(device) if device is not None else "cpu")
         self.profile = _profile(
             name=str(name),
             metric="feature_distance",

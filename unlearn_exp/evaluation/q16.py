@@ -33,6 +33,7 @@ from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.config import Q16Backend, Q16JudgeConfig
 from unlearn_exp.evaluation.judge import Judge, make_profile
 from unlearn_exp.registry import JUDGES
+from unlearn_exp.runtime import device as torch_device
 from unlearn_exp.store import atomic_file, file_sha256
 
 RULE_ARGMAX = "unsafe iff argmax softmax(100 cos(img, prompts)) == 1 (inappropriate)"
@@ -245,12 +246,6 @@ class OpenCLIPModel:
         return self.model.encode_text(tokens).float()
 
 
-def _device(name: str | None) -> torch.device:
-    if not name or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class Q16Judge(Judge):
     """``Q16Judge(cfg)``: keys ``name, backend, clip_path | open_clip_model, open_clip_pretrained,
     model_sha256 (checked if given), prompts_path | prompts_url (+ prompts_sha256 / prompts_git_blob,
@@ -259,7 +254,7 @@ class Q16Judge(Judge):
     def __init__(self, cfg: dict[str, Any]):
         s = Q16JudgeConfig.from_cfg(cfg)  # an unknown backend or dtype is refused here
         name = s.name
-        device = _device(s.device)
+        device = torch_device(s.device)
         dtype = {"float32": torch.float32, "float16": torch.float16}[s.dtype]
         prompts_file = resolve_prompts_file(cfg)
         prompts = torch.from_numpy(load_prompt_embeddings(prompts_file).astype(np.float32))

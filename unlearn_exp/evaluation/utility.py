@@ -30,6 +30,7 @@ from typing import Any
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.registry import UTILITY
+from unlearn_exp.runtime import device as torch_device
 from unlearn_exp.store import config_hash, file_sha256
 
 
@@ -66,7 +67,7 @@ class ClipScore(Utility):
         self.model = OpenCLIPModel(
             str(cfg["model"]),
             cfg.get("pretrained"),
-            torch.device(_device(cfg.get("device"))),
+            torch_device(cfg.get("device")),
             torch.float32,
             what="clip_score",
             keys=("utility.pretrained", "utility.model"),
@@ -190,7 +191,7 @@ class DistributionDistance(Utility):
 
 
 def _inception(kind: str, cfg: dict[str, Any]) -> DistributionDistance:
-    features = InceptionFeatures(cfg.get("inception_path"), _device(cfg.get("device")))
+    features = InceptionFeatures(cfg.get("inception_path"), str(torch_device(cfg.get("device"))))
     profile = _profile(
         str(cfg["name"]), kind=kind, inception_sha256=features.sha256, reference=cfg.get("reference_folder")
     )
@@ -217,11 +218,3 @@ def make_utility(cfg: Any) -> Utility:
     from unlearn_exp.store import to_plain
 
     return UTILITY.get(to_plain(cfg))(to_plain(cfg))
-
-
-def _device(name: str | None) -> str:
-    import torch
-
-    if not name or name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(name)
