@@ -22,6 +22,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from unlearn_exp.checks import Checks
 from unlearn_exp.errors import UserError
 from unlearn_exp.identity import without_neutral
 from unlearn_exp.models.components import Components
@@ -29,6 +30,7 @@ from unlearn_exp.registry import UNLEARNING
 from unlearn_exp.store import to_plain as _plain
 from unlearn_exp.training import TrainedOnly, copy_metrics, fit, step_generator
 from unlearn_exp.unlearning.config import DUOCheckpointConfig
+from unlearn_exp.unlearning.config import beta_map as check_beta_map
 from unlearn_exp.unlearning.pairs import PairSet
 
 SELF_ATTENTION = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"]
@@ -85,17 +87,11 @@ def effective_beta(cfg: dict[str, Any], beta: float) -> float:
         return float(beta) / scale
     if scale != 1.0:
         raise UserError(f"set checkpoint.beta_map or checkpoint.beta_scale, not both (beta_scale={scale})")
-    try:
-        points = sorted((float(k), float(v)) for k, v in table)
-    except (TypeError, ValueError):
-        raise UserError(f"checkpoint.beta_map must be [paper beta, beta] pairs, got {table}") from None
-    if any(k <= 0 or v <= 0 for k, v in points):
-        raise UserError(f"checkpoint.beta_map needs positive betas, got {table}")
-    lo, hi = points[0][0], points[-1][0]
-    if not lo <= float(beta) <= hi:
-        raise UserError(
-            f"DUO beta {beta:g} is outside checkpoint.beta_map ({lo:g}-{hi:g}): add an entry for it"
-        )
+    c = Checks()
+    check_beta_map(c, table, float(beta))  # the same rules composition-time validation applies
+    if c.problems:
+        raise UserError("; ".join(c.problems))
+    points = sorted((float(k), float(v)) for k, v in table)
     x = math.log(float(beta))
     for (k0, v0), (k1, v1) in zip(points, points[1:]):
         if x <= math.log(k1):
