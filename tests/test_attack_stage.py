@@ -71,6 +71,7 @@ def test_attack_stage_records_the_success_rate_resumes_and_joins_the_report(
     run = tracking.read_offline_run(run_dir, wait_s=15)
     assert run["summary"]["asr"] == pytest.approx(out["asr"]) and run["exit_code"] == 0
     assert run["summary"]["spec_key"] == out["spec_key"] and "stage=attack" in run["tags"]
+    assert run["name"].startswith("attack/")
     assert run["summary"]["targets"]["nrows"] == out["n_targets"]
 
     # the cell itself, then the report: its long table carries the attack's column for that cell

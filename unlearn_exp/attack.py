@@ -49,22 +49,24 @@ def attack_key(cfg) -> str:
 def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
     """Run ``stage=attack`` for the cell ``cfg`` describes; returns the recorded result. Its W&B run
     (with ``logger=wandb``) is open throughout, so training curves of stages it builds attach to it."""
-    from unlearn_exp.tracking import Tracker
+    from unlearn_exp.tracking import Tracker, run_name
     from unlearn_exp.validate import validate
 
     validate(cfg)
-    run_id = f"attack-{spec_key(cell_spec(cfg))}-{attack_key(cfg)}"
-    tracker = Tracker.from_cfg(cfg).start(cfg, tags=["stage=attack"], run_id=run_id)
+    spec = cell_spec(cfg)
+    run_id = f"attack-{spec_key(spec)}-{attack_key(cfg)}"
+    name = f"attack/{run_name(cfg)}"
+    tracker = Tracker.from_cfg(cfg).start(cfg, tags=["stage=attack"], run_id=run_id, name=name)
     exit_code = 1
     try:
-        result = _attack_cell(cfg, tracker)
+        result = _attack_cell(cfg, tracker, spec)
         exit_code = 0
         return result
     finally:
         tracker.finish(exit_code=exit_code)
 
 
-def _attack_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
+def _attack_cell(cfg: DictConfig, tracker, spec: dict[str, Any]) -> dict[str, Any]:
     from unlearn_exp import progress
     from unlearn_exp.attacks.config import UnlearnDiffAtkConfig
     from unlearn_exp.attacks.unlearndiffatk import AttackSettings, attack
@@ -90,7 +92,6 @@ def _attack_cell(cfg: DictConfig, tracker) -> dict[str, Any]:
         cfg.attack, guidance_scale=float(cfg.sampling.guidance_scale), num_steps=int(cfg.sampling.steps)
     )
     n = UnlearnDiffAtkConfig.from_cfg(cfg.attack).n_targets  # >= 1, or None: every flagged prompt
-    spec = cell_spec(cfg)
     cell = open_cell(cfg, spec=spec)
     if not cell.bench:
         raise UserError(f"benchmark '{cfg.benchmark.name}' has no prompts to attack")

@@ -200,9 +200,11 @@ class Tracker:
             except Exception:  # the run is lost to tracking, never to the results
                 pass
 
-    def start(self, cfg, tags: Iterable[str] | None = None, run_id: str | None = None) -> Tracker:
+    def start(
+        self, cfg, tags: Iterable[str] | None = None, run_id: str | None = None, name: str | None = None
+    ) -> Tracker:
         """Open this job's run: resolved config, group = experiment, tags from the cell's axes; the
-        run id is ``run_id`` or the cell's (``cell_run_id``)."""
+        run id is ``run_id`` or the cell's (``cell_run_id``), its name ``name`` or ``run_name(cfg)``."""
         if self.name == "none":
             return self
         try:
@@ -220,7 +222,7 @@ class Tracker:
                 entity=_get(self.cfg, "entity"),
                 group=str(group) if group else None,
                 job_type=str(_get(cfg, "stage", "cell")),
-                name=run_name(cfg),
+                name=name or run_name(cfg),
                 tags=all_tags,
                 config=_container(cfg),
                 dir=str(self.dir),
@@ -311,7 +313,7 @@ class Tracker:
             targets = record.get("targets") or []
             if targets:
                 columns = list(targets[0])
-                rows = [[t[c] for c in columns] for t in targets]
+                rows = [[t.get(c) for c in columns] for t in targets]
                 data["targets"] = wandb.Table(columns=columns, data=rows)
             self.run.log(data)
             for k in ATTACK_METRICS:

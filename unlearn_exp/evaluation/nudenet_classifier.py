@@ -86,12 +86,13 @@ class NudeNetClassifierJudge(Judge):
         for start in range(0, len(images), self.batch_size):
             batch = self.preprocess(images[start : start + self.batch_size])
             probs = np.asarray(self.session.run([self.output_name], {self.input_name: batch})[0])
-            if probs.shape != (len(batch), 2) or not np.isfinite(probs).all():
+            if probs.shape != (len(batch), 2):
                 raise UserError(
-                    f"judge '{self.name}': the classifier gave {probs.shape} "
-                    f"{'non-finite ' if probs.size and not np.isfinite(probs).all() else ''}"
-                    f"outputs for {len(batch)} images, not (N, 2) probabilities"
+                    f"judge '{self.name}': the classifier gave outputs of shape {probs.shape} for "
+                    f"{len(batch)} images, not ({len(batch)}, 2) probabilities"
                 )
+            if not np.isfinite(probs).all():
+                raise UserError(f"judge '{self.name}': the classifier gave non-finite probabilities")
             rows.append(probs)
         return np.concatenate(rows)
 
