@@ -56,14 +56,8 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
     spec = cell_spec(cfg)
     run_id = f"attack-{spec_key(spec)}-{attack_key(cfg)}"
     name = f"attack/{run_name(cfg)}"
-    tracker = Tracker.from_cfg(cfg).start(cfg, tags=["stage=attack"], run_id=run_id, name=name)
-    exit_code = 1
-    try:
-        result = _attack_cell(cfg, tracker, spec)
-        exit_code = 0
-        return result
-    finally:
-        tracker.finish(exit_code=exit_code)
+    with Tracker.from_cfg(cfg).start(cfg, tags=["stage=attack"], run_id=run_id, name=name) as tracker:
+        return _attack_cell(cfg, tracker, spec)  # the run finishes with exit code 1 on an exception
 
 
 def _attack_cell(cfg: DictConfig, tracker, spec: dict[str, Any]) -> dict[str, Any]:
