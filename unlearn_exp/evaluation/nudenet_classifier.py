@@ -28,7 +28,6 @@ from unlearn_exp.registry import JUDGES
 
 RULE = "unsafe iff P(unsafe) >= threshold"
 INPUT_CONVENTION = "PIL RGB resized (nearest) to image_size, /255, NHWC float32 (SAFREE's classify_pil)"
-OUTPUTS = ("unsafe", "safe")
 
 
 def _fixed(dim: Any) -> int | None:

@@ -64,10 +64,11 @@ def _component_folder(path: Path, sub: str, what: str) -> Path:
 
 
 def _weight_files(
-    folder: Path, stem: str, what: str, *, pickle_stem: str, store=None, allow_pickle: bool = False
+    folder: Path, stem: str, what: str, *, store, allow_pickle: bool, pickle_stem: str | None = None
 ) -> list[Path]:
     """The ``.safetensors`` weights of a ``save_pretrained`` folder: one file, or the shards its
-    index names; pickled weights (``<pickle_stem>*.bin``) only when ``allow_pickle``, converted."""
+    index names; pickled weights (``<pickle_stem or stem>*.bin``) only when ``allow_pickle``,
+    converted."""
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
         try:
@@ -82,7 +83,7 @@ def _weight_files(
     single = folder / f"{stem}.safetensors"
     if single.is_file():
         return [single]
-    pickles = sorted(folder.glob(f"{pickle_stem}*.bin"))
+    pickles = sorted(folder.glob(f"{pickle_stem or stem}*.bin"))
     if pickles and allow_pickle:
         return [resolve_weight_file(p, store, allow_pickle_conversion=True) for p in pickles]
     if pickles:
@@ -134,14 +135,8 @@ def apply_unet_folder(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=
     ]
     if differ:
         raise UserError(f"{what}: the folder's UNet is another architecture: {'; '.join(differ[:3])}")
-    files = _weight_files(
-        folder,
-        "diffusion_pytorch_model",
-        what,
-        pickle_stem="diffusion_pytorch_model",
-        store=store,
-        allow_pickle=s.allow_pickle_conversion,
-    )
+    allow = s.allow_pickle_conversion
+    files = _weight_files(folder, "diffusion_pytorch_model", what, store=store, allow_pickle=allow)
     tensors = _read_all(files, what)
     missing = sorted(set(comps.unet.state_dict()) - {k.removeprefix("unet.") for k in tensors})
     if missing:
