@@ -7,22 +7,13 @@
 - ``make_pp_metric(cfg_pp) -> Distance``; ``Distance.distance(a, b)``; ``evaluation.pp.pp(distances)``
   (docs/methods.md 7.4); ``FeatureDistance(feature_fn, name)``; ``register_pp_metric(kind, factory)``.
 - ``records``: ``write_table``, ``read_table``, ``IMAGE_COLUMNS``, ``CELL_COLUMNS``.
-- ``config``: each judge type's settings. Nothing here imports torch; ``pp.py`` (which registers the
-  LPIPS metrics) is imported on first use of its names, so composing a config registers nothing.
+- ``config``: each judge type's settings. Judges, result tables and PP metrics are imported on first
+  use of their names, so composing a config (which imports ``config``) loads none of them.
 """
 
 from __future__ import annotations
 
-from unlearn_exp.evaluation.dsr import dsr, wilson_interval
-from unlearn_exp.evaluation.judge import Judge, make_judge, make_profile, register_judge, registered_judges
-from unlearn_exp.evaluation.records import (
-    CELL_COLUMNS,
-    IMAGE_COLUMNS,
-    cell_table,
-    image_table,
-    read_table,
-    write_table,
-)
+from unlearn_exp.evaluation.dsr import dsr, wilson_interval  # the function shadows its module
 from unlearn_exp.lazy import lazy_attributes
 
 __all__ = [
@@ -46,6 +37,14 @@ __all__ = [
 ]
 
 
-_LAZY = {"Distance", "FeatureDistance", "make_pp_metric", "register_pp_metric"}
+# imported on first use (PEP 562): importing the package (as composing a config does, through
+# ``config``) loads neither the judges, the result tables nor the artifact store
+_WHERE = {
+    **dict.fromkeys(["Judge", "make_judge", "make_profile", "register_judge", "registered_judges"], "judge"),
+    **dict.fromkeys(
+        ["CELL_COLUMNS", "IMAGE_COLUMNS", "cell_table", "image_table", "read_table", "write_table"], "records"
+    ),
+    **dict.fromkeys(["Distance", "FeatureDistance", "make_pp_metric", "register_pp_metric"], "pp"),
+}
 
-__getattr__ = lazy_attributes(__name__, {name: "pp" for name in _LAZY})
+__getattr__ = lazy_attributes(__name__, _WHERE)
