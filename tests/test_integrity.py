@@ -513,7 +513,7 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
 
 
 @pytest.mark.parametrize(
-    "module", ["report", "precondition", "demo", "dashboard", "plan", "artifacts", "toy.artifacts"]
+    "module", ["report", "precondition", "demo", "dashboard", "plan", "artifacts", "toy.artifacts", "store"]
 )
 def test_every_command_reports_errors_and_ctrl_c_the_same_way(module, capsys, monkeypatch):
     """Each command's body runs under ``errors.exit_status``: one line, status 2 or 130, no traceback."""

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,22 +34,40 @@ KEY_FILE = "_key.json"
 SMALL_FILE = 1 << 20  # files up to this size are hashed on every reuse
 STALE_S = 24 * 3600  # temporary folders older than this are removed by any build of their kind
 VERIFY_MODES = ("size", "small", "full")
+WORK_SUFFIX = "_work"  # <cache>/<kind>_work/<h>/: the resumable work folder of <cache>/<kind>/<h>
 
 log = logging.getLogger("unlearn_exp")
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``os.umask`` sets it, and a
+    file another thread creates meanwhile would get the modes that a umask of 0 gives)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def _share(path: Path, folder: bool) -> None:
+def _share(path: Path, folder: bool, mask: int | None = None) -> None:
     """Give a temp file or folder (created 0600/0700) the modes the umask allows, as open() would."""
     try:
-        os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+        os.chmod(path, (0o777 if folder else 0o666) & ~(_umask() if mask is None else mask))
     except OSError:
         pass
+
+
+def _share_tree(folder: Path) -> None:
+    """``_share`` what a build wrote under ``folder``: writers that replace a file through a temporary
+    one of their own (safetensors' ``save_file``) leave it 0600."""
+    mask = _umask()
+    for p in folder.rglob("*"):
+        if not p.is_symlink():
+            _share(p, p.is_dir(), mask)
 
 
 def _canonical(obj: Any) -> Any:
@@ -110,9 +128,9 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
-    _share(tmp, folder=False)
     try:
         yield tmp
+        _share(tmp, folder=False)  # after the block: a writer may have replaced the file (safetensors)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -144,6 +162,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     _share(tmp, folder=True)
     try:
         yield tmp
+        _share_tree(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old{os.getpid()}")
             os.replace(path, old)
@@ -214,14 +233,45 @@ def held_artifacts(root: Path) -> set[str]:
     return {lock.name[: -len(".lock")] for lock in root.rglob("*.lock") if lock.is_file() and _held(lock)}
 
 
-def remove_stale(folder: Path, older_than_s: float = STALE_S, held: set[str] | None = None) -> list[Path]:
+def _guards(root: Path, p: Path) -> list[Path]:
+    """The build locks of the artifacts ``p`` (under ``root``) belongs to: ``<owner>.lock`` beside ``p``
+    and beside each folder that holds it (``<kind>/<h>.work/...`` belongs to ``<kind>/<h>.lock``), and
+    for ``<kind>_work/<h>/...`` (``inversion_work``) ``<kind>/<h>.lock``."""
+    parts = p.relative_to(root).parts
+    locks = [root.joinpath(*parts[:i], f"{_owner(part)}.lock") for i, part in enumerate(parts)]
+    if len(parts) > 1 and parts[0].endswith(WORK_SUFFIX):
+        locks.append(root / parts[0][: -len(WORK_SUFFIX)] / f"{_owner(parts[1])}.lock")
+    return locks
+
+
+def _claim(stack: ExitStack, locks: list[Path]) -> bool:
+    """Take each existing lock of ``locks`` without waiting (released when ``stack`` closes); False if
+    a running job holds one. A missing lock is not created: no build holds it, and one that starts
+    now makes temporary folders of its own."""
+    from filelock import Timeout
+
+    for lock in locks:
+        if lock.is_file():
+            try:
+                stack.enter_context(FileLock(str(lock), timeout=0))
+            except (Timeout, OSError):  # held, or unreadable: leave what it guards
+                return False
+    return True
+
+
+def remove_stale(
+    folder: Path, older_than_s: float = STALE_S, held: set[str] | None = None, root: Path | None = None
+) -> list[Path]:
     """Remove temporary folders/files (``.*.tmp``, ``.*.old<pid>``) and unheld ``.lock`` files in
     ``folder`` older than ``older_than_s``; return what was removed. Whatever belongs to an artifact
     whose lock a running job holds (its build folder, its swap folder) is never touched, whatever its
-    age; ``held`` names such artifacts (default: the locks in ``folder``)."""
+    age: ``held`` names such artifacts (default: the locks in ``folder``), and each entry is removed
+    holding its artifact's lock (taken without waiting; skipped if a job holds it), so a build that
+    starts meanwhile keeps its folders. ``root``: the cache ``folder`` lies in (default ``folder``)."""
     removed = []
     if not folder.is_dir():
         return removed
+    root = folder if root is None else root
     if held is None:
         held = {p.name[: -len(".lock")] for p in folder.glob("*.lock") if _held(p)}
     now = time.time()
@@ -235,11 +285,15 @@ def remove_stale(folder: Path, older_than_s: float = STALE_S, held: set[str] | N
         stale_tmp = p.name.startswith(".") and (
             p.name.endswith(".tmp") or ".old" in p.name or ".tmp." in p.name
         )
-        if stale_tmp:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            removed.append(p)
-        elif p.suffix == ".lock" and p.is_file() and not _held(p):
-            p.unlink(missing_ok=True)
+        if not stale_tmp and not (p.suffix == ".lock" and p.is_file()):
+            continue
+        with ExitStack() as stack:
+            if not _claim(stack, _guards(root, p)):  # a build started since ``held`` was read
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             removed.append(p)
     return removed
 
@@ -346,27 +400,50 @@ class ArtifactStore:
         return {"built": list(self.built), "reused": list(self.reused), "quarantined": list(self.quarantined)}
 
 
+def _is_cache(root: Path) -> bool:
+    """Whether the folder ``root`` is an artifact cache: empty (nothing built yet), or holding an
+    artifact (``<kind>/<h>/_key.json``, a kind being one or two folders deep), a build lock or a
+    temporary folder."""
+    if next(root.iterdir(), None) is None:
+        return True
+    marks = (f"{kind}{mark}" for kind in ("*", "*/*") for mark in (f"/*/{KEY_FILE}", "/*.lock", "/.*.tmp"))
+    return any(next(root.glob(pattern), None) is not None for pattern in marks)
+
+
 def gc(root: str | Path, older_than_s: float = STALE_S) -> list[Path]:
     """Remove stale temporary folders and unheld lock files anywhere in the cache ``root``. Nothing
     that belongs to an artifact a running job holds is touched, at any age: its build and swap
-    folders, its resumable work folder (``<h>.work``, ``inversion_work/<h>``) and what lies in them."""
+    folders, its resumable work folder (``<h>.work``, ``inversion_work/<h>``) and what lies in them;
+    a build that starts during the walk is seen when its folders are reached. A ``root`` that is
+    missing or not an artifact cache is a ``UserError``."""
+    from unlearn_exp.errors import UserError
+
     root = Path(root)
-    removed = []
+    if not root.exists():
+        raise UserError(f"no artifact cache at {root}: no such folder (name paths.cache_dir with --cache)")
     if not root.is_dir():
-        return removed
-    held = held_artifacts(root)
+        raise UserError(f"{root} is a file, not an artifact cache folder")
+    if not _is_cache(root):
+        raise UserError(
+            f"{root} is not an artifact cache: no <kind>/<hash>/{KEY_FILE}, lock file or temporary folder "
+            "in it (only an empty folder passes, as a new cache); nothing was removed"
+        )
+    removed = []
+    held = held_artifacts(root)  # a fast pass; each removal takes its artifact's lock (remove_stale)
     folders = [root, *(p for p in root.rglob("*") if p.is_dir() and not p.name.startswith("."))]
     for folder in folders:
         inside = folder.relative_to(root).parts
         if any(_owner(part) in held for part in inside):  # within a live job's folders
             continue
         if folder.exists():
-            removed += remove_stale(folder, older_than_s, held)
+            removed += remove_stale(folder, older_than_s, held, root=root)
     return removed
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
+
+    from unlearn_exp.errors import exit_status
 
     ap = argparse.ArgumentParser(
         prog="python -m unlearn_exp.store",
@@ -387,11 +464,15 @@ def main(argv: list[str] | None = None) -> int:
         help="remove only what is older than this many hours (default %(default)s; 0: all unheld)",
     )
     args = ap.parse_args(argv)
-    removed = gc(args.cache, args.hours * 3600)
-    for p in removed:
-        print(f"removed {p}")
-    print(f"{len(removed)} stale item(s) removed under {args.cache}")
-    return 0
+
+    def run() -> int:
+        removed = gc(args.cache, args.hours * 3600)
+        for p in removed:
+            print(f"removed {p}")
+        print(f"{len(removed)} stale item(s) removed under {args.cache}")
+        return 0
+
+    return exit_status(run)
 
 
 if __name__ == "__main__":
