@@ -146,3 +146,20 @@ def test_a_concept_not_yet_named_is_counted_once_per_checkpoint(tmp_path):
     own = [w for o, _ in plan.sweep_work(plans) for w in o if w.kind == "inversion"]
     steps = int(compose(base, hydra=False).inversion.steps)
     assert sum(w.count for w in own) == 2 * steps  # beta 2000's and beta 500's
+
+
+def test_an_override_of_a_swept_key_restricts_the_plan_as_the_launcher_does(tmp_path, capsys):
+    """``checkpoint.beta=500`` on the command line replaces the sweep's betas (Hydra's launcher runs
+    one beta): the planner lists those cells only and says so, instead of 28 cells of four betas."""
+    from unlearn_exp.demo import grid
+
+    over = ["+experiment=toy_duo", "checkpoint.beta=500", f"paths.results_dir={tmp_path}"]
+    cells = grid(over)
+    assert len(cells) == 7 and all("checkpoint.beta=500" in c for c in cells)  # none once + 2 x 3
+    assert len(grid(["+experiment=toy_duo", "checkpoint.beta=500,1000"])) == 14
+    note = plan.pinned_note(over, len(cells))
+    assert "checkpoint.beta=500" in note and "7 cell(s)" in note
+    assert plan.pinned_note(["+experiment=toy_duo"], 28) == ""
+    plans, _ = plan.plan(["+experiment=toy_duo", "checkpoint.beta=500,1000", f"paths.results_dir={tmp_path}"])
+    assert len(plans) == 14
+    assert "500,1000" in plan.pinned_note(["+experiment=toy_duo", "checkpoint.beta=500,1000"], 14)

@@ -420,3 +420,22 @@ def test_generated_attack_cells_add_their_column_to_the_long_table():
     assert tables["other_cells"].data.empty  # the generated cell has its place in the table
     without = report.build_tables(rows.iloc[:1], "toy")
     assert "DSR (generated attacks)" not in _fmt(without["long_toy"]).columns
+
+
+def test_an_override_of_a_swept_key_is_refused_not_applied_to_every_position(tmp_path: Path, capsys):
+    """``-- checkpoint.beta=500`` would make every beta's position the beta-500 cell: refused in one line."""
+    with pytest.raises(UserError, match="checkpoint.beta=500.*sweep"):
+        report.position(report.cell_overrides("toy_duo", 250, "sld", "explicit"), ("checkpoint.beta=500",))
+    with pytest.raises(UserError, match="guidance"):
+        report.position(report.cell_overrides("toy_duo", 250, "none", None), ("guidance=sld",))
+    with pytest.raises(UserError, match="checkpoint=esd"):  # the group that holds a swept key
+        report.position(report.cell_overrides("toy_duo", 250, "none", None), ("checkpoint=esd",))
+    # a key the positions do not set still applies to all of them (a debug run is its own cells)
+    assert report.position(report.cell_overrides("toy_duo", 250, "none", None), ("+debug=default",)).key
+    d = tmp_path / "r"
+    d.mkdir()
+    fixture_rows().to_parquet(d / "cells.parquet")
+    argv = ["--scale", "toy", "--results", str(d), "--out", str(tmp_path / "rep"), "--no-run"]
+    assert report.main([*argv, "checkpoint.beta=500"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint.beta" in err and not (tmp_path / "rep").exists()

@@ -81,6 +81,30 @@ def check_choices(overrides: Sequence[str]) -> None:
                 raise UserError(f"unknown {key} '{v}': choose one of {', '.join(group_choices(key))}")
 
 
+def override_key(override: str) -> str:
+    """The dotted key an override sets: ``+checkpoint.beta=500`` -> ``checkpoint.beta``."""
+    return override.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
+
+
+def pinned_axes(overrides: list[str], params) -> dict[str, str]:
+    """The swept keys that ``overrides`` set themselves, with their values: the launcher runs those
+    values only (an override on the command line replaces the sweep's values of its key)."""
+    return {override_key(o): o.split("=", 1)[1] for o in overrides if "=" in o and override_key(o) in params}
+
+
+def _first_value(override: str) -> str:
+    key, eq, value = override.partition("=")
+    if not eq or "," not in value or value.lstrip().startswith(("[", "{", "'", '"')) or "(" in value:
+        return override
+    return f"{key}={value.split(',', 1)[0]}"
+
+
+def sweep_params(overrides: Sequence[str]):
+    """The experiment's ``hydra.sweeper.params`` as composed with ``overrides`` (a comma list in an
+    override is a sweep: its first value is composed). Raises where the config has no sweep."""
+    return compose([_first_value(o) for o in overrides], hydra=True).hydra.sweeper.params
+
+
 @lru_cache(maxsize=256)
 def _enum_members(group: str, field: str) -> tuple[str, ...]:
     """The members of the ``Enum`` that the group's schemas type ``field`` with (none: not an enum)."""

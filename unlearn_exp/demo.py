@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from unlearn_exp.config import compose
+from unlearn_exp.config import compose, pinned_axes, sweep_params
 from unlearn_exp.errors import exit_status
 
 EXPERIMENT = "toy_duo"
@@ -36,9 +36,11 @@ METHODS_EXPERIMENT = "toy_methods"
 
 
 def grid(overrides: list[str]) -> list[list[str]]:
-    """The sweep of the experiment as lists of overrides; cells with guidance=none once."""
-    params = compose(overrides, hydra=True).hydra.sweeper.params
-    axes = [[f"{k}={v}" for v in str(vals).split(",")] for k, vals in params.items()]
+    """The sweep of the experiment as lists of overrides, as the launcher runs it (an override of a
+    swept key keeps only its values: ``pinned_axes``); cells with guidance=none once."""
+    params = sweep_params(overrides)
+    pinned = pinned_axes(overrides, params)
+    axes = [[f"{k}={v}" for v in str(pinned.get(k, vals)).split(",")] for k, vals in params.items()]
     cells, seen = [], set()
     for combo in itertools.product(*axes):
         combo = list(combo)

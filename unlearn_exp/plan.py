@@ -462,7 +462,7 @@ def calibrate(cfg, path: Path) -> dict[str, Any]:
 
 
 def plan(overrides: list[str]) -> tuple[list[CellPlan], Any]:
-    from unlearn_exp.config import compose
+    from unlearn_exp.config import compose, override_key
     from unlearn_exp.demo import grid
 
     base = list(overrides)
@@ -470,9 +470,29 @@ def plan(overrides: list[str]) -> tuple[list[CellPlan], Any]:
         cells = grid(base)
     except Exception:  # no sweep in the config: the one cell the overrides describe
         cells = [[]]
+    swept = {override_key(o) for o in cells[0]}
+    base = [o for o in base if override_key(o) not in swept]  # a cell's own values replace the sweep's
     first = compose([*base, *cells[0]])
     done = _done_spec_keys(Path(first.paths.results_dir))
     return [plan_cell(compose([*base, *c]), c, done) for c in cells], first
+
+
+def pinned_note(overrides: list[str], n_cells: int) -> str:
+    """One line where the overrides set a key the experiment sweeps: the plan, like the launcher,
+    keeps only those values (``config.pinned_axes``)."""
+    from unlearn_exp.config import pinned_axes, sweep_params
+
+    try:
+        params = sweep_params(overrides)
+    except Exception:  # no sweep: nothing to restrict
+        return ""
+    pinned = pinned_axes(overrides, params)
+    if not pinned:
+        return ""
+    which = ", ".join(f"{k}={v} (the sweep has {params[k]})" for k, v in pinned.items())
+    return (
+        f"note: the overrides set swept keys: {which}; the sweep runs {n_cells} cell(s), as the launcher does"
+    )
 
 
 def render(plans: list[CellPlan], calib: dict | None, model_name: str) -> str:
@@ -537,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         plans, cfg = plan(list(args.overrides))
+        note = pinned_note(list(args.overrides), len(plans))
+        if note:
+            print(note)
         if args.calibrate:
             calibrate(cfg, calibration_path())
         calib = json.loads(calibration_path().read_text()) if calibration_path().is_file() else None

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from unlearn_exp import paper
-from unlearn_exp.config import compose
+from unlearn_exp.config import compose, override_key
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.records import CELL_IDENTITY
 from unlearn_exp.store import config_hash
@@ -170,9 +170,19 @@ def _loose(spec: dict) -> dict:
 
 @lru_cache(maxsize=512)
 def position(overrides: tuple[str, ...], extra: tuple[str, ...] = ()) -> Position:
-    """Compose ``overrides + extra`` as the app would and compute the cell's identity."""
+    """Compose ``overrides + extra`` as the app would and compute the cell's identity. A position keeps
+    the values its row and column name: an ``extra`` override of a key the position sets (or of the
+    group holding it) is one ``UserError``, never applied to every position."""
     from unlearn_exp.identity import cell_spec, spec_key
 
+    own = {override_key(o) for o in overrides}
+    for o in extra:
+        k = override_key(o)
+        if k in own or any(s.startswith(k + ".") for s in own):
+            raise UserError(
+                f"the override '{o}' sets {k}, which the tables sweep (each position names its own "
+                f"value): leave it out; positions without a recorded cell show '-'"
+            )
     cfg = compose([*overrides, *extra])
     spec = cell_spec(cfg)
     return Position(
