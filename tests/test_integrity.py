@@ -319,6 +319,11 @@ def test_a_failed_run_never_replaces_earlier_results(first_run, monkeypatch):
         (["checkpoint.beta=abc"], "checkpoint.beta must be a number, got 'abc'"),
         (["checkpoint.beta=-5"], "checkpoint.beta must be > 0"),
         (["benchmark.seed=9223372036854775808"], "must fit in int64"),
+        (["judge.threshold=5"], "judge.threshold must be <= 1, got 5"),  # 0.25 DSR became 1.000
+        (["judge=toy_strict", "judge.threshold=-0.1"], "judge.threshold must be >= 0"),
+        (["guidance=sld", "guidance.threshold=6"], "guidance.threshold must be <= 1"),
+        (["guidance=sld", "guidance.mom_beta=1.5"], "guidance.mom_beta must be <= 1"),
+        (["inversion.flip_p=2"], "inversion.flip_p must be <= 1"),
         (["+foo=1"], "unknown config key foo: no code reads it"),
         (
             ["+sampling.stepz=3", "+inversion.image_set.zz=1"],
@@ -341,6 +346,8 @@ def test_invalid_values_stop_before_any_model_is_loaded(extra, message, tmp_path
         (["guidance=sldd"], "error: unknown guidance 'sldd': choose one of none, safree, sld"),
         (["guidance=none,sldd", "multirun"], "error: unknown guidance 'sldd'"),
         (["+sampling.stepz=3"], "error: unknown config key sampling.stepz: no code reads it"),
+        (["sampling.stepz=3"], "error: unknown config key sampling.stepz: no code reads it"),
+        (["+foo=1", "guidance=sld,safree", "multirun"], "error: unknown config key foo"),
     ],
 )
 def test_unknown_choices_and_keys_are_one_line_from_the_command_line(extra, message, tmp_path):
@@ -364,6 +371,7 @@ def test_unknown_choices_and_keys_are_one_line_from_the_command_line(extra, mess
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith(message) and "schema" not in out.stderr, out.stderr
     assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "run").exists()  # no empty job folder
 
 
 @pytest.mark.slow

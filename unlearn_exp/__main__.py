@@ -51,7 +51,7 @@ def main() -> None:
     from unlearn_exp.errors import run_guarded
 
     sys.argv = [sys.argv[0], *_normalise_argv(_default_argv(sys.argv[1:]))]
-    run_guarded(config.check_choices, [a for a in sys.argv[1:] if not a.startswith("-")])
+    run_guarded(config.precheck, sys.argv[1:])
     hydra_main()
 
 

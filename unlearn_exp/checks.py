@@ -24,11 +24,12 @@ class Checks:
         value: Any,
         *,
         lo: float | None = None,
+        hi: float | None = None,
         integer: bool = False,
         strict: bool = False,
         optional: bool = False,
     ) -> None:
-        """``value`` is a number (an integer with ``integer``) >= ``lo`` (> with ``strict``)."""
+        """``value`` is a number (an integer with ``integer``) >= ``lo`` (> with ``strict``) and <= ``hi``."""
         if value is None:
             if not optional:
                 self.fail(f"{name} is required")
@@ -44,6 +45,8 @@ class Checks:
             return
         if lo is not None and (value <= lo if strict else value < lo):
             self.fail(f"{name} must be {'>' if strict else '>='} {lo:g}, got {value:g}")
+        elif hi is not None and value > hi:
+            self.fail(f"{name} must be <= {hi:g}, got {value:g}")
 
     def seed(self, name: str, value: Any) -> None:
         if value is None:

@@ -99,6 +99,16 @@ def _first_value(override: str) -> str:
     return f"{key}={value.split(',', 1)[0]}"
 
 
+def precheck(args: Sequence[str]) -> None:
+    """What the app checks before Hydra starts (and makes a run or sweep folder): every group option
+    exists, and the overrides compose (each sweep at its first value; every value's option is checked
+    by ``check_choices``), so an unknown key or value is one ``UserError`` and no empty folder."""
+    overrides = [a for a in args if not a.startswith("-")]
+    check_choices(overrides)
+    if all(a in ("--multirun", "-m") or not a.startswith("-") for a in args):  # not --help, --cfg, ...
+        compose([_first_value(o) for o in overrides])
+
+
 def sweep_params(overrides: Sequence[str]):
     """The experiment's ``hydra.sweeper.params`` as composed with ``overrides`` (a comma list in an
     override is a sweep: its first value is composed). Raises where the config has no sweep."""
@@ -182,6 +192,11 @@ def _hydra_compose(overrides: list[str], hydra: bool):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
     except Exception as e:
+        import re
+
+        unknown = re.search(r"Could not override '([^']+)'", str(e))
+        if unknown and "To append" in str(e):  # a key no schema has, given without +
+            raise UserError(f"unknown config key {unknown.group(1)}: no code reads it (a typo?)") from None
         detail = " ".join(line.strip() for line in str(e).splitlines()[:2] if line.strip())
         raise UserError(f"cannot compose the config {list(overrides)}: {detail}") from e
     finally:

@@ -33,14 +33,21 @@ def number(
     kind: type = float,
     *,
     lo: float | None = None,
+    hi: float | None = None,
     strict: bool = False,
     optional: bool = False,
     seed: bool = False,
 ) -> Any:
-    """A numeric field: ``kind`` (int or float), at least ``lo`` (above it when ``strict``), null
-    allowed when ``optional``; ``seed``: an int that fits int64."""
-    meta = {"number": kind, "lo": lo, "strict": strict, "optional": optional, "seed": seed}
+    """A numeric field: ``kind`` (int or float), at least ``lo`` (above it when ``strict``), at most
+    ``hi``, null allowed when ``optional``; ``seed``: an int that fits int64."""
+    meta = {"number": kind, "lo": lo, "hi": hi, "strict": strict, "optional": optional, "seed": seed}
     return dataclasses.field(default=MISSING, metadata=meta)
+
+
+def probability(*, optional: bool = False) -> Any:
+    """A number in [0, 1] (a threshold on a probability or score, a momentum, a rate): a careless
+    ``threshold=6`` meant as 0.6 is refused, not run as "nothing is unsafe"."""
+    return number(lo=0, hi=1, optional=optional)
 
 
 def choice(*values: str) -> Any:
@@ -92,6 +99,7 @@ class Settings:
                     name,
                     value,
                     lo=meta["lo"],
+                    hi=meta["hi"],
                     integer=meta["number"] is int,
                     strict=meta["strict"],
                     optional=meta["optional"],

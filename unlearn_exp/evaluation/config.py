@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from unlearn_exp.checks import Checks
-from unlearn_exp.settings import Settings, choice, listed, number
+from unlearn_exp.settings import Settings, choice, listed, number, probability
 
 
 class Q16Backend(StrEnum):
@@ -32,7 +32,7 @@ class NudeNetJudgeConfig(Settings):
     model_path: Any = MISSING  # null: the detector in the nudenet wheel
     model_sha256: Any = MISSING
     classes: list[str] = listed()
-    threshold: Any = number(lo=0)
+    threshold: Any = probability()
     batch_size: int = number(int, lo=1)
     num_threads: Any = number(int, lo=1, optional=True)  # null: min(4, cpu count)
 
@@ -47,7 +47,7 @@ class NudeNetClassifierJudgeConfig(Settings):
     type: str = MISSING
     model_path: Any = MISSING  # classifier_model.onnx; not in the nudenet wheel, so it must be given
     model_sha256: Any = MISSING  # checked when set; the file's sha256 is always in the profile
-    threshold: Any = number(lo=0)
+    threshold: Any = probability()
     image_size: int = number(int, lo=1)
     batch_size: int = number(int, lo=1)
     num_threads: Any = number(int, lo=1, optional=True)  # null: min(4, cpu count)
@@ -77,7 +77,7 @@ class Q16JudgeConfig(Settings):
     prompts_sha256: Any = MISSING
     prompts_git_blob: Any = MISSING
     cache_dir: Any = MISSING
-    threshold: Any = number(lo=0, optional=True)  # null: argmax
+    threshold: Any = probability(optional=True)  # null: argmax
     batch_size: int = number(int, lo=1)
     device: str = MISSING
     dtype: str = choice("float32", "float16")

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from unlearn_exp.checks import Checks
-from unlearn_exp.settings import Settings, listed, number
+from unlearn_exp.settings import Settings, listed, number, probability
 
 
 class SLDPreset(StrEnum):
@@ -69,9 +69,9 @@ class SLDConfig(Settings):
     preset: SLDPreset = MISSING
     warmup_steps: Any = number(int, lo=0, optional=True)  # delta
     guidance_scale: Any = number(lo=0, optional=True)  # s_S
-    threshold: Any = number(lo=0, optional=True)  # lambda
+    threshold: Any = probability(optional=True)  # lambda (the max preset uses 1.0)
     momentum_scale: Any = number(lo=0, optional=True)  # s_m
-    mom_beta: Any = number(lo=0, optional=True)  # beta_m
+    mom_beta: Any = probability(optional=True)  # beta_m
     concept: Any = MISSING  # str | None: the safety concept (null: the task's sld_concept)
 
 

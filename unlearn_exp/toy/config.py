@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from unlearn_exp.settings import Settings, number
+from unlearn_exp.settings import Settings, number, probability
 
 
 @dataclass
@@ -20,5 +20,5 @@ class ToyJudgeConfig(Settings):
     type: str = MISSING
     model_path: Any = MISSING
     model_sha256: Any = MISSING
-    threshold: Any = number(lo=0)
+    threshold: Any = probability()
     batch_size: int = number(int, lo=1)
