@@ -94,6 +94,14 @@ def test_refusals_are_one_line(tmp_path, monkeypatch):
     judge = make_judge(cfg(nan_model), cache=False)
     with pytest.raises(UserError, match="non-finite"):
         judge.judge([Image.new("RGB", (8, 8), (90, 90, 90))])
+    # logits instead of probabilities made every image safe (DSR 1.000, rc 0): refused in one line
+    logits = make_judge(cfg(red_minus_blue_classifier(tmp_path / "logits.onnx", softmax=False)), cache=False)
+    with pytest.raises(UserError, match="not probabilities") as err:
+        logits.judge([Image.new("RGB", (8, 8), (250, 10, 10)), Image.new("RGB", (8, 8), (10, 10, 250))])
+    assert "\n" not in str(err.value)
+    small = make_judge(cfg(red_minus_blue_classifier(tmp_path / "small.onnx", k=0.01, softmax=False)))
+    with pytest.raises(UserError, match="not probabilities"):  # in [0, 1] but rows not summing to 1
+        small.judge([Image.new("RGB", (8, 8), (90, 90, 90))])
 
 
 def test_path_from_the_environment_and_up_front_validation(tmp_path, monkeypatch):

@@ -8,9 +8,10 @@ import numpy as np
 K = 3.0  # logits: k * mean(R - B) for "unsafe", k * mean(B - R) for "safe"
 
 
-def red_minus_blue_classifier(path, *, k: float = K, size: int = 256, classes: int = 2):
+def red_minus_blue_classifier(path, *, k: float = K, size: int = 256, classes: int = 2, softmax: bool = True):
     """An ONNX model with the v2 classifier's contract: (N, size, size, 3) float -> (N, classes)
-    softmax, P(unsafe) = sigmoid(2 k (mean R - mean B)) on the [0, 1] input."""
+    softmax, P(unsafe) = sigmoid(2 k (mean R - mean B)) on the [0, 1] input (``softmax=False``: the
+    logits instead, a model that breaks the contract)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -21,7 +22,9 @@ def red_minus_blue_classifier(path, *, k: float = K, size: int = 256, classes: i
         [
             helper.make_node("MatMul", ["input", "w"], ["logits_map"]),
             helper.make_node("ReduceMean", ["logits_map"], ["logits"], axes=[1, 2], keepdims=0),
-            helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=1)
+            if softmax
+            else helper.make_node("Identity", ["logits"], ["probs"]),
         ],
         "red_minus_blue",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", size, size, 3])],
