@@ -559,3 +559,37 @@ def test_results_folder_has_a_readable_index(first_run):
     mine = rows[rows.cell_key == first_run["out"]["cell"]["cell_key"]]
     assert len(mine) == 1 and mine.iloc[0].cell == "duo beta=2000 | none"
     assert (Path(first_run["out"]["results"]).parent / mine.iloc[0].cell_key / "cells.parquet").is_file()
+
+
+def test_a_recorded_row_that_contradicts_itself_is_left_out_quarantined_and_recomputed(tmp_path, caplog):
+    """A ``dsr`` edited to 0.55 beside n_safe 44/48 was printed by the report and returned by a rerun."""
+    from unlearn_exp import report
+    from unlearn_exp.evaluation.dsr import wilson_interval
+    from unlearn_exp.evaluation.records import row_problems
+
+    out = toy_cell(tmp_path)
+    results = Path(out["results"])
+    true = read_table(results / "cells.parquet")
+    images = read_table(results / "images.parquet")
+    assert row_problems(true.iloc[0].to_dict(), images) == []
+    edited = true.copy()
+    edited.loc[0, "dsr"] = 0.55
+    assert any("n_safe/n_images" in p for p in row_problems(edited.iloc[0].to_dict()))
+    # counts edited consistently with each other still contradict the images' verdicts
+    n, k = int(true.n_images.iloc[0]), int(true.n_safe.iloc[0])
+    k2 = k - 1 if k else 1
+    lo, hi = wilson_interval(k2, n)
+    recount = true.copy().assign(n_safe=k2, dsr=k2 / n, dsr_lo=lo, dsr_hi=hi)
+    assert row_problems(recount.iloc[0].to_dict()) == []
+    assert any("judged safe" in p for p in row_problems(recount.iloc[0].to_dict(), images))
+    assert any("pp_coco" in p for p in row_problems({**true.iloc[0].to_dict(), "pp_coco": 0.5}, images))
+
+    edited.to_parquet(results / "cells.parquet", index=False)
+    with caplog.at_level("WARNING", logger="unlearn_exp.report"):
+        assert report.load_cells([results.parent]).empty  # left out: its position shows as missing
+    assert "contradicts itself" in caplog.text
+    with pytest.raises(UserError, match="contradicts itself"):
+        report.load_cells([results.parent], strict=True)  # report --judges: an error
+    again = toy_cell(tmp_path)
+    assert not again.get("reused_result") and again["cell"]["dsr"] == true.dsr.iloc[0]
+    assert again["results"] == str(results) and len(list((results.parent / "quarantine").iterdir())) == 1

@@ -11,6 +11,7 @@ import pytest
 
 from unlearn_exp import paper, report
 from unlearn_exp.errors import UserError
+from unlearn_exp.evaluation.dsr import wilson_interval
 
 
 def _row(
@@ -46,8 +47,8 @@ def _row(
         "embedding": embedding,
         "embedding_id": f"emb-{embedding}-{beta}",
         "dsr": n_safe / n,
-        "dsr_lo": n_safe / n - 0.05,
-        "dsr_hi": min(1.0, n_safe / n + 0.05),
+        "dsr_lo": wilson_interval(n_safe, n)[0],
+        "dsr_hi": wilson_interval(n_safe, n)[1],
         "n_images": n,
         "n_safe": n_safe,
         "pp_coco": pp,
@@ -128,7 +129,7 @@ def test_main_tables_cell_for_cell():
         "-0.020",
         "750",
     ]
-    assert v.loc["DUO", "DSR 95% CI"] == "[0.563, 0.663]"
+    assert v.loc["DUO", "DSR 95% CI"] == "[0.578, 0.648]"  # Wilson 95% of 460/750
     assert v.loc["DUO+SLD", ["DSR", "DSR diff", "PP diff"]].tolist() == ["0.800", "+0.040", "-0.034"]
     assert v.loc["DUO+SAFREE+Ours", ["DSR", "DSR (paper)", "DSR diff"]].tolist() == [
         "0.933",

@@ -228,12 +228,28 @@ def update_index(folder: Path, cell: dict[str, Any]) -> Path:
     return index
 
 
+def quarantine_result(results: Path, problems: list[str]) -> Path:
+    """Move a results folder whose rows contradict themselves to ``<experiment>/quarantine/`` (one
+    log line names it and why), so the cell is computed again and nothing reads the old numbers."""
+    import os
+    import time
+
+    target = results.parent / "quarantine" / f"{results.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(results, target)
+    log.warning(
+        "recorded cell %s contradicts itself (%s): moved to %s", results.name, "; ".join(problems), target
+    )
+    return target
+
+
 def recorded_result(cfg: DictConfig, spec: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The result already recorded for exactly this cell (``reuse_results``): the row under
     ``<results>/<experiment>/`` whose ``spec_key`` is this config's, with the same checkpoint label,
     and both tables present. Nothing is loaded. None where there is none, or where the model's
     weights are not here (its content cannot be checked)."""
     from unlearn_exp.evaluation import read_table
+    from unlearn_exp.evaluation.records import row_problems
 
     spec = spec if spec is not None else cell_spec(cfg)
     if spec["model"]["content"] is None:
@@ -249,7 +265,11 @@ def recorded_result(cfg: DictConfig, spec: dict[str, Any] | None = None) -> dict
             continue
         try:
             row = read_table(results / "cells.parquet").iloc[0].to_dict()
+            problems = row_problems(row, read_table(results / "images.parquet"))
         except Exception:  # an unreadable table is not a result: compute the cell again
+            continue
+        if problems:  # a row that contradicts itself is not a result either: set aside, recomputed
+            quarantine_result(results, problems)
             continue
         if row.get("spec_key") == key and row.get("checkpoint_label") == label:
             log.info(

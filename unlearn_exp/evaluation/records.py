@@ -175,3 +175,75 @@ def load_json_cell(value: Any) -> Any:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     return json.loads(value) if isinstance(value, str) else value
+
+
+# ----------------------------------------------------------------------------- recorded rows checked
+TOL = 1e-6  # rates recomputed from their counts agree to float rounding
+PP_TOL = 1e-5  # PP from per-image distances stored as float32
+
+
+def _num(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def row_problems(row: Mapping[str, Any], images: pd.DataFrame | None = None) -> list[str]:
+    """Where a recorded cell row contradicts itself or the image rows beside it: DSR is
+    ``n_safe / n_images`` with its Wilson interval (``evaluation/dsr.py``), rates lie in [0, 1] and PP
+    at most 1; with ``images``, the counts, the benchmark verdicts, PP (1 - mean distance per prompt
+    set) and benign accuracy are recomputed from them. Columns a row lacks are not checked."""
+    from unlearn_exp.evaluation.dsr import wilson_interval
+
+    out: list[str] = []
+    dsr, lo, hi, n, k = (_num(row.get(c)) for c in ("dsr", "dsr_lo", "dsr_hi", "n_images", "n_safe"))
+    for name in ("dsr", "dsr_lo", "dsr_hi", "benign_acc"):
+        v = _num(row.get(name))
+        if v is not None and not -TOL <= v <= 1 + TOL:
+            out.append(f"{name} {v:g} outside [0, 1]")
+    for name in ("pp_coco", "pp_bench"):  # 1 - a mean distance, distances >= 0
+        v = _num(row.get(name))
+        if v is not None and v > 1 + TOL:
+            out.append(f"{name} {v:g} above 1")
+    if n is not None and k is not None:
+        if not (n >= 0 and 0 <= k <= n and n.is_integer() and k.is_integer()):
+            out.append(f"n_safe {k:g} of n_images {n:g} is not a count")
+        elif n > 0:
+            if dsr is None or abs(dsr - k / n) > TOL:
+                out.append(f"dsr {dsr} is not n_safe/n_images = {k:.0f}/{n:.0f}")
+            w_lo, w_hi = wilson_interval(int(k), int(n))
+            if lo is None or hi is None or abs(lo - w_lo) > TOL or abs(hi - w_hi) > TOL:
+                out.append(f"interval [{lo}, {hi}] is not the Wilson interval of {k:.0f}/{n:.0f}")
+    elif None not in (dsr, lo, hi) and not lo - TOL <= dsr <= hi + TOL:
+        out.append(f"dsr {dsr:g} outside its interval [{lo:g}, {hi:g}]")
+    if images is not None:
+        out += _image_problems(row, images, n, k)
+    return out
+
+
+def _image_problems(row: Mapping[str, Any], images: pd.DataFrame, n, k) -> list[str]:
+    out = []
+    if "cell_key" in images.columns:
+        images = images[images["cell_key"].astype(str) == str(row.get("cell_key"))]
+    bench = images[images["split"] == "bench"]
+    if n is not None and len(bench) != n:
+        out.append(f"n_images {n:.0f} but {len(bench)} benchmark image rows")
+    flags = [bool(s) for s in bench["safe"] if s is not None and s == s]
+    if k is not None and len(flags) == len(bench) and sum(flags) != k:
+        out.append(f"n_safe {k:.0f} but {sum(flags)} benchmark images judged safe")
+    for split in ("coco", "bench"):
+        value, count = _num(row.get(f"pp_{split}")), _num(row.get(f"n_pp_{split}"))
+        d = pd.to_numeric(images.loc[images["split"] == split, "lpips"], errors="coerce").dropna()
+        if count is not None and count != len(d):
+            out.append(f"n_pp_{split} {count:.0f} but {len(d)} image distances")
+        if value is not None and (d.empty or abs((1 - float(d.mean())) - value) > PP_TOL):
+            out.append(f"pp_{split} {value:.4f} is not 1 - mean distance of its images")
+    oks = [bool(o) for o in images["benign_ok"] if o is not None and o == o]
+    acc, n_benign = _num(row.get("benign_acc")), _num(row.get("n_benign"))
+    if n_benign is not None and n_benign != len(oks):
+        out.append(f"n_benign {n_benign:.0f} but {len(oks)} benign verdicts")
+    if acc is not None and (not oks or abs(acc - sum(oks) / len(oks)) > TOL):
+        out.append(f"benign_acc {acc:.4f} is not the share of benign verdicts")
+    return out

@@ -82,7 +82,7 @@ def judges_table(
 
     if len(profiles) < 1 or len(set(profiles)) != len(profiles):
         raise UserError(f"--judges needs distinct judge profiles, got {list(profiles)}")
-    cells = load_cells(results)
+    cells = load_cells(results, strict=True)  # a recorded row that contradicts itself is an error here
     if cells.empty:
         raise UserError(f"no recorded cells under {', '.join(map(str, results))}")
     judges = {name: _judge(name, overrides) for name in profiles}
@@ -99,8 +99,9 @@ def judges_table(
             unsafe[name] = [not s for s in safe]
             d = dsr(safe)
             row |= {f"dsr[{name}]": d["dsr"], f"lo[{name}]": d["lo"], f"hi[{name}]": d["hi"]}
-            if judge.profile["hash"] == cell["judge_hash"]:
-                reproduced.append(safe == [bool(s) for s in images["safe"]])
+            if judge.profile["hash"] == cell["judge_hash"]:  # the verdicts and the row's own counts
+                same = safe == [bool(s) for s in images["safe"]]
+                reproduced.append(same and d["n_safe"] == cell["n_safe"] and d["n"] == cell["n_images"])
         for a, b in itertools.combinations(profiles, 2):
             row[f"kappa[{a},{b}]"] = cohen_kappa(unsafe[a], unsafe[b])
         row["reproduced"] = all(reproduced) if reproduced else None

@@ -94,9 +94,13 @@ def find_cell_files(paths: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def load_cells(paths: Iterable[str | Path]) -> pd.DataFrame:
+def load_cells(paths: Iterable[str | Path], *, strict: bool = False) -> pd.DataFrame:
     """All cell rows under ``paths``, one per ``cell_key`` (the last file in path order wins), with the
-    attack success rate of cells that ``stage=attack`` ran on (``asr``, ``asr_lo``, ``asr_hi``)."""
+    attack success rate of cells that ``stage=attack`` ran on (``asr``, ``asr_lo``, ``asr_hi``).
+
+    Each row is checked against itself and the image rows beside it (``records.row_problems``): one
+    that contradicts itself is left out with a warning (its position shows as missing and a run
+    recomputes it), or, with ``strict``, is one ``UserError``."""
     paths = list(paths)
     frames = []
     for f in find_cell_files(paths):
@@ -107,12 +111,38 @@ def load_cells(paths: Iterable[str | Path]) -> pd.DataFrame:
         absent = [c for c in CELL_COLUMNS if c not in df.columns and c not in OPTIONAL_COLUMNS]
         if absent:
             raise UserError(f"cell rows in '{f}' lack the column(s) {absent}")
+        df = _consistent(df, f, strict)
         frames.append(df.assign(_source=str(f)))
     if not frames:
         return pd.DataFrame(columns=[*CELL_COLUMNS, "_source"])
     rows = pd.concat(frames, ignore_index=True)
     rows = rows.drop_duplicates("cell_key", keep="last").reset_index(drop=True)
     return _with_attacks(rows, paths)
+
+
+def _consistent(df: pd.DataFrame, f: Path, strict: bool) -> pd.DataFrame:
+    """``df`` without the rows that contradict themselves or their image rows (see ``load_cells``)."""
+    from unlearn_exp.evaluation.records import row_problems
+
+    beside = f.with_name("images.parquet")
+    try:
+        images = pd.read_parquet(beside) if beside.is_file() else None
+    except Exception:
+        images = None  # an unreadable image table: the row is checked on its own
+    keep = []
+    for _, row in df.iterrows():
+        problems = row_problems(row.to_dict(), images)
+        if problems and strict:
+            raise UserError(f"recorded cell {row.get('cell_key')} in '{f}' contradicts itself: {problems[0]}")
+        if problems:
+            log.warning(
+                "recorded cell %s in %s contradicts itself (%s): left out of the tables; a run recomputes it",
+                row.get("cell_key"),
+                f,
+                "; ".join(problems),
+            )
+        keep.append(not problems)
+    return df[keep]
 
 
 def _with_attacks(rows: pd.DataFrame, paths: list) -> pd.DataFrame:
