@@ -593,3 +593,39 @@ def test_a_recorded_row_that_contradicts_itself_is_left_out_quarantined_and_reco
     again = toy_cell(tmp_path)
     assert not again.get("reused_result") and again["cell"]["dsr"] == true.dsr.iloc[0]
     assert again["results"] == str(results) and len(list((results.parent / "quarantine").iterdir())) == 1
+
+
+def test_a_checkpoint_edited_in_place_gets_a_new_identity(tmp_path, monkeypatch):
+    """An edit that restores size and mtime kept the old hash (cache keyed by path, size, mtime): the
+    old result came back and the row's spec contradicted its checkpoint id."""
+    from unlearn_exp import identity
+
+    monkeypatch.setenv("UNLEARN_EXP_HASH_CACHE", str(tmp_path / "sha256.json"))
+    monkeypatch.setattr(identity, "_MEMO", {})
+    f = tmp_path / "lora.safetensors"
+    f.write_bytes(b"a" * 64)
+    first = identity.file_identity(f)
+    st = f.stat()
+    with open(f, "r+b") as fh:  # in place: same inode, same size
+        fh.write(b"b")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime restored
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert identity.file_identity(f) != first
+
+
+def test_a_spec_that_names_other_bits_than_the_loaded_checkpoint_is_an_error(tmp_path, monkeypatch):
+    from unlearn_exp.cell.run import check_checkpoint_content
+
+    lora = next(SHIPPED_DUO.rglob("pytorch_lora_weights.safetensors"))
+    over = ["checkpoint=duo", f"checkpoint.path={lora}", "checkpoint.beta=500"]
+    cfg = compose(toy_overrides(tmp_path, *over), hydra=False)
+    from unlearn_exp.identity import cell_spec, file_identity
+
+    spec = cell_spec(cfg)
+    sha = file_identity(lora)[7:]
+    info = {"files": [str(lora)], "sha256": [sha]}
+    check_checkpoint_content(cfg.checkpoint, spec, info)  # the same bits: nothing to say
+    with pytest.raises(UserError, match="changed while the cell was set up"):
+        check_checkpoint_content(cfg.checkpoint, spec, {**info, "sha256": ["0" * 64]})
+    converted = {"files": [str(tmp_path / "converted.safetensors")], "sha256": ["0" * 64]}
+    check_checkpoint_content(cfg.checkpoint, spec, converted)  # another file (a converted pickle)

@@ -3,8 +3,9 @@
 Every cache key and every cell row names what produced it by content, never by where it lies:
 
 - ``file_identity(path)``: ``sha256:<hex>`` of a file, or of a folder's files (relative names and
-  their hashes). Hashes are cached on disk by (absolute path, size, mtime), so a 4 GB checkpoint is
-  read once per machine (``$UNLEARN_EXP_HASH_CACHE``, default ``~/.cache/unlearn_exp/sha256.json``).
+  their hashes). Hashes are cached on disk by (absolute path, size, mtime, inode, ctime), so a 4 GB
+  checkpoint is read once per machine (``$UNLEARN_EXP_HASH_CACHE``, default
+  ``~/.cache/unlearn_exp/sha256.json``).
 - ``model_identity(model_cfg)``: ``<name>:<hash>`` from the weight, config and tokenizer files of the
   subfolders the model loads (a hub id is resolved through the local cache first), the dtype it
   will run in (``auto`` resolved) and its resolution. The same weights copied to another folder, or
@@ -58,6 +59,7 @@ RUNTIME_KEYS: dict[str, tuple[str, ...]] = {
 # this value is left out of identities, so adding the option re-keys nothing.
 NEUTRAL_KEYS: dict[str, dict[str, Any]] = {
     "checkpoint": {"condition": "null", "beta_map": None},
+    "inversion": {"prompt_tokens": "all"},
 }
 
 
@@ -80,12 +82,14 @@ _MEMO: dict[str, str] = {}
 
 
 def _stat_key(path: Path) -> str:
+    """What an edit of the file changes: size and mtime, and the inode and ctime that an in-place
+    edit with its size and mtime restored (``os.utime``) or a file swapped in by rename still change."""
     st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
 
 
 def cached_sha256(path: str | Path) -> str:
-    """``sha256`` of a file, computed once per (absolute path, size, mtime) on this machine."""
+    """``sha256`` of a file, computed once per (absolute path, size, mtime, inode, ctime) here."""
     path = Path(path)
     key = _stat_key(path)
     if key in _MEMO:

@@ -45,7 +45,7 @@ from unlearn_exp.cell.samples import (
     judge_chunks,
     pp_distances,
 )
-from unlearn_exp.errors import NotImplementedStage
+from unlearn_exp.errors import NotImplementedStage, UserError
 from unlearn_exp.identity import cell_spec
 from unlearn_exp.paths import job_dir
 from unlearn_exp.registry import UNLEARNING
@@ -288,8 +288,30 @@ def originals(cell: Cell) -> Originals:
 def unlearn(cell: Cell) -> Unlearned:
     """Stage 1: train (or reuse, or load) the unlearned checkpoint and apply it to the model."""
     ck = apply_unlearning(cell.cfg, cell.comps, cell.store, cell.cfg.checkpoint, cell.loggers("unlearning"))
+    check_checkpoint_content(cell.cfg.checkpoint, cell.spec, ck)
     cell.unlearned = True
     return Unlearned(str(ck.get("id", ck.get("hash", config_hash(plain(cell.cfg.checkpoint))))), ck)
+
+
+def check_checkpoint_content(checkpoint, spec: dict[str, Any], info: dict[str, Any]) -> None:
+    """The files the cell's spec names by content are the files that were loaded: a user's checkpoint
+    file whose sha256 in the spec (``identity.cell_spec``) differs from the loaded bits would record a
+    row whose spec and ``checkpoint_id`` disagree, so it is one ``UserError``."""
+    from unlearn_exp.paths import resolve_local_path
+
+    given = checkpoint.get("path")
+    given = [given] if isinstance(given, str) else list(given or [])
+    named = (spec.get("checkpoint") or {}).get("files") or []
+    loaded, shas = info.get("files") or [], info.get("sha256") or []
+    if not (len(given) == len(named) == len(loaded) == len(shas)):
+        return  # a folder or a converted file: named by other means
+    for path, ident, file, sha in zip(given, named, loaded, shas):
+        same_file = Path(resolve_local_path(str(path))).resolve() == Path(file).resolve()
+        if same_file and str(ident).startswith("sha256:") and ident != f"sha256:{sha}":
+            raise UserError(
+                f"checkpoint file '{file}' changed while the cell was set up: its identity says "
+                f"{str(ident)[7:23]}, the loaded bits are {sha[:16]}; run the cell again"
+            )
 
 
 def concept(cell: Cell, made: Originals, ck: Unlearned) -> ConceptGuidance:
