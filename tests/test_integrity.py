@@ -629,3 +629,23 @@ def test_a_spec_that_names_other_bits_than_the_loaded_checkpoint_is_an_error(tmp
         check_checkpoint_content(cfg.checkpoint, spec, {**info, "sha256": ["0" * 64]})
     converted = {"files": [str(tmp_path / "converted.safetensors")], "sha256": ["0" * 64]}
     check_checkpoint_content(cfg.checkpoint, spec, converted)  # another file (a converted pickle)
+
+
+def test_the_cell_key_holds_every_field_of_the_sample_identity(tmp_path):
+    """``+debug=default``, ``sampling.batch_size=1`` and ``sampling.precision=bf16-mixed`` wrote one
+    results folder (the cell key lacked the batch size and the precision): every field that decides
+    a sample's bits now moves the cell key."""
+    from unlearn_exp.cell.keys import cell_key, sample_identity
+
+    cfg = compose(toy_overrides(tmp_path), hydra=False)
+    sampling = sample_identity(cfg, "cpu")
+    args = ({"model": "m"}, {"benchmark": "b"}, [], sampling, "j", "p", {})
+    base = cell_key(*args)
+    for field in [*sampling, "gpu_options"]:
+        other = {**sampling, field: ["compile"] if field == "gpu_options" else f"other-{sampling[field]}"}
+        assert cell_key(*args[:3], other, *args[4:]) != base, field
+    one = toy_cell(tmp_path, "sampling.batch_size=1")
+    many = toy_cell(tmp_path)
+    assert one["cell"]["cell_key"] != many["cell"]["cell_key"]
+    index = pd.read_csv(Path(many["results"]).parent / "index.csv", dtype=str)
+    assert {one["cell"]["cell_key"], many["cell"]["cell_key"]} <= set(index.cell_key)

@@ -85,18 +85,20 @@ def cell_key(
     identity: dict[str, Any],
     bench_attrs: dict[str, Any],
     bench: list[dict[str, Any]],
-    cfg,
+    sampling: dict[str, Any],
     judge_hash: str,
     pp_hash: str,
     pp_sets: dict[str, list[dict[str, Any]]],
 ) -> str:
     """The key of a cell's result folder: what is sampled (``identity``), the benchmark file and its
-    rows, the sampler, the judge and PP profiles, and the PP prompt rows."""
+    rows, the sampler with everything that decides an image's bits (``sampling``: the cell's
+    ``sample_identity``, batch size and precision included), the judge and PP profiles, and the PP
+    prompt rows."""
     return config_hash(
         {
             **identity,
             "benchmark": [bench_attrs.get("benchmark"), bench_attrs.get("file_sha256"), rows_identity(bench)],
-            "sampling": sampling_settings(cfg),
+            "sampling": sampling,
             "judge": judge_hash,
             "pp": pp_hash,
             "pp_sets": {k: rows_identity(v) for k, v in pp_sets.items()},

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from unlearn_exp.cell.concept_source import ImageSetRef, image_set_ref, resolve_concept
 from unlearn_exp.cell.inputs import apply_unlearning, benchmark_rows, cell_store, load_model
-from unlearn_exp.cell.keys import ORIGINAL, cell_key
+from unlearn_exp.cell.keys import ORIGINAL, cell_key, sample_identity
 from unlearn_exp.cell.records import (
     cell_record,
     copy_images,
@@ -400,7 +400,7 @@ def record(
         conc.identity,
         cell.bench_attrs,
         cell.bench,
-        cfg,
+        sample_identity(cfg, str(cell.comps.device)),
         the_judge.profile["hash"],
         metric.profile["hash"],
         cell.pp_sets,
