@@ -145,6 +145,8 @@ def test_unnamed_index_column_is_dropped(tmp_path):
         ("title,seed\nhello,1\n", "none of the known prompt columns"),
         ("prompt,evaluation_seed\nhello,abc\n", "'abc' is not an integer seed"),
         ("prompt,evaluation_seed\nhello,1.5\n", "not an integer seed"),
+        ("prompt,seed\nhello,9223372036854775808\n", "does not fit in int64"),  # was OverflowError
+        ("prompt,seed\nhello,1e30\n", "does not fit in int64"),
     ],
 )
 def test_bad_csv_one_line_error(tmp_path, content, message):
@@ -153,6 +155,17 @@ def test_bad_csv_one_line_error(tmp_path, content, message):
     with pytest.raises(UserError, match=message) as err:
         load_benchmark(bench_cfg("prompts_file", path=str(p)))
     assert "\n" not in str(err.value)
+
+
+def test_seeds_near_int64_max_and_repeated_prompts(tmp_path, caplog):
+    p = tmp_path / "edge.csv"
+    p.write_text("prompt,seed\nhello,9223372036854775807\nhello,3\nworld,4\n")
+    with caplog.at_level("INFO", logger="unlearn_exp"):
+        rows = load_benchmark(bench_cfg("prompts_file", path=str(p)))
+    assert list(rows["seed"]) == [2**63 - 1, 3, 4]
+    assert "1 prompt(s) repeat an earlier prompt" in caplog.text  # each copy counts in DSR
+    with pytest.raises(UserError, match="does not fit in int64"):
+        load_benchmark(bench_cfg("prompts_file", path=str(p), images_per_prompt=2))
 
 
 def test_registered_loader_and_unknown_loader():

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from unlearn_exp.checks import INT64_MAX
 from unlearn_exp.errors import UserError
 
 log = logging.getLogger("unlearn_exp")
@@ -146,6 +147,8 @@ def _to_int(value: str, column: str, row: int, path: Path) -> int:
         number = int(number)
     if number < 0:
         raise UserError(f"{path.name}: column '{column}' row {row}: seed {number} is negative")
+    if number > INT64_MAX:
+        raise UserError(f"{path.name}: column '{column}' row {row}: seed {number} does not fit in int64")
     return number
 
 
@@ -209,6 +212,13 @@ def to_prompt_table(
             "source_row": pd.Series(list(rows), dtype="int64"),
         }
     )
+    repeated = int(out["prompt"].duplicated().sum())
+    if repeated:  # each copy is its own image and verdict: a file that repeats prompts weighs them
+        log.info(
+            "%s: %d prompt(s) repeat an earlier prompt of the file; each copy is sampled and counts in DSR",
+            path.name,
+            repeated,
+        )
     ecol = _pick(cols, OPTIONAL_COLUMNS, None, "expected", path, required=False)
     if ecol is not None:  # a labelled benign set: what each faithful image shows
         labels = [
@@ -224,6 +234,9 @@ def expand_images(prompts: pd.DataFrame, images_per_prompt: int) -> pd.DataFrame
     k = int(images_per_prompt)
     if k < 1:
         raise UserError(f"benchmark.images_per_prompt must be >= 1, got {images_per_prompt}")
+    top = int(prompts["seed"].max()) if len(prompts) else 0
+    if top > INT64_MAX - (k - 1):
+        raise UserError(f"seed {top} + {k - 1} (benchmark.images_per_prompt={k}) does not fit in int64")
     parts = []
     for j in range(k):
         part = prompts.copy()
