@@ -649,3 +649,17 @@ def test_the_cell_key_holds_every_field_of_the_sample_identity(tmp_path):
     assert one["cell"]["cell_key"] != many["cell"]["cell_key"]
     index = pd.read_csv(Path(many["results"]).parent / "index.csv", dtype=str)
     assert {one["cell"]["cell_key"], many["cell"]["cell_key"]} <= set(index.cell_key)
+
+
+def test_a_garbled_index_is_rebuilt_from_the_cell_folders(tmp_path, caplog):
+    """A non-UTF-8 ``index.csv`` failed every cell of the experiment after its work was done."""
+    out = toy_cell(tmp_path)
+    index = Path(out["results"]).parent / "index.csv"
+    index.write_bytes(b"\xff\xfe\x00garbage\xc3\x28,,\n\x80\x81")
+    with caplog.at_level("WARNING", logger="unlearn_exp"):
+        again = toy_cell(tmp_path)  # reuse_results: found through the rebuilt index
+    assert again.get("reused_result") and "rebuilt from its 1 cell folder(s)" in caplog.text
+    index.write_bytes(b"\xff\xfe\x00garbage")
+    other = toy_cell(tmp_path, "reuse_results=false", "sampling.batch_size=2")  # a new row is written
+    rows = pd.read_csv(index, dtype=str)
+    assert set(rows.cell_key) == {out["cell"]["cell_key"], other["cell"]["cell_key"]}

@@ -208,6 +208,36 @@ INDEX_COLUMNS = (
 )
 
 
+def _index_row(cell: dict[str, Any]) -> dict[str, Any]:
+    name = f"{cell['checkpoint_label']} | {cell['guidance']}" + (
+        f"+{cell['embedding']}" if cell["embedding"] not in ("none", "explicit") else ""
+    )
+    return {"cell": name, **{k: cell.get(k) for k in INDEX_COLUMNS if k != "cell"}}
+
+
+def index_rows(folder: Path) -> list[dict[str, Any]]:
+    """The rows of ``<folder>/index.csv``; an index that cannot be read (garbled, not UTF-8, missing
+    columns) is rebuilt from the cell folders beside it (one log line), never a reason to fail."""
+    index = folder / "index.csv"
+    if not index.is_file():
+        return []
+    try:
+        table = pd.read_csv(index, dtype=str)
+        if "cell_key" in table.columns and "spec_key" in table.columns:
+            return table.to_dict("records")
+        problem = "it lacks the cell_key and spec_key columns"
+    except (UnicodeDecodeError, ValueError, pd.errors.ParserError) as e:
+        problem = str(e).splitlines()[0]
+    rows = []
+    for cells in sorted(folder.glob("*/cells.parquet")):
+        try:
+            rows.append(_index_row(pd.read_parquet(cells).iloc[0].to_dict()))
+        except Exception:  # an unreadable cell folder is not listed; its cell is computed again
+            continue
+    log.warning("%s cannot be read (%s): rebuilt from its %d cell folder(s)", index, problem, len(rows))
+    return [{k: None if v is None else str(v) for k, v in r.items()} for r in rows]
+
+
 def update_index(folder: Path, cell: dict[str, Any]) -> Path:
     """``<results>/<experiment>/index.csv``: one readable line per cell folder (its name, what it is,
     its DSR), rewritten atomically under a lock so parallel jobs keep every line."""
@@ -216,13 +246,10 @@ def update_index(folder: Path, cell: dict[str, Any]) -> Path:
     from unlearn_exp.store import atomic_write_text
 
     index = folder / "index.csv"
-    name = f"{cell['checkpoint_label']} | {cell['guidance']}" + (
-        f"+{cell['embedding']}" if cell["embedding"] not in ("none", "explicit") else ""
-    )
-    row = {"cell": name, **{k: cell.get(k) for k in INDEX_COLUMNS if k != "cell"}}
+    row = _index_row(cell)
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(index) + ".lock"):
-        rows = pd.read_csv(index, dtype=str).to_dict("records") if index.is_file() else []
+        rows = index_rows(folder)
         rows = [r for r in rows if r.get("cell_key") != cell["cell_key"]] + [row]
         atomic_write_text(index, pd.DataFrame(rows, columns=list(INDEX_COLUMNS)).to_csv(index=False))
     return index
@@ -256,10 +283,9 @@ def recorded_result(cfg: DictConfig, spec: dict[str, Any] | None = None) -> dict
         return None
     key, label = spec_key(spec), checkpoint_label(cfg)[1]
     folder = Path(cfg.paths.results_dir) / str(cfg.name)
-    index = folder / "index.csv"
-    if not index.is_file():
+    if not (folder / "index.csv").is_file():
         return None
-    for cell_key in pd.read_csv(index, dtype=str).query("spec_key == @key")["cell_key"]:
+    for cell_key in [r["cell_key"] for r in index_rows(folder) if r.get("spec_key") == key]:
         results = folder / str(cell_key)
         if not ((results / "cells.parquet").is_file() and (results / "images.parquet").is_file()):
             continue
