@@ -152,3 +152,28 @@ def test_cache_files_follow_the_umask(tmp_path):
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o644" for f in files}
     for d in (tmp_path / "lora", tmp_path / "lora" / "unet", folder):
         assert d.stat().st_mode & 0o777 == 0o755, d
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_and_the_size(tmp_path, monkeypatch, capsys):
+    """ENOSPC mid-run was a traceback: the atomic writers say which folder and how much, and any
+    command turns a stray ENOSPC into one line; nothing half-written is left behind."""
+    import errno
+
+    from unlearn_exp.errors import UserError, exit_status
+    from unlearn_exp.store import atomic_dir, atomic_write_bytes
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(UserError, match=r"no space left on the disk holding '.*cache'.*3\.0 MiB needed") as err:
+        atomic_write_bytes(tmp_path / "cache" / "lora.safetensors", b"x" * (3 << 20))
+    assert "\n" not in str(err.value) and "MiB free" in str(err.value)
+    monkeypatch.undo()
+    with pytest.raises(UserError, match=r"while writing chunk/ \(1\.0 MiB written"):
+        with atomic_dir(tmp_path / "cache" / "chunk") as tmp:
+            (tmp / "a.png").write_bytes(b"x" * (1 << 20))
+            full()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == []  # no temporary folder left
+    assert exit_status(full) == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -1,5 +1,6 @@
 """Errors that reach the user as one line, without a traceback, and the guard every command uses."""
 
+import errno
 import sys
 
 
@@ -30,18 +31,40 @@ def _report(exc: BaseException) -> int:
     return 2
 
 
+def _disk_full(exc: OSError) -> UserError | None:
+    """A full disk met outside the project's atomic writers (which name what they wrote) as a
+    ``UserError``; None for any other ``OSError``."""
+    if exc.errno != errno.ENOSPC:
+        return None
+    where = f" while writing '{exc.filename}'" if exc.filename else ""
+    return UserError(
+        f"no space left on the device{where}: free space (or point paths.cache_dir/paths.results_dir "
+        "elsewhere), then run the same command again (finished artifacts are kept)"
+    )
+
+
 def exit_status(fn, *args, **kwargs) -> int:
     """The exit status of a command's body ``fn`` (its return value, 0 for None); a ``UserError``
-    becomes one line on stderr and 2, Ctrl-C one line saying what was kept and 130."""
+    (a full disk included) becomes one line on stderr and 2, Ctrl-C one line saying what was kept
+    and 130."""
     try:
         return int(fn(*args, **kwargs) or 0)
     except (UserError, KeyboardInterrupt) as e:
         return _report(e)
+    except OSError as e:
+        if (full := _disk_full(e)) is None:
+            raise
+        return _report(full)
 
 
 def run_guarded(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``'s value; on a ``UserError`` or Ctrl-C, ``exit_status``'s line and exit."""
+    """``fn(*args, **kwargs)``'s value; on a ``UserError``, a full disk or Ctrl-C, ``exit_status``'s
+    line and exit."""
     try:
         return fn(*args, **kwargs)
     except (UserError, KeyboardInterrupt) as e:
         sys.exit(_report(e))
+    except OSError as e:
+        if (full := _disk_full(e)) is None:
+            raise
+        sys.exit(_report(full))

@@ -15,6 +15,7 @@ jobs left (temporary folders, stale locks).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+
+from unlearn_exp.errors import UserError
 
 KEY_FILE = "_key.json"
 SMALL_FILE = 1 << 20  # files up to this size are hashed on every reuse
@@ -132,21 +135,53 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         yield tmp
         _share(tmp, folder=False)  # after the block: a writer may have replaced the file (safetensors)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise disk_full(path.parent, path.name, _size(tmp)) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    with atomic_file(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
+    return atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
+    try:
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(data)
+    except UserError as e:  # the disk filled: what this write needed is known
+        p = Path(path)
+        raise disk_full(p.parent, p.name, 0, len(data)) if "no space left" in str(e) else e from None
     return Path(path)
+
+
+def _size(path: Path) -> int:
+    """Bytes under ``path`` (a file or a folder; 0 where it is gone)."""
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    except OSError:
+        return 0
+
+
+def disk_full(folder: Path, name: str, written: int, need: int | None = None) -> UserError:
+    """The one-line error for a disk that filled while ``name`` was written in ``folder`` (ENOSPC):
+    the folder, what was written or needed, and what is free there."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = 0
+    mib = 1 << 20
+    what = f"{need / mib:.1f} MiB needed" if need else f"{written / mib:.1f} MiB written when it filled"
+    return UserError(
+        f"no space left on the disk holding '{folder}' while writing {name} ({what}, "
+        f"{free / mib:.1f} MiB free): free space or point paths.cache_dir/paths.results_dir elsewhere, "
+        "then run the same command again (finished artifacts are kept)"
+    )
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
@@ -161,7 +196,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     _share(tmp, folder=True)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise disk_full(path.parent, f"{path.name}/", _size(tmp)) from None
+            raise
         _share_tree(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old{os.getpid()}")
@@ -304,8 +344,6 @@ class ArtifactStore:
 
     def __init__(self, root: str | Path, shipped: list[str | Path] | None = None, verify: str = "small"):
         if verify not in VERIFY_MODES:
-            from unlearn_exp.errors import UserError
-
             raise UserError(f"paths.verify must be one of {list(VERIFY_MODES)}, got '{verify}'")
         self.root = Path(root)
         self.verify = verify
@@ -416,8 +454,6 @@ def gc(root: str | Path, older_than_s: float = STALE_S) -> list[Path]:
     folders, its resumable work folder (``<h>.work``, ``inversion_work/<h>``) and what lies in them;
     a build that starts during the walk is seen when its folders are reached. A ``root`` that is
     missing or not an artifact cache is a ``UserError``."""
-    from unlearn_exp.errors import UserError
-
     root = Path(root)
     if not root.exists():
         raise UserError(f"no artifact cache at {root}: no such folder (name paths.cache_dir with --cache)")
