@@ -663,3 +663,52 @@ def test_a_garbled_index_is_rebuilt_from_the_cell_folders(tmp_path, caplog):
     other = toy_cell(tmp_path, "reuse_results=false", "sampling.batch_size=2")  # a new row is written
     rows = pd.read_csv(index, dtype=str)
     assert set(rows.cell_key) == {out["cell"]["cell_key"], other["cell"]["cell_key"]}
+
+
+class _Payload:
+    """A pickle that would create a file when unpickled (what a malicious checkpoint does)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickled_checkpoints_are_refused_in_validation_saying_what_the_project_offers(tmp_path, monkeypatch):
+    """Pickle refusals came after the model loaded (10-20 s on SD) and repeated torch's advice to pass
+    ``weights_only=False``; they are now part of validation and name safetensors and the conversion."""
+    import torch
+
+    from unlearn_exp.validate import validate
+
+    monkeypatch.setattr("unlearn_exp.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(2), "x": _Payload(marker)}, evil)
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(2)}, plain)
+    ck = ["checkpoint=esd", "checkpoint.beta=500"]
+    with pytest.raises(UserError, match=r"is a pickle file.*allow_pickle_conversion=true") as err:
+        validate(compose(toy_overrides(tmp_path, *ck, f"checkpoint.path={plain}"), hydra=False))
+    assert "weights_only=False" not in str(err.value)
+    with pytest.raises(UserError, match=r"holds more than tensors.*safetensors.torch.save_file") as err:
+        validate(
+            compose(
+                toy_overrides(
+                    tmp_path, *ck, f"checkpoint.path={evil}", "checkpoint.allow_pickle_conversion=true"
+                ),
+                hydra=False,
+            )
+        )
+    assert "weights_only=False" not in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()  # nothing in it ran
+    validate(
+        compose(
+            toy_overrides(
+                tmp_path, *ck, f"checkpoint.path={plain}", "checkpoint.allow_pickle_conversion=true"
+            ),
+            hydra=False,
+        )
+    )  # converted once into the cache; the loader then finds it
+    assert list((tmp_path / ".cache" / "artifacts" / "unlearning" / "converted").glob("*/plain.safetensors"))

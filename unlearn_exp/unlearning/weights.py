@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.store import ArtifactStore, atomic_file, file_sha256
+from unlearn_exp.unlearning.config import PICKLE_SUFFIXES, pickle_refusal
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 LDM_PREFIX = "model.diffusion_model."
 
 
@@ -82,6 +82,17 @@ def _unwrap(obj) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
+def unpickle_refusal(p: Path, exc: Exception) -> str:
+    """A pickle that holds more than tensors: what it references (torch names the global), and what
+    the project offers instead of torch's own advice to unpickle it anyway."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    what = next((ln for ln in lines if "global" in ln.lower()), lines[-1] if lines else type(exc).__name__)
+    return (
+        f"'{p.name}' holds more than tensors ({what[:160]}), and this project never unpickles code: "
+        "where you trust the file, save its state dict with safetensors.torch.save_file and give that file"
+    )
+
+
 def resolve_weight_file(
     path: str | Path, store: ArtifactStore | None, *, allow_pickle_conversion: bool = False
 ) -> Path:
@@ -101,17 +112,13 @@ def resolve_weight_file(
     if p.suffix not in PICKLE_SUFFIXES:
         raise UserError(f"checkpoint '{p.name}': unsupported file type '{p.suffix}' (use .safetensors)")
     if not allow_pickle_conversion:
-        raise UserError(
-            f"checkpoint '{p.name}' is a pickle file; convert it to safetensors or set "
-            f"checkpoint.allow_pickle_conversion=true (it is then read with torch.load(weights_only=True))"
-        )
+        raise UserError(pickle_refusal(p))
 
     def build(tmp: Path) -> None:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses arbitrary objects
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"could not read '{p.name}' with torch.load(weights_only=True): {first}") from e
+            raise UserError(unpickle_refusal(p, e)) from None
         tensors = _unwrap(obj)
         if not tensors:
             raise UserError(f"'{p.name}' holds no tensors")
