@@ -712,3 +712,17 @@ def test_pickled_checkpoints_are_refused_in_validation_saying_what_the_project_o
         )
     )  # converted once into the cache; the loader then finds it
     assert list((tmp_path / ".cache" / "artifacts" / "unlearning" / "converted").glob("*/plain.safetensors"))
+
+
+def test_the_nan_message_fits_the_guidance(tiny):
+    """Under ``guidance=none`` the NaN message suggested lowering a guidance strength there is not."""
+    from unlearn_exp.guidance import Guidance
+    from unlearn_exp.sampling import sample
+
+    handle = tiny.unet.conv_out.register_forward_hook(lambda m, i, o: o * float("nan"))
+    try:
+        with pytest.raises(UserError, match="with guidance 'none'") as err:
+            sample(tiny, ["a cat"], [0], Guidance(), steps=2)
+    finally:
+        handle.remove()
+    assert "guidance strength" not in str(err.value) and "precision" in str(err.value)

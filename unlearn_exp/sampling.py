@@ -126,9 +126,14 @@ def sample(
         latents = sched.step(eps_hat, t, latents).prev_sample
         if not torch.isfinite(latents).all():  # not latents.sum(): in float16 a finite sum overflows
             bad = [p[:40] for p, ok in zip(prompts, torch.isfinite(latents).flatten(1).all(1)) if not ok]
+            advice = (
+                "check the model weights and the precision (model.dtype, sampling.precision)"
+                if guidance.name == "none"
+                else "lower the guidance strength, or check the model weights and the precision"
+            )
             raise UserError(
                 f"non-finite latents at sampling step {i} (t={int(t)}) with guidance '{guidance.name}' "
-                f"for prompt(s) {bad}: lower the guidance strength or check the model weights"
+                f"for prompt(s) {bad}: {advice}"
             )
     images = comps.decode_latents(latents).float().cpu()
     meta = []
