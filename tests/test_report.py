@@ -423,6 +423,66 @@ def test_generated_attack_cells_add_their_column_to_the_long_table():
     assert "DSR (generated attacks)" not in _fmt(without["long_toy"]).columns
 
 
+def _crowded_long_table() -> report.Table:
+    """A long table whose points nearly all sit at DSR 1.0 (as on the toy), paper points at one beta."""
+    from unlearn_exp.report.tables import Column
+
+    recs = []
+    for i, beta in enumerate(paper.BETAS):
+        for j, method in enumerate(paper.METHODS):
+            dsr = 1.0 if (i, j) != (0, 0) else 0.75
+            recs.append(
+                {
+                    "method": method,
+                    "beta": beta,
+                    "dsr": dsr,
+                    "dsr_lo": dsr - 0.2,
+                    "dsr_hi": 1.0,
+                    "pp": 0.80 + 0.002 * j,
+                    "dsr_paper": 0.9 if beta == 1000 else math.nan,
+                    "pp_paper": 0.7 if beta == 1000 else math.nan,
+                }
+            )
+    cols = [Column("method", "method", "method", "text"), Column("pp", "PP (COCO)", "PP (COCO)")]
+    return report.Table("long_toy", "crowded", pd.DataFrame(recs), cols)
+
+
+def test_dsr_pp_plot_keys_points_by_legend_not_by_labels_that_collide(tmp_path: Path):
+    """Twenty points, nineteen at DSR 1.0: no text sits at a point; the legend has one entry per method,
+    per beta and for the paper, beside the axes; no two texts of the figure overlap; the plot is
+    cached under a key that names this layout."""
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from unlearn_exp.grids import png_key
+    from unlearn_exp.report import render
+
+    fig = render.dsr_pp_figure(_crowded_long_table(), "toy")
+    try:
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        assert not ax.texts  # no per-point annotations
+        legend = ax.get_legend()
+        labels = [t.get_text() for t in legend.get_texts()]
+        assert labels == [*paper.METHODS, *(f"beta={b}" for b in paper.BETAS), "paper"]
+        renderer = fig.canvas.get_renderer()
+        assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1  # beside
+        texts = [
+            t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip() and t.figure is not None
+        ]
+        boxes = [t.get_window_extent(renderer) for t in texts]
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                assert not boxes[i].overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
+    finally:
+        plt.close(fig)
+    path = render.plot_dsr_pp(_crowded_long_table(), "toy", tmp_path)
+    assert path.read_bytes()[:4] == b"\x89PNG" and png_key(path)
+    stamp = path.stat().st_mtime_ns
+    assert render.plot_dsr_pp(_crowded_long_table(), "toy", tmp_path) == path
+    assert path.stat().st_mtime_ns == stamp
+
+
 def test_an_override_of_a_swept_key_is_refused_not_applied_to_every_position(tmp_path: Path, capsys):
     """``-- checkpoint.beta=500`` would make every beta's position the beta-500 cell: refused in one line."""
     with pytest.raises(UserError, match="checkpoint.beta=500.*sweep"):

@@ -65,11 +65,93 @@ def write_table(table: Table, out: Path) -> list[Path]:
     return paths
 
 
+# One colour per method: a hue per guidance (grey: none, blue: SLD, orange: SAFREE), light for the
+# explicit concept and dark for the learned one (+Ours); one marker per beta, smaller for larger betas
+# (drawn later), so that points at the same place nest instead of hiding each other. Every point is
+# told apart by the legend alone: labels printed at the markers pile up where points share a DSR (1.0).
+METHOD_COLOURS = dict(zip(paper.METHODS, ("#525252", "#6baed6", "#08519c", "#fd8d3c", "#a63603")))
+BETA_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+DSR_PP_LAYOUT = 2  # part of the plot's cache key: a new layout draws every plot again
+
+
+def dsr_pp_figure(long: Table, label: str):
+    """The DSR-PP figure of a long table (Agg backend; the caller closes it): DSR against PP with the
+    Wilson 95% interval as error bars, colour by method, marker by beta (sorted numerically), the
+    paper's points hollow; the legend, beside the axes, lists the methods, betas and "paper" that
+    have points, and no point carries a text label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    pp_header = next((c.header for c in long.columns if c.key == "pp"), "PP")
+    betas = sorted({int(b) for b in long.data["beta"].dropna()})
+    markers = {b: BETA_MARKERS[i % len(BETA_MARKERS)] for i, b in enumerate(betas)}
+    sizes = {b: max(10.0 - 1.5 * i, 4.0) for i, b in enumerate(betas)}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    shown_methods, shown_betas, paper_shown = set(), set(), False
+    for _, r in long.data.sort_values("beta", kind="stable").iterrows():
+        if pd.isna(r["beta"]):
+            continue
+        beta, colour = int(r["beta"]), METHOD_COLOURS.get(r["method"], "k")
+        if not (pd.isna(r["dsr"]) or pd.isna(r["pp"])):
+            lo, hi = r.get("dsr_lo"), r.get("dsr_hi")
+            yerr = (
+                None if pd.isna(lo) or pd.isna(hi) else [[max(r["dsr"] - lo, 0.0)], [max(hi - r["dsr"], 0.0)]]
+            )
+            ax.errorbar(
+                r["pp"],
+                r["dsr"],
+                yerr=yerr,
+                fmt=markers[beta],
+                color=colour,
+                mec="white",
+                mew=0.6,
+                ms=sizes[beta],
+                alpha=0.9,
+                capsize=2,
+                lw=0.8,
+            )
+            shown_methods.add(r["method"])
+            shown_betas.add(beta)
+        if not (pd.isna(r["dsr_paper"]) or pd.isna(r["pp_paper"])):
+            ax.scatter(
+                r["pp_paper"],
+                r["dsr_paper"],
+                marker=markers[beta],
+                facecolors="none",
+                edgecolors=colour,
+                s=(sizes[beta] + 2) ** 2,
+            )
+            shown_methods.add(r["method"])
+            shown_betas.add(beta)
+            paper_shown = True
+    handles = [
+        Line2D([], [], ls="", marker="s", ms=7, color=c, label=m)
+        for m, c in METHOD_COLOURS.items()
+        if m in shown_methods
+    ]
+    handles += [
+        Line2D([], [], ls="", marker=markers[b], ms=sizes[b], color="grey", label=f"beta={b}")
+        for b in betas
+        if b in shown_betas
+    ]
+    if paper_shown:
+        handles.append(Line2D([], [], ls="", marker="o", ms=7, mfc="none", color="k", label="paper"))
+    if handles:
+        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    ax.set_xlabel(f"{pp_header}: prior preservation, higher is better")
+    ax.set_ylabel("DSR (Wilson 95% CI), higher is better")
+    ax.set_title(f"{label}: DSR against PP")
+    ax.margins(x=0.05, y=0.05)  # a point at DSR 1.0 or PP 1.0 is drawn whole, inside the frame
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def plot_dsr_pp(long: Table, label: str, out: Path) -> Path:
-    """DSR against PP with the Wilson 95% interval as error bars: one marker per method, one colour
-    per beta (sorted numerically), each point labelled; the paper's points hollow. The legend lists
-    only series that have points. A plot already drawn from the same points (its key in the PNG's
-    metadata) is kept as it is."""
+    """``<out>/dsr_pp_<label>.png``: ``dsr_pp_figure``. A plot already drawn from the same points and
+    layout (its key in the PNG's metadata) is kept as it is."""
     from unlearn_exp.grids import png_key
     from unlearn_exp.store import config_hash
 
@@ -81,71 +163,12 @@ def plot_dsr_pp(long: Table, label: str, out: Path) -> Path:
         if c in long.data
     ]
     points = long.data.sort_values("beta")[shown].to_json(orient="split", index=False, double_precision=15)
-    key = config_hash({"label": label, "pp": pp_header, "points": points, "layout": 1})
+    key = config_hash({"label": label, "pp": pp_header, "points": points, "layout": DSR_PP_LAYOUT})
     if path.is_file() and png_key(path) == key:
         return path
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
-    markers = dict(zip(paper.METHODS, "osD^v"))
-    betas = sorted({int(b) for b in long.data["beta"].dropna()})
-    palette = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
-    colours = {b: palette[i % len(palette)] for i, b in enumerate(betas)}
-    short = {m: m.replace("DUO+", "+").replace("+Ours", "+C*") for m in paper.METHODS}
-    fig, ax = plt.subplots(figsize=(7, 5))
-    shown_methods, shown_betas, paper_shown = set(), set(), False
-    for _, r in long.data.sort_values("beta").iterrows():
-        c = colours.get(int(r["beta"]), "k")
-        if not (pd.isna(r["dsr"]) or pd.isna(r["pp"])):
-            lo, hi = r.get("dsr_lo"), r.get("dsr_hi")
-            yerr = (
-                None if pd.isna(lo) or pd.isna(hi) else [[max(r["dsr"] - lo, 0.0)], [max(hi - r["dsr"], 0.0)]]
-            )
-            ax.errorbar(
-                r["pp"], r["dsr"], yerr=yerr, fmt=markers[r["method"]], color=c, ms=6, capsize=2, lw=0.8
-            )
-            ax.annotate(
-                f"{short[r['method']]} b{int(r['beta'])}",
-                (r["pp"], r["dsr"]),
-                fontsize=6,
-                xytext=(4, 3),
-                textcoords="offset points",
-            )
-            shown_methods.add(r["method"])
-            shown_betas.add(int(r["beta"]))
-        if not (pd.isna(r["dsr_paper"]) or pd.isna(r["pp_paper"])):
-            ax.scatter(
-                r["pp_paper"],
-                r["dsr_paper"],
-                marker=markers[r["method"]],
-                facecolors="none",
-                edgecolors=c,
-                s=60,
-            )
-            shown_methods.add(r["method"])
-            shown_betas.add(int(r["beta"]))
-            paper_shown = True
-    handles = [
-        Line2D([], [], ls="", marker=mk, color="grey", label=m)
-        for m, mk in markers.items()
-        if m in shown_methods
-    ]
-    handles += [
-        Line2D([], [], ls="", marker="o", color=colours[b], label=f"beta={b}")
-        for b in betas
-        if b in shown_betas
-    ]
-    if paper_shown:
-        handles.append(Line2D([], [], ls="", marker="o", mfc="none", color="k", label="paper"))
-    if handles:
-        ax.legend(handles=handles, fontsize=7, loc="best")
-    ax.set_xlabel(f"{pp_header}: prior preservation, higher is better")
-    ax.set_ylabel("DSR (defense success rate, Wilson 95% CI), higher is better")
-    ax.set_title(f"{label}: DSR against PP")
-    ax.grid(alpha=0.3)
+    fig = dsr_pp_figure(long, label)
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png", metadata={"unlearn_exp_key": key})
     plt.close(fig)
