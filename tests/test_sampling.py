@@ -151,6 +151,43 @@ def test_gpu_check_runs_in_smoke_mode(tmp_path):
     assert report["device"] and "| none |" in gpu.table(report)
 
 
+def test_gpu_parity_fp32_mode_runs_on_the_cpu_and_restores_every_switch(tmp_path, monkeypatch):
+    """``--parity-fp32 --smoke``: every setting alone and all together, the CUDA-only switches skipped
+    without CUDA; ours equal to diffusers (same initial latents, same scheduler arithmetic on both
+    sides); the torch switches as they were before."""
+    import json
+
+    from unlearn_exp.bench import gpu
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", gpu.CUBLAS_WORKSPACE)  # removed again after the test
+    before = gpu._torch_flags()
+    before.pop("CUBLAS_WORKSPACE_CONFIG")
+    report = gpu.main(["--parity-fp32", "--smoke", "--out", str(tmp_path / "parity.json")])
+    after = gpu._torch_flags()
+    after.pop("CUBLAS_WORKSPACE_CONFIG")
+    assert after == before
+    assert json.loads((tmp_path / "parity.json").read_text())["settings"].keys() == set(gpu.PARITY_SETTINGS)
+    assert report["initial_latents"]["max_abs_diff"] == 0.0
+    cuda = torch.cuda.is_available()
+    for name, e in report["settings"].items():
+        assert "error" not in e, (name, e)
+        if name in gpu.CUDA_ONLY and not cuda:
+            assert e["skipped_no_cuda"] == [name] and "latents_max_abs_diff" not in e
+            continue
+        assert e["same_scheduler_config"] and e["scheduler"]["ours"] == e["scheduler"]["diffusers"]
+        sigmas = "float64" if name in ("scheduler_float64", "all") else "float32"
+        assert e["scheduler"]["ours"]["sigmas"] == f"{sigmas} on cpu"
+        if not cuda:  # on the CPU ours and diffusers agree to float32 rounding
+            assert e["latents_max_abs_diff"] <= 1e-4 and e["images_max_abs_diff"] <= 1e-4, name
+            assert e["ours_repeat_images_max_abs_diff"] == 0.0
+    assert report["settings"]["all"]["applied"] == sorted(
+        p for p in gpu.PARITY_PARTS if cuda or p not in gpu.CUDA_ONLY
+    )
+    table = gpu.parity_table(report)
+    assert "| default |" in table and "| all |" in table
+    assert ("skipped (no CUDA)" in table) == (not cuda)
+
+
 def test_sampling_bench_times_every_side_in_turn(monkeypatch):
     """``make bench``'s sampling comparison on the tiny model, one round: every side timed, the
     ratios from those times, and the rounds interleaved (one call of each side in turn)."""

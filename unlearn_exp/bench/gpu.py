@@ -12,12 +12,26 @@ DUO training and concept-inversion steps/s; sampling through Lightning's predict
 ``sampling.devices=1``; and the options GPU users expect (``torch.compile``, channels-last, TF32,
 VAE slicing/tiling, the attention processor diffusers picked), each timed against the default.
 It writes one JSON (``--out``) and prints one table. On the CPU (``--smoke``) memory is not measured.
+
+``--parity-fp32`` measures instead why ours and diffusers' ``StableDiffusionPipeline`` can differ on a GPU:
+in float32, for the same components, prompt and seed, the max abs difference of the final latents and
+of the images (and of ours against a second run of ours) under each numerical setting alone and all
+together: TF32 off (matmul and cuDNN), cuDNN benchmark off, deterministic algorithms
+(``CUBLAS_WORKSPACE_CONFIG=:4096:8`` is set before CUDA starts, for every setting), the math SDPA kernel
+instead of the default, and the scheduler's sigmas in float64. It also records how each side draws its
+initial latents and the dtype and device of each side's timesteps and sigmas. On the CPU the
+CUDA-only switches are skipped (``--parity-fp32 --smoke``: the tiny model in seconds).
+
+    python -m unlearn_exp.bench.gpu --parity-fp32                 # SD-v1.4-sized random weights, 512 px
+    python -m unlearn_exp.bench.gpu --parity-fp32 --smoke         # the tiny model on any device (tests)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -39,6 +53,14 @@ def _timed(fn, repeats: int = 1) -> float:
         fn()
     sync()
     return (time.perf_counter() - start) / repeats
+
+
+def as_diffusers_images(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Our images ([-1, 1], float32) post-processed as diffusers' pipelines do it: ``x * 0.5 + 0.5``,
+    clamped to [0, 1], in the model's dtype. Converting to float32 first, as the comparison did, alone
+    differs from diffusers by up to 2e-3 in bf16 (its spacing near 1 is 2^-8) and 2.4e-4 in fp16; on
+    the same footing the CPU gives ours equal to diffusers to the bit in every dtype."""
+    return (images.to(dtype) * 0.5 + 0.5).clamp(0, 1).float().cpu()
 
 
 def _peak_mb(fn) -> float | None:
@@ -233,7 +255,7 @@ def run(args) -> dict[str, Any]:
                 entry = {"ours_images_per_s": 1.0 / _timed(lambda o=ours: o(1))}
                 if theirs is not None:
                     entry["diffusers_images_per_s"] = 1.0 / _timed(lambda t=theirs: t(1))
-                    a = ((ours(1).float().cpu() + 1) / 2).clamp(0, 1)  # ours: [-1, 1]; diffusers: [0, 1]
+                    a = as_diffusers_images(ours(1), dtype)
                     b = theirs(1)
                     b = torch.from_numpy(b).permute(0, 3, 1, 2) if not torch.is_tensor(b) else b.float().cpu()
                     entry["max_abs_pixel_diff"] = float((a - b).abs().max())
@@ -283,6 +305,261 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- float32 parity
+PARITY_PROMPT = "a photo of a woman on a beach"
+PARITY_PARTS = ("no_tf32", "no_cudnn_benchmark", "deterministic", "math_sdpa", "scheduler_float64")
+PARITY_SETTINGS = ("default", *PARITY_PARTS, "all")
+CUDA_ONLY = frozenset({"no_tf32", "no_cudnn_benchmark"})
+CUBLAS_WORKSPACE = ":4096:8"  # what deterministic cuBLAS needs; read when CUDA starts
+
+
+def _torch_flags() -> dict[str, Any]:
+    return {
+        "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        "cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    }
+
+
+@contextlib.contextmanager
+def _switches(parts: set[str], cuda: bool):
+    """Turn the settings in ``parts`` on for the block (the CUDA-only ones only on CUDA), then restore."""
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    try:
+        with contextlib.ExitStack() as stack:
+            if "no_tf32" in parts and cuda:
+                torch.backends.cuda.matmul.allow_tf32 = False
+                torch.backends.cudnn.allow_tf32 = False
+            if "no_cudnn_benchmark" in parts and cuda:
+                torch.backends.cudnn.benchmark = False
+            if "deterministic" in parts:
+                torch.use_deterministic_algorithms(True)
+            if "math_sdpa" in parts:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[0], saved[1]
+        torch.backends.cudnn.benchmark = saved[2]
+        torch.use_deterministic_algorithms(saved[3])
+
+
+def _float64_sigmas(sched):
+    """The scheduler with its sigmas in float64 after ``set_timesteps``: the step's coefficients (ratios,
+    logs and exponentials of sigmas) are computed in float64, then applied to the float32 sample."""
+    set_timesteps = sched.set_timesteps
+
+    def wrapped(*args, **kwargs):
+        set_timesteps(*args, **kwargs)
+        sched.sigmas = sched.sigmas.to(torch.float64)
+
+    sched.set_timesteps = wrapped
+    return sched
+
+
+def _scheduler_arithmetic(sched) -> dict[str, str]:
+    def where(t) -> str:
+        return f"{str(t.dtype).replace('torch.', '')} on {t.device.type}"
+
+    return {"class": type(sched).__name__, "timesteps": where(sched.timesteps), "sigmas": where(sched.sigmas)}
+
+
+def _parity_ours(comps, steps: int, seed: int, make_sched):
+    from unlearn_exp.sampling import sample
+
+    made = []
+
+    def factory(name: str = "dpmsolver++"):
+        made.append(make_sched())
+        return made[-1]
+
+    comps.sampling_scheduler = factory  # this call's scheduler, kept to read its arithmetic
+    try:
+        out = sample(comps, [PARITY_PROMPT], [seed], None, steps=steps)
+    finally:
+        del comps.sampling_scheduler
+    return out.latents, as_diffusers_images(out.images, torch.float32), made[-1]
+
+
+def _parity_diffusers(comps, steps: int, seed: int, make_sched):
+    sched = make_sched()
+    pipe = comps.to_diffusers(scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    last: dict[str, torch.Tensor] = {}
+
+    def keep_latents(pipeline, i, t, kwargs):
+        last["latents"] = kwargs["latents"]
+        return {}
+
+    images = pipe(
+        [PARITY_PROMPT],
+        generator=[torch.Generator("cpu").manual_seed(seed)],  # where ours draws: one CPU generator per image
+        num_inference_steps=steps,
+        height=comps.resolution,
+        width=comps.resolution,
+        output_type="pt",
+        callback_on_step_end=keep_latents,
+        callback_on_step_end_tensor_inputs=["latents"],
+    ).images
+    return last["latents"].float().cpu(), images.float().cpu(), sched
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def _initial_latents(comps, seed: int) -> dict[str, Any]:
+    """Ours (``initial_noise``: a CPU generator per image) against diffusers' ``prepare_latents`` with the
+    CPU generator the comparison passes it, and, on CUDA, against noise drawn by a CUDA generator."""
+    from unlearn_exp.sampling import initial_noise
+
+    shape = comps.latent_shape()
+    sched = comps.sampling_scheduler("dpmsolver++")
+    ours = initial_noise([seed], shape).to(comps.device, comps.dtype) * sched.init_noise_sigma
+    pipe = comps.to_diffusers(scheduler=sched)
+    theirs = pipe.prepare_latents(
+        1,
+        shape[0],
+        comps.resolution,
+        comps.resolution,
+        comps.dtype,
+        comps.device,
+        [torch.Generator("cpu").manual_seed(seed)],
+    )
+    out: dict[str, Any] = {
+        "ours": "torch.Generator('cpu').manual_seed(seed) per image, float32, moved to the device",
+        "diffusers": "generator=[torch.Generator('cpu').manual_seed(seed)]: randn_tensor draws on the CPU",
+        "max_abs_diff": _max_abs(ours.cpu(), theirs.cpu()),
+    }
+    if torch.cuda.is_available():
+        on_gpu = torch.randn((1, *shape), generator=torch.Generator("cuda").manual_seed(seed), device="cuda")
+        out["cuda_generator_max_abs_diff"] = _max_abs(ours.cpu(), on_gpu.cpu())
+    return out
+
+
+def _parity_model(args):
+    from unlearn_exp.bench.sampling import sd14_sized
+    from unlearn_exp.models import build_tiny, load_pretrained
+
+    if args.smoke:
+        comps = build_tiny(resolution=32)
+    elif args.path:
+        comps = load_pretrained(args.path, name="sd14", resolution=args.resolution)
+    else:
+        comps = sd14_sized(args.resolution)
+    return comps.to(device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float32)
+
+
+def run_parity(args) -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
+    comps = _parity_model(args)
+    seed = 0
+    report: dict[str, Any] = {
+        "mode": "parity-fp32",
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "steps": args.steps,
+        "resolution": comps.resolution,
+        "defaults": _torch_flags(),
+        "attention_processor": type(
+            comps.unet.attn_processors[next(iter(comps.unet.attn_processors))]
+        ).__name__,
+        "initial_latents": _initial_latents(comps, seed),
+        "settings": {},
+    }
+
+    def plain():
+        return type(comps).sampling_scheduler(comps, "dpmsolver++")
+
+    default_images = None
+    for setting in PARITY_SETTINGS:
+        parts = set(PARITY_PARTS) if setting == "all" else ({setting} - {"default"})
+        entry: dict[str, Any] = {
+            "applied": sorted(p for p in parts if cuda or p not in CUDA_ONLY),
+            "skipped_no_cuda": sorted(p for p in parts if not cuda and p in CUDA_ONLY),
+        }
+        if setting in CUDA_ONLY and not cuda:
+            report["settings"][setting] = entry
+            continue
+        make = (lambda: _float64_sigmas(plain())) if "scheduler_float64" in parts else plain
+        try:
+            with torch.no_grad(), _switches(parts, cuda):
+                lat_a, img_a, sched_a = _parity_ours(comps, args.steps, seed, make)
+                lat_b, img_b, sched_b = _parity_diffusers(comps, args.steps, seed, make)
+                lat_r, img_r, _ = _parity_ours(comps, args.steps, seed, make)
+                entry["flags"] = _torch_flags()
+            entry.update(
+                latents_max_abs_diff=_max_abs(lat_a, lat_b),
+                images_max_abs_diff=_max_abs(img_a, img_b),
+                # random weights decode to saturated images: one pixel that flips between 0 and 1 makes
+                # the max 1.0, the mean says how much of the image moved
+                images_mean_abs_diff=float((img_a - img_b).abs().mean()),
+                ours_repeat_latents_max_abs_diff=_max_abs(lat_a, lat_r),
+                ours_repeat_images_max_abs_diff=_max_abs(img_a, img_r),
+                # how far this setting moves ours from ours under the defaults: the size of a difference
+                # that a change of kernel alone makes after ``steps`` steps
+                ours_vs_default_images_max_abs_diff=_max_abs(img_a, default_images)
+                if default_images is not None
+                else 0.0,
+                scheduler={
+                    "ours": _scheduler_arithmetic(sched_a),
+                    "diffusers": _scheduler_arithmetic(sched_b),
+                },
+                same_scheduler_config=dict(sched_a.config) == dict(sched_b.config),
+            )
+        except Exception as exc:  # e.g. an op without a deterministic kernel: a finding, not a crash
+            entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        if setting == "default" and "error" not in entry:
+            default_images = img_a
+        report["settings"][setting] = entry
+    return report
+
+
+def parity_table(report: dict[str, Any]) -> str:
+    init = report["initial_latents"]
+    lines = [
+        f"float32 parity, ours vs diffusers' StableDiffusionPipeline, on {report['device']} "
+        f"(torch {report['torch']}, {report['date']}), {report['resolution']} px, {report['steps']} steps",
+        "defaults: " + ", ".join(f"{k}={v}" for k, v in report["defaults"].items()),
+        f"attention processor: {report['attention_processor']}; initial latents ours vs diffusers: max abs "
+        f"{init['max_abs_diff']:.2e}"
+        + (
+            f" (a CUDA generator's instead: {init['cuda_generator_max_abs_diff']:.2f})"
+            if "cuda_generator_max_abs_diff" in init
+            else ""
+        ),
+        "| setting | latents max abs | images max abs (mean) | ours vs ours: latents | images "
+        "| ours vs ours at default: images | scheduler (ours; diffusers) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, e in report["settings"].items():
+        if "error" in e:
+            lines.append(f"| {name} | error: {e['error']} | | | | | |")
+        elif "latents_max_abs_diff" not in e:
+            lines.append(f"| {name} | skipped (no CUDA) | | | | | |")
+        else:
+            sc = e["scheduler"]
+            arith = "; ".join(
+                f"t {s['timesteps']}, sigma {s['sigmas']}" for s in (sc["ours"], sc["diffusers"])
+            )
+            lines.append(
+                f"| {name} | {e['latents_max_abs_diff']:.2e} | {e['images_max_abs_diff']:.2e} "
+                f"({e['images_mean_abs_diff']:.1e}) | "
+                f"{e['ours_repeat_latents_max_abs_diff']:.2e} | {e['ours_repeat_images_max_abs_diff']:.2e} | "
+                f"{e['ours_vs_default_images_max_abs_diff']:.2e} | {arith} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the tiny model, 2 steps: seconds on any device")
@@ -294,8 +571,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--train-steps", type=int, default=20)
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--out", default="gpu_check.json")
+    ap.add_argument("--parity-fp32", action="store_true", help="float32 parity with diffusers per setting")
+    ap.add_argument("--out", help="the JSON written (default: gpu_check.json, gpu_parity.json)")
     args = ap.parse_args(argv)
+    if args.parity_fp32:
+        # before CUDA starts: cuBLAS reads it when it creates its handle (deterministic matmuls need it)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        if args.smoke:
+            args.steps = 2
+        from unlearn_exp.runtime import keep_freed_memory
+
+        keep_freed_memory()
+        report = run_parity(args)
+        out = Path(args.out or "gpu_parity.json")
+        out.write_text(json.dumps(report, indent=2))
+        print(parity_table(report))
+        print(f"written: {out}")
+        return report
+    args.out = args.out or "gpu_check.json"
     if args.smoke:
         args.steps, args.batches, args.max_batch, args.train_steps = 2, [1, 2], 4, 2
         if not torch.cuda.is_available():

@@ -101,10 +101,12 @@ def run(comps: Components, steps: int, batch: int, repeats: int, scheduler: str)
     prompts, seeds = [PROMPT] * batch, list(range(batch))
     res = comps.resolution
     sld_params = PRESETS["max"]  # warm-up 0: the safety branch acts at every step
-    gen = [
-        torch.Generator(comps.device.type if comps.device.type == "cuda" else "cpu").manual_seed(s)
-        for s in seeds
-    ]
+
+    def gen() -> list[torch.Generator]:
+        """Fresh CPU generators per call, seeded as ours: each side starts every call from the same
+        initial latents (a CUDA generator draws other numbers than the CPU one ours uses)."""
+        return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
     pipe = comps.to_diffusers(scheduler=comps.sampling_scheduler(scheduler))
     pipe.set_progress_bar_config(disable=True)
     safe = comps.to_diffusers(scheduler=comps.sampling_scheduler(scheduler), safe=True)
@@ -114,13 +116,13 @@ def run(comps: Components, steps: int, batch: int, repeats: int, scheduler: str)
     t = _time_interleaved(
         {
             "ours_none": lambda: sample(comps, prompts, seeds, None, scheduler=scheduler, steps=steps),
-            "diffusers_none": lambda: pipe(prompts, generator=gen, **common),
+            "diffusers_none": lambda: pipe(prompts, generator=gen(), **common),
             "ours_sld": lambda: sample(
                 comps, prompts, seeds, SLD(CONCEPT, sld_params), scheduler=scheduler, steps=steps
             ),
             "diffusers_sld": lambda: safe(
                 prompts,
-                generator=gen,
+                generator=gen(),
                 sld_warmup_steps=sld_params.warmup_steps,
                 sld_guidance_scale=sld_params.guidance_scale,
                 sld_threshold=sld_params.threshold,
