@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import open_clip
@@ -100,3 +101,41 @@ def test_auto_device_is_the_cpu_without_asking_torch_where_no_gpu_can_be(monkeyp
             "cuda" if torch.cuda.is_available() else "cpu"
         )
     assert identity.resolved_device({"device": "cpu"}) == "cpu"
+
+
+FP32_WARNING = "should be kept in float32"
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_a_toy_cell_sampling_path_logs_no_float32_warning(capfd):
+    """Loading the toy model, casting it and sampling through ``predict_rows`` (whose end moves the
+    model back to its device, where each cell used to log diffusers' "should be kept in float32"
+    warning twice) log nothing of it; a model that does list modules to keep in float32 still warns."""
+    from unlearn_exp.sampling import predict_rows
+    from unlearn_exp.toy.artifacts import compose as toy_compose
+
+    records = _Records()
+    diffusers_logger = logging.getLogger("diffusers")  # diffusers' own handler: stderr, no propagation
+    diffusers_logger.addHandler(records)
+    try:
+        comps = load_model(toy_compose(["+experiment=toy_duo"]).model)
+        comps.to(dtype=torch.float16).to(dtype=torch.float32)
+        comps.to(device="cpu")
+        rows = [{"case_id": "0", "prompt": "a red circle", "seed": 0, "image_index": 0}]
+        out = predict_rows(comps, None, rows, batch_size=1, progress=False, steps=1)
+        assert len(out) == 1 and out[0]["image_tensor"].shape == (3, 16, 16)
+        assert not [m for m in records.messages if FP32_WARNING in m]
+        assert FP32_WARNING not in capfd.readouterr().err
+        comps.unet._keep_in_fp32_modules = ["conv_in"]  # the filter drops only the empty-list warning
+        comps.unet.to(dtype=torch.float32)
+        assert [m for m in records.messages if FP32_WARNING in m and "['conv_in']" in m]
+    finally:
+        diffusers_logger.removeHandler(records)

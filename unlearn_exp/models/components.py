@@ -8,6 +8,7 @@ A model without a VAE (the toy) uses the identity latent path: latents are the i
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,25 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from unlearn_exp.errors import UserError
+
+
+class _SpuriousFp32Warning(logging.Filter):
+    """Drops diffusers' "There are modules in X that should be kept in float32: []" warning, and only
+    where the list is empty.
+
+    ``ModelMixin.to`` (diffusers 0.42) takes ``fp32_modules = self._keep_in_fp32_modules or []`` and
+    then warns when ``fp32_modules is not None``, which always holds: every cast with a dtype (ours in
+    ``Components.to``, Lightning's precision plugins) warned, even for the UNet and VAE of Stable
+    Diffusion, whose list of modules to keep in float32 is empty, so there is nothing the cast could
+    make inconsistent. A model that does list modules still gets the warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("There are modules in ") and "should be kept in float32: []." in msg)
+
+
+_FP32_FILTER = _SpuriousFp32Warning()
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_FP32_FILTER)  # the logger that warns
 
 SAMPLERS = {
     "dpmsolver++": DPMSolverMultistepScheduler,
@@ -89,18 +109,13 @@ class Components:
         return int(self.text_encoder.config.hidden_size)
 
     def to(self, device=None, dtype=None) -> Components:
-        from diffusers.utils import logging as diffusers_logging
-
-        # diffusers warns that "modules should be kept in float32" on every dtype cast, even when
-        # the list of such modules is empty (as for every model here): silence that one call
-        level = diffusers_logging.get_verbosity()
-        if dtype is not None:
-            diffusers_logging.set_verbosity_error()
-        try:
+        # only the arguments given: diffusers' ModelMixin.to tests ``"dtype" in kwargs``, so a device
+        # move written ``to(device=d, dtype=None)`` counted as a cast and logged the float32 warning
+        # (see _SpuriousFp32Warning)
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if kwargs:
             for m in self.modules().values():
-                m.to(device=device, dtype=dtype)
-        finally:
-            diffusers_logging.set_verbosity(level)
+                m.to(**kwargs)
         return self
 
     def modules(self) -> dict[str, torch.nn.Module]:
