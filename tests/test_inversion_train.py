@@ -1,6 +1,7 @@
 """Concept inversion training: frozen rows, K vectors, outputs, resume and divergence (docs/methods.md 6)."""
 
 import json
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -124,3 +125,48 @@ def test_settings_reject_bad_values():
         InversionConfig.from_cfg({k: v for k, v in CFG.items() if k != "steps"})
     s = InversionConfig.from_cfg({**CFG, "template": ["a photo of {}", "{}"], "betas": [0.9, 0.99]})
     assert s.templates == ["a photo of {}", "{}"] and s.as_dict()["betas"] == [0.9, 0.99]
+
+
+@pytest.mark.parametrize(
+    ("prompt_tokens", "trained"), [("all", [True, True, True]), ("first", [True, False, False])]
+)
+def test_prompt_tokens_decides_which_of_the_vectors_train(tmp_path, prompt_tokens, trained):
+    """``prompt_tokens: first`` (CCE, diffusers' example) puts only ``<c*>`` in the training prompts: its
+    row trains, the other K-1 stay at the initialiser's row; ``all`` (the default) trains every row."""
+    comps = build_tiny(resolution=16)
+    dog = (
+        comps.text_encoder.get_input_embeddings()
+        .weight[comps.tokenizer("dog", add_special_tokens=False).input_ids[0]]
+        .clone()
+    )
+    cfg = {**CFG, "num_vectors": 3, "prompt_tokens": prompt_tokens, "steps": 2, "eval_draws": 0}
+    out = invert(comps, _images(), cfg, tmp_path / "out", progress=False)
+    rows = comps.text_encoder.get_input_embeddings().weight[token_ids(comps, out["tokens"])]
+    assert [not torch.equal(r, dog) for r in rows] == trained
+    assert out["prompt"] == "<c*> <c*>_1 <c*>_2"  # the concept is prompted with all K either way
+
+
+def test_prompt_tokens_all_leaves_every_key_as_it_was():
+    """The option's default is left out of C*'s key, its run key and the cell spec; ``first`` is in them."""
+    from tests.helpers import compose
+    from unlearn_exp.cell.keys import inversion_key
+    from unlearn_exp.identity import cell_spec, without_neutral
+    from unlearn_exp.store import config_hash, to_plain
+
+    base = ["+experiment=toy_duo", "embedding=inverted", "guidance=sld", "checkpoint.beta=500"]
+    default, first = (
+        compose(base, hydra=False),
+        compose([*base, "inversion.prompt_tokens=first"], hydra=False),
+    )
+    assert default.inversion.prompt_tokens == "all"
+    settings = InversionConfig.from_cfg(default.inversion).as_dict()
+    assert "prompt_tokens" not in without_neutral("inversion", settings)
+    assert "prompt_tokens" in without_neutral(
+        "inversion", InversionConfig.from_cfg(first.inversion).as_dict()
+    )
+    keys = [config_hash(inversion_key(c, "m", "i", "c")) for c in (default, first)]
+    specs = [cell_spec(c)["concept"]["inversion"] for c in (default, first)]
+    assert keys[0] != keys[1] and "prompt_tokens" not in specs[0] and specs[1]["prompt_tokens"] == "first"
+    legacy = to_plain(default.inversion)
+    del legacy["prompt_tokens"]  # a config from before the option: the same key
+    assert config_hash(inversion_key(SimpleNamespace(inversion=legacy), "m", "i", "c")) == keys[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from unlearn_exp.identity import concept_checkpoint, resolved_precision
+from unlearn_exp.identity import concept_checkpoint, resolved_precision, without_neutral
 from unlearn_exp.store import config_hash
 from unlearn_exp.store import to_plain as plain
 
@@ -71,7 +71,7 @@ def image_set_key(cfg, comps: Components, judge, model_id: str) -> dict[str, Any
 def inversion_key(cfg, model_id: str, image_set_id: str, learned_on: str) -> dict[str, Any]:
     """The key of ``C*``: the model, the content id of the checkpoint it is learned on (``learned_on``:
     the weights it was optimised against, not their recipe), the inversion settings and the images."""
-    inv = plain(cfg.inversion)
+    inv = without_neutral("inversion", plain(cfg.inversion))
     inv.pop("image_set", None)
     return {
         "model": model_id,

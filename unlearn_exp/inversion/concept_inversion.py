@@ -8,9 +8,11 @@ latent-diffusion denoising loss of docs/methods.md 6.1:
     v_* = argmin_v E_{x, eps, t} || eps - eps_theta(sqrt(abar_t) z + sqrt(1 - abar_t) eps, t, E(y(<c*>))) ||^2
 
 with ``z = VAE.enc(x).sample() * scale`` (the identity for a VAE-less model), ``t ~ U{0..T-1}`` and
-``y`` a template holding the placeholder. Every random draw of step ``s`` (image, flip, timestep,
-noise, VAE sample, template) comes from a generator seeded by ``(seed, s)``, so a run resumed
-from a checkpoint takes the same steps as an uninterrupted one.
+``y`` a template holding the placeholder tokens (all K, or the first alone with
+``inversion.prompt_tokens: first``, docs/methods.md 6.3). Every random draw of step ``s`` (image, flip,
+timestep, noise, VAE sample, template) comes from a generator seeded by ``(seed, s)``, so a run resumed
+from a checkpoint takes the same steps as an uninterrupted one. On a half-precision model the text
+encoder runs in float32 for the stage, UNet and VAE in their dtype (docs/methods.md 13).
 
 ``invert`` runs it with ``lightning.Trainer`` and writes ``learned_embeds.safetensors`` (diffusers'
 textual-inversion format) and ``metadata.json``.
@@ -30,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from unlearn_exp.errors import UserError
-from unlearn_exp.inversion.config import InversionConfig
+from unlearn_exp.identity import without_neutral
+from unlearn_exp.inversion.config import InversionConfig, PromptTokens
 from unlearn_exp.inversion.image_sets import ImageSet, read_image_folder, tensor_image_set
 from unlearn_exp.inversion.textual_inversion import (
     LearnedRowsEmbedding,
@@ -90,6 +93,9 @@ class ConceptInversion(L.LightningModule):
             else install_learned_rows(comps, self.tokens)
         )
         self.embedding.learned.requires_grad_(True)
+        # the tokens a training prompt holds: all K, or only the first as CCE does (docs/methods.md 6.3)
+        first_only = self.settings.prompt_tokens == PromptTokens.first
+        self.prompt_tokens = self.tokens[:1] if first_only else list(self.tokens)
         self.register_buffer("images", tensor_image_set(images).images, persistent=False)
         self.run_key = run_key
         self.loss_history: list[float] = []
@@ -156,10 +162,13 @@ class ConceptInversion(L.LightningModule):
                 )
             else:
                 means, stds = [], []
-                for chunk in views.flatten(0, 1).split(8):
-                    dist = self.vae.encode(chunk.to(self.vae.device, self.vae.dtype)).latent_dist
-                    means.append(dist.mean * self.comps.latent_scale)
-                    stds.append(dist.std * self.comps.latent_scale)
+                # in the VAE's own dtype, outside any autocast: the same posterior whether the first
+                # call is the evaluation before training or the first step (docs/methods.md 13)
+                with torch.autocast(self.vae.device.type, enabled=False):
+                    for chunk in views.flatten(0, 1).split(8):
+                        dist = self.vae.encode(chunk.to(self.vae.device, self.vae.dtype)).latent_dist
+                        means.append(dist.mean * self.comps.latent_scale)
+                        stds.append(dist.std * self.comps.latent_scale)
                 mean, std = torch.cat(means), torch.cat(stds)
                 self._posterior = (mean.unflatten(0, (2, -1)), std.unflatten(0, (2, -1)))
         return self._posterior
@@ -199,7 +208,7 @@ class ConceptInversion(L.LightningModule):
 
     def step_loss(self, step: int) -> torch.Tensor:
         draw = self.draw(step)
-        prompts = [concept_prompt(self.tokens, self.settings.templates[k]) for k in draw["template"]]
+        prompts = [concept_prompt(self.prompt_tokens, self.settings.templates[k]) for k in draw["template"]]
         return self.denoising_loss(prompts, draw)
 
     # -------------------------------------------------------------- lightning
@@ -336,57 +345,65 @@ def invert(
     out_dir = Path(out_dir)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else out_dir / "checkpoints"
     source = source if source is not None else {"name": comps.name, "source": comps.source}
-    run_key = config_hash({"settings": s.as_dict(), "images": image_set.identity, "source": source})
+    settings = without_neutral("inversion", s.as_dict())  # prompt_tokens: all leaves the key as it was
+    run_key = config_hash({"settings": settings, "images": image_set.identity, "source": source})
 
-    tokens = add_placeholder_tokens(comps, s.placeholder, s.num_vectors, s.init_word)
-    module = ConceptInversion(comps, tokens, image_set.images, s, run_key=run_key)
-    eval_prompt = concept_prompt(tokens, s.templates[0])
-    eval_init = evaluation_loss(module, eval_prompt, s.eval_draws) if s.eval_draws else None
+    # CCE (diffusers' textual-inversion example) keeps the text encoder, its token table and so the
+    # learned rows in float32, UNet and VAE in the half dtype: a half-precision text encoder is
+    # float32 from the first placeholder row to the last evaluation (docs/methods.md 13)
+    with comps.in_float32("text_encoder"):
+        tokens = add_placeholder_tokens(comps, s.placeholder, s.num_vectors, s.init_word)
+        module = ConceptInversion(comps, tokens, image_set.images, s, run_key=run_key)
+        eval_prompt = concept_prompt(tokens, s.templates[0])
+        eval_init = evaluation_loss(module, eval_prompt, s.eval_draws) if s.eval_draws else None
 
-    last = ckpt_dir / LAST_CKPT
-    if last.is_file():
-        log.info("concept inversion: resuming from %s", last)
-    if logger is not None:
-        define_stage_axis(logger, "inversion")
-    keep_freed_memory()
-    trainer = L.Trainer(
-        max_steps=s.steps,
-        accelerator="auto",
-        devices=1,
-        precision=resolved_precision(s.precision),
-        logger=logger if logger is not None else False,
-        callbacks=[
-            StopOnSigterm(),
-            RowsCheckpoint(ckpt_dir, s.checkpoint_every),
-            *(callbacks or []),
-            *([lightning_bar("concept inversion (C*)", s.steps, "step")] if progress else []),
-        ],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=s.log_every_n_steps,
-        num_sanity_val_steps=0,
-        default_root_dir=str(ckpt_dir),
-    )
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*does not have many workers.*")
-            warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
-            with keeps_device(comps):  # Lightning leaves its module (and the model) on the CPU
-                trainer.fit(module, ckpt_path=str(last) if last.is_file() else None)
-    except InversionDiverged as exc:
-        rows = merge_learned_rows(comps, module.last_good)
-        path = save_textual_inversion(
-            ckpt_dir / LAST_GOOD_FILE, tokens, rows, {"step": module.last_good_step, "diverged_at": exc.step}
+        last = ckpt_dir / LAST_CKPT
+        if last.is_file():
+            log.info("concept inversion: resuming from %s", last)
+        if logger is not None:
+            define_stage_axis(logger, "inversion")
+        keep_freed_memory()
+        trainer = L.Trainer(
+            max_steps=s.steps,
+            accelerator="auto",
+            devices=1,
+            precision=resolved_precision(s.precision),
+            logger=logger if logger is not None else False,
+            callbacks=[
+                StopOnSigterm(),
+                RowsCheckpoint(ckpt_dir, s.checkpoint_every),
+                *(callbacks or []),
+                *([lightning_bar("concept inversion (C*)", s.steps, "step")] if progress else []),
+            ],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            log_every_n_steps=s.log_every_n_steps,
+            num_sanity_val_steps=0,
+            default_root_dir=str(ckpt_dir),
         )
-        raise InversionDiverged(
-            f"{exc}; the last good embedding (step {module.last_good_step}) is in {path}", exc.step
-        ) from None
-    except BaseException:
-        merge_learned_rows(comps, module.last_good)
-        raise
-    rows = merge_learned_rows(comps)
-    eval_final = evaluation_loss(module, eval_prompt, s.eval_draws) if s.eval_draws else None
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*does not have many workers.*")
+                warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+                with keeps_device(comps):  # Lightning leaves its module (and the model) on the CPU
+                    trainer.fit(module, ckpt_path=str(last) if last.is_file() else None)
+        except InversionDiverged as exc:
+            rows = merge_learned_rows(comps, module.last_good)
+            path = save_textual_inversion(
+                ckpt_dir / LAST_GOOD_FILE,
+                tokens,
+                rows,
+                {"step": module.last_good_step, "diverged_at": exc.step},
+            )
+            raise InversionDiverged(
+                f"{exc}; the last good embedding (step {module.last_good_step}) is in {path}", exc.step
+            ) from None
+        except BaseException:
+            merge_learned_rows(comps, module.last_good)
+            raise
+        rows = merge_learned_rows(comps)
+        eval_final = evaluation_loss(module, eval_prompt, s.eval_draws) if s.eval_draws else None
 
     window = _window_means(module.loss_history, s.loss_window)
     fit_s = time.time() - (module._fit_start or wall_start)
@@ -409,7 +426,7 @@ def invert(
         "eval_loss_final": eval_final,
         "wall_s": round(time.time() - wall_start, 3),
         "train_s_total": round(module.elapsed_before + fit_s, 3),
-        "settings": s.as_dict(),
+        "settings": settings,
         "run_key": run_key,
         "format": "diffusers textual inversion (safetensors, one tensor (K, D) named after the first token)",
     }

@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from unlearn_exp.checks import Checks
-from unlearn_exp.settings import Settings, choice, listed, number
+from unlearn_exp.settings import Settings, choice, listed, number, probability
 from unlearn_exp.unlearning.config import PRECISIONS
 
 
@@ -22,6 +22,13 @@ class ImageSource(StrEnum):
     generated = "generated"  # sampled by the original model, kept where the filter flags the concept
     duo_pairs = "duo_pairs"  # the unsafe half of DUO's pair images
     folder = "folder"  # a folder of your own
+
+
+class PromptTokens(StrEnum):
+    """Which of the K placeholder tokens the training prompts hold (docs/methods.md 6.3)."""
+
+    all = "all"  # every token, "<c*> <c*>_1 ... <c*>_{K-1}", as the concept is prompted afterwards
+    first = "first"  # only "<c*>", as CCE and diffusers' example do: the other K-1 rows never train
 
 
 @dataclass
@@ -46,11 +53,12 @@ class ImageSetConfig(Settings):
 @dataclass
 class InversionConfig(Settings):
     """``conf/inversion/default.yaml``: AdamW with weight decay 0 (= Adam), lr 5e-3, batch 1, 3000
-    steps (docs/methods.md 6.2). ``as_dict`` is what a learned C*'s key hashes (the image set has its
-    own identity)."""
+    steps (docs/methods.md 6.2). ``as_dict``, less its keys at their neutral value, is what a learned
+    C*'s key hashes (the image set has its own identity)."""
 
     GROUP = "inversion"
     num_vectors: int = number(int, lo=1)
+    prompt_tokens: PromptTokens = MISSING
     placeholder: str = MISSING
     init_word: str = MISSING
     template: Any = MISSING  # str | list[str], each with one "{}"
@@ -62,7 +70,7 @@ class InversionConfig(Settings):
     betas: Any = listed()
     adam_eps: Any = number(lo=0, strict=True)
     lr_schedule: str = choice("constant")  # only constant (no warm-up) is implemented
-    flip_p: Any = number(lo=0)
+    flip_p: Any = probability()
     checkpoint_every: int = number(int, lo=1)
     max_loss: Any = number(lo=0, strict=True, optional=True)
     precision: str = choice(*PRECISIONS)
@@ -89,4 +97,5 @@ class InversionConfig(Settings):
         """The optimisation's settings as plain values (``betas`` a list; no image set)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "image_set"}
         d["betas"] = [float(b) for b in self.betas]
+        d["prompt_tokens"] = str(self.prompt_tokens)
         return d

@@ -9,6 +9,8 @@ A model without a VAE (the toy) uses the identity latent path: latents are the i
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +126,28 @@ class Components:
             out["vae"] = self.vae
         return out
 
+    @contextmanager
+    def in_float32(self, *names: str) -> Iterator[None]:
+        """The named modules (``"vae"``, ``"text_encoder"``) in float32 for the block where they are in
+        half precision, then back in the dtype they had; others, and float32 ones, are left as they are.
+        The round trip is exact: every float16 and bfloat16 value is a float32 (docs/methods.md 13)."""
+        mods = self.modules()
+        changed = []
+        for name in names:
+            m = mods.get(name)
+            if m is None:
+                continue
+            dtype = next(m.parameters()).dtype
+            if dtype in (torch.float16, torch.bfloat16):
+                changed.append((m, dtype))
+        try:
+            for m, _ in changed:
+                m.to(dtype=torch.float32)
+            yield
+        finally:
+            for m, dtype in changed:
+                m.to(dtype=dtype)
+
     def freeze(self) -> Components:
         for m in self.modules().values():
             m.requires_grad_(False)
@@ -166,10 +190,10 @@ class Components:
     # ---------------------------------------------------------------- latents
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1], ``(B, 3, H, W)`` -> scaled latents (a VAE sample, or the images themselves)."""
-        images = images.to(device=self.device, dtype=self.dtype)
         if self.vae is None:
-            return images
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+            return images.to(device=self.device, dtype=self.dtype)
+        # straight to the VAE's dtype: a float32 VAE sees the pixels unrounded (docs/methods.md 13)
+        dist = self.vae.encode(images.to(device=self.device, dtype=self.vae.dtype)).latent_dist
         return dist.sample(generator=generator).to(self.dtype) * self.latent_scale
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

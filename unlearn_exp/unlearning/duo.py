@@ -271,7 +271,9 @@ class DUO(TrainedOnly, L.LightningModule):
     def losses(self, idx: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
         dev = self.c0.device
         b = len(idx)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(dev.type, enabled=False):
+            # the VAE outside mixed precision, in its own dtype: float32 while training (train_adapter),
+            # as DUO's script encodes (docs/methods.md 13); the latents then take the UNet's dtype
             x_l = self.unsafe_u8[idx.to(dev)].float() / 127.5 - 1
             x_w = self.safe_u8[idx.to(dev)].float() / 127.5 - 1
             z = self.comps.encode_images(torch.cat([x_w, x_l]), generator=g)
@@ -344,7 +346,8 @@ def train_adapter(
     ``hp``: beta, steps, batch, rank, alpha, init_lora_weights, target_modules, t_min, t_max, seed,
     weight_decay, grad_clip, checkpoint_every, precision, lr_base/lambda_base or their overrides.
     Resumes from ``work_dir`` after an interruption. The adapter is removed from the UNet afterwards
-    unless ``keep_adapter``.
+    unless ``keep_adapter``. A half-precision VAE encodes the pairs in float32 during training and is
+    put back in its dtype afterwards; UNet and text encoder keep theirs (docs/methods.md 13).
     """
     paper_beta = float(hp["beta"])
     beta = effective_beta(hp, paper_beta)
@@ -368,32 +371,33 @@ def train_adapter(
         seed=int(hp["seed"]),
     )
     try:
-        module = DUO(
-            comps,
-            unsafe,
-            safe,
-            beta=beta,
-            lr=lr,
-            lambda_=lam,
-            batch=int(hp["batch"]),
-            t_min=int(hp["t_min"]),
-            t_max=int(hp["t_max"]),
-            weight_decay=float(hp["weight_decay"]),
-            seed=int(hp["seed"]),
-            prompts=prompts,
-        )
-        comps.unet.train()
-        info = fit(
-            module,
-            steps=int(hp["steps"]),
-            work_dir=Path(work_dir),
-            checkpoint_every=int(hp["checkpoint_every"]),
-            grad_clip=hp["grad_clip"],
-            precision=str(hp["precision"]),
-            logger=logger,
-            callbacks=callbacks,
-            label=f"DUO training ({adapter_name.removeprefix('duo_')}, beta={paper_beta:g})",
-        )
+        with comps.in_float32("vae"):  # DUO's script keeps its VAE in float32 (docs/methods.md 13)
+            module = DUO(
+                comps,
+                unsafe,
+                safe,
+                beta=beta,
+                lr=lr,
+                lambda_=lam,
+                batch=int(hp["batch"]),
+                t_min=int(hp["t_min"]),
+                t_max=int(hp["t_max"]),
+                weight_decay=float(hp["weight_decay"]),
+                seed=int(hp["seed"]),
+                prompts=prompts,
+            )
+            comps.unet.train()
+            info = fit(
+                module,
+                steps=int(hp["steps"]),
+                work_dir=Path(work_dir),
+                checkpoint_every=int(hp["checkpoint_every"]),
+                grad_clip=hp["grad_clip"],
+                precision=str(hp["precision"]),
+                logger=logger,
+                callbacks=callbacks,
+                label=f"DUO training ({adapter_name.removeprefix('duo_')}, beta={paper_beta:g})",
+            )
         info.update(
             {"lr": lr, "lambda": lam, "beta": paper_beta, "beta_effective": beta, "adapter": adapter_name}
         )
