@@ -61,7 +61,7 @@ def test_default_sweep_dir_is_multirun(tmp_path):
     "override,expected",
     [
         ("guidance=bogus", "error: unknown guidance 'bogus': choose one of none, safree, sld"),
-        ("no_such_key=1", "Could not override 'no_such_key'"),
+        ("no_such_key=1", "error: unknown config key no_such_key: no code reads it"),
     ],
 )
 def test_unknown_override_fails_with_hydra_message(override, expected):

@@ -675,9 +675,13 @@ class _Payload:
         return (Path.touch, (Path(self.marker),))
 
 
-def test_pickled_checkpoints_are_refused_in_validation_saying_what_the_project_offers(tmp_path, monkeypatch):
+def test_pickled_checkpoints_are_refused_before_the_model_loads_saying_what_the_project_offers(
+    tmp_path, monkeypatch
+):
     """Pickle refusals came after the model loaded (10-20 s on SD) and repeated torch's advice to pass
-    ``weights_only=False``; they are now part of validation and name safetensors and the conversion."""
+    ``weights_only=False``: a pickle without ``allow_pickle_conversion`` is refused by validation, and
+    one holding code is refused by its conversion before the model loads; both name safetensors and
+    the conversion."""
     import torch
 
     from unlearn_exp.validate import validate
@@ -692,25 +696,15 @@ def test_pickled_checkpoints_are_refused_in_validation_saying_what_the_project_o
     with pytest.raises(UserError, match=r"is a pickle file.*allow_pickle_conversion=true") as err:
         validate(compose(toy_overrides(tmp_path, *ck, f"checkpoint.path={plain}"), hydra=False))
     assert "weights_only=False" not in str(err.value)
+    allowed = "checkpoint.allow_pickle_conversion=true"
     with pytest.raises(UserError, match=r"holds more than tensors.*safetensors.torch.save_file") as err:
-        validate(
-            compose(
-                toy_overrides(
-                    tmp_path, *ck, f"checkpoint.path={evil}", "checkpoint.allow_pickle_conversion=true"
-                ),
-                hydra=False,
-            )
-        )
+        toy_cell(tmp_path, *ck, f"checkpoint.path={evil}", allowed)
     assert "weights_only=False" not in str(err.value) and "\n" not in str(err.value)
     assert not marker.exists()  # nothing in it ran
-    validate(
-        compose(
-            toy_overrides(
-                tmp_path, *ck, f"checkpoint.path={plain}", "checkpoint.allow_pickle_conversion=true"
-            ),
-            hydra=False,
-        )
-    )  # converted once into the cache; the loader then finds it
+    from unlearn_exp.cell.inputs import cell_store, convert_pickles
+
+    cfg = compose(toy_overrides(tmp_path, *ck, f"checkpoint.path={plain}", allowed), hydra=False)
+    convert_pickles(cfg.checkpoint, cell_store(cfg))  # converted once into the cache; the loader finds it
     assert list((tmp_path / ".cache" / "artifacts" / "unlearning" / "converted").glob("*/plain.safetensors"))
 
 

@@ -53,6 +53,7 @@ LAYERS = [
         "bench",
         "artifacts",
         "plan",
+        "assets",
     },
 ]
 

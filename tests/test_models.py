@@ -84,7 +84,8 @@ def test_cli_missing_weights_is_one_line(tmp_path):
     proc = run_app("model=sd14", f"model.path={tmp_path}/absent", "hydra/job_logging=disabled")
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert lines[-1].startswith("error: model weights not found") and "absent" in lines[-1]
+    assert lines[-1].startswith("error: ") and "model weights (sd14) not found" in lines[-1]
+    assert "absent" in lines[-1] and "LPIPS AlexNet trunk" in lines[-1]  # every missing file at once
     assert "Traceback" not in proc.stderr
 
 

@@ -53,6 +53,9 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
     from unlearn_exp.validate import validate
 
     validate(cfg)
+    from unlearn_exp.assets import require
+
+    require(cfg)
     spec = cell_spec(cfg)
     run_id = f"attack-{spec_key(spec)}-{attack_key(cfg)}"
     name = f"attack/{run_name(cfg)}"

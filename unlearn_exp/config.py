@@ -11,6 +11,7 @@ variables still take effect; the config read back is a plain ``DictConfig`` in s
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from functools import lru_cache
@@ -113,6 +114,23 @@ def sweep_params(overrides: Sequence[str]):
     """The experiment's ``hydra.sweeper.params`` as composed with ``overrides`` (a comma list in an
     override is a sweep: its first value is composed). Raises where the config has no sweep."""
     return compose([_first_value(o) for o in overrides], hydra=True).hydra.sweeper.params
+
+
+def grid(overrides: list[str]) -> list[list[str]]:
+    """The sweep of the experiment as lists of overrides, as the launcher runs it (an override of a
+    swept key keeps only its values: ``pinned_axes``); cells with guidance=none once."""
+    params = sweep_params(overrides)
+    pinned = pinned_axes(overrides, params)
+    axes = [[f"{k}={v}" for v in str(pinned.get(k, vals)).split(",")] for k, vals in params.items()]
+    cells, seen = [], set()
+    for combo in itertools.product(*axes):
+        combo = list(combo)
+        if "guidance=none" in combo:  # the embedding axis is ignored: run it once
+            combo = [c if not c.startswith("embedding=") else "embedding=explicit" for c in combo]
+        if tuple(combo) not in seen:
+            seen.add(tuple(combo))
+            cells.append(combo)
+    return cells
 
 
 @lru_cache(maxsize=256)

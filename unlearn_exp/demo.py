@@ -17,7 +17,6 @@ cannot keep every core busy.
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import os
 import sys
@@ -28,28 +27,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from unlearn_exp.config import compose, pinned_axes, sweep_params
+from unlearn_exp.config import compose, grid  # noqa: F401  (grid: the sweep's cells, used by tools)
 from unlearn_exp.errors import exit_status
 
 EXPERIMENT = "toy_duo"
 METHODS_EXPERIMENT = "toy_methods"
-
-
-def grid(overrides: list[str]) -> list[list[str]]:
-    """The sweep of the experiment as lists of overrides, as the launcher runs it (an override of a
-    swept key keeps only its values: ``pinned_axes``); cells with guidance=none once."""
-    params = sweep_params(overrides)
-    pinned = pinned_axes(overrides, params)
-    axes = [[f"{k}={v}" for v in str(pinned.get(k, vals)).split(",")] for k, vals in params.items()]
-    cells, seen = [], set()
-    for combo in itertools.product(*axes):
-        combo = list(combo)
-        if "guidance=none" in combo:  # the embedding axis is ignored: run it once
-            combo = [c if not c.startswith("embedding=") else "embedding=explicit" for c in combo]
-        if tuple(combo) not in seen:
-            seen.add(tuple(combo))
-            cells.append(combo)
-    return cells
 
 
 def quiet_logs() -> None:

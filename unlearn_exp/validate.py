@@ -49,34 +49,19 @@ def _check_file(checks: Checks, name: str, path: Any) -> None:
         checks.fail(f"{name}={p} does not exist")
 
 
-def _check_pickle(checks: Checks, name: str, p: Path, allow: bool, cache_dir: Any) -> None:
-    """A pickled checkpoint: refused unless ``checkpoint.allow_pickle_conversion``; allowed, it is
-    converted into the cache now (tensors only), so a file holding code is refused before any model
-    loads and the loader then finds the conversion."""
-    if not allow:
-        checks.fail(f"{name}: {pickle_refusal(p)}")
-        return
-    from unlearn_exp.store import ArtifactStore
-    from unlearn_exp.unlearning.weights import resolve_weight_file  # torch: only for a pickle given
-
-    try:
-        resolve_weight_file(p, ArtifactStore(str(cache_dir)), allow_pickle_conversion=True)
-    except UserError as exc:
-        checks.fail(f"{name}: {exc}")
-
-
-def _check_weights(
-    checks: Checks, name: str, paths: Any, allow_pickle: bool = False, cache_dir: Any = None
-) -> None:
+def _check_weights(checks: Checks, name: str, paths: Any, pickle_ok: bool | None = None) -> None:
     """A safetensors checkpoint file: present, and its header readable (a truncated download or a
-    garbage file is refused here, before any model is loaded); a pickle as ``_check_pickle`` says."""
+    garbage file is refused here, before any model is loaded). A pickle is refused unless
+    ``pickle_ok`` (``checkpoint.allow_pickle_conversion``; None: a folder's loader decides); allowed,
+    the cell converts it before its model loads (``cell.inputs.convert_pickles``)."""
     for path in paths if isinstance(paths, list) else [paths]:
         p = Path(str(path)).expanduser()
         if not p.exists():
             checks.fail(f"{name}: checkpoint file not found: {p}")
             continue
-        if p.is_file() and p.suffix in PICKLE_SUFFIXES and cache_dir is not None:
-            _check_pickle(checks, name, p, allow_pickle, cache_dir)
+        if p.is_file() and p.suffix in PICKLE_SUFFIXES and pickle_ok is not None:
+            if not pickle_ok:
+                checks.fail(f"{name}: {pickle_refusal(p)}")
             continue
         if p.is_dir() or p.suffix != ".safetensors":
             continue  # folders are resolved by the loader
@@ -216,11 +201,10 @@ def validate(cfg) -> None:
     if isinstance(plain.get("pp"), dict) and plain["pp"].get("prompts"):
         checks.append(lambda: _benchmark(c, "pp.prompts", plain["pp"]["prompts"]))
     if checkpoint.get("path"):
-        allow = bool(checkpoint.get("allow_pickle_conversion"))
-        cache = (plain.get("paths") or {}).get("cache_dir")
+        allow: bool | None = bool(checkpoint.get("allow_pickle_conversion"))
         if checkpoint.get("method") in ("unet_folder", "advunlearn"):  # folders: their own loaders
-            cache = None
-        checks.append(lambda: _check_weights(c, "checkpoint.path", checkpoint.get("path"), allow, cache))
+            allow = None
+        checks.append(lambda: _check_weights(c, "checkpoint.path", checkpoint.get("path"), allow))
     if embedding.get("path"):
         checks.append(lambda: _check_file(c, "embedding.path", embedding.get("path")))
     from_path = (embedding.get("from_checkpoint") or {}).get("path")

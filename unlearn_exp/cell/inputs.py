@@ -3,6 +3,7 @@ methods' own filters, and the unlearned checkpoint applied to a model."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -29,16 +30,36 @@ def cell_store(cfg) -> ArtifactStore:
     return ArtifactStore(cfg.paths.cache_dir, shipped=shipped, verify=str(cfg.paths.get("verify", "small")))
 
 
-def benchmark_rows(bench_cfg, data_dir) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def benchmark_rows(
+    bench_cfg, data_dir, key: str = "benchmark"
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from unlearn_exp.data import load_benchmark
 
-    df = load_benchmark(bench_cfg, data_dir)
+    df = load_benchmark(bench_cfg, data_dir, key)
     rows = df.to_dict("records")
     for r in rows:
         r["seed"] = int(r["seed"])
         r["image_index"] = int(r["image_index"])
         r["guidance"] = None if pd.isna(r.get("guidance")) else float(r["guidance"])
     return rows, dict(df.attrs)
+
+
+def convert_pickles(checkpoint_cfg, store: ArtifactStore) -> None:
+    """A pickled ``checkpoint.path`` allowed by ``allow_pickle_conversion``, converted into the cache
+    (tensors only) before the model loads, so a file holding code is refused in seconds; the loader
+    then finds the conversion. Folders are left to their loaders."""
+    from unlearn_exp.unlearning.config import PICKLE_SUFFIXES
+
+    paths = checkpoint_cfg.get("path")
+    if not paths or not checkpoint_cfg.get("allow_pickle_conversion"):
+        return
+    if checkpoint_cfg.get("method") in ("unet_folder", "advunlearn"):
+        return
+    from unlearn_exp.unlearning.weights import resolve_weight_file
+
+    for p in [paths] if isinstance(paths, str) else list(paths):
+        if Path(str(p)).expanduser().suffix in PICKLE_SUFFIXES:
+            resolve_weight_file(p, store, allow_pickle_conversion=True)
 
 
 def method_filter(filter_cfg):

@@ -28,7 +28,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from unlearn_exp.cell.concept_source import ImageSetRef, image_set_ref, resolve_concept
-from unlearn_exp.cell.inputs import apply_unlearning, benchmark_rows, cell_store, load_model
+from unlearn_exp.cell.inputs import apply_unlearning, benchmark_rows, cell_store, convert_pickles, load_model
 from unlearn_exp.cell.keys import ORIGINAL, cell_key, sample_identity
 from unlearn_exp.cell.records import (
     cell_record,
@@ -64,6 +64,9 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     from unlearn_exp.validate import validate
 
     validate(cfg)  # every value checked before any model is loaded or any folder written
+    from unlearn_exp.assets import require
+
+    require(cfg)  # every external file the cell reads, named at once
     from unlearn_exp import progress
 
     progress.configure(cfg.get("progress", "auto"))
@@ -222,9 +225,10 @@ def open_cell(cfg: DictConfig, *, prompts: bool = True, spec: dict[str, Any] | N
     if prompts:
         bench, bench_attrs = benchmark_rows(cfg.benchmark, cfg.paths.data_dir)
         if cfg.pp.get("prompts") is not None:
-            pp_sets["coco"] = benchmark_rows(cfg.pp.prompts, cfg.paths.data_dir)[0]
+            pp_sets["coco"] = benchmark_rows(cfg.pp.prompts, cfg.paths.data_dir, "pp.prompts")[0]
         if cfg.pp.bench:
             pp_sets["bench"] = bench
+    convert_pickles(cfg.checkpoint, store)  # a pickle holding code is refused before the model loads
     comps = load_model(cfg.model)
     log.info("model %s (%s)", comps.identity, comps.source)
     from unlearn_exp.sampling import apply_gpu_options

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ __all__ = [
     "fetch",
 ]
 
+# the config key of the prompt list being loaded (``benchmark``, ``pp.prompts``), for messages
+CONFIG_KEY: ContextVar[str] = ContextVar("CONFIG_KEY", default="benchmark")
+
 BenchmarkLoader = Callable[[Any, "str | Path | None"], pd.DataFrame]
 
 
@@ -58,25 +62,25 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 def resolve_benchmark_file(cfg: Any, data_dir: str | Path | None) -> Path:
     """The local file of a benchmark: ``benchmark.path``, or the pinned download in the data cache."""
-    name = str(_get(cfg, "name", "benchmark"))
+    name, key = str(_get(cfg, "name", "benchmark")), CONFIG_KEY.get()
     path = _get(cfg, "path")
     if path:
         path = Path(str(path)).expanduser()
         if path.is_dir():
-            raise UserError(f"benchmark '{name}': benchmark.path {path} is a folder, not a prompt file")
+            raise UserError(f"benchmark '{name}': {key}.path {path} is a folder, not a prompt file")
         if not path.is_file():
-            raise UserError(f"benchmark '{name}': benchmark.path {path} does not exist")
+            raise UserError(f"benchmark '{name}': {key}.path {path} does not exist")
         return path
     url, sha256 = _get(cfg, "url"), _get(cfg, "sha256")
     if not url:
         hint = _get(cfg, "source_hint", "")
         raise UserError(
-            f"benchmark '{name}' has no public download: set benchmark.path to the "
-            f"file{hint and f' ({hint})'}"
+            f"benchmark '{name}' has no public download: set {key}.path to the file{hint and f' ({hint})'}"
         )
     if data_dir is None:
         raise UserError(f"benchmark '{name}': no data_dir to download {url} into (set paths.data_dir)")
-    return fetch(str(url), str(sha256 or ""), pinned_download_path(cfg, data_dir))
+    dest = pinned_download_path(cfg, data_dir)
+    return fetch(str(url), str(sha256 or ""), dest, local_hint=f"set {key}.path to a local copy")
 
 
 def pinned_download_path(cfg: Any, data_dir: str | Path) -> Path:
@@ -127,15 +131,20 @@ def read_prompts(
     return table.reset_index(drop=True)
 
 
-def load_benchmark(cfg: Any, data_dir: str | Path | None = None) -> pd.DataFrame:
+def load_benchmark(cfg: Any, data_dir: str | Path | None = None, key: str = "benchmark") -> pd.DataFrame:
     """The images a benchmark asks for, in the internal schema (``SCHEMA_COLUMNS``), from the loader
-    its config names (``benchmark.loader`` or ``_target_``; ``registry.LOADERS``)."""
+    its config names (``benchmark.loader`` or ``_target_``; ``registry.LOADERS``). ``key``: where the
+    prompt list sits in the config (``pp.prompts`` for the PP prompts), as messages name it."""
     from unlearn_exp.store import to_plain
 
     name = str(_get(cfg, "name", "benchmark"))
     plain = dict(to_plain(cfg)) if not isinstance(cfg, dict) else dict(cfg)
     plain["loader"] = str(_get(cfg, "loader", "prompts_file"))
-    images = LOADER_REGISTRY.get(plain)(cfg, data_dir)
+    token = CONFIG_KEY.set(key)
+    try:
+        images = LOADER_REGISTRY.get(plain)(cfg, data_dir)
+    finally:
+        CONFIG_KEY.reset(token)
     missing = [c for c in SCHEMA_COLUMNS if c not in images.columns]
     if missing:
         raise UserError(f"benchmark '{name}': loader '{plain['loader']}' returned no columns {missing}")

@@ -31,7 +31,9 @@ from unlearn_exp.registry import PP_METRICS
 from unlearn_exp.runtime import device as torch_device
 from unlearn_exp.store import config_hash, file_sha256
 
-ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's ImageNet AlexNet: LPIPS's trunk
+ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_FILE}"
+ALEXNET_SHA256 = "7be5be791159472b1fbf3c69796f7cb30dca7ad8466c2df70058c37116cdee02"  # the file's (pinned)
 PP_DEFAULTS = {"name": "lpips_alex", "net": "alex", "trunk_path": None, "lin_path": None}
 
 if TYPE_CHECKING:  # torch is imported where a distance is computed: reading results needs none
@@ -120,7 +122,8 @@ class LPIPSDistance(Distance):
         if not trunk.is_file():
             raise UserError(
                 f"LPIPS needs the AlexNet trunk {trunk.name} (torchvision's ImageNet AlexNet weights): "
-                f"put it at {trunk} or set pp.metric.trunk_path"
+                f"put it at {trunk} or set pp.metric.trunk_path; get it from {ALEXNET_URL} (`python -m "
+                "unlearn_exp.assets --download` fetches it, sha256-checked)"
             )
         lin = (
             Path(str(cfg["lin_path"])).expanduser()
@@ -128,7 +131,7 @@ class LPIPSDistance(Distance):
             else Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
         )
         if not lin.is_file():
-            raise UserError(f"LPIPS linear heads not found: {lin} (set pp.lin_path)")
+            raise UserError(f"LPIPS linear heads not found: {lin} (set pp.metric.lin_path)")
         trunk_sd = _load_state_dict(trunk, "the AlexNet trunk")
         lin_sd = _load_state_dict(lin, "the LPIPS linear heads")
         with (

@@ -41,7 +41,7 @@ def _expected(cell: pd.Series, rows: pd.DataFrame) -> list[str | None]:
 
     try:
         cfg = OmegaConf.create(json.loads(cell["config_json"]))
-        prompts, _ = benchmark_rows(cfg.pp.prompts, cfg.paths.data_dir)
+        prompts, _ = benchmark_rows(cfg.pp.prompts, cfg.paths.data_dir, "pp.prompts")
     except Exception:  # a config without a loadable benign set: nothing is expected
         return [None] * len(rows)
     by_case = {str(r["case_id"]): r.get("expected") for r in prompts}
