@@ -35,6 +35,46 @@ def test_debug_shrinks_an_experiment():
     assert cfg.benchmark.limit == 4 and cfg.sampling.steps == 5
 
 
+@pytest.mark.parametrize(
+    "experiment", ["nudity_duo", "violence_duo", "nudity_duo_transfer", "toy_duo", "nudity_methods"]
+)
+def test_debug_shrinks_every_stage_and_nothing_without_it(experiment):
+    """+debug=default used to shrink prompts and sampling only: DUO trained at full size (4 x 1000
+    steps on 64 pairs sampled at 50 steps) and C* learned from 64 images. Every training stage is
+    now small, and without +debug every value is the published one."""
+    from unlearn_exp.store import to_plain
+
+    def sizes(cfg, option):
+        ck = (
+            to_plain(compose([*base, f"checkpoint={option}"]).checkpoint)
+            if option
+            else to_plain(cfg.checkpoint)
+        )
+        task = to_plain(cfg.task)
+        recipe = task.get("duo_recipe") or (ck.get("recipes") or {}).get(task["name"]) or {}
+        adapters = recipe.get("adapters") or []
+        return {
+            "duo_steps": {a["steps"] for a in adapters},
+            "n_pairs": {a["n_pairs"] for a in adapters},
+            "pair_steps": (ck.get("pair_sampling") or {}).get("steps"),
+            "esd": (ck.get("steps"), ck.get("ddim_steps")) if ck.get("method") == "esd" else None,
+        }
+
+    base = [f"+experiment={experiment}", "+debug=default"]
+    small = compose(base)
+    assert small.inversion.steps <= 20 and small.inversion.image_set.n_images <= 4
+    assert small.attack.steps <= 3 and small.attack.n_targets <= 2
+    got = sizes(small, "duo" if experiment.endswith("methods") else None)
+    assert max(got["duo_steps"]) <= 20 and max(got["n_pairs"]) <= 4 and got["pair_steps"] <= 10
+    assert sizes(small, "esd")["esd"] == (20, 10)
+    full = compose([f"+experiment={experiment}"])
+    assert "debug" not in full and full.inversion.steps == 3000
+    base = [f"+experiment={experiment}"]
+    full_sizes = sizes(full, "duo" if experiment.endswith("methods") else None)
+    assert min(full_sizes["duo_steps"]) >= 500 and min(full_sizes["n_pairs"]) >= 32
+    assert sizes(full, "esd")["esd"] == (1000, 50)
+
+
 @pytest.mark.parametrize("word", ["multirun", "--multirun"])
 @pytest.mark.slow
 def test_multirun_word_starts_the_sweep(tmp_path, word):

@@ -158,8 +158,9 @@ def register() -> None:
 
 # ----------------------------------------------------------------------------- unknown keys
 # the root config's own keys (conf/config.yaml) and its groups; `safree_compat` is set by the paper
-# experiments and read by guidance.compat
-ROOT_KEYS = ("stage", "progress", "reuse_results", "name", "safree_compat", "hydra")
+# experiments and read by guidance.compat; `debug` (the training sizes of a smoke run) by +debug=default
+# and read by the methods' YAMLs
+ROOT_KEYS = ("stage", "progress", "reuse_results", "name", "safree_compat", "debug", "hydra")
 ROOT_GROUPS = (
     "paths",
     "model",
