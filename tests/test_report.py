@@ -292,7 +292,10 @@ def test_cli_no_run_and_bad_input(tmp_path: Path, capsys):
 
 
 @pytest.mark.slow
-def test_preflight_stops_without_weights(tmp_path: Path):
+def test_preflight_stops_without_weights(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     with pytest.raises(UserError, match=r"model\.path.*make demo"):
         report.preflight("sd14", [f"model.path={tmp_path / 'absent'}"])
     with pytest.raises(UserError, match="model.path"):
@@ -303,7 +306,32 @@ def test_preflight_stops_without_weights(tmp_path: Path):
     with pytest.raises(UserError, match="vae"):
         report.preflight("sd14", [f"model.path={tmp_path / 'sd'}"])
     (tmp_path / "sd" / "vae").mkdir()
-    report.preflight("sd14", [f"model.path={tmp_path / 'sd'}"])
+    # the weights are there: every other file the tasks need is named at once, per task
+    with pytest.raises(UserError, match=r"sd14: 2 file\(s\) are missing: LPIPS AlexNet trunk.*CLIP ViT-L/14"):
+        report.preflight("sd14", [f"model.path={tmp_path / 'sd'}"])
+    trunk = tmp_path / "torch" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    trunk.parent.mkdir(parents=True)
+    trunk.write_bytes(b"x")
+    report.preflight("sd14", [f"model.path={tmp_path / 'sd'}"], task="nudity")  # Q16's CLIP is violence's
+    with pytest.raises(UserError, match=r"violence: 1 file\(s\) are missing: CLIP"):
+        report.preflight("sd14", [f"model.path={tmp_path / 'sd'}"], task="violence")
+
+
+def test_reproduce_table_by_task_nudity_first(tmp_path: Path):
+    rows = fixture_rows()
+    nudity = report.missing_cells(rows, "sd14", task="nudity")
+    assert {c[0] for c in nudity} == {"+experiment=nudity_duo", "+experiment=nudity_duo_transfer"}
+    both = report.missing_cells(rows, "sd14")
+    assert both[: len(nudity)] == nudity and {c[0] for c in both[len(nudity) :]} == {
+        "+experiment=violence_duo"
+    }
+    with pytest.raises(UserError, match="--task must be one of"):
+        report.missing_cells(rows, "sd14", task="nudityy")
+    d = tmp_path / "r"
+    d.mkdir()
+    rows.to_parquet(d / "cells.parquet")
+    argv = ["--scale", "sd14", "--results", str(d), "--out", str(tmp_path / "rep"), "--no-run"]
+    assert report.main([*argv, "--task", "violence"]) == 0
 
 
 def test_run_missing_reports_failure():

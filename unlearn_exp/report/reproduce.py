@@ -28,8 +28,25 @@ log = logging.getLogger("unlearn_exp.report")
 
 
 # ----------------------------------------------------------------------------- missing cells and running them
-def missing_cells(results, scale: str, extra: Sequence[str] = ()) -> list[list[str]]:
-    """Hydra overrides (one list per cell) for every position the tables of ``scale`` need and lack.
+def task_order(scale: str, task: str = "all") -> list[str]:
+    """The tasks of ``scale`` a report run covers, nudity first (its judge ships in a wheel: a
+    missing violence file never blocks it); ``task`` is one of them or ``all``."""
+    tasks = sorted(SCALES[scale].main, key=lambda t: (t != "nudity", t))
+    if task != "all" and task not in tasks:
+        raise UserError(f"--task must be one of {['all', *tasks]} for scale '{scale}', got '{task}'")
+    return tasks if task == "all" else [task]
+
+
+def task_experiments(scale: str, task: str) -> set[str]:
+    """The experiments whose cells make ``task``'s tables (its main grid, and the transfer table's)."""
+    spec = SCALES[scale]
+    label, transfer = spec.transfer
+    return {spec.main[task], *([transfer] if label == task else [])}
+
+
+def missing_cells(results, scale: str, extra: Sequence[str] = (), task: str = "all") -> list[list[str]]:
+    """Hydra overrides (one list per cell) for every position the tables of ``scale`` (of ``task``
+    only, unless ``all``) need and lack, nudity's first.
 
     ``results``: a DataFrame of cell rows, or result folder(s). DUO alone (guidance none) is run
     with ``embedding=explicit``: its embedding axis is ignored, the cell computed once.
@@ -38,9 +55,14 @@ def missing_cells(results, scale: str, extra: Sequence[str] = ()) -> list[list[s
         raise UserError(f"--scale must be one of {sorted(SCALES)}, got '{scale}'")
     rows = with_identity(of_scale(as_frame(results), scale))
     out: list[list[str]] = []
-    for pos in grid_positions(scale, extra):
-        if match_position(rows, pos) is None and list(pos.overrides) not in out:
-            out.append(list(pos.overrides))
+    positions = grid_positions(scale, extra)
+    for t in task_order(scale, task):
+        wanted = {f"+experiment={e}" for e in task_experiments(scale, t)}
+        for pos in positions:
+            if pos.overrides[0] not in wanted or list(pos.overrides) in out:
+                continue
+            if match_position(rows, pos) is None:
+                out.append(list(pos.overrides))
     return out
 
 
@@ -108,15 +130,25 @@ def check_weights(model_cfg) -> None:
     )
 
 
-def preflight(scale: str, overrides: Sequence[str] = ()) -> None:
-    """Stop at once (one-line ``UserError``) if the model of ``scale``'s experiments is absent."""
+def preflight(scale: str, overrides: Sequence[str] = (), task: str = "all") -> None:
+    """Stop at once (one ``UserError``) if the model of ``scale``'s experiments (``task``'s) is
+    absent, or any other file their cells need that no run fetches by itself (``assets``)."""
     if scale not in SCALES:
         raise UserError(f"--scale must be one of {sorted(SCALES)}, got '{scale}'")
-    for experiment in dict.fromkeys(SCALES[scale].main.values()):
+    from unlearn_exp.assets import missing_before_work
+
+    missing: list[str] = []
+    for t in task_order(scale, task):
+        experiment = SCALES[scale].main[t]
         if not (CONF_DIR / "experiment" / f"{experiment}.yaml").is_file():
             raise UserError(f"experiment '{experiment}' is missing from {CONF_DIR / 'experiment'}")
         cfg = compose([f"+experiment={experiment}", *overrides])
         check_weights(cfg.model)
+        missing += [m for m in missing_before_work(cfg) if m not in missing]
+    if missing:
+        raise UserError(
+            f"{task if task != 'all' else scale}: {len(missing)} file(s) are missing: " + "; ".join(missing)
+        )
 
 
 def run_missing(
@@ -145,6 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--results", nargs="+", default=None, help="folders holding cells.parquet files")
     p.add_argument("--out", default="reports")
     p.add_argument("--no-run", action="store_true", help="only build tables from existing rows")
+    p.add_argument(
+        "--task",
+        default="all",
+        help="run the missing cells of this task only (nudity, violence, toy) or all, nudity first; the "
+        "tables of every task are written from the rows there are",
+    )
     p.add_argument("--pp", default="coco", choices=("coco", "bench"), help="the PP of the main tables")
     p.add_argument(
         "--judges",
@@ -188,17 +226,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
         rows = load_cells(results)
-        missing = missing_cells(rows, args.scale, args.overrides)
-        if missing and not args.no_run:
-            preflight(args.scale, args.overrides)
+        task_order(args.scale, args.task)  # an unknown task is one line before any work
+        if not args.no_run:
             extra = list(args.overrides)
             if args.results:
                 extra.append(f"paths.results_dir={Path(args.results[0]).resolve()}")
-            log.info("%d cell(s) missing: running them", len(missing))
-            run_missing(missing, extra)
+            for task in task_order(args.scale, args.task):  # each task's files checked before its cells
+                todo = missing_cells(rows, args.scale, args.overrides, task)
+                if todo:
+                    preflight(args.scale, args.overrides, task)
+                    log.info("%s: %d cell(s) missing: running them", task, len(todo))
+                    run_missing(todo, extra)
             results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
             rows = load_cells(results)
-            missing = missing_cells(rows, args.scale, args.overrides)
+        missing = missing_cells(rows, args.scale, args.overrides, args.task)
         tables = None
         if args.utility_columns:
             from unlearn_exp.report.tables import build_tables
