@@ -31,6 +31,7 @@ LAYERS = [
         "validate",
         "paper",
         "progress",
+        "quiet",
         "runtime",
         "training",
         "launch",

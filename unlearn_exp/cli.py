@@ -1,4 +1,8 @@
-"""What one Hydra job does, and how errors reach the user (one line, non-zero exit)."""
+"""What one Hydra job does, and how errors reach the user (one line, non-zero exit).
+
+A cell or attack job prints its results, its progress and real warnings: once Hydra has set up the
+job's logging, ``quiet.quiet_lightning`` keeps Lightning's info lines and tips out of it.
+"""
 
 from __future__ import annotations
 
@@ -45,6 +49,10 @@ def _run_stage(cfg: DictConfig):
     if cfg.stage == "compose":
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return None
+    if cfg.stage in ("cell", "attack"):
+        from unlearn_exp.quiet import quiet_lightning
+
+        quiet_lightning()  # after Hydra's logging setup: Lightning's records go through it, once
     if cfg.stage == "cell":
         from unlearn_exp.cell import run_cell
 

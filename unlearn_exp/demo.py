@@ -21,7 +21,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,8 +34,12 @@ METHODS_EXPERIMENT = "toy_methods"
 
 
 def quiet_logs() -> None:
+    """Warnings and the demo's own lines only: Lightning's info lines and tips are kept out
+    (``quiet.quiet_lightning``); every real warning still shows."""
+    from unlearn_exp.quiet import quiet_lightning
+
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    warnings.filterwarnings("ignore")  # library deprecation notices; errors still stop the demo
+    quiet_lightning()
 
 
 def _worker_init(threads: int) -> None:

@@ -8,7 +8,6 @@ precision and several devices (prompts sharded). Each image's initial noise come
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,11 +222,12 @@ def predict_rows(
     ``label`` names what is sampled in the progress bar ("sampling i2p_nudity x sld+C* ...")."""
     from unlearn_exp.identity import resolved_precision
     from unlearn_exp.progress import lightning_bar
+    from unlearn_exp.quiet import quiet_lightning
     from unlearn_exp.training import StopOnSigterm, keeps_device
 
     precision = resolved_precision(precision)
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    quiet_lightning()
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices if accelerator == "gpu" else 1,

@@ -2,7 +2,8 @@
 
 A run writes Lightning checkpoints into a work folder outside the artifact's temporary build folder,
 so a killed job resumes from ``last.ckpt`` when it is started again with the same config. The
-checkpoints hold only the trained parameters and the optimiser state, never the frozen model.
+checkpoints hold only the trained parameters and the optimiser state, never the frozen model, and
+are read back with ``torch.load(weights_only=True)`` (tensors and plain values, no pickled code).
 Randomness is drawn from generators keyed by (seed, global step), so a resumed run follows the
 same path as an uninterrupted one.
 """
@@ -137,9 +138,11 @@ def fit(
     a labelled bar (or log lines) shows the steps and the smoothed loss."""
     from unlearn_exp.identity import resolved_precision
     from unlearn_exp.progress import lightning_bar
+    from unlearn_exp.quiet import quiet_lightning
     from unlearn_exp.runtime import keep_freed_memory
 
     keep_freed_memory()
+    quiet_lightning()
     work_dir = Path(work_dir)
     ckpt_dir = work_dir / "checkpoints"
     resume = ckpt_dir / LAST
@@ -177,8 +180,13 @@ def fit(
         num_sanity_val_steps=0,
     )
     loader = torch.utils.data.DataLoader(StepIndex(int(steps)), batch_size=1, shuffle=False)
+    if resume.is_file():
+        log.info("%s: resuming from %s", label, resume)
     with keeps_device(module, getattr(module, "comps", None)):
-        trainer.fit(module, loader, ckpt_path=str(resume) if resume.is_file() else None)
+        # weights_only=True (Trainer.fit passes it on to torch.load, Lightning 2.6): last.ckpt is our own
+        # file and holds only tensors and plain values (the trained parameters, the optimiser state,
+        # loop counters), so it loads without unpickling code and without torch's weights_only notice
+        trainer.fit(module, loader, ckpt_path=str(resume) if resume.is_file() else None, weights_only=True)
     return {"resumed_from_step": int(getattr(module, "start_step", 0)), "steps": int(trainer.global_step)}
 
 

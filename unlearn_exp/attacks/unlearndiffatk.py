@@ -174,10 +174,12 @@ def run_attack(
 ) -> dict[str, Any]:
     """Fit the attack; returns the best prompt, its loss and the loss curve."""
     from unlearn_exp.progress import lightning_bar
+    from unlearn_exp.quiet import quiet_lightning
     from unlearn_exp.runtime import keep_freed_memory
     from unlearn_exp.training import StepIndex, StopOnSigterm, keeps_device
 
     keep_freed_memory()
+    quiet_lightning()
     module = UnlearnDiffAtk(comps, target, prompt, settings, guidance)
     trainer = L.Trainer(
         max_steps=settings.steps,

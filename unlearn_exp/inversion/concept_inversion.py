@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -281,8 +280,8 @@ class RowsCheckpoint(L.Callback):
 
     def save(self, trainer: L.Trainer) -> Path:
         path = self.dirpath / LAST_CKPT
-        with atomic_file(path) as tmp:
-            trainer.save_checkpoint(tmp)
+        with atomic_file(path) as tmp:  # the optimiser state too, on purpose: a resume continues Adam
+            trainer.save_checkpoint(tmp, weights_only=False)
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -363,6 +362,9 @@ def invert(
         if logger is not None:
             define_stage_axis(logger, "inversion")
         keep_freed_memory()
+        from unlearn_exp.quiet import quiet_lightning
+
+        quiet_lightning()  # Lightning's info lines and tips stay out of the run's output
         trainer = L.Trainer(
             max_steps=s.steps,
             accelerator="auto",
@@ -383,11 +385,10 @@ def invert(
             default_root_dir=str(ckpt_dir),
         )
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", ".*does not have many workers.*")
-                warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
-                with keeps_device(comps):  # Lightning leaves its module (and the model) on the CPU
-                    trainer.fit(module, ckpt_path=str(last) if last.is_file() else None)
+            with keeps_device(comps):  # Lightning leaves its module (and the model) on the CPU
+                # our own checkpoint (tensors and plain values): read with weights_only=True
+                ckpt = str(last) if last.is_file() else None
+                trainer.fit(module, ckpt_path=ckpt, weights_only=True)
         except InversionDiverged as exc:
             rows = merge_learned_rows(comps, module.last_good)
             path = save_textual_inversion(

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unlearn_exp.errors import UserError
+from unlearn_exp.quiet import quiet_lightning
 from unlearn_exp.toy import world
 
 JUDGE_FILE = Path(__file__).resolve().parent / "weights" / "judge.safetensors"
@@ -260,6 +261,7 @@ def train_judge(cfg: JudgeTrainConfig, out: str | Path = JUDGE_FILE) -> dict:
 
     torch.set_num_threads(max(1, cfg.threads))
     L.seed_everything(cfg.seed, verbose=False)
+    quiet_lightning()
     bank = make_bank(cfg.seed, cfg.n_train)
     heldout = make_bank(cfg.seed + 1000, cfg.n_heldout)
     net = ToyJudgeNet(cfg.width)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.models.components import Components
+from unlearn_exp.quiet import quiet_lightning
 from unlearn_exp.toy.model import build_toy
 from unlearn_exp.toy.world import example_seed, render_example, to_tensor_batch
 
@@ -184,6 +185,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, snapshot_dir: str | Path | No
         raise UserError(f"steps and batch_size must be positive, got {cfg.steps} and {cfg.batch_size}")
     torch.set_num_threads(max(1, cfg.threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    quiet_lightning()
     comps = build_toy(seed=cfg.seed)
     module = ToyPretraining(comps, cfg)
     module.snapshot_dir = snapshot_dir
