@@ -49,10 +49,12 @@ def test_plan_matches_what_the_cell_then_builds(tmp_path, monkeypatch):
         duo.kind == "duo" and duo.cached and plan.work_seconds(duo, costs) == pytest.approx(1000 * 12 * 0.51)
     )
     monkeypatch.setenv("UNLEARN_EXP_CALIBRATION", str(tmp_path / "calibration.json"))
-    text = plan.render([before], {"toy": costs}, "toy")
+    key = "toy:0123@cpu:test (2 threads)"
+    text = plan.render([before], {key: costs}, key)
     assert "12 images to sample (128 UNet rows), 0 training steps" in text
-    assert "estimated time: 0.0 min" in text and "the cache saves 100% of it" in text
-    old = plan.render([before], {"toy": {"s_per_image_step": 0.5, "s_per_train_step": 2}}, "toy")
+    # 2.5 s to sample; the cached DUO checkpoint's 6120 s are what the cache saves
+    assert "estimated time: under 0:01 h:mm" in text and "the cache saves 100% of it (about 1:42 h:mm" in text
+    old = plan.render([before], {key: {"s_per_image_step": 0.5, "s_per_train_step": 2}}, key)
     assert "estimated time" not in old and "older version" in old  # an old calibration is not misread
 
 
@@ -119,11 +121,13 @@ def test_calibrate_writes_this_machines_costs(tmp_path):
     cfg = compose(["model=tiny"], hydra=False)
     table = plan.calibrate(cfg, tmp_path / "calibration.json")
     saved = json.loads((tmp_path / "calibration.json").read_text())
-    assert saved == json.loads(json.dumps(table)) and saved["tiny"]["device"] == "cpu"
-    assert all(saved["tiny"][k] >= 0 for k in plan.CALIBRATION_KEYS)
-    assert saved["tiny"]["s_per_unet_row"] > 0 and saved["tiny"]["s_per_train_row"] > 0
-    assert saved["tiny"]["sampling_batch"] == int(cfg.sampling.batch_size)
-    assert plan._costs(saved, "tiny") is not None
+    key = plan.calibration_key(cfg.model)  # the weights' content and this machine's device
+    assert key.startswith("tiny:") and key.endswith("@" + plan.device_identity("cpu"))
+    assert saved == json.loads(json.dumps(table)) and saved[key]["device"] == "cpu"
+    assert all(saved[key][k] >= 0 for k in plan.CALIBRATION_KEYS)
+    assert saved[key]["s_per_unet_row"] > 0 and saved[key]["s_per_train_row"] > 0
+    assert saved[key]["sampling_batch"] == int(cfg.sampling.batch_size)
+    assert plan._costs(saved, key)[0] is not None
 
 
 @pytest.mark.slow
@@ -163,3 +167,122 @@ def test_an_override_of_a_swept_key_restricts_the_plan_as_the_launcher_does(tmp_
     plans, _ = plan.plan(["+experiment=toy_duo", "checkpoint.beta=500,1000", f"paths.results_dir={tmp_path}"])
     assert len(plans) == 14
     assert "500,1000" in plan.pinned_note(["+experiment=toy_duo", "checkpoint.beta=500,1000"], 14)
+
+
+def test_durations_read_as_hours_and_minutes():
+    assert plan.hmm(105 * 60) == "about 1:45 h:mm"
+    assert plan.hmm(0) == "about 0:00 h:mm" and plan.hmm(20) == "under 0:01 h:mm"
+    assert plan.hmm(25 * 3600 + 29) == "about 25:00 h:mm"
+
+
+def test_gpu_memory_of_sd14_from_the_published_sizes():
+    """Without SD v1.4's folder, its published sizes; the stages' estimates follow the documented formula."""
+    from unlearn_exp.models import memory as pm
+
+    cfg = compose(["+experiment=nudity_duo", "model.path=/nonexistent/sd14"], hydra=False)
+    sizes = pm.model_sizes(cfg.model)
+    assert sizes.source == "from the published sizes"
+    assert sizes.params == {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863}
+    for part, config in pm.PUBLISHED_CONFIGS["sd14"].items():  # the configs give the published sizes
+        assert sum(t.numel() for t in pm._meta_module(part, config).parameters()) == sizes.params[part]
+    assert sizes.latent == (4, 64) and sizes.unet_elements() == 2_375_680
+    # LoRA rank 32 on self-attention's q, k, v, out: 8 x 32 x (5 x 320 + 5 x 640 + 6 x 1280) parameters
+    assert sizes.lora_params(32, list(cfg.checkpoint.target_modules)) == 8 * 32 * 12_480
+    stages = pm.cell_stages(cfg, sizes, branches=3)
+    sampling, duo = stages["sampling"], stages["duo"]
+    assert sampling.weights == 2 * sum(sizes.params.values())  # float16 on a GPU
+    per, fixed = pm.ACTIVATION["unet_infer"]
+    unet = (per * 4 * 3 + fixed) * 2_375_680 * 2  # 4 images x 3 rows (SLD), float16
+    decode = pm.activation_bytes("vae_decode", sizes.vae_elements(), 4, 2)
+    assert sampling.activations == max(unet, decode) and sampling.what == "4 images x 3 UNet rows"
+    assert 3 * pm.GIB < sampling.peak < 8 * pm.GIB
+    assert duo.peak > stages["inversion"].peak > sampling.peak / 2 and duo.held >= 16 * 8 * 32 * 12_480
+    assert pm.fit_verdict(duo.peak, 80) == "fits 80 GiB" and "NOT fit" in pm.fit_verdict(duo.peak, 8)
+    assert pm.fit_verdict(duo.peak, None) == ""
+
+
+def test_gpu_memory_counted_from_the_model_folder(tmp_path):
+    """The toy's folder: counted from its safetensors headers, or from its config.json files alone on
+    the meta device (the same counts); the tiny model likewise; both get tiny figures."""
+    from safetensors.torch import load_file
+
+    from unlearn_exp.models import memory as pm
+
+    cfg = compose(["model=toy"], hydra=False)
+    sizes = pm.model_sizes(cfg.model)
+    folder = pm.Path(str(sizes.source).removeprefix("counted from "))
+    for part in ("unet", "text_encoder"):
+        weights = load_file(next((folder / part).glob("*.safetensors")))
+        assert sizes.params[part] == sum(t.numel() for t in weights.values())
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "config.json").write_text((folder / part / "config.json").read_text())
+    configs_only = pm.model_sizes(compose(["model=toy", f"model.path={tmp_path}"], hydra=False).model)
+    assert configs_only.params == sizes.params and configs_only.linears == sizes.linears
+    assert "vae" not in sizes.params and sizes.latent == (3, 16)
+
+    tiny_cfg = compose(["model=tiny"], hydra=False)
+    tiny = pm.model_sizes(tiny_cfg.model)
+    from unlearn_exp.models.tiny import build_tiny
+
+    built = build_tiny(seed=0, resolution=32)
+    assert tiny.params == {p: sum(x.numel() for x in m.parameters()) for p, m in built.modules().items()}
+    for s in [*pm.cell_stages(cfg, sizes, 3).values(), *pm.cell_stages(tiny_cfg, tiny, 2).values()]:
+        assert 0 < s.peak < 0.1 * pm.GIB, s
+
+
+def test_a_calibration_holds_for_its_weights_and_device_only():
+    cfg = compose(["model=toy"], hydra=False)
+    key = plan.calibration_key(cfg.model)
+    from unlearn_exp.identity import model_identity
+
+    assert key == f"{model_identity(cfg.model)}@{plan.device_identity('cpu')}"
+    costs = {k: 1.0 for k in plan.CALIBRATION_KEYS}
+    assert plan._costs({key: costs}, key) == (costs, "")
+    other_device = key.rsplit("@", 1)[0] + "@cuda:Some Other GPU"
+    found, why = plan._costs({other_device: costs, "toy": costs}, key)
+    assert found is None and f"no calibration for {key}" in why
+    assert "keyed by model name only (toy) are ignored" in why and "--calibrate" in why
+    absent = compose(["model=sd14", "model.path=/nonexistent/sd14"], hydra=False)
+    assert plan.calibration_key(absent.model) is None
+    assert "weights are not here" in plan._costs({key: costs}, None)[1]
+
+
+def test_an_absent_prompt_list_is_one_warning_for_the_plan(tmp_path):
+    """COCO's PP prompts not in the data cache: one warning naming pp.prompts.path, the reason and the
+    images left out (the cells' own 1000 each, the original model's 1000 references once), no note
+    per cell, and totals marked as a lower bound. A user file that is not there: its path, and an
+    unknown number of images."""
+    cells = [["guidance=none"], ["guidance=sld"]]
+    plans = []
+    for c in cells:
+        over = toy_overrides(tmp_path, "pp=lpips_coco", f"paths.data_dir={tmp_path / 'data'}", *c)
+        over = [o for o in over if o != "pp.prompts.n=4"]  # COCO's list, not the toy's benign one
+        plans.append(plan.plan_cell(compose(over, hydra=False), c, set()))
+    assert all(not p.notes for p in plans)
+    text = plan.render(plans, None, None)
+    warnings = [line for line in text.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, warnings
+    w = warnings[0]
+    assert "'coco_pp' (pp.prompts.path)" in w and "not in the data cache" in w and "downloads nothing" in w
+    assert "2 cell(s)" in w and "3,000 images" in w and "gives 1,000 images a set" in w and "lower bound" in w
+    assert str(tmp_path / "data" / "coco_pp") in w  # the path the list would have, whole
+    # the benchmark's 4 images per cell and the original model's 4 references: the list is not counted
+    assert "at least 12 images to sample" in text
+
+    over = toy_overrides(tmp_path, "benchmark=prompts_file", "benchmark.path=/nonexistent/prompts.csv")
+    p = plan.plan_cell(compose(over, hydra=False), [], set())
+    w = [line for line in plan.render([p], None, None).splitlines() if line.startswith("warning:")]
+    assert len(w) == 1 and "no file at benchmark.path=/nonexistent/prompts.csv" in w[0]
+    assert "an unknown number of images" in w[0]
+
+
+def test_the_command_line_says_whether_each_stage_fits(tmp_path, capsys, monkeypatch):
+    """``--gpu-memory`` among the overrides: each cell's peak and the stage table say whether it fits."""
+    monkeypatch.setenv("UNLEARN_EXP_CALIBRATION", str(tmp_path / "calibration.json"))
+    assert (
+        plan.main([*toy_overrides(tmp_path)[:2], "--gpu-memory", "0.02", *toy_overrides(tmp_path)[2:]]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "[ 1/1] " in out and "GPU peak ~0.03 GiB (sampling, classifier-free guidance): does NOT fit" in out
+    assert "GPU memory per stage (an estimate; unet 1.0M, text_encoder 2.0M parameters, counted from" in out
+    assert "judging (toy on the CPU, PP toy_features): ~0.01 GiB" in out and "a 0.02 GiB card" in out

@@ -11,12 +11,17 @@ model's references, a checkpoint, the ``C*`` that ``embedding=shared`` cells reu
 for the first cell in run order that needs it.
 
 With a calibration file (``$UNLEARN_EXP_CALIBRATION``, default
-``~/.cache/unlearn_exp/calibration.json``, per model name; ``--calibrate`` writes it from a short
-measurement on this machine at the sweep's batch size) it estimates the time: seconds per UNet row
-of sampling, per image (text encoding, decoding), per concept-inversion step and per UNet row of
-training (DUO's step runs ``3 x checkpoint.batch`` rows forward and backward, and as many forward
-through the frozen reference). It ends with the totals and the share of the work (in estimated time
-when calibrated) that the cache saves.
+``~/.cache/unlearn_exp/calibration.json``, one entry per model content and device:
+``calibration_key``; ``--calibrate`` writes it from a short measurement on this machine at the
+sweep's batch size) it estimates the time, in h:mm: seconds per UNet row of sampling, per image
+(text encoding, decoding), per concept-inversion step and per UNet row of training (DUO's step runs
+``3 x checkpoint.batch`` rows forward and backward, and as many forward through the frozen
+reference). For each stage a cell runs it estimates the peak GPU memory from the model's sizes
+(``models.memory``) and, given the card's memory (``--gpu-memory``, else this machine's GPU), whether
+it fits. A prompt list that is not here (not at its path, not in the data cache: planning downloads
+nothing) gets one warning for the whole plan, with the images it leaves out of the totals, which are
+then a lower bound. It ends with the totals and the share of the work (in estimated time when
+calibrated) that the cache saves.
 """
 
 from __future__ import annotations
@@ -32,6 +37,16 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_exp.errors import UserError, exit_status
+from unlearn_exp.models.memory import (
+    GIB,
+    STAGES,
+    ModelSizes,
+    Stage,
+    cell_stages,
+    fit_verdict,
+    gib,
+    model_sizes,
+)
 from unlearn_exp.store import config_hash, to_plain
 
 
@@ -69,6 +84,25 @@ def _count(work: list[Work], kinds: tuple[str, ...], attr: str = "count") -> int
     return sum(getattr(w, attr) for w in work if w.kind in kinds)
 
 
+def stage_of(w: Work) -> str:
+    """The stage (``models.memory.cell_stages``' names) that makes ``w``."""
+    if w.kind in ("duo", "inversion"):
+        return w.kind
+    if w.key.startswith("unlearning/duo_pairs/"):
+        return "pairs"
+    return "image_set" if w.key.startswith("image_sets/") else "sampling"
+
+
+@dataclass(frozen=True)
+class AbsentList:
+    """A prompt list that is not on this machine: its images are left out of the totals."""
+
+    key: str  # the config key that points at its file, e.g. "pp.prompts.path"
+    name: str  # the list's name (its config's ``name``)
+    reason: str
+    images: int | None  # the images of one set of it, from its config (None: unknown without the file)
+
+
 @dataclass
 class CellPlan:
     overrides: list[str]
@@ -76,6 +110,9 @@ class CellPlan:
     artifacts: list[tuple[str, bool]] = field(default_factory=list)  # (what, cached)
     work: list[Work] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    absent: dict[str, AbsentList] = field(default_factory=dict)  # by set ("bench", "coco")
+    stages: dict[str, Stage] = field(default_factory=dict)  # estimated GPU memory (models.memory)
+    sizes: ModelSizes | None = None
 
     def _sum(self, kinds: tuple[str, ...], cached: bool, attr: str = "count") -> int:
         return _count([w for w in self.work if w.cached == cached], kinds, attr)
@@ -120,7 +157,6 @@ def _done_spec_keys(results_dir: Path) -> set[str]:
 def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
     """What one cell needs and what of it the cache already holds."""
     from unlearn_exp.cell import (
-        benchmark_rows,
         checkpoint_for_inversion,
         image_set_key,
         inversion_key,
@@ -128,12 +164,12 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
         rows_identity,
         sample_identity,
     )
-    from unlearn_exp.identity import cell_spec, model_identity, resolved_device, resolved_dtype, spec_key
+    from unlearn_exp.identity import cell_spec, resolved_device, resolved_dtype, spec_key
 
     p = CellPlan(overrides=overrides)
     p.done = spec_key(cell_spec(cfg)) in done_keys
     cache = _cache(cfg)
-    model = _Model(model_identity(cfg.model), resolved_dtype(cfg.model), resolved_device(cfg.model))
+    model = _Model(_plan_identity(cfg.model), resolved_dtype(cfg.model), resolved_device(cfg.model))
     steps = int(cfg.sampling.steps)
     cfg_rows = 2  # classifier-free guidance: uncond and prompt
     unique = f"cell:{config_hash(overrides)}"  # for work whose artifact cannot be named yet
@@ -234,36 +270,14 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
 
     # images: benchmark, benign PP prompts, the original model's references
     branches = _guidance(cfg, learned=False).unet_branches(float(cfg.sampling.guidance_scale))
-    sets = {}
-    for name, bench_cfg in (("bench", cfg.benchmark), ("coco", cfg.pp.get("prompts"))):
-        if bench_cfg is None:
-            continue
-        if str(bench_cfg.get("loader")) == "ring_a_bell":  # generated prompts: planning generates nothing
-            base = bench_cfg.base
-            try:
-                n = len(benchmark_rows(base, _local_data_dir(base, cfg.paths.data_dir))[0])
-            except UserError as exc:
-                p.notes.append(f"{name} base prompts unknown here ({str(exc).splitlines()[0][:90]})")
-                continue
-            passes = n * int(bench_cfg.population) * (int(bench_cfg.generations) + 1)
-            p.notes.append(
-                f"Ring-A-Bell prompts for {n} base prompts: up to {passes} text-encoder passes if not cached"
-            )
-            n_img = n * int(bench_cfg.get("images_per_prompt") or 1)
-            p.work.append(Work(f"samples/{unique}:{name}", "images", n_img, n_img * steps * branches))
-            continue
-        try:  # read a local or already downloaded file only: planning downloads nothing
-            sets[name] = benchmark_rows(bench_cfg, _local_data_dir(bench_cfg, cfg.paths.data_dir))[0]
-        except UserError as exc:
-            p.notes.append(f"{name} prompts unknown here ({str(exc).splitlines()[0][:90]})")
+    sets = _prompt_sets(p, cfg, steps * branches, unique)  # a list not here: p.absent
     settings = sample_identity(cfg, str(model.device))
     size = int(cfg.sampling.chunk_size)
     original = {"model": model.identity, "checkpoint": "original", "guidance": {"name": "none"}}
     mine = _cell_identity(cfg, model, checkpoint_id, concept_id, original)
+    _absent_work(p, cfg, (original, mine), settings, (steps, branches), unique)
     for name, rows in sets.items():
-        refs = name != "bench" or cfg.pp.bench  # the original model's images for PP
-        wanted = [original, mine] if refs and mine != original else [mine]
-        for ident in wanted:
+        for ident in _wanted(name, cfg, original, mine):
             per_row = cfg_rows if ident is original else branches
             if ident is None:  # C* not built yet: these images cannot be named, nor cached
                 p.work.append(
@@ -277,6 +291,120 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
                 n = len(part)
                 p.work.append(Work(f"samples/{config_hash(key)}", "images", n, n * steps * per_row, cached))
     return p
+
+
+def _plan_identity(model_cfg) -> str:
+    """The model's content identity; where its weights are not here, a name no cached artifact
+    carries: cache keys name the weights' content, so nothing counts as cached (``weights_note``)."""
+    from unlearn_exp.identity import model_identity
+
+    try:
+        return model_identity(model_cfg)
+    except UserError:
+        return f"{model_cfg.get('name')}:weights-not-here"
+
+
+def weights_note(cfg) -> str:
+    """One line where the model's weights are not on this machine, else ''."""
+    from unlearn_exp.identity import model_content_hash
+
+    if model_content_hash(cfg.model) is not None:
+        return ""
+    return (
+        f"note: no weights for model '{cfg.model.name}' at model.path={cfg.model.get('path')} here: nothing "
+        "is counted as cached (cache keys name the weights' content), no calibration applies, and GPU "
+        "memory is estimated from the published sizes"
+    )
+
+
+LIST_KEYS = {"bench": "benchmark", "coco": "pp.prompts"}  # the config key of each prompt set
+
+
+def _wanted(name: str, cfg, original: dict, mine: dict | None) -> list[dict | None]:
+    """The sample identities a prompt set is sampled for: the cell's own, and the original model's
+    references for PP."""
+    refs = name != "bench" or cfg.pp.bench
+    return [original, mine] if refs and mine != original else [mine]
+
+
+def _prompt_sets(p: CellPlan, cfg, rows_per_image: int, unique: str) -> dict[str, list[dict]]:
+    """The rows of the cell's prompt sets that are here; a list that is not is recorded in ``p.absent``.
+    Generated prompts (Ring-A-Bell) are counted from their base prompts: planning generates nothing."""
+    sets = {}
+    for name, bench_cfg in (("bench", cfg.benchmark), ("coco", cfg.pp.get("prompts"))):
+        if bench_cfg is None:
+            continue
+        key, per_prompt = LIST_KEYS[name], int(bench_cfg.get("images_per_prompt") or 1)
+        if str(bench_cfg.get("loader")) != "ring_a_bell":
+            rows = _prompt_rows(p, name, key, bench_cfg, cfg.paths.data_dir, per_prompt)
+            if rows is not None:
+                sets[name] = rows
+            continue
+        base = _prompt_rows(p, name, f"{key}.base", bench_cfg.base, cfg.paths.data_dir, per_prompt)
+        if base is None:
+            continue
+        passes = len(base) * int(bench_cfg.population) * (int(bench_cfg.generations) + 1)
+        p.notes.append(
+            f"Ring-A-Bell prompts for {len(base)} base prompts: up to {passes} text-encoder passes "
+            "if not cached"
+        )
+        n_img = len(base) * per_prompt
+        p.work.append(Work(f"samples/{unique}:{name}", "images", n_img, n_img * rows_per_image))
+    return sets
+
+
+def _prompt_rows(p: CellPlan, name: str, key: str, list_cfg, data_dir, per_prompt: int) -> list[dict] | None:
+    """A prompt list's rows where its file is here (a local path, or a download already in the data
+    cache: planning downloads nothing); else None, and the list in ``p.absent``."""
+    from unlearn_exp.cell import benchmark_rows
+
+    reason = _absent_reason(list_cfg, data_dir, key)
+    if reason is None:
+        try:
+            return benchmark_rows(list_cfg, _local_data_dir(list_cfg, data_dir))[0]
+        except UserError as exc:
+            reason = f"it could not be read here ({str(exc).strip().splitlines()[0]})"
+    n = list_cfg.get("expected_prompts")
+    if n is not None and list_cfg.get("limit") is not None:
+        n = min(int(n), int(list_cfg.limit))
+    images = None if n is None else int(n) * per_prompt
+    p.absent[name] = AbsentList(f"{key}.path", str(list_cfg.get("name")), reason, images)
+    return None
+
+
+def _absent_reason(list_cfg, data_dir, key: str) -> str | None:
+    """Why a prompt file is not here, or None where it is (or the list is not a file: its loader says)."""
+    from unlearn_exp.data import LOADERS, pinned_download_path
+
+    if str(list_cfg.get("loader", "prompts_file")) not in LOADERS:
+        return None
+    path = list_cfg.get("path")
+    if path:
+        return None if Path(str(path)).expanduser().is_file() else f"no file at {key}.path={path}"
+    if not list_cfg.get("url"):
+        hint = list_cfg.get("source_hint")
+        return f"{key}.path is not set and the list has no public download" + (f" ({hint})" if hint else "")
+    pinned = pinned_download_path(list_cfg, data_dir) if data_dir else None
+    if pinned is not None and pinned.is_file():
+        return None
+    return (
+        f"not in the data cache ({pinned or 'paths.data_dir is not set'}) and {key}.path is not set; "
+        "planning downloads nothing (a run downloads it from its pinned url)"
+    )
+
+
+def _absent_work(p: CellPlan, cfg, idents: tuple, settings, steps_branches: tuple[int, int], unique: str):
+    """The images the cell's absent prompt lists would add, as ``absent`` work (never in the totals):
+    named like the samples they would be, so a sweep counts what its cells share once."""
+    steps, branches = steps_branches
+    original, mine = idents
+    for name, absent in p.absent.items():
+        generated = absent.key.endswith(".base.path")  # Ring-A-Bell: the cell's own images only
+        for ident in [None] if generated else _wanted(name, cfg, original, mine):
+            tag = unique if ident is None else config_hash({**ident, "sampling": settings})
+            n = absent.images or 0
+            per_row = 2 if ident is original else branches
+            p.work.append(Work(f"absent/{absent.key}:{absent.name}/{tag}", "absent", n, n * steps * per_row))
 
 
 def _local_data_dir(bench_cfg, data_dir) -> str | None:
@@ -360,11 +488,62 @@ def _cell_identity(cfg, model: _Model, checkpoint_id, concept_id: str, original:
 CALIBRATION_KEYS = ("s_per_unet_row", "s_per_image", "s_per_inversion_step", "s_per_train_row")
 
 
-def _costs(calib: dict[str, Any] | None, model_name: str) -> dict[str, float] | None:
-    c = (calib or {}).get(model_name)
-    if not c or any(k not in c for k in CALIBRATION_KEYS):
+def device_identity(device: str) -> str:
+    """The device a calibration was measured on: ``cuda:<its name>``, or ``cpu:<processor> (<n>
+    threads)``; another card, processor or thread count is another calibration."""
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        return f"cuda:{torch.cuda.get_device_name(torch.device(device))}"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu:{name} ({torch.get_num_threads()} threads)"
+
+
+def calibration_key(model_cfg) -> str | None:
+    """A calibration's entry: the model's content identity (its weights' sha256, cached; dtype;
+    resolution) and the device, ``<identity>@<device>``; None where the weights are not here."""
+    from unlearn_exp.identity import model_identity, resolved_device
+
+    try:
+        identity = model_identity(model_cfg)
+    except UserError:
         return None
-    return {k: float(c[k]) for k in CALIBRATION_KEYS}
+    return f"{identity}@{device_identity(resolved_device(model_cfg))}"
+
+
+def _costs(calib: dict[str, Any] | None, key: str | None) -> tuple[dict[str, float] | None, str]:
+    """The calibrated costs for ``key`` (``calibration_key``), or None and why not."""
+    calib = calib or {}
+    c = calib.get(key) if key else None
+    if c and all(k in c for k in CALIBRATION_KEYS):
+        return {k: float(c[k]) for k in CALIBRATION_KEYS}, ""
+    if key is None:
+        why = "no calibration applies: the model's weights are not here (a calibration names them)"
+    elif c:
+        why = f"the calibration for {key} is from an older version"
+    else:
+        why = f"no calibration for {key}"
+    by_name = sorted(k for k in calib if "@" not in k)
+    if by_name:  # written before calibrations named weights and device: they may be of others
+        why += f"; entries keyed by model name only ({', '.join(by_name)}) are ignored"
+    return None, why + ": `python -m unlearn_exp.plan --calibrate ...` measures it"
+
+
+def hmm(seconds: float) -> str:
+    """A duration as h:mm: ``about 1:45 h:mm``."""
+    minutes = round(seconds / 60)
+    if seconds > 0 and minutes == 0:
+        return "under 0:01 h:mm"
+    return f"about {minutes // 60}:{minutes % 60:02d} h:mm"
 
 
 def work_seconds(w: Work, c: dict[str, float]) -> float:
@@ -373,6 +552,8 @@ def work_seconds(w: Work, c: dict[str, float]) -> float:
         return w.rows * c["s_per_unet_row"] + w.count * c["s_per_image"]
     if w.kind == "inversion":
         return w.count * c["s_per_inversion_step"]
+    if w.kind == "absent":  # images of a prompt list that is not here: not estimated
+        return 0.0
     if w.kind == "duo":  # 3b rows forward and backward, and the same rows through the frozen reference
         rows = 3 * w.batch
         return w.count * rows * (c["s_per_train_row"] + c["s_per_unet_row"])
@@ -445,7 +626,11 @@ def calibrate(cfg, path: Path) -> dict[str, Any]:
     duo_rows = 3 * int(cfg.checkpoint.get("batch") or 4)
     per_train_row = train_pass(duo_rows) / duo_rows
     table = json.loads(path.read_text()) if path.is_file() else {}
-    table[str(cfg.model.name)] = {
+    key = calibration_key(cfg.model)
+    if key is None:  # not reached: the model loaded, so its weights are here
+        raise UserError(f"no weights for model '{cfg.model.name}': nothing to calibrate")
+    table[key] = {
+        "model": str(cfg.model.name),
         "s_per_unet_row": per_row,
         "s_per_image": per_image,
         "s_per_inversion_step": inv_step,
@@ -454,6 +639,7 @@ def calibrate(cfg, path: Path) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "measured": time.strftime("%Y-%m-%d %H:%M"),
         "device": str(comps.device),
+        "device_name": key.rsplit("@", 1)[1],
     }
     from unlearn_exp.store import atomic_write_json
 
@@ -462,8 +648,7 @@ def calibrate(cfg, path: Path) -> dict[str, Any]:
 
 
 def plan(overrides: list[str]) -> tuple[list[CellPlan], Any]:
-    from unlearn_exp.config import compose, override_key
-    from unlearn_exp.demo import grid
+    from unlearn_exp.config import compose, grid, override_key
 
     base = list(overrides)
     try:
@@ -474,7 +659,40 @@ def plan(overrides: list[str]) -> tuple[list[CellPlan], Any]:
     base = [o for o in base if override_key(o) not in swept]  # a cell's own values replace the sweep's
     first = compose([*base, *cells[0]])
     done = _done_spec_keys(Path(first.paths.results_dir))
-    return [plan_cell(compose([*base, *c]), c, done) for c in cells], first
+    plans = []
+    for c in cells:
+        cfg = compose([*base, *c])
+        plans.append(with_memory(plan_cell(cfg, c, done), cfg))
+    return plans, first
+
+
+def with_memory(p: CellPlan, cfg) -> CellPlan:
+    """``p`` with the estimated GPU memory of the stages its cell may run (``models.memory``)."""
+    p.sizes = _sizes(to_plain(cfg.model))
+    if p.sizes is not None:
+        branches = _guidance(cfg, learned=False).unet_branches(float(cfg.sampling.guidance_scale))
+        p.stages = cell_stages(cfg, p.sizes, branches, _most_pairs(cfg))
+    return p
+
+
+def _most_pairs(cfg) -> int:
+    """The most pairs one DUO adapter of the cell's recipe trains on (1 where there is none)."""
+    from unlearn_exp.unlearning.duo import resolve_recipe
+
+    ck = dict(to_plain(cfg.checkpoint))
+    if ck.get("method") != "duo" or ck.get("path"):
+        return 1
+    return max([int(a.get("n_pairs", 1)) for a in resolve_recipe(ck, cfg.task)["adapters"]] or [1])
+
+
+_SIZES: dict[str, ModelSizes | None] = {}
+
+
+def _sizes(model_cfg: dict) -> ModelSizes | None:
+    key = config_hash(model_cfg)
+    if key not in _SIZES:
+        _SIZES[key] = model_sizes(model_cfg)
+    return _SIZES[key]
 
 
 def pinned_note(overrides: list[str], n_cells: int) -> str:
@@ -495,53 +713,145 @@ def pinned_note(overrides: list[str], n_cells: int) -> str:
     )
 
 
-def render(plans: list[CellPlan], calib: dict | None, model_name: str) -> str:
-    costs = _costs(calib, model_name)
-    train = ("duo", "inversion")
-    lines = []
+def render(
+    plans: list[CellPlan], calib: dict | None, calib_key: str | None, gpu_gib: float | None = None
+) -> str:
+    """The plan as text: a line per cell, the GPU memory per stage, the absent prompt lists, the
+    totals. ``calib_key``: the calibration's entry (``calibration_key``); ``gpu_gib``: the card's memory."""
+    costs, why = _costs(calib, calib_key)
     per_cell = sweep_work(plans)
+    lines = []
     for i, (p, (own, shared)) in enumerate(zip(plans, per_cell), 1):
-        est = _estimate(own, costs)
-        status = "done" if p.done else "to run"
-        need = ", ".join(f"{w} [{'cached' if c else 'build'}]" for w, c in p.artifacts) or "-"
-        by_earlier = _count(shared, ("images",))
-        lines.append(
-            f"[{i:2d}/{len(plans)}] {' '.join(p.overrides) or '(one cell)'}: {status}; images to sample "
-            f"{_count(own, ('images',))} ({p.images_cached} cached"
-            + (f", {by_earlier} made by an earlier cell" if by_earlier else "")
-            + f"), UNet rows {_count(own, ('images',), 'rows')}, training steps {_count(own, train)} "
-            f"({p.train_steps_cached} cached)" + (f", about {est / 60:.1f} min" if est is not None else "")
-        )
-        lines.append(f"        needs: {need}")
-        lines += [f"        note: {n}" for n in p.notes]
+        lines += _cell_lines(f"[{i:2d}/{len(plans)}]", p, own, shared, costs, gpu_gib)
     todo = [w for own, _ in per_cell for w in own]
+    lines += _memory_lines(plans, per_cell, gpu_gib)
+    lines += _absent_lines(plans, per_cell)
+    return "\n".join(lines + _total_lines(plans, todo, costs, why))
+
+
+TRAIN = ("duo", "inversion")
+
+
+def _cell_peak(p: CellPlan, own: list[Work]) -> Stage | None:
+    """The stage of the highest estimated GPU memory among those the cell runs."""
+    names = {stage_of(w) for w in own} | (set() if p.done else {"judging"})
+    stages = [p.stages[n] for n in names if n in p.stages]
+    return max(stages, key=lambda s: s.peak, default=None)
+
+
+def _cell_lines(tag: str, p: CellPlan, own: list[Work], shared: list[Work], costs, gpu_gib) -> list[str]:
+    est = _estimate(own, costs)
+    status = "done" if p.done else "to run"
+    need = ", ".join(f"{w} [{'cached' if c else 'build'}]" for w, c in p.artifacts) or "-"
+    by_earlier = _count(shared, ("images",))
+    peak = _cell_peak(p, own)
+    memory = "" if peak is None else f"; GPU peak ~{gib(peak.peak)} GiB ({peak.name})"
+    fit = fit_verdict(peak.peak, gpu_gib) if peak is not None else ""
+    return [
+        f"{tag} {' '.join(p.overrides) or '(one cell)'}: {status}; images to sample "
+        f"{_count(own, ('images',))} ({p.images_cached} cached"
+        + (f", {by_earlier} made by an earlier cell" if by_earlier else "")
+        + f"), UNet rows {_count(own, ('images',), 'rows')}, training steps {_count(own, TRAIN)} "
+        f"({p.train_steps_cached} cached)"
+        + (f", {hmm(est)}" if est is not None else "")
+        + memory
+        + (f": {fit}" if fit else ""),
+        f"        needs: {need}",
+        *[f"        note: {n}" for n in p.notes],
+    ]
+
+
+def _memory_lines(plans: list[CellPlan], per_cell, gpu_gib: float | None) -> list[str]:
+    """The estimated GPU memory of each stage the sweep runs, once per stage and size."""
+    sizes = next((p.sizes for p in plans if p.sizes is not None), None)
+    if sizes is None:
+        return ["GPU memory: not estimated (no sizes for this model: no weights here, no published sizes)"]
+    stages: dict[tuple[int, str, str], Stage] = {}
+    for p, (own, _) in zip(plans, per_cell):
+        names = {stage_of(w) for w in own} | (set() if p.done else {"judging"})
+        for name in names & set(p.stages):
+            stages.setdefault((STAGES.index(name), p.stages[name].name, p.stages[name].what), p.stages[name])
+    params = ", ".join(f"{part} {n / 1e6:.1f}M" for part, n in sizes.params.items())
+    card = f"a {gpu_gib:g} GiB card" if gpu_gib else "no card size: --gpu-memory GIB checks the fit"
+    lines = [f"GPU memory per stage (an estimate; {params} parameters, {sizes.source}; {card}):"]
+    for _, s in sorted(stages.items(), key=lambda kv: kv[0]):
+        fit = fit_verdict(s.peak, gpu_gib)
+        lines.append(
+            f"  {s.name} ({s.what}): ~{gib(s.peak)} GiB (weights {gib(s.weights)}, held {gib(s.held)}, "
+            f"activations {gib(s.activations)})" + (f": {fit}" if fit else "")
+        )
+    return lines if stages else lines[:1] + ["  nothing to run"]
+
+
+def _absent_lines(plans: list[CellPlan], per_cell) -> list[str]:
+    """One warning per prompt list that is not here: which, why, and what it leaves out of the totals."""
+    lists: dict[str, AbsentList] = {}
+    work: dict[str, list[Work]] = {}  # by "<config key>:<name>", what the cells to run would sample
+    cells: dict[str, set[int]] = {}
+    for i, (p, (own, _)) in enumerate(zip(plans, per_cell)):
+        for absent in p.absent.values():
+            lists.setdefault(f"{absent.key}:{absent.name}", absent)
+        for w in (w for w in own if w.kind == "absent"):
+            work.setdefault(w.key.split("/")[1], []).append(w)
+            cells.setdefault(w.key.split("/")[1], set()).add(i)
+    lines = []
+    for key, left in work.items():
+        absent = lists[key]
+        images = (
+            f"{_count(left, ('absent',)):,} images ({_count(left, ('absent',), 'rows'):,} UNet rows; "
+            f"the list gives {absent.images:,} images a set)"
+            if absent.images is not None
+            else "an unknown number of images (its config gives no expected_prompts)"
+        )
+        lines.append(
+            f"warning: prompt list '{absent.name}' ({absent.key}) is not here: {absent.reason}. The "
+            f"{len(cells[key])} cell(s) that sample it would add {images}, not counted: the totals below "
+            "are a lower bound"
+        )
+    return lines
+
+
+def _total_lines(plans: list[CellPlan], todo: list[Work], costs, why: str) -> list[str]:
     done_keys = {w.key for w in todo}
     held: dict[str, Work] = {}  # what the cache (or a recorded cell) already holds, each artifact once
     for p in plans:
         for w in p.work:
-            if (w.cached or p.done) and w.key not in done_keys:
+            if (w.cached or p.done) and w.key not in done_keys and w.kind != "absent":
                 held.setdefault(w.key, w)
     saved = list(held.values())
-    images, rows, steps = _count(todo, ("images",)), _count(todo, ("images",), "rows"), _count(todo, train)
-    lines.append(
-        f"total: {len(plans)} cells ({sum(p.done for p in plans)} done), {images} images to sample "
-        f"({rows} UNet rows), {steps} training steps; each shared artifact counted once"
-    )
+    images, rows, steps = _count(todo, ("images",)), _count(todo, ("images",), "rows"), _count(todo, TRAIN)
+    bound = any(w.kind == "absent" for w in todo)
+    lines = [
+        f"total: {len(plans)} cells ({sum(p.done for p in plans)} done), {'at least ' if bound else ''}"
+        f"{images} images to sample ({rows} UNet rows), {steps} training steps; each shared artifact "
+        "counted once" + ("; a lower bound: prompt lists are not here (warnings above)" if bound else "")
+    ]
     if costs is not None:
         left, kept = _estimate(todo, costs), _estimate(saved, costs)
         share = kept / (left + kept) if left + kept else 1.0
         lines.append(
-            f"estimated time: {left / 60:.1f} min on this machine ({calibration_path()}); the cache saves "
-            f"{share:.0%} of it ({kept / 60:.1f} min: {_count(saved, ('images',))} images, "
-            f"{_count(saved, train)} training steps)"
+            f"estimated time: {hmm(left)}{' at least' if bound else ''} on this machine "
+            f"({calibration_path()}); the cache saves {share:.0%} of it ({hmm(kept)}: "
+            f"{_count(saved, ('images',))} images, {_count(saved, TRAIN)} training steps)"
         )
     else:
         lines.append(
-            f"the cache holds {_count(saved, ('images',))} images and {_count(saved, train)} training steps; "
-            f"no calibration for model '{model_name}' (or one from an older version): "
-            "`python -m unlearn_exp.plan --calibrate ...` measures it"
+            f"the cache holds {_count(saved, ('images',))} images and {_count(saved, TRAIN)} training "
+            f"steps; {why}"
         )
-    return "\n".join(lines)
+    return lines
+
+
+def gpu_memory_here(cfg) -> float | None:
+    """The memory of the GPU the model would run on here, in GiB; None without one."""
+    from unlearn_exp.identity import resolved_device
+
+    device = resolved_device(cfg.model)
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory / GIB
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -551,19 +861,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--calibrate", action="store_true", help="measure this machine's costs for the model first"
     )
+    ap.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GIB",
+        help="the GPU's memory in GiB, to say whether each stage fits (default: this machine's GPU)",
+    )
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m unlearn_exp")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # options before, between or after the overrides
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     def run() -> int:
         plans, cfg = plan(list(args.overrides))
-        note = pinned_note(list(args.overrides), len(plans))
-        if note:
-            print(note)
+        for note in (pinned_note(list(args.overrides), len(plans)), weights_note(cfg)):
+            if note:
+                print(note)
         if args.calibrate:
             calibrate(cfg, calibration_path())
         calib = json.loads(calibration_path().read_text()) if calibration_path().is_file() else None
-        print(render(plans, calib, str(cfg.model.name)))
+        gpu = args.gpu_memory if args.gpu_memory is not None else gpu_memory_here(cfg)
+        print(render(plans, calib, calibration_key(cfg.model), gpu))
         return 0
 
     return exit_status(run)
