@@ -92,7 +92,9 @@ def hf_home() -> str:
 def _model(model: dict) -> list[Asset]:
     if model.get("source", "pretrained") != "pretrained" or not model.get("path"):
         return []
-    path = str(model["path"])
+    from unlearn_exp.paths import resolve_local_path
+
+    path = resolve_local_path(str(model["path"]))  # a relative folder: the working directory, then the repo
     need = ["unet", "text_encoder", "tokenizer", "scheduler"] + (["vae"] if model.get("vae", True) else [])
     what = f"model weights ({model.get('name')})"
     if _is_hub_id(path):

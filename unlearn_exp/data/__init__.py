@@ -151,6 +151,9 @@ def load_benchmark(cfg: Any, data_dir: str | Path | None = None, key: str = "ben
     return images
 
 
+_WARNED: set[tuple[str, str]] = set()
+
+
 def load_file_benchmark(cfg: Any, data_dir: str | Path | None = None) -> pd.DataFrame:
     """The built-in file loaders (``i2p``, ``csv``, ``prompts_file``): a published or user file read
     into the schema. ``df.attrs`` records ``benchmark``, ``file`` and ``file_sha256``."""
@@ -174,7 +177,8 @@ def load_file_benchmark(cfg: Any, data_dir: str | Path | None = None) -> pd.Data
     )
     sha = file_sha256(path)
     pinned, expected = _get(cfg, "sha256"), _get(cfg, "expected_prompts")
-    if pinned and sha != str(pinned).lower():
+    if pinned and sha != str(pinned).lower() and (name, sha) not in _WARNED:
+        _WARNED.add((name, sha))  # once per process and file: a sweep reads it in every cell
         log.warning("benchmark '%s': %s is not the pinned published file (sha256 %s)", name, path, sha[:16])
     elif pinned and expected is not None and len(prompts) != int(expected):
         raise UserError(
