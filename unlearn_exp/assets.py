@@ -248,7 +248,7 @@ def _filters(cfg: dict) -> list[Asset]:
 
 def assets_of(cfg) -> list[Asset]:
     """The external files one composed cell config needs."""
-    plain = to_plain(cfg)
+    plain = {k: to_plain(cfg[k]) for k in cfg if k != "hydra"}  # a job's hydra node resolves only in its job
     data_dir = (plain.get("paths") or {}).get("data_dir")
     pp = plain.get("pp") or {}
     out = _model(plain.get("model") or {})
