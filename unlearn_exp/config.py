@@ -95,7 +95,7 @@ def pinned_axes(overrides: list[str], params) -> dict[str, str]:
 
 def _first_value(override: str) -> str:
     key, eq, value = override.partition("=")
-    if not eq or "," not in value or value.lstrip().startswith(("[", "{", "'", '"')) or "(" in value:
+    if not eq or "," not in value or any(c in value for c in "[]{}()$'\""):  # a plain comma list only
         return override
     return f"{key}={value.split(',', 1)[0]}"
 

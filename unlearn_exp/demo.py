@@ -144,13 +144,26 @@ def methods_main(jobs: int, extra: list[str]) -> int:
                 done[i] = got
                 show(i, got)
         rows = with_identity(pd.DataFrame([done[i]["cell"] for i in range(len(cells))]))
-        table = methods_table(rows, METHODS_EXPERIMENT, "toy", extra=tuple(extra))
+        table = methods_table(rows, METHODS_EXPERIMENT, "toy", extra=tuple(table_overrides(base, extra)))
         written = write_table(table, Path("reports") / "toy")
         print(f"\n{to_markdown(table)}")
         print(f"\n{len(cells)} cells in {time.time() - start:.0f} s; table: {Path(written[0]).parent}")
         return 0
 
     return exit_status(body)
+
+
+def table_overrides(base: list[str], extra: list[str]) -> list[str]:
+    """``extra`` without the keys the experiment sweeps: the grid ran only their values (``grid``),
+    and the tables show the other positions as '-' rather than fill them with the pinned cell (one
+    line says so)."""
+    from unlearn_exp.config import override_key, pinned_axes, sweep_params
+
+    pinned = pinned_axes(extra, sweep_params(base))
+    if pinned:
+        which = ", ".join(f"{k}={v}" for k, v in pinned.items())
+        print(f"tables: the overrides pin {which}; the other positions show '-'")
+    return [o for o in extra if override_key(o) not in pinned]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,9 +223,10 @@ def main(argv: list[str] | None = None) -> int:
                 show(i, got, sum(got["timings"].values()))
         rows = [done[i]["cell"] for i in range(len(cells))]
         df = pd.DataFrame(rows)
-        tables = build_tables(df, "toy", extra=extra)
+        fixed = table_overrides(base, extra)  # each table position keeps its own beta, guidance, ...
+        tables = build_tables(df, "toy", extra=fixed)
         files = [Path(p) for p in df["_source"]]
-        written = write_report(df, "toy", "reports", files=files, extra=extra, tables=tables)
+        written = write_report(df, "toy", "reports", files=files, extra=fixed, tables=tables)
 
         t, before = time.time(), unet_rows()
         pre = precondition.run(base, "reports")  # with workers: every measurement is cached by now
