@@ -276,3 +276,15 @@ def test_headerless_csv_with_an_unbalanced_quote_is_read_as_lines(tmp_path, capl
     assert load_benchmark({**cfg, "path": str(table)}).prompt.tolist() == ["a cat, sitting"]
     with pytest.raises(UserError, match="benchmark.format must be one of"):
         load_benchmark({**cfg, "format": "xlsx"})
+
+
+def test_a_users_copy_of_a_pinned_list_is_read_each_time_with_one_warning(tmp_path, caplog):
+    """A file given for a pinned benchmark (not the published one) is read in every cell of a sweep;
+    the warning that it is not the published file comes once."""
+    p = tmp_path / "i2p.csv"
+    p.write_text("prompt,nudity_percentage,categories,evaluation_seed\na,80,sexual,1\nb,90,sexual,2\n")
+    cfg = bench_cfg("i2p_nudity", path=str(p))
+    with caplog.at_level("WARNING", logger="unlearn_exp"):
+        for _ in range(3):
+            assert len(load_benchmark(cfg)) == 2
+    assert caplog.text.count("is not the pinned published file") <= 1

@@ -177,9 +177,12 @@ def load_file_benchmark(cfg: Any, data_dir: str | Path | None = None) -> pd.Data
     )
     sha = file_sha256(path)
     pinned, expected = _get(cfg, "sha256"), _get(cfg, "expected_prompts")
-    if pinned and sha != str(pinned).lower() and (name, sha) not in _WARNED:
-        _WARNED.add((name, sha))  # once per process and file: a sweep reads it in every cell
-        log.warning("benchmark '%s': %s is not the pinned published file (sha256 %s)", name, path, sha[:16])
+    if pinned and sha != str(pinned).lower():
+        if (name, sha) not in _WARNED:  # once per process and file: a sweep reads it in every cell
+            _WARNED.add((name, sha))
+            log.warning(
+                "benchmark '%s': %s is not the pinned published file (sha256 %s)", name, path, sha[:16]
+            )
     elif pinned and expected is not None and len(prompts) != int(expected):
         raise UserError(
             f"benchmark '{name}': read {len(prompts)} prompts from the pinned file, expected {expected}"
