@@ -30,6 +30,7 @@ Trainer we build (idempotent, cheap). What it does, and why each part is safe:
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 # loggers whose INFO records are never a result: Lightning's rank-zero notes, and the device line
@@ -66,9 +67,10 @@ _WEIGHTS_ONLY_NOTE = _WeightsOnlyNote()
 def quiet_lightning() -> None:
     """Keep Lightning's info lines, tips and three inapplicable warnings out of the output (see the
     module docstring); Lightning's other warnings and errors still show."""
-    import lightning  # noqa: F401 - its import adds the console handler this removes
-
-    if logging.getLogger().hasHandlers():
+    # Lightning's import adds the console handlers removed here: where it is not imported yet (a run
+    # that reuses its results never imports it, and should not pay for it), the sites that build a
+    # Trainer call this again after importing it
+    if logging.getLogger().hasHandlers() and any(m in sys.modules for m in LIGHTNING_LOGGERS):
         for name in LIGHTNING_LOGGERS:
             logger = logging.getLogger(name)
             for handler in list(logger.handlers):
