@@ -445,22 +445,9 @@ def _initial_latents(comps, seed: int) -> dict[str, Any]:
     return out
 
 
-def _parity_model(args):
-    from unlearn_exp.bench.sampling import sd14_sized
-    from unlearn_exp.models import build_tiny, load_pretrained
-
-    if args.smoke:
-        comps = build_tiny(resolution=32)
-    elif args.path:
-        comps = load_pretrained(args.path, name="sd14", resolution=args.resolution)
-    else:
-        comps = sd14_sized(args.resolution)
-    return comps.to(device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float32)
-
-
 def run_parity(args) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
-    comps = _parity_model(args)
+    comps = _model(args, torch.float32)  # the same components as the throughput checks, in fp32
     seed = 0
     report: dict[str, Any] = {
         "mode": "parity-fp32",
