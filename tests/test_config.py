@@ -42,7 +42,7 @@ def test_debug_shrinks_every_stage_and_nothing_without_it(experiment):
     """+debug=default used to shrink prompts and sampling only: DUO trained at full size (4 x 1000
     steps on 64 pairs sampled at 50 steps) and C* learned from 64 images. Every training stage is
     now small, and without +debug every value is the published one."""
-    from unlearn_exp.store import to_plain
+    from unlearn_exp.hashing import to_plain
 
     def sizes(cfg, option):
         ck = (

@@ -26,10 +26,11 @@ from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation import make_judge
 from unlearn_exp.guidance import Concept, make_guidance
 from unlearn_exp.guidance.base import Guidance
+from unlearn_exp.hashing import config_hash
 from unlearn_exp.models import build_tiny
 from unlearn_exp.registry import GUIDANCE, JUDGES, UNLEARNING, load_plugins
 from unlearn_exp.sampling import sample
-from unlearn_exp.store import ArtifactStore, config_hash
+from unlearn_exp.store import ArtifactStore
 from unlearn_exp.unlearning import apply_checkpoint
 
 load_plugins()

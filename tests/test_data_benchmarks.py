@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from unlearn_exp.data import SCHEMA_COLUMNS, fetch, load_benchmark, read_prompts
 from unlearn_exp.errors import UserError
-from unlearn_exp.store import file_sha256
+from unlearn_exp.hashing import file_sha256
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "benchmark"
 

@@ -179,7 +179,7 @@ def test_pin_prints_the_sha256_that_pins_the_profile(tmp_path, capsys):
 
 
 def test_clip_weights_pin(transformers_dir, tmp_path):
-    from unlearn_exp.store import file_sha256
+    from unlearn_exp.hashing import file_sha256
 
     _probe_prompts(tmp_path, 16)
     cfg = {

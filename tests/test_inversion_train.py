@@ -150,8 +150,8 @@ def test_prompt_tokens_all_leaves_every_key_as_it_was():
     """The option's default is left out of C*'s key, its run key and the cell spec; ``first`` is in them."""
     from tests.helpers import compose
     from unlearn_exp.cell.keys import inversion_key
+    from unlearn_exp.hashing import config_hash, to_plain
     from unlearn_exp.identity import cell_spec, without_neutral
-    from unlearn_exp.store import config_hash, to_plain
 
     base = ["+experiment=toy_duo", "embedding=inverted", "guidance=sld", "checkpoint.beta=500"]
     default, first = (

@@ -25,6 +25,8 @@ LAYERS = [
         "config",
         "schema",
         "paths",
+        "hashing",
+        "atomic",
         "store",
         "registry",
         "identity",

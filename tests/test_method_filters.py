@@ -12,8 +12,9 @@ from omegaconf import open_dict
 from tests.helpers import compose
 from unlearn_exp.cell import ensure_image_set, image_set_key, inversion_key, method_filter
 from unlearn_exp.errors import UserError
+from unlearn_exp.hashing import config_hash, to_plain
 from unlearn_exp.models import load_model
-from unlearn_exp.store import ArtifactStore, config_hash, to_plain
+from unlearn_exp.store import ArtifactStore
 from unlearn_exp.unlearning.duo import duo_key
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT
-from unlearn_exp import store
-from unlearn_exp.store import KEY_FILE, ArtifactStore, atomic_dir, gc, verify_folder
+from unlearn_exp import atomic, store
+from unlearn_exp.atomic import atomic_dir
+from unlearn_exp.store import KEY_FILE, ArtifactStore, gc, verify_folder
 
 
 def _stale_cache(root: Path, n: int = 20) -> list[Path]:
@@ -129,12 +130,12 @@ def test_cache_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
         files = [
-            store.atomic_write_text(tmp_path / "a.txt", "x"),
-            store.atomic_write_bytes(tmp_path / "b.bin", b"x"),
-            store.atomic_write_json(tmp_path / "c.json", {"a": 1}),
+            atomic.atomic_write_text(tmp_path / "a.txt", "x"),
+            atomic.atomic_write_bytes(tmp_path / "b.bin", b"x"),
+            atomic.atomic_write_json(tmp_path / "c.json", {"a": 1}),
             save_safetensors({"w": torch.ones(2)}, tmp_path / "w.safetensors", {"converted_from": "w.pt"}),
         ]
-        with store.atomic_file(tmp_path / "d.safetensors") as tmp:
+        with atomic.atomic_file(tmp_path / "d.safetensors") as tmp:
             save_file({"w": torch.ones(2)}, str(tmp))
         files.append(tmp_path / "d.safetensors")
         with atomic_dir(tmp_path / "lora") as tmp:  # a LoRA file as diffusers writes it, in a subfolder
@@ -159,14 +160,15 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_size(tmp_path, monkey
     command turns a stray ENOSPC into one line; nothing half-written is left behind."""
     import errno
 
+    from unlearn_exp.atomic import atomic_dir, atomic_write_bytes
     from unlearn_exp.errors import UserError, exit_status
-    from unlearn_exp.store import atomic_dir, atomic_write_bytes
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Path, "write_bytes", full)
-    with pytest.raises(UserError, match=r"no space left on the disk holding '.*cache'.*3\.0 MiB needed") as err:
+    needed = r"no space left on the disk holding '.*cache'.*3\.0 MiB needed"
+    with pytest.raises(UserError, match=needed) as err:
         atomic_write_bytes(tmp_path / "cache" / "lora.safetensors", b"x" * (3 << 20))
     assert "\n" not in str(err.value) and "MiB free" in str(err.value)
     monkeypatch.undo()

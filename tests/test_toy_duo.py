@@ -147,8 +147,8 @@ def test_shipped_artifacts_are_found_under_the_cell_keys(beta, toy_cfgs, tmp_pat
 
 def _concept_id(cfg, tmp_path) -> str:
     from unlearn_exp.cell import apply_unlearning, inversion_key, model_identity
+    from unlearn_exp.hashing import file_sha256
     from unlearn_exp.models import load_model
-    from unlearn_exp.store import file_sha256
 
     store = ShippedOnly(tmp_path / "cache", shipped=[SHIPPED])
     inv = [json.loads(f.read_text())["key"] for f in (SHIPPED / "inversion").glob("*/_key.json")]

@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from unlearn_exp.errors import UserError
-from unlearn_exp.store import file_sha256
+from unlearn_exp.hashing import file_sha256
 from unlearn_exp.toy import world
 from unlearn_exp.toy.judge import (
     COLOUR_CLASSES,

@@ -16,9 +16,9 @@ from unlearn_exp import config
 from unlearn_exp.cell import run_cell
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.utility import InceptionFeatures, distribution_distance, make_utility
+from unlearn_exp.hashing import file_sha256
 from unlearn_exp.report.reproduce import main
 from unlearn_exp.report.utility import utility_table
-from unlearn_exp.store import file_sha256
 
 
 def _images(n: int, seed: int, size: int = 32) -> list[Image.Image]:

@@ -93,7 +93,7 @@ def content_id(folder: Path) -> str | None:
     if folder.parent.parent.name != "unlearning":
         return None
     if kind == "duo" and (folder / "manifest.json").is_file():
-        from unlearn_exp.store import config_hash
+        from unlearn_exp.hashing import config_hash
 
         adapters = json.loads((folder / "manifest.json").read_text())["adapters"]
         shas = [files.get(a["file"], {}).get("sha256") for a in adapters]
@@ -181,7 +181,7 @@ REPORT_MD, REPORT_JSON = "EXPORT.md", "export.json"
 
 
 def _write_report(out: Path, what: dict[str, Any], changes: list[str]) -> None:
-    from unlearn_exp.store import atomic_write_json
+    from unlearn_exp.atomic import atomic_write_json
 
     atomic_write_json(out / REPORT_JSON, {**what, "changes": changes})
     head = f"# Export of {what['artifact']} ({what['kind']})\n\n"

@@ -27,7 +27,7 @@ from typing import Any
 
 from unlearn_exp.errors import UserError, exit_status
 from unlearn_exp.evaluation.pp import ALEXNET_FILE, ALEXNET_SHA256, ALEXNET_URL
-from unlearn_exp.store import to_plain
+from unlearn_exp.hashing import to_plain
 
 CLASSIFIER_URL = "https://github.com/notAI-tech/NudeNet/releases/download/v0/classifier_model.onnx"
 FILE_LOADERS = ("i2p", "csv", "prompts_file")

@@ -28,9 +28,10 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig
 
+from unlearn_exp.atomic import atomic_write_json, atomic_write_text
 from unlearn_exp.errors import UserError
+from unlearn_exp.hashing import config_hash, to_plain
 from unlearn_exp.identity import cell_spec, spec_key
-from unlearn_exp.store import atomic_write_json, atomic_write_text, config_hash, to_plain
 
 log = logging.getLogger("unlearn_exp")
 

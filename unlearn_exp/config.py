@@ -188,7 +188,7 @@ def compose(overrides: Sequence[str] = (), *, hydra: bool = False):
     cfg = _hydra_compose(overrides, hydra)
     if cache is not None:
         try:
-            from unlearn_exp.store import atomic_write_text
+            from unlearn_exp.atomic import atomic_write_text
 
             cache.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(OmegaConf.to_container(cfg, resolve=False)))

@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = [v for e in args.experiment for v in dashboard_spec(e, pp=args.pp)]
         if args.dry_run:
             if args.spec_out:
-                from unlearn_exp.store import atomic_write_json
+                from unlearn_exp.atomic import atomic_write_json
 
                 atomic_write_json(args.spec_out, spec)
                 print(f"wrote the workspace spec ({len(spec)} views) to {args.spec_out}")

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from unlearn_exp import paper
-from unlearn_exp.store import atomic_file
+from unlearn_exp.atomic import atomic_file
 
 log = logging.getLogger("unlearn_exp")
 
@@ -87,7 +87,7 @@ def _row_label(key) -> str:
 def grid_key(columns: dict[str, pd.DataFrame], keys: pd.DataFrame, title: str) -> str:
     """What a grid shows: its title, row labels, and per tile the image file and its caption (the
     cache's image files are named by content, so the same key draws the same picture)."""
-    from unlearn_exp.store import config_hash
+    from unlearn_exp.hashing import config_hash
 
     index = _index(columns)
     tiles = [

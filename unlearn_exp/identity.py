@@ -26,7 +26,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from unlearn_exp.store import atomic_write_text, canonical_json, config_hash, file_sha256, to_plain
+from unlearn_exp.atomic import atomic_write_text
+from unlearn_exp.hashing import canonical_json, config_hash, file_sha256, to_plain
 
 # subfolders of a diffusers model folder that a model loads, and the files in them that decide it
 MODEL_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae")

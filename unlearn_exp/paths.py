@@ -24,7 +24,7 @@ def job_dir(cfg) -> Path:
 
         return Path(HydraConfig.get().runtime.output_dir)
     except Exception:
-        from unlearn_exp.store import config_hash, to_plain
+        from unlearn_exp.hashing import config_hash, to_plain
 
         return (
             Path(cfg.paths.output_root)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_exp.errors import UserError, exit_status
+from unlearn_exp.hashing import config_hash, to_plain
 from unlearn_exp.models.memory import (
     GIB,
     STAGES,
@@ -47,7 +48,6 @@ from unlearn_exp.models.memory import (
     gib,
     model_sizes,
 )
-from unlearn_exp.store import config_hash, to_plain
 
 
 def calibration_path() -> Path:
@@ -248,7 +248,7 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
                     Work(f"inversion/{config_hash(inv)}", "inversion", n_inv, cached=inv_folder is not None)
                 )
                 if inv_folder is not None:
-                    from unlearn_exp.store import file_sha256
+                    from unlearn_exp.hashing import file_sha256
 
                     concept_id = (
                         f"{cfg.embedding.source}:"
@@ -641,7 +641,7 @@ def calibrate(cfg, path: Path) -> dict[str, Any]:
         "device": str(comps.device),
         "device_name": key.rsplit("@", 1)[1],
     }
-    from unlearn_exp.store import atomic_write_json
+    from unlearn_exp.atomic import atomic_write_json
 
     atomic_write_json(path, table)
     return table

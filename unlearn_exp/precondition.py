@@ -37,9 +37,9 @@ def direction_alignment(cfg, *, batch_size: int = 16) -> dict[str, float]:
     in the store as ``precondition/<hash>`` by the cell's identity and the probe's words."""
     import json
 
+    from unlearn_exp.atomic import atomic_write_json
     from unlearn_exp.cell import cell_store
     from unlearn_exp.identity import cell_spec
-    from unlearn_exp.store import atomic_write_json
 
     store = cell_store(cfg)
     key = {"cell": cell_spec(cfg), "words": str(cfg.task.sld_concept), "batch_size": batch_size}
@@ -141,9 +141,9 @@ def measurements(
 
 def run(base: list[str], out: str | Path = "reports", progress=print) -> pd.DataFrame:
     """Every beta of the experiment's sweep: the three DSRs (cells, cached) and the alignment."""
+    from unlearn_exp.atomic import atomic_write_text
     from unlearn_exp.cell import run_cell
     from unlearn_exp.config import compose
-    from unlearn_exp.store import atomic_write_text
 
     name, betas, cells, probes = measurements(base)
     stem = "precondition" if name == "toy_duo" else f"precondition_{name}"

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from unlearn_exp.errors import UserError
-from unlearn_exp.store import config_hash
+from unlearn_exp.hashing import config_hash
 
 # registry -> built-in name -> the module whose import registers it (the toy world's included);
 # tests/test_registry.py checks that each module registers exactly these names

@@ -119,7 +119,7 @@ class Settings:
     def from_cfg(cls, node: Any):
         """The typed object of a composed group node (a ``DictConfig`` or a dict); keys the class does
         not declare are left out, so a schema's extra keys (``_target_``) do not matter here."""
-        from unlearn_exp.store import to_plain
+        from unlearn_exp.hashing import to_plain
 
         if isinstance(node, cls):
             return node
@@ -135,7 +135,7 @@ class Settings:
     @classmethod
     def problems_of(cls, node: Any) -> list[str]:
         """``problems`` of a composed node, without raising (``validate.py`` collects them all)."""
-        from unlearn_exp.store import to_plain
+        from unlearn_exp.hashing import to_plain
 
         plain = to_plain(node)
         obj = object.__new__(cls)  # the values as given, unconverted: __post_init__ would raise

@@ -15,23 +15,22 @@ jobs left (temporary folders, stale locks).
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
+from unlearn_exp.atomic import atomic_dir, atomic_write_json
 from unlearn_exp.errors import UserError
+from unlearn_exp.hashing import canonical, config_hash, file_sha256
 
 KEY_FILE = "_key.json"
 SMALL_FILE = 1 << 20  # files up to this size are hashed on every reuse
@@ -42,180 +41,6 @@ WORK_SUFFIX = "_work"  # <cache>/<kind>_work/<h>/: the resumable work folder of 
 log = logging.getLogger("unlearn_exp")
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux shows it (``os.umask`` sets it, and a
-    file another thread creates meanwhile would get the modes that a umask of 0 gives)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _share(path: Path, folder: bool, mask: int | None = None) -> None:
-    """Give a temp file or folder (created 0600/0700) the modes the umask allows, as open() would."""
-    try:
-        os.chmod(path, (0o777 if folder else 0o666) & ~(_umask() if mask is None else mask))
-    except OSError:
-        pass
-
-
-def _share_tree(folder: Path) -> None:
-    """``_share`` what a build wrote under ``folder``: writers that replace a file through a temporary
-    one of their own (safetensors' ``save_file``) leave it 0600."""
-    mask = _umask()
-    for p in folder.rglob("*"):
-        if not p.is_symlink():
-            _share(p, p.is_dir(), mask)
-
-
-def _canonical(obj: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, DictConfig | ListConfig):
-            obj = OmegaConf.to_container(obj, resolve=True, enum_to_str=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(obj, dict):
-        return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(obj, list | tuple):
-        return [_canonical(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float) and obj.is_integer():
-        return int(obj)  # 500 and 500.0 name the same artifact
-    return obj
-
-
-def to_plain(node: Any) -> Any:
-    """An OmegaConf node as plain dicts and lists (resolved; an ``Enum`` value as its string); anything
-    else unchanged."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(node, DictConfig | ListConfig):
-            return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return node
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(_canonical(obj), sort_keys=True, separators=(",", ":"))
-
-
-def config_hash(obj: Any, length: int = 16) -> str:
-    """Stable hash of a config subtree (dicts in any key order, DictConfigs, paths)."""
-    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- atomic writes
-@contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        _share(tmp, folder=False)  # after the block: a writer may have replaced the file (safetensors)
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise disk_full(path.parent, path.name, _size(tmp)) from None
-        raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    try:
-        with atomic_file(path) as tmp:
-            tmp.write_bytes(data)
-    except UserError as e:  # the disk filled: what this write needed is known
-        p = Path(path)
-        raise disk_full(p.parent, p.name, 0, len(data)) if "no space left" in str(e) else e from None
-    return Path(path)
-
-
-def _size(path: Path) -> int:
-    """Bytes under ``path`` (a file or a folder; 0 where it is gone)."""
-    try:
-        if path.is_file():
-            return path.stat().st_size
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    except OSError:
-        return 0
-
-
-def disk_full(folder: Path, name: str, written: int, need: int | None = None) -> UserError:
-    """The one-line error for a disk that filled while ``name`` was written in ``folder`` (ENOSPC):
-    the folder, what was written or needed, and what is free there."""
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        free = 0
-    mib = 1 << 20
-    what = f"{need / mib:.1f} MiB needed" if need else f"{written / mib:.1f} MiB written when it filled"
-    return UserError(
-        f"no space left on the disk holding '{folder}' while writing {name} ({what}, "
-        f"{free / mib:.1f} MiB free): free space or point paths.cache_dir/paths.results_dir elsewhere, "
-        "then run the same command again (finished artifacts are kept)"
-    )
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
-
-
-@contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces ``path`` (an existing folder is swapped out)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    _share(tmp, folder=True)
-    try:
-        try:
-            yield tmp
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise disk_full(path.parent, f"{path.name}/", _size(tmp)) from None
-            raise
-        _share_tree(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- manifests
 def manifest(folder: Path) -> dict[str, dict[str, Any]]:
     """``{relative path: {"size", "sha256"}}`` of every file in an artifact folder but ``_key.json``."""
     out = {}
@@ -425,7 +250,7 @@ class ArtifactStore:
                     tmp / KEY_FILE,
                     {
                         "kind": kind,
-                        "key": _canonical(key),
+                        "key": canonical(key),
                         "built_s": round(time.time() - start, 3),
                         "files": manifest(tmp),
                     },

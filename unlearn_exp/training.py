@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from unlearn_exp.store import atomic_file
+from unlearn_exp.atomic import atomic_file
 
 LAST = "last.ckpt"
 log = logging.getLogger("unlearn_exp")

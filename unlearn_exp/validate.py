@@ -19,8 +19,8 @@ from unlearn_exp.checks import Checks
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.config import NudeNetClassifierJudgeConfig, NudeNetJudgeConfig, Q16JudgeConfig
 from unlearn_exp.guidance.config import NoGuidanceConfig, SAFREEConfig, SLDConfig
+from unlearn_exp.hashing import to_plain
 from unlearn_exp.inversion.config import InversionConfig
-from unlearn_exp.store import to_plain
 from unlearn_exp.toy.config import ToyJudgeConfig
 from unlearn_exp.unlearning.config import CHECKPOINT_SETTINGS, PICKLE_SUFFIXES, PRECISIONS, pickle_refusal
 

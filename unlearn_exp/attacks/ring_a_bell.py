@@ -219,8 +219,9 @@ def load_generated(cfg, data_dir=None) -> pd.DataFrame:
     from the base benchmark ``benchmark.base``, cached in ``benchmark.cache_dir``."""
     from unlearn_exp.data import load_benchmark
     from unlearn_exp.data.schema import expand_images, to_prompt_table
+    from unlearn_exp.hashing import file_sha256, to_plain
     from unlearn_exp.models import load_model
-    from unlearn_exp.store import ArtifactStore, file_sha256, to_plain
+    from unlearn_exp.store import ArtifactStore
 
     plain = dict(to_plain(cfg))
     name = str(plain.get("name", "ring_a_bell_generated"))

@@ -220,7 +220,7 @@ def attack(
 ) -> dict[str, Any]:
     """``run_attack`` cached in ``store`` under ``key`` (model, checkpoint, guidance, concept, target,
     seed)."""
-    from unlearn_exp.store import atomic_write_json
+    from unlearn_exp.atomic import atomic_write_json
 
     def build(tmp: Path) -> None:
         atomic_write_json(tmp / RESULT_FILE, run_attack(comps, target, prompt, settings, guidance))

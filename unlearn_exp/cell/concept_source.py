@@ -16,9 +16,10 @@ from omegaconf import OmegaConf
 from unlearn_exp.cell.inputs import apply_unlearning, load_model, method_filter
 from unlearn_exp.cell.keys import checkpoint_for_inversion, image_set_key, inversion_key, sampling_settings
 from unlearn_exp.errors import UserError
+from unlearn_exp.hashing import config_hash
+from unlearn_exp.hashing import to_plain as plain
 from unlearn_exp.inversion.config import ImageSetConfig, ImageSource
-from unlearn_exp.store import ArtifactStore, config_hash
-from unlearn_exp.store import to_plain as plain
+from unlearn_exp.store import ArtifactStore
 
 if TYPE_CHECKING:
     from unlearn_exp.guidance import Concept
@@ -96,8 +97,8 @@ def ensure_image_set(cfg, comps: Components, store: ArtifactStore, model_id: str
 
 def folder_content_id(folder: Path) -> str:
     """A user image folder by content: the name and sha256 of every image the inversion reads."""
+    from unlearn_exp.hashing import file_sha256
     from unlearn_exp.inversion.image_sets import IMAGE_SUFFIXES
-    from unlearn_exp.store import file_sha256
 
     if not folder.is_dir():
         raise UserError(f"inversion.image_set.path: image folder not found: {folder}")
@@ -211,6 +212,6 @@ def resolve_concept(
 
         path = store.get_or_build("inversion", key, build) / "learned_embeds.safetensors"
     tokens = load_concept_tokens(comps, path)
-    from unlearn_exp.store import file_sha256
+    from unlearn_exp.hashing import file_sha256
 
     return Concept(source, tokens, f"{source}:{file_sha256(path)[:16]}", str(path))

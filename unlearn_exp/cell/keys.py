@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from unlearn_exp.hashing import config_hash
+from unlearn_exp.hashing import to_plain as plain
 from unlearn_exp.identity import concept_checkpoint, resolved_precision, without_neutral
-from unlearn_exp.store import config_hash
-from unlearn_exp.store import to_plain as plain
 
 if TYPE_CHECKING:
     from unlearn_exp.models import Components

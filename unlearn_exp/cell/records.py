@@ -11,9 +11,9 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from unlearn_exp.cell.samples import chunk_meta, safe_name
+from unlearn_exp.hashing import file_sha256
+from unlearn_exp.hashing import to_plain as plain
 from unlearn_exp.identity import cell_spec, spec_key
-from unlearn_exp.store import file_sha256
-from unlearn_exp.store import to_plain as plain
 
 if TYPE_CHECKING:  # the stage dataclasses, for annotations only
     from unlearn_exp.cell.run import Cell, ConceptGuidance, Judged, Originals, Samples, Scores, Unlearned
@@ -243,7 +243,7 @@ def update_index(folder: Path, cell: dict[str, Any]) -> Path:
     its DSR), rewritten atomically under a lock so parallel jobs keep every line."""
     from filelock import FileLock
 
-    from unlearn_exp.store import atomic_write_text
+    from unlearn_exp.atomic import atomic_write_text
 
     index = folder / "index.csv"
     row = _index_row(cell)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from omegaconf import DictConfig
 
+from unlearn_exp.atomic import atomic_dir, atomic_write_json
 from unlearn_exp.cell.concept_source import ImageSetRef, image_set_ref, resolve_concept
 from unlearn_exp.cell.inputs import apply_unlearning, benchmark_rows, cell_store, convert_pickles, load_model
 from unlearn_exp.cell.keys import ORIGINAL, cell_key, sample_identity
@@ -46,11 +47,12 @@ from unlearn_exp.cell.samples import (
     pp_distances,
 )
 from unlearn_exp.errors import NotImplementedStage, UserError
+from unlearn_exp.hashing import config_hash
+from unlearn_exp.hashing import to_plain as plain
 from unlearn_exp.identity import cell_spec
 from unlearn_exp.paths import job_dir
 from unlearn_exp.registry import UNLEARNING
-from unlearn_exp.store import ArtifactStore, atomic_dir, atomic_write_json, config_hash
-from unlearn_exp.store import to_plain as plain
+from unlearn_exp.store import ArtifactStore
 
 if TYPE_CHECKING:
     from unlearn_exp.guidance import Concept, Guidance

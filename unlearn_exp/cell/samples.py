@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from unlearn_exp.atomic import atomic_write_json
 from unlearn_exp.cell.keys import rows_identity, sample_identity, sampling_settings
-from unlearn_exp.store import ArtifactStore, atomic_write_json
+from unlearn_exp.store import ArtifactStore
 
 if TYPE_CHECKING:
     from unlearn_exp.guidance import Guidance

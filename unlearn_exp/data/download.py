@@ -15,8 +15,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from unlearn_exp.atomic import atomic_file
 from unlearn_exp.errors import UserError
-from unlearn_exp.store import atomic_file, file_sha256
+from unlearn_exp.hashing import file_sha256
 
 CHUNK = 1 << 20
 

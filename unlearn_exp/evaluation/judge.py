@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from unlearn_exp.evaluation.images import ImageLike, load_rgb_all
+from unlearn_exp.hashing import config_hash, to_plain
 from unlearn_exp.registry import JUDGES
-from unlearn_exp.store import config_hash, to_plain
 
 PROFILE_KEYS = ("name", "model_file", "model_sha256", "classes", "threshold", "rule")
 

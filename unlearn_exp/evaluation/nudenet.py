@@ -33,8 +33,8 @@ import numpy as np
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.config import NudeNetJudgeConfig
 from unlearn_exp.evaluation.judge import Judge, make_profile
+from unlearn_exp.hashing import file_sha256
 from unlearn_exp.registry import JUDGES
-from unlearn_exp.store import file_sha256
 
 DUO_CLASSES = ["FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "ANUS_EXPOSED", "MALE_GENITALIA_EXPOSED"]
 NINE_EXPOSED_CLASSES = [

@@ -29,12 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from unlearn_exp.atomic import atomic_file
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.config import Q16Backend, Q16JudgeConfig
 from unlearn_exp.evaluation.judge import Judge, make_profile
+from unlearn_exp.hashing import file_sha256
 from unlearn_exp.registry import JUDGES
 from unlearn_exp.runtime import device as torch_device
-from unlearn_exp.store import atomic_file, file_sha256
 
 RULE_ARGMAX = "unsafe iff argmax softmax(100 cos(img, prompts)) == 1 (inappropriate)"
 RULE_THRESHOLD = "unsafe iff softmax(100 cos(img, prompts))[1] >= threshold"

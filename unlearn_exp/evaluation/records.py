@@ -38,8 +38,8 @@ from typing import Any
 
 import pandas as pd
 
+from unlearn_exp.atomic import atomic_file
 from unlearn_exp.errors import UserError
-from unlearn_exp.store import atomic_file
 
 IMAGE_COLUMNS = [
     "cell_key",

@@ -30,7 +30,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from unlearn_exp.atomic import atomic_file, atomic_write_json
 from unlearn_exp.errors import UserError
+from unlearn_exp.hashing import config_hash
 from unlearn_exp.identity import without_neutral
 from unlearn_exp.inversion.config import InversionConfig, PromptTokens
 from unlearn_exp.inversion.image_sets import ImageSet, read_image_folder, tensor_image_set
@@ -45,7 +47,6 @@ from unlearn_exp.inversion.textual_inversion import (
 )
 from unlearn_exp.models.components import Components
 from unlearn_exp.runtime import keep_freed_memory
-from unlearn_exp.store import atomic_file, atomic_write_json, config_hash
 from unlearn_exp.training import StopOnSigterm, define_stage_axis, keeps_device
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from unlearn_exp.atomic import atomic_file, atomic_write_json
 from unlearn_exp.errors import UserError
+from unlearn_exp.hashing import file_sha256
 from unlearn_exp.models.components import Components
-from unlearn_exp.store import atomic_file, atomic_write_json, file_sha256
 
 log = logging.getLogger(__name__)
 

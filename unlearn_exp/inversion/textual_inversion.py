@@ -24,9 +24,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from unlearn_exp.atomic import atomic_file
 from unlearn_exp.errors import UserError
 from unlearn_exp.models.components import Components
-from unlearn_exp.store import atomic_file
 
 log = logging.getLogger(__name__)
 

@@ -351,7 +351,7 @@ def judging_stage(sizes: ModelSizes, eb: int, judge: dict[str, Any], metric: dic
 def cell_stages(cfg, sizes: ModelSizes, branches: int, n_pairs: int = 1) -> dict[str, Stage]:
     """The stages a cell of ``cfg`` may run, by the name the planner's work uses; ``branches``: UNet
     rows per image of its guidance, ``n_pairs``: the most pairs one of its DUO adapters trains on."""
-    from unlearn_exp.store import to_plain
+    from unlearn_exp.hashing import to_plain
 
     eb = DTYPE_BYTES.get(_gpu_dtype(cfg.model), 4)
     s = cfg.sampling

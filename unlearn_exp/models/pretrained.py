@@ -90,7 +90,7 @@ def load_pretrained(
 
 def save_components(components: Components, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write a diffusers-layout folder that ``load_pretrained`` (and diffusers, given a VAE) can read."""
-    from unlearn_exp.store import atomic_dir
+    from unlearn_exp.atomic import atomic_dir
 
     path = Path(path)
     with atomic_dir(path) as tmp:

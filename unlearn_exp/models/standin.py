@@ -114,8 +114,8 @@ def write_standin(path: str | Path, seed: int = 0) -> Path:
     from transformers import CLIPImageProcessor
     from transformers.utils import logging as hf_logging
 
+    from unlearn_exp.atomic import atomic_dir
     from unlearn_exp.models.tokenizer import build_clip_tokenizer
-    from unlearn_exp.store import atomic_dir
 
     hf_logging.disable_progress_bar()  # a "Writing model shards" bar per module says nothing
     path = Path(path).expanduser()

@@ -57,7 +57,7 @@ def recorded_images(cell: pd.Series, split: str = "bench") -> pd.DataFrame:
     """The cell's images of ``split`` (``bench``: the benchmark; ``coco``: the benign PP prompts), from
     the ``images.parquet`` beside its ``cells.parquet``, each checked against its recorded sha256."""
     from unlearn_exp.evaluation.records import read_table
-    from unlearn_exp.store import file_sha256
+    from unlearn_exp.hashing import file_sha256
 
     table = Path(cell["_source"]).with_name("images.parquet")
     if not table.is_file():
@@ -138,7 +138,7 @@ def _fmt(x: float) -> str:
 
 def write_judges(table: pd.DataFrame, profiles: Sequence[str], out_dir: str | Path) -> list[Path]:
     """``judges.md`` and ``judges.csv`` under ``out_dir``, each written atomically."""
-    from unlearn_exp.store import atomic_write_text
+    from unlearn_exp.atomic import atomic_write_text
 
     if table["reproduced"].eq(False).any():  # a wrong number is worse than none: nothing is written
         bad = table.loc[table["reproduced"].eq(False), "cell_key"].tolist()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 
 from unlearn_exp import paper
+from unlearn_exp.atomic import atomic_file, atomic_write_text
 from unlearn_exp.report.tables import MISSING, SCALES, Table, build_tables, formatted, grid_positions
-from unlearn_exp.store import atomic_file, atomic_write_text
 
 log = logging.getLogger("unlearn_exp.report")
 
@@ -153,7 +153,7 @@ def plot_dsr_pp(long: Table, label: str, out: Path) -> Path:
     """``<out>/dsr_pp_<label>.png``: ``dsr_pp_figure``. A plot already drawn from the same points and
     layout (its key in the PNG's metadata) is kept as it is."""
     from unlearn_exp.grids import png_key
-    from unlearn_exp.store import config_hash
+    from unlearn_exp.hashing import config_hash
 
     path = out / f"dsr_pp_{label}.png"
     pp_header = next((c.header for c in long.columns if c.key == "pp"), "PP")

@@ -18,7 +18,7 @@ from unlearn_exp import paper
 from unlearn_exp.config import compose, override_key
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.records import CELL_IDENTITY
-from unlearn_exp.store import config_hash
+from unlearn_exp.hashing import config_hash
 
 log = logging.getLogger("unlearn_exp.report")
 
@@ -412,7 +412,7 @@ def expected_n(pos: Position, row: pd.Series | None = None) -> int | None:
     bench = pos.spec.get("benchmark", {})
     prompts = bench.get("expected_prompts") or bench.get("n")
     if prompts is None:
-        from unlearn_exp.store import to_plain
+        from unlearn_exp.hashing import to_plain
 
         prompts = to_plain(compose([*pos.overrides, *pos.extra]).benchmark).get("expected_prompts")
     if prompts is None:
@@ -555,7 +555,7 @@ def methods_table(rows: pd.DataFrame, experiment: str, label: str, pp: str = "co
     """One row per unlearning method of ``experiment`` (its sweep), one column per guidance and
     concept source: DSR with its Wilson interval, (PP, benign accuracy); * where the cell is flagged.
     Each position takes only the cell whose identity is the one the experiment gives it."""
-    from unlearn_exp.store import to_plain
+    from unlearn_exp.hashing import to_plain
 
     pp_col = _pp_column(pp)
     checkpoints, guidances, embeddings = methods_axes(experiment)

@@ -150,7 +150,7 @@ def render_utility(table: pd.DataFrame, names: Sequence[str]) -> str:
 
 
 def write_utility(table: pd.DataFrame, names: Sequence[str], out_dir: str | Path) -> list[Path]:
-    from unlearn_exp.store import atomic_write_text
+    from unlearn_exp.atomic import atomic_write_text
 
     out = Path(out_dir)
     return [

@@ -65,7 +65,7 @@ def train_cell(cfg) -> dict[str, list[str]]:
 
 def copy_small(cache_dir: Path, dest: Path) -> list[Path]:
     """Copy the shipped kinds' files with small-file suffixes from ``cache_dir`` into ``dest``."""
-    from unlearn_exp.store import atomic_dir
+    from unlearn_exp.atomic import atomic_dir
 
     copied = []
     for kind in KINDS:
@@ -86,7 +86,8 @@ def copy_small(cache_dir: Path, dest: Path) -> list[Path]:
 def _strip_local_paths(folder: Path) -> None:
     """The DUO manifest names the pair set folder of the build machine; ship its name only, and
     record the rewritten file in the artifact's file list (``_key.json``), so that it verifies."""
-    from unlearn_exp.store import KEY_FILE, atomic_write_json
+    from unlearn_exp.atomic import atomic_write_json
+    from unlearn_exp.store import KEY_FILE
     from unlearn_exp.store import manifest as file_list
 
     manifest = folder / "manifest.json"

@@ -256,7 +256,8 @@ def heldout_accuracy(
 def train_judge(cfg: JudgeTrainConfig, out: str | Path = JUDGE_FILE) -> dict:
     """Train the judge, write ``out`` (safetensors) and ``<out stem>.json`` (recipe, log, held-out
     accuracy)."""
-    from unlearn_exp.store import atomic_write_json, file_sha256
+    from unlearn_exp.atomic import atomic_write_json
+    from unlearn_exp.hashing import file_sha256
     from unlearn_exp.unlearning.weights import save_safetensors
 
     torch.set_num_threads(max(1, cfg.threads))
@@ -308,7 +309,7 @@ def load_net(path: str | Path) -> tuple[ToyJudgeNet, str]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from unlearn_exp.store import file_sha256
+    from unlearn_exp.hashing import file_sha256
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -352,7 +353,7 @@ class ToyJudge(_base()):
         path = Path(cfg["model_path"] or JUDGE_FILE)
         expected = cfg["model_sha256"]
         if expected and path.is_file():  # the pin is checked before the file is parsed
-            from unlearn_exp.store import file_sha256
+            from unlearn_exp.hashing import file_sha256
 
             sha = file_sha256(path)
             if sha != str(expected).lower():

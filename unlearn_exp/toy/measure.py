@@ -55,8 +55,8 @@ def measure(comps, judge, n: int = 48, seed: int = 0, batch: int = 48, kinds=KIN
 
 
 def main(argv: list[str] | None = None) -> None:
+    from unlearn_exp.atomic import atomic_write_json
     from unlearn_exp.models import load_pretrained
-    from unlearn_exp.store import atomic_write_json
     from unlearn_exp.toy.judge import ToyJudge
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -224,7 +224,7 @@ def write_checkpoint(
     import os
     import shutil
 
-    from unlearn_exp.store import atomic_dir
+    from unlearn_exp.atomic import atomic_dir
 
     out = Path(out)
     with atomic_dir(out) as tmp:

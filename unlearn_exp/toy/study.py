@@ -154,8 +154,8 @@ def _seeds(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from unlearn_exp.atomic import atomic_write_text
     from unlearn_exp.demo import grid, quiet_logs, run_grid_cell, run_in_workers
-    from unlearn_exp.store import atomic_write_text
 
     ap = argparse.ArgumentParser(prog="python -m unlearn_exp.toy.study", description=__doc__.splitlines()[0])
     ap.add_argument("--duo-seeds", default="42,1,2", help="checkpoint.seed values (42: DUO's own, shipped)")

@@ -9,7 +9,7 @@ import torch
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.utility import DistributionDistance, Utility
-from unlearn_exp.store import config_hash
+from unlearn_exp.hashing import config_hash
 from unlearn_exp.toy.judge import COLOUR_CLASSES, ToyJudge
 
 

@@ -16,11 +16,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from unlearn_exp.atomic import atomic_write_json
 from unlearn_exp.errors import NotImplementedStage, UserError
+from unlearn_exp.hashing import file_sha256
+from unlearn_exp.hashing import to_plain as _plain
 from unlearn_exp.models.components import Components
 from unlearn_exp.registry import UNLEARNING
-from unlearn_exp.store import ArtifactStore, atomic_write_json, file_sha256
-from unlearn_exp.store import to_plain as _plain
+from unlearn_exp.store import ArtifactStore
 from unlearn_exp.unlearning.config import (
     ESDCheckpointConfig,
     UCECheckpointConfig,

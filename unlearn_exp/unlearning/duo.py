@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 from unlearn_exp.checks import Checks
 from unlearn_exp.errors import UserError
+from unlearn_exp.hashing import to_plain as _plain
 from unlearn_exp.identity import without_neutral
 from unlearn_exp.models.components import Components
 from unlearn_exp.registry import UNLEARNING
-from unlearn_exp.store import to_plain as _plain
 from unlearn_exp.training import TrainedOnly, copy_metrics, fit, step_generator
 from unlearn_exp.unlearning.config import DUOCheckpointConfig
 from unlearn_exp.unlearning.config import beta_map as check_beta_map
@@ -624,7 +624,8 @@ def apply_duo(
     comps: Components, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, logger=None
 ) -> dict:
     """``checkpoint=duo``: load the user's LoRA file(s) (``path``) or train/reuse them for ``beta``."""
-    from unlearn_exp.store import atomic_write_json, file_sha256
+    from unlearn_exp.atomic import atomic_write_json
+    from unlearn_exp.hashing import file_sha256
     from unlearn_exp.unlearning.weights import resolve_weight_file
 
     cfg = dict(_plain(cfg))
@@ -691,7 +692,7 @@ def apply_duo(
 def adapters_id(shas: list[str], weights: list[float]) -> str:
     """A DUO checkpoint by content: its LoRA files' sha256 and their adapter weights. A trained
     checkpoint and the same files loaded through ``checkpoint.path`` have the same id."""
-    from unlearn_exp.store import config_hash
+    from unlearn_exp.hashing import config_hash
 
     return config_hash({"files": list(shas), "weights": [float(w) for w in weights]})
 
@@ -700,7 +701,7 @@ def trained_duo_id(folder: Path) -> str:
     """The content id of a trained DUO artifact folder, read without loading a model."""
     import json
 
-    from unlearn_exp.store import file_sha256
+    from unlearn_exp.hashing import file_sha256
 
     manifest = json.loads((folder / "manifest.json").read_text())["adapters"]
     return adapters_id([file_sha256(folder / a["file"]) for a in manifest], [a["weight"] for a in manifest])

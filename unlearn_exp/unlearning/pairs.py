@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
+from unlearn_exp.atomic import atomic_file, atomic_write_json
 from unlearn_exp.errors import UserError
+from unlearn_exp.hashing import to_plain as _plain
 from unlearn_exp.models.components import Components
-from unlearn_exp.store import atomic_file, atomic_write_json
-from unlearn_exp.store import to_plain as _plain
 
 PAIRS_FILE = "pairs.json"
 

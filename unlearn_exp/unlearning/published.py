@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from unlearn_exp.errors import UserError
+from unlearn_exp.hashing import config_hash, file_sha256
 from unlearn_exp.registry import UNLEARNING
-from unlearn_exp.store import config_hash, file_sha256
 from unlearn_exp.unlearning.config import AdvUnlearnCheckpointConfig, UNetFolderCheckpointConfig
 from unlearn_exp.unlearning.weights import (
     PICKLE_SUFFIXES,
