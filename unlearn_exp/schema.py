@@ -11,8 +11,9 @@ Each method's settings live beside it, typed (``unlearn_exp/settings.py``): ``gu
 ``evaluation/config.py`` and ``toy/config.py`` (the ``judge`` group). The groups that are not a
 method's (``sampling``, ``model``, ``embedding``, ``pp``) are declared here. ``task`` and
 ``benchmark`` stay open: a method of your own reads its own task keys (``<method>_<key>``,
-docs/extending.md) and a prompt loader of your own its own benchmark keys; ``validate.py`` checks
-the keys the built-in code reads. A config of your own (a new method's YAML) needs no schema.
+docs/usage.md, config groups; README, Extending) and a prompt loader of your own its own benchmark
+keys; ``validate.py`` checks the keys the built-in code reads. A config of your own (a new method's
+YAML) needs no schema.
 
 Tests and scripts that want a group's values with a few changed take them from the YAML with
 ``unlearn_exp.config.preset(group, name, **changes)``, never from defaults in code.
