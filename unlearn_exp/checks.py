@@ -4,9 +4,24 @@ appends a readable problem, and the caller raises one ``UserError`` naming them 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 INT64_MAX = 2**63 - 1
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")  # read only behind allow_pickle_conversion
+
+
+def pickle_refusal(p: Path) -> str:
+    """Why a pickled checkpoint is not read as it is, and the two ways the project offers."""
+    return (
+        f"checkpoint '{p.name}' is a pickle file, which this project does not load as it is: give a "
+        ".safetensors file, or set checkpoint.allow_pickle_conversion=true to convert it once into the "
+        "cache (tensors only: torch.load(weights_only=True), no code runs)"
+    )
+
+
+PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 
 
 class Checks:

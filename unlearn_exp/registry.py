@@ -30,16 +30,11 @@ from typing import Any
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.hashing import config_hash
+from unlearn_exp.settings import declarations
 
 # registry -> built-in name -> the module whose import registers it (the toy world's included);
 # tests/test_registry.py checks that each module registers exactly these names
 BUILTIN: dict[str, dict[str, str]] = {
-    "judge type": {
-        "nudenet": "unlearn_exp.evaluation.nudenet",
-        "nudenet_classifier": "unlearn_exp.evaluation.nudenet_classifier",
-        "q16": "unlearn_exp.evaluation.q16",
-        "toy": "unlearn_exp.toy.plugin",
-    },
     "PP metric": {
         "lpips": "unlearn_exp.evaluation.pp",
         "lpips_alex": "unlearn_exp.evaluation.pp",
@@ -50,22 +45,16 @@ BUILTIN: dict[str, dict[str, str]] = {
         "ring_a_bell": "unlearn_exp.attacks.ring_a_bell",
         "toy": "unlearn_exp.toy.plugin",
     },
-    "guidance": {
-        "none": "unlearn_exp.guidance.base",
-        "sld": "unlearn_exp.guidance.sld",
-        "safree": "unlearn_exp.guidance.safree",
-    },
     "utility metric": {
         **dict.fromkeys(("clip_score", "fid", "kid"), "unlearn_exp.evaluation.utility"),
         **dict.fromkeys(("toy_clip_score", "toy_fid", "toy_kid"), "unlearn_exp.toy.plugin"),
     },
-    "unlearning method": {
-        **dict.fromkeys(("original", "esd", "uce"), "unlearn_exp.unlearning.checkpoints"),
-        "duo": "unlearn_exp.unlearning.duo",
-        "spm": "unlearn_exp.unlearning.spm",
-        **dict.fromkeys(("unet_folder", "advunlearn"), "unlearn_exp.unlearning.published"),
-    },
 }
+# the registries whose built-ins are declared beside their settings (settings.declare)
+DECLARED_GROUPS = {"judge type": "judge", "guidance": "guidance", "unlearning method": "checkpoint"}
+for _what, _group in DECLARED_GROUPS.items():
+    BUILTIN[_what] = {d.name: d.module for d in declarations(_group) if d.module}
+
 PLUGINS = tuple(dict.fromkeys(m for names in BUILTIN.values() for m in names.values()))
 _loaded = False
 _load_lock = threading.Lock()

@@ -27,20 +27,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from unlearn_exp.attacks.config import UnlearnDiffAtkConfig
-from unlearn_exp.evaluation.config import NudeNetClassifierJudgeConfig, NudeNetJudgeConfig, Q16JudgeConfig
-from unlearn_exp.guidance.config import NoGuidanceConfig, SAFREEConfig, SLDConfig
-from unlearn_exp.inversion.config import InversionConfig
-from unlearn_exp.toy.config import ToyJudgeConfig
-from unlearn_exp.unlearning.config import (
-    AdvUnlearnCheckpointConfig,
-    DUOCheckpointConfig,
-    ESDCheckpointConfig,
-    OriginalCheckpointConfig,
-    SPMCheckpointConfig,
-    UCECheckpointConfig,
-    UNetFolderCheckpointConfig,
-)
+from unlearn_exp.settings import declarations
 
 
 @dataclass
@@ -123,31 +110,18 @@ class PPConfig:
     pp_floor: Any = MISSING  # float | None
 
 
-SCHEMAS = {
-    ("guidance", "none_schema"): NoGuidanceConfig,
-    ("guidance", "sld_schema"): SLDConfig,
-    ("guidance", "safree_schema"): SAFREEConfig,
+# the groups that are not a method's, declared here; every method's schema comes from its declaration
+# (``settings.declare`` in its package's config.py)
+CORE_SCHEMAS = {
     ("sampling", "default_schema"): SamplingConfig,
-    ("checkpoint", "original_schema"): OriginalCheckpointConfig,
-    ("checkpoint", "duo_schema"): DUOCheckpointConfig,
-    ("checkpoint", "esd_schema"): ESDCheckpointConfig,
-    ("checkpoint", "uce_schema"): UCECheckpointConfig,
-    ("checkpoint", "spm_schema"): SPMCheckpointConfig,
-    ("checkpoint", "unet_folder_schema"): UNetFolderCheckpointConfig,
-    ("checkpoint", "advunlearn_schema"): AdvUnlearnCheckpointConfig,
-    ("inversion", "default_schema"): InversionConfig,
     ("model", "pretrained_schema"): PretrainedModelConfig,
     ("model", "tiny_schema"): TinyModelConfig,
     ("embedding", "explicit_schema"): ExplicitEmbeddingConfig,
     ("embedding", "inverted_schema"): InvertedEmbeddingConfig,
     ("embedding", "shared_schema"): SharedEmbeddingConfig,
-    ("judge", "nudenet_schema"): NudeNetJudgeConfig,
-    ("judge", "nudenet_classifier_schema"): NudeNetClassifierJudgeConfig,
-    ("judge", "q16_schema"): Q16JudgeConfig,
-    ("judge", "toy_schema"): ToyJudgeConfig,
     ("pp", "pp_schema"): PPConfig,
-    ("attack", "unlearndiffatk_schema"): UnlearnDiffAtkConfig,
 }
+SCHEMAS = {**{(d.group, d.schema): d.settings for d in declarations()}, **CORE_SCHEMAS}
 
 
 def register() -> None:

@@ -116,6 +116,11 @@ class Settings:
         """Rules between fields (a subclass's own); each problem goes to ``c.fail``."""
 
     @classmethod
+    def needs(cls, config: dict[str, Any], c: Checks) -> None:
+        """What the method needs of the rest of the job's config (``config``: every group, plain),
+        checked by ``validate`` where the method is chosen; each problem goes to ``c.fail``."""
+
+    @classmethod
     def from_cfg(cls, node: Any):
         """The typed object of a composed group node (a ``DictConfig`` or a dict); keys the class does
         not declare are left out, so a schema's extra keys (``_target_``) do not matter here."""
@@ -150,3 +155,60 @@ def _enum_type(hint: Any) -> type[enum.Enum] | None:
         if isinstance(t, type) and issubclass(t, enum.Enum):
             return t
     return None
+
+
+# ----------------------------------------------------------------------------- declarations
+@dataclasses.dataclass(frozen=True)
+class Declaration:
+    """What the framework knows of a method without importing it: its config ``group`` and
+    registered ``name`` (``guidance.name``, ``checkpoint.method``, ``judge.type``, ...), its settings
+    class (the group's Hydra schema and the object its factory receives), the ``module`` whose import
+    registers its factory (imported on first use), and the schema's name in the ConfigStore (the
+    ``defaults`` entry of its YAML). The registry's built-in table, the Hydra schemas and validation's
+    typed tables are derived from these; nothing else lists a method."""
+
+    group: str
+    name: str
+    settings: type[Settings]
+    module: str | None = None
+    schema: str = ""
+
+
+_DECLARED: dict[tuple[str, str], Declaration] = {}
+
+
+def declare(
+    group: str, name: str, settings: type[Settings], module: str | None = None, schema: str | None = None
+) -> Declaration:
+    """Declare a method (beside its settings, in its package's ``config.py``); returns the declaration."""
+    d = Declaration(group, name, settings, module, schema or f"{name}_schema")
+    _DECLARED[(group, name)] = d
+    return d
+
+
+def declarations(group: str | None = None) -> list[Declaration]:
+    """Every declaration (of ``group``), after importing each package's ``config.py`` once: the
+    methods' settings modules are found by their place, so a package that adds one is picked up.
+    The settings modules import no torch."""
+    _discover()
+    return [d for (g, _), d in _DECLARED.items() if group is None or g == group]
+
+
+def declared(group: str) -> dict[str, type[Settings]]:
+    """``name -> settings class`` of a group's declarations."""
+    return {d.name: d.settings for d in declarations(group)}
+
+
+_DISCOVERED: list[bool] = []
+
+
+def _discover() -> None:
+    if _DISCOVERED:
+        return
+    import importlib
+    from pathlib import Path
+
+    package = Path(__file__).parent
+    for config in sorted(package.glob("*/config.py")):
+        importlib.import_module(f"unlearn_exp.{config.parent.name}.config")
+    _DISCOVERED.append(True)

@@ -14,28 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from unlearn_exp.attacks.config import UnlearnDiffAtkConfig
-from unlearn_exp.checks import Checks
+from unlearn_exp.checks import PICKLE_SUFFIXES, PRECISIONS, Checks, pickle_refusal
 from unlearn_exp.errors import UserError
-from unlearn_exp.evaluation.config import NudeNetClassifierJudgeConfig, NudeNetJudgeConfig, Q16JudgeConfig
-from unlearn_exp.guidance.config import NoGuidanceConfig, SAFREEConfig, SLDConfig
 from unlearn_exp.hashing import to_plain
-from unlearn_exp.inversion.config import InversionConfig
-from unlearn_exp.toy.config import ToyJudgeConfig
-from unlearn_exp.unlearning.config import CHECKPOINT_SETTINGS, PICKLE_SUFFIXES, PRECISIONS, pickle_refusal
+from unlearn_exp.settings import declared
 
 MIN_FREE_BYTES = 64 << 20  # a results or cache folder with less room than this is refused up front
 
 SCHEDULERS = ("dpmsolver++", "pndm", "ddim")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 EMBEDDINGS = ("explicit", "inverted", "shared")
-TYPED_GUIDANCE = {"none": NoGuidanceConfig, "sld": SLDConfig, "safree": SAFREEConfig}
-TYPED_JUDGES = {
-    "nudenet": NudeNetJudgeConfig,
-    "nudenet_classifier": NudeNetClassifierJudgeConfig,
-    "q16": Q16JudgeConfig,
-    "toy": ToyJudgeConfig,
-}
 
 
 def _check_file(checks: Checks, name: str, path: Any) -> None:
@@ -126,22 +114,17 @@ def _benchmark(checks: Checks, prefix: str, bench: dict) -> None:
         checks.seed(f"{prefix}.{key}", bench.get(key))
 
 
-def _guidance(checks: Checks, g: dict, guidance_scale: Any) -> None:
+def _guidance(checks: Checks, g: dict, config: dict) -> None:
     """The method's own settings (its typed config, ``guidance/config.py``) and what they need of the
     sampler."""
     if not g.get("_target_"):  # a method of your own names its factory; else a registered name
         from unlearn_exp.registry import GUIDANCE as REGISTERED
 
         checks.choice("guidance", g.get("name"), tuple(REGISTERED.names()))
-    kind = TYPED_GUIDANCE.get(g.get("name"))
+    kind = declared("guidance").get(g.get("name"))
     if kind is not None and not g.get("_target_"):
         checks.problems += kind.problems_of(g)
-    if g.get("name") == "sld" and isinstance(guidance_scale, int | float) and guidance_scale <= 1:
-        checks.fail(
-            "SLD needs classifier-free guidance: sampling.guidance_scale must be > 1, "
-            f"got {guidance_scale:g} "
-            "(diffusers' safe pipeline applies neither CFG nor SLD at <= 1)"
-        )
+        kind.needs(config, checks)  # what the method needs of the sampler (SLD: CFG)
 
 
 def _shared_source(checks: Checks, checkpoint: dict, embedding: dict, task: Any) -> None:
@@ -177,21 +160,23 @@ def validate(cfg) -> None:
         lambda: c.number("sampling.reference_steps", sampling.get("reference_steps"), lo=1, integer=True),
         lambda: c.choice("sampling.precision", str(sampling.get("precision")), PRECISIONS),
         lambda: c.choice("embedding", embedding.get("source"), EMBEDDINGS),
-        lambda: _guidance(c, plain.get("guidance", {}), sampling.get("guidance_scale")),
+        lambda: _guidance(c, plain.get("guidance", {}), plain),
         lambda: _benchmark(c, "benchmark", plain.get("benchmark", {})),
-        lambda: c.problems.extend(InversionConfig.problems_of(plain.get("inversion", {}))),
+        lambda: c.problems.extend(declared("inversion")["default"].problems_of(plain.get("inversion", {}))),
     ]
     attack = plain.get("attack") or {}
-    if attack.get("name") == "unlearndiffatk":
-        checks.append(lambda: c.problems.extend(UnlearnDiffAtkConfig.problems_of(attack)))
+    attack_kind = declared("attack").get(attack.get("name"))
+    if attack_kind is not None:
+        checks.append(lambda: c.problems.extend(attack_kind.problems_of(attack)))
     judge = plain.get("judge") or {}
-    if judge.get("type") in TYPED_JUDGES and not judge.get("_target_"):
-        checks.append(lambda: c.problems.extend(TYPED_JUDGES[judge["type"]].problems_of(judge)))
+    judge_kind = declared("judge").get(judge.get("type"))
+    if judge_kind is not None and not judge.get("_target_"):
+        checks.append(lambda: c.problems.extend(judge_kind.problems_of(judge)))
     if not isinstance(plain.get("reuse_results", True), bool):
         checks.append(
             lambda: c.fail(f"reuse_results must be true or false, got '{plain.get('reuse_results')}'")
         )
-    typed = None if checkpoint.get("_target_") else CHECKPOINT_SETTINGS.get(checkpoint.get("method"))
+    typed = None if checkpoint.get("_target_") else declared("checkpoint").get(checkpoint.get("method"))
     if typed is not None:  # a built-in method: its typed config (unlearning/config.py)
         checks.append(lambda: c.problems.extend(typed.problems_of(checkpoint)))
     else:  # a method of your own: the keys every cell reads

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from unlearn_exp.settings import Settings, number
+from unlearn_exp.settings import Settings, declare, number
 
 
 @dataclass
@@ -24,3 +24,6 @@ class UnlearnDiffAtkConfig(Settings):
     weight_decay: Any = number(lo=0)
     seed: int = number(int, seed=True)
     n_targets: Any = number(int, lo=1, optional=True)
+
+
+declare("attack", "unlearndiffatk", UnlearnDiffAtkConfig)

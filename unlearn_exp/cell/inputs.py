@@ -48,7 +48,7 @@ def convert_pickles(checkpoint_cfg, store: ArtifactStore) -> None:
     """A pickled ``checkpoint.path`` allowed by ``allow_pickle_conversion``, converted into the cache
     (tensors only) before the model loads, so a file holding code is refused in seconds; the loader
     then finds the conversion. Folders are left to their loaders."""
-    from unlearn_exp.unlearning.config import PICKLE_SUFFIXES
+    from unlearn_exp.checks import PICKLE_SUFFIXES
 
     paths = checkpoint_cfg.get("path")
     if not paths or not checkpoint_cfg.get("allow_pickle_conversion"):

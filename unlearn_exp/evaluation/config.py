@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from unlearn_exp.checks import Checks
-from unlearn_exp.settings import Settings, choice, listed, number, probability
+from unlearn_exp.settings import Settings, choice, declare, listed, number, probability
 
 
 class Q16Backend(StrEnum):
@@ -81,3 +81,10 @@ class Q16JudgeConfig(Settings):
     batch_size: int = number(int, lo=1)
     device: str = MISSING
     dtype: str = choice("float32", "float16")
+
+
+declare("judge", "nudenet", NudeNetJudgeConfig, "unlearn_exp.evaluation.nudenet")
+declare(
+    "judge", "nudenet_classifier", NudeNetClassifierJudgeConfig, "unlearn_exp.evaluation.nudenet_classifier"
+)
+declare("judge", "q16", Q16JudgeConfig, "unlearn_exp.evaluation.q16")

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from unlearn_exp.checks import Checks
-from unlearn_exp.settings import Settings, listed, number, probability
+from unlearn_exp.settings import Settings, declare, listed, number, probability
 
 
 class SLDPreset(StrEnum):
@@ -74,6 +74,15 @@ class SLDConfig(Settings):
     mom_beta: Any = probability(optional=True)  # beta_m
     concept: Any = MISSING  # str | None: the safety concept (null: the task's sld_concept)
 
+    @classmethod
+    def needs(cls, config: dict[str, Any], c: Checks) -> None:
+        scale = (config.get("sampling") or {}).get("guidance_scale")
+        if isinstance(scale, int | float) and not isinstance(scale, bool) and scale <= 1:
+            c.fail(
+                "SLD needs classifier-free guidance: sampling.guidance_scale must be > 1, "
+                f"got {scale:g} (diffusers' safe pipeline applies neither CFG nor SLD at <= 1)"
+            )
+
 
 @dataclass
 class SAFREEConfig(Settings):
@@ -100,3 +109,8 @@ class SAFREEConfig(Settings):
     def rules(self, c: Checks) -> None:
         if len(self.re_attn_t) != 2:
             c.fail(f"guidance.re_attn_t must be two step numbers [from, to], got {list(self.re_attn_t)}")
+
+
+declare("guidance", "none", NoGuidanceConfig, "unlearn_exp.guidance.base")
+declare("guidance", "sld", SLDConfig, "unlearn_exp.guidance.sld")
+declare("guidance", "safree", SAFREEConfig, "unlearn_exp.guidance.safree")

@@ -11,9 +11,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from unlearn_exp.checks import Checks
-from unlearn_exp.settings import Settings, choice, listed, number, probability
-from unlearn_exp.unlearning.config import PRECISIONS
+from unlearn_exp.checks import PRECISIONS, Checks
+from unlearn_exp.settings import Settings, choice, declare, listed, number, probability
 
 
 class ImageSource(StrEnum):
@@ -99,3 +98,6 @@ class InversionConfig(Settings):
         d["betas"] = [float(b) for b in self.betas]
         d["prompt_tokens"] = str(self.prompt_tokens)
         return d
+
+
+declare("inversion", "default", InversionConfig)

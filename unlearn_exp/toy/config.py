@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from unlearn_exp.settings import Settings, number, probability
+from unlearn_exp.settings import Settings, declare, number, probability
 
 
 @dataclass
@@ -22,3 +22,6 @@ class ToyJudgeConfig(Settings):
     model_sha256: Any = MISSING
     threshold: Any = probability()
     batch_size: int = number(int, lo=1)
+
+
+declare("judge", "toy", ToyJudgeConfig, "unlearn_exp.toy.plugin")

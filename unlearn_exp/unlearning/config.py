@@ -8,27 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
 
-from unlearn_exp.checks import Checks
-from unlearn_exp.settings import Settings, choice, listed, number
+from unlearn_exp.checks import PRECISIONS, Checks
+from unlearn_exp.settings import Settings, choice, declare, listed, number
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")  # read only behind allow_pickle_conversion
-
-
-def pickle_refusal(p: Path) -> str:
-    """Why a pickled checkpoint is not read as it is, and the two ways the project offers."""
-    return (
-        f"checkpoint '{p.name}' is a pickle file, which this project does not load as it is: give a "
-        ".safetensors file, or set checkpoint.allow_pickle_conversion=true to convert it once into the "
-        "cache (tensors only: torch.load(weights_only=True), no code runs)"
-    )
-
-
-PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 ESD_VARIANTS = ("esd-u", "esd-x", "esd-x-strict", "esd-all", "esd-self")
 
 
@@ -220,12 +206,11 @@ class AdvUnlearnCheckpointConfig(PublishedCheckpointConfig):
     allow_pickle_conversion: bool = MISSING
 
 
-CHECKPOINT_SETTINGS: dict[str, type[Settings]] = {
-    "original": OriginalCheckpointConfig,
-    "duo": DUOCheckpointConfig,
-    "esd": ESDCheckpointConfig,
-    "uce": UCECheckpointConfig,
-    "spm": SPMCheckpointConfig,
-    "unet_folder": UNetFolderCheckpointConfig,
-    "advunlearn": AdvUnlearnCheckpointConfig,
-}
+_MODULES = "unlearn_exp.unlearning."
+declare("checkpoint", "original", OriginalCheckpointConfig, _MODULES + "checkpoints")
+declare("checkpoint", "duo", DUOCheckpointConfig, _MODULES + "duo")
+declare("checkpoint", "esd", ESDCheckpointConfig, _MODULES + "checkpoints")
+declare("checkpoint", "uce", UCECheckpointConfig, _MODULES + "checkpoints")
+declare("checkpoint", "spm", SPMCheckpointConfig, _MODULES + "spm")
+declare("checkpoint", "unet_folder", UNetFolderCheckpointConfig, _MODULES + "published")
+declare("checkpoint", "advunlearn", AdvUnlearnCheckpointConfig, _MODULES + "published")

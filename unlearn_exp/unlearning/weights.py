@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unlearn_exp.atomic import atomic_file
+from unlearn_exp.checks import PICKLE_SUFFIXES, pickle_refusal
 from unlearn_exp.errors import UserError
 from unlearn_exp.hashing import file_sha256
 from unlearn_exp.store import ArtifactStore
-from unlearn_exp.unlearning.config import PICKLE_SUFFIXES, pickle_refusal
 
 LDM_PREFIX = "model.diffusion_model."
 
