@@ -172,16 +172,35 @@ class Declaration:
     settings: type[Settings]
     module: str | None = None
     schema: str = ""
+    hooks: tuple[tuple[str, str], ...] = ()  # (hook name, "module:function"), imported when called
+
+    def hook(self, name: str):
+        """The function behind one of the method's hooks (imported now), or None where it has none."""
+        target = dict(self.hooks).get(name)
+        if target is None:
+            return None
+        import importlib
+
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
 
 _DECLARED: dict[tuple[str, str], Declaration] = {}
 
 
 def declare(
-    group: str, name: str, settings: type[Settings], module: str | None = None, schema: str | None = None
+    group: str,
+    name: str,
+    settings: type[Settings],
+    module: str | None = None,
+    schema: str | None = None,
+    hooks: dict[str, str] | None = None,
 ) -> Declaration:
-    """Declare a method (beside its settings, in its package's ``config.py``); returns the declaration."""
-    d = Declaration(group, name, settings, module, schema or f"{name}_schema")
+    """Declare a method (beside its settings, in its package's ``config.py``); returns the declaration.
+    ``hooks`` name functions the pipeline calls where a method offers them (a checkpoint method's
+    ``training_images``: the images it was trained on, for ``C*``; ``built_id``: the content id of
+    its built artifact, found without loading a model), as ``"module:function"``."""
+    d = Declaration(group, name, settings, module, schema or f"{name}_schema", tuple((hooks or {}).items()))
     _DECLARED[(group, name)] = d
     return d
 
@@ -192,6 +211,13 @@ def declarations(group: str | None = None) -> list[Declaration]:
     The settings modules import no torch."""
     _discover()
     return [d for (g, _), d in _DECLARED.items() if group is None or g == group]
+
+
+def method_hook(group: str, name: Any, hook: str):
+    """The function of hook ``hook`` of the method ``name`` of ``group``, or None."""
+    _discover()
+    d = _DECLARED.get((group, str(name)))
+    return d.hook(hook) if d is not None else None
 
 
 def declared(group: str) -> dict[str, type[Settings]]:

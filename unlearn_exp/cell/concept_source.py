@@ -19,6 +19,7 @@ from unlearn_exp.errors import UserError
 from unlearn_exp.hashing import config_hash
 from unlearn_exp.hashing import to_plain as plain
 from unlearn_exp.inversion.config import ImageSetConfig, ImageSource
+from unlearn_exp.settings import method_hook
 from unlearn_exp.store import ArtifactStore
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ def image_set_ref(
         folder = Path(spec.path)
         return ImageSetRef(folder_content_id(folder), lambda: folder)
     if spec.source == ImageSource.duo_pairs:
-        pairs = duo_pair_images(cfg, original(), store)
+        pairs = training_images(cfg, original(), store)
         return ImageSetRef(pairs.name, lambda: pairs)
     judge = method_filter(spec.filter) if spec.check else None
     if spec.check and judge is None:
@@ -115,47 +116,32 @@ class KeepEvery:
         return [{"safe": False, "score": 1.0, "raw": {"unchecked": True}} for _ in images]
 
 
-def duo_pair_images(cfg, comps: Components, store: ArtifactStore) -> Path:
-    """``inversion.image_set.source=duo_pairs``: exactly the unsafe half of the DUO pair set(s) that
-    trained the checkpoint ``C*`` is learned on (built here if absent), as one image folder."""
-    import shutil
-
-    from unlearn_exp.unlearning.duo import pair_sets, resolve_recipe
-
+def training_images(cfg, comps: Components, store: ArtifactStore) -> Path:
+    """``inversion.image_set.source=duo_pairs``: the images that trained the checkpoint ``C*`` is
+    learned on (the unsafe half of DUO's pairs), from its method's ``training_images`` hook."""
     ck = checkpoint_for_inversion(cfg)
-    if ck.get("method") != "duo" or ck.get("path"):
+    hook = method_hook("checkpoint", ck.get("method"), "training_images")
+    if hook is None or ck.get("path"):
         raise UserError(
             "inversion.image_set.source=duo_pairs needs a DUO checkpoint trained here (checkpoint=duo, "
             "no checkpoint.path): use source=generated or source=folder"
         )
-    recipe = resolve_recipe(ck, cfg.task)
-    sets = pair_sets(comps, ck, recipe, store, judge=method_filter(ck.get("filter")))
-    key = {"duo_pairs": [folder.name for _, folder in sets]}
-
-    def build(tmp: Path):
-        for _, folder in sets:
-            for f in sorted((folder / "unsafe").glob("*.png")):
-                shutil.copyfile(f, tmp / f"{folder.name}_{f.name}")
-
-    return store.get_or_build("image_sets", key, build)
+    return hook(cfg, ck, comps, store)
 
 
 def learned_on_checkpoint(cfg, comps: Components, store: ArtifactStore, own_id: str, loggers):
     """The checkpoint ``C*`` is learned on: ``(content id, model with it applied or None)``. The
-    cell's own (``embedding=inverted``: ``own_id``, the cell's model), or the shared source: a trained
-    DUO source that is built is named from its files without loading anything; any other source is
-    applied to a second copy of the model (built if absent), which ``C*``'s build then reuses."""
+    cell's own (``embedding=inverted``: ``own_id``, the cell's model), or the shared source: any source is
+    applied to a second copy of the model (built if absent), which ``C*``'s build then reuses. A
+    source whose method has a ``built_id`` hook (DUO) and is built is named without loading it."""
     target = checkpoint_for_inversion(cfg)
     if target == plain(cfg.checkpoint):
         return own_id, comps
-    if target.get("method") == "duo" and not target.get("path"):
-        from unlearn_exp.unlearning.duo import duo_key, trained_duo_id
-
-        folder = store.locate(
-            "unlearning/duo", duo_key(comps, target, cfg.task, method_filter(target.get("filter")))
-        )
-        if folder is not None:
-            return trained_duo_id(folder), None
+    built = method_hook("checkpoint", target.get("method"), "built_id")
+    if built is not None and not target.get("path"):
+        found = built(cfg, target, comps, store)
+        if found is not None:
+            return found, None
     inv_comps = load_model(cfg.model)  # the source checkpoint, apart from this cell's model
     info = apply_unlearning(cfg, inv_comps, store, OmegaConf.create(target), loggers("unlearning"))
     return str(info["id"]), inv_comps

@@ -133,7 +133,8 @@ def cell_record(
     cfg, stats, spec = cell.cfg, scores.stats, cell.spec
     bench_images = [r for r in image_rows if r["split"] == "bench"]
     bench_meta = [m for c in samples.chunks["bench"] for m in chunk_meta(c)]
-    safree_compat = str(cfg.guidance.compat) if cfg.guidance.name == "safree" else ""
+    # a guidance with two modes (SAFREE: fixed or official) says which it ran in its description
+    safree_compat = str(conc.guidance.describe().get("compat") or "")
     beta, label = checkpoint_label(cfg)
     guided = cfg.guidance.name != "none"
     return {

@@ -208,7 +208,16 @@ class AdvUnlearnCheckpointConfig(PublishedCheckpointConfig):
 
 _MODULES = "unlearn_exp.unlearning."
 declare("checkpoint", "original", OriginalCheckpointConfig, _MODULES + "checkpoints")
-declare("checkpoint", "duo", DUOCheckpointConfig, _MODULES + "duo")
+declare(
+    "checkpoint",
+    "duo",
+    DUOCheckpointConfig,
+    _MODULES + "duo",
+    hooks={
+        "training_images": _MODULES + "duo:unsafe_pair_images",
+        "built_id": _MODULES + "duo:built_checkpoint_id",
+    },
+)
 declare("checkpoint", "esd", ESDCheckpointConfig, _MODULES + "checkpoints")
 declare("checkpoint", "uce", UCECheckpointConfig, _MODULES + "checkpoints")
 declare("checkpoint", "spm", SPMCheckpointConfig, _MODULES + "spm")

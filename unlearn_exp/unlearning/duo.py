@@ -705,3 +705,35 @@ def trained_duo_id(folder: Path) -> str:
 
     manifest = json.loads((folder / "manifest.json").read_text())["adapters"]
     return adapters_id([file_sha256(folder / a["file"]) for a in manifest], [a["weight"] for a in manifest])
+
+
+# ----------------------------------------------------------------------------- hooks (unlearning/config.py)
+def _filter(filter_cfg):
+    """The judge profile DUO filters its pairs with (``checkpoint.filter``), or None."""
+    if not filter_cfg:
+        return None
+    from unlearn_exp.evaluation import make_judge
+
+    return make_judge(filter_cfg)
+
+
+def unsafe_pair_images(cfg, ck: dict[str, Any], comps: Components, store) -> Path:
+    """Hook ``training_images`` (``inversion.image_set.source=duo_pairs``): exactly the unsafe half of
+    the pair set(s) that trained the checkpoint ``ck`` (built here if absent), as one image folder."""
+    recipe = resolve_recipe(ck, cfg.task)
+    sets = pair_sets(comps, ck, recipe, store, judge=_filter(ck.get("filter")))
+    key = {"duo_pairs": [folder.name for _, folder in sets]}
+
+    def build(tmp: Path):
+        for _, folder in sets:
+            for f in sorted((folder / "unsafe").glob("*.png")):
+                shutil.copyfile(f, tmp / f"{folder.name}_{f.name}")
+
+    return store.get_or_build("image_sets", key, build)
+
+
+def built_checkpoint_id(cfg, ck: dict[str, Any], comps: Components, store) -> str | None:
+    """Hook ``built_id``: the content id of the trained checkpoint ``ck`` where the cache holds it
+    (named from its files, nothing loaded), else None."""
+    folder = store.locate("unlearning/duo", duo_key(comps, ck, cfg.task, _filter(ck.get("filter"))))
+    return trained_duo_id(folder) if folder is not None else None
