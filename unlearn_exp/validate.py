@@ -137,6 +137,92 @@ def _shared_source(checks: Checks, checkpoint: dict, embedding: dict, task: Any)
         checks.fail(str(e))
 
 
+def _model_and_sampler(c: Checks, plain: dict) -> None:
+    model, sampling = plain.get("model", {}), plain.get("sampling", {})
+    c.choice("model.dtype", model.get("dtype"), DTYPES)
+    c.choice("model.source", model.get("source"), ("tiny", "pretrained"))
+    c.number("model.resolution", model.get("resolution"), lo=8, integer=True)
+    c.seed("model.seed", model.get("seed"))
+    c.choice("sampling.scheduler", sampling.get("scheduler"), SCHEDULERS)
+    c.number("sampling.steps", sampling.get("steps"), lo=1, integer=True)
+    c.number("sampling.guidance_scale", sampling.get("guidance_scale"), lo=1)
+    c.number("sampling.batch_size", sampling.get("batch_size"), lo=1, integer=True)
+    c.number("sampling.chunk_size", sampling.get("chunk_size"), lo=1, integer=True)
+    c.number("sampling.reference_steps", sampling.get("reference_steps"), lo=1, integer=True)
+    c.choice("sampling.precision", str(sampling.get("precision")), PRECISIONS)
+
+
+def _prompt_sets(c: Checks, plain: dict) -> None:
+    _benchmark(c, "benchmark", plain.get("benchmark", {}))
+    if isinstance(plain.get("pp"), dict) and plain["pp"].get("prompts"):
+        _benchmark(c, "pp.prompts", plain["pp"]["prompts"])
+
+
+def _methods(c: Checks, plain: dict) -> None:
+    """Each chosen method's own settings, by its declaration (``settings.declare``)."""
+    _guidance(c, plain.get("guidance", {}), plain)
+    c.problems.extend(declared("inversion")["default"].problems_of(plain.get("inversion", {})))
+    attack = plain.get("attack") or {}
+    if (kind := declared("attack").get(attack.get("name"))) is not None:
+        c.problems.extend(kind.problems_of(attack))
+    judge = plain.get("judge") or {}
+    if (kind := declared("judge").get(judge.get("type"))) is not None and not judge.get("_target_"):
+        c.problems.extend(kind.problems_of(judge))
+    checkpoint = plain.get("checkpoint", {})
+    typed = None if checkpoint.get("_target_") else declared("checkpoint").get(checkpoint.get("method"))
+    if typed is not None:  # a built-in method: its typed config (unlearning/config.py)
+        c.problems.extend(typed.problems_of(checkpoint))
+    else:  # a method of your own: the keys every cell reads
+        c.seed("checkpoint.seed", checkpoint.get("seed"))
+        if checkpoint.get("beta") is not None:
+            c.number("checkpoint.beta", checkpoint.get("beta"), lo=0, strict=True)
+    if checkpoint.get("path"):  # a folder-loading method reads its pickles itself
+        allow = (
+            None
+            if getattr(typed, "LOADS_FOLDERS", False)
+            else bool(checkpoint.get("allow_pickle_conversion"))
+        )
+        _check_weights(c, "checkpoint.path", checkpoint.get("path"), allow)
+
+
+def _concept(c: Checks, plain: dict) -> None:
+    embedding, checkpoint = plain.get("embedding", {}), plain.get("checkpoint", {})
+    c.choice("embedding", embedding.get("source"), EMBEDDINGS)
+    if embedding.get("path"):
+        _check_file(c, "embedding.path", embedding.get("path"))
+    from_path = (embedding.get("from_checkpoint") or {}).get("path")
+    if from_path and embedding.get("source") == "shared":
+        _check_weights(c, "embedding.from_checkpoint.path", from_path)
+    guided = (plain.get("guidance") or {}).get("name") != "none"
+    if guided and embedding.get("source") == "shared" and not embedding.get("path"):
+        _shared_source(c, checkpoint, embedding, (plain.get("task") or {}).get("name"))
+
+
+def _root_and_paths(c: Checks, plain: dict) -> None:
+    if not isinstance(plain.get("reuse_results", True), bool):
+        c.fail(f"reuse_results must be true or false, got '{plain.get('reuse_results')}'")
+    if plain.get("stage") is not None:
+        c.choice("stage", str(plain.get("stage")), ("cell", "attack", "compose"))
+    paths = plain.get("paths", {})
+    for key in ("results_dir", "cache_dir"):
+        if paths.get(key):
+            _check_writable(c, f"paths.{key}", paths[key])
+    if plain.get("progress") is not None:
+        c.choice("progress", str(plain.get("progress")), ("auto", "on", "off"))
+    if paths.get("verify") is not None:
+        c.choice("paths.verify", paths.get("verify"), ("size", "small", "full"))
+
+
+# every check of a job's config, in the order its problems are reported
+CHECKS: tuple[Callable[[Checks, dict], None], ...] = (
+    _model_and_sampler,
+    _concept,
+    _methods,
+    _prompt_sets,
+    _root_and_paths,
+)
+
+
 def validate(cfg) -> None:
     """Check the whole job config; raise one ``UserError`` naming every problem found."""
     from unlearn_exp.schema import refuse_unknown_keys
@@ -144,71 +230,7 @@ def validate(cfg) -> None:
     refuse_unknown_keys(cfg)
     c = Checks()
     plain: dict = {k: to_plain(cfg[k]) for k in cfg if k != "hydra"}
-    model, sampling = plain.get("model", {}), plain.get("sampling", {})
-    checkpoint, embedding = plain.get("checkpoint", {}), plain.get("embedding", {})
-
-    checks: list[Callable[[], None]] = [
-        lambda: c.choice("model.dtype", model.get("dtype"), DTYPES),
-        lambda: c.choice("model.source", model.get("source"), ("tiny", "pretrained")),
-        lambda: c.number("model.resolution", model.get("resolution"), lo=8, integer=True),
-        lambda: c.seed("model.seed", model.get("seed")),
-        lambda: c.choice("sampling.scheduler", sampling.get("scheduler"), SCHEDULERS),
-        lambda: c.number("sampling.steps", sampling.get("steps"), lo=1, integer=True),
-        lambda: c.number("sampling.guidance_scale", sampling.get("guidance_scale"), lo=1),
-        lambda: c.number("sampling.batch_size", sampling.get("batch_size"), lo=1, integer=True),
-        lambda: c.number("sampling.chunk_size", sampling.get("chunk_size"), lo=1, integer=True),
-        lambda: c.number("sampling.reference_steps", sampling.get("reference_steps"), lo=1, integer=True),
-        lambda: c.choice("sampling.precision", str(sampling.get("precision")), PRECISIONS),
-        lambda: c.choice("embedding", embedding.get("source"), EMBEDDINGS),
-        lambda: _guidance(c, plain.get("guidance", {}), plain),
-        lambda: _benchmark(c, "benchmark", plain.get("benchmark", {})),
-        lambda: c.problems.extend(declared("inversion")["default"].problems_of(plain.get("inversion", {}))),
-    ]
-    attack = plain.get("attack") or {}
-    attack_kind = declared("attack").get(attack.get("name"))
-    if attack_kind is not None:
-        checks.append(lambda: c.problems.extend(attack_kind.problems_of(attack)))
-    judge = plain.get("judge") or {}
-    judge_kind = declared("judge").get(judge.get("type"))
-    if judge_kind is not None and not judge.get("_target_"):
-        checks.append(lambda: c.problems.extend(judge_kind.problems_of(judge)))
-    if not isinstance(plain.get("reuse_results", True), bool):
-        checks.append(
-            lambda: c.fail(f"reuse_results must be true or false, got '{plain.get('reuse_results')}'")
-        )
-    typed = None if checkpoint.get("_target_") else declared("checkpoint").get(checkpoint.get("method"))
-    if typed is not None:  # a built-in method: its typed config (unlearning/config.py)
-        checks.append(lambda: c.problems.extend(typed.problems_of(checkpoint)))
-    else:  # a method of your own: the keys every cell reads
-        checks.append(lambda: c.seed("checkpoint.seed", checkpoint.get("seed")))
-        if checkpoint.get("beta") is not None:
-            checks.append(lambda: c.number("checkpoint.beta", checkpoint.get("beta"), lo=0, strict=True))
-    if isinstance(plain.get("pp"), dict) and plain["pp"].get("prompts"):
-        checks.append(lambda: _benchmark(c, "pp.prompts", plain["pp"]["prompts"]))
-    if checkpoint.get("path"):
-        allow: bool | None = bool(checkpoint.get("allow_pickle_conversion"))
-        if checkpoint.get("method") in ("unet_folder", "advunlearn"):  # folders: their own loaders
-            allow = None
-        checks.append(lambda: _check_weights(c, "checkpoint.path", checkpoint.get("path"), allow))
-    if embedding.get("path"):
-        checks.append(lambda: _check_file(c, "embedding.path", embedding.get("path")))
-    from_path = (embedding.get("from_checkpoint") or {}).get("path")
-    if from_path and embedding.get("source") == "shared":
-        checks.append(lambda: _check_weights(c, "embedding.from_checkpoint.path", from_path))
-    guided = (plain.get("guidance") or {}).get("name") != "none"
-    if guided and embedding.get("source") == "shared" and not embedding.get("path"):
-        checks.append(lambda: _shared_source(c, checkpoint, embedding, (plain.get("task") or {}).get("name")))
-    if plain.get("stage") is not None:
-        checks.append(lambda: c.choice("stage", str(plain.get("stage")), ("cell", "attack", "compose")))
-    paths = plain.get("paths", {})
-    for key in ("results_dir", "cache_dir"):
-        if paths.get(key):
-            checks.append(lambda key=key: _check_writable(c, f"paths.{key}", paths[key]))
-    if plain.get("progress") is not None:
-        checks.append(lambda: c.choice("progress", str(plain.get("progress")), ("auto", "on", "off")))
-    if paths.get("verify") is not None:
-        checks.append(lambda: c.choice("paths.verify", paths.get("verify"), ("size", "small", "full")))
-    for check in checks:
-        check()
+    for check in CHECKS:
+        check(c, plain)
     if c.problems:
         raise UserError("invalid config: " + "; ".join(c.problems))

@@ -53,8 +53,10 @@ def convert_pickles(checkpoint_cfg, store: ArtifactStore) -> None:
     paths = checkpoint_cfg.get("path")
     if not paths or not checkpoint_cfg.get("allow_pickle_conversion"):
         return
-    if checkpoint_cfg.get("method") in ("unet_folder", "advunlearn"):
-        return
+    from unlearn_exp.settings import declared
+
+    if getattr(declared("checkpoint").get(checkpoint_cfg.get("method")), "LOADS_FOLDERS", False):
+        return  # a folder: its loader reads (and converts) its files
     from unlearn_exp.unlearning.weights import resolve_weight_file
 
     for p in [paths] if isinstance(paths, str) else list(paths):

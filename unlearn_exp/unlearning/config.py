@@ -172,6 +172,7 @@ class PublishedCheckpointConfig(Settings):
 
     GROUP = "checkpoint"
     LOADS = "published files"  # what checkpoint.path must point to, for the message
+    LOADS_FOLDERS = False  # True: checkpoint.path is a folder its loader reads itself
     method: str = MISSING
     beta: Any = number(lo=0, strict=True, optional=True)  # a label only
     path: Any = MISSING
@@ -195,6 +196,7 @@ class UNetFolderCheckpointConfig(PublishedCheckpointConfig):
     """``conf/checkpoint/unet_folder.yaml`` (docs/methods.md 8.4): a diffusers UNet folder."""
 
     LOADS = "a diffusers UNet folder"
+    LOADS_FOLDERS = True  # checkpoint.path is a folder: its loader reads (and converts) its files
     allow_pickle_conversion: bool = MISSING
 
 
@@ -203,6 +205,7 @@ class AdvUnlearnCheckpointConfig(PublishedCheckpointConfig):
     """``conf/checkpoint/advunlearn.yaml`` (docs/methods.md 8.4): AdvUnlearn's text encoder."""
 
     LOADS = "AdvUnlearn's text encoder"
+    LOADS_FOLDERS = True  # checkpoint.path is a folder: its loader reads (and converts) its files
     allow_pickle_conversion: bool = MISSING
 
 
