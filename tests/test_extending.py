@@ -81,3 +81,80 @@ def test_unknown_target_is_one_line():
     cfg.guidance = OmegaConf.create({"name": "x", "_target_": "no_such_package.build"})
     with pytest.raises(UserError, match="_target_ 'no_such_package.build' cannot be imported"):
         make_guidance(cfg.guidance, cfg.task, Concept())
+
+
+THROWAWAY = '''
+"""A throwaway guidance method in one file: its settings, its declaration, its algorithm."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import MISSING
+
+from unlearn_exp.guidance.base import Guidance
+from unlearn_exp.registry import GUIDANCE
+from unlearn_exp.settings import Settings, declare, number
+
+
+@dataclass
+class ThrowawayConfig(Settings):
+    """conf/guidance/throwaway.yaml: CFG with the task's SLD concept as negative prompt, scaled."""
+
+    GROUP = "guidance"
+    name: str = MISSING
+    strength: Any = number(lo=0)
+
+
+declare("guidance", "throwaway", ThrowawayConfig, __name__)
+
+
+class Throwaway(Guidance):
+    name = "throwaway"
+
+    def __init__(self, settings, words):
+        self.settings, self.words = settings, words
+
+    def prepare(self, comps, prompts, tokens, negative_prompts, guidance_scale, num_steps):
+        scale = guidance_scale * self.settings.strength
+        return super().prepare(comps, prompts, tokens, [self.words] * len(prompts), scale, num_steps)
+
+    def describe(self):
+        return {"name": self.name, "strength": self.settings.strength, "words": self.words}
+
+
+@GUIDANCE.register("throwaway")
+def build(guidance_cfg, task_cfg, concept, step_scale=1.0):
+    return Throwaway(ThrowawayConfig.from_cfg(guidance_cfg), task_cfg.sld_concept)
+'''
+
+
+@pytest.mark.slow
+def test_a_method_declared_in_its_own_file_runs_a_cell(tmp_path, monkeypatch):
+    """A new guidance method is its file (settings, declaration, algorithm) and its YAML: its schema,
+    its typed validation and its registry entry follow from the declaration, and a cell runs."""
+    from tests.helpers import ROOT, toy_overrides
+    from unlearn_exp import schema, settings
+    from unlearn_exp.cell import run_cell
+    from unlearn_exp.config import compose as app_compose
+    from unlearn_exp.errors import UserError
+    from unlearn_exp.registry import GUIDANCE
+
+    (tmp_path / "throwaway_guidance.py").write_text(THROWAWAY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("UNLEARN_EXP_COMPOSE_CACHE", "off")
+    yaml = ROOT / "conf" / "guidance" / "throwaway.yaml"
+    yaml.write_text("defaults:\n  - throwaway_schema\n  - _self_\n\nname: throwaway\nstrength: 1.5\n")
+    try:
+        __import__("throwaway_guidance")
+        schema.register()
+        assert "throwaway" in settings.declared("guidance") and "throwaway" in GUIDANCE.names()
+        with pytest.raises(UserError, match="guidance.strength must be >= 0, got -1"):
+            run_cell(app_compose(toy_overrides(tmp_path, "guidance=throwaway", "guidance.strength=-1")))
+        with pytest.raises(UserError, match="unknown config key guidance.bogus"):
+            app_compose(toy_overrides(tmp_path, "guidance=throwaway", "+guidance.bogus=1"))
+        out = run_cell(app_compose(toy_overrides(tmp_path, "guidance=throwaway")))
+        assert out["cell"]["guidance"] == "throwaway" and 0 <= out["cell"]["dsr"] <= 1
+    finally:
+        yaml.unlink()
+        settings._DECLARED.pop(("guidance", "throwaway"), None)
+        GUIDANCE.factories.pop("throwaway", None)

@@ -125,9 +125,12 @@ SCHEMAS = {**{(d.group, d.schema): d.settings for d in declarations()}, **CORE_S
 
 
 def register() -> None:
-    """Put every schema into Hydra's ConfigStore (idempotent)."""
+    """Put every schema into Hydra's ConfigStore (idempotent), a method declared since included."""
     cs = ConfigStore.instance()
-    for (group, name), node in SCHEMAS.items():
+    for (group, name), node in {
+        **{(d.group, d.schema): d.settings for d in declarations()},
+        **SCHEMAS,
+    }.items():
         cs.store(group=group, name=name, node=node)
 
 
