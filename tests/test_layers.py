@@ -223,8 +223,6 @@ LONG_FUNCTIONS = {
     ("demo.py", "main"): 88,
     ("toy/study.py", "main"): 87,
     ("inversion/image_sets.py", "generate_image_set"): 85,
-    ("artifacts.py", "export"): 84,
-    ("unlearning/duo.py", "train_adapter"): 81,
 }
 
 

@@ -249,6 +249,45 @@ def _carry_over(
     return lines
 
 
+def _export_concept(folder: Path, out: Path) -> Path:
+    """A ``C*`` is already in diffusers' textual-inversion format: copied, with what it was learned on."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(folder / "learned_embeds.safetensors", out / "learned_embeds.safetensors")
+    rows = [_summary(folder, folder.parent.parent)]
+    name_learned_on(rows, folder.parent.parent)
+    changes = [
+        "learned_embeds.safetensors: copied as it is (diffusers' textual-inversion format)",
+        f"learned on: {rows[0]['learned_on'] or 'unknown'}",
+    ]
+    for line in changes:
+        print(line)
+    _write_report(out, {"artifact": folder.name, "kind": "inversion", "model": rows[0]["model"]}, changes)
+    return out / "learned_embeds.safetensors"
+
+
+def _apply_artifact(comps, folder: Path, kind: str) -> str:
+    """Put an unlearned checkpoint's weights into ``comps.unet`` (DUO's LoRA fused); the line saying so."""
+    from unlearn_exp.unlearning.weights import load_unet_weights, read_safetensors
+
+    if kind == "duo":
+        manifest = json.loads((folder / "manifest.json").read_text())["adapters"]
+        from unlearn_exp.unlearning.duo import load_adapters
+
+        load_adapters(
+            comps,
+            [folder / a["file"] for a in manifest],
+            [f"duo_{a['name']}" for a in manifest],
+            [a["weight"] for a in manifest],
+        )
+        comps.unet.fuse_lora()
+        comps.unet.unload_lora()
+        return f"unet: DUO LoRA fused ({', '.join(a['name'] for a in manifest)})"
+    n = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        n += len(load_unet_weights(comps.unet, read_safetensors(f), f"{kind} artifact '{f.name}'"))
+    return f"unet: {kind.upper()} weights loaded ({n} tensors changed)"
+
+
 def export(
     folder: Path, out: Path, overrides: list[str], *, scheduler: str = "original", safety: bool = True
 ) -> Path:
@@ -260,18 +299,7 @@ def export(
     kind = folder.parent.name
     key = json.loads((folder / KEY_FILE).read_text())["key"]
     if (folder / "learned_embeds.safetensors").is_file():  # C*: already diffusers' textual-inversion file
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(folder / "learned_embeds.safetensors", out / "learned_embeds.safetensors")
-        rows = [_summary(folder, folder.parent.parent)]
-        name_learned_on(rows, folder.parent.parent)
-        changes = [
-            "learned_embeds.safetensors: copied as it is (diffusers' textual-inversion format)",
-            f"learned on: {rows[0]['learned_on'] or 'unknown'}",
-        ]
-        for line in changes:
-            print(line)
-        _write_report(out, {"artifact": folder.name, "kind": "inversion", "model": rows[0]["model"]}, changes)
-        return out / "learned_embeds.safetensors"
+        return _export_concept(folder, out)
     if folder.parent.parent.name != "unlearning" or kind not in ("duo", "esd", "uce"):
         raise UserError(
             f"artifact kind '{folder.parent.name}' cannot be exported (unlearned checkpoints and C* can)"
@@ -288,26 +316,7 @@ def export(
             f"artifact {folder.name} was built on model {want}, the overrides load {comps.identity}: "
             "pass the same model (e.g. model.path=...)"
         )
-    from unlearn_exp.unlearning.weights import load_unet_weights, read_safetensors
-
-    if kind == "duo":
-        manifest = json.loads((folder / "manifest.json").read_text())["adapters"]
-        from unlearn_exp.unlearning.duo import load_adapters
-
-        load_adapters(
-            comps,
-            [folder / a["file"] for a in manifest],
-            [f"duo_{a['name']}" for a in manifest],
-            [a["weight"] for a in manifest],
-        )
-        comps.unet.fuse_lora()
-        comps.unet.unload_lora()
-        unet = f"unet: DUO LoRA fused ({', '.join(a['name'] for a in manifest)})"
-    else:
-        n = 0
-        for f in sorted(folder.glob("*.safetensors")):
-            n += len(load_unet_weights(comps.unet, read_safetensors(f), f"{kind} artifact '{f.name}'"))
-        unet = f"unet: {kind.upper()} weights loaded ({n} tensors changed)"
+    unet = _apply_artifact(comps, folder, kind)
     src = model_folder(cfg.model) if cfg.model.get("source") == "pretrained" else None
     src = src.resolve() if src is not None else None
     sampler_name = str(cfg.sampling.scheduler)

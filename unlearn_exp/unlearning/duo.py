@@ -329,6 +329,18 @@ def _to_u8(images: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- one adapter, end to end
+def _condition_prompts(pairs, condition: str) -> list[str] | None:
+    """The text condition of the preference term: None (``null``: the empty prompt) or each pair's
+    unsafe prompt (``unsafe``, which needs a pair set that records them)."""
+    if condition not in ("null", "unsafe"):
+        raise UserError(f"checkpoint.condition must be null or unsafe, got '{condition}'")
+    if condition == "null":
+        return None
+    if not isinstance(pairs, PairSet):
+        raise UserError("checkpoint.condition=unsafe needs a pair set with its prompts")
+    return [str(r["unsafe_prompt"]) for r in pairs.records]
+
+
 def train_adapter(
     comps: Components,
     pairs: PairSet | tuple[torch.Tensor, torch.Tensor],
@@ -353,14 +365,7 @@ def train_adapter(
     beta = effective_beta(hp, paper_beta)
     lr, lam = scaled_hyperparameters(hp, beta)
     unsafe, safe = pairs.images(comps.resolution) if isinstance(pairs, PairSet) else pairs
-    condition = str(hp["condition"])
-    if condition not in ("null", "unsafe"):
-        raise UserError(f"checkpoint.condition must be null or unsafe, got '{condition}'")
-    prompts = None
-    if condition == "unsafe":
-        if not isinstance(pairs, PairSet):
-            raise UserError("checkpoint.condition=unsafe needs a pair set with its prompts")
-        prompts = [str(r["unsafe_prompt"]) for r in pairs.records]
+    prompts = _condition_prompts(pairs, str(hp["condition"]))
     add_lora(
         comps.unet,
         adapter_name,
