@@ -222,7 +222,6 @@ LONG_FUNCTIONS = {
     ("unlearning/pairs.py", "build_pair_set"): 98,
     ("demo.py", "main"): 88,
     ("toy/study.py", "main"): 87,
-    ("inversion/image_sets.py", "generate_image_set"): 85,
 }
 
 

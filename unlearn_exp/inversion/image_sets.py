@@ -150,6 +150,18 @@ def _stop_if_unreachable(prompts, kept, quota, tried, budget, max_tries, judge) 
             )
 
 
+def _write_images(out_dir: Path, items: list[tuple[Image.Image, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each kept image as ``<index>.png`` (written atomically), with its manifest entry."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for j, (pil, info) in enumerate(items):
+        name = f"{j:05d}.png"
+        with atomic_file(out_dir / name) as tmp:
+            pil.save(tmp, format="PNG")
+        entries.append({"file": name, "sha256": file_sha256(out_dir / name), **info})
+    return entries
+
+
 def generate_image_set(
     comps: Components,
     prompts: list[str],
@@ -213,13 +225,7 @@ def generate_image_set(
             f"({n_safe} judged safe): raise max_tries, change the prompts or check the judge"
         )
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for j, (pil, info) in enumerate(item for group in kept for item in group):
-        name = f"{j:05d}.png"
-        with atomic_file(out_dir / name) as tmp:
-            pil.save(tmp, format="PNG")
-        entries.append({"file": name, "sha256": file_sha256(out_dir / name), **info})
+    entries = _write_images(out_dir, [item for group in kept for item in group])
     manifest = {
         "n_images": n_images,
         "tries": tries,
