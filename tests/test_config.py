@@ -255,3 +255,28 @@ def test_a_config_read_back_from_the_compose_cache_has_the_same_identity(experim
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
     assert OmegaConf.to_yaml(again) == OmegaConf.to_yaml(fresh)
     assert config_hash(cell_spec(again)) == config_hash(cell_spec(fresh))
+
+
+def test_hydra_sweep_functions_pass_the_precheck_and_enumerate_as_the_launcher_does():
+    """``checkpoint.beta=range(250,1001,250)`` in a multirun was refused by the pre-Hydra check."""
+    from unlearn_exp.config import grid, precheck, sweep_values
+
+    precheck(["+experiment=toy_duo", "checkpoint.beta=range(250,1001,250)", "--multirun"])
+    precheck(["+experiment=toy_duo", "guidance=choice(sld,safree)", "--multirun"])
+    precheck(["+experiment=toy_duo", "sampling.guidance_scale=interval(2,3)", "--multirun"])  # Hydra's to say
+    assert sweep_values("checkpoint.beta=range(250,1001,250)") == ["250", "500", "750", "1000"]
+    assert sweep_values("name=${oc.env:CUDA_VISIBLE_DEVICES,}") is None  # a comma inside an interpolation
+    cells = grid(
+        ["+experiment=toy_duo", "checkpoint.beta=range(250,1001,250)", "guidance=choice(sld,safree)"]
+    )
+    assert len(cells) == 4 * 2 * 3 and {c[0] for c in cells} == {
+        f"checkpoint.beta={b}" for b in (250, 500, 750, 1000)
+    }
+
+
+def test_debug_before_the_experiment_still_shrinks_the_sampler():
+    from unlearn_exp.config import compose as app_compose
+
+    first = app_compose(["+debug=default", "+experiment=toy_duo"])
+    assert first.sampling.steps == 5 and first.sampling.batch_size == 2
+    assert first.checkpoint.steps is None and first.task.duo_recipe.adapters[0].steps == 20

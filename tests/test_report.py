@@ -519,8 +519,11 @@ def test_an_override_of_a_swept_key_is_refused_not_applied_to_every_position(tmp
         report.position(report.cell_overrides("toy_duo", 250, "none", None), ("guidance=sld",))
     with pytest.raises(UserError, match="checkpoint=esd"):  # the group that holds a swept key
         report.position(report.cell_overrides("toy_duo", 250, "none", None), ("checkpoint=esd",))
-    # a key the positions do not set still applies to all of them (a debug run is its own cells)
+    # a key the positions do not set still applies to all of them (a debug run is its own cells), and
+    # another option of the same method keeps each position's meaning (the paper's DUO on the toy)
     assert report.position(report.cell_overrides("toy_duo", 250, "none", None), ("+debug=default",)).key
+    pos = report.position(report.cell_overrides("toy_duo", 250, "sld", "explicit"), ("checkpoint=duo",))
+    assert pos.spec["checkpoint"]["beta"] == 250 and "beta_map" not in pos.spec["checkpoint"]
     d = tmp_path / "r"
     d.mkdir()
     fixture_rows().to_parquet(d / "cells.parquet")

@@ -179,3 +179,15 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_size(tmp_path, monkey
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == []  # no temporary folder left
     assert exit_status(full) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_full_disk_reported_by_a_writer_that_wraps_it_is_one_line_too(tmp_path):
+    """safetensors and torch.save report ENOSPC in their own exception types."""
+    from unlearn_exp.errors import UserError
+
+    with pytest.raises(UserError, match="no space left on the disk holding"):
+        with atomic.atomic_file(tmp_path / "lora.safetensors"):
+            raise RuntimeError("PytorchStreamWriter failed writing file: No space left on device")
+    with pytest.raises(ValueError, match="unrelated"):
+        with atomic.atomic_file(tmp_path / "x.bin"):
+            raise ValueError("unrelated")

@@ -37,7 +37,7 @@ def _normalise_argv(argv: list[str]) -> list[str]:
     anywhere among the overrides (argparse would otherwise cut the override list at it)."""
     words = {"multirun", "--multirun", "-m"}
     rest = [a for a in argv if a not in words]
-    return (["--multirun"] if len(rest) < len(argv) else []) + rest
+    return (["--multirun"] if len(rest) < len(argv) else []) + config.ordered(rest)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -100,7 +100,11 @@ def _model(model: dict) -> list[Asset]:
     if _is_hub_id(path):
         found = _in_hub_cache(path, ["model_index.json", "unet/config.json"])
         where = f"Hugging Face cache (HF_HOME={hf_home()}) for {path}"
-        return [Asset(what, "model.path", where, found is not None, f"hf download {path}", ("hub", path))]
+        online = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on")
+        source = f"hf download {path}" + (
+            " (the loader downloads it on first use: HF_HUB_OFFLINE is unset)" if online else ""
+        )
+        return [Asset(what, "model.path", where, found is not None, source, ("hub", path), on_demand=online)]
     local = Path(path).expanduser()
     present = local.is_dir() and all((local / s).is_dir() for s in need)
     source = "a diffusers folder (unet/, text_encoder/, tokenizer/, scheduler/, vae/)"
@@ -284,9 +288,15 @@ def sweep_assets(overrides: list[str]) -> list[Asset]:
 def missing_before_work(cfg) -> list[str]:
     """One line per file this cell needs that is absent and that no run fetches by itself (the model,
     LPIPS, CLIP, the classifier); user files are checked by ``validate`` with their own messages."""
+    return missing_lines(assets_of(cfg))
+
+
+def missing_lines(assets: list[Asset]) -> list[str]:
+    """One line per absent asset that no run fetches by itself and that is not the user's own file
+    (those are checked by ``validate`` with their own messages)."""
     return [
         f"{a.what} not found ({a.key}; looked at {a.where}; get it: {a.source})"
-        for a in assets_of(cfg)
+        for a in assets
         if not a.present and not a.on_demand and a.source != "your file" and not a.where.startswith("(")
     ]
 

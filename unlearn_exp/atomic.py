@@ -65,8 +65,8 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         yield tmp
         _share(tmp, folder=False)  # after the block: a writer may have replaced the file (safetensors)
         os.replace(tmp, path)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
+    except Exception as e:
+        if is_disk_full(e):
             raise disk_full(path.parent, path.name, _size(tmp)) from None
         raise
     finally:
@@ -96,6 +96,14 @@ def _size(path: Path) -> int:
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     except OSError:
         return 0
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC, as an ``OSError`` or in the message of a writer that wraps it (safetensors'
+    ``SafetensorError``, torch's ``RuntimeError`` from ``torch.save``)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    return not isinstance(exc, UserError) and "No space left on device" in str(exc)
 
 
 def disk_full(folder: Path, name: str, written: int, need: int | None = None) -> UserError:
@@ -128,8 +136,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         try:
             yield tmp
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
+        except Exception as e:
+            if is_disk_full(e):
                 raise disk_full(path.parent, f"{path.name}/", _size(tmp)) from None
             raise
         _share_tree(tmp)

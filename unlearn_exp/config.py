@@ -90,14 +90,36 @@ def override_key(override: str) -> str:
 def pinned_axes(overrides: list[str], params) -> dict[str, str]:
     """The swept keys that ``overrides`` set themselves, with their values: the launcher runs those
     values only (an override on the command line replaces the sweep's values of its key)."""
-    return {override_key(o): o.split("=", 1)[1] for o in overrides if "=" in o and override_key(o) in params}
+    out = {}
+    for o in overrides:
+        if "=" in o and override_key(o) in params:
+            values = sweep_values(o)
+            out[override_key(o)] = ",".join(values) if values else o.split("=", 1)[1]
+    return out
 
 
-def _first_value(override: str) -> str:
+def sweep_values(override: str) -> list[str] | None:
+    """The values of a sweep override as Hydra's launcher enumerates them (``a=1,2``,
+    ``a=range(1,3)``, ``a=choice(x,y)``); None for a plain override, or for a sweep that cannot be
+    enumerated (``interval``), which is left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([override])[0]
+        return list(parsed.sweep_string_iterator()) if parsed.is_sweep_override() else None
+    except Exception:  # not parseable here, or not enumerable: Hydra itself says what is wrong
+        return None
+
+
+def _first_value(override: str) -> str | None:
+    """A sweep override at its first value (None where it cannot be enumerated); others unchanged."""
     key, eq, value = override.partition("=")
-    if not eq or "," not in value or any(c in value for c in "[]{}()$'\""):  # a plain comma list only
+    if not eq or not any(c in value for c in ",("):
         return override
-    return f"{key}={value.split(',', 1)[0]}"
+    values = sweep_values(override)
+    if values is None:
+        return None if "(" in value and value.split("(", 1)[0].strip().isidentifier() else override
+    return f"{key}={values[0]}"
 
 
 def precheck(args: Sequence[str]) -> None:
@@ -107,13 +129,14 @@ def precheck(args: Sequence[str]) -> None:
     overrides = [a for a in args if not a.startswith("-")]
     check_choices(overrides)
     if all(a in ("--multirun", "-m") or not a.startswith("-") for a in args):  # not --help, --cfg, ...
-        compose([_first_value(o) for o in overrides])
+        compose([f for f in (_first_value(o) for o in overrides) if f is not None])
 
 
 def sweep_params(overrides: Sequence[str]):
     """The experiment's ``hydra.sweeper.params`` as composed with ``overrides`` (a comma list in an
     override is a sweep: its first value is composed). Raises where the config has no sweep."""
-    return compose([_first_value(o) for o in overrides], hydra=True).hydra.sweeper.params
+    firsts = [f for f in (_first_value(o) for o in overrides) if f is not None]
+    return compose(firsts, hydra=True).hydra.sweeper.params
 
 
 def grid(overrides: list[str]) -> list[list[str]]:
@@ -162,6 +185,15 @@ def _check_enum_value(key: str, value: str) -> None:
             raise UserError(f"unknown {key} '{v}': choose one of {members}")
 
 
+def ordered(overrides: Sequence[str]) -> list[str]:
+    """``+debug=...`` after ``+experiment=...``: an experiment read after it would set its sampler
+    back (Hydra merges appended configs in order), half a debug run without a word."""
+    debug = [o for o in overrides if o.lstrip("+").startswith("debug=")]
+    if not debug or not any(o.lstrip("+").startswith("experiment=") for o in overrides):
+        return list(overrides)
+    return [o for o in overrides if o not in debug] + debug
+
+
 def compose(overrides: Sequence[str] = (), *, hydra: bool = False):
     """The config ``python -m unlearn_exp <overrides>`` would run; with ``hydra`` the ``hydra`` node
     too (sweep parameters), else overrides of the ``hydra`` node are left out. A config that does not
@@ -171,7 +203,7 @@ def compose(overrides: Sequence[str] = (), *, hydra: bool = False):
 
     from omegaconf import OmegaConf
 
-    overrides = [o for o in overrides if hydra or not o.lstrip("+~").startswith("hydra")]
+    overrides = [o for o in ordered(overrides) if hydra or not o.lstrip("+~").startswith("hydra")]
     check_choices(overrides)
     cache = None if hydra else _cache_dir()
     if cache is not None:

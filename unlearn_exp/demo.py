@@ -118,7 +118,7 @@ def methods_main(jobs: int, extra: list[str]) -> int:
 
     def body() -> int:
         cells = grid(base)
-        runs = [[*base, *cell, "sampling.progress=false"] for cell in cells]
+        runs = [[*unswept(base, cells), *cell, "sampling.progress=false"] for cell in cells]
         print(
             f"toy methods grid: {len(cells)} cells ({METHODS_EXPERIMENT}); ESD and UCE are trained here once"
         )
@@ -153,6 +153,15 @@ def methods_main(jobs: int, extra: list[str]) -> int:
     return exit_status(body)
 
 
+def unswept(base: list[str], cells: list[list[str]], lists_only: bool = False) -> list[str]:
+    """``base`` without the overrides of the keys each cell sets itself (a pinned comma list would
+    not compose beside the cell's own value); ``lists_only``: only those that are comma lists."""
+    from unlearn_exp.config import override_key
+
+    own = {override_key(o) for o in (cells[0] if cells else [])}
+    return [o for o in base if override_key(o) not in own or (lists_only and "," not in o.split("=", 1)[-1])]
+
+
 def table_overrides(base: list[str], extra: list[str]) -> list[str]:
     """``extra`` without the keys the experiment sweeps: the grid ran only their values (``grid``),
     and the tables show the other positions as '-' rather than fill them with the pinned cell (one
@@ -180,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         from unlearn_exp import precondition
 
         cells = grid(base)
-        runs = [[*base, *cell, "sampling.progress=false"] for cell in cells]
+        runs = [[*unswept(base, cells), *cell, "sampling.progress=false"] for cell in cells]
         print(f"toy grid: {len(cells)} cells ({EXPERIMENT}); artifacts are cached, so a second run is fast")
         stage_s, reused, done = {}, 0, {}
         unet = {"cells": 0, "precondition": 0}  # UNet rows sampled, summed over the workers
@@ -209,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 done[i] = run_grid_cell(over)
                 show(i, done[i], time.time() - t)
         else:  # the grid's cells and the precondition's cells and probes, in worker processes
-            _, _, pre_cells, probes = precondition.measurements(base)
+            _, _, pre_cells, probes = precondition.measurements(unswept(base, cells, lists_only=True))
             tasks = [(run_grid_cell, over) for over in runs]
             tasks += [(run_grid_cell, over) for over in pre_cells.values()]
             tasks += [(run_probe, over) for over in probes.values()]
@@ -229,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         written = write_report(df, "toy", "reports", files=files, extra=fixed, tables=tables)
 
         t, before = time.time(), unet_rows()
-        pre = precondition.run(base, "reports")  # with workers: every measurement is cached by now
+        pre = precondition.run(unswept(base, cells, lists_only=True), "reports")  # cached with workers
         stage_s["precondition"] = pre_s + time.time() - t
         unet["precondition"] += unet_rows() - before
         for name, table in tables.items():

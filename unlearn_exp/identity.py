@@ -320,14 +320,15 @@ def judge_spec(judge: Any) -> dict[str, Any]:
 
 
 def concept_checkpoint(
-    checkpoint: dict[str, Any], embedding: dict[str, Any], task: str | None
+    checkpoint: dict[str, Any], embedding: dict[str, Any], task: str | None, debug: Any = None
 ) -> dict[str, Any]:
     """The checkpoint config ``C*`` is learned on: the cell's own, or for ``embedding=shared`` the one
     ``embedding.from_checkpoint`` names. Of the cell's own method, its non-null keys (and ``path``)
     replace the cell's (``beta: 500``: the same recipe at another beta). Of another method (the
     methods grid: C* from DUO beta 500 on an ESD checkpoint), the checkpoint option
     ``from_checkpoint.option`` (default: its method's name) composed for the cell's task, with those
-    keys over it."""
+    keys over it. ``debug``: the cell's ``debug`` node (``+debug=default``), under which the option is
+    composed too, so a smoke run's shared source is as small as the grid's own checkpoints."""
     if embedding.get("source") != "shared":
         return dict(checkpoint)
     src = dict(embedding.get("from_checkpoint") or {})
@@ -336,11 +337,12 @@ def concept_checkpoint(
     method = extra.get("method", checkpoint.get("method"))
     if method == checkpoint.get("method"):
         return {**checkpoint, **extra}
-    return {**_checkpoint_option(str(option or method), task), **extra}
+    debug_json = canonical_json(debug) if debug else None
+    return {**_checkpoint_option(str(option or method), task, debug_json), **extra}
 
 
 @lru_cache(maxsize=32)
-def _checkpoint_option_json(option: str, task: str | None) -> str:
+def _checkpoint_option_json(option: str, task: str | None, debug_json: str | None = None) -> str:
     from unlearn_exp.config import CONF_DIR, compose
     from unlearn_exp.errors import UserError
 
@@ -351,14 +353,19 @@ def _checkpoint_option_json(option: str, task: str | None) -> str:
             f"embedding=shared from another method composes its checkpoint for task '{task}', "
             "which is not a conf/task option"
         )
-    cfg = compose([*([f"task={task}"] if task else []), f"checkpoint={option}"])
+    small = []
+    if debug_json:  # the cell's +debug sizes, which the option's YAML reads (conf/debug/default.yaml)
+        import json
+
+        small = ["+debug=default", *(f"debug.{k}={v}" for k, v in json.loads(debug_json).items())]
+    cfg = compose([*([f"task={task}"] if task else []), f"checkpoint={option}", *small])
     return canonical_json(to_plain(cfg.checkpoint))
 
 
-def _checkpoint_option(option: str, task: str | None) -> dict[str, Any]:
+def _checkpoint_option(option: str, task: str | None, debug_json: str | None = None) -> dict[str, Any]:
     import json
 
-    return json.loads(_checkpoint_option_json(option, task))
+    return json.loads(_checkpoint_option_json(option, task, debug_json))
 
 
 def cell_spec(cfg) -> dict[str, Any]:
@@ -386,7 +393,9 @@ def cell_spec(cfg) -> dict[str, Any]:
         if emb.get("path"):
             concept["file"] = _content_of(str(emb["path"]))
         else:
-            source_ck = concept_checkpoint(plain["checkpoint"], emb, plain["task"].get("name"))
+            source_ck = concept_checkpoint(
+                plain["checkpoint"], emb, plain["task"].get("name"), to_plain(cfg.get("debug"))
+            )
             concept["checkpoint"] = checkpoint_spec(source_ck, device)
             concept["inversion"] = _drop("inversion", plain["inversion"], device)
             image_set = dict(concept["inversion"].get("image_set") or {})

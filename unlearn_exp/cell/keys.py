@@ -51,7 +51,9 @@ def rows_identity(rows: list[dict[str, Any]]) -> str:
 
 def checkpoint_for_inversion(cfg) -> dict[str, Any]:
     """The checkpoint whose ``C*`` this cell uses: its own (``inverted``) or the shared source."""
-    return concept_checkpoint(plain(cfg.checkpoint), plain(cfg.embedding), cfg.task.get("name"))
+    return concept_checkpoint(
+        plain(cfg.checkpoint), plain(cfg.embedding), cfg.task.get("name"), plain(cfg.get("debug"))
+    )
 
 
 def image_set_key(cfg, comps: Components, judge, model_id: str) -> dict[str, Any]:

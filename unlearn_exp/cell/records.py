@@ -264,7 +264,10 @@ def quarantine_result(results: Path, problems: list[str]) -> Path:
 
     target = results.parent / "quarantine" / f"{results.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(results, target)
+    try:
+        os.replace(results, target)
+    except FileNotFoundError:  # a parallel job of the same cell moved it first
+        return target
     log.warning(
         "recorded cell %s contradicts itself (%s): moved to %s", results.name, "; ".join(problems), target
     )

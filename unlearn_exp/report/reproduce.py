@@ -135,7 +135,7 @@ def preflight(scale: str, overrides: Sequence[str] = (), task: str = "all") -> N
     absent, or any other file their cells need that no run fetches by itself (``assets``)."""
     if scale not in SCALES:
         raise UserError(f"--scale must be one of {sorted(SCALES)}, got '{scale}'")
-    from unlearn_exp.assets import missing_before_work
+    from unlearn_exp.assets import missing_lines, sweep_assets
 
     missing: list[str] = []
     for t in task_order(scale, task):
@@ -144,7 +144,9 @@ def preflight(scale: str, overrides: Sequence[str] = (), task: str = "all") -> N
             raise UserError(f"experiment '{experiment}' is missing from {CONF_DIR / 'experiment'}")
         cfg = compose([f"+experiment={experiment}", *overrides])
         check_weights(cfg.model)
-        missing += [m for m in missing_before_work(cfg) if m not in missing]
+        for exp in sorted(task_experiments(scale, t)):  # every cell of the task's sweeps
+            found = missing_lines(sweep_assets([f"+experiment={exp}", *overrides]))
+            missing += [m for m in found if m not in missing]
     if missing:
         raise UserError(
             f"{task if task != 'all' else scale}: {len(missing)} file(s) are missing: " + "; ".join(missing)

@@ -90,7 +90,8 @@ def find_cell_files(paths: Iterable[str | Path]) -> list[Path]:
         if p.is_file() and p.suffix == ".parquet":
             found.add(p)
         elif p.is_dir():
-            found.update(q for q in p.rglob("cells.parquet") if q.is_file())
+            # quarantined results (rows that contradicted themselves) are kept for inspection, not read
+            found.update(q for q in p.rglob("cells.parquet") if q.is_file() and "quarantine" not in q.parts)
     return sorted(found)
 
 
@@ -198,22 +199,31 @@ def _loose(spec: dict) -> dict:
     return {**spec, "model": {**spec.get("model", {}), "content": None}}
 
 
+def _method_of(cfg, group: str) -> Any:
+    """What a group's option is (its ``method`` or ``name``): another option of the same method
+    (``checkpoint=duo`` for the toy's ``duo_toy``) keeps a position's meaning, another method not."""
+    node = cfg.get(group)
+    return None if node is None else node.get("method", node.get("name"))
+
+
 @lru_cache(maxsize=512)
 def position(overrides: tuple[str, ...], extra: tuple[str, ...] = ()) -> Position:
     """Compose ``overrides + extra`` as the app would and compute the cell's identity. A position keeps
-    the values its row and column name: an ``extra`` override of a key the position sets (or of the
-    group holding it) is one ``UserError``, never applied to every position."""
+    the values its row and column name: an ``extra`` override of a key the position sets, or of the
+    group holding it where it picks another method (``checkpoint=esd`` for DUO's rows), is one
+    ``UserError``, never applied to every position."""
     from unlearn_exp.identity import cell_spec, spec_key
 
     own = {override_key(o) for o in overrides}
+    cfg = compose([*overrides, *extra])
     for o in extra:
         k = override_key(o)
-        if k in own or any(s.startswith(k + ".") for s in own):
+        holds = any(s.startswith(k + ".") for s in own)  # a group whose keys the position sets
+        if k in own or (holds and _method_of(cfg, k) != _method_of(compose(list(overrides)), k)):
             raise UserError(
                 f"the override '{o}' sets {k}, which the tables sweep (each position names its own "
                 f"value): leave it out; positions without a recorded cell show '-'"
             )
-    cfg = compose([*overrides, *extra])
     spec = cell_spec(cfg)
     return Position(
         overrides=tuple(overrides),
