@@ -91,7 +91,7 @@ def test_a_shipped_toy_checkpoint_exports_as_a_pixel_pipeline(tmp_path):
         )
         == 0
     )
-    assert "DPMSolverMultistepScheduler" in (tmp_path / "out" / "EXPORT.md").read_text()
+    assert "DPMSolverMultistepScheduler" in (tmp_path / "out" / "export.md").read_text()
     pipe = PixelDiffusionPipeline.from_pretrained(str(tmp_path / "out"))
     ours = sample(comps, ["a grape"], [4], steps=4, guidance_scale=6.0).images
     torch.testing.assert_close(
@@ -151,7 +151,7 @@ def test_export_keeps_the_source_models_scheduler_and_safety_checker(sd_folder, 
     assert any(s.startswith("safety_checker: kept the original StableDiffusionSafetyChecker") for s in said)
     assert any(s.startswith("feature_extractor: kept the original CLIPImageProcessor") for s in said)
     assert any(s.startswith("unet: UCE weights loaded") for s in said)
-    assert (out / "EXPORT.md").read_text().count("\n- ") == len(said)  # a title, then each line
+    assert (out / "export.md").read_text().count("\n- ") == len(said)  # a title, then each line
     assert json.loads((out / "export.json").read_text())["changes"] == said
     for part in ("scheduler", "safety_checker", "feature_extractor"):
         for f in (sd / part).iterdir():

@@ -16,7 +16,7 @@
   (``--scheduler grid`` writes the grid's sampler, ``sampling.scheduler``, instead), and its
   ``safety_checker/`` and ``feature_extractor/`` with their ``model_index.json`` entries
   (``--no-safety-checker`` leaves both out). Export prints one line per part (what was kept, what
-  was changed, what is absent) and writes them to ``OUT/EXPORT.md`` and ``OUT/export.json``.
+  was changed, what is absent) and writes them to ``OUT/export.md`` and ``OUT/export.json``.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ SAFETY_ENTRIES = {
     "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
     "feature_extractor": ["transformers", "CLIPImageProcessor"],
 }
-REPORT_MD, REPORT_JSON = "EXPORT.md", "export.json"
+REPORT_MD, REPORT_JSON = "export.md", "export.json"
 
 
 def _write_report(out: Path, what: dict[str, Any], changes: list[str]) -> None:
@@ -293,7 +293,7 @@ def export(
 ) -> Path:
     """Write the artifact at ``folder`` in a format plain diffusers loads (see the module docstring),
     print one line per part saying what was kept or changed, and write those lines to
-    ``out/EXPORT.md`` and ``out/export.json``."""
+    ``out/export.md`` and ``out/export.json``."""
     if scheduler not in SCHEDULER_CHOICES:
         raise UserError(f"--scheduler must be one of {list(SCHEDULER_CHOICES)}, got '{scheduler}'")
     kind = folder.parent.name
