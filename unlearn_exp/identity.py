@@ -61,6 +61,7 @@ RUNTIME_KEYS: dict[str, tuple[str, ...]] = {
 NEUTRAL_KEYS: dict[str, dict[str, Any]] = {
     "checkpoint": {"condition": "null", "beta_map": None},
     "inversion": {"prompt_tokens": "all"},
+    "guidance": {"strength": 1.0},
 }
 
 
@@ -411,7 +412,7 @@ def cell_spec(cfg) -> dict[str, Any]:
         },
         "task": plain["task"],
         "checkpoint": checkpoint_spec(plain["checkpoint"], device),
-        "guidance": plain["guidance"],
+        "guidance": without_neutral("guidance", plain["guidance"]),
         "concept": concept,
         "sampling": sampling,
         "benchmark": benchmark_spec(plain["benchmark"]),

@@ -135,10 +135,10 @@ def register() -> None:
 
 
 # ----------------------------------------------------------------------------- unknown keys
-# the root config's own keys (conf/config.yaml) and its groups; `safree_compat` is set by the paper
-# experiments and read by guidance.compat; `debug` (the training sizes of a smoke run) by +debug=default
-# and read by the methods' YAMLs
-ROOT_KEYS = ("stage", "progress", "reuse_results", "name", "safree_compat", "debug", "hydra")
+# the root config's own keys (conf/config.yaml) and its groups; `debug` (the training sizes of a smoke
+# run) is set by +debug=default and read by the methods' YAMLs; a method's own root keys (an
+# experiment's setting for it, `safree_compat`) come with its declaration (`root_keys`)
+ROOT_KEYS = ("stage", "progress", "reuse_results", "name", "debug", "hydra")
 ROOT_GROUPS = (
     "paths",
     "model",
@@ -172,7 +172,8 @@ def unknown_keys(cfg) -> list[str]:
 
     from omegaconf import DictConfig, OmegaConf
 
-    found = [str(k) for k in cfg.keys() if k not in ROOT_KEYS and k not in ROOT_GROUPS]
+    own = {k for d in declarations() for k in d.root_keys}
+    found = [str(k) for k in cfg.keys() if k not in ROOT_KEYS and k not in ROOT_GROUPS and k not in own]
 
     def walk(node, prefix: str) -> None:
         kind = OmegaConf.get_type(node)

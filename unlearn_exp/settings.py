@@ -173,6 +173,7 @@ class Declaration:
     module: str | None = None
     schema: str = ""
     hooks: tuple[tuple[str, str], ...] = ()  # (hook name, "module:function"), imported when called
+    root_keys: tuple[str, ...] = ()  # root keys its YAML reads (an experiment's setting for the method)
 
     def hook(self, name: str):
         """The function behind one of the method's hooks (imported now), or None where it has none."""
@@ -195,12 +196,23 @@ def declare(
     module: str | None = None,
     schema: str | None = None,
     hooks: dict[str, str] | None = None,
+    root_keys: tuple[str, ...] = (),
 ) -> Declaration:
     """Declare a method (beside its settings, in its package's ``config.py``); returns the declaration.
     ``hooks`` name functions the pipeline calls where a method offers them (a checkpoint method's
     ``training_images``: the images it was trained on, for ``C*``; ``built_id``: the content id of
-    its built artifact, found without loading a model), as ``"module:function"``."""
-    d = Declaration(group, name, settings, module, schema or f"{name}_schema", tuple((hooks or {}).items()))
+    its built artifact, found without loading a model), as ``"module:function"``. ``root_keys``: the
+    root keys its YAML reads with ``oc.select`` (set by an experiment for every cell of a sweep,
+    whichever method a cell has: ``safree_compat``)."""
+    d = Declaration(
+        group,
+        name,
+        settings,
+        module,
+        schema or f"{name}_schema",
+        tuple((hooks or {}).items()),
+        tuple(root_keys),
+    )
     _DECLARED[(group, name)] = d
     return d
 

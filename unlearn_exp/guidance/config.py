@@ -105,6 +105,7 @@ class SAFREEConfig(Settings):
     keywords: Any = MISSING  # list[str] | None: null takes the task's safree_keywords
     cfg_negative: CFGNegative = MISSING
     compat: SAFREECompat = MISSING
+    strength: Any = probability()  # s: 1 = SAFREE as published, 0 = plain CFG (the toy's knob, docs/toy.md 7)
 
     def rules(self, c: Checks) -> None:
         if len(self.re_attn_t) != 2:
@@ -112,5 +113,11 @@ class SAFREEConfig(Settings):
 
 
 declare("guidance", "none", NoGuidanceConfig, "unlearn_exp.guidance.base")
-declare("guidance", "sld", SLDConfig, "unlearn_exp.guidance.sld")
-declare("guidance", "safree", SAFREEConfig, "unlearn_exp.guidance.safree")
+declare("guidance", "sld", SLDConfig, "unlearn_exp.guidance.sld", root_keys=("sld_guidance_scale",))
+declare(
+    "guidance",
+    "safree",
+    SAFREEConfig,
+    "unlearn_exp.guidance.safree",
+    root_keys=("safree_compat", "safree_strength"),
+)

@@ -11,7 +11,9 @@
 4. Self-validating filter (4.4): ``t_sv = round(up_t * sigmoid(2 k (10 z - t0)))`` with
    ``z = 1 - mean cos(proj, e)`` over real tokens; the safe embedding is used for steps ``i <= t_sv``.
 5. CFG with the joined keywords as the negative prompt (4.5).
-6. Latent re-attention (4.6): ``off`` (the official runs' behaviour, a no-op) or ``paper``: low
+6. Strength ``s`` (a toy-only knob, docs/toy.md 7; 1 everywhere else): the negative prompt becomes
+   ``E("") + s (E(neg) - E(""))`` and the flagged tokens ``e + s (proj - e)``; 0 is plain CFG.
+7. Latent re-attention (4.6): ``off`` (the official runs' behaviour, a no-op) or ``paper``: low
    frequencies of the decoder skip features of the safe branch are scaled by ``s`` where their
    magnitude exceeds the original prompt branch's.
 
@@ -60,6 +62,7 @@ class SAFREEParams:
     lra_s1: float = 0.9
     lra_s2: float = 0.2
     compat: str = "fixed"
+    strength: float = 1.0
 
 
 def concept_projector(concept_pooled: torch.Tensor) -> torch.Tensor:
@@ -220,6 +223,10 @@ class SAFREE(Guidance):
         t_sv = mine.t_sv
 
         uncond, _ = comps.encode_prompts([self.negative_prompt] * len(prompts))
+        if p.strength != 1.0:  # both edits scaled by s (docs/toy.md 7); s = 1 leaves SAFREE untouched
+            empty, _ = comps.encode_prompts([""] * len(prompts))
+            uncond = empty + p.strength * (uncond - empty)
+            safe_e = (text_e + p.strength * (safe_e - text_e)).to(text_e.dtype)
         branches = [uncond, text_e] + ([text_e] if p.lra == "paper" else [])
         state = GuidanceState(
             branches=branches, guidance_scale=guidance_scale, num_steps=num_steps, meta=meta
@@ -317,7 +324,11 @@ class SAFREE(Guidance):
             "name": self.name,
             "concept_prompts": self.concept_prompts,
             "negative_prompt": self.negative_prompt,
-            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.params).items()},
+            **{
+                k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in vars(self.params).items()
+                if not (k == "strength" and v == 1.0)  # added later at its neutral value: keys unchanged
+            },
         }
 
 
@@ -417,5 +428,6 @@ def build_safree(guidance_cfg, task_cfg, concept: Concept, step_scale: float = 1
         lra_s1=s.lra_s1,
         lra_s2=s.lra_s2,
         compat=str(s.compat),
+        strength=s.strength,
     )
     return SAFREE(concept_prompts=prompts, negative_prompt=negative, params=params)
