@@ -85,3 +85,13 @@ def test_safree_strength_scales_both_edits(tiny):
     assert torch.allclose(half.branches[0], (full.branches[0] + empty) / 2, atol=1e-6)
     assert g.describe()["strength"] == 0.5
     assert "strength" not in SAFREE(["x"], "x").describe()  # 1.0: the sample keys of today's cells
+
+
+def test_the_toy_experiments_carry_the_rules_choice_on_the_recorded_ladder():
+    chosen = calibrate.choose(_rows({m: list(v) for m, v in calibrate.MEASURED.items()}))
+    assert all(c["met"] for c in chosen.values())
+    for exp in ("toy_duo", "toy_methods", "toy_duo_words"):
+        sld = config.compose([f"+experiment={exp}", "guidance=sld"]).guidance
+        safree = config.compose([f"+experiment={exp}", "guidance=safree"]).guidance
+        assert sld.guidance_scale == chosen["sld"]["value"]
+        assert safree.strength == chosen["safree"]["value"]

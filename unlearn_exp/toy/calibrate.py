@@ -42,6 +42,12 @@ LADDERS: dict[str, tuple[str, tuple[float, ...]]] = {
 }
 TODAY = {"sld": 1000.0, "safree": 1.0}  # SLD medium's s_S; SAFREE as published
 BASE = ["+experiment=toy_duo", "checkpoint=original", "embedding=explicit", "benchmark=toy_benign"]
+# the ladder as measured on 2026-12-07 (benign accuracy per rung, docs/toy.md 7); the toy experiments'
+# values are the rule's choice on it (tests/test_toy_calibrate.py checks that they agree)
+MEASURED = {
+    "sld": (0.646, 0.667, 0.729, 0.771, 0.875, 0.958),
+    "safree": (0.625, 0.667, 0.792, 0.958, 0.958, 0.979),
+}
 # the paper's PP cost of guidance on SD v1.4 (docs/toy.md 7): DUO -> DUO+SLD / DUO+SAFREE
 PAPER_PP_COST = {"sld": 0.03, "safree": 0.10}
 
