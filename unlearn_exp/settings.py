@@ -37,27 +37,59 @@ def number(
     strict: bool = False,
     optional: bool = False,
     seed: bool = False,
+    help: str = "",  # peft's and argparse's name for it
 ) -> Any:
     """A numeric field: ``kind`` (int or float), at least ``lo`` (above it when ``strict``), at most
-    ``hi``, null allowed when ``optional``; ``seed``: an int that fits int64."""
+    ``hi``, null allowed when ``optional``; ``seed``: an int that fits int64; ``help``: one line."""
     meta = {"number": kind, "lo": lo, "hi": hi, "strict": strict, "optional": optional, "seed": seed}
-    return dataclasses.field(default=MISSING, metadata=meta)
+    return dataclasses.field(default=MISSING, metadata={**meta, "help": help})
 
 
-def probability(*, optional: bool = False) -> Any:
+def probability(*, optional: bool = False, help: str = "") -> Any:
     """A number in [0, 1] (a threshold on a probability or score, a momentum, a rate): a careless
     ``threshold=6`` meant as 0.6 is refused, not run as "nothing is unsafe"."""
-    return number(lo=0, hi=1, optional=optional)
+    return number(lo=0, hi=1, optional=optional, help=help)
 
 
-def choice(*values: str) -> Any:
+def choice(*values: str, help: str = "") -> Any:
     """A string field that must be one of ``values`` (strings that are not identifiers)."""
-    return dataclasses.field(default=MISSING, metadata={"choices": values})
+    return dataclasses.field(default=MISSING, metadata={"choices": values, "help": help})
 
 
-def listed(optional: bool = False) -> Any:
+def listed(optional: bool = False, help: str = "") -> Any:
     """A list field (``MISSING`` until composed)."""
-    return dataclasses.field(default_factory=lambda: MISSING, metadata={"optional": optional})
+    return dataclasses.field(default_factory=lambda: MISSING, metadata={"optional": optional, "help": help})
+
+
+def setting(help: str) -> Any:
+    """Any other field (a flag, an ``Enum``, a string, a nested node), with its one-line ``help``."""
+    return dataclasses.field(default=MISSING, metadata={"help": help})
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """``key -> one-line help`` of a settings class's fields (empty where a field has none)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def field_kind(cls: type, name: str) -> str:
+    """What a field takes, in words: ``float in [0, 1]``, ``one of code, paper``, ``list``, ``bool``."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    meta, hint = f.metadata, typing.get_type_hints(cls).get(name)
+    if meta.get("number") is not None:
+        lo, hi = meta["lo"], meta["hi"]
+        low = "-inf" if lo is None else lo
+        high = "inf" if hi is None else hi
+        rng = "" if lo is None and hi is None else f" in {'(' if meta['strict'] else '['}{low}, {high}]"
+        return f"{meta['number'].__name__}{rng}{' or null' if meta['optional'] else ''}"
+    if meta.get("choices"):
+        return "one of " + ", ".join(meta["choices"])
+    if (kind := _enum_type(hint)) is not None:
+        return "one of " + ", ".join(m.value for m in kind)
+    if hint is bool:
+        return "bool"
+    if f.default_factory is not dataclasses.MISSING:
+        return "list"
+    return "any" if hint is Any else getattr(hint, "__name__", str(hint))
 
 
 def _is_missing(value: Any) -> bool:
@@ -174,6 +206,7 @@ class Declaration:
     schema: str = ""
     hooks: tuple[tuple[str, str], ...] = ()  # (hook name, "module:function"), imported when called
     root_keys: tuple[str, ...] = ()  # root keys its YAML reads (an experiment's setting for the method)
+    task_keys: tuple[tuple[str, str], ...] = ()  # (name, task key): the task's words it reads
 
     def hook(self, name: str):
         """The function behind one of the method's hooks (imported now), or None where it has none."""
@@ -197,13 +230,16 @@ def declare(
     schema: str | None = None,
     hooks: dict[str, str] | None = None,
     root_keys: tuple[str, ...] = (),
+    task_keys: dict[str, str] | None = None,
 ) -> Declaration:
     """Declare a method (beside its settings, in its package's ``config.py``); returns the declaration.
     ``hooks`` name functions the pipeline calls where a method offers them (a checkpoint method's
     ``training_images``: the images it was trained on, for ``C*``; ``built_id``: the content id of
-    its built artifact, found without loading a model), as ``"module:function"``. ``root_keys``: the
-    root keys its YAML reads with ``oc.select`` (set by an experiment for every cell of a sweep,
-    whichever method a cell has: ``safree_compat``)."""
+    its built artifact, found without loading a model; ``label``: how the tables name a checkpoint
+    without beta), as ``"module:function"``. ``root_keys``: the root keys its YAML reads with
+    ``oc.select`` (set by an experiment for every cell of a sweep, whichever method a cell has:
+    ``safree_compat``). ``task_keys``: the task's explicit words a guidance method reads
+    (``{"sld": "sld_concept"}``), part of the explicit concept's identity."""
     d = Declaration(
         group,
         name,
@@ -212,6 +248,7 @@ def declare(
         schema or f"{name}_schema",
         tuple((hooks or {}).items()),
         tuple(root_keys),
+        tuple((task_keys or {}).items()),
     )
     _DECLARED[(group, name)] = d
     return d

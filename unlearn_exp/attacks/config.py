@@ -6,9 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import MISSING
-
-from unlearn_exp.settings import Settings, declare, number
+from unlearn_exp.settings import Settings, declare, number, setting
 
 
 @dataclass
@@ -17,13 +15,18 @@ class UnlearnDiffAtkConfig(Settings):
     first ``n_targets`` flagged prompts (null: all)."""
 
     GROUP = "attack"
-    name: str = MISSING
-    k: int = number(int, lo=1)
-    steps: int = number(int, lo=1)
-    lr: Any = number(lo=0, strict=True)
-    weight_decay: Any = number(lo=0)
-    seed: int = number(int, seed=True)
-    n_targets: Any = number(int, lo=1, optional=True)
+    name: str = setting("the attack's registered name: unlearndiffatk (docs/methods.md 12.2)")
+    k: int = number(int, lo=1, help="adversarial tokens prepended to the prompt (UnlearnDiffAtk: 5)")
+    steps: int = number(int, lo=1, help="optimisation steps per target (UnlearnDiffAtk: 40)")
+    lr: Any = number(lo=0, strict=True, help="AdamW lr on the continuous token rows (UnlearnDiffAtk: 0.01)")
+    weight_decay: Any = number(lo=0, help="AdamW weight decay (UnlearnDiffAtk: 0.1)")
+    seed: int = number(int, seed=True, help="seed of the (t, eps) draws, one per step from (seed, step)")
+    n_targets: Any = number(
+        int,
+        lo=1,
+        optional=True,
+        help="the first n benchmark prompts whose original image is flagged; null: all",
+    )
 
 
 declare("attack", "unlearndiffatk", UnlearnDiffAtkConfig)

@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from unlearn_exp.checks import PRECISIONS, Checks
-from unlearn_exp.settings import Settings, choice, declare, listed, number, probability
+from unlearn_exp.settings import Settings, choice, declare, listed, number, probability, setting
 
 
 class ImageSource(StrEnum):
@@ -35,14 +35,22 @@ class ImageSetConfig(Settings):
     """``inversion.image_set``: C*'s training images (docs/methods.md 6.3)."""
 
     GROUP = "inversion.image_set"
-    source: ImageSource = MISSING
-    path: Any = MISSING  # the folder when source=folder
-    seed: int = number(int, seed=True)
-    max_tries: int = number(int, lo=1)
-    n_images: Any = number(int, lo=0, optional=True)
-    prompts: Any = MISSING
-    check: bool = MISSING
-    filter: Any = MISSING  # a judge profile or None
+    source: ImageSource = setting(
+        "where the images come from: generated, duo_pairs or folder (docs/methods.md 6.3)"
+    )
+    path: Any = setting("the folder of images when source=folder")
+    seed: int = number(
+        int, seed=True, help="first seed tried (generated); later tries take the next integers"
+    )
+    max_tries: int = number(int, lo=1, help="samples tried before a generated set stops with an error")
+    n_images: Any = number(
+        int, lo=0, optional=True, help="images to keep (generated; task.inversion_images.n_images)"
+    )
+    prompts: Any = setting("prompts sampled when source=generated (task.inversion_images.prompts)")
+    check: bool = setting("keep only images the filter flags (false: keep every sample)")
+    filter: Any = setting(
+        "the judge profile that flags images (task.inversion_filter), never the evaluation judge"
+    )
 
     def rules(self, c: Checks) -> None:
         if self.source == ImageSource.folder and not self.path:
@@ -56,27 +64,60 @@ class InversionConfig(Settings):
     C*'s key hashes (the image set has its own identity)."""
 
     GROUP = "inversion"
-    num_vectors: int = number(int, lo=1)
-    prompt_tokens: PromptTokens = MISSING
-    placeholder: str = MISSING
-    init_word: str = MISSING
-    template: Any = MISSING  # str | list[str], each with one "{}"
-    lr: Any = number(lo=0, strict=True)
-    batch_size: int = number(int, lo=1)
-    steps: int = number(int, lo=1)
-    weight_decay: Any = number(lo=0)
-    seed: int = number(int, seed=True)
-    betas: Any = listed()
-    adam_eps: Any = number(lo=0, strict=True)
-    lr_schedule: str = choice("constant")  # only constant (no warm-up) is implemented
-    flip_p: Any = probability()
-    checkpoint_every: int = number(int, lo=1)
-    max_loss: Any = number(lo=0, strict=True, optional=True)
-    precision: str = choice(*PRECISIONS)
-    eval_draws: int = number(int, lo=0)
-    loss_window: int = number(int, lo=1)
-    log_every_n_steps: int = number(int, lo=1)
-    image_set: ImageSetConfig = dataclasses.field(default=MISSING, metadata={"absent_ok": True})
+    num_vectors: int = number(
+        int, lo=1, help="K, the learned token vectors (the paper: 1; docs/methods.md 6.2)"
+    )
+    prompt_tokens: PromptTokens = setting(
+        "which of the K tokens the training prompts hold: all, or first as CCE (docs/methods.md 6.3)"
+    )
+    placeholder: str = setting('the learned token added to the tokenizer (default "<c*>")')
+    init_word: str = setting(
+        "word whose embedding initialises the token; must be ONE CLIP token (task.init_word)"
+    )
+    template: Any = setting(
+        'a string with one "{}", or a list of them (one drawn per step; docs/methods.md 6.3)'
+    )
+    lr: Any = number(
+        lo=0,
+        strict=True,
+        help="learning rate, not scaled by the batch (the paper: 5e-3; docs/methods.md 6.2)",
+    )
+    batch_size: int = number(int, lo=1, help="images per step, no gradient accumulation (the paper: 1)")
+    steps: int = number(int, lo=1, help="optimisation steps (the paper: 3000; CCE: 5000)")
+    weight_decay: Any = number(lo=0, help="AdamW weight decay; 0 makes it Adam (docs/methods.md 6.2)")
+    seed: int = number(int, seed=True, help="training seed")
+    betas: Any = listed(help="AdamW's two betas (0.9, 0.999)")
+    adam_eps: Any = number(lo=0, strict=True, help="AdamW's eps (1e-8)")
+    lr_schedule: str = choice(
+        "constant", help="learning-rate schedule: only constant (no warm-up) is implemented"
+    )
+    flip_p: Any = probability(
+        help="RandomHorizontalFlip probability (the augmentation of docs/methods.md 6.2)"
+    )
+    checkpoint_every: int = number(
+        int, lo=1, help="steps between Lightning checkpoints (trainable rows and optimiser only)"
+    )
+    max_loss: Any = number(
+        lo=0,
+        strict=True,
+        optional=True,
+        help="a step loss above this (or NaN/inf) stops the run; null disables",
+    )
+    precision: str = choice(
+        *PRECISIONS, help="auto: 32-true on CPU, 16-mixed on GPU; text encoder fp32 (docs/methods.md 13)"
+    )
+    eval_draws: int = number(int, lo=0, help='fixed-draw loss of "<c*>" before and after training; 0 skips')
+    loss_window: int = number(int, lo=1, help="final and best loss are means over this many steps")
+    log_every_n_steps: int = number(
+        int, lo=1, help="Lightning's log_every_n_steps: steps between logged losses"
+    )
+    image_set: ImageSetConfig = dataclasses.field(
+        default=MISSING,
+        metadata={
+            "absent_ok": True,
+            "help": "C*'s training images (docs/methods.md 6.3), with an identity of their own",
+        },
+    )
 
     @property
     def templates(self) -> list[str]:

@@ -6,9 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import MISSING
-
-from unlearn_exp.settings import Settings, declare, number, probability
+from unlearn_exp.settings import Settings, declare, number, probability, setting
 
 
 @dataclass
@@ -16,12 +14,12 @@ class ToyJudgeConfig(Settings):
     """Unsafe iff P(colour = purple) >= ``threshold``; ``model_path`` null: the shipped judge."""
 
     GROUP = "judge"
-    name: str = MISSING
-    type: str = MISSING
-    model_path: Any = MISSING
-    model_sha256: Any = MISSING
-    threshold: Any = probability()
-    batch_size: int = number(int, lo=1)
+    name: str = setting("the profile's name, recorded with every result row (toy, toy_strict)")
+    type: str = setting("the judge's registered type: toy (the toy world's colour CNN, docs/toy.md 1)")
+    model_path: Any = setting("the judge's weights file; null: the one shipped in unlearn_exp/toy/weights/")
+    model_sha256: Any = setting("the weights file's sha256, checked when set")
+    threshold: Any = probability(help="unsafe iff P(colour = purple) >= this (toy: 0.5, toy_strict: 0.9)")
+    batch_size: int = number(int, lo=1, help="images per judge call")
 
 
 declare("judge", "toy", ToyJudgeConfig, "unlearn_exp.toy.plugin")
