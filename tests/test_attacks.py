@@ -117,7 +117,9 @@ def _target(res: int = 32) -> torch.Tensor:
 @pytest.mark.slow
 def test_unlearndiffatk_optimises_discrete_tokens_through_the_guidance(tmp_path):
     from unlearn_exp.attacks.unlearndiffatk import AttackSettings, UnlearnDiffAtk, attack, run_attack
-    from unlearn_exp.guidance.sld import SLD, sld_params
+    from unlearn_exp.config import typed_preset
+    from unlearn_exp.guidance.config import SLDConfig
+    from unlearn_exp.guidance.sld import SLD
     from unlearn_exp.models import build_tiny
     from unlearn_exp.store import ArtifactStore
 
@@ -144,7 +146,7 @@ def test_unlearndiffatk_optimises_discrete_tokens_through_the_guidance(tmp_path)
         len(out["losses"]) == 4 and out["loss"] == min(out["losses"]) and out["prompt"].endswith("a person")
     )
     # the defence in the loop changes what is optimised
-    sld = SLD("nudity", sld_params("max", warmup_steps=0))
+    sld = SLD("nudity", typed_preset(SLDConfig, "sld", preset="max", warmup_steps=0))
     with_sld = run_attack(build_tiny(), _target(), "a person", settings, guidance=sld)
     assert with_sld["losses"][0] != pytest.approx(out["losses"][0], abs=1e-6)
 

@@ -35,7 +35,7 @@ class NegativePrompt(Guidance):
         return {"name": self.name, "words": self.words}
 
 
-def build(guidance_cfg, task_cfg, concept, step_scale=1.0):
+def build(guidance_cfg, task_cfg, concept):
     return NegativePrompt(guidance_cfg.get("words") or task_cfg.sld_concept)
 '''
 
@@ -123,7 +123,7 @@ class Throwaway(Guidance):
 
 
 @GUIDANCE.register("throwaway")
-def build(guidance_cfg, task_cfg, concept, step_scale=1.0):
+def build(guidance_cfg, task_cfg, concept):
     return Throwaway(ThrowawayConfig.from_cfg(guidance_cfg), task_cfg.sld_concept)
 '''
 

@@ -8,10 +8,11 @@ from omegaconf import OmegaConf
 
 from tests.helpers import compose
 from unlearn_exp import config
+from unlearn_exp.config import typed_preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.guidance import SAFREE, SLD, Concept, make_guidance
+from unlearn_exp.guidance.config import SAFREEConfig, SLDConfig
 from unlearn_exp.guidance.safree import (
-    SAFREEParams,
     _fourier_reattention,
     concept_projector,
     detect_trigger_tokens,
@@ -97,9 +98,9 @@ def test_lra_hooks_leave_unet_unchanged_when_no_step_is_safe(tiny):
     x = torch.randn(3, 4, 16, 16)
     emb = torch.randn(3, 77, 32)
     ref = tiny.unet(x, 500, encoder_hidden_states=emb).sample
-    with _fourier_reattention(tiny.unet, [False], SAFREEParams(lra="paper")):
+    with _fourier_reattention(tiny.unet, [False], typed_preset(SAFREEConfig, "safree", lra="paper")):
         same = tiny.unet(x, 500, encoder_hidden_states=emb).sample
-    with _fourier_reattention(tiny.unet, [True], SAFREEParams(lra="paper")):
+    with _fourier_reattention(tiny.unet, [True], typed_preset(SAFREEConfig, "safree", lra="paper")):
         changed = tiny.unet(x, 500, encoder_hidden_states=emb).sample
     assert torch.equal(ref, same)
     assert torch.equal(ref[:1], changed[:1]) and not torch.allclose(ref[1:2], changed[1:2])
@@ -107,7 +108,7 @@ def test_lra_hooks_leave_unet_unchanged_when_no_step_is_safe(tiny):
 
 def test_lra_off_is_two_branches_and_paper_adds_the_original(tiny):
     off = SAFREE(["nudity"], "nudity")
-    paper = SAFREE(["nudity"], "nudity", SAFREEParams(lra="paper"))
+    paper = SAFREE(["nudity"], "nudity", typed_preset(SAFREEConfig, "safree", lra="paper"))
     toks = tiny.tokenize(["a naked person"])
     assert off.prepare(tiny, ["a naked person"], toks, None, 7.5, 10).n_branches == 2
     assert paper.prepare(tiny, ["a naked person"], toks, None, 7.5, 10).n_branches == 3
@@ -116,20 +117,17 @@ def test_lra_off_is_two_branches_and_paper_adds_the_original(tiny):
 def test_planned_branches_are_the_branches_prepare_stacks(tiny):
     """The planner counts UNet rows with ``unet_branches`` without building anything: it must agree
     with what ``prepare`` stacks, for every method and setting that changes the count."""
-    from dataclasses import replace
-
     from unlearn_exp.guidance.base import CFG
     from unlearn_exp.guidance.probe import DirectionProbe
-    from unlearn_exp.guidance.sld import PRESETS
 
     toks = tiny.tokenize(["a naked person", "a cat"])
     cases = [
         (CFG(), 7.5, 2),
         (SLD("nudity"), 7.5, 3),
         (SLD("nudity"), 1.0, 2),  # SLD is off without classifier-free guidance
-        (SLD("nudity", replace(PRESETS["medium"], guidance_scale=0.0)), 7.5, 2),  # s_S = 0: off
+        (SLD("nudity", typed_preset(SLDConfig, "sld", guidance_scale=0.0)), 7.5, 2),  # s_S = 0: off
         (SAFREE(["nudity"], "nudity"), 7.5, 2),
-        (SAFREE(["nudity"], "nudity", SAFREEParams(lra="paper")), 7.5, 3),
+        (SAFREE(["nudity"], "nudity", typed_preset(SAFREEConfig, "safree", lra="paper")), 7.5, 3),
         (DirectionProbe("nudity", ["nudity"]), 7.5, 4),
     ]
     for guidance, scale, expected in cases:
@@ -138,7 +136,7 @@ def test_planned_branches_are_the_branches_prepare_stacks(tiny):
 
 
 def test_safree_without_svf_uses_the_window(tiny):
-    g = SAFREE(["nudity"], "nudity", SAFREEParams(svf=False, re_attn_t=(2, 4)))
+    g = SAFREE(["nudity"], "nudity", typed_preset(SAFREEConfig, "safree", svf=False, re_attn_t=[2, 4]))
     state = g.prepare(tiny, ["a b"], tiny.tokenize(["a b"]), None, 7.5, 10)
     assert [g.use_safe(i, state)[0] for i in range(6)] == [False, False, True, True, True, False]
 
@@ -169,7 +167,7 @@ def test_factory_explicit_and_learned_concepts():
         compose(["guidance=sld", "guidance.preset=max", "guidance.threshold=0.5"]).guidance, cfg.task, learned
     )
     assert isinstance(sld, SLD) and sld.concept_prompt == "<c*> <c*>_1"
-    assert sld.params.threshold == 0.5 and sld.params.guidance_scale == 5000
+    assert sld.values["threshold"] == 0.5 and sld.values["guidance_scale"] == 5000
     with pytest.raises(UserError, match="unknown guidance.preset 'ultra'"):  # composition refuses it
         config.compose(["guidance=sld", "guidance.preset=ultra"])
     with pytest.raises(UserError, match="unknown guidance.preset 'maxx'"):  # each value of a sweep

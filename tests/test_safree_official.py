@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from tests.helpers import compose
+from unlearn_exp.config import typed_preset
 from unlearn_exp.guidance import SAFREE, Concept, make_guidance
 from unlearn_exp.guidance.base import Guidance
-from unlearn_exp.guidance.safree import SAFREEParams
+from unlearn_exp.guidance.config import SAFREEConfig
 from unlearn_exp.sampling import sample
 
 KEYWORDS = ["nudity", "sexual acts", "naked"]
@@ -70,7 +71,7 @@ def official_prepare(comps, prompt, alpha=0.01):
 
 
 def ours(comps, prompt, compat):
-    g = SAFREE(KEYWORDS, ", ".join(KEYWORDS), SAFREEParams(compat=compat))
+    g = SAFREE(KEYWORDS, ", ".join(KEYWORDS), typed_preset(SAFREEConfig, "safree", compat=compat))
     state = g.prepare(comps, [prompt], comps.tokenize([prompt]), None, 7.5, 10)
     return state.extra["safe_e"][0], state.meta[0], state.extra["t_sv"][0]
 
@@ -104,7 +105,7 @@ def test_where_official_and_fixed_differ(tiny):
 
 def test_official_mode_leaves_a_long_prompt_as_plain_cfg_with_the_keyword_negative(tiny):
     """No token flagged: the image is classifier-free guidance with the keywords as negative prompt."""
-    g = SAFREE(KEYWORDS, ", ".join(KEYWORDS), SAFREEParams(compat="official"))
+    g = SAFREE(KEYWORDS, ", ".join(KEYWORDS), typed_preset(SAFREEConfig, "safree", compat="official"))
     with torch.no_grad():
         a = sample(tiny, [LONG], [3], g, steps=4).images
         b = sample(tiny, [LONG], [3], Guidance(), steps=4, negative_prompts=[", ".join(KEYWORDS)]).images
@@ -120,7 +121,7 @@ def test_paper_experiments_use_official_and_others_fixed():
     assert compose(["guidance=safree"], hydra=False).guidance.compat == "fixed"
     cfg = compose(["+experiment=nudity_duo", "guidance=safree", "guidance.compat=fixed"], hydra=False)
     g = make_guidance(cfg.guidance, cfg.task, Concept("explicit", [], "x"))
-    assert g.params.compat == "fixed" and g.describe()["compat"] == "fixed"
+    assert g.settings.compat == "fixed" and g.describe()["compat"] == "fixed"
 
 
 def test_compat_differs_counts_prompts_whose_conditioning_differs_beyond_float_tolerance(tiny):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
 
-from unlearn_exp.config import preset
+from unlearn_exp.config import preset, typed_preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.guidance import SLD
+from unlearn_exp.guidance.config import SLDConfig
 from unlearn_exp.guidance.sld import PRESETS
 from unlearn_exp.sampling import predict_rows, sample
 
@@ -34,9 +36,9 @@ def test_plain_cfg_matches_diffusers_pipeline(tiny, scheduler):
 @pytest.mark.parametrize("preset,scheduler", [(p, "dpmsolver++") for p in PRESETS] + [("strong", "pndm")])
 @pytest.mark.slow
 def test_sld_matches_diffusers_safe_pipeline(tiny, preset, scheduler):
-    p = PRESETS[preset]
     prompt, concept = "a naked woman on a beach", "nudity, sexual"
-    ours = sample(tiny, [prompt], [7], SLD(concept, p), scheduler=scheduler, steps=20)
+    sld = SLD(concept, typed_preset(SLDConfig, "sld", preset=preset))
+    ours = sample(tiny, [prompt], [7], sld, scheduler=scheduler, steps=20)
     pipe = tiny.to_diffusers(scheduler=tiny.sampling_scheduler(scheduler), safe=True)
     pipe.safety_concept = concept
     ref = pipe(
@@ -46,24 +48,23 @@ def test_sld_matches_diffusers_safe_pipeline(tiny, preset, scheduler):
         width=32,
         generator=torch.Generator().manual_seed(7),
         output_type="np",
-        sld_warmup_steps=p.warmup_steps,
-        sld_guidance_scale=p.guidance_scale,
-        sld_threshold=p.threshold,
-        sld_momentum_scale=p.momentum_scale,
-        sld_mom_beta=p.mom_beta,
+        **sld.diffusers_arguments(),
     ).images
+    assert sld.diffusers_arguments() == getattr(SafetyConfig, preset.upper())  # diffusers' own presets
     assert abs(ref - _np(ours.images)).max() < 1e-5
 
 
 def test_sld_max_changes_the_image(tiny):
     plain = sample(tiny, ["a naked woman"], [3], steps=10)
-    guided = sample(tiny, ["a naked woman"], [3], SLD("nudity", PRESETS["max"]), steps=10)
+    guided = sample(
+        tiny, ["a naked woman"], [3], SLD("nudity", typed_preset(SLDConfig, "sld", preset="max")), steps=10
+    )
     assert (plain.images - guided.images).abs().max() > 1e-2
 
 
 def test_image_does_not_depend_on_batch(tiny):
-    alone = sample(tiny, ["a cat"], [3], SLD("dog", PRESETS["medium"]), steps=6)
-    batched = sample(tiny, ["a dog", "a cat", "x y z"], [9, 3, 4], SLD("dog", PRESETS["medium"]), steps=6)
+    alone = sample(tiny, ["a cat"], [3], SLD("dog"), steps=6)
+    batched = sample(tiny, ["a dog", "a cat", "x y z"], [9, 3, 4], SLD("dog"), steps=6)
     assert torch.allclose(alone.images[0], batched.images[1], atol=1e-5)
 
 
@@ -96,7 +97,7 @@ def test_half_precision_paths_run_on_the_cpu(tiny):
     for dtype in (torch.bfloat16, torch.float16):
         low.to(dtype=dtype)
         assert low.unet.dtype == dtype
-        for guidance in (None, SLD("dog", PRESETS["max"])):
+        for guidance in (None, SLD("dog", typed_preset(SLDConfig, "sld", preset="max"))):
             out = sample(low, prompts, seeds, guidance, steps=4).images
             assert out.dtype == torch.float32 and torch.isfinite(out).all()
         assert (sample(low, prompts, seeds, steps=4).images - ref).abs().max() < 0.15
@@ -243,6 +244,7 @@ predict_rows(comps, None, rows, batch_size=2, steps=20, progress=False)
 import sys, tempfile, time
 import lightning as L
 import torch
+from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
 from unlearn_exp.training import fit
 
 class Slow(L.LightningModule):

@@ -7,7 +7,7 @@ import torch
 
 from unlearn_exp import config
 from unlearn_exp.guidance import SAFREE
-from unlearn_exp.guidance.safree import SAFREEParams
+from unlearn_exp.guidance.config import SAFREEConfig
 from unlearn_exp.toy import calibrate
 
 
@@ -69,7 +69,9 @@ def test_sd_guidance_keeps_its_published_strength():
 
 
 def _prepared(tiny, strength: float):
-    g = SAFREE(["nudity", "sex"], "nudity, sex", SAFREEParams(strength=strength))
+    g = SAFREE(
+        ["nudity", "sex"], "nudity, sex", config.typed_preset(SAFREEConfig, "safree", strength=strength)
+    )
     prompts = ["a naked woman lying on a sofa in a room"]
     return g, g.prepare(tiny, prompts, tiny.tokenize(prompts), None, 7.5, 10)
 

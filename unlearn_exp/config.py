@@ -273,3 +273,9 @@ def preset(group: str, name: str, /, **changes: Any) -> dict[str, Any]:
     import json
 
     return {**json.loads(_preset(group, name)), **changes}
+
+
+def typed_preset(settings_cls: type, name: str, /, **changes: Any):
+    """The typed settings object (``unlearn_exp/*/config.py``) of ``conf/<GROUP>/<name>.yaml`` with
+    ``changes``: a method built outside a job (tests, bench scripts) gets the YAML's values."""
+    return settings_cls.from_cfg(preset(settings_cls.GROUP, name, **changes))

@@ -14,7 +14,7 @@ registry        selected by                factory signature
 ``JUDGES``      ``judge.type`` / ``name``  ``factory(cfg: dict) -> Judge``
 ``PP_METRICS``  ``pp.metric.type``/``name````factory(cfg: dict) -> Distance``
 ``LOADERS``     ``benchmark.loader``       ``factory(cfg, data_dir) -> DataFrame``
-``GUIDANCE``    ``guidance.name``          ``factory(guidance_cfg, task_cfg, concept, step_scale)``
+``GUIDANCE``    ``guidance.name``          ``factory(guidance_cfg, task_cfg, concept)``
 ``UNLEARNING``  ``checkpoint.method``      ``factory(comps, cfg: dict, store, *, task_cfg, judge,
                                            sample_kwargs, logger)``
 ``UTILITY``     ``utility.type`` / ``name````factory(cfg: dict) -> Utility`` (``report --utility``)

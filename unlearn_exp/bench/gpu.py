@@ -88,8 +88,9 @@ def _model(args, dtype: torch.dtype):
 
 
 def _methods(comps, args) -> dict[str, Any]:
+    from unlearn_exp.config import typed_preset
     from unlearn_exp.guidance import SAFREE, SLD
-    from unlearn_exp.guidance.sld import PRESETS
+    from unlearn_exp.guidance.config import SLDConfig
     from unlearn_exp.sampling import sample
 
     concept = "nudity, sexual"
@@ -99,7 +100,7 @@ def _methods(comps, args) -> dict[str, Any]:
     for p in (pipe, safe):
         p.set_progress_bar_config(disable=True)
     safe.safety_concept = concept
-    sld = PRESETS["max"]
+    sld = SLD(concept, typed_preset(SLDConfig, "sld", preset="max"))
     common = dict(num_inference_steps=steps, height=res, width=res, output_type="pt")
 
     def gens(b):
@@ -118,7 +119,7 @@ def _methods(comps, args) -> dict[str, Any]:
                     comps,
                     ["a photo of a woman on a beach"] * b,
                     list(range(b)),
-                    SLD(concept, sld),
+                    sld,
                     steps=steps,
                 ).images
             ),
@@ -126,11 +127,7 @@ def _methods(comps, args) -> dict[str, Any]:
                 safe(
                     ["a photo of a woman on a beach"] * b,
                     generator=gens(b),
-                    sld_warmup_steps=sld.warmup_steps,
-                    sld_guidance_scale=sld.guidance_scale,
-                    sld_threshold=sld.threshold,
-                    sld_momentum_scale=sld.momentum_scale,
-                    sld_mom_beta=sld.mom_beta,
+                    **sld.diffusers_arguments(),
                     **common,
                 ).images
             ),

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from unlearn_exp.config import typed_preset
 from unlearn_exp.guidance import SAFREE, SLD
-from unlearn_exp.guidance.sld import PRESETS
+from unlearn_exp.guidance.config import SLDConfig
 from unlearn_exp.models import Components, build_tiny, load_pretrained
 from unlearn_exp.models.tiny import SD_SCHEDULE
 from unlearn_exp.models.tokenizer import build_clip_tokenizer
@@ -100,7 +101,7 @@ def _time_interleaved(fns: dict[str, Any], repeats: int) -> dict[str, float]:
 def run(comps: Components, steps: int, batch: int, repeats: int, scheduler: str) -> dict[str, float]:
     prompts, seeds = [PROMPT] * batch, list(range(batch))
     res = comps.resolution
-    sld_params = PRESETS["max"]  # warm-up 0: the safety branch acts at every step
+    sld = SLD(CONCEPT, typed_preset(SLDConfig, "sld", preset="max"))  # warm-up 0: acts at every step
 
     def gen() -> list[torch.Generator]:
         """Fresh CPU generators per call, seeded as ours: each side starts every call from the same
@@ -117,17 +118,11 @@ def run(comps: Components, steps: int, batch: int, repeats: int, scheduler: str)
         {
             "ours_none": lambda: sample(comps, prompts, seeds, None, scheduler=scheduler, steps=steps),
             "diffusers_none": lambda: pipe(prompts, generator=gen(), **common),
-            "ours_sld": lambda: sample(
-                comps, prompts, seeds, SLD(CONCEPT, sld_params), scheduler=scheduler, steps=steps
-            ),
+            "ours_sld": lambda: sample(comps, prompts, seeds, sld, scheduler=scheduler, steps=steps),
             "diffusers_sld": lambda: safe(
                 prompts,
                 generator=gen(),
-                sld_warmup_steps=sld_params.warmup_steps,
-                sld_guidance_scale=sld_params.guidance_scale,
-                sld_threshold=sld_params.threshold,
-                sld_momentum_scale=sld_params.momentum_scale,
-                sld_mom_beta=sld_params.mom_beta,
+                **sld.diffusers_arguments(),
                 **common,
             ),
             "ours_safree": lambda: sample(

@@ -18,9 +18,10 @@ import torch
 
 def main(argv: list[str] | None = None) -> dict:
     from unlearn_exp.attacks.unlearndiffatk import AttackSettings, run_attack
-    from unlearn_exp.config import preset
+    from unlearn_exp.config import preset, typed_preset
     from unlearn_exp.guidance.base import Guidance
-    from unlearn_exp.guidance.sld import SLD, sld_params
+    from unlearn_exp.guidance.config import SLDConfig
+    from unlearn_exp.guidance.sld import SLD
 
     p = argparse.ArgumentParser(
         prog="python -m unlearn_exp.bench.unlearndiffatk", description=__doc__.splitlines()[0]
@@ -38,7 +39,11 @@ def main(argv: list[str] | None = None) -> dict:
         torch.rand(1, 3, comps.resolution, comps.resolution, generator=torch.Generator().manual_seed(0)) * 2
         - 1
     )
-    guidance = SLD("purple", sld_params("max", warmup_steps=0)) if args.guidance == "sld" else Guidance()
+    guidance = (
+        SLD("purple", typed_preset(SLDConfig, "sld", preset="max", warmup_steps=0))
+        if args.guidance == "sld"
+        else Guidance()
+    )
     start = time.perf_counter()
     attack_cfg = preset("attack", "unlearndiffatk", steps=args.steps)
     settings = AttackSettings.from_cfg(attack_cfg, guidance_scale=6.0, num_steps=25)  # the toy's sampler

@@ -12,9 +12,7 @@ _WHERE = {
     "Guidance": "base",
     "GuidanceState": "base",
     "SAFREE": "safree",
-    "SAFREEParams": "safree",
     "SLD": "sld",
-    "sld_params": "sld",
     "make_guidance": "factory",
 }
 __all__ = sorted(_WHERE)

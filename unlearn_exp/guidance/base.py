@@ -55,9 +55,24 @@ class GuidanceState:
 
 
 class Guidance:
-    """Base class: classifier-free guidance with a (possibly empty) negative prompt."""
+    """Base class: classifier-free guidance with a (possibly empty) negative prompt.
+
+    Step windows: a method's step counts (SLD's warm-up, SAFREE's ``up_t`` and re-attention window)
+    are counts of the published 50-step sampler. ``step_scale`` (set by ``make_guidance`` from
+    ``sampling.scale_step_counts``; 1 keeps the counts as published) carries them to this sampler:
+    ``steps(n)`` is ``round(n * step_scale)``, ``in_window(i, start, stop)`` whether step ``i`` lies in
+    ``[steps(start), steps(stop)]`` (no ``stop``: from ``start`` on)."""
 
     name = "none"
+    step_scale: float = 1.0
+
+    def steps(self, count: int) -> int:
+        """A step count of the 50-step reference sampler, on this sampler."""
+        return round(count * self.step_scale)
+
+    def in_window(self, i: int, start: int, stop: int | None = None) -> bool:
+        """Whether step ``i`` (0-based) lies in the window from ``start`` to ``stop`` (inclusive)."""
+        return self.steps(start) <= i and (stop is None or i <= self.steps(stop))
 
     def prepare(
         self,
@@ -99,6 +114,6 @@ CFG = Guidance
 
 
 @GUIDANCE.register("none")
-def build_none(guidance_cfg, task_cfg, concept: Concept, step_scale: float = 1.0) -> Guidance:
+def build_none(guidance_cfg, task_cfg, concept: Concept) -> Guidance:
     """``guidance=none``: plain classifier-free guidance."""
     return CFG()

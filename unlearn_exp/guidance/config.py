@@ -7,10 +7,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from omegaconf import MISSING
-
 from unlearn_exp.checks import Checks
-from unlearn_exp.settings import Settings, declare, listed, number, probability
+from unlearn_exp.settings import Settings, declare, listed, number, probability, setting
 
 
 class SLDPreset(StrEnum):
@@ -57,7 +55,7 @@ class NoGuidanceConfig(Settings):
     """``conf/guidance/none.yaml``: plain classifier-free guidance."""
 
     GROUP = "guidance"
-    name: str = MISSING
+    name: str = setting("the method's registered name: none (plain classifier-free guidance)")
 
 
 @dataclass
@@ -65,14 +63,21 @@ class SLDConfig(Settings):
     """``conf/guidance/sld.yaml``: a preset, each of its values overridable (null keeps the preset's)."""
 
     GROUP = "guidance"
-    name: str = MISSING
-    preset: SLDPreset = MISSING
-    warmup_steps: Any = number(int, lo=0, optional=True)  # delta
-    guidance_scale: Any = number(lo=0, optional=True)  # s_S
-    threshold: Any = probability(optional=True)  # lambda (the max preset uses 1.0)
-    momentum_scale: Any = number(lo=0, optional=True)  # s_m
-    mom_beta: Any = probability(optional=True)  # beta_m
-    concept: Any = MISSING  # str | None: the safety concept (null: the task's sld_concept)
+    name: str = setting("the method's registered name: sld")
+    preset: SLDPreset = setting("SLD's published configuration whose five values apply (docs/methods.md 3)")
+    warmup_steps: Any = number(
+        int,
+        lo=0,
+        optional=True,
+        help="delta: steps of a 50-step sampler before the subtraction (null: preset)",
+    )
+    guidance_scale: Any = number(lo=0, optional=True, help="s_S, Eq. 6: safety guidance scale (null: preset)")
+    threshold: Any = probability(optional=True, help="lambda, Eq. 6: where eps_p - eps_S >= it, no guidance")
+    momentum_scale: Any = number(
+        lo=0, optional=True, help="s_m, Eq. 7: weight of the momentum (null: preset)"
+    )
+    mom_beta: Any = probability(optional=True, help="beta_m, Eq. 8: momentum decay (null: preset)")
+    concept: Any = setting("the safety concept's text with explicit words (null: the task's sld_concept)")
 
     @classmethod
     def needs(cls, config: dict[str, Any], c: Checks) -> None:
@@ -89,23 +94,31 @@ class SAFREEConfig(Settings):
     """``conf/guidance/safree.yaml`` (docs/methods.md 4)."""
 
     GROUP = "guidance"
-    name: str = MISSING
-    alpha: Any = number(lo=0)
-    svf: bool = MISSING
-    up_t: int = number(int, lo=0)
-    svf_k: Any = number(lo=0)
-    svf_t0: Any = number(lo=0)
-    re_attn_t: list[int] = listed()
-    projection_order: ProjectionOrder = MISSING
-    lra: LatentReAttention = MISSING
-    lra_b1: Any = number(lo=0)
-    lra_b2: Any = number(lo=0)
-    lra_s1: Any = number(lo=0)
-    lra_s2: Any = number(lo=0)
-    keywords: Any = MISSING  # list[str] | None: null takes the task's safree_keywords
-    cfg_negative: CFGNegative = MISSING
-    compat: SAFREECompat = MISSING
-    strength: Any = probability()  # s: 1 = SAFREE as published, 0 = plain CFG (the toy's knob, docs/toy.md 7)
+    name: str = setting("the method's registered name: safree")
+    alpha: Any = number(lo=0, help="token i is a trigger iff d_i >= (1 + alpha) mean of the others (4.2)")
+    svf: bool = setting("self-validating filter: the safe embedding only for the first t_sv steps (4.4)")
+    up_t: int = number(int, lo=0, help="gamma: the filter's most steps, of a 50-step sampler (4.4)")
+    svf_k: Any = number(lo=0, help="k_s: steepness of the filter's sigmoid (4.4; nudity 2.5)")
+    svf_t0: Any = number(lo=0, help="t0: midpoint of the filter's sigmoid (4.4; nudity 5.333)")
+    re_attn_t: list[int] = listed(
+        help="[from, to] steps (of 50) with the safe embedding when svf is off (4.4)"
+    )
+    projection_order: ProjectionOrder = setting(
+        "code: (I - P_C) P_I e, as the official code; paper: P_I (I - P_C) e"
+    )
+    lra: LatentReAttention = setting("latent re-attention: off (the official runs, a no-op) or paper (4.6)")
+    lra_b1: Any = number(lo=0, help="backbone scale of the 1280-channel decoder stage (4.6; 1.0)")
+    lra_b2: Any = number(lo=0, help="backbone scale of the 640-channel decoder stage (4.6; 1.0)")
+    lra_s1: Any = number(lo=0, help="low-frequency skip scale of the 1280-channel stage (4.6; 0.9)")
+    lra_s2: Any = number(lo=0, help="low-frequency skip scale of the 640-channel stage (4.6; 0.2)")
+    keywords: Any = setting("the concept's keywords spanning P_C (null: the task's safree_keywords)")
+    cfg_negative: CFGNegative = setting(
+        "CFG's negative prompt with a learned concept: concept, keywords or empty"
+    )
+    compat: SAFREECompat = setting("fixed: SAFREE as specified; official: the official code where it differs")
+    strength: Any = probability(
+        help="s: both edits scaled, 1 = SAFREE as published, 0 = plain CFG (docs/toy.md 7)"
+    )
 
     def rules(self, c: Checks) -> None:
         if len(self.re_attn_t) != 2:
@@ -113,11 +126,19 @@ class SAFREEConfig(Settings):
 
 
 declare("guidance", "none", NoGuidanceConfig, "unlearn_exp.guidance.base")
-declare("guidance", "sld", SLDConfig, "unlearn_exp.guidance.sld", root_keys=("sld_guidance_scale",))
+declare(
+    "guidance",
+    "sld",
+    SLDConfig,
+    "unlearn_exp.guidance.sld",
+    root_keys=("sld_guidance_scale",),
+    task_keys={"sld": "sld_concept"},
+)
 declare(
     "guidance",
     "safree",
     SAFREEConfig,
     "unlearn_exp.guidance.safree",
     root_keys=("safree_compat", "safree_strength"),
+    task_keys={"keywords": "safree_keywords"},
 )

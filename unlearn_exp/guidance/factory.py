@@ -15,8 +15,11 @@ def make_guidance(
     of the keywords (explicit) or of each learned token (rank K).
 
     ``step_scale`` multiplies the methods' step counts (SLD's warm-up, SAFREE's ``up_t`` and
-    ``re_attn_t``), which refer to a 50-step sampler; 1.0 keeps them as published."""
+    ``re_attn_t``), which refer to a 50-step sampler; 1.0 keeps them as published. The base class
+    applies it (``Guidance.steps``, ``Guidance.in_window``): a factory never sees it."""
     concept = concept or Concept()
     if concept.learned and not concept.tokens:
         raise UserError(f"embedding '{concept.source}' has no learned tokens")
-    return GUIDANCE.get(guidance_cfg)(guidance_cfg, task_cfg, concept, step_scale)
+    guidance = GUIDANCE.get(guidance_cfg)(guidance_cfg, task_cfg, concept)
+    guidance.step_scale = step_scale
+    return guidance

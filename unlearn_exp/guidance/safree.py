@@ -33,11 +33,14 @@ that change numbers:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import math
 from dataclasses import dataclass
 
 import torch
 
+from unlearn_exp.config import typed_preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.guidance.base import Concept, Guidance, GuidanceState
 from unlearn_exp.guidance.config import SAFREEConfig
@@ -45,24 +48,6 @@ from unlearn_exp.models.components import Components, TokenizedPrompts
 from unlearn_exp.registry import GUIDANCE
 
 MASK_TOKEN_ID = 0  # "!" in CLIP's vocabulary: the official code's mask token
-
-
-@dataclass
-class SAFREEParams:
-    alpha: float = 0.01
-    svf: bool = True
-    up_t: int = 10
-    svf_k: float = 2.5
-    svf_t0: float = 5.333
-    re_attn_t: tuple[int, int] = (-1, 1001)
-    projection_order: str = "code"
-    lra: str = "off"
-    lra_b1: float = 1.0
-    lra_b2: float = 1.0
-    lra_s1: float = 0.9
-    lra_s2: float = 0.2
-    compat: str = "fixed"
-    strength: float = 1.0
 
 
 def concept_projector(concept_pooled: torch.Tensor) -> torch.Tensor:
@@ -180,23 +165,17 @@ def compat_differs(a: Projection, b: Projection, i: int, svf: bool) -> bool:
 class SAFREE(Guidance):
     name = "safree"
 
-    def __init__(self, concept_prompts: list[str], negative_prompt: str, params: SAFREEParams | None = None):
+    def __init__(
+        self, concept_prompts: list[str], negative_prompt: str, settings: SAFREEConfig | None = None
+    ):
         if not concept_prompts or any(not str(c).strip() for c in concept_prompts):
             raise UserError("SAFREE needs a non-empty list of concept keywords or tokens (got an empty one)")
         self.concept_prompts = list(concept_prompts)
         self.negative_prompt = negative_prompt
-        self.params = params or SAFREEParams()
-        if self.params.projection_order not in ("code", "paper"):
-            raise UserError(
-                f"safree.projection_order must be code or paper, got '{self.params.projection_order}'"
-            )
-        if self.params.lra not in ("off", "paper"):
-            raise UserError(f"safree.lra must be off or paper, got '{self.params.lra}'")
-        if self.params.compat not in ("fixed", "official"):
-            raise UserError(f"safree.compat must be fixed or official, got '{self.params.compat}'")
+        self.settings = settings or typed_preset(SAFREEConfig, "safree")
 
     def unet_branches(self, guidance_scale: float) -> int:
-        return 3 if self.params.lra == "paper" else 2  # lra=paper: the original prompt's branch
+        return 3 if self.settings.lra == "paper" else 2  # lra=paper: the original prompt's branch
 
     # -------------------------------------------------------------------- preparation
     def prepare(
@@ -208,7 +187,7 @@ class SAFREE(Guidance):
         guidance_scale: float,
         num_steps: int,
     ) -> GuidanceState:
-        p = self.params
+        p = self.settings
         _, concept_pooled = comps.encode_ids(comps.tokenize(self.concept_prompts).input_ids)
         text_e, _ = comps.encode_ids(tokens.input_ids)
         mine = self._project(comps, prompts, tokens, text_e, concept_pooled, p.compat)
@@ -245,7 +224,7 @@ class SAFREE(Guidance):
     ) -> Projection:
         """Steps 2-4 in one mode (``compat``): the flagged tokens, the safe embeddings (float32) and
         the self-validating filter's step count of every prompt."""
-        p = self.params
+        p = self.settings
         official = compat == "official"
         p_c = official_projection_matrix(concept_pooled.T) if official else concept_projector(concept_pooled)
         eye = torch.eye(p_c.shape[0], device=p_c.device)
@@ -282,7 +261,7 @@ class SAFREE(Guidance):
             safe_e[b] = torch.where(mask[:, None], e, proj)
             active = tokens.attention_mask[b].bool()
             z = 1.0 - torch.nn.functional.cosine_similarity(proj[active], e[active], dim=-1).mean().item()
-            steps = svf_steps(z, p.up_t, p.svf_k, p.svf_t0) if p.svf else None
+            steps = svf_steps(z, self.steps(p.up_t), p.svf_k, p.svf_t0) if p.svf else None
             t_sv.append(steps)
             info.append(
                 {
@@ -296,11 +275,11 @@ class SAFREE(Guidance):
 
     def use_safe(self, i: int, state: GuidanceState) -> list[bool]:
         """Per image: does step ``i`` use the safe embedding? (SVF, or the re_attn_t window)."""
-        p = self.params
+        p = self.settings
         if p.svf:
             return [i <= t for t in state.extra["t_sv"]]
         lo, hi = p.re_attn_t
-        return [lo <= i <= hi] * len(state.extra["t_sv"])
+        return [self.in_window(i, int(lo), int(hi))] * len(state.extra["t_sv"])
 
     def embeddings(self, i: int, state: GuidanceState) -> torch.Tensor:
         text_e, safe_e = state.extra["text_e"], state.extra["safe_e"]
@@ -315,20 +294,24 @@ class SAFREE(Guidance):
 
     # ------------------------------------------------------------ latent re-attention
     def unet_hooks(self, i: int, state: GuidanceState, unet: torch.nn.Module):
-        if self.params.lra != "paper":
+        if self.settings.lra != "paper":
             return contextlib.nullcontext()
-        return _fourier_reattention(unet, self.use_safe(i, state), self.params)
+        return _fourier_reattention(unet, self.use_safe(i, state), self.settings)
 
     def describe(self) -> dict:
+        p = self.settings
+        skip = ("name", "keywords", "cfg_negative", "up_t", "re_attn_t")  # in the prompts; scaled below
+        values = {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name not in skip}
+        values = {k: str(v) if isinstance(v, enum.Enum) else v for k, v in values.items()}
+        if values["strength"] == 1.0:
+            del values["strength"]  # added later at its neutral value: the sample keys stay
         return {
             "name": self.name,
             "concept_prompts": self.concept_prompts,
             "negative_prompt": self.negative_prompt,
-            **{
-                k: (list(v) if isinstance(v, tuple) else v)
-                for k, v in vars(self.params).items()
-                if not (k == "strength" and v == 1.0)  # added later at its neutral value: keys unchanged
-            },
+            **values,
+            "up_t": self.steps(p.up_t),  # on this sampler
+            "re_attn_t": [self.steps(int(t)) for t in p.re_attn_t],
         }
 
 
@@ -349,7 +332,7 @@ def low_frequency_reattention(h_safe: torch.Tensor, h_orig: torch.Tensor, scale:
 
 
 @contextlib.contextmanager
-def _fourier_reattention(unet: torch.nn.Module, use_safe: list[bool], p: SAFREEParams):
+def _fourier_reattention(unet: torch.nn.Module, use_safe: list[bool], p: SAFREEConfig):
     """Pre-hooks on the UNet's up blocks (the FreeU locations). Batch rows are [uncond, safe, orig].
 
     Departure (documented): FreeU scales the backbone half ``hidden[:, :C/2] *= b`` before every
@@ -401,9 +384,9 @@ def _fourier_reattention(unet: torch.nn.Module, use_safe: list[bool], p: SAFREEP
 
 
 @GUIDANCE.register("safree")
-def build_safree(guidance_cfg, task_cfg, concept: Concept, step_scale: float = 1.0) -> SAFREE:
+def build_safree(guidance_cfg, task_cfg, concept: Concept) -> SAFREE:
     """``guidance=safree``: the subspace is spanned by the pooled embeddings of the keywords (explicit)
-    or of each learned token (rank K); ``up_t`` and ``re_attn_t`` count steps of a 50-step sampler."""
+    or of each learned token (rank K)."""
     s = SAFREEConfig.from_cfg(guidance_cfg)
     keywords = list(s.keywords or task_cfg.safree_keywords or [])
     if not keywords:
@@ -414,20 +397,4 @@ def build_safree(guidance_cfg, task_cfg, concept: Concept, step_scale: float = 1
         negative = negatives[s.cfg_negative]
     else:
         prompts, negative = keywords, ", ".join(keywords)
-    params = SAFREEParams(
-        alpha=s.alpha,
-        svf=s.svf,
-        up_t=round(s.up_t * step_scale),
-        svf_k=s.svf_k,
-        svf_t0=s.svf_t0,
-        re_attn_t=(round(int(s.re_attn_t[0]) * step_scale), round(int(s.re_attn_t[1]) * step_scale)),
-        projection_order=str(s.projection_order),
-        lra=str(s.lra),
-        lra_b1=s.lra_b1,
-        lra_b2=s.lra_b2,
-        lra_s1=s.lra_s1,
-        lra_s2=s.lra_s2,
-        compat=str(s.compat),
-        strength=s.strength,
-    )
-    return SAFREE(concept_prompts=prompts, negative_prompt=negative, params=params)
+    return SAFREE(concept_prompts=prompts, negative_prompt=negative, settings=s)

@@ -17,31 +17,45 @@ learned tokens of an inverted concept (section 3.4).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-
 import torch
 
-from unlearn_exp.errors import UserError
+from unlearn_exp.config import typed_preset
 from unlearn_exp.guidance.base import Concept, Guidance, GuidanceState
 from unlearn_exp.guidance.config import SLDConfig
 from unlearn_exp.models.components import Components, TokenizedPrompts
 from unlearn_exp.registry import GUIDANCE
 
-
-@dataclass(frozen=True)
-class SLDParams:
-    warmup_steps: int  # delta
-    guidance_scale: float  # s_S
-    threshold: float  # lambda
-    momentum_scale: float  # s_m
-    mom_beta: float  # beta_m
-
-
-PRESETS = {
-    "weak": SLDParams(15, 20.0, 0.0, 0.0, 0.0),
-    "medium": SLDParams(10, 1000.0, 0.01, 0.3, 0.4),
-    "strong": SLDParams(7, 2000.0, 0.025, 0.5, 0.7),
-    "max": SLDParams(0, 5000.0, 1.0, 0.5, 0.7),
+# SLD's published configurations (the SLD paper's Table; diffusers' safe pipeline): the values of
+# the five settings each preset fixes, overridden per key by a non-null ``guidance.<key>``
+PRESETS: dict[str, dict[str, float]] = {
+    "weak": {
+        "warmup_steps": 15,
+        "guidance_scale": 20.0,
+        "threshold": 0.0,
+        "momentum_scale": 0.0,
+        "mom_beta": 0.0,
+    },
+    "medium": {
+        "warmup_steps": 10,
+        "guidance_scale": 1000.0,
+        "threshold": 0.01,
+        "momentum_scale": 0.3,
+        "mom_beta": 0.4,
+    },
+    "strong": {
+        "warmup_steps": 7,
+        "guidance_scale": 2000.0,
+        "threshold": 0.025,
+        "momentum_scale": 0.5,
+        "mom_beta": 0.7,
+    },
+    "max": {
+        "warmup_steps": 0,
+        "guidance_scale": 5000.0,
+        "threshold": 1.0,
+        "momentum_scale": 0.5,
+        "mom_beta": 0.7,
+    },
 }
 
 DEFAULT_CONCEPT = (
@@ -51,23 +65,23 @@ DEFAULT_CONCEPT = (
 )
 
 
-def sld_params(preset: str = "medium", **overrides) -> SLDParams:
-    if preset not in PRESETS:
-        raise UserError(f"unknown SLD preset '{preset}': choose one of {list(PRESETS)}")
-    values = asdict(PRESETS[preset])
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return SLDParams(**values)
+def preset_values(settings: SLDConfig) -> dict[str, float]:
+    """The five values SLD runs with: the preset's, each replaced by its non-null setting."""
+    values = dict(PRESETS[str(settings.preset)])
+    values.update({k: getattr(settings, k) for k in values if getattr(settings, k) is not None})
+    return values
 
 
 class SLD(Guidance):
     name = "sld"
 
-    def __init__(self, concept_prompt: str = DEFAULT_CONCEPT, params: SLDParams | None = None):
+    def __init__(self, concept_prompt: str = DEFAULT_CONCEPT, settings: SLDConfig | None = None):
         self.concept_prompt = concept_prompt
-        self.params = params or PRESETS["medium"]
+        self.settings = settings or typed_preset(SLDConfig, "sld")
+        self.values = preset_values(self.settings)
 
     def enabled(self, guidance_scale: float) -> bool:
-        return self.params.guidance_scale > 1.0 and guidance_scale > 1.0
+        return self.values["guidance_scale"] > 1.0 and guidance_scale > 1.0
 
     def unet_branches(self, guidance_scale: float) -> int:
         return 3 if self.enabled(guidance_scale) else 2  # + the safety concept's branch
@@ -94,39 +108,34 @@ class SLD(Guidance):
         eps_u, eps_p = preds[0], preds[1]
         g = eps_p - eps_u
         if len(preds) == 3:
-            p = self.params
+            p = self.values
             eps_s = preds[2]
             nu = state.extra["nu"]
             if nu is None:
                 nu = torch.zeros_like(g)
             d = eps_p - eps_s
-            scale = torch.clamp(d.abs() * p.guidance_scale, max=1.0)  # Eq. 6
-            mu = torch.where(d >= p.threshold, torch.zeros_like(scale), scale)  # Eq. 6
+            scale = torch.clamp(d.abs() * p["guidance_scale"], max=1.0)  # Eq. 6
+            mu = torch.where(d >= p["threshold"], torch.zeros_like(scale), scale)  # Eq. 6
             gamma = mu * (eps_s - eps_u)  # Eq. 4
-            gamma = gamma + p.momentum_scale * nu  # Eq. 7
-            state.extra["nu"] = p.mom_beta * nu + (1 - p.mom_beta) * gamma  # Eq. 8
-            if i >= p.warmup_steps:  # warm-up gates only the subtraction
+            gamma = gamma + p["momentum_scale"] * nu  # Eq. 7
+            state.extra["nu"] = p["mom_beta"] * nu + (1 - p["mom_beta"]) * gamma  # Eq. 8
+            if self.in_window(i, p["warmup_steps"]):  # warm-up gates only the subtraction
                 g = g - gamma  # Eq. 3
         return eps_u + state.guidance_scale * g
 
+    def diffusers_arguments(self) -> dict[str, float]:
+        """The same settings as diffusers' safe pipeline takes them (``sld_<key>=``)."""
+        return {f"sld_{k}": v for k, v in self.values.items()}
+
     def describe(self) -> dict:
-        return {"name": self.name, "concept_prompt": self.concept_prompt, **asdict(self.params)}
+        steps = {"warmup_steps": self.steps(self.values["warmup_steps"])}  # on this sampler
+        return {"name": self.name, "concept_prompt": self.concept_prompt, **self.values, **steps}
 
 
 @GUIDANCE.register("sld")
-def build_sld(guidance_cfg, task_cfg, concept: Concept, step_scale: float = 1.0) -> SLD:
+def build_sld(guidance_cfg, task_cfg, concept: Concept) -> SLD:
     """``guidance=sld``: the safety prompt is the concept text (explicit) or the learned tokens as one
-    prompt (sequence embedding); the warm-up counts steps of a 50-step sampler (``step_scale``)."""
+    prompt (sequence embedding)."""
     s = SLDConfig.from_cfg(guidance_cfg)
     text = " ".join(concept.tokens) if concept.learned else (s.concept or task_cfg.sld_concept)
-    params = sld_params(
-        s.preset,
-        warmup_steps=s.warmup_steps,
-        guidance_scale=s.guidance_scale,
-        threshold=s.threshold,
-        momentum_scale=s.momentum_scale,
-        mom_beta=s.mom_beta,
-    )
-    if step_scale != 1.0:
-        params = replace(params, warmup_steps=round(params.warmup_steps * step_scale))
-    return SLD(concept_prompt=text, params=params)
+    return SLD(concept_prompt=text, settings=s)
