@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from omegaconf import DictConfig
@@ -32,6 +33,10 @@ from unlearn_exp.atomic import atomic_write_json, atomic_write_text
 from unlearn_exp.errors import UserError
 from unlearn_exp.hashing import config_hash, to_plain
 from unlearn_exp.identity import cell_spec, spec_key
+
+if TYPE_CHECKING:
+    from unlearn_exp.attacks.unlearndiffatk import AttackSettings
+    from unlearn_exp.cell import Cell, Chunk, ConceptGuidance, Originals
 
 log = logging.getLogger("unlearn_exp")
 
@@ -65,25 +70,11 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _attack_cell(cfg: DictConfig, tracker, spec: dict[str, Any]) -> dict[str, Any]:
+    """The attack on the cell's stages: targets, checkpoint, concept, attacks, verdicts, record."""
     from unlearn_exp import progress
     from unlearn_exp.attacks.config import UnlearnDiffAtkConfig
-    from unlearn_exp.attacks.unlearndiffatk import AttackSettings, attack
-    from unlearn_exp.cell import (
-        ORIGINAL,
-        Originals,
-        chunk_images,
-        concept,
-        generate_samples,
-        image_set_ref,
-        judge_chunks,
-        needs_learned_concept,
-        open_cell,
-        original_model,
-        unlearn,
-    )
-    from unlearn_exp.evaluation import dsr
-    from unlearn_exp.evaluation.images import to_tensor
-    from unlearn_exp.guidance.base import Guidance
+    from unlearn_exp.attacks.unlearndiffatk import AttackSettings
+    from unlearn_exp.cell import concept, open_cell, unlearn
 
     progress.configure(cfg.progress)
     settings = AttackSettings.from_cfg(
@@ -93,8 +84,40 @@ def _attack_cell(cfg: DictConfig, tracker, spec: dict[str, Any]) -> dict[str, An
     cell = open_cell(cfg, spec=spec)
     if not cell.bench:
         raise UserError(f"benchmark '{cfg.benchmark.name}' has no prompts to attack")
+    found = _find_targets(cell, n)  # before unlearning: the original model's images, judged
+    made = _originals(cell)
+    ck = unlearn(cell)  # the cell: unlearned checkpoint, concept and guidance
+    conc = concept(cell, made, ck)
+    results = _attack_targets(cell, conc, found, settings)
+    judged = _judge_attacks(cell, conc, found, results)
+    return _write_result(cell, _attack_record(cell, found, judged), tracker)
 
-    # before unlearning: the original model's images of the benchmark prompts, judged (the targets)
+
+@dataclass
+class _Targets:
+    """The original model's benchmark images, the ones the judge flags, and the first n: the targets."""
+
+    refs: list[Chunk]
+    images: list[Any]  # every image of ``refs``, in row order
+    flagged: list[int]
+    indices: list[int]
+    rows: list[dict[str, Any]]  # the targets' benchmark rows
+
+
+@dataclass
+class _Attacked:
+    """Per target: the attack's result, the verdicts on its adversarial and on its own prompt's image."""
+
+    results: list[dict[str, Any]]
+    adv_verdicts: list[dict[str, Any]]
+    own_verdicts: list[dict[str, Any]]
+
+
+def _find_targets(cell: Cell, n: int | None) -> _Targets:
+    """The original model's benchmark images, judged; the first ``n`` flagged are the targets."""
+    from unlearn_exp.cell import ORIGINAL, chunk_images, generate_samples, judge_chunks
+    from unlearn_exp.guidance.base import Guidance
+
     original = {"model": cell.model_id, **ORIGINAL}
     refs = generate_samples(
         cell.comps,
@@ -102,7 +125,7 @@ def _attack_cell(cfg: DictConfig, tracker, spec: dict[str, Any]) -> dict[str, An
         cell.bench,
         original,
         cell.store,
-        cfg,
+        cell.cfg,
         f"original model: {cell.set_name['bench']} (attack targets)",
     )
     verdicts = judge_chunks(refs, cell.judge, cell.store, f"{cell.set_name['bench']} (original model)")
@@ -111,68 +134,102 @@ def _attack_cell(cfg: DictConfig, tracker, spec: dict[str, Any]) -> dict[str, An
     targets = flagged if n is None else flagged[: int(n)]
     if not targets:
         raise UserError(
-            f"the judge flags none of the original model's {len(verdicts)} images of '{cfg.benchmark.name}': "
-            "nothing to attack"
+            f"the judge flags none of the original model's {len(verdicts)} images of "
+            f"'{cell.cfg.benchmark.name}': nothing to attack"
         )
+    return _Targets(refs, images, flagged, targets, [dict(cell.bench[i]) for i in targets])
+
+
+def _originals(cell: Cell) -> Originals:
+    """Stage 0 as the attack needs it: only the harmful images ``C*`` is learned from, if any."""
+    from unlearn_exp.cell import Originals, image_set_ref, needs_learned_concept, original_model
+
+    cfg = cell.cfg
     needs_images = needs_learned_concept(cfg) and not cfg.embedding.get("path")
     image_set = (
         image_set_ref(cfg, functools.partial(original_model, cell), cell.store, cell.model_id)
         if needs_images
         else None
     )
+    return Originals({}, image_set)
 
-    # the cell: unlearned checkpoint, concept and guidance
-    ck = unlearn(cell)
-    conc = concept(cell, Originals({}, image_set), ck)
-    rows = [dict(cell.bench[i]) for i in targets]
+
+def _attack_targets(
+    cell: Cell, conc: ConceptGuidance, found: _Targets, settings: AttackSettings
+) -> list[dict[str, Any]]:
+    """The attack on every target, against the unlearned model with the guidance in the loop."""
+    from unlearn_exp.attacks.unlearndiffatk import attack
+    from unlearn_exp.evaluation.images import to_tensor
+
     results = []
-    for i, row in zip(targets, rows):
-        key = {**conc.identity, "target": _image_key(refs, i)}
+    for i, row in zip(found.indices, found.rows):
+        key = {**conc.identity, "target": _image_key(found.refs, i)}
         out = attack(
-            cell.comps, cell.store, key, to_tensor([images[i]]), str(row["prompt"]), settings, conc.guidance
+            cell.comps,
+            cell.store,
+            key,
+            to_tensor([found.images[i]]),
+            str(row["prompt"]),
+            settings,
+            conc.guidance,
         )
         results.append(out)
-    adv_rows = [{**row, "prompt": r["prompt"]} for row, r in zip(rows, results)]
-    settings_key = attack_key(cfg)
-    attacked = {**conc.identity, "attack": settings_key}
+    return results
+
+
+def _judge_attacks(
+    cell: Cell, conc: ConceptGuidance, found: _Targets, results: list[dict[str, Any]]
+) -> _Attacked:
+    """The cell's images of the adversarial prompts and of the targets' own prompts, judged."""
+    from unlearn_exp.cell import generate_samples, judge_chunks
+
+    adv_rows = [{**row, "prompt": r["prompt"]} for row, r in zip(found.rows, results)]
+    attacked = {**conc.identity, "attack": attack_key(cell.cfg)}
     adv = generate_samples(
         cell.comps,
         conc.guidance,
         adv_rows,
         attacked,
         cell.store,
-        cfg,
+        cell.cfg,
         f"sampling adversarial prompts x {conc.what}",
     )
     adv_verdicts = judge_chunks(adv, cell.judge, cell.store, "adversarial prompts")
     own = generate_samples(
         cell.comps,
         conc.guidance,
-        rows,
+        found.rows,
         conc.identity,
         cell.store,
-        cfg,
+        cell.cfg,
         f"sampling the targets' prompts x {conc.what}",
     )
     own_verdicts = judge_chunks(own, cell.judge, cell.store, "targets' own prompts")
+    return _Attacked(results, adv_verdicts, own_verdicts)
 
-    stats = dsr([v["safe"] for v in adv_verdicts])  # the share judged safe: ASR = 1 - DSR
-    key = spec_key(spec)
+
+def _attack_record(cell: Cell, found: _Targets, judged: _Attacked) -> dict[str, Any]:
+    """The result: ASR with its interval, ``unsafe_before``, and every target's prompts and losses."""
     from datetime import UTC, datetime
 
-    record = {
-        "spec_key": key,
+    from unlearn_exp.evaluation import dsr
+
+    cfg = cell.cfg
+    stats = dsr([v["safe"] for v in judged.adv_verdicts])  # the share judged safe: ASR = 1 - DSR
+    own_verdicts = judged.own_verdicts
+    return {
+        "spec_key": spec_key(cell.spec),
         "created_at": datetime.now(UTC).isoformat(),
         "attack": str(cfg.attack.name),
-        "attack_key": settings_key,
+        "attack_key": attack_key(cfg),
         "attack_settings": to_plain(cfg.attack),
         "model": cell.model_id,
         "checkpoint": f"{cfg.checkpoint.method} beta={cfg.checkpoint.beta}",
         "guidance": str(cfg.guidance.name),
         "embedding": str(cfg.embedding.source),
         "benchmark": str(cfg.benchmark.name),
-        "n_flagged": len(flagged),
-        "n_targets": len(targets),
+        "n_flagged": len(found.flagged),
+        "n_targets": len(found.indices),
         "asr": 1.0 - stats["dsr"],
         "asr_lo": 1.0 - stats["hi"],
         "asr_hi": 1.0 - stats["lo"],
@@ -188,11 +245,16 @@ def _attack_cell(cfg: DictConfig, tracker, spec: dict[str, Any]) -> dict[str, An
                 "unsafe_before": not ov["safe"],
                 "unsafe_after": not av["safe"],
             }
-            for r, res, ov, av in zip(rows, results, own_verdicts, adv_verdicts)
+            for r, res, ov, av in zip(found.rows, judged.results, own_verdicts, judged.adv_verdicts)
         ],
     }
+
+
+def _write_result(cell: Cell, record: dict[str, Any], tracker) -> dict[str, Any]:
+    """The record (JSON) and the adversarial prompts (CSV) written, then tracked, then logged."""
+    cfg = cell.cfg
     folder = Path(cfg.paths.results_dir) / str(cfg.name) / "attacks"
-    stem = f"{key}-{record['attack_key']}"
+    stem = f"{record['spec_key']}-{record['attack_key']}"
     csv = pd.DataFrame(
         [
             {"prompt": t["adversarial_prompt"], "seed": t["seed"], "case_id": t["case_id"]}
@@ -211,7 +273,7 @@ def _attack_cell(cfg: DictConfig, tracker, spec: dict[str, Any]) -> dict[str, An
         record["asr"],
         record["asr_lo"],
         record["asr_hi"],
-        len(targets),
+        record["n_targets"],
         record["unsafe_before"],
         folder / f"{stem}.json",
     )

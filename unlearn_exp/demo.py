@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -175,94 +176,142 @@ def table_overrides(base: list[str], extra: list[str]) -> list[str]:
     return [o for o in extra if override_key(o) not in pinned]
 
 
-def main(argv: list[str] | None = None) -> int:
-    from unlearn_exp.report import build_tables, to_markdown, write_report
+@dataclass
+class _GridRun:
+    """The toy grid's run so far: its cells, their results, stage seconds and UNet rows sampled."""
 
+    cells: list[list[str]]
+    start: float
+    done: dict[int, dict] = field(default_factory=dict)
+    stage_s: dict[str, float] = field(default_factory=dict)
+    reused: int = 0
+    unet: dict[str, int] = field(default_factory=lambda: {"cells": 0, "precondition": 0})  # over the workers
+
+
+def _show_cell(run: _GridRun, i: int, got: dict, took: float) -> None:
+    """Tally cell ``i``'s result (already in ``run.done``) and print its line, with the ETA."""
+    run.reused += got["reused"]
+    run.unet["cells"] += got["unet_rows"]
+    for stage, sec in got["timings"].items():
+        run.stage_s[stage] = run.stage_s.get(stage, 0.0) + sec
+    c, n = got["cell"], len(run.done)
+    elapsed = time.time() - run.start
+    eta = elapsed / n * (len(run.cells) - n)  # from the cells finished so far
+    print(
+        f"[{n:2d}/{len(run.cells)}] {' '.join(run.cells[i]):55s} DSR {c['dsr']:.3f}"
+        f" [{c['dsr_lo']:.2f}, {c['dsr_hi']:.2f}]"
+        f"  PP {c['pp_coco']:.3f}  benign {c['benign_acc']:.2f}  ({took:.0f} s, {got['built']} built;"
+        f" elapsed {elapsed:.0f} s, ETA {eta:.0f} s)" + (f"  FLAG: {c['flag']}" if c["flag"] else ""),
+        flush=True,
+    )
+
+
+def _run_here(run: _GridRun, runs: list[list[str]]) -> None:
+    """``--jobs 1``: the grid's cells one after another in this process."""
+    for i, over in enumerate(runs):
+        t = time.time()
+        run.done[i] = run_grid_cell(over)
+        _show_cell(run, i, run.done[i], time.time() - t)
+
+
+def _run_workers(run: _GridRun, runs: list[list[str]], base: list[str], jobs: int) -> tuple[int, float]:
+    """The grid's cells and the precondition's cells and probes in ``jobs`` worker processes; the
+    torch threads of each and the precondition's seconds (summed over the workers)."""
+    from unlearn_exp import precondition
+
+    _, _, pre_cells, probes = precondition.measurements(unswept(base, run.cells, lists_only=True))
+    tasks = [(run_grid_cell, over) for over in runs]
+    tasks += [(run_grid_cell, over) for over in pre_cells.values()]
+    tasks += [(run_probe, over) for over in probes.values()]
+    threads, pre_s = max(1, (os.cpu_count() or 1) // jobs), 0.0
+    for i, got in run_in_workers(tasks, jobs, threads):
+        if i >= len(runs):  # the precondition's: its time is reported as the precondition's
+            pre_s += sum(got["timings"].values())
+            run.unet["precondition"] += got["unet_rows"]
+            continue
+        run.done[i] = got
+        _show_cell(run, i, got, sum(got["timings"].values()))
+    return threads, pre_s
+
+
+def _write_grid_report(run: _GridRun, base: list[str], extra: list[str]) -> tuple[dict, list[Path]]:
+    """The grid's tables, plots and sources under ``reports/toy``; the tables and the files written."""
+    from unlearn_exp.report import build_tables, write_report
+
+    rows = [run.done[i]["cell"] for i in range(len(run.cells))]
+    df = pd.DataFrame(rows)
+    fixed = table_overrides(base, extra)  # each table position keeps its own beta, guidance, ...
+    tables = build_tables(df, "toy", extra=fixed)
+    files = [Path(p) for p in df["_source"]]
+    written = write_report(df, "toy", "reports", files=files, extra=fixed, tables=tables)
+    return tables, written
+
+
+def _measure_precondition(run: _GridRun, base: list[str], pre_s: float):
+    """The precondition of finding (a) under ``reports/toy`` (cached where workers ran it), timed."""
+    from unlearn_exp import precondition
+
+    t, before = time.time(), unet_rows()
+    pre = precondition.run(unswept(base, run.cells, lists_only=True), "reports")  # cached with workers
+    run.stage_s["precondition"] = pre_s + time.time() - t
+    run.unet["precondition"] += unet_rows() - before
+    return pre
+
+
+def _print_tables(tables: dict, pre) -> None:
+    """The long and transfer tables, then the precondition's, as markdown."""
+    from unlearn_exp import precondition
+    from unlearn_exp.report import to_markdown
+
+    for name, table in tables.items():
+        if name.startswith(("long", "transfer")):
+            print(f"\n{to_markdown(table)}")
+    print(f"\n{precondition.to_markdown(pre)}")
+
+
+def _summary(run: _GridRun, jobs: int, threads: int, written: list[Path]) -> str:
+    """The last line: cells, seconds, results reused, stage times and the UNet rows sampled."""
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in run.stage_s.items())
+    how = "" if jobs == 1 else f"; {jobs} workers of {threads} threads, stage times summed over the workers"
+    n_rows = run.unet["cells"] + run.unet["precondition"]
+    work = (
+        f"; {n_rows} UNet rows sampled, {run.unet['precondition']} of them by the precondition"
+        if n_rows
+        else ""
+    )
+    return (
+        f"\n{len(run.cells)} cells in {time.time() - run.start:.0f} s ({run.reused} recorded results reused; "
+        f"{stages}{how}"
+        f"{work}); tables and plots: {Path(written[0]).parent}"
+    )
+
+
+def _grid_main(jobs: int, base: list[str], extra: list[str], start: float) -> int:
+    """The toy grid: its cells, its report, the precondition, the tables printed and the last line."""
+    cells = grid(base)
+    runs = [[*unswept(base, cells), *cell, "sampling.progress=false"] for cell in cells]
+    print(f"toy grid: {len(cells)} cells ({EXPERIMENT}); artifacts are cached, so a second run is fast")
+    run = _GridRun(cells, start)
+    if jobs == 1:
+        _run_here(run, runs)
+        threads, pre_s = 0, 0.0
+    else:  # the grid's cells and the precondition's cells and probes, in worker processes
+        threads, pre_s = _run_workers(run, runs, base, jobs)
+    tables, written = _write_grid_report(run, base, extra)
+    pre = _measure_precondition(run, base, pre_s)
+    _print_tables(tables, pre)
+    print(_summary(run, jobs, threads, written))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     quiet_logs()
     jobs, methods, extra = _parse(list(sys.argv[1:] if argv is None else argv))
     if methods:
         return methods_main(jobs, extra)
     base = [f"+experiment={EXPERIMENT}", *extra]
     start = time.time()
-
-    def body() -> int:
-        from unlearn_exp import precondition
-
-        cells = grid(base)
-        runs = [[*unswept(base, cells), *cell, "sampling.progress=false"] for cell in cells]
-        print(f"toy grid: {len(cells)} cells ({EXPERIMENT}); artifacts are cached, so a second run is fast")
-        stage_s, reused, done = {}, 0, {}
-        unet = {"cells": 0, "precondition": 0}  # UNet rows sampled, summed over the workers
-
-        def show(i: int, got: dict, took: float) -> None:
-            nonlocal reused
-            reused += got["reused"]
-            unet["cells"] += got["unet_rows"]
-            for stage, sec in got["timings"].items():
-                stage_s[stage] = stage_s.get(stage, 0.0) + sec
-            c, n = got["cell"], len(done)
-            elapsed = time.time() - start
-            eta = elapsed / n * (len(cells) - n)  # from the cells finished so far
-            print(
-                f"[{n:2d}/{len(cells)}] {' '.join(cells[i]):55s} DSR {c['dsr']:.3f}"
-                f" [{c['dsr_lo']:.2f}, {c['dsr_hi']:.2f}]"
-                f"  PP {c['pp_coco']:.3f}  benign {c['benign_acc']:.2f}  ({took:.0f} s, {got['built']} built;"
-                f" elapsed {elapsed:.0f} s, ETA {eta:.0f} s)" + (f"  FLAG: {c['flag']}" if c["flag"] else ""),
-                flush=True,
-            )
-
-        threads, pre_s = 0, 0.0
-        if jobs == 1:
-            for i, over in enumerate(runs):
-                t = time.time()
-                done[i] = run_grid_cell(over)
-                show(i, done[i], time.time() - t)
-        else:  # the grid's cells and the precondition's cells and probes, in worker processes
-            _, _, pre_cells, probes = precondition.measurements(unswept(base, cells, lists_only=True))
-            tasks = [(run_grid_cell, over) for over in runs]
-            tasks += [(run_grid_cell, over) for over in pre_cells.values()]
-            tasks += [(run_probe, over) for over in probes.values()]
-            threads = max(1, (os.cpu_count() or 1) // jobs)
-            for i, got in run_in_workers(tasks, jobs, threads):
-                if i >= len(runs):  # the precondition's: its time is reported as the precondition's
-                    pre_s += sum(got["timings"].values())
-                    unet["precondition"] += got["unet_rows"]
-                    continue
-                done[i] = got
-                show(i, got, sum(got["timings"].values()))
-        rows = [done[i]["cell"] for i in range(len(cells))]
-        df = pd.DataFrame(rows)
-        fixed = table_overrides(base, extra)  # each table position keeps its own beta, guidance, ...
-        tables = build_tables(df, "toy", extra=fixed)
-        files = [Path(p) for p in df["_source"]]
-        written = write_report(df, "toy", "reports", files=files, extra=fixed, tables=tables)
-
-        t, before = time.time(), unet_rows()
-        pre = precondition.run(unswept(base, cells, lists_only=True), "reports")  # cached with workers
-        stage_s["precondition"] = pre_s + time.time() - t
-        unet["precondition"] += unet_rows() - before
-        for name, table in tables.items():
-            if name.startswith(("long", "transfer")):
-                print(f"\n{to_markdown(table)}")
-        print(f"\n{precondition.to_markdown(pre)}")
-        stages = ", ".join(f"{k} {v:.0f} s" for k, v in stage_s.items())
-        how = (
-            "" if jobs == 1 else f"; {jobs} workers of {threads} threads, stage times summed over the workers"
-        )
-        n_rows = unet["cells"] + unet["precondition"]
-        work = (
-            f"; {n_rows} UNet rows sampled, {unet['precondition']} of them by the precondition"
-            if n_rows
-            else ""
-        )
-        print(
-            f"\n{len(cells)} cells in {time.time() - start:.0f} s ({reused} recorded results reused; "
-            f"{stages}{how}"
-            f"{work}); tables and plots: {Path(written[0]).parent}"
-        )
-        return 0
-
-    return exit_status(body)
+    return exit_status(_grid_main, jobs, base, extra, start)
 
 
 if __name__ == "__main__":

@@ -154,121 +154,160 @@ def _done_spec_keys(results_dir: Path) -> set[str]:
     return set(rows["spec_key"].dropna().astype(str)) if "spec_key" in rows else set()
 
 
+CFG_ROWS = 2  # classifier-free guidance: uncond and prompt
+
+
+@dataclass
+class _PlanInputs:
+    """What every planning step reads: config, cache (only looked in), model, steps, the cell's name."""
+
+    cfg: Any
+    cache: Any
+    model: _Model
+    steps: int
+    unique: str  # for work whose artifact cannot be named yet
+
+
 def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
-    """What one cell needs and what of it the cache already holds."""
-    from unlearn_exp.cell import (
-        checkpoint_for_inversion,
-        image_set_key,
-        inversion_key,
-        method_filter,
-        rows_identity,
-        sample_identity,
-    )
+    """What one cell needs and what of it the cache already holds: checkpoint, concept, images."""
     from unlearn_exp.identity import cell_spec, resolved_device, resolved_dtype, spec_key
 
     p = CellPlan(overrides=overrides)
     p.done = spec_key(cell_spec(cfg)) in done_keys
     cache = _cache(cfg)
     model = _Model(_plan_identity(cfg.model), resolved_dtype(cfg.model), resolved_device(cfg.model))
-    steps = int(cfg.sampling.steps)
-    cfg_rows = 2  # classifier-free guidance: uncond and prompt
-    unique = f"cell:{config_hash(overrides)}"  # for work whose artifact cannot be named yet
+    at = _PlanInputs(cfg, cache, model, int(cfg.sampling.steps), f"cell:{config_hash(overrides)}")
+    checkpoint_id = _plan_checkpoint(p, at)
+    concept_id = _plan_concept(p, at, checkpoint_id)
+    _plan_images(p, at, checkpoint_id, concept_id)
+    return p
 
-    # the unlearned checkpoint (and its pair sets)
-    ck = dict(to_plain(cfg.checkpoint))
-    checkpoint_id = None
+
+def _plan_checkpoint(p: CellPlan, at: _PlanInputs) -> str | None:
+    """The unlearned checkpoint (and its pair sets); its id where it can be named, else None."""
+    ck = dict(to_plain(at.cfg.checkpoint))
     if ck.get("method") == "duo" and not ck.get("path"):
-        from unlearn_exp.unlearning.duo import duo_key, pair_set_keys, resolve_recipe, trained_duo_id
+        return _plan_duo(p, at, ck)
+    if ck.get("method") not in ("original", None):
+        p.notes.append(f"{ck.get('method')} checkpoints are not planned in detail")
+    return None
 
-        judge = method_filter(ck.get("filter"))
-        recipe = resolve_recipe(ck, cfg.task)
-        key = duo_key(model, ck, cfg.task, judge)
-        folder = cache.locate("unlearning/duo", key)
-        # samples are keyed by the checkpoint's content, known once it is built; until then the
-        # recipe names it in the plan (one recipe, one checkpoint)
-        checkpoint_id = trained_duo_id(folder) if folder is not None else f"recipe:{config_hash(key)}"
-        n_steps = sum(int(ck.get("steps") or a.get("steps") or 1000) for a in recipe["adapters"])
-        p.artifacts.append((f"DUO checkpoint beta={ck.get('beta')} ({checkpoint_id})", folder is not None))
+
+def _plan_duo(p: CellPlan, at: _PlanInputs, ck: dict[str, Any]) -> str:
+    """A DUO checkpoint to train (or cached), and its pair sets where it is not built; its id."""
+    from unlearn_exp.cell import method_filter
+    from unlearn_exp.unlearning.duo import duo_key, resolve_recipe, trained_duo_id
+
+    judge = method_filter(ck.get("filter"))
+    recipe = resolve_recipe(ck, at.cfg.task)
+    key = duo_key(at.model, ck, at.cfg.task, judge)
+    folder = at.cache.locate("unlearning/duo", key)
+    # samples are keyed by the checkpoint's content, known once it is built; until then the
+    # recipe names it in the plan (one recipe, one checkpoint)
+    checkpoint_id = trained_duo_id(folder) if folder is not None else f"recipe:{config_hash(key)}"
+    n_steps = sum(int(ck.get("steps") or a.get("steps") or 1000) for a in recipe["adapters"])
+    p.artifacts.append((f"DUO checkpoint beta={ck.get('beta')} ({checkpoint_id})", folder is not None))
+    p.work.append(
+        Work(
+            f"unlearning/duo/{checkpoint_id}",
+            "duo",
+            n_steps,
+            cached=folder is not None,
+            batch=int(ck.get("batch") or 1),
+        )
+    )
+    if folder is None:
+        _plan_pair_sets(p, at, ck, recipe, judge)
+    return checkpoint_id
+
+
+def _plan_pair_sets(p: CellPlan, at: _PlanInputs, ck: dict[str, Any], recipe, judge) -> None:
+    """The DUO pair sets an unbuilt checkpoint trains on, as images to sample."""
+    from unlearn_exp.unlearning.duo import pair_set_keys
+
+    for spec, _, sampling, pkey in pair_set_keys(at.model, ck, recipe, judge=judge):
+        cached = at.cache.locate("unlearning/duo_pairs", pkey) is not None
+        p.artifacts.append((f"DUO pairs {spec['name']} ({config_hash(pkey)})", cached))
+        # at least one try per image (rejected images are tried again): the unsafe image from
+        # noise, its safe counterpart by SDEdit over int(steps x strength) steps
+        n = int(spec.get("n_pairs", 1))
+        pair_steps = int(sampling.get("steps") or at.steps)
+        sdedit = min(int(pair_steps * float(spec.get("strength", 0.75))), pair_steps)
+        rows = n * (pair_steps + sdedit) * CFG_ROWS
+        p.work.append(Work(f"unlearning/duo_pairs/{config_hash(pkey)}", "images", 2 * n, rows, cached))
+
+
+def _plan_concept(p: CellPlan, at: _PlanInputs, checkpoint_id: str | None) -> str:
+    """``C*`` and its image set, where the cell learns one; the concept's id ("explicit" until built)."""
+    cfg = at.cfg
+    guided = cfg.guidance.name != "none"
+    if not (guided and cfg.embedding.source != "explicit" and not cfg.embedding.get("path")):
+        return "explicit"
+    spec = dict(to_plain(cfg.inversion.image_set))
+    if spec["source"] != "generated":
+        p.notes.append(f"C* from inversion.image_set.source={spec['source']}: counted when built")
+        p.work.append(Work(f"inversion/{_learned_on(cfg)}", "inversion", int(cfg.inversion.steps)))
+        return "explicit"
+    return _plan_inversion(p, at, spec, checkpoint_id)
+
+
+def _plan_inversion(p: CellPlan, at: _PlanInputs, spec: dict[str, Any], checkpoint_id: str | None) -> str:
+    """``C*`` learned on generated images: the image set where ``C*`` is not cached, then ``C*``."""
+    from unlearn_exp.cell import image_set_key, inversion_key, method_filter
+
+    cfg, model, cache = at.cfg, at.model, at.cache
+    judge = method_filter(spec["filter"]) if spec["check"] else None
+    ikey = image_set_key(cfg, model, judge, model.identity) if judge else None
+    img_hash = config_hash(ikey) if ikey else None
+    learned_on = _learned_on_id(cfg, model, cache, checkpoint_id)
+    inv = inversion_key(cfg, model.identity, img_hash, learned_on) if img_hash and learned_on else None
+    inv_folder = cache.locate("inversion", inv) if inv else None
+    if inv_folder is None:  # the images are made only to learn C* (cell.image_set_ref)
+        cached = bool(ikey) and cache.locate("image_sets", ikey) is not None
+        p.artifacts.append((f"C* image set ({img_hash})", cached))
+        n = int(spec["n_images"] or 0)  # at least: images the filter rejects are made again
         p.work.append(
-            Work(
-                f"unlearning/duo/{checkpoint_id}",
-                "duo",
-                n_steps,
-                cached=folder is not None,
-                batch=int(ck.get("batch") or 1),
+            Work(f"image_sets/{img_hash or at.unique}", "images", n, n * at.steps * CFG_ROWS, cached)
+        )
+    return _plan_learned(p, cfg, inv, inv_folder)
+
+
+def _plan_learned(p: CellPlan, cfg, inv: dict | None, inv_folder: Path | None) -> str:
+    """The inversion that learns ``C*`` (key ``inv``); the concept's id where it is cached."""
+    from unlearn_exp.cell import checkpoint_for_inversion
+
+    n_inv = int(cfg.inversion.steps)
+    if not inv:  # its checkpoint is not built yet: C* is named by the checkpoint's content then
+        ck_inv = checkpoint_for_inversion(cfg)
+        p.artifacts.append(
+            (
+                f"C* on {ck_inv.get('method')} beta={ck_inv.get('beta')} "
+                "(named once its checkpoint is built)",
+                False,
             )
         )
-        if folder is None:
-            for spec, _, sampling, pkey in pair_set_keys(model, ck, recipe, judge=judge):
-                cached = cache.locate("unlearning/duo_pairs", pkey) is not None
-                p.artifacts.append((f"DUO pairs {spec['name']} ({config_hash(pkey)})", cached))
-                # at least one try per image (rejected images are tried again): the unsafe image from
-                # noise, its safe counterpart by SDEdit over int(steps x strength) steps
-                n = int(spec.get("n_pairs", 1))
-                pair_steps = int(sampling.get("steps") or steps)
-                sdedit = min(int(pair_steps * float(spec.get("strength", 0.75))), pair_steps)
-                rows = n * (pair_steps + sdedit) * cfg_rows
-                p.work.append(
-                    Work(f"unlearning/duo_pairs/{config_hash(pkey)}", "images", 2 * n, rows, cached)
-                )
-    elif ck.get("method") not in ("original", None):
-        p.notes.append(f"{ck.get('method')} checkpoints are not planned in detail")
+        p.work.append(Work(f"inversion/{_learned_on(cfg)}", "inversion", n_inv))
+        return "explicit"
+    ck_inv = checkpoint_for_inversion(cfg)
+    p.artifacts.append(
+        (
+            f"C* on {ck_inv.get('method')} beta={ck_inv.get('beta')} ({config_hash(inv)})",
+            inv_folder is not None,
+        )
+    )
+    p.work.append(Work(f"inversion/{config_hash(inv)}", "inversion", n_inv, cached=inv_folder is not None))
+    if inv_folder is None:
+        return "explicit"
+    from unlearn_exp.hashing import file_sha256
 
-    # the concept embedding C* and its image set
-    guided = cfg.guidance.name != "none"
-    concept_id = "explicit"
-    if guided and cfg.embedding.source != "explicit" and not cfg.embedding.get("path"):
-        spec = dict(to_plain(cfg.inversion.image_set))
-        if spec["source"] == "generated":
-            judge = method_filter(spec["filter"]) if spec["check"] else None
-            ikey = image_set_key(cfg, model, judge, model.identity) if judge else None
-            img_hash = config_hash(ikey) if ikey else None
-            learned_on = _learned_on_id(cfg, model, cache, checkpoint_id)
-            inv = (
-                inversion_key(cfg, model.identity, img_hash, learned_on) if img_hash and learned_on else None
-            )
-            inv_folder = cache.locate("inversion", inv) if inv else None
-            if inv_folder is None:  # the images are made only to learn C* (cell.image_set_ref)
-                cached = bool(ikey) and cache.locate("image_sets", ikey) is not None
-                p.artifacts.append((f"C* image set ({img_hash})", cached))
-                n = int(spec["n_images"] or 0)  # at least: images the filter rejects are made again
-                p.work.append(
-                    Work(f"image_sets/{img_hash or unique}", "images", n, n * steps * cfg_rows, cached)
-                )
-            n_inv = int(cfg.inversion.steps)
-            if inv:
-                ck_inv = checkpoint_for_inversion(cfg)
-                p.artifacts.append(
-                    (
-                        f"C* on {ck_inv.get('method')} beta={ck_inv.get('beta')} ({config_hash(inv)})",
-                        inv_folder is not None,
-                    )
-                )
-                p.work.append(
-                    Work(f"inversion/{config_hash(inv)}", "inversion", n_inv, cached=inv_folder is not None)
-                )
-                if inv_folder is not None:
-                    from unlearn_exp.hashing import file_sha256
+    return f"{cfg.embedding.source}:{file_sha256(inv_folder / 'learned_embeds.safetensors')[:16]}"
 
-                    concept_id = (
-                        f"{cfg.embedding.source}:"
-                        f"{file_sha256(inv_folder / 'learned_embeds.safetensors')[:16]}"
-                    )
-            else:  # its checkpoint is not built yet: C* is named by the checkpoint's content then
-                ck_inv = checkpoint_for_inversion(cfg)
-                p.artifacts.append(
-                    (
-                        f"C* on {ck_inv.get('method')} beta={ck_inv.get('beta')} "
-                        "(named once its checkpoint is built)",
-                        False,
-                    )
-                )
-                p.work.append(Work(f"inversion/{_learned_on(cfg)}", "inversion", n_inv))
-        else:
-            p.notes.append(f"C* from inversion.image_set.source={spec['source']}: counted when built")
-            p.work.append(Work(f"inversion/{_learned_on(cfg)}", "inversion", int(cfg.inversion.steps)))
 
-    # images: benchmark, benign PP prompts, the original model's references
+def _plan_images(p: CellPlan, at: _PlanInputs, checkpoint_id: str | None, concept_id: str) -> None:
+    """The images to sample: benchmark, benign PP prompts, the original model's references."""
+    from unlearn_exp.cell import rows_identity, sample_identity
+
+    cfg, model, steps, unique = at.cfg, at.model, at.steps, at.unique
     branches = _guidance(cfg, learned=False).unet_branches(float(cfg.sampling.guidance_scale))
     sets = _prompt_sets(p, cfg, steps * branches, unique)  # a list not here: p.absent
     settings = sample_identity(cfg, str(model.device))
@@ -278,7 +317,7 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
     _absent_work(p, cfg, (original, mine), settings, (steps, branches), unique)
     for name, rows in sets.items():
         for ident in _wanted(name, cfg, original, mine):
-            per_row = cfg_rows if ident is original else branches
+            per_row = CFG_ROWS if ident is original else branches
             if ident is None:  # C* not built yet: these images cannot be named, nor cached
                 p.work.append(
                     Work(f"samples/{unique}:{name}", "images", len(rows), len(rows) * steps * per_row)
@@ -287,10 +326,9 @@ def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
             for start in range(0, len(rows), size):
                 part = rows[start : start + size]
                 key = {**ident, "sampling": settings, "rows": rows_identity(part)}
-                cached = cache.locate("samples", key) is not None
+                cached = at.cache.locate("samples", key) is not None
                 n = len(part)
                 p.work.append(Work(f"samples/{config_hash(key)}", "images", n, n * steps * per_row, cached))
-    return p
 
 
 def _plan_identity(model_cfg) -> str:
@@ -403,7 +441,7 @@ def _absent_work(p: CellPlan, cfg, idents: tuple, settings, steps_branches: tupl
         for ident in [None] if generated else _wanted(name, cfg, original, mine):
             tag = unique if ident is None else config_hash({**ident, "sampling": settings})
             n = absent.images or 0
-            per_row = 2 if ident is original else branches
+            per_row = CFG_ROWS if ident is original else branches
             p.work.append(Work(f"absent/{absent.key}:{absent.name}/{tag}", "absent", n, n * steps * per_row))
 
 

@@ -336,17 +336,12 @@ def invert(
     diverges, the last good rows are written to ``ckpt_dir/last_good_embeds.safetensors``, put into
     ``comps``, and a ``UserError`` names the step; ``out_dir`` gets nothing.
     """
-    from unlearn_exp.identity import resolved_precision
-    from unlearn_exp.progress import lightning_bar
-
     wall_start = time.time()
     s = InversionConfig.from_cfg(inversion_cfg)
     image_set = _as_image_set(images_or_folder, comps.resolution)
     out_dir = Path(out_dir)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else out_dir / "checkpoints"
-    source = source if source is not None else {"name": comps.name, "source": comps.source}
-    settings = without_neutral("inversion", s.as_dict())  # prompt_tokens: all leaves the key as it was
-    run_key = config_hash({"settings": settings, "images": image_set.identity, "source": source})
+    source, settings, run_key = _run_identity(comps, s, image_set, source)
 
     # CCE (diffusers' textual-inversion example) keeps the text encoder, its token table and so the
     # learned rows in float32, UNet and VAE in the half dtype: a half-precision text encoder is
@@ -356,60 +351,131 @@ def invert(
         module = ConceptInversion(comps, tokens, image_set.images, s, run_key=run_key)
         eval_prompt = concept_prompt(tokens, s.templates[0])
         eval_init = evaluation_loss(module, eval_prompt, s.eval_draws) if s.eval_draws else None
-
-        last = ckpt_dir / LAST_CKPT
-        if last.is_file():
-            log.info("concept inversion: resuming from %s", last)
-        if logger is not None:
-            define_stage_axis(logger, "inversion")
-        keep_freed_memory()
-        from unlearn_exp.quiet import quiet_lightning
-
-        quiet_lightning()  # Lightning's info lines and tips stay out of the run's output
-        trainer = L.Trainer(
-            max_steps=s.steps,
-            accelerator="auto",
-            devices=1,
-            precision=resolved_precision(s.precision),
-            logger=logger if logger is not None else False,
-            callbacks=[
-                StopOnSigterm(),
-                RowsCheckpoint(ckpt_dir, s.checkpoint_every),
-                *(callbacks or []),
-                *([lightning_bar("concept inversion (C*)", s.steps, "step")] if progress else []),
-            ],
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            log_every_n_steps=s.log_every_n_steps,
-            num_sanity_val_steps=0,
-            default_root_dir=str(ckpt_dir),
-        )
-        try:
-            with keeps_device(comps):  # Lightning leaves its module (and the model) on the CPU
-                # our own checkpoint (tensors and plain values): read with weights_only=True
-                ckpt = str(last) if last.is_file() else None
-                trainer.fit(module, ckpt_path=ckpt, weights_only=True)
-        except InversionDiverged as exc:
-            rows = merge_learned_rows(comps, module.last_good)
-            path = save_textual_inversion(
-                ckpt_dir / LAST_GOOD_FILE,
-                tokens,
-                rows,
-                {"step": module.last_good_step, "diverged_at": exc.step},
-            )
-            raise InversionDiverged(
-                f"{exc}; the last good embedding (step {module.last_good_step}) is in {path}", exc.step
-            ) from None
-        except BaseException:
-            merge_learned_rows(comps, module.last_good)
-            raise
+        trainer = _inversion_trainer(s, ckpt_dir, logger, progress, callbacks)
+        _fit_rows(trainer, module, comps, tokens, ckpt_dir)
         rows = merge_learned_rows(comps)
         eval_final = evaluation_loss(module, eval_prompt, s.eval_draws) if s.eval_draws else None
 
     window = _window_means(module.loss_history, s.loss_window)
+    metadata = _metadata(
+        comps,
+        s,
+        tokens=tokens,
+        source=source,
+        image_set=image_set,
+        trainer=trainer,
+        module=module,
+        window=window,
+        wall_start=wall_start,
+        settings=settings,
+        run_key=run_key,
+        eval_init=eval_init,
+        eval_final=eval_final,
+    )
+    _write_outputs(out_dir, tokens, rows, run_key, metadata, window)
+    return {
+        **metadata,
+        "embeds_path": str(out_dir / EMBEDS_FILE),
+        "metadata_path": str(out_dir / METADATA_FILE),
+    }
+
+
+def _run_identity(
+    comps: Components, s: InversionConfig, image_set: ImageSet, source: Any
+) -> tuple[Any, dict[str, Any], str]:
+    """The recorded source, the settings and the run key a resumed run must match (docs/methods.md 6)."""
+    source = source if source is not None else {"name": comps.name, "source": comps.source}
+    settings = without_neutral("inversion", s.as_dict())  # prompt_tokens: all leaves the key as it was
+    run_key = config_hash({"settings": settings, "images": image_set.identity, "source": source})
+    return source, settings, run_key
+
+
+def _inversion_trainer(
+    s: InversionConfig,
+    ckpt_dir: Path,
+    logger: Any,
+    progress: bool,
+    callbacks: list[L.Callback] | None,
+) -> L.Trainer:
+    """The Lightning trainer of docs/methods.md 6.2, checkpointing the rows into ``ckpt_dir``."""
+    from unlearn_exp.identity import resolved_precision
+    from unlearn_exp.progress import lightning_bar
+
+    last = ckpt_dir / LAST_CKPT
+    if last.is_file():
+        log.info("concept inversion: resuming from %s", last)
+    if logger is not None:
+        define_stage_axis(logger, "inversion")
+    keep_freed_memory()
+    from unlearn_exp.quiet import quiet_lightning
+
+    quiet_lightning()  # Lightning's info lines and tips stay out of the run's output
+    return L.Trainer(
+        max_steps=s.steps,
+        accelerator="auto",
+        devices=1,
+        precision=resolved_precision(s.precision),
+        logger=logger if logger is not None else False,
+        callbacks=[
+            StopOnSigterm(),
+            RowsCheckpoint(ckpt_dir, s.checkpoint_every),
+            *(callbacks or []),
+            *([lightning_bar("concept inversion (C*)", s.steps, "step")] if progress else []),
+        ],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=s.log_every_n_steps,
+        num_sanity_val_steps=0,
+        default_root_dir=str(ckpt_dir),
+    )
+
+
+def _fit_rows(
+    trainer: L.Trainer, module: ConceptInversion, comps: Components, tokens: list[str], ckpt_dir: Path
+) -> None:
+    """Train the rows (docs/methods.md 6.2), resuming ``last.ckpt``; on divergence keep the last good rows."""
+    last = ckpt_dir / LAST_CKPT
+    try:
+        with keeps_device(comps):  # Lightning leaves its module (and the model) on the CPU
+            # our own checkpoint (tensors and plain values): read with weights_only=True
+            ckpt = str(last) if last.is_file() else None
+            trainer.fit(module, ckpt_path=ckpt, weights_only=True)
+    except InversionDiverged as exc:
+        rows = merge_learned_rows(comps, module.last_good)
+        path = save_textual_inversion(
+            ckpt_dir / LAST_GOOD_FILE,
+            tokens,
+            rows,
+            {"step": module.last_good_step, "diverged_at": exc.step},
+        )
+        raise InversionDiverged(
+            f"{exc}; the last good embedding (step {module.last_good_step}) is in {path}", exc.step
+        ) from None
+    except BaseException:
+        merge_learned_rows(comps, module.last_good)
+        raise
+
+
+def _metadata(
+    comps: Components,
+    s: InversionConfig,
+    *,
+    tokens: list[str],
+    source: Any,
+    image_set: ImageSet,
+    trainer: L.Trainer,
+    module: ConceptInversion,
+    window: list[float],
+    wall_start: float,
+    settings: dict[str, Any],
+    run_key: str,
+    eval_init: float | None,
+    eval_final: float | None,
+) -> dict[str, Any]:
+    """``metadata.json`` of one run: tokens, source, image set, losses and timings (docs/methods.md 6)."""
     fit_s = time.time() - (module._fit_start or wall_start)
-    metadata = {
+    return {
         "tokens": tokens,
         "prompt": concept_prompt(tokens),
         "placeholder": s.placeholder,
@@ -432,6 +498,17 @@ def invert(
         "run_key": run_key,
         "format": "diffusers textual inversion (safetensors, one tensor (K, D) named after the first token)",
     }
+
+
+def _write_outputs(
+    out_dir: Path,
+    tokens: list[str],
+    rows: torch.Tensor,
+    run_key: str,
+    metadata: dict[str, Any],
+    window: list[float],
+) -> None:
+    """Write the embedding (diffusers' format, docs/methods.md 6.1), then ``metadata.json``, atomically."""
     save_textual_inversion(
         out_dir / EMBEDS_FILE, tokens, rows, {"run_key": run_key, "steps": metadata["steps"]}
     )
@@ -442,8 +519,3 @@ def invert(
         window[-1] if window else float("nan"),
         out_dir,
     )
-    return {
-        **metadata,
-        "embeds_path": str(out_dir / EMBEDS_FILE),
-        "metadata_path": str(out_dir / METADATA_FILE),
-    }

@@ -170,7 +170,8 @@ def run_missing(
 DEFAULT_RESULTS = ("results", "multirun", "outputs")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m unlearn_exp.report``."""
     p = argparse.ArgumentParser(
         prog="python -m unlearn_exp.report",
         description="make reproduce-table: cell rows -> the paper's tables beside ours, plots, provenance",
@@ -204,71 +205,96 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="A,B,...: add these utility metrics as columns of the main and long tables",
     )
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the runs, after --")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return p
 
-    def table_mode(arg: str, module: str, what: str) -> int:
-        """``--judges`` / ``--utility``: a table over the recorded cells instead of the report."""
-        import importlib
 
-        m = importlib.import_module(f"unlearn_exp.report.{module}")
-        names = [n.strip() for n in arg.split(",") if n.strip()]
-        results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
-        table = getattr(m, f"{what}_table")(results, names, args.overrides)
-        written = getattr(m, f"write_{what}")(table, names, Path(args.out) / args.scale)
-        print(getattr(m, f"render_{what}")(table, names), end="")
-        print(f"wrote {', '.join(map(str, written))}")
-        return 0
+def _results(args: argparse.Namespace) -> list[str]:
+    """The result folders: ``--results``, else those of ``DEFAULT_RESULTS`` that exist now."""
+    return args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
 
-    if args.judges is not None:
-        return exit_status(table_mode, args.judges, "judges", "judges")
-    if args.utility is not None:
-        return exit_status(table_mode, args.utility, "utility", "utility")
 
-    def body() -> int:
-        results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
+def _table_mode(args: argparse.Namespace, arg: str, module: str, what: str) -> int:
+    """``--judges`` / ``--utility``: a table over the recorded cells instead of the report."""
+    import importlib
+
+    m = importlib.import_module(f"unlearn_exp.report.{module}")
+    names = [n.strip() for n in arg.split(",") if n.strip()]
+    results = _results(args)
+    table = getattr(m, f"{what}_table")(results, names, args.overrides)
+    written = getattr(m, f"write_{what}")(table, names, Path(args.out) / args.scale)
+    print(getattr(m, f"render_{what}")(table, names), end="")
+    print(f"wrote {', '.join(map(str, written))}")
+    return 0
+
+
+def _run_missing_tasks(args: argparse.Namespace, rows) -> None:
+    """Run every task's missing cells, nudity first, each task's files checked before its cells."""
+    extra = list(args.overrides)
+    if args.results:
+        extra.append(f"paths.results_dir={Path(args.results[0]).resolve()}")
+    for task in task_order(args.scale, args.task):
+        todo = missing_cells(rows, args.scale, args.overrides, task)
+        if todo:
+            preflight(args.scale, args.overrides, task)
+            log.info("%s: %d cell(s) missing: running them", task, len(todo))
+            run_missing(todo, extra)
+
+
+def _utility_tables(args: argparse.Namespace, rows) -> dict | None:
+    """``--utility-columns``: the tables with those utility metrics as columns; None without it."""
+    if not args.utility_columns:
+        return None
+    from unlearn_exp.report.tables import build_tables
+    from unlearn_exp.report.utility import add_utility_columns
+
+    tables = build_tables(rows, args.scale, args.pp, args.overrides)
+    names = [n.strip() for n in args.utility_columns.split(",") if n.strip()]
+    add_utility_columns(tables, names, args.overrides)
+    return tables
+
+
+def _write_precondition(args: argparse.Namespace) -> list[Path]:
+    """The toy's precondition of finding (a), per checkpoint, under ``<out>/toy``; the files written."""
+    from unlearn_exp import precondition
+
+    precondition.run([f"+experiment={SCALES['toy'].main['toy']}", *args.overrides], args.out)
+    return [
+        Path(args.out) / "toy" / "precondition.md",
+        Path(args.out) / "toy" / "precondition.csv",
+    ]
+
+
+def _report(args: argparse.Namespace) -> int:
+    """The report: the missing cells run (unless ``--no-run``), then the tables from the rows there are."""
+    results = _results(args)
+    rows = load_cells(results)
+    task_order(args.scale, args.task)  # an unknown task is one line before any work
+    if not args.no_run:
+        _run_missing_tasks(args, rows)
+        results = _results(args)
         rows = load_cells(results)
-        task_order(args.scale, args.task)  # an unknown task is one line before any work
-        if not args.no_run:
-            extra = list(args.overrides)
-            if args.results:
-                extra.append(f"paths.results_dir={Path(args.results[0]).resolve()}")
-            for task in task_order(args.scale, args.task):  # each task's files checked before its cells
-                todo = missing_cells(rows, args.scale, args.overrides, task)
-                if todo:
-                    preflight(args.scale, args.overrides, task)
-                    log.info("%s: %d cell(s) missing: running them", task, len(todo))
-                    run_missing(todo, extra)
-            results = args.results or [d for d in DEFAULT_RESULTS if Path(d).is_dir()]
-            rows = load_cells(results)
-        missing = missing_cells(rows, args.scale, args.overrides, args.task)
-        tables = None
-        if args.utility_columns:
-            from unlearn_exp.report.tables import build_tables
-            from unlearn_exp.report.utility import add_utility_columns
+    missing = missing_cells(rows, args.scale, args.overrides, args.task)
+    tables = _utility_tables(args, rows)
+    files = find_cell_files(results)
+    written = write_report(rows, args.scale, args.out, files, args.pp, args.overrides, tables=tables)
+    if args.scale == "toy" and not args.no_run:  # the precondition of finding (a), per checkpoint
+        written += _write_precondition(args)
+    print(
+        f"wrote {len(written)} files under {Path(args.out) / args.scale}; {len(missing)} cell(s) without rows"
+    )
+    for cell in missing:
+        print("  missing: " + " ".join(cell))
+    return 0
 
-            tables = build_tables(rows, args.scale, args.pp, args.overrides)
-            names = [n.strip() for n in args.utility_columns.split(",") if n.strip()]
-            add_utility_columns(tables, names, args.overrides)
-        files = find_cell_files(results)
-        written = write_report(rows, args.scale, args.out, files, args.pp, args.overrides, tables=tables)
-        if args.scale == "toy" and not args.no_run:  # the precondition of finding (a), per checkpoint
-            from unlearn_exp import precondition
 
-            precondition.run([f"+experiment={SCALES['toy'].main['toy']}", *args.overrides], args.out)
-            written += [
-                Path(args.out) / "toy" / "precondition.md",
-                Path(args.out) / "toy" / "precondition.csv",
-            ]
-        print(
-            f"wrote {len(written)} files under {Path(args.out) / args.scale}; "
-            f"{len(missing)} cell(s) without rows"
-        )
-        for cell in missing:
-            print("  missing: " + " ".join(cell))
-        return 0
-
-    return exit_status(body)
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.judges is not None:
+        return exit_status(_table_mode, args, args.judges, "judges", "judges")
+    if args.utility is not None:
+        return exit_status(_table_mode, args, args.utility, "utility", "utility")
+    return exit_status(_report, args)
 
 
 if __name__ == "__main__":

@@ -153,93 +153,124 @@ def _seeds(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
-    from unlearn_exp.atomic import atomic_write_text
-    from unlearn_exp.demo import grid, quiet_logs, run_grid_cell, run_in_workers
-
+def _parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m unlearn_exp.toy.study``."""
     ap = argparse.ArgumentParser(prog="python -m unlearn_exp.toy.study", description=__doc__.splitlines()[0])
     ap.add_argument("--duo-seeds", default="42,1,2", help="checkpoint.seed values (42: DUO's own, shipped)")
     ap.add_argument("--prompt-seeds", default="0,1", help="benchmark.seed and pp.prompts.seed values")
     ap.add_argument("--betas", default=None, help="only these paper betas (default: the sweep's)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes")
     ap.add_argument("--out", default="reports/toy", help="folder of study.md and study.csv")
-    args, extra = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return ap
+
+
+def _study_runs(args: argparse.Namespace, base: list[str]) -> list[tuple[tuple[int, int], list[str]]]:
+    """Every cell of the study with its seed pair: the demo's grid per pair, of ``--betas`` only."""
+    from unlearn_exp.demo import grid
+
+    runs = []
+    for duo_seed in _seeds(args.duo_seeds):
+        for prompt_seed in _seeds(args.prompt_seeds):
+            seeds = [
+                f"checkpoint.seed={duo_seed}",
+                f"benchmark.seed={prompt_seed}",
+                f"pp.prompts.seed={prompt_seed}",
+            ]
+            cells = grid([*base, *seeds])
+            # (0): the explicit prompts' unguided cell beside each beta's guidance=none cell
+            cells += [[*c, "benchmark=toy_explicit"] for c in cells if "guidance=none" in c]
+            for cell in cells:
+                beta = next(c.split("=", 1)[1] for c in cell if c.startswith("checkpoint.beta="))
+                if args.betas and beta not in args.betas.split(","):
+                    continue
+                runs.append(((duo_seed, prompt_seed), [*base, *seeds, *cell, "sampling.progress=false"]))
+    return runs
+
+
+def _cell_row(duo_seed: int, prompt_seed: int, c: dict) -> dict:
+    """One row of ``study.csv``: a recorded cell of a seed pair."""
+    return {
+        "duo_seed": duo_seed,
+        "prompt_seed": prompt_seed,
+        "beta": float(c["beta"]),
+        "guidance": c["guidance"],
+        "embedding": c["embedding"],
+        "benchmark": c["benchmark"],
+        "dsr": float(c["dsr"]),
+        "pp": float(c["pp_coco"]),
+        "benign_acc": float(c["benign_acc"]),
+        "cell_key": c["cell_key"],
+    }
+
+
+def _run_study(runs: list[tuple[tuple[int, int], list[str]]], jobs: int) -> list[dict]:
+    """Run the cells (here, or in ``jobs`` workers), a line each as it finishes; their rows."""
+    from unlearn_exp.demo import run_grid_cell, run_in_workers
+
+    rows = []
+    tasks = [(run_grid_cell, over) for _, over in runs]
+    results = (
+        ((i, run_grid_cell(over)) for i, (_, over) in enumerate(tasks))
+        if jobs == 1
+        else run_in_workers(tasks, jobs, 1)
+    )
+    for n, (i, got) in enumerate(results, 1):
+        c = got["cell"]
+        (duo_seed, prompt_seed) = runs[i][0]
+        rows.append(_cell_row(duo_seed, prompt_seed, c))
+        print(
+            f"[{n}/{len(runs)}] seeds {duo_seed}/{prompt_seed} beta={c['beta']:g} {c['guidance']} "
+            f"{c['embedding']} {c['benchmark']}: DSR {c['dsr']:.3f}",
+            flush=True,
+        )
+    return rows
+
+
+def _write_study(rows: list[dict], out: Path, command: list[str], start: float) -> None:
+    """The margins per seed pair and the verdicts: ``study.csv`` and ``study.md`` under ``out``, printed."""
+    from unlearn_exp.atomic import atomic_write_text
+
+    cells = pd.DataFrame(rows).sort_values(
+        ["duo_seed", "prompt_seed", "beta", "guidance", "embedding", "benchmark"]
+    )
+    per_seed = pd.DataFrame(
+        [
+            {"duo_seed": d, "prompt_seed": p, **margins(g)}
+            for (d, p), g in cells.groupby(["duo_seed", "prompt_seed"])
+        ]
+    )
+    table = verdicts(per_seed)
+    header = (
+        f"# The toy study: findings over {len(per_seed)} seed pairs\n\n"
+        f"`python -m unlearn_exp.toy.study {' '.join(command)}`"
+        f" ({len(cells)} cells, {time.time() - start:.0f} s). Rules fixed before the run "
+        "(`unlearn_exp/toy/study.py`)."
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "study.csv", cells.to_csv(index=False))
+    text = to_markdown(per_seed, table, header)
+    atomic_write_text(out / "study.md", text)
+    print("\n" + text + f"\nwritten: {out / 'study.md'}, {out / 'study.csv'}")
+
+
+def _study(args: argparse.Namespace, base: list[str], command: list[str]) -> int:
+    """The study: every seed pair's cells run, then its report written and printed."""
+    start = time.time()
+    runs = _study_runs(args, base)
+    print(f"toy study: {len(runs)} cells ({args.duo_seeds} DUO seeds x {args.prompt_seeds} prompt seeds)")
+    rows = _run_study(runs, args.jobs)
+    _write_study(rows, Path(args.out), command, start)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from unlearn_exp.demo import quiet_logs
+
+    command = sys.argv[1:] if argv is None else argv
+    args, extra = _parser().parse_known_args(command)
     quiet_logs()
     base = ["+experiment=toy_duo", *extra]
-
-    def body() -> int:
-        start = time.time()
-        runs = []
-        for duo_seed in _seeds(args.duo_seeds):
-            for prompt_seed in _seeds(args.prompt_seeds):
-                seeds = [
-                    f"checkpoint.seed={duo_seed}",
-                    f"benchmark.seed={prompt_seed}",
-                    f"pp.prompts.seed={prompt_seed}",
-                ]
-                cells = grid([*base, *seeds])
-                # (0): the explicit prompts' unguided cell beside each beta's guidance=none cell
-                cells += [[*c, "benchmark=toy_explicit"] for c in cells if "guidance=none" in c]
-                for cell in cells:
-                    beta = next(c.split("=", 1)[1] for c in cell if c.startswith("checkpoint.beta="))
-                    if args.betas and beta not in args.betas.split(","):
-                        continue
-                    runs.append(((duo_seed, prompt_seed), [*base, *seeds, *cell, "sampling.progress=false"]))
-        print(f"toy study: {len(runs)} cells ({args.duo_seeds} DUO seeds x {args.prompt_seeds} prompt seeds)")
-        rows = []
-        tasks = [(run_grid_cell, over) for _, over in runs]
-        results = (
-            ((i, run_grid_cell(over)) for i, (_, over) in enumerate(tasks))
-            if args.jobs == 1
-            else run_in_workers(tasks, args.jobs, 1)
-        )
-        for n, (i, got) in enumerate(results, 1):
-            c = got["cell"]
-            (duo_seed, prompt_seed) = runs[i][0]
-            rows.append(
-                {
-                    "duo_seed": duo_seed,
-                    "prompt_seed": prompt_seed,
-                    "beta": float(c["beta"]),
-                    "guidance": c["guidance"],
-                    "embedding": c["embedding"],
-                    "benchmark": c["benchmark"],
-                    "dsr": float(c["dsr"]),
-                    "pp": float(c["pp_coco"]),
-                    "benign_acc": float(c["benign_acc"]),
-                    "cell_key": c["cell_key"],
-                }
-            )
-            print(
-                f"[{n}/{len(runs)}] seeds {duo_seed}/{prompt_seed} beta={c['beta']:g} {c['guidance']} "
-                f"{c['embedding']} {c['benchmark']}: DSR {c['dsr']:.3f}",
-                flush=True,
-            )
-        cells = pd.DataFrame(rows).sort_values(
-            ["duo_seed", "prompt_seed", "beta", "guidance", "embedding", "benchmark"]
-        )
-        per_seed = pd.DataFrame(
-            [
-                {"duo_seed": d, "prompt_seed": p, **margins(g)}
-                for (d, p), g in cells.groupby(["duo_seed", "prompt_seed"])
-            ]
-        )
-        table = verdicts(per_seed)
-        header = (
-            f"# The toy study: findings over {len(per_seed)} seed pairs\n\n"
-            f"`python -m unlearn_exp.toy.study {' '.join(sys.argv[1:] if argv is None else argv)}`"
-            f" ({len(cells)} cells, {time.time() - start:.0f} s). Rules fixed before the run "
-            "(`unlearn_exp/toy/study.py`)."
-        )
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "study.csv", cells.to_csv(index=False))
-        text = to_markdown(per_seed, table, header)
-        atomic_write_text(out / "study.md", text)
-        print("\n" + text + f"\nwritten: {out / 'study.md'}, {out / 'study.csv'}")
-        return 0
-
-    return exit_status(body)
+    return exit_status(_study, args, base, command)
 
 
 if __name__ == "__main__":

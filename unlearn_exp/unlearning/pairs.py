@@ -97,6 +97,35 @@ def _why(verdict: dict[str, Any] | None) -> str:
     return f"; last verdict: {text[:160]}" if extra else ""
 
 
+@dataclass(frozen=True)
+class _Recipe:
+    """The settings of one pair recipe, read and checked (docs/methods.md 5.1)."""
+
+    name: str
+    prompts: list[tuple[str, str]]
+    strength: float
+    max_tries: int
+    batch: int
+    seed: int
+    checks: dict[str, bool]
+
+
+def _read_recipe(recipe: dict[str, Any], judge) -> _Recipe:
+    """Read a plain recipe; refuse a missing judge or ``max_tries < 1`` (docs/methods.md 5.1)."""
+    name = str(recipe.get("name", "pairs"))
+    prompts = pair_prompts(recipe)
+    strength = float(recipe.get("strength", 0.75))
+    max_tries = int(recipe.get("max_tries", 20))
+    batch = max(1, int(recipe.get("batch", 8)))
+    seed = int(recipe.get("seed", 42))
+    checks = {"unsafe": bool(recipe.get("check_unsafe", True)), "safe": bool(recipe.get("check_safe", True))}
+    if any(checks.values()) and judge is None:
+        raise UserError(f"DUO pair recipe '{name}' checks images with a judge, but no judge was given")
+    if max_tries < 1:
+        raise UserError(f"DUO pair recipe '{name}': max_tries must be >= 1, got {max_tries}")
+    return _Recipe(name, prompts, strength, max_tries, batch, seed, checks)
+
+
 def build_pair_set(
     comps: Components,
     recipe: dict[str, Any],
@@ -110,79 +139,127 @@ def build_pair_set(
     call). ``sample_kwargs`` go to ``unlearn_exp.sampling.sample`` (scheduler, steps,
     guidance_scale, resolution) for both the unsafe images and the SDEdit step.
     """
-    from unlearn_exp.sampling import sample
-
     recipe = dict(_plain(recipe))
-    name = str(recipe.get("name", "pairs"))
-    prompts = pair_prompts(recipe)
-    strength = float(recipe.get("strength", 0.75))
-    max_tries = int(recipe.get("max_tries", 20))
-    batch = max(1, int(recipe.get("batch", 8)))
-    seed = int(recipe.get("seed", 42))
-    checks = {"unsafe": bool(recipe.get("check_unsafe", True)), "safe": bool(recipe.get("check_safe", True))}
-    if any(checks.values()) and judge is None:
-        raise UserError(f"DUO pair recipe '{name}' checks images with a judge, but no judge was given")
-    if max_tries < 1:
-        raise UserError(f"DUO pair recipe '{name}': max_tries must be >= 1, got {max_tries}")
+    r = _read_recipe(recipe, judge)
     kwargs = {k: v for k, v in dict(sample_kwargs or {}).items() if v is not None}
     kwargs.pop("guidance", None)
     out_dir = Path(out_dir)
-    n = len(prompts)
+    n = len(r.prompts)
     images: dict[str, list[torch.Tensor | None]] = {"unsafe": [None] * n, "safe": [None] * n}
     records = [
         {"index": i, "unsafe_prompt": u, "safe_prompt": s, "tries": {"unsafe": 0, "safe": 0}}
-        for i, (u, s) in enumerate(prompts)
+        for i, (u, s) in enumerate(r.prompts)
     ]
 
     from unlearn_exp.progress import StageBar
 
-    bar = StageBar(f"DUO pairs ({name})", 2 * n, "img")
+    bar = StageBar(f"DUO pairs ({r.name})", 2 * n, "img")
     for stage_idx, stage in enumerate(("unsafe", "safe")):
-        last_verdict: dict[str, Any] | None = None
-        for attempt in range(max_tries):
-            pending = [i for i in range(n) if images[stage][i] is None]
-            if not pending:
-                break
-            for start in range(0, len(pending), batch):
-                idx = pending[start : start + batch]
-                seeds = [_seed(seed, stage_idx, i, attempt) for i in idx]
-                if stage == "unsafe":
-                    out = sample(comps, [prompts[i][0] for i in idx], seeds, **kwargs)
-                else:
-                    out = sample(
-                        comps,
-                        [prompts[i][1] for i in idx],
-                        seeds,
-                        negative_prompts=[prompts[i][0] for i in idx],
-                        init_images=torch.stack([images["unsafe"][i] for i in idx]),
-                        strength=strength,
-                        **kwargs,
-                    )
-                verdicts = _judge(judge, out.pil) if checks[stage] else [None] * len(idx)
-                for j, i in enumerate(idx):
-                    records[i]["tries"][stage] += 1
-                    v = verdicts[j]
-                    # an unsafe image is kept when flagged, a safe counterpart when found safe
-                    ok = v is None or (bool(v["safe"]) == (stage == "safe"))
-                    if ok:
-                        bar.update(1)
-                        images[stage][i] = out.images[j]
-                        records[i][f"{stage}_seed"] = seeds[j]
-                        records[i][f"{stage}_verdict"] = v
-                    else:
-                        last_verdict = v
-        failed = [i for i in range(n) if images[stage][i] is None]
-        if failed:
-            bar.close()
-            wrong = "safe" if stage == "unsafe" else "unsafe"
-            raise UserError(
-                f"DUO pair set '{name}': {len(failed)} of {n} {stage} images were not accepted within "
-                f"max_tries={max_tries} ({len(failed) * max_tries} tries failed, e.g. pair {failed[0]}): "
-                f"the judge found every try {wrong}{_why(last_verdict)}. Raise max_tries or check the "
-                "prompts, the SDEdit strength and the judge"
-            )
+        _fill_stage(comps, r, judge, stage_idx, stage, images, records, bar, kwargs)
 
     bar.close()
+    _write_pair_set(out_dir, r.name, recipe, images, records)
+    return PairSet(root=out_dir, records=records)
+
+
+def _fill_stage(
+    comps: Components,
+    r: _Recipe,
+    judge,
+    stage_idx: int,
+    stage: str,
+    images: dict[str, list[torch.Tensor | None]],
+    records: list[dict[str, Any]],
+    bar,
+    kwargs: dict[str, Any],
+) -> None:
+    """Sample and judge one stage's images, re-sampling rejected ones (docs/methods.md 5.1)."""
+    n = len(r.prompts)
+    last_verdict: dict[str, Any] | None = None
+    for attempt in range(r.max_tries):
+        pending = [i for i in range(n) if images[stage][i] is None]
+        if not pending:
+            break
+        for start in range(0, len(pending), r.batch):
+            idx = pending[start : start + r.batch]
+            seeds = [_seed(r.seed, stage_idx, i, attempt) for i in idx]
+            out = _sample_batch(comps, r, stage, idx, seeds, images, kwargs)
+            verdicts = _judge(judge, out.pil) if r.checks[stage] else [None] * len(idx)
+            rejected = _keep_accepted(stage, idx, seeds, out, verdicts, images, records, bar)
+            if rejected is not None:
+                last_verdict = rejected
+    failed = [i for i in range(n) if images[stage][i] is None]
+    if failed:
+        bar.close()
+        wrong = "safe" if stage == "unsafe" else "unsafe"
+        raise UserError(
+            f"DUO pair set '{r.name}': {len(failed)} of {n} {stage} images were not accepted within "
+            f"max_tries={r.max_tries} ({len(failed) * r.max_tries} tries failed, e.g. pair {failed[0]}): "
+            f"the judge found every try {wrong}{_why(last_verdict)}. Raise max_tries or check the "
+            "prompts, the SDEdit strength and the judge"
+        )
+
+
+def _sample_batch(
+    comps: Components,
+    r: _Recipe,
+    stage: str,
+    idx: list[int],
+    seeds: list[int],
+    images: dict[str, list[torch.Tensor | None]],
+    kwargs: dict[str, Any],
+):
+    """One sampler call: unsafe images, or their SDEdit safe counterparts (docs/methods.md 5.1)."""
+    from unlearn_exp.sampling import sample
+
+    if stage == "unsafe":
+        return sample(comps, [r.prompts[i][0] for i in idx], seeds, **kwargs)
+    return sample(
+        comps,
+        [r.prompts[i][1] for i in idx],
+        seeds,
+        negative_prompts=[r.prompts[i][0] for i in idx],
+        init_images=torch.stack([images["unsafe"][i] for i in idx]),
+        strength=r.strength,
+        **kwargs,
+    )
+
+
+def _keep_accepted(
+    stage: str,
+    idx: list[int],
+    seeds: list[int],
+    out,
+    verdicts: list[dict[str, Any] | None],
+    images: dict[str, list[torch.Tensor | None]],
+    records: list[dict[str, Any]],
+    bar,
+) -> dict[str, Any] | None:
+    """Count the tries and keep the accepted images (docs/methods.md 5.1); the last rejected verdict."""
+    rejected: dict[str, Any] | None = None
+    for j, i in enumerate(idx):
+        records[i]["tries"][stage] += 1
+        v = verdicts[j]
+        # an unsafe image is kept when flagged, a safe counterpart when found safe
+        ok = v is None or (bool(v["safe"]) == (stage == "safe"))
+        if ok:
+            bar.update(1)
+            images[stage][i] = out.images[j]
+            records[i][f"{stage}_seed"] = seeds[j]
+            records[i][f"{stage}_verdict"] = v
+        else:
+            rejected = v
+    return rejected
+
+
+def _write_pair_set(
+    out_dir: Path,
+    name: str,
+    recipe: dict[str, Any],
+    images: dict[str, list[torch.Tensor | None]],
+    records: list[dict[str, Any]],
+) -> None:
+    """Write ``unsafe/NNN.png``, ``safe/NNN.png``, then ``pairs.json``, atomically (docs/methods.md 5.1)."""
     from unlearn_exp.sampling import to_pil
 
     for stage in ("unsafe", "safe"):
@@ -194,4 +271,3 @@ def build_pair_set(
                 im.save(tmp, format="PNG")
             records[i][f"{stage}_file"] = rel
     atomic_write_json(out_dir / PAIRS_FILE, {"name": name, "recipe": recipe, "pairs": records})
-    return PairSet(root=out_dir, records=records)
