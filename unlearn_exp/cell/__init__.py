@@ -1,6 +1,6 @@
-"""One grid cell: ``run.py`` tells the story (the orchestrator, the stage dataclasses, then the
-stages in order); ``keys``, ``inputs``, ``samples``, ``concept_source`` and ``records`` hold what
-the stages use. The names below are the package's public face."""
+"""One grid cell: ``run.py`` tells the story (the orchestrator, then the stages in order, handing
+each other the dataclasses of ``stages``); ``keys``, ``inputs``, ``samples``, ``concept_source`` and
+``records`` hold what the stages use. The names below are the package's public face."""
 
 from unlearn_exp.cell.concept_source import ImageSetRef, ensure_image_set, image_set_ref, resolve_concept
 from unlearn_exp.cell.inputs import apply_unlearning, benchmark_rows, cell_store, load_model, method_filter
@@ -16,13 +16,6 @@ from unlearn_exp.cell.keys import (
 )
 from unlearn_exp.cell.records import checkpoint_label, collapse_flag, recorded_result
 from unlearn_exp.cell.run import (
-    Cell,
-    ConceptGuidance,
-    Judged,
-    Originals,
-    Samples,
-    Scores,
-    Unlearned,
     concept,
     judge,
     needs_learned_concept,
@@ -37,6 +30,7 @@ from unlearn_exp.cell.run import (
     unlearn,
 )
 from unlearn_exp.cell.samples import Chunk, chunk_images, chunk_meta, generate_samples, judge_chunks
+from unlearn_exp.cell.stages import Cell, ConceptGuidance, Judged, Originals, Samples, Scores, Unlearned
 from unlearn_exp.identity import model_identity
 
 __all__ = [

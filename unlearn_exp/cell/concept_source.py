@@ -19,7 +19,7 @@ from unlearn_exp.errors import UserError
 from unlearn_exp.hashing import config_hash
 from unlearn_exp.hashing import to_plain as plain
 from unlearn_exp.inversion.config import ImageSetConfig, ImageSource
-from unlearn_exp.settings import method_hook
+from unlearn_exp.settings import declarations, method_hook
 from unlearn_exp.store import ArtifactStore
 
 if TYPE_CHECKING:
@@ -163,11 +163,9 @@ def resolve_concept(
 
     source = cfg.embedding.source
     if source == "explicit" or cfg.guidance.name == "none":
-        texts = {
-            "task": cfg.task.name,
-            "sld": cfg.task.sld_concept,
-            "keywords": list(cfg.task.safree_keywords),
-        }
+        texts = {"task": cfg.task.name}  # and the task's words each guidance method reads
+        for d in declarations("guidance"):
+            texts.update({name: plain(cfg.task.get(key)) for name, key in d.task_keys})
         return Concept("explicit", [], f"explicit:{config_hash(texts)}")
     if source not in ("inverted", "shared"):
         raise UserError(f"unknown embedding source '{source}': choose explicit, inverted or shared")

@@ -14,9 +14,10 @@ from unlearn_exp.cell.samples import chunk_meta, safe_name
 from unlearn_exp.hashing import file_sha256
 from unlearn_exp.hashing import to_plain as plain
 from unlearn_exp.identity import cell_spec, spec_key
+from unlearn_exp.settings import method_hook
 
 if TYPE_CHECKING:  # the stage dataclasses, for annotations only
-    from unlearn_exp.cell.run import Cell, ConceptGuidance, Judged, Originals, Samples, Scores, Unlearned
+    from unlearn_exp.cell.stages import Cell, ConceptGuidance, Judged, Originals, Samples, Scores, Unlearned
 
 log = logging.getLogger("unlearn_exp")
 
@@ -34,8 +35,9 @@ def checkpoint_label(cfg) -> tuple[float, str]:
         if explicit is None:
             return float("nan"), label
         return float(explicit), f"{label} (beta={float(explicit):g})"
-    if beta is None:  # ESD by its variant (esd-u, esd-x): two methods of the methods grid
-        return float("nan"), str(ck.get("variant") or ck.method) if ck.method == "esd" else str(ck.method)
+    if beta is None:  # a method without beta: its name, or its own label (ESD: its variant)
+        label_of = method_hook("checkpoint", ck.method, "label")
+        return float("nan"), str(label_of(ck) if label_of is not None else ck.method)
     return float(beta), f"{ck.method} beta={float(beta):g}"
 
 

@@ -10,10 +10,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from omegaconf import MISSING
-
 from unlearn_exp.checks import PRECISIONS, Checks
-from unlearn_exp.settings import Settings, choice, declare, listed, number
+from unlearn_exp.settings import Settings, choice, declare, listed, number, setting
 
 ESD_VARIANTS = ("esd-u", "esd-x", "esd-x-strict", "esd-all", "esd-self")
 
@@ -39,18 +37,20 @@ class OriginalCheckpointConfig(Settings):
     """``conf/checkpoint/original.yaml``: the model as loaded."""
 
     GROUP = "checkpoint"
-    method: str = MISSING
-    beta: Any = number(lo=0, strict=True, optional=True)  # a label only
-    path: Any = MISSING
+    method: str = setting("the method's registered name: original (the model as loaded, no unlearning)")
+    beta: Any = number(lo=0, strict=True, optional=True, help="a label only: the results' beta column")
+    path: Any = setting("not read: the model is used as loaded (null)")
 
 
 @dataclass
 class PairSamplingConfig:
     """How DUO's pair images are sampled (null keeps the cell's sampler setting)."""
 
-    scheduler: Any = MISSING  # str | None
-    steps: Any = MISSING
-    guidance_scale: Any = MISSING
+    scheduler: Any = setting("scheduler of the pair images (DUO: pndm); null: the cell's sampler")
+    steps: Any = setting("sampling steps of the pair images (DUO: 50); null: the cell's")
+    guidance_scale: Any = setting(
+        "CFG scale of the pair images and of the SDEdit step (DUO: 7.5); null: the cell's"
+    )
 
 
 @dataclass
@@ -58,36 +58,94 @@ class DUOCheckpointConfig(Settings):
     """``conf/checkpoint/duo.yaml`` (docs/methods.md 5)."""
 
     GROUP = "checkpoint"
-    method: str = MISSING
-    beta: Any = number(lo=0, strict=True)
-    path: Any = MISSING  # str | list[str] | None
-    adapter_weights: Any = MISSING  # list[float] | None
-    filter: Any = MISSING  # a judge profile (the task's DUO filter) or None
-    allow_pickle_conversion: bool = MISSING
-    lr_base: Any = number(lo=0, strict=True)
-    lambda_base: Any = number(lo=0)
-    lr_override: Any = number(lo=0, strict=True, optional=True)
-    lambda_override: Any = number(lo=0, optional=True)
-    beta_scale: Any = number(lo=0, strict=True)
-    beta_map: Any = MISSING  # list of [paper beta, beta] pairs | None (the toy's departure, docs/toy.md)
-    steps: Any = number(int, lo=1, optional=True)  # None takes each adapter's steps from the recipe
-    batch: int = number(int, lo=1)
-    rank: int = number(int, lo=1)
-    alpha: Any = number(lo=0, strict=True)
-    init_lora_weights: Any = MISSING  # peft's init_lora_weights: a name or a bool
-    target_modules: list[str] = listed()
-    condition: DUOCondition = MISSING
-    t_min: int = number(int, lo=1)
-    t_max: int = number(int, lo=1)
-    seed: int = number(int, seed=True)
-    weight_decay: Any = number(lo=0)
-    grad_clip: Any = number(lo=0, strict=True, optional=True)  # None: no clipping
-    checkpoint_every: int = number(int, lo=1)
-    precision: str = choice(*PRECISIONS)
-    max_tries: int = number(int, lo=1)
-    pair_batch: int = number(int, lo=1)
-    pair_sampling: PairSamplingConfig = MISSING
-    recipes: Any = MISSING  # task name -> {adapters: [...]}
+    method: str = setting("the method's registered name: duo (docs/methods.md 5)")
+    beta: Any = number(
+        lo=0,
+        strict=True,
+        help="DPO beta trained for (with path: a label); lr and lambda scale with it (docs/methods.md 5.4)",
+    )
+    path: Any = setting(
+        "LoRA file or list of files loaded instead of training; null: train and cache (docs/methods.md 5.5)"
+    )
+    adapter_weights: Any = setting(
+        "one weight per LoRA file of path, as DUO's set_adapters; null: 1 each (docs/methods.md 5.5)"
+    )
+    filter: Any = setting(
+        "judge profile checking the pairs (task.duo_filter), never the evaluation judge (docs/methods.md 5.1)"
+    )
+    allow_pickle_conversion: bool = setting(
+        "pickled .pt/.pth/.ckpt/.bin are read only when true (torch.load weights_only), converted once"
+    )
+    lr_base: Any = number(
+        lo=0, strict=True, help="lr = lr_base * 100 / beta (DUO: 3e-4; docs/methods.md 5.4)"
+    )
+    lambda_base: Any = number(lo=0, help="lambda = lambda_base * beta / 100 (DUO: 1e6; docs/methods.md 5.4)")
+    lr_override: Any = number(
+        lo=0,
+        strict=True,
+        optional=True,
+        help="lr used instead of the scaled one; null: scaled (docs/design.md 2)",
+    )
+    lambda_override: Any = number(
+        lo=0, optional=True, help="lambda used instead of the scaled one; null: scaled (docs/design.md 2)"
+    )
+    beta_scale: Any = number(
+        lo=0,
+        strict=True,
+        help="beta / beta_scale is the beta of the loss and of lr/lambda; 1: the paper (docs/methods.md 5.4)",
+    )
+    beta_map: Any = setting(
+        "[paper beta, beta] pairs, linear in log(beta) between them; null: the paper (docs/toy.md 3)"
+    )
+    steps: Any = number(
+        int,
+        lo=1,
+        optional=True,
+        help="optimiser steps per adapter; null: each adapter's steps from the recipe",
+    )
+    batch: int = number(
+        int, lo=1, help="pairs per optimiser step (DUO: 1 per GPU x 4 GPUs; docs/methods.md 5.4)"
+    )
+    rank: int = number(int, lo=1, help="LoRA rank r (DUO: 32; docs/methods.md 5.2)")
+    alpha: Any = number(lo=0, strict=True, help="LoRA alpha (DUO: 32; docs/methods.md 5.2)")
+    init_lora_weights: Any = setting(
+        "peft's init_lora_weights: a name (DUO: gaussian) or a bool (docs/methods.md 5.2)"
+    )
+    target_modules: list[str] = listed(
+        help="UNet modules given a LoRA (DUO: self-attention only; docs/methods.md 5.2)"
+    )
+    condition: DUOCondition = setting(
+        "text condition of the preference term: null (DUO: the empty prompt) or unsafe (docs/departures.md)"
+    )
+    t_min: int = number(
+        int, lo=1, help="timesteps are drawn from {t_min-1, ..., t_max-1} (DUO: 1; docs/methods.md 5.3)"
+    )
+    t_max: int = number(
+        int, lo=1, help="timesteps are drawn from {t_min-1, ..., t_max-1} (DUO: 750; docs/methods.md 5.3)"
+    )
+    seed: int = number(int, seed=True, help="training seed (DUO: 42)")
+    weight_decay: Any = number(lo=0, help="AdamW weight decay (DUO: 0.01; docs/methods.md 5.4)")
+    grad_clip: Any = number(
+        lo=0, strict=True, optional=True, help="gradient-norm clip (DUO: 1.0); null: no clipping"
+    )
+    checkpoint_every: int = number(
+        int, lo=1, help="steps between Lightning checkpoints, for resuming an interrupted run"
+    )
+    precision: str = choice(
+        *PRECISIONS, help="training precision; auto: 16-mixed on GPU, 32-true on CPU (docs/methods.md 13)"
+    )
+    max_tries: int = number(
+        int,
+        lo=1,
+        help="samples per pair image before the pair set build stops with an error (docs/methods.md 5.1)",
+    )
+    pair_batch: int = number(int, lo=1, help="images per sampler call while sampling the pairs")
+    pair_sampling: PairSamplingConfig = setting(
+        "how the pair images are sampled (DUO: PNDM, 50 steps, CFG 7.5; docs/methods.md 5.1)"
+    )
+    recipes: Any = setting(
+        "recipe per task name ({adapters: [...]}); a task's duo_recipe replaces it (docs/methods.md 5.1)"
+    )
 
     def rules(self, c: Checks) -> None:
         paths = self.path if isinstance(self.path, list) else [self.path]
@@ -129,23 +187,36 @@ class ESDCheckpointConfig(Settings):
     """``conf/checkpoint/esd.yaml`` (docs/methods.md 8.1)."""
 
     GROUP = "checkpoint"
-    method: str = MISSING
-    beta: Any = number(lo=0, strict=True, optional=True)
-    path: Any = MISSING
-    allow_pickle_conversion: bool = MISSING
-    variant: str = choice(*ESD_VARIANTS)
-    concept: Any = MISSING  # str | {task name: str}
-    steps: int = number(int, lo=1)
-    lr: Any = number(lo=0, strict=True)
-    eta: Any = number(lo=0)
-    start_guidance: Any = number(lo=0)
-    ddim_steps: int = number(int, lo=1)
-    batch: int = number(int, lo=1)
-    sample_with: ESDSampler = MISSING
-    seed: int = number(int, seed=True)
-    grad_clip: Any = number(lo=0, strict=True, optional=True)
-    checkpoint_every: int = number(int, lo=1)
-    precision: str = choice(*PRECISIONS)
+    method: str = setting("the method's registered name: esd (docs/methods.md 8.1)")
+    beta: Any = number(lo=0, strict=True, optional=True, help="a label only (ESD has no beta); null")
+    path: Any = setting("UNet weights (a full or partial state dict) loaded instead of training; null: train")
+    allow_pickle_conversion: bool = setting(
+        "pickled .pt/.pth/.ckpt/.bin are read only when true (torch.load weights_only), converted once"
+    )
+    variant: str = choice(
+        *ESD_VARIANTS,
+        help="what trains: esd-u all but attn2, esd-x attn2, esd-x-strict its k/v, esd-all, esd-self attn1",
+    )
+    concept: Any = setting(
+        "the concept prompt: a string or {task name: string}; a task's esd_concept overrides it"
+    )
+    steps: int = number(int, lo=1, help="training iterations (original script: 1000; docs/methods.md 8.1)")
+    lr: Any = number(lo=0, strict=True, help="Adam learning rate (original script: 1e-5)")
+    eta: Any = number(lo=0, help="negative guidance of the target (original script: 1; current script: 2)")
+    start_guidance: Any = number(lo=0, help="CFG scale of the partial sample that builds x_t (ESD: 3)")
+    ddim_steps: int = number(int, lo=1, help="DDIM steps of the partial sample that builds x_t (ESD: 50)")
+    batch: int = number(int, lo=1, help="x_t samples per optimiser step (ESD: 1)")
+    sample_with: ESDSampler = setting(
+        "which UNet samples x_t: the frozen original (docs/methods.md 8.1) or the trained copy"
+    )
+    seed: int = number(int, seed=True, help="training seed")
+    grad_clip: Any = number(lo=0, strict=True, optional=True, help="gradient-norm clip; null: no clipping")
+    checkpoint_every: int = number(
+        int, lo=1, help="steps between Lightning checkpoints, for resuming an interrupted run"
+    )
+    precision: str = choice(
+        *PRECISIONS, help="training precision; auto: 16-mixed on GPU, 32-true on CPU (docs/methods.md 13)"
+    )
 
 
 @dataclass
@@ -153,17 +224,23 @@ class UCECheckpointConfig(Settings):
     """``conf/checkpoint/uce.yaml`` (docs/methods.md 8.2)."""
 
     GROUP = "checkpoint"
-    method: str = MISSING
-    beta: Any = number(lo=0, strict=True, optional=True)
-    path: Any = MISSING
-    allow_pickle_conversion: bool = MISSING
-    erase: Any = MISSING  # list[str] | {task name: list[str]}
-    guide: Any = MISSING  # str | list[str]
-    preserve: Any = MISSING
-    lamb: Any = number(lo=0)
-    erase_scale: Any = number(lo=0)
-    preserve_scale: Any = number(lo=0)
-    templates: Any = MISSING
+    method: str = setting("the method's registered name: uce (docs/methods.md 8.2)")
+    beta: Any = number(lo=0, strict=True, optional=True, help="a label only (UCE has no beta); null")
+    path: Any = setting("edited attn2.to_k/to_v weights (safetensors) loaded instead of editing; null: edit")
+    allow_pickle_conversion: bool = setting(
+        "pickled .pt/.pth/.ckpt/.bin are read only when true (torch.load weights_only), converted once"
+    )
+    erase: Any = setting("concepts to erase: a list or {task name: list}; a task's uce_erase overrides it")
+    guide: Any = setting(
+        'guide concept: one string or a list, one per erased concept; "" = concept type object'
+    )
+    preserve: Any = setting("concepts to preserve (a list, or {task name: list}); []: none")
+    lamb: Any = number(
+        lo=0, help="lamb, the weight of the old weights in the closed form (UCE: 0.5; docs/methods.md 8.2)"
+    )
+    erase_scale: Any = number(lo=0, help="s_e, the weight of the erased concepts (UCE: 1)")
+    preserve_scale: Any = number(lo=0, help="s_p, the weight of the preserved concepts (UCE: 1)")
+    templates: Any = setting('optional prompt expansion, e.g. ["{}", "image of {}", "photo of {}"]; []: none')
 
 
 @dataclass
@@ -173,9 +250,11 @@ class PublishedCheckpointConfig(Settings):
     GROUP = "checkpoint"
     LOADS = "published files"  # what checkpoint.path must point to, for the message
     LOADS_FOLDERS = False  # True: checkpoint.path is a folder its loader reads itself
-    method: str = MISSING
-    beta: Any = number(lo=0, strict=True, optional=True)  # a label only
-    path: Any = MISSING
+    method: str = setting(
+        "the method's registered name (spm, unet_folder, advunlearn; docs/methods.md 8.3-8.4)"
+    )
+    beta: Any = number(lo=0, strict=True, optional=True, help="a label only: the results' beta column")
+    path: Any = setting("the published file or folder to load (required; docs/methods.md 8.3-8.4)")
 
     def rules(self, c: Checks) -> None:
         if not self.path:
@@ -187,8 +266,12 @@ class SPMCheckpointConfig(PublishedCheckpointConfig):
     """``conf/checkpoint/spm.yaml`` (docs/methods.md 8.3): SPM's published adapters, loaded only."""
 
     LOADS = "SPM's published adapters"
-    multiplier: Any = number()
-    allow_pickle_conversion: bool = MISSING
+    multiplier: Any = number(
+        help="m: each layer is fused as W + m (alpha / r) up . down (SPM: 1; docs/methods.md 8.3)"
+    )
+    allow_pickle_conversion: bool = setting(
+        "pickled adapter files are read only when true (torch.load weights_only), then converted once"
+    )
 
 
 @dataclass
@@ -197,7 +280,9 @@ class UNetFolderCheckpointConfig(PublishedCheckpointConfig):
 
     LOADS = "a diffusers UNet folder"
     LOADS_FOLDERS = True  # checkpoint.path is a folder: its loader reads (and converts) its files
-    allow_pickle_conversion: bool = MISSING
+    allow_pickle_conversion: bool = setting(
+        "a folder of diffusion_pytorch_model.bin is read only when true (torch.load weights_only)"
+    )
 
 
 @dataclass
@@ -206,7 +291,9 @@ class AdvUnlearnCheckpointConfig(PublishedCheckpointConfig):
 
     LOADS = "AdvUnlearn's text encoder"
     LOADS_FOLDERS = True  # checkpoint.path is a folder: its loader reads (and converts) its files
-    allow_pickle_conversion: bool = MISSING
+    allow_pickle_conversion: bool = setting(
+        "TextEncoder-<name>.pt or pytorch_model.bin are read only when true (torch.load weights_only)"
+    )
 
 
 _MODULES = "unlearn_exp.unlearning."
@@ -221,7 +308,20 @@ declare(
         "built_id": _MODULES + "duo:built_checkpoint_id",
     },
 )
-declare("checkpoint", "esd", ESDCheckpointConfig, _MODULES + "checkpoints")
+
+
+def esd_label(ck) -> str:
+    """ESD's checkpoints are labelled by their variant (esd-u, esd-x): two methods of the methods grid."""
+    return str(ck.get("variant") or ck.get("method"))
+
+
+declare(
+    "checkpoint",
+    "esd",
+    ESDCheckpointConfig,
+    _MODULES + "checkpoints",
+    hooks={"label": _MODULES + "config:esd_label"},  # torch-free: the rerun reads labels
+)
 declare("checkpoint", "uce", UCECheckpointConfig, _MODULES + "checkpoints")
 declare("checkpoint", "spm", SPMCheckpointConfig, _MODULES + "spm")
 declare("checkpoint", "unet_folder", UNetFolderCheckpointConfig, _MODULES + "published")
