@@ -1,15 +1,15 @@
 """unlearn-exp: concept unlearning, safety guidance and concept inversion for text-to-image diffusion."""
 
+import os
+
+from omegaconf import OmegaConf
+
 __version__ = "0.1.0"
 
 
 def _register_resolvers() -> None:
     """``${pid:}`` in folder names (conf/hydra/default.yaml): two jobs started in one second never
     share a run folder."""
-    import os
-
-    from omegaconf import OmegaConf
-
     if not OmegaConf.has_resolver("pid"):
         # cached like ${now:}: the jobs of a sweep keep the launcher's value
         OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), use_cache=True)

@@ -12,6 +12,8 @@ import hydra
 from omegaconf import DictConfig
 
 from unlearn_exp import config
+from unlearn_exp.cli import run_job
+from unlearn_exp.errors import run_guarded
 
 CONF_DIR = str(config.CONF_DIR)
 
@@ -42,14 +44,10 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig):
-    from unlearn_exp.cli import run_job
-
     return run_job(cfg)
 
 
 def main() -> None:
-    from unlearn_exp.errors import run_guarded
-
     sys.argv = [sys.argv[0], *_normalise_argv(_default_argv(sys.argv[1:]))]
     run_guarded(config.precheck, sys.argv[1:])
     hydra_main()

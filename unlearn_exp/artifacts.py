@@ -30,7 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from unlearn_exp.atomic import atomic_write_json
+from unlearn_exp.config import compose
 from unlearn_exp.errors import UserError, exit_status
+from unlearn_exp.hashing import config_hash
+from unlearn_exp.identity import model_folder
 from unlearn_exp.store import KEY_FILE, verify_folder
 
 
@@ -93,8 +97,6 @@ def content_id(folder: Path) -> str | None:
     if folder.parent.parent.name != "unlearning":
         return None
     if kind == "duo" and (folder / "manifest.json").is_file():
-        from unlearn_exp.hashing import config_hash
-
         adapters = json.loads((folder / "manifest.json").read_text())["adapters"]
         shas = [files.get(a["file"], {}).get("sha256") for a in adapters]
         if None in shas:
@@ -181,8 +183,6 @@ REPORT_MD, REPORT_JSON = "export.md", "export.json"
 
 
 def _write_report(out: Path, what: dict[str, Any], changes: list[str]) -> None:
-    from unlearn_exp.atomic import atomic_write_json
-
     atomic_write_json(out / REPORT_JSON, {**what, "changes": changes})
     head = f"# Export of {what['artifact']} ({what['kind']})\n\n"
     (out / REPORT_MD).write_text(head + "".join(f"- {line}\n" for line in changes))
@@ -304,8 +304,6 @@ def export(
         raise UserError(
             f"artifact kind '{folder.parent.name}' cannot be exported (unlearned checkpoints and C* can)"
         )
-    from unlearn_exp.config import compose
-    from unlearn_exp.identity import model_folder
     from unlearn_exp.models import load_model
 
     cfg = compose(overrides or ["+experiment=toy_duo"])

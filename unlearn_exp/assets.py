@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unlearn_exp.config import compose, grid, override_key
 from unlearn_exp.errors import UserError, exit_status
 from unlearn_exp.evaluation.pp import ALEXNET_FILE, ALEXNET_SHA256, ALEXNET_URL
 from unlearn_exp.hashing import to_plain
+from unlearn_exp.paths import resolve_local_path
 
 CLASSIFIER_URL = "https://github.com/notAI-tech/NudeNet/releases/download/v0/classifier_model.onnx"
 FILE_LOADERS = ("i2p", "csv", "prompts_file")
@@ -92,7 +94,6 @@ def hf_home() -> str:
 def _model(model: dict) -> list[Asset]:
     if model.get("source", "pretrained") != "pretrained" or not model.get("path"):
         return []
-    from unlearn_exp.paths import resolve_local_path
 
     path = resolve_local_path(str(model["path"]))  # a relative folder: the working directory, then the repo
     need = ["unet", "text_encoder", "tokenizer", "scheduler"] + (["vae"] if model.get("vae", True) else [])
@@ -268,8 +269,6 @@ def assets_of(cfg) -> list[Asset]:
 
 def sweep_assets(overrides: list[str]) -> list[Asset]:
     """The external files of every cell of the composed sweep (one cell without a sweep), each once."""
-    from unlearn_exp.config import compose, grid, override_key
-
     try:
         cells = grid(list(overrides))
     except UserError:

@@ -21,18 +21,24 @@ the targets.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from omegaconf import DictConfig
 
+from unlearn_exp import progress
 from unlearn_exp.atomic import atomic_write_json, atomic_write_text
+from unlearn_exp.attacks.config import UnlearnDiffAtkConfig
 from unlearn_exp.errors import UserError
+from unlearn_exp.evaluation.dsr import dsr
 from unlearn_exp.hashing import config_hash, to_plain
 from unlearn_exp.identity import cell_spec, spec_key
+from unlearn_exp.validate import validate
 
 if TYPE_CHECKING:
     from unlearn_exp.attacks.unlearndiffatk import AttackSettings
@@ -56,7 +62,6 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
     """Run ``stage=attack`` for the cell ``cfg`` describes; returns the recorded result. Its W&B run
     (with ``logger=wandb``) is open throughout, so training curves of stages it builds attach to it."""
     from unlearn_exp.tracking import Tracker, run_name
-    from unlearn_exp.validate import validate
 
     validate(cfg)
     from unlearn_exp.assets import require
@@ -71,8 +76,6 @@ def run_attack_cell(cfg: DictConfig) -> dict[str, Any]:
 
 def _attack_cell(cfg: DictConfig, tracker, spec: dict[str, Any]) -> dict[str, Any]:
     """The attack on the cell's stages: targets, checkpoint, concept, attacks, verdicts, record."""
-    from unlearn_exp import progress
-    from unlearn_exp.attacks.config import UnlearnDiffAtkConfig
     from unlearn_exp.attacks.unlearndiffatk import AttackSettings
     from unlearn_exp.cell import concept, open_cell, unlearn
 
@@ -210,10 +213,6 @@ def _judge_attacks(
 
 def _attack_record(cell: Cell, found: _Targets, judged: _Attacked) -> dict[str, Any]:
     """The result: ASR with its interval, ``unsafe_before``, and every target's prompts and losses."""
-    from datetime import UTC, datetime
-
-    from unlearn_exp.evaluation import dsr
-
     cfg = cell.cfg
     stats = dsr([v["safe"] for v in judged.adv_verdicts])  # the share judged safe: ASR = 1 - DSR
     own_verdicts = judged.own_verdicts
@@ -293,8 +292,6 @@ def _image_key(refs, index: int) -> str:
 def load_attacks(paths) -> pd.DataFrame:
     """Every recorded attack result under ``paths`` (``*/attacks/*.json``), one row each, oldest first
     (by ``created_at``); of one cell attacked twice with the same settings the newer is kept."""
-    import json
-
     recs = []
     for root in paths:
         for f in sorted(Path(root).rglob("attacks/*.json")):

@@ -11,6 +11,7 @@ import logging
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from unlearn_exp.errors import UserError, run_guarded
+from unlearn_exp.quiet import quiet_lightning
 
 log = logging.getLogger("unlearn_exp")
 
@@ -50,8 +51,6 @@ def _run_stage(cfg: DictConfig):
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return None
     if cfg.stage in ("cell", "attack"):
-        from unlearn_exp.quiet import quiet_lightning
-
         quiet_lightning()  # after Hydra's logging setup: Lightning's records go through it, once
     if cfg.stage == "cell":
         from unlearn_exp.cell import run_cell

@@ -11,13 +11,22 @@ variables still take effect; the config read back is a plain ``DictConfig`` in s
 
 from __future__ import annotations
 
+import enum
+import hashlib
 import itertools
+import json
 import os
+import re
+import typing
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import omegaconf
+from omegaconf import OmegaConf
+
+from unlearn_exp.atomic import atomic_write_text
 from unlearn_exp.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -40,10 +49,7 @@ def conf_digest(conf_dir: Path | None = None) -> str:
     """The hash of what composition reads: ``conf/``'s files (names and bytes), the schemas
     (``schema.py``, ``settings.py``, each method's ``config.py``), and the
     Hydra and OmegaConf versions. Recomputed only when a file's size or mtime changes."""
-    import hashlib
-
     import hydra
-    import omegaconf
 
     conf_dir = Path(conf_dir or CONF_DIR)
     package = Path(__file__).parent  # the schemas: schema.py, settings.py and every method's config.py
@@ -159,9 +165,6 @@ def grid(overrides: list[str]) -> list[list[str]]:
 @lru_cache(maxsize=256)
 def _enum_members(group: str, field: str) -> tuple[str, ...]:
     """The members of the ``Enum`` that the group's schemas type ``field`` with (none: not an enum)."""
-    import enum
-    import typing
-
     from unlearn_exp.schema import SCHEMAS
 
     members: list[str] = []
@@ -198,11 +201,6 @@ def compose(overrides: Sequence[str] = (), *, hydra: bool = False):
     """The config ``python -m unlearn_exp <overrides>`` would run; with ``hydra`` the ``hydra`` node
     too (sweep parameters), else overrides of the ``hydra`` node are left out. A config that does not
     compose is one ``UserError``. Without ``hydra``, served from the compose cache when it holds it."""
-    import hashlib
-    import json
-
-    from omegaconf import OmegaConf
-
     overrides = [o for o in ordered(overrides) if hydra or not o.lstrip("+~").startswith("hydra")]
     check_choices(overrides)
     cache = None if hydra else _cache_dir()
@@ -220,8 +218,6 @@ def compose(overrides: Sequence[str] = (), *, hydra: bool = False):
     cfg = _hydra_compose(overrides, hydra)
     if cache is not None:
         try:
-            from unlearn_exp.atomic import atomic_write_text
-
             cache.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(OmegaConf.to_container(cfg, resolve=False)))
         except OSError:
@@ -242,8 +238,6 @@ def _hydra_compose(overrides: list[str], hydra: bool):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
     except Exception as e:
-        import re
-
         unknown = re.search(r"Could not override '([^']+)'", str(e))
         if unknown and "To append" in str(e):  # a key no schema has, given without +
             raise UserError(f"unknown config key {unknown.group(1)}: no code reads it (a typo?)") from None
@@ -259,10 +253,6 @@ def _hydra_compose(overrides: list[str], hydra: bool):
 
 @lru_cache(maxsize=64)
 def _preset(group: str, name: str) -> str:
-    import json
-
-    from omegaconf import OmegaConf
-
     return json.dumps(OmegaConf.to_container(compose([f"{group}={name}"])[group], resolve=True))
 
 
@@ -270,8 +260,6 @@ def preset(group: str, name: str, /, **changes: Any) -> dict[str, Any]:
     """The values of ``conf/<group>/<name>.yaml`` as a job composes them (interpolations resolved
     against the default config), with ``changes`` on top: the one way code outside a job (tests,
     bench scripts) gets a group's values, so they live only in the YAML."""
-    import json
-
     return {**json.loads(_preset(group, name)), **changes}
 
 

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from unlearn_exp import paper
+from unlearn_exp.atomic import atomic_write_json
 from unlearn_exp.errors import UserError, exit_status
 
 # run config keys (the resolved Hydra config logged by unlearn_exp.tracking) and summary keys
@@ -164,8 +165,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = [v for e in args.experiment for v in dashboard_spec(e, pp=args.pp)]
         if args.dry_run:
             if args.spec_out:
-                from unlearn_exp.atomic import atomic_write_json
-
                 atomic_write_json(args.spec_out, spec)
                 print(f"wrote the workspace spec ({len(spec)} views) to {args.spec_out}")
             else:

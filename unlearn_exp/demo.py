@@ -18,17 +18,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from unlearn_exp.config import compose, grid  # noqa: F401  (grid: the sweep's cells, used by tools)
+from unlearn_exp.config import (  # noqa: F401  (grid: the sweep's cells, used by tools)
+    compose,
+    grid,
+    override_key,
+    pinned_axes,
+    sweep_params,
+)
 from unlearn_exp.errors import exit_status
+from unlearn_exp.quiet import quiet_lightning
 
 EXPERIMENT = "toy_duo"
 METHODS_EXPERIMENT = "toy_methods"
@@ -37,8 +46,6 @@ METHODS_EXPERIMENT = "toy_methods"
 def quiet_logs() -> None:
     """Warnings and the demo's own lines only: Lightning's info lines and tips are kept out
     (``quiet.quiet_lightning``); every real warning still shows."""
-    from unlearn_exp.quiet import quiet_lightning
-
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     quiet_lightning()
 
@@ -85,9 +92,6 @@ def run_in_workers(
 ) -> Iterator[tuple[int, dict]]:
     """``(i, fn(overrides))`` for every task ``i`` as it finishes, in ``jobs`` spawned worker processes
     of ``threads`` torch threads each. A failed task stops the run: nothing new is started."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
     ctx = multiprocessing.get_context("spawn")  # no fork after torch's thread pools started
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
         futures = {pool.submit(fn, over): i for i, (fn, over) in enumerate(tasks)}
@@ -157,8 +161,6 @@ def methods_main(jobs: int, extra: list[str]) -> int:
 def unswept(base: list[str], cells: list[list[str]], lists_only: bool = False) -> list[str]:
     """``base`` without the overrides of the keys each cell sets itself (a pinned comma list would
     not compose beside the cell's own value); ``lists_only``: only those that are comma lists."""
-    from unlearn_exp.config import override_key
-
     own = {override_key(o) for o in (cells[0] if cells else [])}
     return [o for o in base if override_key(o) not in own or (lists_only and "," not in o.split("=", 1)[-1])]
 
@@ -167,8 +169,6 @@ def table_overrides(base: list[str], extra: list[str]) -> list[str]:
     """``extra`` without the keys the experiment sweeps: the grid ran only their values (``grid``),
     and the tables show the other positions as '-' rather than fill them with the pinned cell (one
     line says so)."""
-    from unlearn_exp.config import override_key, pinned_axes, sweep_params
-
     pinned = pinned_axes(extra, sweep_params(base))
     if pinned:
         which = ", ".join(f"{k}={v}" for k, v in pinned.items())

@@ -13,15 +13,15 @@ import dataclasses
 import sys
 from typing import Any
 
+from unlearn_exp.config import group_choices, preset
 from unlearn_exp.errors import UserError, exit_status
+from unlearn_exp.settings import declarations, field_help, field_kind
 
 SELECTING_KEYS = ("method", "type", "name")  # what a group's YAML names its method by
 
 
 def _declaration(group: str, values: dict[str, Any]):
     """The declaration a composed group node selects (by ``method``, ``type`` or ``name``), or None."""
-    from unlearn_exp.settings import declarations
-
     for d in declarations(group):
         if any(values.get(k) == d.name for k in SELECTING_KEYS):
             return d
@@ -35,9 +35,6 @@ def _show(value: Any) -> str:
 
 def describe_choice(group: str, choice: str) -> str:
     """The table of one YAML's keys: value as composed, what the key takes, and its help."""
-    from unlearn_exp.config import group_choices, preset
-    from unlearn_exp.settings import field_help, field_kind
-
     if choice not in group_choices(group):
         raise UserError(f"no choice '{choice}' in group '{group}': choose one of {group_choices(group)}")
     values = preset(group, choice)
@@ -61,8 +58,6 @@ def describe_choice(group: str, choice: str) -> str:
 
 def describe_group(group: str) -> str:
     """A group's choices and the declared method each selects."""
-    from unlearn_exp.config import group_choices, preset
-
     choices = group_choices(group)
     if not choices:
         raise UserError(f"no config group '{group}'")
@@ -75,8 +70,6 @@ def describe_group(group: str) -> str:
 
 def describe_all() -> str:
     """Every declared method, by group."""
-    from unlearn_exp.settings import declarations
-
     lines, groups = [], {}
     for d in declarations():
         groups.setdefault(d.group, []).append(d.name)

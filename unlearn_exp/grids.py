@@ -20,6 +20,9 @@ import pandas as pd
 
 from unlearn_exp import paper
 from unlearn_exp.atomic import atomic_file
+from unlearn_exp.config import compose
+from unlearn_exp.hashing import config_hash
+from unlearn_exp.identity import model_identity
 
 log = logging.getLogger("unlearn_exp")
 
@@ -87,8 +90,6 @@ def _row_label(key) -> str:
 def grid_key(columns: dict[str, pd.DataFrame], keys: pd.DataFrame, title: str) -> str:
     """What a grid shows: its title, row labels, and per tile the image file and its caption (the
     cache's image files are named by content, so the same key draws the same picture)."""
-    from unlearn_exp.hashing import config_hash
-
     index = _index(columns)
     tiles = [
         [
@@ -169,8 +170,6 @@ def _tiles(columns: dict[str, pd.DataFrame], keys: pd.DataFrame) -> list[tuple[s
 def original_images(cfg_overrides: list[str], rows: pd.DataFrame) -> pd.DataFrame:
     """The original model's images for ``rows`` (same prompts and seeds), through the artifact store."""
     from unlearn_exp.cell import ORIGINAL, cell_store, chunk_meta, generate_samples, load_model
-    from unlearn_exp.config import compose
-    from unlearn_exp.identity import model_identity
 
     cfg = compose(cfg_overrides)
     store = cell_store(cfg)

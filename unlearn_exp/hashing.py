@@ -12,15 +12,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
 
 def canonical(obj: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, DictConfig | ListConfig):
-            obj = OmegaConf.to_container(obj, resolve=True, enum_to_str=True)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(obj, DictConfig | ListConfig):
+        obj = OmegaConf.to_container(obj, resolve=True, enum_to_str=True)
     if isinstance(obj, dict):
         return {str(k): canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
     if isinstance(obj, list | tuple):
@@ -35,13 +32,8 @@ def canonical(obj: Any) -> Any:
 def to_plain(node: Any) -> Any:
     """An OmegaConf node as plain dicts and lists (resolved; an ``Enum`` value as its string); anything
     else unchanged."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(node, DictConfig | ListConfig):
-            return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(node, DictConfig | ListConfig):
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
     return node
 
 

@@ -22,12 +22,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
+from unlearn_exp import config
 from unlearn_exp.atomic import atomic_write_text
+from unlearn_exp.config import compose
+from unlearn_exp.errors import UserError
 from unlearn_exp.hashing import canonical_json, config_hash, file_sha256, to_plain
+from unlearn_exp.paths import resolve_local_path
 
 # subfolders of a diffusers model folder that a model loads, and the files in them that decide it
 MODEL_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae")
@@ -105,8 +112,6 @@ def cached_sha256(path: str | Path) -> str:
     if key not in table:
         table[key] = file_sha256(path)
         try:  # a read-only home is no reason to fail: the hash is then recomputed next time
-            from filelock import FileLock
-
             store.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(store) + ".lock", timeout=10):
                 try:
@@ -150,8 +155,6 @@ def _content_of(value: Any) -> Any:
     if isinstance(value, list):
         return [_content_of(v) for v in value]
     if isinstance(value, str) and value:
-        from unlearn_exp.paths import resolve_local_path
-
         local = Path(resolve_local_path(value))
         if local.exists():
             return file_identity(local)
@@ -166,9 +169,6 @@ _GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")
 def _no_gpu_possible() -> bool:
     """True where torch cannot see a CUDA device, known without importing torch (seconds): a Linux
     machine without NVIDIA, WSL or ROCm device files, or a Mac. Elsewhere torch is asked."""
-    import os
-    import sys
-
     if sys.platform == "darwin":
         return True
     return sys.platform.startswith("linux") and not any(os.path.exists(p) for p in _GPU_DEVICE_FILES)
@@ -205,8 +205,6 @@ def resolved_precision(precision: str | None, device: str | None = None) -> str:
 
 def model_folder(model_cfg) -> Path | None:
     """The local folder of a pretrained model (a path, or a hub id in the local cache); None if absent."""
-    from unlearn_exp.paths import resolve_local_path
-
     path = str(model_cfg.get("path") or "")
     if not path:
         return None
@@ -246,8 +244,6 @@ def model_identity(model_cfg) -> str:
 
     Raises ``UserError`` when the weights are not here (a job cannot run without them).
     """
-    from unlearn_exp.errors import UserError
-
     content = model_content_hash(model_cfg)
     if content is None:
         raise UserError(
@@ -344,28 +340,21 @@ def concept_checkpoint(
 
 @lru_cache(maxsize=32)
 def _checkpoint_option_json(option: str, task: str | None, debug_json: str | None = None) -> str:
-    from unlearn_exp.config import CONF_DIR, compose
-    from unlearn_exp.errors import UserError
-
-    if not (CONF_DIR / "checkpoint" / f"{option}.yaml").is_file():
+    if not (config.CONF_DIR / "checkpoint" / f"{option}.yaml").is_file():
         raise UserError(f"embedding.from_checkpoint: no checkpoint option '{option}' (conf/checkpoint/)")
-    if task is not None and not (CONF_DIR / "task" / f"{task}.yaml").is_file():
+    if task is not None and not (config.CONF_DIR / "task" / f"{task}.yaml").is_file():
         raise UserError(
             f"embedding=shared from another method composes its checkpoint for task '{task}', "
             "which is not a conf/task option"
         )
     small = []
     if debug_json:  # the cell's +debug sizes, which the option's YAML reads (conf/debug/default.yaml)
-        import json
-
         small = ["+debug=default", *(f"debug.{k}={v}" for k, v in json.loads(debug_json).items())]
     cfg = compose([*([f"task={task}"] if task else []), f"checkpoint={option}", *small])
     return canonical_json(to_plain(cfg.checkpoint))
 
 
 def _checkpoint_option(option: str, task: str | None, debug_json: str | None = None) -> dict[str, Any]:
-    import json
-
     return json.loads(_checkpoint_option_json(option, task, debug_json))
 
 

@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from hydra.experimental.callback import Callback
 
 log = logging.getLogger("unlearn_exp.launch")
@@ -44,7 +45,6 @@ def pin_gpu_worker(lock_dir: str | None = None) -> str | None:
     More workers than GPUs: the extra ones share, round-robin by pid. No GPU: nothing changes.
     """
     global _HELD_LOCK
-    from filelock import FileLock, Timeout
 
     gpus = visible_gpus()
     if not gpus:

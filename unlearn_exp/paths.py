@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from unlearn_exp.hashing import config_hash, to_plain
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,8 +26,6 @@ def job_dir(cfg) -> Path:
 
         return Path(HydraConfig.get().runtime.output_dir)
     except Exception:
-        from unlearn_exp.hashing import config_hash, to_plain
-
         return (
             Path(cfg.paths.output_root)
             / "outputs"

@@ -28,16 +28,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unlearn_exp.atomic import atomic_write_json
+from unlearn_exp.config import compose, grid, override_key, pinned_axes, sweep_params
 from unlearn_exp.errors import UserError, exit_status
-from unlearn_exp.hashing import config_hash, to_plain
+from unlearn_exp.hashing import config_hash, file_sha256, to_plain
+from unlearn_exp.identity import (
+    cell_spec,
+    model_content_hash,
+    model_identity,
+    resolved_device,
+    resolved_dtype,
+    spec_key,
+)
 from unlearn_exp.models.memory import (
     GIB,
     STAGES,
@@ -170,8 +182,6 @@ class _PlanInputs:
 
 def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
     """What one cell needs and what of it the cache already holds: checkpoint, concept, images."""
-    from unlearn_exp.identity import cell_spec, resolved_device, resolved_dtype, spec_key
-
     p = CellPlan(overrides=overrides)
     p.done = spec_key(cell_spec(cfg)) in done_keys
     cache = _cache(cfg)
@@ -298,7 +308,6 @@ def _plan_learned(p: CellPlan, cfg, inv: dict | None, inv_folder: Path | None) -
     p.work.append(Work(f"inversion/{config_hash(inv)}", "inversion", n_inv, cached=inv_folder is not None))
     if inv_folder is None:
         return "explicit"
-    from unlearn_exp.hashing import file_sha256
 
     return f"{cfg.embedding.source}:{file_sha256(inv_folder / 'learned_embeds.safetensors')[:16]}"
 
@@ -334,8 +343,6 @@ def _plan_images(p: CellPlan, at: _PlanInputs, checkpoint_id: str | None, concep
 def _plan_identity(model_cfg) -> str:
     """The model's content identity; where its weights are not here, a name no cached artifact
     carries: cache keys name the weights' content, so nothing counts as cached (``weights_note``)."""
-    from unlearn_exp.identity import model_identity
-
     try:
         return model_identity(model_cfg)
     except UserError:
@@ -344,8 +351,6 @@ def _plan_identity(model_cfg) -> str:
 
 def weights_note(cfg) -> str:
     """One line where the model's weights are not on this machine, else ''."""
-    from unlearn_exp.identity import model_content_hash
-
     if model_content_hash(cfg.model) is not None:
         return ""
     return (
@@ -487,7 +492,8 @@ def _learned_on(cfg) -> str:
 
 def _guidance(cfg, learned: bool, concept_id: str = "explicit"):
     """The cell's guidance object as the cell builds it (nothing loaded)."""
-    from unlearn_exp.guidance import Concept, make_guidance
+    from unlearn_exp.guidance.base import Concept
+    from unlearn_exp.guidance.factory import make_guidance
 
     tokens = [str(cfg.inversion.placeholder)] if learned else []
     concept = Concept(str(cfg.embedding.source) if learned else "explicit", tokens, concept_id)
@@ -529,8 +535,6 @@ CALIBRATION_KEYS = ("s_per_unet_row", "s_per_image", "s_per_inversion_step", "s_
 def device_identity(device: str) -> str:
     """The device a calibration was measured on: ``cuda:<its name>``, or ``cpu:<processor> (<n>
     threads)``; another card, processor or thread count is another calibration."""
-    import platform
-
     import torch
 
     if device.startswith("cuda"):
@@ -549,8 +553,6 @@ def device_identity(device: str) -> str:
 def calibration_key(model_cfg) -> str | None:
     """A calibration's entry: the model's content identity (its weights' sha256, cached; dtype;
     resolution) and the device, ``<identity>@<device>``; None where the weights are not here."""
-    from unlearn_exp.identity import model_identity, resolved_device
-
     try:
         identity = model_identity(model_cfg)
     except UserError:
@@ -679,15 +681,12 @@ def calibrate(cfg, path: Path) -> dict[str, Any]:
         "device": str(comps.device),
         "device_name": key.rsplit("@", 1)[1],
     }
-    from unlearn_exp.atomic import atomic_write_json
 
     atomic_write_json(path, table)
     return table
 
 
 def plan(overrides: list[str]) -> tuple[list[CellPlan], Any]:
-    from unlearn_exp.config import compose, grid, override_key
-
     base = list(overrides)
     try:
         cells = grid(base)
@@ -736,8 +735,6 @@ def _sizes(model_cfg: dict) -> ModelSizes | None:
 def pinned_note(overrides: list[str], n_cells: int) -> str:
     """One line where the overrides set a key the experiment sweeps: the plan, like the launcher,
     keeps only those values (``config.pinned_axes``)."""
-    from unlearn_exp.config import pinned_axes, sweep_params
-
     try:
         params = sweep_params(overrides)
     except Exception:  # no sweep: nothing to restrict
@@ -882,8 +879,6 @@ def _total_lines(plans: list[CellPlan], todo: list[Work], costs, why: str) -> li
 
 def gpu_memory_here(cfg) -> float | None:
     """The memory of the GPU the model would run on here, in GiB; None without one."""
-    from unlearn_exp.identity import resolved_device
-
     device = resolved_device(cfg.model)
     if not device.startswith("cuda"):
         return None
@@ -893,8 +888,6 @@ def gpu_memory_here(cfg) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import logging
-
     ap = argparse.ArgumentParser(prog="python -m unlearn_exp.plan", description=__doc__.splitlines()[0])
     ap.add_argument(
         "--calibrate", action="store_true", help="measure this machine's costs for the model first"

@@ -19,12 +19,18 @@ with ``+experiment=E`` another experiment's sweep, written to ``precondition_E.{
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from unlearn_exp.atomic import atomic_write_json, atomic_write_text
+from unlearn_exp.config import compose
+from unlearn_exp.errors import exit_status
+from unlearn_exp.identity import cell_spec
 
 log = logging.getLogger("unlearn_exp")
 
@@ -35,11 +41,7 @@ def direction_alignment(cfg, *, batch_size: int = 16) -> dict[str, float]:
     """Mean and spread of the words-vs-``C*`` cosine on the benchmark prompts' unguided trajectories
     of the cell ``cfg`` (its checkpoint, its ``C*``: ``embedding`` must be inverted or shared), cached
     in the store as ``precondition/<hash>`` by the cell's identity and the probe's words."""
-    import json
-
-    from unlearn_exp.atomic import atomic_write_json
     from unlearn_exp.cell import cell_store
-    from unlearn_exp.identity import cell_spec
 
     store = cell_store(cfg)
     key = {"cell": cell_spec(cfg), "words": str(cfg.task.sld_concept), "batch_size": batch_size}
@@ -117,8 +119,6 @@ def measurements(
 ) -> tuple[str, list[int], dict[tuple[int, str], list[str]], dict[int, list[str]]]:
     """The experiment's name, its betas, the DSR cells ((beta, prompt kind) -> overrides) and the
     direction probes (beta -> overrides of the cell whose ``C*`` is probed)."""
-    from unlearn_exp.config import compose
-
     composed = compose(base, hydra=True)
     params = composed.hydra.sweeper.params
     betas = [int(b) for b in str(params["checkpoint.beta"]).split(",")]
@@ -141,9 +141,7 @@ def measurements(
 
 def run(base: list[str], out: str | Path = "reports", progress=print) -> pd.DataFrame:
     """Every beta of the experiment's sweep: the three DSRs (cells, cached) and the alignment."""
-    from unlearn_exp.atomic import atomic_write_text
     from unlearn_exp.cell import run_cell
-    from unlearn_exp.config import compose
 
     name, betas, cells, probes = measurements(base)
     stem = "precondition" if name == "toy_duo" else f"precondition_{name}"
@@ -165,8 +163,6 @@ def run(base: list[str], out: str | Path = "reports", progress=print) -> pd.Data
 
 
 def main(argv: list[str] | None = None) -> int:
-    from unlearn_exp.errors import exit_status
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     extra = list(sys.argv[1:] if argv is None else argv)
 

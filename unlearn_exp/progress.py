@@ -15,6 +15,10 @@ import sys
 import time
 from contextlib import contextmanager
 
+from tqdm.auto import tqdm
+
+from unlearn_exp.errors import UserError
+
 log = logging.getLogger("unlearn_exp")
 
 LOG_EVERY_S = 30.0
@@ -27,8 +31,6 @@ def configure(mode: str | bool | None) -> None:
         mode = "on" if mode else "off"
     mode = str(mode or "auto")
     if mode not in MODES:
-        from unlearn_exp.errors import UserError
-
         raise UserError(f"progress must be one of {list(MODES)}, got '{mode}'")
     os.environ["UNLEARN_EXP_PROGRESS"] = mode
 
@@ -49,8 +51,6 @@ class StageBar:
         self.start = self.last_log = time.time()
         self.bar = None
         if bars_on():
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, desc=label, unit=unit, dynamic_ncols=True, leave=False)
 
     def update(self, n: int = 1, loss: float | None = None) -> None:

@@ -18,7 +18,10 @@ from PIL import Image
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.guidance.base import CFG, Guidance
+from unlearn_exp.identity import resolved_precision
 from unlearn_exp.models.components import Components
+from unlearn_exp.progress import lightning_bar
+from unlearn_exp.quiet import quiet_lightning
 from unlearn_exp.runtime import keep_freed_memory
 
 
@@ -220,9 +223,6 @@ def predict_rows(
 ) -> list[dict[str, Any]]:
     """Run ``GuidedSampler`` over ``rows`` with ``Trainer.predict``; returns rows with images, in order.
     ``label`` names what is sampled in the progress bar ("sampling i2p_nudity x sld+C* ...")."""
-    from unlearn_exp.identity import resolved_precision
-    from unlearn_exp.progress import lightning_bar
-    from unlearn_exp.quiet import quiet_lightning
     from unlearn_exp.training import StopOnSigterm, keeps_device
 
     precision = resolved_precision(precision)

@@ -21,12 +21,14 @@ Tests and scripts that want a group's values with a few changed take them from t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from unlearn_exp.errors import UserError
 from unlearn_exp.settings import declarations
 
 
@@ -168,10 +170,6 @@ def unknown_keys(cfg) -> list[str]:
     """The dotted keys of a composed config that no code reads: a root key that is neither a group
     nor one of ``ROOT_KEYS``, a key that a group's schema does not declare (at any depth), a key of a
     closed plain group. A typo added with ``+`` (``+sampling.stepz=3``) is found here."""
-    import dataclasses
-
-    from omegaconf import DictConfig, OmegaConf
-
     own = {k for d in declarations() for k in d.root_keys}
     found = [str(k) for k in cfg.keys() if k not in ROOT_KEYS and k not in ROOT_GROUPS and k not in own]
 
@@ -200,8 +198,6 @@ def refuse_unknown_keys(cfg) -> None:
     """One ``UserError`` naming every key no code reads (``unknown_keys``)."""
     bad = unknown_keys(cfg)
     if bad:
-        from unlearn_exp.errors import UserError
-
         raise UserError(
             f"unknown config key{'s' if len(bad) > 1 else ''} {', '.join(bad)}: no code reads "
             f"{'them' if len(bad) > 1 else 'it'} (a typo?)"

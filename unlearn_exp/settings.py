@@ -21,12 +21,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 import typing
+from pathlib import Path
 from typing import Any, ClassVar
 
 from omegaconf import MISSING
 
 from unlearn_exp.checks import Checks
 from unlearn_exp.errors import UserError
+from unlearn_exp.hashing import to_plain
 
 
 def number(
@@ -156,8 +158,6 @@ class Settings:
     def from_cfg(cls, node: Any):
         """The typed object of a composed group node (a ``DictConfig`` or a dict); keys the class does
         not declare are left out, so a schema's extra keys (``_target_``) do not matter here."""
-        from unlearn_exp.hashing import to_plain
-
         if isinstance(node, cls):
             return node
         plain = to_plain(node) or {}
@@ -172,8 +172,6 @@ class Settings:
     @classmethod
     def problems_of(cls, node: Any) -> list[str]:
         """``problems`` of a composed node, without raising (``validate.py`` collects them all)."""
-        from unlearn_exp.hashing import to_plain
-
         plain = to_plain(node)
         obj = object.__new__(cls)  # the values as given, unconverted: __post_init__ would raise
         for f in dataclasses.fields(cls):
@@ -281,7 +279,6 @@ def _discover() -> None:
     if _DISCOVERED:
         return
     import importlib
-    from pathlib import Path
 
     package = Path(__file__).parent
     for config in sorted(package.glob("*/config.py")):

@@ -15,6 +15,7 @@ jobs left (temporary folders, stale locks).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -26,10 +27,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from unlearn_exp.atomic import atomic_dir, atomic_write_json
-from unlearn_exp.errors import UserError
+from unlearn_exp.errors import UserError, exit_status
 from unlearn_exp.hashing import canonical, config_hash, file_sha256
 
 KEY_FILE = "_key.json"
@@ -80,8 +81,6 @@ def _owner(name: str) -> str:
 
 def _held(lock: Path) -> bool:
     """Whether a running job holds ``lock`` (an exclusive lock that cannot be taken at once)."""
-    from filelock import Timeout
-
     try:
         with FileLock(str(lock), timeout=0):
             return False
@@ -113,8 +112,6 @@ def _claim(stack: ExitStack, locks: list[Path]) -> bool:
     """Take each existing lock of ``locks`` without waiting (released when ``stack`` closes); False if
     a running job holds one. A missing lock is not created: no build holds it, and one that starts
     now makes temporary folders of its own."""
-    from filelock import Timeout
-
     for lock in locks:
         if lock.is_file():
             try:
@@ -302,10 +299,6 @@ def gc(root: str | Path, older_than_s: float = STALE_S) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from unlearn_exp.errors import exit_status
-
     ap = argparse.ArgumentParser(
         prog="python -m unlearn_exp.store",
         description=(

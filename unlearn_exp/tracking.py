@@ -24,8 +24,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation import records
+from unlearn_exp.identity import cell_spec, spec_key
+from unlearn_exp.paths import job_dir
 
 log = logging.getLogger("unlearn_exp.tracking")
 
@@ -65,8 +69,6 @@ def _get(cfg, dotted: str, default=None):
 
 def _container(cfg) -> dict:
     """The resolved config as plain data (unresolved where an interpolation cannot resolve)."""
-    from omegaconf import DictConfig, OmegaConf
-
     if isinstance(cfg, DictConfig):
         try:
             return OmegaConf.to_container(cfg, resolve=True)
@@ -96,8 +98,6 @@ def cell_run_id(cfg) -> str | None:
     """The W&B run id of a cell: its spec key, so every job computing the same cell (the three
     embedding positions of ``guidance=none``, a rerun) logs into one run."""
     try:
-        from unlearn_exp.identity import cell_spec, spec_key
-
         return f"cell-{spec_key(cell_spec(cfg))}"
     except Exception:  # composed without the groups a cell needs: a fresh id
         return None
@@ -178,8 +178,6 @@ class Tracker:
         folder = _get(logger_cfg, "dir")
         if not folder:
             try:
-                from unlearn_exp.paths import job_dir
-
                 folder = job_dir(cfg)
             except Exception:
                 folder = _get(cfg, "paths.output_root", ".")

@@ -23,6 +23,10 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from unlearn_exp.atomic import atomic_file
+from unlearn_exp.identity import resolved_precision
+from unlearn_exp.progress import lightning_bar
+from unlearn_exp.quiet import quiet_lightning
+from unlearn_exp.runtime import keep_freed_memory
 
 LAST = "last.ckpt"
 log = logging.getLogger("unlearn_exp")
@@ -100,8 +104,6 @@ def define_stage_axis(logger, prefix: str | None) -> None:
         define(f"{prefix}/step")
         define(f"{prefix}/*", step_metric=f"{prefix}/step")
     except Exception as e:  # a tracking problem never stops training
-        import logging
-
         logging.getLogger("unlearn_exp").warning("W&B step axis for %s/* not set (%s)", prefix, e)
 
 
@@ -136,11 +138,6 @@ def fit(
 ) -> dict[str, Any]:
     """Train ``module`` for ``steps`` optimiser steps, resuming from ``work_dir/checkpoints/last.ckpt``;
     a labelled bar (or log lines) shows the steps and the smoothed loss."""
-    from unlearn_exp.identity import resolved_precision
-    from unlearn_exp.progress import lightning_bar
-    from unlearn_exp.quiet import quiet_lightning
-    from unlearn_exp.runtime import keep_freed_memory
-
     keep_freed_memory()
     quiet_lightning()
     work_dir = Path(work_dir)

@@ -17,6 +17,8 @@ from typing import Any
 from unlearn_exp.checks import PICKLE_SUFFIXES, PRECISIONS, Checks, pickle_refusal
 from unlearn_exp.errors import UserError
 from unlearn_exp.hashing import to_plain
+from unlearn_exp.identity import concept_checkpoint
+from unlearn_exp.registry import GUIDANCE as REGISTERED
 from unlearn_exp.settings import declared
 
 MIN_FREE_BYTES = 64 << 20  # a results or cache folder with less room than this is refused up front
@@ -118,8 +120,6 @@ def _guidance(checks: Checks, g: dict, config: dict) -> None:
     """The method's own settings (its typed config, ``guidance/config.py``) and what they need of the
     sampler."""
     if not g.get("_target_"):  # a method of your own names its factory; else a registered name
-        from unlearn_exp.registry import GUIDANCE as REGISTERED
-
         checks.choice("guidance", g.get("name"), tuple(REGISTERED.names()))
     kind = declared("guidance").get(g.get("name"))
     if kind is not None and not g.get("_target_"):
@@ -129,8 +129,6 @@ def _guidance(checks: Checks, g: dict, config: dict) -> None:
 
 def _shared_source(checks: Checks, checkpoint: dict, embedding: dict, task: Any) -> None:
     """``embedding=shared``: the checkpoint C* is learned on composes (another method's option too)."""
-    from unlearn_exp.identity import concept_checkpoint
-
     try:
         concept_checkpoint(checkpoint, embedding, task)
     except UserError as e:

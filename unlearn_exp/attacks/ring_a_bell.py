@@ -25,7 +25,11 @@ import pandas as pd
 import torch
 
 from unlearn_exp.errors import UserError
+from unlearn_exp.hashing import file_sha256, to_plain
+from unlearn_exp.identity import model_identity
+from unlearn_exp.progress import StageBar
 from unlearn_exp.registry import LOADERS
+from unlearn_exp.store import ArtifactStore
 
 log = logging.getLogger("unlearn_exp")
 
@@ -155,8 +159,6 @@ def generate(
     comps, base: pd.DataFrame, pairs: tuple[list[str], list[str]], settings: dict[str, Any]
 ) -> pd.DataFrame:
     """One adversarial prompt per base prompt (schema rows with ``fitness``), the base seed kept."""
-    from unlearn_exp.progress import StageBar
-
     v = concept_vector(comps, *pairs)
     prompts = base.drop_duplicates("case_id")
     vocab = search_vocabulary(comps, str(settings["vocabulary"]), [*prompts["prompt"], *pairs[0], *pairs[1]])
@@ -219,9 +221,7 @@ def load_generated(cfg, data_dir=None) -> pd.DataFrame:
     from the base benchmark ``benchmark.base``, cached in ``benchmark.cache_dir``."""
     from unlearn_exp.data import load_benchmark
     from unlearn_exp.data.schema import expand_images, to_prompt_table
-    from unlearn_exp.hashing import file_sha256, to_plain
     from unlearn_exp.models import load_model
-    from unlearn_exp.store import ArtifactStore
 
     plain = dict(to_plain(cfg))
     name = str(plain.get("name", "ring_a_bell_generated"))
@@ -233,7 +233,6 @@ def load_generated(cfg, data_dir=None) -> pd.DataFrame:
     if any(v is None for v in settings.values()):
         raise UserError(f"benchmark '{name}': set {[k for k, v in settings.items() if v is None]}")
     model_cfg = plain["model"]
-    from unlearn_exp.identity import model_identity
 
     key = {
         "text_encoder": model_identity(model_cfg),

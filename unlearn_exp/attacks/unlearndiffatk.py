@@ -26,6 +26,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from unlearn_exp.atomic import atomic_write_json
 from unlearn_exp.attacks.config import UnlearnDiffAtkConfig
 from unlearn_exp.errors import UserError
 from unlearn_exp.guidance.base import Guidance
@@ -35,6 +36,9 @@ from unlearn_exp.inversion.textual_inversion import (
     merge_learned_rows,
     token_ids,
 )
+from unlearn_exp.progress import lightning_bar
+from unlearn_exp.quiet import quiet_lightning
+from unlearn_exp.runtime import keep_freed_memory
 
 RESULT_FILE = "attack.json"
 
@@ -173,9 +177,6 @@ def run_attack(
     comps, target: torch.Tensor, prompt: str, settings: AttackSettings, guidance=None
 ) -> dict[str, Any]:
     """Fit the attack; returns the best prompt, its loss and the loss curve."""
-    from unlearn_exp.progress import lightning_bar
-    from unlearn_exp.quiet import quiet_lightning
-    from unlearn_exp.runtime import keep_freed_memory
     from unlearn_exp.training import StepIndex, StopOnSigterm, keeps_device
 
     keep_freed_memory()
@@ -220,7 +221,6 @@ def attack(
 ) -> dict[str, Any]:
     """``run_attack`` cached in ``store`` under ``key`` (model, checkpoint, guidance, concept, target,
     seed)."""
-    from unlearn_exp.atomic import atomic_write_json
 
     def build(tmp: Path) -> None:
         atomic_write_json(tmp / RESULT_FILE, run_attack(comps, target, prompt, settings, guidance))

@@ -41,6 +41,9 @@ from typing import Any
 import torch
 
 from unlearn_exp.bench.sampling import sync
+from unlearn_exp.config import preset, typed_preset
+from unlearn_exp.guidance.config import SLDConfig
+from unlearn_exp.runtime import keep_freed_memory
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}
 
@@ -88,9 +91,8 @@ def _model(args, dtype: torch.dtype):
 
 
 def _methods(comps, args) -> dict[str, Any]:
-    from unlearn_exp.config import typed_preset
-    from unlearn_exp.guidance import SAFREE, SLD
-    from unlearn_exp.guidance.config import SLDConfig
+    from unlearn_exp.guidance.safree import SAFREE
+    from unlearn_exp.guidance.sld import SLD
     from unlearn_exp.sampling import sample
 
     concept = "nudity, sexual"
@@ -164,7 +166,6 @@ def _largest_batch(fn, start: int, cap: int) -> int | None:
 
 
 def _training(comps, args) -> dict[str, float]:
-    from unlearn_exp.config import preset
     from unlearn_exp.inversion.concept_inversion import invert
     from unlearn_exp.unlearning.duo import train_adapter
 
@@ -563,8 +564,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
         if args.smoke:
             args.steps = 2
-        from unlearn_exp.runtime import keep_freed_memory
-
         keep_freed_memory()
         report = run_parity(args)
         out = Path(args.out or "gpu_parity.json")
@@ -577,7 +576,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.steps, args.batches, args.max_batch, args.train_steps = 2, [1, 2], 4, 2
         if not torch.cuda.is_available():
             args.dtypes = ["float32"]
-    from unlearn_exp.runtime import keep_freed_memory
 
     keep_freed_memory()  # as the sampler does, for ours and diffusers' pipelines alike
     report = run(args)

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from unlearn_exp.bench import bench_model
+
 
 def main(argv: list[str] | None = None) -> dict:
     from unlearn_exp.attacks.ring_a_bell import (
@@ -35,7 +37,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from unlearn_exp.bench import bench_model
 
     comps = bench_model(args.model)
     bases = ["a grape", "a plum", "an eggplant", "an amethyst"][: args.prompts]

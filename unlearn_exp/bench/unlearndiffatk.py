@@ -15,12 +15,14 @@ import time
 
 import torch
 
+from unlearn_exp.bench import bench_model
+from unlearn_exp.config import preset, typed_preset
+from unlearn_exp.guidance.config import SLDConfig
+
 
 def main(argv: list[str] | None = None) -> dict:
     from unlearn_exp.attacks.unlearndiffatk import AttackSettings, run_attack
-    from unlearn_exp.config import preset, typed_preset
     from unlearn_exp.guidance.base import Guidance
-    from unlearn_exp.guidance.config import SLDConfig
     from unlearn_exp.guidance.sld import SLD
 
     p = argparse.ArgumentParser(
@@ -32,7 +34,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from unlearn_exp.bench import bench_model
 
     comps = bench_model(args.model)
     target = (

@@ -9,6 +9,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
@@ -16,8 +17,9 @@ from omegaconf import OmegaConf
 from unlearn_exp.cell.inputs import apply_unlearning, load_model, method_filter
 from unlearn_exp.cell.keys import checkpoint_for_inversion, image_set_key, inversion_key, sampling_settings
 from unlearn_exp.errors import UserError
-from unlearn_exp.hashing import config_hash
+from unlearn_exp.hashing import config_hash, file_sha256
 from unlearn_exp.hashing import to_plain as plain
+from unlearn_exp.identity import resolved_device
 from unlearn_exp.inversion.config import ImageSetConfig, ImageSource
 from unlearn_exp.settings import declarations, method_hook
 from unlearn_exp.store import ArtifactStore
@@ -46,10 +48,6 @@ def image_set_ref(
     filter (``inversion.image_set.filter``) flags the concept. A generated set is made only when
     ``C*`` is learned, after the cell's checkpoint is applied: ``comps`` may then be a function that
     returns the original model (``original_model``), called only to generate it."""
-    from types import SimpleNamespace
-
-    from unlearn_exp.identity import resolved_device
-
     original = comps if callable(comps) else (lambda: comps)
     where = SimpleNamespace(device=resolved_device(cfg.model)) if callable(comps) else comps
     spec = ImageSetConfig.from_cfg(cfg.inversion.image_set)  # a folder without its path is refused
@@ -98,7 +96,6 @@ def ensure_image_set(cfg, comps: Components, store: ArtifactStore, model_id: str
 
 def folder_content_id(folder: Path) -> str:
     """A user image folder by content: the name and sha256 of every image the inversion reads."""
-    from unlearn_exp.hashing import file_sha256
     from unlearn_exp.inversion.image_sets import IMAGE_SUFFIXES
 
     if not folder.is_dir():
@@ -158,7 +155,7 @@ def resolve_concept(
 ) -> Concept:
     """The words, or ``C*`` (learned, or read from ``embedding.path``); ``checkpoint_id`` is the content
     id of the checkpoint applied to ``comps``."""
-    from unlearn_exp.guidance import Concept
+    from unlearn_exp.guidance.base import Concept
     from unlearn_exp.inversion.textual_inversion import load_concept_tokens
 
     source = cfg.embedding.source
@@ -196,6 +193,5 @@ def resolve_concept(
 
         path = store.get_or_build("inversion", key, build) / "learned_embeds.safetensors"
     tokens = load_concept_tokens(comps, path)
-    from unlearn_exp.hashing import file_sha256
 
     return Concept(source, tokens, f"{source}:{file_sha256(path)[:16]}", str(path))

@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from unlearn_exp.checks import PICKLE_SUFFIXES
+from unlearn_exp.paths import resolve_local_path
+from unlearn_exp.settings import declared
 from unlearn_exp.store import ArtifactStore
 
 if TYPE_CHECKING:
@@ -24,8 +27,6 @@ def load_model(model_cfg) -> Components:
 
 def cell_store(cfg) -> ArtifactStore:
     """The artifact store a cell reads and writes: ``paths.cache_dir`` over the shipped caches."""
-    from unlearn_exp.paths import resolve_local_path
-
     shipped = [resolve_local_path(str(p)) for p in (cfg.paths.get("shipped_caches") or [])]
     return ArtifactStore(cfg.paths.cache_dir, shipped=shipped, verify=str(cfg.paths.get("verify", "small")))
 
@@ -48,12 +49,9 @@ def convert_pickles(checkpoint_cfg, store: ArtifactStore) -> None:
     """A pickled ``checkpoint.path`` allowed by ``allow_pickle_conversion``, converted into the cache
     (tensors only) before the model loads, so a file holding code is refused in seconds; the loader
     then finds the conversion. Folders are left to their loaders."""
-    from unlearn_exp.checks import PICKLE_SUFFIXES
-
     paths = checkpoint_cfg.get("path")
     if not paths or not checkpoint_cfg.get("allow_pickle_conversion"):
         return
-    from unlearn_exp.settings import declared
 
     if getattr(declared("checkpoint").get(checkpoint_cfg.get("method")), "LOADS_FOLDERS", False):
         return  # a folder: its loader reads (and converts) its files
@@ -69,13 +67,13 @@ def method_filter(filter_cfg):
     ``inversion.image_set.filter``), or None; the evaluation judge never enters here."""
     if not filter_cfg:
         return None
-    from unlearn_exp.evaluation import make_judge
+    from unlearn_exp.evaluation.judge import make_judge
 
     return make_judge(filter_cfg)
 
 
 def apply_unlearning(cfg, comps: Components, store: ArtifactStore, checkpoint_cfg, logger) -> dict[str, Any]:
-    from unlearn_exp.unlearning import apply_checkpoint  # refuses a method nobody registered
+    from unlearn_exp.unlearning.checkpoints import apply_checkpoint  # refuses a method nobody registered
 
     return apply_checkpoint(
         comps,

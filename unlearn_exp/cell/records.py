@@ -4,12 +4,17 @@ columns), the results index, the collapse flag, and the lookup of an already rec
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+from filelock import FileLock
 from omegaconf import DictConfig
 
+from unlearn_exp.atomic import atomic_write_text
 from unlearn_exp.cell.samples import chunk_meta, safe_name
 from unlearn_exp.hashing import file_sha256
 from unlearn_exp.hashing import to_plain as plain
@@ -187,8 +192,6 @@ def cell_record(
 def copy_images(image_rows: list[dict[str, Any]], folder: Path) -> None:
     """The job's images in its run directory, named ``<split>/<case id>_<image index>.png``: copies,
     so that nothing done to them can change the artifact cache."""
-    import shutil
-
     for r in image_rows:
         dest = folder / r["split"] / f"{safe_name(r['case_id'])}_{r['image_index']}.png"
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -244,10 +247,6 @@ def index_rows(folder: Path) -> list[dict[str, Any]]:
 def update_index(folder: Path, cell: dict[str, Any]) -> Path:
     """``<results>/<experiment>/index.csv``: one readable line per cell folder (its name, what it is,
     its DSR), rewritten atomically under a lock so parallel jobs keep every line."""
-    from filelock import FileLock
-
-    from unlearn_exp.atomic import atomic_write_text
-
     index = folder / "index.csv"
     row = _index_row(cell)
     folder.mkdir(parents=True, exist_ok=True)
@@ -261,9 +260,6 @@ def update_index(folder: Path, cell: dict[str, Any]) -> Path:
 def quarantine_result(results: Path, problems: list[str]) -> Path:
     """Move a results folder whose rows contradict themselves to ``<experiment>/quarantine/`` (one
     log line names it and why), so the cell is computed again and nothing reads the old numbers."""
-    import os
-    import time
-
     target = results.parent / "quarantine" / f"{results.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -281,8 +277,7 @@ def recorded_result(cfg: DictConfig, spec: dict[str, Any] | None = None) -> dict
     ``<results>/<experiment>/`` whose ``spec_key`` is this config's, with the same checkpoint label,
     and both tables present. Nothing is loaded. None where there is none, or where the model's
     weights are not here (its content cannot be checked)."""
-    from unlearn_exp.evaluation import read_table
-    from unlearn_exp.evaluation.records import row_problems
+    from unlearn_exp.evaluation.records import read_table, row_problems
 
     spec = spec if spec is not None else cell_spec(cfg)
     if spec["model"]["content"] is None:

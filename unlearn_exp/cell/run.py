@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from omegaconf import DictConfig
 
+from unlearn_exp import progress
 from unlearn_exp.atomic import atomic_dir, atomic_write_json
 from unlearn_exp.cell.concept_source import image_set_ref, resolve_concept
 from unlearn_exp.cell.inputs import apply_unlearning, benchmark_rows, cell_store, convert_pickles, load_model
@@ -46,11 +47,13 @@ from unlearn_exp.cell.samples import (
 )
 from unlearn_exp.cell.stages import Cell, ConceptGuidance, Judged, Originals, Samples, Scores, Unlearned
 from unlearn_exp.errors import NotImplementedStage, UserError
+from unlearn_exp.evaluation.dsr import dsr
 from unlearn_exp.hashing import config_hash
 from unlearn_exp.hashing import to_plain as plain
 from unlearn_exp.identity import cell_spec
-from unlearn_exp.paths import job_dir
+from unlearn_exp.paths import job_dir, resolve_local_path
 from unlearn_exp.registry import UNLEARNING
+from unlearn_exp.validate import validate
 
 if TYPE_CHECKING:
     from unlearn_exp.models import Components
@@ -60,13 +63,11 @@ log = logging.getLogger("unlearn_exp")
 
 def run_cell(cfg: DictConfig) -> dict[str, Any]:
     from unlearn_exp.tracking import Tracker
-    from unlearn_exp.validate import validate
 
     validate(cfg)  # every value checked before any model is loaded or any folder written
     from unlearn_exp.assets import require
 
     require(cfg)  # every external file the cell reads, named at once
-    from unlearn_exp import progress
 
     progress.configure(cfg.get("progress", "auto"))
     spec = cell_spec(cfg)  # once: for the recorded result and for the cell's own row
@@ -128,7 +129,6 @@ def open_cell(cfg: DictConfig, *, prompts: bool = True, spec: dict[str, Any] | N
     """Load the model and (unless ``prompts`` is false) the benchmark and PP prompt sets."""
     if cfg.checkpoint.method not in UNLEARNING.names() and not cfg.checkpoint.get("_target_"):
         raise NotImplementedStage(f"unlearning ({cfg.checkpoint.method})")
-    from unlearn_exp.paths import resolve_local_path
 
     store = cell_store(cfg)
     out_dir = job_dir(cfg)
@@ -138,7 +138,8 @@ def open_cell(cfg: DictConfig, *, prompts: bool = True, spec: dict[str, Any] | N
 
         resolve_checkpoint(resolve_local_path(str(cfg.model.path)), need_vae=bool(cfg.model.vae))
     # identity, judge and PP metric before any work: a missing file stops the job here
-    from unlearn_exp.evaluation import make_judge, make_pp_metric
+    from unlearn_exp.evaluation.judge import make_judge
+    from unlearn_exp.evaluation.pp import make_pp_metric
 
     spec = spec if spec is not None else cell_spec(cfg)
     the_judge, metric = make_judge(cfg.judge), make_pp_metric(cfg.pp.metric)
@@ -194,7 +195,7 @@ def original_model(cell: Cell) -> Components:
 def originals(cell: Cell) -> Originals:
     """Stage 0 (before the model is unlearned): the original model's images of every PP prompt set,
     and the harmful images ``C*`` is learned from, where the cell learns one."""
-    from unlearn_exp.guidance import Guidance
+    from unlearn_exp.guidance.base import Guidance
 
     cfg = cell.cfg
     original = {"model": cell.model_id, **ORIGINAL}
@@ -222,8 +223,6 @@ def check_checkpoint_content(checkpoint, spec: dict[str, Any], info: dict[str, A
     """The files the cell's spec names by content are the files that were loaded: a user's checkpoint
     file whose sha256 in the spec (``identity.cell_spec``) differs from the loaded bits would record a
     row whose spec and ``checkpoint_id`` disagree, so it is one ``UserError``."""
-    from unlearn_exp.paths import resolve_local_path
-
     given = checkpoint.get("path")
     given = [given] if isinstance(given, str) else list(given or [])
     named = (spec.get("checkpoint") or {}).get("files") or []
@@ -242,7 +241,7 @@ def check_checkpoint_content(checkpoint, spec: dict[str, Any], info: dict[str, A
 def concept(cell: Cell, made: Originals, ck: Unlearned) -> ConceptGuidance:
     """Stage 2: the concept (the words, or ``C*`` learned on the checkpoint or the shared source) and
     the guidance method built on it."""
-    from unlearn_exp.guidance import make_guidance
+    from unlearn_exp.guidance.factory import make_guidance
 
     cfg = cell.cfg
     conc = resolve_concept(
@@ -291,7 +290,6 @@ def judge(cell: Cell, samples: Samples) -> Judged:
 
 def score(cell: Cell, made: Originals, samples: Samples, judged: Judged) -> Scores:
     """Stage 5: DSR (Wilson interval), PP against the original model's images, benign accuracy."""
-    from unlearn_exp.evaluation import dsr
     from unlearn_exp.evaluation.pp import pp
 
     pp_values, lpips_by_split = {}, {}
@@ -317,7 +315,7 @@ def record(
 ) -> dict[str, Any]:
     """Stage 6: the image and cell rows, written together (atomically) to the results folder and the
     job folder, the results index, then the tracker."""
-    from unlearn_exp.evaluation import cell_table, image_table, write_table
+    from unlearn_exp.evaluation.records import cell_table, image_table, write_table
 
     cfg = cell.cfg
     the_judge, metric = cell.judge, cell.metric

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from unlearn_exp.atomic import atomic_write_json
 from unlearn_exp.cell.keys import rows_identity, sample_identity, sampling_settings
+from unlearn_exp.identity import resolved_device
+from unlearn_exp.progress import StageBar
 from unlearn_exp.store import ArtifactStore
 
 if TYPE_CHECKING:
@@ -39,8 +41,6 @@ def generate_samples(
     """Sample ``rows`` in chunks, each chunk an artifact (PNG files + ``meta.json``); ``label`` names
     what is sampled in the progress bar. ``comps`` may be a loader (a function returning the model,
     called at most once): then a model is loaded only if a chunk is not cached yet."""
-    from unlearn_exp.identity import resolved_device
-
     settings = sampling_settings(cfg)
     size = int(cfg.sampling.chunk_size)
     if callable(comps):
@@ -100,8 +100,6 @@ def chunk_images(chunk: Chunk):
 
 def judge_chunks(chunks: list[Chunk], judge, store: ArtifactStore, what: str = "") -> list[dict[str, Any]]:
     """The judge's verdict on every image of ``chunks`` (cached per chunk and judge profile)."""
-    from unlearn_exp.progress import StageBar
-
     verdicts, bar = [], None
     keys = [{"samples": chunk.key, "judge": judge.profile["hash"]} for chunk in chunks]
     todo = sum(len(c.rows) for c, k in zip(chunks, keys) if store.locate("verdicts", k) is None)
@@ -126,7 +124,6 @@ def pp_distances(
     chunks: list[Chunk], refs: list[Chunk], metric, store: ArtifactStore, what: str = ""
 ) -> list[float]:
     """PP distances between each image and the original model's image of the same row (cached)."""
-    from unlearn_exp.progress import StageBar
     from unlearn_exp.sampling import from_pil
 
     out, bar = [], None

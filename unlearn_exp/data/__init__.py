@@ -27,7 +27,7 @@ from unlearn_exp.data.download import fetch
 from unlearn_exp.data.i2p import subset_mask
 from unlearn_exp.data.schema import SCHEMA_COLUMNS, expand_images, read_raw, to_prompt_table
 from unlearn_exp.errors import UserError
-from unlearn_exp.hashing import file_sha256
+from unlearn_exp.hashing import file_sha256, to_plain
 from unlearn_exp.registry import LOADERS as LOADER_REGISTRY
 
 log = logging.getLogger("unlearn_exp")
@@ -135,8 +135,6 @@ def load_benchmark(cfg: Any, data_dir: str | Path | None = None, key: str = "ben
     """The images a benchmark asks for, in the internal schema (``SCHEMA_COLUMNS``), from the loader
     its config names (``benchmark.loader`` or ``_target_``; ``registry.LOADERS``). ``key``: where the
     prompt list sits in the config (``pp.prompts`` for the PP prompts), as messages name it."""
-    from unlearn_exp.hashing import to_plain
-
     name = str(_get(cfg, "name", "benchmark"))
     plain = dict(to_plain(cfg)) if not isinstance(cfg, dict) else dict(cfg)
     plain["loader"] = str(_get(cfg, "loader", "prompts_file"))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.images import ImageLike, to_tensor
-from unlearn_exp.hashing import config_hash, file_sha256
+from unlearn_exp.hashing import config_hash, file_sha256, to_plain
 from unlearn_exp.registry import PP_METRICS
 from unlearn_exp.runtime import device as torch_device
 
@@ -237,7 +237,5 @@ def register_pp_metric(kind: str, factory: PPFactory) -> None:
 
 def make_pp_metric(cfg_pp: Any = None, *, cache: bool = True) -> Distance:
     """The distance a PP config names (default ``lpips_alex``); one instance per config per process."""
-    from unlearn_exp.hashing import to_plain
-
     plain = {**PP_DEFAULTS, **(dict(to_plain(cfg_pp)) if cfg_pp is not None else {})}
     return PP_METRICS.build(plain, cache=cache)

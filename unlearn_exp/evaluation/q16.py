@@ -20,17 +20,20 @@ array of shape (2, D). ``convert_prompt_embeddings`` writes them once as safeten
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import io
+import json
 import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from unlearn_exp.atomic import atomic_file
-from unlearn_exp.errors import UserError
+from unlearn_exp.errors import UserError, run_guarded
 from unlearn_exp.evaluation.config import Q16Backend, Q16JudgeConfig
 from unlearn_exp.evaluation.judge import Judge, make_profile
 from unlearn_exp.hashing import file_sha256
@@ -340,13 +343,6 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m unlearn_exp.evaluation.q16 [--profile conf/judge/q16.yaml] [--prompts-path F]
     [--cache-dir D] [--convert OUT]``: download ``prompts.p`` once (checked against the pinned git
     blob id) and print the ``prompts_sha256`` line that pins the profile by content."""
-    import argparse
-    import json
-
-    from omegaconf import OmegaConf
-
-    from unlearn_exp.errors import run_guarded
-
     root = Path(__file__).resolve().parents[2]
     ap = argparse.ArgumentParser(description="Pin Q16's prompt embeddings: fetch, check, print sha256.")
     ap.add_argument("--profile", default=str(root / "conf" / "judge" / "q16.yaml"))

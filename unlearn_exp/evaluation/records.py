@@ -40,6 +40,7 @@ import pandas as pd
 
 from unlearn_exp.atomic import atomic_file
 from unlearn_exp.errors import UserError
+from unlearn_exp.evaluation.dsr import wilson_interval
 
 IMAGE_COLUMNS = [
     "cell_key",
@@ -195,8 +196,6 @@ def row_problems(row: Mapping[str, Any], images: pd.DataFrame | None = None) -> 
     ``n_safe / n_images`` with its Wilson interval (``evaluation/dsr.py``), rates lie in [0, 1] and PP
     at most 1; with ``images``, the counts, the benchmark verdicts, PP (1 - mean distance per prompt
     set) and benign accuracy are recomputed from them. Columns a row lacks are not checked."""
-    from unlearn_exp.evaluation.dsr import wilson_interval
-
     out: list[str] = []
     dsr, lo, hi, n, k = (_num(row.get(c)) for c in ("dsr", "dsr_lo", "dsr_hi", "n_images", "n_safe"))
     for name in ("dsr", "dsr_lo", "dsr_hi", "benign_acc"):

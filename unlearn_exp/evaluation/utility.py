@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_exp.errors import UserError
-from unlearn_exp.hashing import config_hash, file_sha256
+from unlearn_exp.hashing import config_hash, file_sha256, to_plain
 from unlearn_exp.registry import UTILITY
 from unlearn_exp.runtime import device as torch_device
 
@@ -215,6 +215,4 @@ def build_kid(cfg: dict[str, Any]) -> Utility:
 
 def make_utility(cfg: Any) -> Utility:
     """The metric ``cfg`` (a ``conf/utility/*.yaml`` node) describes."""
-    from unlearn_exp.hashing import to_plain
-
     return UTILITY.get(to_plain(cfg))(to_plain(cfg))

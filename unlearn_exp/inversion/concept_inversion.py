@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from unlearn_exp.atomic import atomic_file, atomic_write_json
 from unlearn_exp.errors import UserError
 from unlearn_exp.hashing import config_hash
-from unlearn_exp.identity import without_neutral
+from unlearn_exp.identity import resolved_precision, without_neutral
 from unlearn_exp.inversion.config import InversionConfig, PromptTokens
 from unlearn_exp.inversion.image_sets import ImageSet, read_image_folder, tensor_image_set
 from unlearn_exp.inversion.textual_inversion import (
@@ -46,6 +46,8 @@ from unlearn_exp.inversion.textual_inversion import (
     token_ids,
 )
 from unlearn_exp.models.components import Components
+from unlearn_exp.progress import lightning_bar
+from unlearn_exp.quiet import quiet_lightning
 from unlearn_exp.runtime import keep_freed_memory
 from unlearn_exp.training import StopOnSigterm, define_stage_axis, keeps_device
 
@@ -398,16 +400,12 @@ def _inversion_trainer(
     callbacks: list[L.Callback] | None,
 ) -> L.Trainer:
     """The Lightning trainer of docs/methods.md 6.2, checkpointing the rows into ``ckpt_dir``."""
-    from unlearn_exp.identity import resolved_precision
-    from unlearn_exp.progress import lightning_bar
-
     last = ckpt_dir / LAST_CKPT
     if last.is_file():
         log.info("concept inversion: resuming from %s", last)
     if logger is not None:
         define_stage_axis(logger, "inversion")
     keep_freed_memory()
-    from unlearn_exp.quiet import quiet_lightning
 
     quiet_lightning()  # Lightning's info lines and tips stay out of the run's output
     return L.Trainer(

@@ -23,6 +23,7 @@ from unlearn_exp.atomic import atomic_file, atomic_write_json
 from unlearn_exp.errors import UserError
 from unlearn_exp.hashing import file_sha256
 from unlearn_exp.models.components import Components
+from unlearn_exp.progress import StageBar
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,6 @@ def generate_image_set(
     the number of images sampled. ``judge.judge(pil_images)`` returns dicts with key ``safe``.
     Nothing is written unless the quota is met. Returns the manifest.
     """
-    from unlearn_exp.progress import StageBar
     from unlearn_exp.sampling import sample
 
     prompts = [str(p) for p in prompts]

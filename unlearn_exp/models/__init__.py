@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from unlearn_exp.errors import UserError
+from unlearn_exp.identity import model_identity, resolved_device, resolved_dtype
 from unlearn_exp.models.components import Components, TokenizedPrompts
 from unlearn_exp.models.pretrained import load_pretrained, save_components
 from unlearn_exp.models.tiny import build_tiny
@@ -26,8 +27,6 @@ __all__ = [
 
 def load_model(model_cfg) -> Components:
     """Build or load the model a ``conf/model/*.yaml`` describes (``source: tiny | pretrained``)."""
-    from unlearn_exp.identity import model_identity, resolved_device, resolved_dtype
-
     source = model_cfg["source"]
     device = resolved_device(model_cfg)
     dtype_name = resolved_dtype(model_cfg)  # auto: half precision where it is fast, fp32 on the CPU

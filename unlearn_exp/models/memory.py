@@ -36,6 +36,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from unlearn_exp.hashing import to_plain
+from unlearn_exp.identity import model_folder, resolved_precision
+
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 CUDA_RESERVE_GIB = 1.0  # CUDA context (~0.5 GiB), cuDNN workspaces, allocator fragmentation
@@ -226,8 +229,6 @@ def _tiny_sizes(model_cfg) -> ModelSizes:
 def model_sizes(model_cfg) -> ModelSizes | None:
     """The sizes of the model ``model_cfg`` names: counted from its folder where it is here, else
     from the published sizes of the named model; None where neither is known."""
-    from unlearn_exp.identity import model_folder
-
     if model_cfg.get("source") == "tiny":
         return _tiny_sizes(model_cfg)
     resolution = int(model_cfg.get("resolution", 512))
@@ -301,8 +302,6 @@ def pairs_stage(sizes: ModelSizes, eb: int, pair_batch: int) -> Stage:
 def duo_stage(sizes: ModelSizes, eb: int, ck: dict[str, Any], n_pairs: int) -> Stage:
     """DUO: ``3 x batch`` rows forward and backward through the UNet with LoRA, the same rows forward
     through the frozen reference, the pairs encoded by a float32 VAE."""
-    from unlearn_exp.identity import resolved_precision
-
     b, rank = int(ck.get("batch") or 4), int(ck.get("rank") or 32)
     precision = resolved_precision(ck.get("precision"), "cuda")
     train_b, infer_b = _pass_bytes(precision)
@@ -320,8 +319,6 @@ def duo_stage(sizes: ModelSizes, eb: int, ck: dict[str, Any], n_pairs: int) -> S
 def inversion_stage(sizes: ModelSizes, eb: int, inv: dict[str, Any], n_images: int) -> Stage:
     """Concept inversion: ``inversion.batch_size`` rows forward and backward through the frozen UNet
     (the gradient reaches the embedding through it), a float32 text encoder, the image set encoded once."""
-    from unlearn_exp.identity import resolved_precision
-
     b = int(inv.get("batch_size") or 1)
     precision = resolved_precision(inv.get("precision"), "cuda")
     train_b, _ = _pass_bytes(precision)
@@ -351,8 +348,6 @@ def judging_stage(sizes: ModelSizes, eb: int, judge: dict[str, Any], metric: dic
 def cell_stages(cfg, sizes: ModelSizes, branches: int, n_pairs: int = 1) -> dict[str, Stage]:
     """The stages a cell of ``cfg`` may run, by the name the planner's work uses; ``branches``: UNet
     rows per image of its guidance, ``n_pairs``: the most pairs one of its DUO adapters trains on."""
-    from unlearn_exp.hashing import to_plain
-
     eb = DTYPE_BYTES.get(_gpu_dtype(cfg.model), 4)
     s = cfg.sampling
     ck = dict(to_plain(cfg.checkpoint))

@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from unlearn_exp.atomic import atomic_dir
 from unlearn_exp.errors import UserError
 from unlearn_exp.models.components import Components
 
@@ -90,8 +91,6 @@ def load_pretrained(
 
 def save_components(components: Components, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write a diffusers-layout folder that ``load_pretrained`` (and diffusers, given a VAE) can read."""
-    from unlearn_exp.atomic import atomic_dir
-
     path = Path(path)
     with atomic_dir(path) as tmp:
         for sub, module in components.modules().items():

@@ -22,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from unlearn_exp.atomic import atomic_dir
 from unlearn_exp.errors import exit_status
 
 # Stable Diffusion v1.4's scheduler/scheduler_config.json (diffusers' PNDMScheduler), key for key
@@ -114,7 +115,6 @@ def write_standin(path: str | Path, seed: int = 0) -> Path:
     from transformers import CLIPImageProcessor
     from transformers.utils import logging as hf_logging
 
-    from unlearn_exp.atomic import atomic_dir
     from unlearn_exp.models.tokenizer import build_clip_tokenizer
 
     hf_logging.disable_progress_bar()  # a "Writing model shards" bar per module says nothing

@@ -24,8 +24,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from unlearn_exp.atomic import atomic_write_text
+from unlearn_exp.config import compose
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.dsr import dsr
+from unlearn_exp.hashing import file_sha256
 from unlearn_exp.report.tables import load_cells
 
 KEY_COLUMNS = ["experiment", "checkpoint_label", "guidance", "embedding", "benchmark"]
@@ -47,8 +50,7 @@ def cohen_kappa(a: Sequence[bool], b: Sequence[bool]) -> float:
 
 
 def _judge(name: str, overrides: Sequence[str]):
-    from unlearn_exp.config import compose
-    from unlearn_exp.evaluation import make_judge
+    from unlearn_exp.evaluation.judge import make_judge
 
     return make_judge(compose([*overrides, f"judge={name}"]).judge)
 
@@ -57,7 +59,6 @@ def recorded_images(cell: pd.Series, split: str = "bench") -> pd.DataFrame:
     """The cell's images of ``split`` (``bench``: the benchmark; ``coco``: the benign PP prompts), from
     the ``images.parquet`` beside its ``cells.parquet``, each checked against its recorded sha256."""
     from unlearn_exp.evaluation.records import read_table
-    from unlearn_exp.hashing import file_sha256
 
     table = Path(cell["_source"]).with_name("images.parquet")
     if not table.is_file():
@@ -138,8 +139,6 @@ def _fmt(x: float) -> str:
 
 def write_judges(table: pd.DataFrame, profiles: Sequence[str], out_dir: str | Path) -> list[Path]:
     """``judges.md`` and ``judges.csv`` under ``out_dir``, each written atomically."""
-    from unlearn_exp.atomic import atomic_write_text
-
     if table["reproduced"].eq(False).any():  # a wrong number is worse than none: nothing is written
         bad = table.loc[table["reproduced"].eq(False), "cell_key"].tolist()
         raise UserError(f"re-judging with a cell's own judge changed its verdicts: cells {bad}")

@@ -11,6 +11,8 @@ import pandas as pd
 
 from unlearn_exp import paper
 from unlearn_exp.atomic import atomic_file, atomic_write_text
+from unlearn_exp.config import compose
+from unlearn_exp.hashing import config_hash
 from unlearn_exp.report.tables import MISSING, SCALES, Table, build_tables, formatted, grid_positions
 
 log = logging.getLogger("unlearn_exp.report")
@@ -153,7 +155,6 @@ def plot_dsr_pp(long: Table, label: str, out: Path) -> Path:
     """``<out>/dsr_pp_<label>.png``: ``dsr_pp_figure``. A plot already drawn from the same points and
     layout (its key in the PNG's metadata) is kept as it is."""
     from unlearn_exp.grids import png_key
-    from unlearn_exp.hashing import config_hash
 
     path = out / f"dsr_pp_{label}.png"
     pp_header = next((c.header for c in long.columns if c.key == "pp"), "PP")
@@ -224,7 +225,6 @@ def sources_md(
 def log_grids(grids: list[dict], scale: str, experiment: str, extra, out: Path) -> None:
     """With ``logger=wandb`` among the overrides: one run ``report-<scale>`` holding each grid as an
     image and its tiles as captioned images ("column | prompt | verdict")."""
-    from unlearn_exp.config import compose
     from unlearn_exp.tracking import Tracker
 
     logger_cfg = compose([f"+experiment={experiment}", *extra]).logger

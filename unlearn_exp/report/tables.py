@@ -18,7 +18,8 @@ from unlearn_exp import paper
 from unlearn_exp.config import compose, override_key
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation.records import CELL_IDENTITY
-from unlearn_exp.hashing import config_hash
+from unlearn_exp.hashing import config_hash, to_plain
+from unlearn_exp.identity import cell_spec, spec_differences, spec_key
 
 log = logging.getLogger("unlearn_exp.report")
 
@@ -212,8 +213,6 @@ def position(overrides: tuple[str, ...], extra: tuple[str, ...] = ()) -> Positio
     the values its row and column name: an ``extra`` override of a key the position sets, or of the
     group holding it where it picks another method (``checkpoint=esd`` for DUO's rows), is one
     ``UserError``, never applied to every position."""
-    from unlearn_exp.identity import cell_spec, spec_key
-
     own = {override_key(o) for o in overrides}
     cfg = compose([*overrides, *extra])
     for o in extra:
@@ -422,8 +421,6 @@ def expected_n(pos: Position, row: pd.Series | None = None) -> int | None:
     bench = pos.spec.get("benchmark", {})
     prompts = bench.get("expected_prompts") or bench.get("n")
     if prompts is None:
-        from unlearn_exp.hashing import to_plain
-
         prompts = to_plain(compose([*pos.overrides, *pos.extra]).benchmark).get("expected_prompts")
     if prompts is None:
         return None
@@ -565,8 +562,6 @@ def methods_table(rows: pd.DataFrame, experiment: str, label: str, pp: str = "co
     """One row per unlearning method of ``experiment`` (its sweep), one column per guidance and
     concept source: DSR with its Wilson interval, (PP, benign accuracy); * where the cell is flagged.
     Each position takes only the cell whose identity is the one the experiment gives it."""
-    from unlearn_exp.hashing import to_plain
-
     pp_col = _pp_column(pp)
     checkpoints, guidances, embeddings = methods_axes(experiment)
     columns = [("none", embeddings[0], "no guidance")]
@@ -688,8 +683,6 @@ def grid_positions(scale: str, extra: Sequence[str] = ()) -> list[Position]:
 
 def _nearest(spec: dict | None, positions: Sequence[Position]) -> str:
     """What sets a row apart from the closest grid position (dotted keys), for 'other cells'."""
-    from unlearn_exp.identity import spec_differences
-
     if spec is None:
         return "no cell spec (written by an older version)"
     best: list[str] | None = None

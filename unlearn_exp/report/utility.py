@@ -9,21 +9,25 @@ reference set is the original model's images of the same prompts and seeds (thei
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 
+from unlearn_exp import config
+from unlearn_exp.atomic import atomic_write_text
+from unlearn_exp.config import compose, group_choices
 from unlearn_exp.errors import UserError
+from unlearn_exp.evaluation.utility import make_utility
 from unlearn_exp.report.judges import KEY_COLUMNS, recorded_images
 from unlearn_exp.report.tables import load_cells
 
 
 def _metric(name: str, overrides: Sequence[str]):
-    from unlearn_exp.config import CONF_DIR, compose, group_choices
-    from unlearn_exp.evaluation.utility import make_utility
-
-    if not (CONF_DIR / "utility" / f"{name}.yaml").is_file():
+    if not (config.CONF_DIR / "utility" / f"{name}.yaml").is_file():
         raise UserError(
             f"unknown utility metric '{name}': choose one of {', '.join(group_choices('utility'))}"
         )
@@ -33,10 +37,6 @@ def _metric(name: str, overrides: Sequence[str]):
 
 def _expected(cell: pd.Series, rows: pd.DataFrame) -> list[str | None]:
     """What each benign prompt allows (the prompt set's ``expected`` column), where it says."""
-    import json
-
-    from omegaconf import OmegaConf
-
     from unlearn_exp.cell.inputs import benchmark_rows
 
     try:
@@ -110,8 +110,6 @@ def utility_table(
 def add_utility_columns(tables: dict, names: Sequence[str], overrides: Sequence[str] = ()) -> None:
     """The metrics as columns of the main and long tables, for the cells their positions took
     (``make reproduce-table`` with ``--utility-columns``); "-" where a position has no cell."""
-    import math
-
     from unlearn_exp.report.tables import Column
 
     metrics = _metrics(names, overrides)
@@ -150,8 +148,6 @@ def render_utility(table: pd.DataFrame, names: Sequence[str]) -> str:
 
 
 def write_utility(table: pd.DataFrame, names: Sequence[str], out_dir: str | Path) -> list[Path]:
-    from unlearn_exp.atomic import atomic_write_text
-
     out = Path(out_dir)
     return [
         atomic_write_text(out / "utility.md", render_utility(table, names)),

@@ -16,12 +16,17 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from unlearn_exp.atomic import atomic_dir, atomic_write_json
+from unlearn_exp.config import compose as compose_config
 from unlearn_exp.errors import exit_status
+from unlearn_exp.store import KEY_FILE
+from unlearn_exp.store import manifest as file_list
 
 SHIPPED = Path(__file__).resolve().parent / "artifacts"
 KINDS = ("unlearning/duo", "inversion")
@@ -29,8 +34,6 @@ SHIPPED_SUFFIXES = (".safetensors", ".json", ".csv", ".txt")
 
 
 def compose(overrides: list[str]):
-    from unlearn_exp.config import compose as compose_config
-
     return compose_config(overrides, hydra=True)
 
 
@@ -65,8 +68,6 @@ def train_cell(cfg) -> dict[str, list[str]]:
 
 def copy_small(cache_dir: Path, dest: Path) -> list[Path]:
     """Copy the shipped kinds' files with small-file suffixes from ``cache_dir`` into ``dest``."""
-    from unlearn_exp.atomic import atomic_dir
-
     copied = []
     for kind in KINDS:
         for folder in sorted((cache_dir / kind).glob("*/_key.json")):
@@ -86,10 +87,6 @@ def copy_small(cache_dir: Path, dest: Path) -> list[Path]:
 def _strip_local_paths(folder: Path) -> None:
     """The DUO manifest names the pair set folder of the build machine; ship its name only, and
     record the rewritten file in the artifact's file list (``_key.json``), so that it verifies."""
-    from unlearn_exp.atomic import atomic_write_json
-    from unlearn_exp.store import KEY_FILE
-    from unlearn_exp.store import manifest as file_list
-
     manifest = folder / "manifest.json"
     if manifest.is_file():
         data = json.loads(manifest.read_text())
@@ -112,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("unlearn_exp").setLevel(logging.INFO)
-    import tempfile
 
     build = Path(args.build_dir or tempfile.mkdtemp(prefix="toy_artifacts_"))
     cache = build / "cache"

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from unlearn_exp.atomic import atomic_write_text
 from unlearn_exp.errors import exit_status
 
 BENIGN_FLOOR = 0.90
@@ -109,7 +110,6 @@ def to_markdown(rows: pd.DataFrame, chosen: dict[str, dict], header: str) -> str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from unlearn_exp.atomic import atomic_write_text
     from unlearn_exp.demo import quiet_logs, run_grid_cell, run_in_workers
 
     ap = argparse.ArgumentParser(

@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unlearn_exp.atomic import atomic_write_json
+from unlearn_exp.config import preset
 from unlearn_exp.errors import UserError
+from unlearn_exp.hashing import file_sha256
 from unlearn_exp.quiet import quiet_lightning
 from unlearn_exp.toy import world
 
@@ -256,8 +259,6 @@ def heldout_accuracy(
 def train_judge(cfg: JudgeTrainConfig, out: str | Path = JUDGE_FILE) -> dict:
     """Train the judge, write ``out`` (safetensors) and ``<out stem>.json`` (recipe, log, held-out
     accuracy)."""
-    from unlearn_exp.atomic import atomic_write_json
-    from unlearn_exp.hashing import file_sha256
     from unlearn_exp.unlearning.weights import save_safetensors
 
     torch.set_num_threads(max(1, cfg.threads))
@@ -309,8 +310,6 @@ def load_net(path: str | Path) -> tuple[ToyJudgeNet, str]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from unlearn_exp.hashing import file_sha256
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(
@@ -345,7 +344,6 @@ class ToyJudge(_base()):
     ``conf/judge/toy.yaml``'s values (as ``judge=toy judge.<key>=...`` would)."""
 
     def __init__(self, cfg: dict[str, Any] | None = None):
-        from unlearn_exp.config import preset
         from unlearn_exp.evaluation.judge import make_profile
 
         cfg = {**preset("judge", "toy"), **dict(cfg or {})}  # conf/judge/toy.yaml's values, then cfg's
@@ -353,8 +351,6 @@ class ToyJudge(_base()):
         path = Path(cfg["model_path"] or JUDGE_FILE)
         expected = cfg["model_sha256"]
         if expected and path.is_file():  # the pin is checked before the file is parsed
-            from unlearn_exp.hashing import file_sha256
-
             sha = file_sha256(path)
             if sha != str(expected).lower():
                 raise UserError(

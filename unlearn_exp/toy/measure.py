@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from unlearn_exp.atomic import atomic_write_json
 from unlearn_exp.toy import world
 from unlearn_exp.toy.prompts import KINDS, toy_prompts
 
@@ -55,7 +56,6 @@ def measure(comps, judge, n: int = 48, seed: int = 0, batch: int = 48, kinds=KIN
 
 
 def main(argv: list[str] | None = None) -> None:
-    from unlearn_exp.atomic import atomic_write_json
     from unlearn_exp.models import load_pretrained
     from unlearn_exp.toy.judge import ToyJudge
 

@@ -19,6 +19,8 @@ import csv
 import io
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,6 +29,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from unlearn_exp.atomic import atomic_dir
 from unlearn_exp.errors import UserError
 from unlearn_exp.models.components import Components
 from unlearn_exp.quiet import quiet_lightning
@@ -221,11 +224,6 @@ def write_checkpoint(
     comps: Components, out: str | Path, recipe: dict | None = None, log_csv: str | None = None
 ) -> Path:
     """One atomic folder: fp16 diffusers layout, compact tokenizer, ``recipe.json``, ``train_log.csv``."""
-    import os
-    import shutil
-
-    from unlearn_exp.atomic import atomic_dir
-
     out = Path(out)
     with atomic_dir(out) as tmp:
         save_components(comps, tmp / "_components", dtype=torch.float16)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from unlearn_exp.atomic import atomic_write_text
 from unlearn_exp.errors import exit_status
 
 GUIDED = ("sld", "safree")
@@ -228,8 +229,6 @@ def _run_study(runs: list[tuple[tuple[int, int], list[str]]], jobs: int) -> list
 
 def _write_study(rows: list[dict], out: Path, command: list[str], start: float) -> None:
     """The margins per seed pair and the verdicts: ``study.csv`` and ``study.md`` under ``out``, printed."""
-    from unlearn_exp.atomic import atomic_write_text
-
     cells = pd.DataFrame(rows).sort_values(
         ["duo_seed", "prompt_seed", "beta", "guidance", "embedding", "benchmark"]
     )

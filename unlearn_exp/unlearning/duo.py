@@ -12,6 +12,8 @@ with ``set_adapters`` and per-adapter weights (5.5).
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,8 +24,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from unlearn_exp.atomic import atomic_write_json
 from unlearn_exp.checks import Checks
 from unlearn_exp.errors import UserError
+from unlearn_exp.hashing import config_hash, file_sha256
 from unlearn_exp.hashing import to_plain as _plain
 from unlearn_exp.identity import without_neutral
 from unlearn_exp.models.components import Components
@@ -75,8 +79,6 @@ def effective_beta(cfg: dict[str, Any], beta: float) -> float:
     config goes through JSON, which would turn numeric keys into strings), linear in log(beta) between
     them; a beta outside its range is refused.
     """
-    import math
-
     if beta <= 0:
         raise UserError(f"DUO beta must be > 0, got {beta}")
     scale = float(cfg["beta_scale"])
@@ -629,8 +631,6 @@ def apply_duo(
     comps: Components, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, logger=None
 ) -> dict:
     """``checkpoint=duo``: load the user's LoRA file(s) (``path``) or train/reuse them for ``beta``."""
-    from unlearn_exp.atomic import atomic_write_json
-    from unlearn_exp.hashing import file_sha256
     from unlearn_exp.unlearning.weights import resolve_weight_file
 
     cfg = dict(_plain(cfg))
@@ -676,7 +676,6 @@ def apply_duo(
 
     folder = store.get_or_build("unlearning/duo", key, build)
     shutil.rmtree(work_root, ignore_errors=True)
-    import json
 
     manifest = json.loads((folder / "manifest.json").read_text())["adapters"]
     files = [folder / a["file"] for a in manifest]
@@ -697,17 +696,11 @@ def apply_duo(
 def adapters_id(shas: list[str], weights: list[float]) -> str:
     """A DUO checkpoint by content: its LoRA files' sha256 and their adapter weights. A trained
     checkpoint and the same files loaded through ``checkpoint.path`` have the same id."""
-    from unlearn_exp.hashing import config_hash
-
     return config_hash({"files": list(shas), "weights": [float(w) for w in weights]})
 
 
 def trained_duo_id(folder: Path) -> str:
     """The content id of a trained DUO artifact folder, read without loading a model."""
-    import json
-
-    from unlearn_exp.hashing import file_sha256
-
     manifest = json.loads((folder / "manifest.json").read_text())["adapters"]
     return adapters_id([file_sha256(folder / a["file"]) for a in manifest], [a["weight"] for a in manifest])
 
@@ -717,7 +710,7 @@ def _filter(filter_cfg):
     """The judge profile DUO filters its pairs with (``checkpoint.filter``), or None."""
     if not filter_cfg:
         return None
-    from unlearn_exp.evaluation import make_judge
+    from unlearn_exp.evaluation.judge import make_judge
 
     return make_judge(filter_cfg)
 

@@ -30,6 +30,7 @@ from unlearn_exp.atomic import atomic_file, atomic_write_json
 from unlearn_exp.errors import UserError
 from unlearn_exp.hashing import to_plain as _plain
 from unlearn_exp.models.components import Components
+from unlearn_exp.progress import StageBar
 
 PAIRS_FILE = "pairs.json"
 
@@ -150,8 +151,6 @@ def build_pair_set(
         {"index": i, "unsafe_prompt": u, "safe_prompt": s, "tries": {"unsafe": 0, "safe": 0}}
         for i, (u, s) in enumerate(r.prompts)
     ]
-
-    from unlearn_exp.progress import StageBar
 
     bar = StageBar(f"DUO pairs ({r.name})", 2 * n, "img")
     for stage_idx, stage in enumerate(("unsafe", "safe")):

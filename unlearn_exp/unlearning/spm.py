@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from unlearn_exp.errors import UserError
+from unlearn_exp.hashing import file_sha256
 from unlearn_exp.registry import UNLEARNING
 from unlearn_exp.unlearning.config import SPMCheckpointConfig
 
@@ -89,7 +90,6 @@ def fuse_spm(unet, tensors: dict[str, torch.Tensor], multiplier: float, what: st
 @UNLEARNING.register("spm")
 def apply_spm(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, logger=None) -> dict[str, Any]:
     """``checkpoint=spm``: load SPM's published adapter file (``checkpoint.path``) into the UNet."""
-    from unlearn_exp.hashing import file_sha256
     from unlearn_exp.unlearning.weights import read_safetensors, resolve_weight_file
 
     s = SPMCheckpointConfig.from_cfg(cfg)  # refuses a missing path, among others

@@ -9,6 +9,7 @@ anything is changed: wrong keys or shapes end in one line naming a few offending
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -55,8 +56,6 @@ def save_safetensors(
     writes the header's metadata from a hash map (in either order from one process to the next), so
     ``metadata`` goes in as one JSON entry beside nothing else. Tensors sharing memory (aliases kept by
     a pickle) are each written whole."""
-    import json
-
     clean, storages = {}, set()
     for k, v in tensors.items():  # tensors that share memory (a pickle's aliases) are written apart
         v = v.detach().to("cpu").contiguous()
