@@ -79,6 +79,17 @@ def _heavy_modules(files: dict) -> set[str]:
     return heavy
 
 
+def _lazy_names(path) -> dict[str, str]:
+    """A package's lazy attributes (``_WHERE = {name: submodule}`` in its ``__init__``, imported on
+    first use by ``lazy.lazy_attributes``): ``from pkg import name`` imports ``pkg.<submodule>``."""
+    if path is None or path.name != "__init__.py":
+        return {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "_WHERE":
+            return ast.literal_eval(node.value)
+    return {}
+
+
 def test_imports_inside_functions_only_defer_something_heavy():
     files = {_module_name(p): p for p in _files()}
     heavy = _heavy_modules(files)
@@ -90,8 +101,11 @@ def test_imports_inside_functions_only_defer_something_heavy():
                 if isinstance(node, ast.Import):
                     names = [a.name for a in node.names]
                 elif isinstance(node, ast.ImportFrom) and node.module:
+                    lazy = _lazy_names(files.get(node.module))
                     subs = [
-                        f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in files
+                        f"{node.module}.{lazy.get(a.name, a.name)}"
+                        for a in node.names
+                        if f"{node.module}.{lazy.get(a.name, a.name)}" in files
                     ]
                     names = subs or [node.module]
                 else:
@@ -109,3 +123,25 @@ def test_the_deferred_import_rule_sees_heavy_and_light_modules():
     heavy = _heavy_modules(files)
     assert {"unlearn_exp.sampling", "unlearn_exp.guidance.sld", "unlearn_exp.cell.run"} <= heavy
     assert not {"unlearn_exp.hashing", "unlearn_exp.atomic", "unlearn_exp.settings"} & heavy
+
+
+def test_composing_validating_planning_and_reporting_load_no_torch():
+    import subprocess
+    import sys
+
+    modules = [
+        "unlearn_exp.config",
+        "unlearn_exp.validate",
+        "unlearn_exp.plan",
+        "unlearn_exp.describe",
+        "unlearn_exp.report.reproduce",
+        "unlearn_exp.report.tables",
+        "unlearn_exp.demo",
+        "unlearn_exp.models.memory",
+    ]
+    code = (
+        "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+        "print([m for m in ('torch', 'diffusers', 'transformers', 'lightning') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

@@ -1,62 +1,21 @@
-"""Model loading per scale: ``load_model(cfg.model)`` returns ``Components`` for sd14, toy or tiny."""
+"""Model loading per scale: ``load_model(cfg.model)`` returns ``Components`` for sd14, toy or tiny.
+
+Names are imported on first use, so the torch-free modules of this package (``memory``: the
+planner's model sizes) load without torch."""
 
 from __future__ import annotations
 
-import torch
+from unlearn_exp.lazy import lazy_attributes
 
-from unlearn_exp.errors import UserError
-from unlearn_exp.identity import model_identity, resolved_device, resolved_dtype
-from unlearn_exp.models.components import Components, TokenizedPrompts
-from unlearn_exp.models.pretrained import load_pretrained, save_components
-from unlearn_exp.models.tiny import build_tiny
-from unlearn_exp.paths import REPO_ROOT, resolve_local_path
+_WHERE = {
+    "DTYPES": "loading",
+    "Components": "components",
+    "TokenizedPrompts": "components",
+    "build_tiny": "tiny",
+    "load_model": "loading",
+    "load_pretrained": "pretrained",
+    "save_components": "pretrained",
+}
+__all__ = sorted(_WHERE)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-__all__ = [
-    "REPO_ROOT",
-    "resolve_local_path",
-    "Components",
-    "TokenizedPrompts",
-    "load_model",
-    "load_pretrained",
-    "save_components",
-    "build_tiny",
-]
-
-
-def load_model(model_cfg) -> Components:
-    """Build or load the model a ``conf/model/*.yaml`` describes (``source: tiny | pretrained``)."""
-    source = model_cfg["source"]
-    device = resolved_device(model_cfg)
-    dtype_name = resolved_dtype(model_cfg)  # auto: half precision where it is fast, fp32 on the CPU
-    if dtype_name not in DTYPES:
-        raise UserError(f"model.dtype must be one of {sorted(DTYPES)}, got '{dtype_name}'")
-    if source == "tiny":
-        comps = build_tiny(
-            seed=int(model_cfg["seed"]),
-            resolution=int(model_cfg["resolution"]),
-            vae=bool(model_cfg["vae"]),
-        )
-    elif source == "pretrained":
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # a "Loading weights" bar per model load says nothing useful
-        path = model_cfg["path"]
-        if not path:
-            raise UserError(f"model '{model_cfg['name']}' needs model.path (a diffusers folder or hub id)")
-        comps = load_pretrained(
-            resolve_local_path(str(path)),
-            name=str(model_cfg["name"]),
-            resolution=int(model_cfg["resolution"]),
-            vae=bool(model_cfg["vae"]),
-        )
-    else:
-        raise UserError(f"model.source must be 'tiny' or 'pretrained', got '{source}'")
-    comps.name = str(model_cfg["name"])
-    if torch.device(device) != comps.device:
-        comps.to(device=device)
-    if DTYPES[dtype_name] != comps.dtype:
-        comps.to(dtype=DTYPES[dtype_name])
-    comps.identity = model_identity(model_cfg)  # by content: the same weights anywhere, one identity
-    return comps
+__getattr__ = lazy_attributes(__name__, _WHERE)
