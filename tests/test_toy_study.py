@@ -29,6 +29,17 @@ def test_margins_follow_the_written_rules():
     assert m["a"] < 0 and m["b"] < 0 and m["c"] < 0
 
 
+def test_an_exact_tie_is_a_tie_whatever_the_rounding_error():
+    # the study's seed pairs 1/1, 2/0, 2/1: the words add 1/48 of DSR, C* adds 2/48, exactly half;
+    # in floating point the slack comes out as -2.8e-17 or +2.8e-17 depending on the values
+    for none in (15 / 48, 16 / 48, 14 / 48):
+        m = margins(_grid(none=none, words=none + 1 / 48, own=none + 2 / 48, shared=none + 2 / 48))
+        assert m["a"] == 0.0
+        table = verdicts(pd.DataFrame([{"duo_seed": 1, "prompt_seed": 0, **m}]))
+        assert table.set_index("finding").loc["a", "verdict"] == "not"  # (a) is strict: <
+        assert table.set_index("finding").loc["c", "verdict"] == "reproduced"  # (c) is >=
+
+
 def test_the_precondition_rule_reads_the_explicit_prompts_unguided_cells():
     grid = _grid(none=0.45, words=0.50, own=0.90, shared=0.85).assign(benchmark="toy_indirect")
     explicit = grid[grid.guidance == "none"].assign(benchmark="toy_explicit", dsr=[1.0, 0.9, 0.8, 0.7])

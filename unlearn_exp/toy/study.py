@@ -64,9 +64,21 @@ def _dsr(
     return float(rows.dsr.iloc[0])
 
 
+# DSRs are shares of images (k / 48): a rule's slack that is 0 in exact arithmetic comes out of
+# floating point as +-3e-17, and the strict rule (a) would then hold or fail by the sign of the
+# rounding error. Margins are rounded to this many decimals, so an exact tie is a tie.
+MARGIN_DECIMALS = 9
+
+
 def margins(cells: pd.DataFrame) -> dict[str, float]:
     """Each finding's margin in one seed pair's grid (``beta``, ``guidance``, ``embedding``, ``dsr``;
-    ``embedding`` is ``none`` for guidance none): the smallest slack of its rule, > 0 where it holds."""
+    ``embedding`` is ``none`` for guidance none): the smallest slack of its rule, > 0 where it holds
+    (rounded to ``MARGIN_DECIMALS``)."""
+    return {k: round(v, MARGIN_DECIMALS) for k, v in _raw_margins(cells).items()}
+
+
+def _raw_margins(cells: pd.DataFrame) -> dict[str, float]:
+    """``margins`` before rounding."""
     betas = sorted(float(b) for b in cells.beta.unique())
     out = {}
     if "benchmark" in cells and (cells.benchmark == "toy_explicit").any():
