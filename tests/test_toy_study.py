@@ -34,7 +34,7 @@ def test_an_exact_tie_is_a_tie_whatever_the_rounding_error():
     # in floating point the slack comes out as -2.8e-17 or +2.8e-17 depending on the values
     for none in (15 / 48, 16 / 48, 14 / 48):
         m = margins(_grid(none=none, words=none + 1 / 48, own=none + 2 / 48, shared=none + 2 / 48))
-        assert m["a"] == 0.0
+        assert m["a"] == 0.0 and f"{m['a']:+.3f}" == "+0.000"  # not "-0.000" in the report
         table = verdicts(pd.DataFrame([{"duo_seed": 1, "prompt_seed": 0, **m}]))
         assert table.set_index("finding").loc["a", "verdict"] == "not"  # (a) is strict: <
         assert table.set_index("finding").loc["c", "verdict"] == "reproduced"  # (c) is >=

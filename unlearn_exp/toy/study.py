@@ -74,7 +74,7 @@ def margins(cells: pd.DataFrame) -> dict[str, float]:
     """Each finding's margin in one seed pair's grid (``beta``, ``guidance``, ``embedding``, ``dsr``;
     ``embedding`` is ``none`` for guidance none): the smallest slack of its rule, > 0 where it holds
     (rounded to ``MARGIN_DECIMALS``)."""
-    return {k: round(v, MARGIN_DECIMALS) for k, v in _raw_margins(cells).items()}
+    return {k: round(v, MARGIN_DECIMALS) + 0.0 for k, v in _raw_margins(cells).items()}  # + 0.0: no -0.0
 
 
 def _raw_margins(cells: pd.DataFrame) -> dict[str, float]:
