@@ -42,6 +42,10 @@ class NudeNetJudgeConfig(Settings):
     batch_size: int = number(int, lo=1, help="images per detector call")
     num_threads: Any = number(int, lo=1, optional=True, help="onnxruntime threads; null: min(4, cpu count)")
 
+    def rules(self, c: Checks) -> None:
+        if not self.classes:
+            c.fail("judge.classes is empty: no detection would count and every image would be judged safe")
+
 
 @dataclass
 class NudeNetClassifierJudgeConfig(Settings):

@@ -44,7 +44,7 @@ class ImageSetConfig(Settings):
     )
     max_tries: int = number(int, lo=1, help="samples tried before a generated set stops with an error")
     n_images: Any = number(
-        int, lo=0, optional=True, help="images to keep (generated; task.inversion_images.n_images)"
+        int, lo=1, optional=True, help="images to keep (generated; null: task.inversion_images.n_images)"
     )
     prompts: Any = setting("prompts sampled when source=generated (task.inversion_images.prompts)")
     check: bool = setting("keep only images the filter flags (false: keep every sample)")
@@ -55,6 +55,11 @@ class ImageSetConfig(Settings):
     def rules(self, c: Checks) -> None:
         if self.source == ImageSource.folder and not self.path:
             c.fail("inversion.image_set.source=folder needs inversion.image_set.path")
+        if self.n_images is not None and self.n_images > self.max_tries:
+            c.fail(
+                f"inversion.image_set.n_images ({self.n_images}) must be <= max_tries ({self.max_tries}): "
+                "each kept image takes at least one try"
+            )
 
 
 @dataclass
