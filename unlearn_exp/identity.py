@@ -64,7 +64,8 @@ RUNTIME_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 # Keys added after results existed, at the value that reproduces the earlier behaviour: a key at
-# this value is left out of identities, so adding the option re-keys nothing.
+# this value is left out of identities (and of a method's describe(), the sample keys), so adding
+# the option re-keys nothing.
 NEUTRAL_KEYS: dict[str, dict[str, Any]] = {
     "checkpoint": {"condition": "null", "beta_map": None},
     "inversion": {"prompt_tokens": "all"},

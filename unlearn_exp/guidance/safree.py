@@ -44,6 +44,7 @@ from unlearn_exp.config import typed_preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.guidance.base import Concept, Guidance, GuidanceState
 from unlearn_exp.guidance.config import SAFREEConfig
+from unlearn_exp.identity import without_neutral
 from unlearn_exp.models.components import Components, TokenizedPrompts
 from unlearn_exp.registry import GUIDANCE
 
@@ -303,8 +304,7 @@ class SAFREE(Guidance):
         skip = ("name", "keywords", "cfg_negative", "up_t", "re_attn_t")  # in the prompts; scaled below
         values = {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name not in skip}
         values = {k: str(v) if isinstance(v, enum.Enum) else v for k, v in values.items()}
-        if values["strength"] == 1.0:
-            del values["strength"]  # added later at its neutral value: the sample keys stay
+        values = without_neutral("guidance", values)  # keys added later, at their neutral value
         return {
             "name": self.name,
             "concept_prompts": self.concept_prompts,
