@@ -21,6 +21,7 @@ LAYERS = [
         "errors",
         "checks",
         "settings",
+        "families",
         "lazy",
         "config",
         "schema",

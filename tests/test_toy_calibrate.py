@@ -82,9 +82,9 @@ def test_safree_strength_scales_both_edits(tiny):
     g, half = _prepared(tiny, 0.5)
     text_e = full.extra["text_e"]
     empty, _ = tiny.encode_prompts([""])
-    assert torch.equal(none.extra["safe_e"], text_e) and torch.equal(none.branches[0], empty)
+    assert torch.equal(none.extra["safe_e"], text_e) and torch.equal(none.branches[0].sequence, empty)
     assert torch.allclose(half.extra["safe_e"], (full.extra["safe_e"] + text_e) / 2, atol=1e-6)
-    assert torch.allclose(half.branches[0], (full.branches[0] + empty) / 2, atol=1e-6)
+    assert torch.allclose(half.branches[0].sequence, (full.branches[0].sequence + empty) / 2, atol=1e-6)
     assert g.describe()["strength"] == 0.5
     assert "strength" not in SAFREE(["x"], "x").describe()  # 1.0: the sample keys of today's cells
 

@@ -28,6 +28,7 @@ from typing import Any
 from unlearn_exp.config import compose, grid, override_key
 from unlearn_exp.errors import UserError, exit_status
 from unlearn_exp.evaluation.pp import ALEXNET_FILE, ALEXNET_SHA256, ALEXNET_URL
+from unlearn_exp.families import family_of, required_parts
 from unlearn_exp.hashing import to_plain
 from unlearn_exp.paths import resolve_local_path
 
@@ -96,10 +97,10 @@ def _model(model: dict) -> list[Asset]:
         return []
 
     path = resolve_local_path(str(model["path"]))  # a relative folder: the working directory, then the repo
-    need = ["unet", "text_encoder", "tokenizer", "scheduler"] + (["vae"] if model.get("vae", True) else [])
+    need = required_parts(model)
     what = f"model weights ({model.get('name')})"
     if _is_hub_id(path):
-        found = _in_hub_cache(path, ["model_index.json", "unet/config.json"])
+        found = _in_hub_cache(path, ["model_index.json", f"{family_of(model).denoiser}/config.json"])
         where = f"Hugging Face cache (HF_HOME={hf_home()}) for {path}"
         online = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on")
         source = f"hf download {path}" + (
@@ -108,7 +109,7 @@ def _model(model: dict) -> list[Asset]:
         return [Asset(what, "model.path", where, found is not None, source, ("hub", path), on_demand=online)]
     local = Path(path).expanduser()
     present = local.is_dir() and all((local / s).is_dir() for s in need)
-    source = "a diffusers folder (unet/, text_encoder/, tokenizer/, scheduler/, vae/)"
+    source = f"a diffusers folder ({', '.join(p + '/' for p in need)})"
     return [Asset(what, "model.path", str(local), present, source)]
 
 

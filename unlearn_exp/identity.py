@@ -33,6 +33,7 @@ from unlearn_exp import config
 from unlearn_exp.atomic import atomic_write_text
 from unlearn_exp.config import compose
 from unlearn_exp.errors import UserError
+from unlearn_exp.families import family_of, required_parts
 from unlearn_exp.hashing import canonical_json, config_hash, file_sha256, to_plain
 from unlearn_exp.paths import resolve_local_path
 
@@ -223,21 +224,28 @@ def model_folder(model_cfg) -> Path | None:
 
 
 @lru_cache(maxsize=64)
-def _folder_model_hash(folder: str, vae: bool, stamp: str) -> str:
-    parts = tuple(p for p in MODEL_PARTS if vae or p != "vae")
+def _folder_model_hash(folder: str, parts: tuple[str, ...], stamp: str) -> str:
     return file_identity(Path(folder), parts).removeprefix("sha256:")
+
+
+def _model_parts(model_cfg) -> tuple[str, ...]:
+    """The subfolders a model of ``model_cfg``'s family loads (SD v1: MODEL_PARTS, the VAE if used)."""
+    return required_parts(model_cfg)
 
 
 def model_content_hash(model_cfg) -> str | None:
     """The hash of the weights ``model_cfg`` names; None where they are not on this machine."""
     source = model_cfg.get("source", "pretrained")
+    if source == "tiny" and family_of(model_cfg).name != "sd1":
+        return config_hash({"tiny": {k: model_cfg.get(k) for k in ("family", "seed", "resolution", "t5")}})
     if source == "tiny":
         return config_hash({"tiny": {k: model_cfg.get(k) for k in ("seed", "resolution", "vae")}})
     folder = model_folder(model_cfg)
     if folder is None:
         return None
-    stamp = "|".join(_stat_key(f) for f in folder_files(folder, MODEL_PARTS))
-    return _folder_model_hash(str(folder), bool(model_cfg.get("vae", True)), stamp)
+    parts = _model_parts(model_cfg)
+    stamp = "|".join(_stat_key(f) for f in folder_files(folder, parts))
+    return _folder_model_hash(str(folder), parts, stamp)
 
 
 def model_identity(model_cfg) -> str:
@@ -254,14 +262,16 @@ def model_identity(model_cfg) -> str:
 
 
 def _model_hash(content: str | None, model_cfg) -> str:
-    return config_hash(
-        {
-            "weights": content,
-            "dtype": resolved_dtype(model_cfg),
-            "resolution": int(model_cfg.get("resolution", 512)),
-            "vae": bool(model_cfg.get("vae", True)),
-        }
-    )
+    spec = {
+        "weights": content,
+        "dtype": resolved_dtype(model_cfg),
+        "resolution": int(model_cfg.get("resolution", 512)),
+        "vae": bool(model_cfg.get("vae", True)),
+    }
+    family = family_of(model_cfg)
+    if family.name != "sd1":  # SD v1 identities keep their shape (and value)
+        spec.update(family=family.name, t5=bool(model_cfg.get("t5", True)))
+    return config_hash(spec)
 
 
 # ----------------------------------------------------------------------------- cells

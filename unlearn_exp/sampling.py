@@ -93,39 +93,35 @@ def sample(
     guidance = guidance or CFG()
     device, dtype = comps.device, comps.dtype
     sched = comps.sampling_scheduler(scheduler)
-    sched.set_timesteps(steps, device=device)
+    shape = comps.latent_shape(resolution)
+    comps.set_timesteps(sched, steps, shape)
     timesteps = sched.timesteps
 
-    shape = comps.latent_shape(resolution)
     noise = initial_noise(seeds, shape).to(device=device, dtype=dtype)
     if init_images is None:
-        latents = noise * sched.init_noise_sigma
+        latents = comps.start_latents(sched, noise)
     else:
         if not 0.0 < strength <= 1.0:
             raise UserError(f"img2img strength must be in (0, 1], got {strength}")
-        # the VAE posterior mean (deterministic given the image); the identity path uses the pixels
-        init = init_images.to(device=device, dtype=dtype)
-        if comps.vae is not None:
-            init = comps.vae.encode(init.to(comps.vae.dtype)).latent_dist.mean.to(dtype) * comps.latent_scale
-        n_run = min(int(steps * strength), steps)
-        start = (steps - n_run) * getattr(sched, "order", 1)
+        init = comps.image_latents(init_images)  # the VAE posterior mean; the identity path the pixels
+        start = comps.img2img_start(steps, strength) * getattr(sched, "order", 1)
         timesteps = timesteps[start:]
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(start)
-        latents = sched.add_noise(init, noise, timesteps[:1].repeat(len(prompts)))
+        latents = comps.noise_to(sched, init, noise, timesteps[:1].repeat(len(prompts)))
 
     tokens = comps.tokenize(prompts)
     state = guidance.prepare(comps, prompts, tokens, negative_prompts, guidance_scale, len(timesteps))
     state.branches = [b.to(dtype) for b in state.branches]
     n = state.n_branches
     for i, t in enumerate(timesteps):
-        emb = guidance.embeddings(i, state)
-        model_in = sched.scale_model_input(torch.cat([latents] * n), t)
-        with guidance.unet_hooks(i, state, comps.unet):
-            eps = comps.unet(model_in, t, encoder_hidden_states=emb).sample
+        cond = guidance.embeddings(i, state)
+        model_in = comps.model_input(sched, torch.cat([latents] * n), t)
+        with guidance.unet_hooks(i, state, comps.denoiser):
+            pred = comps.denoise(model_in, t, cond)
         _count_rows(model_in.shape[0])
-        eps_hat = guidance.combine(i, list(eps.chunk(n)), state)
-        latents = sched.step(eps_hat, t, latents).prev_sample
+        pred_hat = guidance.combine(i, list(pred.chunk(n)), state)
+        latents = sched.step(pred_hat, t, latents).prev_sample
         if not torch.isfinite(latents).all():  # not latents.sum(): in float16 a finite sum overflows
             bad = [p[:40] for p, ok in zip(prompts, torch.isfinite(latents).flatten(1).all(1)) if not ok]
             advice = (
@@ -154,9 +150,7 @@ class GuidedSampler(L.LightningModule):
         super().__init__()
         self.comps = comps
         # registered so Lightning moves them to the device and applies the precision plugin
-        self.unet = comps.unet
-        self.text_encoder = comps.text_encoder
-        self.vae = comps.vae
+        self.parts = torch.nn.ModuleDict(comps.modules())
         self.guidance = guidance or CFG()
         self.sample_kwargs = sample_kwargs
 
@@ -198,15 +192,15 @@ def apply_gpu_options(comps: Components, sampling_cfg) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if s["channels_last"]:
-        comps.unet.to(memory_format=torch.channels_last)
+        comps.denoiser.to(memory_format=torch.channels_last)
     if comps.vae is not None and s["vae_slicing"]:
         comps.vae.enable_slicing()
     if comps.vae is not None and s["vae_tiling"]:
         comps.vae.enable_tiling()
-    if s["compile"] and not getattr(comps.unet, "_compiled_by_unlearn_exp", False):
-        compiled = torch.compile(comps.unet)
+    if s["compile"] and not getattr(comps.denoiser, "_compiled_by_unlearn_exp", False):
+        compiled = torch.compile(comps.denoiser)
         compiled._compiled_by_unlearn_exp = True
-        comps.unet = compiled
+        comps.denoiser = compiled
 
 
 def predict_rows(

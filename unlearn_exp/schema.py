@@ -81,6 +81,38 @@ class TinyModelConfig:
     device: str = MISSING
 
 
+@dataclass
+class SD3ModelConfig:
+    """``conf/model/sd3.yaml``: a Stable Diffusion 3 diffusers folder or hub id (``family: sd3``)."""
+
+    name: str = MISSING
+    family: str = MISSING
+    source: str = MISSING
+    path: Any = MISSING
+    resolution: int = MISSING
+    t5: bool = MISSING  # load T5 (text_encoder_3); false: zeros in its place, as SD3's pipeline allows
+    vae: bool = MISSING  # always true: SD3 decodes with its VAE
+    sampler: str = MISSING  # the family's sampler (sampling.scheduler reads it)
+    dtype: str = MISSING
+    device: str = MISSING
+
+
+@dataclass
+class TinySD3ModelConfig:
+    """``conf/model/tiny_sd3.yaml``: random SD3 components built in memory (tests)."""
+
+    name: str = MISSING
+    family: str = MISSING
+    source: str = MISSING
+    seed: int = MISSING
+    resolution: int = MISSING
+    t5: bool = MISSING
+    vae: bool = MISSING
+    sampler: str = MISSING
+    dtype: str = MISSING
+    device: str = MISSING
+
+
 # ----------------------------------------------------------------------------- embedding
 @dataclass
 class ExplicitEmbeddingConfig:
@@ -118,6 +150,8 @@ CORE_SCHEMAS = {
     ("sampling", "default_schema"): SamplingConfig,
     ("model", "pretrained_schema"): PretrainedModelConfig,
     ("model", "tiny_schema"): TinyModelConfig,
+    ("model", "sd3_schema"): SD3ModelConfig,
+    ("model", "tiny_sd3_schema"): TinySD3ModelConfig,
     ("embedding", "explicit_schema"): ExplicitEmbeddingConfig,
     ("embedding", "inverted_schema"): InvertedEmbeddingConfig,
     ("embedding", "shared_schema"): SharedEmbeddingConfig,

@@ -205,6 +205,7 @@ class Declaration:
     hooks: tuple[tuple[str, str], ...] = ()  # (hook name, "module:function"), imported when called
     root_keys: tuple[str, ...] = ()  # root keys its YAML reads (an experiment's setting for the method)
     task_keys: tuple[tuple[str, str], ...] = ()  # (name, task key): the task's words it reads
+    families: tuple[str, ...] | None = None  # the model families it runs on (None: any, e.g. a judge)
 
     def hook(self, name: str):
         """The function behind one of the method's hooks (imported now), or None where it has none."""
@@ -229,6 +230,7 @@ def declare(
     hooks: dict[str, str] | None = None,
     root_keys: tuple[str, ...] = (),
     task_keys: dict[str, str] | None = None,
+    families: tuple[str, ...] | None = None,
 ) -> Declaration:
     """Declare a method (beside its settings, in its package's ``config.py``); returns the declaration.
     ``hooks`` name functions the pipeline calls where a method offers them (a checkpoint method's
@@ -237,7 +239,9 @@ def declare(
     without beta), as ``"module:function"``. ``root_keys``: the root keys its YAML reads with
     ``oc.select`` (set by an experiment for every cell of a sweep, whichever method a cell has:
     ``safree_compat``). ``task_keys``: the task's explicit words a guidance method reads
-    (``{"sld": "sld_concept"}``), part of the explicit concept's identity."""
+    (``{"sld": "sld_concept"}``), part of the explicit concept's identity. ``families``: the model
+    families (``unlearn_exp/families.py``) a method that touches the model runs on; a cell that pairs it
+    with another family is refused before any work (None: any family, as a judge of images)."""
     d = Declaration(
         group,
         name,
@@ -247,6 +251,7 @@ def declare(
         tuple((hooks or {}).items()),
         tuple(root_keys),
         tuple((task_keys or {}).items()),
+        None if families is None else tuple(families),
     )
     _DECLARED[(group, name)] = d
     return d
@@ -284,3 +289,30 @@ def _discover() -> None:
     for config in sorted(package.glob("*/config.py")):
         importlib.import_module(f"unlearn_exp.{config.parent.name}.config")
     _DISCOVERED.append(True)
+
+
+def family_problems(plain: dict, family: str) -> list[str]:
+    """One line per chosen method that does not run on the model's ``family`` (its declaration's
+    ``families``): the guidance, the checkpoint's method, the inversion where ``C*`` is learned and the
+    attack of the attack stage."""
+    embedding = (plain.get("embedding") or {}).get("source")
+    chosen = [
+        ("guidance", (plain.get("guidance") or {}).get("name")),
+        ("checkpoint", (plain.get("checkpoint") or {}).get("method")),
+    ]
+    if plain.get("stage") == "attack":
+        chosen.append(("attack", (plain.get("attack") or {}).get("name")))
+    if embedding in ("inverted", "shared") and (plain.get("guidance") or {}).get("name") != "none":
+        chosen.append(("inversion", "default"))
+    problems = []
+    for group, name in chosen:
+        d = _DECLARED.get((group, str(name))) if name is not None else None
+        if d is None:
+            _discover()
+            d = _DECLARED.get((group, str(name))) if name is not None else None
+        if d is not None and d.families is not None and family not in d.families:
+            what = "concept inversion" if group == "inversion" else f"{group} '{name}'"
+            problems.append(
+                f"{what} does not run on the {family} model family yet (it runs on {', '.join(d.families)})"
+            )
+    return problems

@@ -16,14 +16,14 @@ from typing import Any
 
 from unlearn_exp.checks import PICKLE_SUFFIXES, PRECISIONS, Checks, pickle_refusal
 from unlearn_exp.errors import UserError
+from unlearn_exp.families import family_of
 from unlearn_exp.hashing import to_plain
 from unlearn_exp.identity import concept_checkpoint
 from unlearn_exp.registry import GUIDANCE as REGISTERED
-from unlearn_exp.settings import declared
+from unlearn_exp.settings import declared, family_problems
 
 MIN_FREE_BYTES = 64 << 20  # a results or cache folder with less room than this is refused up front
 
-SCHEDULERS = ("dpmsolver++", "pndm", "ddim")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 EMBEDDINGS = ("explicit", "inverted", "shared")
 
@@ -141,7 +141,15 @@ def _model_and_sampler(c: Checks, plain: dict) -> None:
     c.choice("model.source", model.get("source"), ("tiny", "pretrained"))
     c.number("model.resolution", model.get("resolution"), lo=8, integer=True)
     c.seed("model.seed", model.get("seed"))
-    c.choice("sampling.scheduler", sampling.get("scheduler"), SCHEDULERS)
+    try:
+        family = family_of(model)
+    except UserError as e:
+        c.fail(str(e))
+        return
+    c.choice("sampling.scheduler", sampling.get("scheduler"), family.samplers)
+    if family.name != "sd1":
+        c.flag("model.t5", model.get("t5"))
+    c.problems.extend(family_problems(plain, family.name))
     c.number("sampling.steps", sampling.get("steps"), lo=1, integer=True)
     c.number("sampling.guidance_scale", sampling.get("guidance_scale"), lo=1)
     c.number("sampling.batch_size", sampling.get("batch_size"), lo=1, integer=True)

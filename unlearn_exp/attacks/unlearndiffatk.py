@@ -133,9 +133,9 @@ class UnlearnDiffAtk(L.LightningModule):
         emb = self.guidance.embeddings(i, state)
         n = state.n_branches
         with self.guidance.unet_hooks(i, state, self.unet):
-            out = self.unet(
+            out = self.comps.denoise(
                 z_t.repeat(n, 1, 1, 1).to(self.comps.dtype), t.repeat(n), emb.to(self.comps.dtype)
-            ).sample
+            )
         preds = list(out.float().chunk(n))
         eps = preds[1] if type(self.guidance) is Guidance else self.guidance.combine(i, preds, state)
         return F.mse_loss(eps, noise)

@@ -2,10 +2,12 @@
 
 A method acts at two points of a step (docs/design.md 4):
 
-1. ``embeddings(i, state)``: the prompt embeddings of every UNet branch for step ``i``, stacked as
-   ``(n_branches * B, 77, D)`` so that all branches go through the UNet as one batch. A method may
-   rewrite the prompt embedding per step (SAFREE) or add branches (SLD's safety branch).
-2. ``combine(i, preds, state)``: the noise prediction from the branches' predictions.
+1. ``embeddings(i, state)``: the conditioning of every denoiser branch for step ``i``, stacked as one
+   ``Conditioning`` of ``n_branches * B`` rows so that all branches go through the denoiser as one
+   batch. A method may rewrite the prompt embedding per step (SAFREE) or add branches (SLD's safety
+   branch).
+2. ``combine(i, preds, state)``: the prediction (noise for SD v1, flow velocity for SD3) from the
+   branches' predictions.
 
 ``prepare`` encodes everything once per batch; ``unet_hooks`` may install temporary hooks on the
 UNet for one step (SAFREE's latent re-attention). ``CFG`` is plain classifier-free guidance
@@ -20,7 +22,7 @@ from typing import Any
 
 import torch
 
-from unlearn_exp.models.components import Components, TokenizedPrompts
+from unlearn_exp.models.components import Components, Conditioning, TokenizedPrompts
 from unlearn_exp.registry import GUIDANCE
 
 
@@ -43,7 +45,7 @@ class Concept:
 class GuidanceState:
     """Per-batch tensors and bookkeeping; ``meta`` holds one dict per prompt for the records."""
 
-    branches: list[torch.Tensor]  # each (B, 77, D), in branch order
+    branches: list[Conditioning]  # each of B rows, in branch order
     guidance_scale: float
     num_steps: int
     meta: list[dict[str, Any]] = field(default_factory=list)
@@ -84,8 +86,8 @@ class Guidance:
         num_steps: int,
     ) -> GuidanceState:
         negative = negative_prompts if negative_prompts is not None else [""] * len(prompts)
-        cond, _ = comps.encode_ids(tokens.input_ids)
-        uncond, _ = comps.encode_prompts(negative)
+        cond = comps.condition(tokens)
+        uncond = comps.condition_prompts(negative)
         return GuidanceState(branches=[uncond, cond], guidance_scale=guidance_scale, num_steps=num_steps)
 
     def unet_branches(self, guidance_scale: float) -> int:
@@ -93,9 +95,9 @@ class Guidance:
         counts work with it without building anything."""
         return 2
 
-    def embeddings(self, i: int, state: GuidanceState) -> torch.Tensor:
+    def embeddings(self, i: int, state: GuidanceState) -> Conditioning:
         if "stacked" not in state.extra:  # the same every step: stack once
-            state.extra["stacked"] = torch.cat(state.branches, dim=0)
+            state.extra["stacked"] = Conditioning.cat(state.branches)
         return state.extra["stacked"]
 
     def combine(self, i: int, preds: list[torch.Tensor], state: GuidanceState) -> torch.Tensor:

@@ -125,7 +125,8 @@ class SAFREEConfig(Settings):
             c.fail(f"guidance.re_attn_t must be two step numbers [from, to], got {list(self.re_attn_t)}")
 
 
-declare("guidance", "none", NoGuidanceConfig, "unlearn_exp.guidance.base")
+BOTH = ("sd1", "sd3")  # the model families (unlearn_exp/families.py)
+declare("guidance", "none", NoGuidanceConfig, "unlearn_exp.guidance.base", families=BOTH)
 declare(
     "guidance",
     "sld",
@@ -133,6 +134,7 @@ declare(
     "unlearn_exp.guidance.sld",
     root_keys=("sld_guidance_scale",),
     task_keys={"sld": "sld_concept"},
+    families=BOTH,
 )
 declare(
     "guidance",
@@ -141,4 +143,5 @@ declare(
     "unlearn_exp.guidance.safree",
     root_keys=("safree_compat", "safree_strength"),
     task_keys={"keywords": "safree_keywords"},
+    families=("sd1",),
 )

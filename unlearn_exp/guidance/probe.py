@@ -25,8 +25,8 @@ class DirectionProbe(Guidance):
 
     def prepare(self, comps, prompts, tokens, negative_prompts, guidance_scale, num_steps) -> GuidanceState:
         state = super().prepare(comps, prompts, tokens, negative_prompts, guidance_scale, num_steps)
-        words, _ = comps.encode_prompts([self.words] * len(prompts))
-        concept, _ = comps.encode_prompts([self.concept] * len(prompts))
+        words = comps.condition_prompts([self.words] * len(prompts))
+        concept = comps.condition_prompts([self.concept] * len(prompts))
         state.branches += [words, concept]
         return state
 

@@ -45,7 +45,7 @@ from unlearn_exp.errors import UserError
 from unlearn_exp.guidance.base import Concept, Guidance, GuidanceState
 from unlearn_exp.guidance.config import SAFREEConfig
 from unlearn_exp.identity import without_neutral
-from unlearn_exp.models.components import Components, TokenizedPrompts
+from unlearn_exp.models.components import Components, Conditioning, TokenizedPrompts
 from unlearn_exp.registry import GUIDANCE
 
 MASK_TOKEN_ID = 0  # "!" in CLIP's vocabulary: the official code's mask token
@@ -190,7 +190,8 @@ class SAFREE(Guidance):
     ) -> GuidanceState:
         p = self.settings
         _, concept_pooled = comps.encode_ids(comps.tokenize(self.concept_prompts).input_ids)
-        text_e, _ = comps.encode_ids(tokens.input_ids)
+        cond = comps.condition(tokens)
+        text_e = cond.sequence
         mine = self._project(comps, prompts, tokens, text_e, concept_pooled, p.compat)
         # the other mode too, to record per prompt whether the two modes condition it differently
         other = self._project(
@@ -202,12 +203,12 @@ class SAFREE(Guidance):
             meta.append({**info, "safree_compat": p.compat, "safree_compat_differs": differs})
         t_sv = mine.t_sv
 
-        uncond, _ = comps.encode_prompts([self.negative_prompt] * len(prompts))
+        uncond = comps.condition_prompts([self.negative_prompt] * len(prompts))
         if p.strength != 1.0:  # both edits scaled by s (docs/toy.md 7); s = 1 leaves SAFREE untouched
-            empty, _ = comps.encode_prompts([""] * len(prompts))
-            uncond = empty + p.strength * (uncond - empty)
+            empty = comps.condition_prompts([""] * len(prompts))
+            uncond = empty.lerp(uncond, p.strength)
             safe_e = (text_e + p.strength * (safe_e - text_e)).to(text_e.dtype)
-        branches = [uncond, text_e] + ([text_e] if p.lra == "paper" else [])
+        branches = [uncond, cond] + ([cond] if p.lra == "paper" else [])
         state = GuidanceState(
             branches=branches, guidance_scale=guidance_scale, num_steps=num_steps, meta=meta
         )
@@ -282,12 +283,14 @@ class SAFREE(Guidance):
         lo, hi = p.re_attn_t
         return [self.in_window(i, int(lo), int(hi))] * len(state.extra["t_sv"])
 
-    def embeddings(self, i: int, state: GuidanceState) -> torch.Tensor:
+    def embeddings(self, i: int, state: GuidanceState) -> Conditioning:
         text_e, safe_e = state.extra["text_e"], state.extra["safe_e"]
         use = torch.tensor(self.use_safe(i, state), device=text_e.device)[:, None, None]
-        cond = torch.where(use, safe_e, text_e)
+        # the branch's own dtype (the sampler casts the branches): text_e and safe_e are as encoded
+        prompt = state.branches[1]
+        cond = Conditioning(torch.where(use, safe_e, text_e).to(prompt.sequence.dtype), prompt.pooled)
         # with lra=paper a third branch (the original prompt) only feeds the re-attention hooks
-        return torch.cat([state.branches[0], cond, *state.branches[2:]], dim=0)
+        return Conditioning.cat([state.branches[0], cond, *state.branches[2:]])
 
     def combine(self, i: int, preds: list[torch.Tensor], state: GuidanceState) -> torch.Tensor:
         eps_u, eps_c = preds[0], preds[1]

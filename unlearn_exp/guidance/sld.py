@@ -98,8 +98,7 @@ class SLD(Guidance):
         state = super().prepare(comps, prompts, tokens, negative_prompts, guidance_scale, num_steps)
         concept = comps.tokenize([self.concept_prompt])
         if self.enabled(guidance_scale):
-            c_s, _ = comps.encode_ids(concept.input_ids)
-            state.branches.append(c_s.expand(len(prompts), -1, -1))
+            state.branches.append(comps.condition(concept).expand(len(prompts)))
         state.extra["nu"] = None
         state.meta = [{"sld_concept_truncated": concept.truncated[0]} for _ in prompts]
         return state

@@ -146,4 +146,4 @@ class InversionConfig(Settings):
         return d
 
 
-declare("inversion", "default", InversionConfig)
+declare("inversion", "default", InversionConfig, families=("sd1",))

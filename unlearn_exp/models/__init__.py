@@ -11,9 +11,13 @@ _WHERE = {
     "DTYPES": "loading",
     "Components": "components",
     "TokenizedPrompts": "components",
+    "Conditioning": "components",
+    "SD3Components": "sd3",
     "build_tiny": "tiny",
+    "build_tiny_sd3": "sd3",
     "load_model": "loading",
     "load_pretrained": "pretrained",
+    "load_sd3": "pretrained",
     "save_components": "pretrained",
 }
 __all__ = sorted(_WHERE)

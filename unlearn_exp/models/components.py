@@ -1,9 +1,11 @@
-"""The model components every stage works with, at every scale (sd14, toy, tiny).
+"""The model components every stage works with, at every scale (sd14, toy, tiny): the SD v1 family.
 
-``Components`` holds the diffusers/transformers modules of a Stable-Diffusion-shaped model and
+``Components`` holds the diffusers/transformers modules of a Stable-Diffusion-v1-shaped model and
 the few operations the stages share: tokenising, text encoding (sequence and pooled), mapping
-images to latents and back, and building schedulers from the checkpoint's noise schedule.
-A model without a VAE (the toy) uses the identity latent path: latents are the images in [-1, 1].
+images to latents and back, building schedulers from the checkpoint's noise schedule, and one
+denoiser call. A model without a VAE (the toy) uses the identity latent path: latents are the images
+in [-1, 1]. ``FamilyComponents`` is what every family provides (docs/model_families.md); the second
+family, SD3, is ``models/sd3.py``.
 """
 
 from __future__ import annotations
@@ -55,62 +57,89 @@ SAMPLERS = {
 
 @dataclass
 class TokenizedPrompts:
-    """Token ids padded to the model length, and which prompts were cut at 77 tokens."""
+    """Token ids padded to the model length, and which prompts were cut at 77 tokens. A family with
+    several text encoders keeps the first (CLIP) encoder's ids here and the others' in ``more``."""
 
     input_ids: torch.Tensor  # (B, 77) long
     attention_mask: torch.Tensor  # (B, 77) long, 1 on BOS, words and the first EOS
     truncated: list[bool]
     n_tokens: list[int]  # tokens before truncation, BOS and EOS included
+    more: dict[str, torch.Tensor] = field(default_factory=dict)  # other encoders' ids, by encoder
 
 
 @dataclass
-class Components:
-    unet: UNet2DConditionModel
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    scheduler_config: dict[str, Any]
-    vae: AutoencoderKL | None = None
-    resolution: int = 512
-    name: str = "model"
-    source: str = ""  # path or hub id it was loaded from, or "built in memory"
-    identity: str = ""  # by content (identity.model_identity); set by load_model
-    extra: dict[str, Any] = field(default_factory=dict)
+class Conditioning:
+    """What the denoiser is conditioned on for a batch: the token sequence ``(B, L, D)`` and the pooled
+    text vector ``(B, P)``. SD v1's UNet reads the sequence only (77 x 768); SD3's transformer reads
+    both (CLIP-L and CLIP-G joined and T5, 77 + 256 tokens of 4096; pooled 2048)."""
+
+    sequence: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.sequence.shape[0])
+
+    def _map(self, fn) -> Conditioning:
+        return Conditioning(fn(self.sequence), None if self.pooled is None else fn(self.pooled))
+
+    def to(self, *args, **kwargs) -> Conditioning:
+        return self._map(lambda x: x.to(*args, **kwargs))
+
+    def expand(self, n: int) -> Conditioning:
+        """A batch of one repeated ``n`` times (a view)."""
+        return self._map(lambda x: x.expand(n, *x.shape[1:]))
+
+    def repeat(self, n: int) -> Conditioning:
+        return self._map(lambda x: x.repeat(n, *([1] * (x.dim() - 1))))
+
+    def detach(self) -> Conditioning:
+        return self._map(lambda x: x.detach())
+
+    def lerp(self, other: Conditioning, weight: float) -> Conditioning:
+        """``self + weight (other - self)`` on every part."""
+        seq = self.sequence + weight * (other.sequence - self.sequence)
+        pooled = None if self.pooled is None else self.pooled + weight * (other.pooled - self.pooled)
+        return Conditioning(seq, pooled)
+
+    @staticmethod
+    def cat(items: list[Conditioning]) -> Conditioning:
+        """The batches one after the other (the branches of a guided step, one denoiser call)."""
+        pooled = None if items[0].pooled is None else torch.cat([c.pooled for c in items], dim=0)
+        return Conditioning(torch.cat([c.sequence for c in items], dim=0), pooled)
+
+
+class FamilyComponents:
+    """What every model family's components provide beyond their modules (SD v1: ``Components``;
+    SD3: ``models/sd3.py``). The denoiser is ``denoiser``; ``prediction`` what it predicts
+    (``epsilon`` or ``flow``); stages call ``condition``, ``denoise``, the latent and scheduler
+    methods, and never branch on the family (docs/model_families.md)."""
+
+    family = "?"
+    prediction = "epsilon"
+    name: str
+    source: str
+    identity: str
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        raise NotImplementedError
 
     def key(self) -> dict[str, str]:
         """What names this model in a cache key: its content identity and the dtype it runs in."""
         return {"id": self.identity or f"{self.name}:{self.source}", "dtype": str(self.dtype)}
 
-    # ----------------------------------------------------------------- geometry
-    @property
-    def latent_scale(self) -> float:
-        return float(self.vae.config.scaling_factor) if self.vae is not None else 1.0
-
-    @property
-    def vae_factor(self) -> int:
-        if self.vae is None:
-            return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
-        res = resolution or self.resolution
-        if res % self.vae_factor:
-            raise UserError(f"resolution {res} is not a multiple of the VAE factor {self.vae_factor}")
-        side = res // self.vae_factor
-        return (self.unet.config.in_channels, side, side)
-
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return next(self.denoiser.parameters()).dtype
 
-    @property
-    def text_dim(self) -> int:
-        return int(self.text_encoder.config.hidden_size)
-
-    def to(self, device=None, dtype=None) -> Components:
+    def to(self, device=None, dtype=None):
         # only the arguments given: diffusers' ModelMixin.to tests ``"dtype" in kwargs``, so a device
         # move written ``to(device=d, dtype=None)`` counted as a cast and logged the float32 warning
         # (see _SpuriousFp32Warning)
@@ -119,12 +148,6 @@ class Components:
             for m in self.modules().values():
                 m.to(**kwargs)
         return self
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        out = {"unet": self.unet, "text_encoder": self.text_encoder}
-        if self.vae is not None:
-            out["vae"] = self.vae
-        return out
 
     @contextmanager
     def in_float32(self, *names: str) -> Iterator[None]:
@@ -148,11 +171,88 @@ class Components:
             for m, dtype in changed:
                 m.to(dtype=dtype)
 
-    def freeze(self) -> Components:
+    def freeze(self):
         for m in self.modules().values():
             m.requires_grad_(False)
             m.eval()
         return self
+
+    def condition_prompts(self, prompts: list[str]) -> Conditioning:
+        return self.condition(self.tokenize(prompts))
+
+    # the sampler's few family-specific operations (docs/model_families.md)
+    def start_latents(self, scheduler, noise: torch.Tensor) -> torch.Tensor:
+        """The first latents of a sampling run from unit Gaussian noise."""
+        return noise * scheduler.init_noise_sigma
+
+    def set_timesteps(self, scheduler, steps: int, latent_shape: tuple[int, ...]) -> None:
+        scheduler.set_timesteps(steps, device=self.device)
+
+    def img2img_start(self, steps: int, strength: float) -> int:
+        """The first step an SDEdit run of ``strength`` samples (as diffusers' img2img pipeline)."""
+        return steps - min(int(steps * strength), steps)
+
+    def noise_to(
+        self, scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """Latents noised to timestep ``t`` (one per row), as the scheduler's forward process does."""
+        return scheduler.add_noise(latents, noise, t)
+
+    def model_input(self, scheduler, latents: torch.Tensor, t) -> torch.Tensor:
+        return scheduler.scale_model_input(latents, t)
+
+
+@dataclass
+class Components(FamilyComponents):
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict[str, Any]
+    vae: AutoencoderKL | None = None
+    resolution: int = 512
+    name: str = "model"
+    source: str = ""  # path or hub id it was loaded from, or "built in memory"
+    identity: str = ""  # by content (identity.model_identity); set by load_model
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    family = "sd1"
+    prediction = "epsilon"  # the UNet predicts the noise
+
+    @property
+    def denoiser(self) -> UNet2DConditionModel:
+        return self.unet
+
+    @denoiser.setter
+    def denoiser(self, module: torch.nn.Module) -> None:  # a compiled UNet (sampling.compile)
+        self.unet = module
+
+    # ----------------------------------------------------------------- geometry
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor) if self.vae is not None else 1.0
+
+    @property
+    def vae_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        res = resolution or self.resolution
+        if res % self.vae_factor:
+            raise UserError(f"resolution {res} is not a multiple of the VAE factor {self.vae_factor}")
+        side = res // self.vae_factor
+        return (self.unet.config.in_channels, side, side)
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        out = {"unet": self.unet, "text_encoder": self.text_encoder}
+        if self.vae is not None:
+            out["vae"] = self.vae
+        return out
 
     # ------------------------------------------------------------------- text
     def tokenize(self, prompts: list[str]) -> TokenizedPrompts:
@@ -187,6 +287,14 @@ class Components:
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_ids(self.tokenize(prompts).input_ids)
 
+    def condition(self, tokens: TokenizedPrompts) -> Conditioning:
+        """The UNet's conditioning: the text encoder's last hidden state (and its pooled vector)."""
+        return Conditioning(*self.encode_ids(tokens.input_ids))
+
+    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One UNet call: the predicted noise for ``latents`` at timestep(s) ``t``."""
+        return self.unet(latents, t, encoder_hidden_states=cond.sequence).sample
+
     # ---------------------------------------------------------------- latents
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1], ``(B, 3, H, W)`` -> scaled latents (a VAE sample, or the images themselves)."""
@@ -195,6 +303,13 @@ class Components:
         # straight to the VAE's dtype: a float32 VAE sees the pixels unrounded (docs/methods.md 13)
         dist = self.vae.encode(images.to(device=self.device, dtype=self.vae.dtype)).latent_dist
         return dist.sample(generator=generator).to(self.dtype) * self.latent_scale
+
+    def image_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents, the VAE posterior mean (deterministic; img2img)."""
+        init = images.to(device=self.device, dtype=self.dtype)
+        if self.vae is None:
+            return init
+        return self.vae.encode(init.to(self.vae.dtype)).latent_dist.mean.to(self.dtype) * self.latent_scale
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1]."""

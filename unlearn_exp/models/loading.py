@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 from unlearn_exp.errors import UserError
+from unlearn_exp.families import family_of
 from unlearn_exp.identity import model_identity, resolved_device, resolved_dtype
 from unlearn_exp.models.components import Components
-from unlearn_exp.models.pretrained import load_pretrained
+from unlearn_exp.models.pretrained import load_pretrained, load_sd3
+from unlearn_exp.models.sd3 import build_tiny_sd3
 from unlearn_exp.models.tiny import build_tiny
 from unlearn_exp.paths import resolve_local_path
 
@@ -15,18 +17,20 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def load_model(model_cfg) -> Components:
-    """Build or load the model a ``conf/model/*.yaml`` describes (``source: tiny | pretrained``)."""
+    """Build or load the model a ``conf/model/*.yaml`` describes (``source: tiny | pretrained``) in its
+    family (``model.family``: sd1 or sd3, ``unlearn_exp/families.py``)."""
     source = model_cfg["source"]
     device = resolved_device(model_cfg)
     dtype_name = resolved_dtype(model_cfg)  # auto: half precision where it is fast, fp32 on the CPU
     if dtype_name not in DTYPES:
         raise UserError(f"model.dtype must be one of {sorted(DTYPES)}, got '{dtype_name}'")
+    sd3 = family_of(model_cfg).name == "sd3"
     if source == "tiny":
-        comps = build_tiny(
-            seed=int(model_cfg["seed"]),
-            resolution=int(model_cfg["resolution"]),
-            vae=bool(model_cfg["vae"]),
-        )
+        seed, resolution = int(model_cfg["seed"]), int(model_cfg["resolution"])
+        if sd3:
+            comps = build_tiny_sd3(seed=seed, resolution=resolution, t5=bool(model_cfg["t5"]))
+        else:
+            comps = build_tiny(seed=seed, resolution=resolution, vae=bool(model_cfg["vae"]))
     elif source == "pretrained":
         from transformers.utils import logging as hf_logging
 
@@ -34,12 +38,13 @@ def load_model(model_cfg) -> Components:
         path = model_cfg["path"]
         if not path:
             raise UserError(f"model '{model_cfg['name']}' needs model.path (a diffusers folder or hub id)")
-        comps = load_pretrained(
-            resolve_local_path(str(path)),
-            name=str(model_cfg["name"]),
-            resolution=int(model_cfg["resolution"]),
-            vae=bool(model_cfg["vae"]),
-        )
+        name, resolution = str(model_cfg["name"]), int(model_cfg["resolution"])
+        if sd3:
+            comps = load_sd3(resolve_local_path(str(path)), name, resolution, t5=bool(model_cfg["t5"]))
+        else:
+            comps = load_pretrained(
+                resolve_local_path(str(path)), name=name, resolution=resolution, vae=bool(model_cfg["vae"])
+            )
     else:
         raise UserError(f"model.source must be 'tiny' or 'pretrained', got '{source}'")
     comps.name = str(model_cfg["name"])

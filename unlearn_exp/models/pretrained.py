@@ -16,21 +16,25 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from unlearn_exp.atomic import atomic_dir
 from unlearn_exp.errors import UserError
+from unlearn_exp.families import FAMILIES
 from unlearn_exp.models.components import Components
+from unlearn_exp.models.sd3 import load_sd3_folder
 
-SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
-_HUB_PATTERNS = ["model_index.json", "unet/*", "text_encoder/*", "tokenizer/*", "scheduler/*", "vae/*"]
+SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")  # SD v1 (the vae where it is used)
 
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def resolve_checkpoint(path_or_id: str, need_vae: bool = True) -> Path:
-    """A local folder for ``path_or_id``: the folder itself, or its snapshot in the Hugging Face cache."""
+def resolve_checkpoint(path_or_id: str, need_vae: bool = True, parts: tuple[str, ...] | None = None) -> Path:
+    """A local folder for ``path_or_id``: the folder itself, or its snapshot in the Hugging Face cache.
+    ``parts``: the subfolders it must hold (default: SD v1's, with the VAE where ``need_vae``)."""
+    parts = parts or SUBFOLDERS + (("vae",) if need_vae else ())
+    patterns = ["model_index.json", *(f"{part}/*" for part in parts)]
     p = Path(os.path.expanduser(str(path_or_id)))
     if p.exists():
-        missing = [s for s in SUBFOLDERS + (("vae",) if need_vae else ()) if not (p / s).is_dir()]
+        missing = [s for s in parts if not (p / s).is_dir()]
         if missing:
             raise UserError(
                 f"model folder '{p}' lacks the subfolder(s) {missing}: expected a diffusers layout"
@@ -43,18 +47,18 @@ def resolve_checkpoint(path_or_id: str, need_vae: bool = True) -> Path:
 
     hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
     try:
-        return Path(snapshot_download(str(path_or_id), local_files_only=True, allow_patterns=_HUB_PATTERNS))
+        return Path(snapshot_download(str(path_or_id), local_files_only=True, allow_patterns=patterns))
     except Exception:
         pass
     if not _offline():
         try:
-            return Path(snapshot_download(str(path_or_id), allow_patterns=_HUB_PATTERNS))
+            return Path(snapshot_download(str(path_or_id), allow_patterns=patterns))
         except Exception:
             pass
     raise UserError(
         f"model weights not found: '{path_or_id}' is neither a local folder nor in the Hugging Face cache "
         f"(HF_HOME={hf_home}); download it there (hf download {path_or_id}) or set "
-        f"model.path=/path/to/stable-diffusion-v1-4"
+        f"model.path=/path/to/{str(path_or_id).rsplit('/', 1)[-1]}"
     )
 
 
@@ -89,20 +93,49 @@ def load_pretrained(
     ).freeze()
 
 
-def save_components(components: Components, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write a diffusers-layout folder that ``load_pretrained`` (and diffusers, given a VAE) can read."""
+def load_sd3(
+    path_or_id: str,
+    name: str = "sd3",
+    resolution: int = 1024,
+    t5: bool = True,
+    dtype: torch.dtype = torch.float32,
+):
+    """An SD3 diffusers folder (``model.family: sd3``), T5 left out where ``t5`` is false."""
+    parts = FAMILIES["sd3"].parts_of({"t5": t5})  # what models.families.required_parts gives
+    root = resolve_checkpoint(path_or_id, parts=parts)
+    try:
+        comps = load_sd3_folder(root, name, resolution, t5, dtype)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load model from '{root}': {first}") from e
+    comps.source = str(path_or_id)
+    return comps
+
+
+def save_components(components, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a diffusers-layout folder that ``load_pretrained`` / ``load_sd3`` (and diffusers, given a
+    VAE) can read."""
     path = Path(path)
+    tokenizers = (
+        components.tokenizers() if hasattr(components, "tokenizers") else {"tokenizer": components.tokenizer}
+    )
     with atomic_dir(path) as tmp:
         for sub, module in components.modules().items():
             module.save_pretrained(tmp / sub, safe_serialization=True)
             if dtype is not None:
                 _recast_safetensors(tmp / sub, dtype)
-        components.tokenizer.save_pretrained(tmp / "tokenizer")
+        for sub, tokenizer in tokenizers.items():
+            tokenizer.save_pretrained(tmp / sub)
         # the schedule exactly as the components carry it (a scheduler instance would add its defaults)
         (tmp / "scheduler").mkdir()
-        sched = {"_class_name": "PNDMScheduler", **components.scheduler_config}
+        sched = {
+            "_class_name": getattr(components, "scheduler_class", "PNDMScheduler"),
+            **components.scheduler_config,
+        }
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
-        if components.vae is not None:
+        if hasattr(components, "model_index"):
+            (tmp / "model_index.json").write_text(json.dumps(components.model_index(), indent=2))
+        elif components.vae is not None:
             index = {
                 "_class_name": "StableDiffusionPipeline",
                 "unet": ["diffusers", "UNet2DConditionModel"],

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from unlearn_exp.config import CONF_DIR, compose
 from unlearn_exp.errors import UserError, exit_status
+from unlearn_exp.families import required_parts
 from unlearn_exp.report.render import write_report
 from unlearn_exp.report.tables import (
     SCALES,
@@ -107,9 +108,7 @@ def check_weights(model_cfg) -> None:
     if local.exists():
         # the layout check of models.pretrained.resolve_checkpoint, without importing torch (a
         # second here matters: this runs before any work)
-        need = ["unet", "text_encoder", "tokenizer", "scheduler"] + (
-            ["vae"] if model_cfg.get("vae", True) else []
-        )
+        need = required_parts(model_cfg)
         absent = [s for s in need if not (local / s).is_dir()]
         if absent:
             raise UserError(

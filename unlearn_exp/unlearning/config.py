@@ -297,7 +297,8 @@ class AdvUnlearnCheckpointConfig(PublishedCheckpointConfig):
 
 
 _MODULES = "unlearn_exp.unlearning."
-declare("checkpoint", "original", OriginalCheckpointConfig, _MODULES + "checkpoints")
+SD1 = ("sd1",)  # the model families each method runs on (unlearn_exp/families.py)
+declare("checkpoint", "original", OriginalCheckpointConfig, _MODULES + "checkpoints", families=("sd1", "sd3"))
 declare(
     "checkpoint",
     "duo",
@@ -307,6 +308,7 @@ declare(
         "training_images": _MODULES + "duo:unsafe_pair_images",
         "built_id": _MODULES + "duo:built_checkpoint_id",
     },
+    families=SD1,
 )
 
 
@@ -321,8 +323,9 @@ declare(
     ESDCheckpointConfig,
     _MODULES + "checkpoints",
     hooks={"label": _MODULES + "config:esd_label"},  # torch-free: the rerun reads labels
+    families=SD1,
 )
-declare("checkpoint", "uce", UCECheckpointConfig, _MODULES + "checkpoints")
-declare("checkpoint", "spm", SPMCheckpointConfig, _MODULES + "spm")
-declare("checkpoint", "unet_folder", UNetFolderCheckpointConfig, _MODULES + "published")
-declare("checkpoint", "advunlearn", AdvUnlearnCheckpointConfig, _MODULES + "published")
+declare("checkpoint", "uce", UCECheckpointConfig, _MODULES + "checkpoints", families=SD1)
+declare("checkpoint", "spm", SPMCheckpointConfig, _MODULES + "spm", families=SD1)
+declare("checkpoint", "unet_folder", UNetFolderCheckpointConfig, _MODULES + "published", families=SD1)
+declare("checkpoint", "advunlearn", AdvUnlearnCheckpointConfig, _MODULES + "published", families=SD1)
