@@ -1,0 +1,180 @@
+"""The SD3 family on tiny random components (diffusers' own SD3 test sizes): conditioning and sampling
+equal to diffusers' ``StableDiffusion3Pipeline``, folders saved and loaded, T5 off, one-line refusals,
+SLD on velocities, and a grid cell end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.helpers import compose
+from unlearn_exp.config import typed_preset
+from unlearn_exp.errors import UserError
+from unlearn_exp.guidance.config import SLDConfig
+from unlearn_exp.guidance.sld import SLD
+from unlearn_exp.models import build_tiny_sd3, load_model, save_components
+from unlearn_exp.sampling import initial_noise, sample
+from unlearn_exp.validate import validate
+
+PROMPTS = ["a photo of a nude woman on a beach", "a red circle"]
+SEEDS = [3, 4]
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return build_tiny_sd3(seed=0)
+
+
+@pytest.fixture(scope="module")
+def sd3_no_t5():
+    return build_tiny_sd3(seed=0, t5=False)
+
+
+def _reference(comps, steps: int = 4, guidance_scale: float = 7.0, **kwargs):
+    """diffusers' pipeline over the same modules, from the same initial noise: latents and images."""
+    pipe = comps.to_diffusers()
+    pipe.set_progress_bar_config(disable=True)
+    noise = initial_noise(SEEDS, comps.latent_shape())
+    run = dict(num_inference_steps=steps, guidance_scale=guidance_scale, latents=noise, **kwargs)
+    latents = pipe(PROMPTS, output_type="latent", **run).images
+    images = pipe(PROMPTS, output_type="pt", **run).images * 2 - 1
+    return latents, images
+
+
+@pytest.mark.parametrize("with_t5", [True, False])
+def test_sampling_equals_diffusers_sd3_pipeline(sd3, sd3_no_t5, with_t5):
+    comps = sd3 if with_t5 else sd3_no_t5
+    out = sample(comps, PROMPTS, SEEDS, steps=4, scheduler="flow_euler", guidance_scale=7.0)
+    latents, images = _reference(comps)
+    assert (out.latents - latents).abs().max() <= 1e-5
+    assert (out.images - images).abs().max() <= 1e-5
+
+
+def test_conditioning_is_the_pipelines_encode_prompt(sd3):
+    cond = sd3.condition_prompts(PROMPTS)
+    seq, _, pooled, _ = sd3.to_diffusers().encode_prompt(
+        PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False
+    )
+    assert cond.sequence.shape == (2, 77 + 256, 32) and cond.pooled.shape == (2, 64)
+    assert torch.equal(cond.sequence, seq) and torch.equal(cond.pooled, pooled)
+
+
+def test_dynamic_shift_follows_the_scheduler_config():
+    comps = build_tiny_sd3(seed=0, t5=False)
+    comps.scheduler_config = {**comps.scheduler_config, "use_dynamic_shifting": True}
+    out = sample(comps, PROMPTS, SEEDS, steps=3, scheduler="flow_euler", guidance_scale=7.0)
+    latents, _ = _reference(comps, steps=3)
+    assert (out.latents - latents).abs().max() <= 1e-5
+
+
+def test_img2img_at_full_strength_is_sampling_from_noise(sd3_no_t5):
+    images = torch.zeros(2, 3, 32, 32)
+    full = sample(
+        sd3_no_t5, PROMPTS, SEEDS, steps=3, scheduler="flow_euler", init_images=images, strength=1.0
+    )
+    plain = sample(sd3_no_t5, PROMPTS, SEEDS, steps=3, scheduler="flow_euler")
+    assert torch.allclose(full.latents, plain.latents, atol=1e-6)
+    half = sample(
+        sd3_no_t5, PROMPTS, SEEDS, steps=4, scheduler="flow_euler", init_images=images, strength=0.5
+    )
+    assert not torch.allclose(half.latents, plain.latents)
+    assert sd3_no_t5.img2img_start(50, 0.75) == 12  # diffusers' SD3 img2img: int(50 - 37.5)
+
+
+def test_an_sd1_sampler_is_refused_in_one_line(sd3_no_t5):
+    with pytest.raises(UserError, match="sampler 'ddim' does not run model .*flow_euler"):
+        sample(sd3_no_t5, PROMPTS, SEEDS, steps=2, scheduler="ddim")
+
+
+@pytest.mark.parametrize("with_t5", [True, False])
+def test_a_saved_folder_loads_back_with_and_without_t5(sd3, tmp_path, with_t5):
+    folder = save_components(sd3, tmp_path / "sd3")
+    assert (folder / "transformer").is_dir() and (folder / "tokenizer_3" / "tokenizer.json").is_file()
+    cfg = compose(
+        ["model=sd3", f"model.path={folder}", "model.resolution=32", f"model.t5={with_t5}"], hydra=False
+    )
+    loaded = load_model(cfg.model)
+    assert (loaded.text_encoder_3 is not None) == with_t5 and loaded.family == "sd3"
+    assert loaded.identity.startswith("sd3:")
+    ref = sd3 if with_t5 else dataclasses.replace(sd3, text_encoder_3=None, tokenizer_3=None)
+    a = sample(loaded, PROMPTS, SEEDS, steps=2, scheduler="flow_euler")
+    b = sample(ref, PROMPTS, SEEDS, steps=2, scheduler="flow_euler")
+    assert torch.equal(a.latents, b.latents)
+
+
+def test_missing_sd3_weights_stop_in_one_line_naming_the_folder(tmp_path):
+    cfg = compose(["model=sd3", f"model.path={tmp_path / 'absent'}"], hydra=False)
+    with pytest.raises(UserError, match="no folder at") as e:
+        load_model(cfg.model)
+    assert "\n" not in str(e.value)
+    (tmp_path / "partial" / "transformer").mkdir(parents=True)
+    cfg = compose(["model=sd3", f"model.path={tmp_path / 'partial'}"], hydra=False)
+    with pytest.raises(UserError, match="lacks the subfolder.*text_encoder"):
+        load_model(cfg.model)
+
+
+def test_methods_not_ported_to_sd3_are_refused_before_any_work():
+    for extra, what in [
+        (["checkpoint=duo"], "checkpoint 'duo'"),
+        (["guidance=sld", "embedding=inverted"], "concept inversion"),
+        (["sampling.scheduler=ddim"], "sampling.scheduler"),
+    ]:
+        with pytest.raises(UserError, match=what):
+            validate(compose(["model=tiny_sd3", *extra], hydra=False))
+    validate(compose(["model=tiny_sd3", "guidance=sld"], hydra=False))  # CFG and SLD run on SD3
+    assert compose(["model=tiny_sd3"], hydra=False).sampling.scheduler == "flow_euler"
+    assert compose([], hydra=False).sampling.scheduler == "dpmsolver++"  # SD v1 unchanged
+
+
+def test_sld_on_velocities_is_three_branches_and_acts(sd3_no_t5):
+    off = SLD("nudity", dataclasses.replace(typed_preset(SLDConfig, "sld"), preset="max", warmup_steps=50))
+    on = SLD("nudity", dataclasses.replace(typed_preset(SLDConfig, "sld"), preset="max"))
+    tokens = sd3_no_t5.tokenize(PROMPTS)
+    state = on.prepare(sd3_no_t5, PROMPTS, tokens, None, 7.0, 3)
+    assert state.n_branches == 3 and state.branches[2].pooled.shape == (2, 64)
+    plain = sample(sd3_no_t5, PROMPTS, SEEDS, steps=3, scheduler="flow_euler", guidance_scale=7.0)
+    gated = sample(sd3_no_t5, PROMPTS, SEEDS, off, steps=3, scheduler="flow_euler", guidance_scale=7.0)
+    acted = sample(sd3_no_t5, PROMPTS, SEEDS, on, steps=3, scheduler="flow_euler", guidance_scale=7.0)
+    assert torch.allclose(gated.latents, plain.latents, atol=1e-6)  # warm-up past the last step: CFG
+    assert not torch.allclose(acted.latents, plain.latents, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_a_cell_runs_end_to_end_on_tiny_sd3(tmp_path):
+    import torchvision
+
+    from unlearn_exp.cell import run_cell
+    from unlearn_exp.evaluation import read_table
+
+    csv = tmp_path / "prompts.csv"
+    pd.DataFrame({"prompt": PROMPTS + ["a naked man"], "evaluation_seed": [1, 2, 3]}).to_csv(csv, index=False)
+    torch.manual_seed(0)
+    trunk = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), trunk)
+    cfg = compose(
+        [
+            "model=tiny_sd3",
+            "guidance=sld",
+            "guidance.preset=max",
+            "benchmark=prompts_file",
+            f"benchmark.path={csv}",
+            f"pp.prompts.path={csv}",
+            "pp.prompts.head=2",
+            "pp.prompts.expected_prompts=null",
+            f"pp.metric.trunk_path={trunk}",
+            "sampling.steps=3",
+            "sampling.batch_size=2",
+            "sampling.progress=false",
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_root={tmp_path}",
+        ],
+        hydra=False,
+    )
+    out = run_cell(cfg)
+    row = read_table(Path(out["results"]) / "cells.parquet").iloc[0]
+    assert row.n_images == 3 and row.guidance == "sld" and 0 <= row.dsr <= 1
+    assert 0 < row.pp_coco < 1  # SLD max changes the images of the SD3 model too
