@@ -14,7 +14,7 @@ import torch
 from tests.helpers import compose
 from unlearn_exp.config import typed_preset
 from unlearn_exp.errors import UserError
-from unlearn_exp.guidance.config import SLDConfig
+from unlearn_exp.guidance.config import SAFREEConfig, SLDConfig
 from unlearn_exp.guidance.sld import SLD
 from unlearn_exp.models import build_tiny_sd3, load_model, save_components
 from unlearn_exp.sampling import initial_noise, sample
@@ -125,7 +125,8 @@ def test_methods_not_ported_to_sd3_are_refused_before_any_work():
     ]:
         with pytest.raises(UserError, match=what):
             validate(compose(["model=tiny_sd3", *extra], hydra=False))
-    validate(compose(["model=tiny_sd3", "guidance=sld"], hydra=False))  # CFG and SLD run on SD3
+    for guidance in ("none", "sld", "safree"):  # every guidance method runs on SD3
+        validate(compose(["model=tiny_sd3", f"guidance={guidance}"], hydra=False))
     assert compose(["model=tiny_sd3"], hydra=False).sampling.scheduler == "flow_euler"
     assert compose([], hydra=False).sampling.scheduler == "dpmsolver++"  # SD v1 unchanged
 
@@ -178,3 +179,89 @@ def test_a_cell_runs_end_to_end_on_tiny_sd3(tmp_path):
     row = read_table(Path(out["results"]) / "cells.parquet").iloc[0]
     assert row.n_images == 3 and row.guidance == "sld" and 0 <= row.dsr <= 1
     assert 0 < row.pp_coco < 1  # SLD max changes the images of the SD3 model too
+
+
+# ---- SAFREE on SD3: the official sdv3/ functions re-stated (jaehong31/SAFREE, sdv3/sdv3_pipeline.py)
+SAFREE_KEYWORDS = ["nudity", "naked body", "sexual acts"]
+
+
+def _official_projection_matrix(e):
+    return e.float() @ torch.pinverse((e.T.float() @ e.float()).float()) @ e.T.float()
+
+
+def _official_concepts(comps, words):
+    t = comps.tokenizer_3(words, padding="max_length", max_length=256, truncation=True, return_tensors="pt")
+    return comps.text_encoder_3(t.input_ids, attention_mask=t.attention_mask).last_hidden_state[:, 0, :]
+
+
+def _official_masked(comps, prompt):
+    ids = comps.tokenizer_3(
+        prompt,
+        padding="longest",
+        max_length=256,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    ).input_ids
+    n_real = ids.shape[1] - 2
+    masked = ids.repeat(n_real, 1)
+    for i in range(n_real):
+        masked[i, i + 1] = 0
+    return comps.text_encoder_3(masked, attention_mask=None).last_hidden_state[:, 0, :]
+
+
+def _official_mask_to_onp(text_e, p_emb, ms, cs, alpha, max_length=333):
+    n_t, dim = p_emb.shape
+    i_m_cs = torch.eye(dim) - cs
+    dist = torch.norm(i_m_cs.bfloat16() @ p_emb.T.bfloat16(), dim=0)
+    means = torch.tensor([torch.mean(torch.cat((dist[:i], dist[i + 1 :]))) for i in range(n_t)])
+    rm = (dist < (1.0 + alpha) * means).float()
+    ones = torch.ones(max_length)
+    ones[1 : n_t + 1] = rm
+    new = (i_m_cs.bfloat16() @ ms.bfloat16() @ text_e.T.bfloat16()).T
+    return torch.where(ones.unsqueeze(1).bool(), text_e, new)
+
+
+@pytest.mark.parametrize("prompt", ["a photo of a nude woman on a beach", "red circle"])
+def test_safree_official_mode_on_sd3_equals_the_official_functions(sd3, prompt):
+    from unlearn_exp.guidance import make_guidance
+    from unlearn_exp.guidance.base import Concept
+
+    cfg = compose(["model=tiny_sd3", "guidance=safree", "guidance.compat=official"], hydra=False)
+    cfg.guidance.keywords = SAFREE_KEYWORDS
+    g = make_guidance(cfg.guidance, cfg.task, Concept())
+    state = g.prepare(sd3, [prompt], sd3.tokenize([prompt]), None, 7.0, 4)
+    text_e = sd3.condition_prompts([prompt]).sequence[0]
+    p_emb = _official_masked(sd3, prompt)
+    ms = _official_projection_matrix(p_emb.T)
+    cs = _official_projection_matrix(_official_concepts(sd3, SAFREE_KEYWORDS).T)
+    ref = _official_mask_to_onp(text_e, p_emb, ms, cs, alpha=0.01).to(text_e.dtype)
+    assert torch.equal(state.extra["safe_e"][0], ref)
+    negative = sd3.condition_prompts([", ".join(SAFREE_KEYWORDS)])  # the keywords, as sdv3/ overwrites it
+    assert torch.equal(state.branches[0].sequence, negative.sequence)
+    assert torch.equal(state.branches[1].pooled, sd3.condition_prompts([prompt]).pooled)  # pooled unchanged
+    assert all(g.use_safe(i, state) == [True] for i in range(4))  # no filter on SD3: every step
+
+
+def test_safree_fixed_mode_on_sd3_projects_each_encoder_in_its_own_space(sd3):
+    from unlearn_exp.guidance.safree import sd3_fixed_projection
+
+    prompt = "a photo of a nude woman on a beach"
+    text_e = sd3.condition_prompts([prompt]).sequence[0]
+    safe, changed = sd3_fixed_projection(sd3, prompt, text_e, SAFREE_KEYWORDS, alpha=0.01)
+    untouched = [i for i in range(text_e.shape[0]) if i not in changed]
+    assert torch.equal(safe[untouched], text_e[untouched].float())
+    t5 = [i for i in changed if i >= 77]
+    assert changed and all(not torch.equal(safe[i], text_e[i]) for i in changed)
+    n_words = len(sd3.tokenizer_3(prompt).input_ids) - 1  # T5 pieces before EOS
+    assert all(i - 77 < n_words for i in t5)  # only the prompt's own T5 words, never EOS or padding
+
+
+def test_safree_on_sd3_needs_t5_and_refuses_re_attention(sd3_no_t5, sd3):
+    from unlearn_exp.guidance.safree import SAFREE
+
+    with pytest.raises(UserError, match="model.t5=true"):
+        SAFREE(SAFREE_KEYWORDS, "x").prepare(sd3_no_t5, ["a"], sd3_no_t5.tokenize(["a"]), None, 7.0, 3)
+    settings = dataclasses.replace(typed_preset(SAFREEConfig, "safree"), lra="paper")
+    with pytest.raises(UserError, match="not on SD3"):
+        SAFREE(SAFREE_KEYWORDS, "x", settings).prepare(sd3, ["a"], sd3.tokenize(["a"]), None, 7.0, 3)

@@ -143,5 +143,5 @@ declare(
     "unlearn_exp.guidance.safree",
     root_keys=("safree_compat", "safree_strength"),
     task_keys={"keywords": "safree_keywords"},
-    families=("sd1",),
+    families=BOTH,
 )

@@ -189,14 +189,16 @@ class SAFREE(Guidance):
         num_steps: int,
     ) -> GuidanceState:
         p = self.settings
-        _, concept_pooled = comps.encode_ids(comps.tokenize(self.concept_prompts).input_ids)
         cond = comps.condition(tokens)
         text_e = cond.sequence
-        mine = self._project(comps, prompts, tokens, text_e, concept_pooled, p.compat)
+        project = self._project_sd3 if comps.family == "sd3" else self._project
+        if comps.family == "sd3" and p.lra == "paper":
+            raise UserError(
+                "SAFREE's latent re-attention (guidance.lra=paper) filters UNet features: not on SD3"
+            )
+        mine = project(comps, prompts, tokens, text_e, p.compat)
         # the other mode too, to record per prompt whether the two modes condition it differently
-        other = self._project(
-            comps, prompts, tokens, text_e, concept_pooled, "fixed" if p.compat == "official" else "official"
-        )
+        other = project(comps, prompts, tokens, text_e, "fixed" if p.compat == "official" else "official")
         safe_e, meta = mine.safe_e.to(text_e.dtype), []
         for b, info in enumerate(mine.info):
             differs = compat_differs(mine, other, b, p.svf)
@@ -221,12 +223,12 @@ class SAFREE(Guidance):
         prompts: list[str],
         tokens: TokenizedPrompts,
         text_e: torch.Tensor,
-        concept_pooled: torch.Tensor,
         compat: str,
     ) -> Projection:
         """Steps 2-4 in one mode (``compat``): the flagged tokens, the safe embeddings (float32) and
         the self-validating filter's step count of every prompt."""
         p = self.settings
+        _, concept_pooled = comps.encode_ids(comps.tokenize(self.concept_prompts).input_ids)
         official = compat == "official"
         p_c = official_projection_matrix(concept_pooled.T) if official else concept_projector(concept_pooled)
         eye = torch.eye(p_c.shape[0], device=p_c.device)
@@ -275,9 +277,42 @@ class SAFREE(Guidance):
             )
         return Projection(safe_e, t_sv, info)
 
+    def _project_sd3(
+        self, comps, prompts: list[str], tokens: TokenizedPrompts, text_e: torch.Tensor, compat: str
+    ) -> Projection:
+        """SAFREE on SD3 (docs/methods.md 4.8): ``official`` as ``sdv3/`` does it, ``fixed`` each
+        encoder in its own space (``sd3_official_projection``, ``sd3_fixed_projection``). No
+        self-validating filter: the official SD3 code uses the safe embedding at every step."""
+        if comps.text_encoder_3 is None:
+            raise UserError("SAFREE on SD3 detects trigger tokens with T5: load it (model.t5=true)")
+        alpha = float(self.settings.alpha)
+        safe_e, t_sv, info = text_e.float().clone(), [], []
+        for b, prompt in enumerate(prompts):
+            if compat == "official":
+                safe_e[b], triggers = sd3_official_projection(
+                    comps, prompt, text_e[b], self.concept_prompts, alpha
+                )
+            else:
+                safe_e[b], triggers = sd3_fixed_projection(
+                    comps, prompt, text_e[b], self.concept_prompts, alpha
+                )
+            t_sv.append(None)  # every step
+            info.append(
+                {
+                    "safree_n_tokens": int(tokens.n_tokens[b]) - 2,
+                    "safree_triggers": triggers,
+                    "safree_t_sv": -1,
+                    "safree_note": "sd3: every step, no filter",
+                }
+            )
+        return Projection(safe_e, t_sv, info)
+
     def use_safe(self, i: int, state: GuidanceState) -> list[bool]:
-        """Per image: does step ``i`` use the safe embedding? (SVF, or the re_attn_t window)."""
+        """Per image: does step ``i`` use the safe embedding? (SVF, or the re_attn_t window; on SD3
+        every step, ``t_sv`` None)."""
         p = self.settings
+        if any(t is None for t in state.extra["t_sv"]):
+            return [True] * len(state.extra["t_sv"])
         if p.svf:
             return [i <= t for t in state.extra["t_sv"]]
         lo, hi = p.re_attn_t
@@ -384,6 +419,122 @@ def _fourier_reattention(unet: torch.nn.Module, use_safe: list[bool], p: SAFREEC
     finally:
         for h in handles:
             h.remove()
+
+
+# ----------------------------------------------------------------------------- SD3 (sdv3/)
+SD3_JOINT_LENGTH = 333  # the official code's mask length: 77 CLIP + 256 T5 positions
+
+
+def _t5_first_states(comps, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return comps.text_encoder_3(ids.to(comps.device), attention_mask=mask).last_hidden_state[:, 0, :]
+
+
+def sd3_official_projection(
+    comps, prompt: str, text_e: torch.Tensor, concepts: list[str], alpha: float
+) -> tuple[torch.Tensor, list[int]]:
+    """One prompt's safe joint sequence as the official SD3 code (``sdv3/sdv3_pipeline.py``) computes
+    it, with its quirks: summaries are T5's first-position state (concepts padded to 256 with their
+    attention mask, masked prompts unpadded without one); the prompt's T5 ids are taken as
+    ``[BOS, words, EOS]`` (T5 has no BOS), so ``n = len(ids) - 2`` rows mask ids ``1..n`` with the pad
+    id 0; distances and the projection run in bfloat16, the projectors in float32 (``pinverse``);
+    the flags, found on T5 positions, are written at joint positions ``1..n`` (the CLIP part) and the
+    T5-space projection replaces the joint sequence there. Returns (safe sequence in float32, the
+    joint positions changed)."""
+    tok = comps.tokenizer_3
+    c = tok(list(concepts), padding="max_length", max_length=256, truncation=True, return_tensors="pt")
+    concept_states = _t5_first_states(comps, c.input_ids, c.attention_mask.to(comps.device))
+    ids = tok([prompt], padding="longest", max_length=256, truncation=True, return_tensors="pt").input_ids
+    n = ids.shape[1] - 2
+    text = text_e.float()
+    if n <= 0:
+        return text, []
+    masked = ids.repeat(n, 1)
+    masked[torch.arange(n), torch.arange(1, n + 1)] = 0
+    p_emb = _t5_first_states(comps, masked, None)
+    p_c = official_projection_matrix(concept_states.T)
+    p_m = official_projection_matrix(p_emb.T)
+    i_m_cs = torch.eye(p_c.shape[0], device=p_c.device) - p_c
+    dist = torch.norm(i_m_cs.bfloat16() @ p_emb.T.bfloat16(), dim=0)
+    keep = official_keep(dist, alpha)
+    ones = torch.ones(SD3_JOINT_LENGTH, device=text.device)
+    ones[1 : n + 1] = keep.float()
+    new = (i_m_cs.bfloat16() @ p_m.bfloat16() @ text.T.bfloat16()).T
+    merged = torch.where(ones.bool()[: text.shape[0], None], text, new.float())
+    return merged, [int(i) + 1 for i in (~keep).nonzero().flatten().tolist()]
+
+
+def _clip_states(encoder, ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CLIP encoder's penultimate states (what SD3 conditions on) and the state at the first EOS."""
+    hidden = encoder(ids, output_hidden_states=True).hidden_states[-2]
+    eos = (ids == eos_id).int().argmax(dim=-1)
+    return hidden, hidden[torch.arange(hidden.shape[0], device=hidden.device), eos]
+
+
+def _encoder_views(comps, concepts: list[str], prompt: str):
+    """Per SD3 text encoder: (name, first joint position, first feature, width, the maskable word
+    positions, their summaries with that word masked, the concepts' summaries). CLIP-L and CLIP-G
+    (positions 0..76, features joined): penultimate states (what SD3 conditions on), summary at EOS,
+    words between BOS and EOS masked with "!" (id 0, as SAFREE on SD v1). T5 (positions 77..):
+    summary the mean of its last states over real tokens, words before EOS masked with its pad id 0."""
+    dev = comps.device
+    views, feature = [], 0
+    for name, enc, tok in (
+        ("clip_l", comps.text_encoder, comps.tokenizer),
+        ("clip_g", comps.text_encoder_2, comps.tokenizer_2),
+    ):
+        kw = dict(padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        ids = tok([prompt], **kw).input_ids.to(dev)
+        rows = list(range(1, int((ids[0] == tok.eos_token_id).int().argmax())))  # between BOS and EOS
+        masked = ids.repeat(len(rows), 1)
+        masked[torch.arange(len(rows)), torch.tensor(rows, dtype=torch.long)] = MASK_TOKEN_ID
+        summaries = _clip_states(enc, masked, tok.eos_token_id)[1] if rows else None
+        concept = _clip_states(enc, tok(list(concepts), **kw).input_ids.to(dev), tok.eos_token_id)[1]
+        width = int(enc.config.hidden_size)
+        views.append((name, 0, feature, width, rows, summaries, concept))
+        feature += width
+
+    def mean_states(ids, mask):
+        h = comps.text_encoder_3(ids, attention_mask=mask).last_hidden_state
+        return (h * mask.float()[..., None]).sum(1) / mask.float().sum(1, keepdim=True)
+
+    tok = comps.tokenizer_3
+    kw = dict(
+        padding="max_length", max_length=comps.max_sequence_length, truncation=True, return_tensors="pt"
+    )
+    enc = tok([prompt], **kw)
+    ids, mask = enc.input_ids.to(dev), enc.attention_mask.to(dev)
+    rows = list(range(int(mask.sum()) - 1))  # the words before EOS
+    masked = ids.repeat(len(rows), 1)
+    masked[torch.arange(len(rows)), torch.tensor(rows, dtype=torch.long)] = 0
+    summaries = mean_states(masked, mask.repeat(len(rows), 1)) if rows else None
+    c = tok(list(concepts), **kw)
+    concept = mean_states(c.input_ids.to(dev), c.attention_mask.to(dev))
+    views.append(("t5", 77, 0, int(comps.text_encoder_3.config.d_model), rows, summaries, concept))
+    return views
+
+
+def sd3_fixed_projection(
+    comps, prompt: str, text_e: torch.Tensor, concepts: list[str], alpha: float
+) -> tuple[torch.Tensor, list[int]]:
+    """SAFREE on SD3 with the official code's SD3 quirks fixed: every encoder (CLIP-L, CLIP-G, T5)
+    finds its own trigger tokens in its own space (the concept subspace and the span of the masked
+    prompts from its own summaries, float64 projectors, ``detect_trigger_tokens``) and its flagged
+    tokens are replaced by ``(I - P_C) P_I e`` at their own place in the joint sequence: CLIP-L's
+    features of positions 0..76, CLIP-G's next ones, T5's positions 77.. . Returns (safe sequence in
+    float32, the joint positions changed)."""
+    out = text_e.float().clone()
+    changed: set[int] = set()
+    for _name, start, feature, width, rows, summaries, concept in _encoder_views(comps, concepts, prompt):
+        if len(rows) < 2:
+            continue  # nothing to compare against: kept (detect_trigger_tokens)
+        p_c = concept_projector(concept.float())
+        keep = detect_trigger_tokens(summaries.float(), p_c, alpha)
+        op = (torch.eye(p_c.shape[0], device=p_c.device) - p_c) @ span_projector(summaries.float())
+        for r, k in zip(rows, keep.tolist()):
+            if not k:
+                out[start + r, feature : feature + width] = op @ out[start + r, feature : feature + width]
+                changed.add(start + r)
+    return out, sorted(changed)
 
 
 @GUIDANCE.register("safree")
