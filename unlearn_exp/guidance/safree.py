@@ -214,7 +214,7 @@ class SAFREE(Guidance):
         state = GuidanceState(
             branches=branches, guidance_scale=guidance_scale, num_steps=num_steps, meta=meta
         )
-        state.extra.update(text_e=text_e, safe_e=safe_e, t_sv=t_sv)
+        state.extra.update(text_e=text_e, safe_e=safe_e, t_sv=t_sv, every_step=comps.family == "sd3")
         return state
 
     def _project(
@@ -296,7 +296,7 @@ class SAFREE(Guidance):
                 safe_e[b], triggers = sd3_fixed_projection(
                     comps, prompt, text_e[b], self.concept_prompts, alpha
                 )
-            t_sv.append(None)  # every step
+            t_sv.append(-1)  # no filter: every step (use_safe)
             info.append(
                 {
                     "safree_n_tokens": int(tokens.n_tokens[b]) - 2,
@@ -309,9 +309,9 @@ class SAFREE(Guidance):
 
     def use_safe(self, i: int, state: GuidanceState) -> list[bool]:
         """Per image: does step ``i`` use the safe embedding? (SVF, or the re_attn_t window; on SD3
-        every step, ``t_sv`` None)."""
+        every step)."""
         p = self.settings
-        if any(t is None for t in state.extra["t_sv"]):
+        if state.extra.get("every_step"):
             return [True] * len(state.extra["t_sv"])
         if p.svf:
             return [i <= t for t in state.extra["t_sv"]]
