@@ -119,7 +119,8 @@ def test_missing_sd3_weights_stop_in_one_line_naming_the_folder(tmp_path):
 
 def test_methods_not_ported_to_sd3_are_refused_before_any_work():
     for extra, what in [
-        (["checkpoint=duo"], "checkpoint 'duo'"),
+        (["checkpoint=duo"], "on SD3 use checkpoint=duo_sd3"),
+        (["checkpoint=esd"], "checkpoint 'esd' does not run on the sd3"),
         (["guidance=sld", "embedding=inverted"], "concept inversion"),
         (["sampling.scheduler=ddim"], "sampling.scheduler"),
     ]:
@@ -127,6 +128,7 @@ def test_methods_not_ported_to_sd3_are_refused_before_any_work():
             validate(compose(["model=tiny_sd3", *extra], hydra=False))
     for guidance in ("none", "sld", "safree"):  # every guidance method runs on SD3
         validate(compose(["model=tiny_sd3", f"guidance={guidance}"], hydra=False))
+    validate(compose(["model=tiny_sd3", "checkpoint=duo_sd3"], hydra=False))
     assert compose(["model=tiny_sd3"], hydra=False).sampling.scheduler == "flow_euler"
     assert compose([], hydra=False).sampling.scheduler == "dpmsolver++"  # SD v1 unchanged
 
@@ -145,7 +147,7 @@ def test_sld_on_velocities_is_three_branches_and_acts(sd3_no_t5):
 
 
 @pytest.mark.slow
-def test_a_cell_runs_end_to_end_on_tiny_sd3(tmp_path):
+def test_a_duo_cell_runs_end_to_end_on_tiny_sd3(tmp_path):
     import torchvision
 
     from unlearn_exp.cell import run_cell
@@ -172,13 +174,27 @@ def test_a_cell_runs_end_to_end_on_tiny_sd3(tmp_path):
             "sampling.progress=false",
             f"paths.root_dir={tmp_path}",
             f"paths.output_root={tmp_path}",
+            # DUO on SD3 at smoke size: its pair set (unchecked: a random model draws no nudity), its
+            # training and its LoRA file, then the guided samples of the unlearned model
+            "checkpoint=duo_sd3",
+            "+debug=default",
+            "debug.n_pairs=2",
+            "debug.train_steps=2",
+            "debug.sample_steps=2",
+            "checkpoint.batch=2",
+            "checkpoint.train_resolution=32",
+            "checkpoint.recipes.nudity.adapters.0.check_unsafe=false",
+            "checkpoint.recipes.nudity.adapters.0.check_safe=false",
         ],
         hydra=False,
     )
     out = run_cell(cfg)
     row = read_table(Path(out["results"]) / "cells.parquet").iloc[0]
     assert row.n_images == 3 and row.guidance == "sld" and 0 <= row.dsr <= 1
-    assert 0 < row.pp_coco < 1  # SLD max changes the images of the SD3 model too
+    assert row.checkpoint_method == "duo" and row.beta == 500
+    assert 0 < row.pp_coco < 1  # the LoRA and SLD change the images of the SD3 model
+    loras = list(tmp_path.rglob("pytorch_lora_weights.safetensors"))
+    assert len(loras) == 1 and loras[0].parent.name == "Nudity"
 
 
 # ---- SAFREE on SD3: the official sdv3/ functions re-stated (jaehong31/SAFREE, sdv3/sdv3_pipeline.py)

@@ -68,7 +68,7 @@ RUNTIME_KEYS: dict[str, tuple[str, ...]] = {
 # this value is left out of identities (and of a method's describe(), the sample keys), so adding
 # the option re-keys nothing.
 NEUTRAL_KEYS: dict[str, dict[str, Any]] = {
-    "checkpoint": {"condition": "null", "beta_map": None},
+    "checkpoint": {"condition": "null", "beta_map": None, "train_resolution": None, "text_length": None},
     "inversion": {"prompt_tokens": "all"},
     "guidance": {"strength": 1.0},
 }

@@ -315,4 +315,6 @@ def family_problems(plain: dict, family: str) -> list[str]:
             problems.append(
                 f"{what} does not run on the {family} model family yet (it runs on {', '.join(d.families)})"
             )
+        elif d is not None and (check := d.hook("family_problems")) is not None:
+            problems.extend(check(plain.get(group) or {}, family))
     return problems

@@ -177,7 +177,10 @@ class FamilyComponents:
             m.eval()
         return self
 
-    def condition_prompts(self, prompts: list[str]) -> Conditioning:
+    def condition_prompts(self, prompts: list[str], text_length: int | None = None) -> Conditioning:
+        """``condition(tokenize(prompts))``; ``text_length``: the length of a family's long text
+        encoder where it is not the default (SD3's T5: DUO's script trains with 77, samples with 256;
+        SD v1 has one length, 77, and ignores it)."""
         return self.condition(self.tokenize(prompts))
 
     # the sampler's few family-specific operations (docs/model_families.md)
@@ -200,6 +203,27 @@ class FamilyComponents:
 
     def model_input(self, scheduler, latents: torch.Tensor, t) -> torch.Tensor:
         return scheduler.scale_model_input(latents, t)
+
+    # the training objective (DUO's preference and preservation terms; docs/model_families.md)
+    def training_timesteps(self, scheduler, n: int, t_min: int, t_max: int, generator) -> torch.Tensor:
+        """``n`` training timesteps from the window ``[t_min, t_max]`` (counts of 1000 train steps)."""
+        return torch.randint(t_min - 1, t_max, (n,), generator=generator)
+
+    def final_timestep(self, scheduler) -> int:
+        """The timestep of the output-preservation term: the last, pure noise."""
+        return int(scheduler.config.num_train_timesteps) - 1
+
+    def training_input(
+        self, scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """The noisy training input at ``t``; for the preservation term (``latents`` None) pure noise."""
+        return noise if latents is None else scheduler.add_noise(latents, noise, t)
+
+    def training_pair(
+        self, scheduler, pred: torch.Tensor, x_t: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the loss compares, its target): the predicted noise and the noise (SD v1)."""
+        return pred, noise
 
 
 @dataclass

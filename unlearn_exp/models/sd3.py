@@ -118,9 +118,13 @@ class SD3Components(FamilyComponents):
         return int(self.transformer.config.joint_attention_dim)
 
     # ------------------------------------------------------------------- text
-    def tokenize(self, prompts: list[str]) -> TokenizedPrompts:
+    def condition_prompts(self, prompts: list[str], text_length: int | None = None) -> Conditioning:
+        return self.condition(self.tokenize(prompts, text_length))
+
+    def tokenize(self, prompts: list[str], text_length: int | None = None) -> TokenizedPrompts:
         """Each encoder's ids: CLIP-L's in ``input_ids`` (77, max-length padding, truncated), CLIP-G's
-        and T5's (``max_sequence_length``) in ``more``. ``truncated``: cut by either CLIP."""
+        and T5's (``text_length``, default ``max_sequence_length``) in ``more``. ``truncated``: cut by
+        CLIP."""
         prompts = list(prompts)
         max_len = self.tokenizer.model_max_length
         full = self.tokenizer(prompts, padding=False, truncation=False, verbose=False).input_ids
@@ -135,12 +139,14 @@ class SD3Components(FamilyComponents):
             enc3 = self.tokenizer_3(
                 prompts,
                 padding="max_length",
-                max_length=self.max_sequence_length,
+                max_length=text_length or self.max_sequence_length,
                 truncation=True,
                 add_special_tokens=True,
                 return_tensors="pt",
             )
             more["t5"] = enc3.input_ids.to(self.device)
+        elif text_length:  # no T5: its zeros at this length
+            more["t5_length"] = torch.tensor(int(text_length))
         n_tokens = [len(ids) for ids in full]
         return TokenizedPrompts(
             input_ids=enc.input_ids.to(self.device),
@@ -160,10 +166,13 @@ class SD3Components(FamilyComponents):
         pooled = encoder.text_projection(last[torch.arange(last.shape[0], device=last.device), eos])
         return out.hidden_states[-2], pooled
 
-    def t5_embeddings(self, input_ids: torch.Tensor | None, batch: int) -> torch.Tensor:
+    def t5_embeddings(
+        self, input_ids: torch.Tensor | None, batch: int, length: int | None = None
+    ) -> torch.Tensor:
         """T5's last hidden state ``(B, 256, 4096)``, or zeros of the transformer's width without T5."""
         if self.text_encoder_3 is None or input_ids is None:
-            shape = (batch, self.max_sequence_length, int(self.transformer.config.joint_attention_dim))
+            length = length or self.max_sequence_length
+            shape = (batch, length, int(self.transformer.config.joint_attention_dim))
             return torch.zeros(shape, device=self.device, dtype=self.text_encoder.dtype)
         return self.text_encoder_3(input_ids.to(self.device))[0]
 
@@ -174,7 +183,8 @@ class SD3Components(FamilyComponents):
         h_l, p_l = self.clip_embeddings(self.text_encoder, ids_l, self.tokenizer.eos_token_id)
         h_g, p_g = self.clip_embeddings(self.text_encoder_2, ids_g, self.tokenizer_2.eos_token_id)
         clip = torch.cat([h_l.to(self.text_encoder.dtype), h_g.to(self.text_encoder.dtype)], dim=-1)
-        t5 = self.t5_embeddings(tokens.more.get("t5"), ids_l.shape[0])
+        length = int(tokens.more["t5_length"]) if "t5_length" in tokens.more else None
+        t5 = self.t5_embeddings(tokens.more.get("t5"), ids_l.shape[0], length)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return Conditioning(torch.cat([clip, t5], dim=-2), torch.cat([p_l, p_g], dim=-1))
 
@@ -248,6 +258,41 @@ class SD3Components(FamilyComponents):
 
     def model_input(self, scheduler, latents: torch.Tensor, t) -> torch.Tensor:
         return latents  # flow matching scales nothing
+
+    # the training objective, as DUO's SD3 script (train/unlearn-sd3.py; docs/methods.md 5.6)
+    def training_timesteps(self, scheduler, n: int, t_min: int, t_max: int, generator) -> torch.Tensor:
+        """``u`` uniform in ``[t_min, t_max) / N``, index ``floor(u N)`` into the scheduler's descending
+        timesteps (so ``t_min=1, t_max=750`` draws sigma in (0.5, 1]: the high-noise part)."""
+        n_train = int(scheduler.config.num_train_timesteps)
+        r = torch.rand(n, generator=generator)
+        u = r * t_max / n_train + (1 - r) * t_min / n_train
+        index = (u * n_train).long().clamp(0, n_train - 1)
+        return scheduler.timesteps[index]
+
+    def final_timestep(self, scheduler) -> torch.Tensor:
+        """The preservation term's timestep: the last index of the descending schedule (sigma ~ 0.003),
+        as the official SD3 script (its SD v1.4 script uses the first, pure noise)."""
+        return scheduler.timesteps[int(scheduler.config.num_train_timesteps) - 1]
+
+    @staticmethod
+    def sigmas_at(scheduler, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Each timestep's sigma, looked up in the schedule (as the official script), shaped to ``like``."""
+        timesteps = scheduler.timesteps.to(t.device)
+        index = [int((timesteps == ti).nonzero()[0]) for ti in t.flatten()]
+        sigma = scheduler.sigmas.to(device=like.device, dtype=like.dtype)[index]
+        return sigma.view(-1, *([1] * (like.dim() - 1)))
+
+    def training_input(self, scheduler, latents, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``(1 - sigma) x0 + sigma noise``; the preservation term's ``x0`` is the noise itself."""
+        x0 = noise if latents is None else latents
+        sigma = self.sigmas_at(scheduler, t, x0)
+        return (1.0 - sigma) * x0 + sigma * noise
+
+    def training_pair(self, scheduler, pred, x_t, latents, noise, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preconditioned outputs (the script's default): the x0 estimate ``x_t - sigma v`` against
+        ``x0`` (``sigma^2 |v - (noise - x0)|^2``); the preservation term compares two estimates."""
+        sigma = self.sigmas_at(scheduler, t, x_t)
+        return x_t - sigma * pred, (noise if latents is None else latents)
 
     # --------------------------------------------------------------- interop
     def to_diffusers(self, scheduler=None, safe: bool = False):

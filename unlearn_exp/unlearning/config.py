@@ -117,6 +117,18 @@ class DUOCheckpointConfig(Settings):
     condition: DUOCondition = setting(
         "text condition of the preference term: null (DUO: the empty prompt) or unsafe (docs/departures.md)"
     )
+    train_resolution: Any = number(
+        int,
+        lo=8,
+        optional=True,
+        help="side of the pair images in training; null: the model's (DUO's SD3 script: 512; methods.md 5.6)",
+    )
+    text_length: Any = number(
+        int,
+        lo=1,
+        optional=True,
+        help="T5 tokens of the training prompts on SD3; null: the model's (DUO's SD3 script: 77; 5.6)",
+    )
     t_min: int = number(
         int, lo=1, help="timesteps are drawn from {t_min-1, ..., t_max-1} (DUO: 1; docs/methods.md 5.3)"
     )
@@ -307,9 +319,18 @@ declare(
     hooks={
         "training_images": _MODULES + "duo:unsafe_pair_images",
         "built_id": _MODULES + "duo:built_checkpoint_id",
+        "family_problems": _MODULES + "config:duo_family_problems",  # torch-free: validation calls it
     },
-    families=SD1,
+    families=("sd1", "sd3"),  # SD3: conf/checkpoint/duo_sd3.yaml (docs/methods.md 5.6)
 )
+
+
+def duo_family_problems(ck: dict, family: str) -> list[str]:
+    """DUO's LoRA targets name the family's denoiser: SD v1's ``attn1.*`` are not SD3's layers."""
+    targets = [str(t) for t in ck.get("target_modules") or []]
+    if family == "sd3" and any(t.startswith(("attn1.", "attn2.")) for t in targets) and not ck.get("path"):
+        return [f"checkpoint.target_modules {targets} are UNet layers: on SD3 use checkpoint=duo_sd3"]
+    return []
 
 
 def esd_label(ck) -> str:

@@ -30,7 +30,7 @@ from unlearn_exp.errors import UserError
 from unlearn_exp.hashing import config_hash, file_sha256
 from unlearn_exp.hashing import to_plain as _plain
 from unlearn_exp.identity import without_neutral
-from unlearn_exp.models.components import Components
+from unlearn_exp.models.components import Components, Conditioning
 from unlearn_exp.registry import UNLEARNING
 from unlearn_exp.training import TrainedOnly, copy_metrics, fit, step_generator
 from unlearn_exp.unlearning.config import DUOCheckpointConfig
@@ -52,13 +52,17 @@ def preference_loss(
     ref_w: torch.Tensor,
     model_l: torch.Tensor,
     ref_l: torch.Tensor,
-    noise: torch.Tensor,
+    target: torch.Tensor,
     beta: float,
+    target_l: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``L_dpo = -log sigmoid(-beta * diff)``, batch mean, with
-    ``diff = [L_m(x^w) - L_r(x^w)] - [L_m(x^l) - L_r(x^l)]`` (docs/methods.md 5.3). Returns (loss, diff)."""
-    diff = (per_image_error(model_w, noise) - per_image_error(ref_w, noise)) - (
-        per_image_error(model_l, noise) - per_image_error(ref_l, noise)
+    ``diff = [L_m(x^w) - L_r(x^w)] - [L_m(x^l) - L_r(x^l)]`` (docs/methods.md 5.3). ``target``: the
+    noise both images share (SD v1), or ``x^w``'s own target with ``target_l`` ``x^l``'s (SD3's x0
+    targets, 5.6). Returns (loss, diff)."""
+    target_l = target if target_l is None else target_l
+    diff = (per_image_error(model_w, target) - per_image_error(ref_w, target)) - (
+        per_image_error(model_l, target_l) - per_image_error(ref_l, target_l)
     )
     return -F.logsigmoid(-beta * diff).mean(), diff
 
@@ -159,9 +163,11 @@ def adapters_disabled(unet) -> Iterator[None]:
             unet.enable_adapters()
 
 
-def save_lora(unet, adapter_name: str, folder: Path) -> Path:
-    """Write the adapter as diffusers' ``pytorch_lora_weights.safetensors`` (with its LoRA config)."""
-    from diffusers import StableDiffusionPipeline
+def save_lora(unet, adapter_name: str, folder: Path, family: str = "sd1") -> Path:
+    """Write the adapter as diffusers' ``pytorch_lora_weights.safetensors`` (with its LoRA config), in
+    the family's format: ``unet.*`` keys that ``StableDiffusionPipeline.load_lora_weights`` reads, or
+    ``transformer.*`` keys for ``StableDiffusion3Pipeline`` (as DUO's SD3 script writes them)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
     from peft import get_peft_model_state_dict
 
     state = {
@@ -169,11 +175,15 @@ def save_lora(unet, adapter_name: str, folder: Path) -> Path:
         for k, v in get_peft_model_state_dict(unet, adapter_name=adapter_name).items()
     }
     folder.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(
-        str(folder),
-        unet_lora_layers=state,
-        unet_lora_adapter_metadata=_ordered(unet.peft_config[adapter_name].to_dict()),
-    )
+    meta = _ordered(unet.peft_config[adapter_name].to_dict())
+    if family == "sd3":
+        StableDiffusion3Pipeline.save_lora_weights(
+            str(folder), transformer_lora_layers=state, transformer_lora_adapter_metadata=meta
+        )
+    else:
+        StableDiffusionPipeline.save_lora_weights(
+            str(folder), unet_lora_layers=state, unet_lora_adapter_metadata=meta
+        )
     return _one_metadata_key(folder / LORA_FILE)
 
 
@@ -224,6 +234,7 @@ class DUO(TrainedOnly, L.LightningModule):
         weight_decay: float = 1e-2,
         seed: int = 42,
         prompts: list[str] | None = None,
+        text_length: int | None = None,
     ):
         super().__init__()
         if beta <= 0:
@@ -237,25 +248,36 @@ class DUO(TrainedOnly, L.LightningModule):
         if not 1 <= t_min < t_max <= n_train:
             raise UserError(f"DUO needs 1 <= t_min < t_max <= {n_train}, got t_min={t_min}, t_max={t_max}")
         self.comps = comps
-        self.unet = comps.unet
+        self.unet = comps.denoiser  # the UNet, or SD3's transformer
         self.vae = comps.vae
         self.noise_scheduler = comps.training_scheduler()
         self.beta, self.lr, self.lambda_ = float(beta), float(lr), float(lambda_)
         self.batch = int(min(batch, len(unsafe)))
-        self.t_min, self.t_max, self.T = int(t_min), int(t_max), n_train - 1
+        self.t_min, self.t_max = int(t_min), int(t_max)
+        self.T = comps.final_timestep(self.noise_scheduler)
         self.weight_decay, self.seed = float(weight_decay), int(seed)
         # images kept as uint8 on the module (moved to the device with it)
         self.register_buffer("unsafe_u8", _to_u8(unsafe), persistent=False)
         self.register_buffer("safe_u8", _to_u8(safe), persistent=False)
         with torch.no_grad():
-            c0, _ = comps.encode_prompts([""])  # training prompts are empty: the null text c_0
+            # training prompts are empty: the null text c_0 (SD3: T5 at DUO's text_length)
+            c0 = comps.condition_prompts([""], text_length=text_length)
             # condition=unsafe (a departure, see checkpoint/duo.yaml): pair i's preference term is
             # conditioned on its unsafe prompt instead of c_0; the preservation term keeps c_0
             if prompts is not None and len(prompts) != len(unsafe):
                 raise UserError(f"DUO got {len(prompts)} pair prompts for {len(unsafe)} pairs")
-            cond = comps.encode_prompts(list(prompts))[0].detach() if prompts is not None else None
-        self.register_buffer("c0", c0.detach(), persistent=False)
-        self.register_buffer("c_pairs", cond, persistent=False)
+            cond = (
+                comps.condition_prompts(list(prompts), text_length=text_length)
+                if prompts is not None
+                else None
+            )
+        # buffers, so Lightning moves them with the module (a Conditioning is two tensors)
+        self.register_buffer("c0", c0.sequence.detach(), persistent=False)
+        self.register_buffer("c0_pooled", _detached(c0.pooled), persistent=False)
+        self.register_buffer("c_pairs", None if cond is None else cond.sequence.detach(), persistent=False)
+        self.register_buffer(
+            "c_pairs_pooled", None if cond is None else _detached(cond.pooled), persistent=False
+        )
 
     # -- data drawn from (seed, step): shuffled epochs over the pairs, as a DataLoader would
     def pair_indices(self, step: int) -> torch.Tensor:
@@ -270,30 +292,54 @@ class DUO(TrainedOnly, L.LightningModule):
             out.append(int(perms[epoch][k % n]))
         return torch.tensor(out)
 
+    def _condition(self, idx: torch.Tensor, b: int, dtype: torch.dtype) -> Conditioning:
+        """The preference rows' condition (c_0, or each pair's unsafe prompt) and c_0 for the rest."""
+        pooled = self.c0_pooled
+        cond = Conditioning(self.c0, pooled).expand(3 * b).to(dtype)
+        if self.c_pairs is not None:
+            i = idx.to(self.c0.device)
+            pair = Conditioning(self.c_pairs[i], None if pooled is None else self.c_pairs_pooled[i]).to(dtype)
+            rest = Conditioning(cond.sequence[2 * b :], None if pooled is None else cond.pooled[2 * b :])
+            cond = Conditioning.cat([pair, pair, rest])
+        return cond
+
     def losses(self, idx: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
         dev = self.c0.device
         b = len(idx)
         with torch.no_grad(), torch.autocast(dev.type, enabled=False):
             # the VAE outside mixed precision, in its own dtype: float32 while training (train_adapter),
-            # as DUO's script encodes (docs/methods.md 13); the latents then take the UNet's dtype
+            # as DUO's script encodes (docs/methods.md 13); the latents then take the denoiser's dtype
             x_l = self.unsafe_u8[idx.to(dev)].float() / 127.5 - 1
             x_w = self.safe_u8[idx.to(dev)].float() / 127.5 - 1
             z = self.comps.encode_images(torch.cat([x_w, x_l]), generator=g)
         noise = torch.randn(z[:b].shape, generator=g).to(dev, z.dtype)  # shared by the pair
-        t = torch.randint(self.t_min - 1, self.t_max, (2 * b,), generator=g).to(dev)  # independent per image
-        x_t = self.noise_scheduler.add_noise(z, torch.cat([noise, noise]), t)
-        # one batch: the pair images at t, and pure noise at T for the preservation term
-        inputs = torch.cat([x_t, noise])
-        ts = torch.cat([t, torch.full((b,), self.T, device=dev, dtype=t.dtype)])
-        cond = self.c0.expand(3 * b, -1, -1).to(z.dtype)
-        if self.c_pairs is not None:
-            c_pair = self.c_pairs[idx.to(dev)].to(z.dtype)
-            cond = torch.cat([c_pair, c_pair, cond[2 * b :]])
-        model = self.unet(inputs, ts, encoder_hidden_states=cond).sample
+        t = self.comps.training_timesteps(self.noise_scheduler, 2 * b, self.t_min, self.t_max, g).to(dev)
+        return self.objective(z, noise, t, self._condition(idx, b, z.dtype))
+
+    def objective(
+        self, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: Conditioning
+    ) -> dict[str, torch.Tensor]:
+        """DUO's loss (5.3) for the pair latents ``z = [x^w; x^l]``, their shared ``noise``, their
+        timesteps ``t`` and the condition of the ``3B`` rows, in the model family's terms: its noisy
+        input, its timestep of the preservation term and what its loss compares (docs/methods.md 5.6)."""
+        comps, sched, b = self.comps, self.noise_scheduler, len(noise)
+        x_t = comps.training_input(sched, z, torch.cat([noise, noise]), t)
+        t_T = torch.full((b,), _scalar(self.T), device=t.device, dtype=t.dtype)
+        x_T = comps.training_input(sched, None, noise, t_T)
+        # one batch: the pair images at t, and the preservation term's input at T
+        inputs, ts = torch.cat([x_t, x_T]), torch.cat([t, t_T])
+        model = comps.denoise(inputs, ts, cond)
         with torch.no_grad(), adapters_disabled(self.unet):
-            ref = self.unet(inputs, ts, encoder_hidden_states=cond).sample
-        dpo, diff = preference_loss(model[:b], ref[:b], model[b : 2 * b], ref[b : 2 * b], noise, self.beta)
-        pp = output_preservation_loss(model[2 * b :], ref[2 * b :])
+            ref = comps.denoise(inputs, ts, cond)
+        both = torch.cat([noise, noise])
+        m_pair, target = comps.training_pair(sched, model[: 2 * b], x_t, z, both, t)
+        r_pair, _ = comps.training_pair(sched, ref[: 2 * b], x_t, z, both, t)
+        m_T, _ = comps.training_pair(sched, model[2 * b :], x_T, None, noise, t_T)
+        r_T, _ = comps.training_pair(sched, ref[2 * b :], x_T, None, noise, t_T)
+        dpo, diff = preference_loss(
+            m_pair[:b], r_pair[:b], m_pair[b:], r_pair[b:], target[:b], self.beta, target_l=target[b:]
+        )
+        pp = output_preservation_loss(m_T, r_T)
         return {"loss": dpo + self.lambda_ * pp, "loss_dpo": dpo, "loss_pp": pp, "diff": diff.mean()}
 
     def training_step(self, batch, batch_idx: int):
@@ -324,6 +370,15 @@ class DUO(TrainedOnly, L.LightningModule):
             acc["loss_pp"] += float(out["loss_pp"]) / n_draws
         self.unet.train(was)
         return acc
+
+
+def _detached(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.detach()
+
+
+def _scalar(t) -> int | float:
+    """A timestep as a Python number (an int for SD v1, a float tensor's value for SD3)."""
+    return t.item() if isinstance(t, torch.Tensor) else t
 
 
 def _to_u8(images: torch.Tensor) -> torch.Tensor:
@@ -366,10 +421,11 @@ def train_adapter(
     paper_beta = float(hp["beta"])
     beta = effective_beta(hp, paper_beta)
     lr, lam = scaled_hyperparameters(hp, beta)
-    unsafe, safe = pairs.images(comps.resolution) if isinstance(pairs, PairSet) else pairs
+    side = hp.get("train_resolution") or comps.resolution
+    unsafe, safe = pairs.images(int(side)) if isinstance(pairs, PairSet) else pairs
     prompts = _condition_prompts(pairs, str(hp["condition"]))
     add_lora(
-        comps.unet,
+        comps.denoiser,
         adapter_name,
         rank=int(hp["rank"]),
         alpha=float(hp["alpha"]),
@@ -392,8 +448,9 @@ def train_adapter(
                 weight_decay=float(hp["weight_decay"]),
                 seed=int(hp["seed"]),
                 prompts=prompts,
+                text_length=hp.get("text_length"),
             )
-            comps.unet.train()
+            comps.denoiser.train()
             info = fit(
                 module,
                 steps=int(hp["steps"]),
@@ -409,13 +466,13 @@ def train_adapter(
             {"lr": lr, "lambda": lam, "beta": paper_beta, "beta_effective": beta, "adapter": adapter_name}
         )
         if out_dir is not None:
-            save_lora(comps.unet, adapter_name, Path(out_dir))
+            save_lora(comps.denoiser, adapter_name, Path(out_dir), comps.family)
             copy_metrics(Path(work_dir), Path(out_dir))
     finally:
-        comps.unet.eval()
-        comps.unet.requires_grad_(False)
+        comps.denoiser.eval()
+        comps.denoiser.requires_grad_(False)
         if not keep_adapter:
-            comps.unet.delete_adapters(adapter_name)
+            comps.denoiser.delete_adapters(adapter_name)
     return info
 
 
@@ -460,6 +517,8 @@ TRAIN_KEYS = (
     "beta_scale",
     "beta_map",
     "condition",
+    "train_resolution",
+    "text_length",
 )
 PAIR_KEYS = ("max_tries", "pair_batch", "pair_sampling")
 
@@ -608,22 +667,22 @@ def load_adapters(comps: Components, files: list[Path], names: list[str], weight
     """Load LoRA files as named adapters and combine them with ``set_adapters`` (docs/methods.md 5.5)."""
     from unlearn_exp.unlearning.weights import load_lora_file
 
-    if getattr(comps.unet, "peft_config", None):
+    if getattr(comps.denoiser, "peft_config", None):
         raise UserError(
-            f"the model already carries adapters {sorted(comps.unet.peft_config)}; "
+            f"the model already carries adapters {sorted(comps.denoiser.peft_config)}; "
             "load one checkpoint per model"
         )
     loaded = []
     try:
         for f, n in zip(files, names):
-            load_lora_file(comps.unet, Path(f), n)
+            load_lora_file(comps.denoiser, Path(f), n, comps.family)
             loaded.append(n)
     except Exception:
         if loaded:
-            comps.unet.delete_adapters(loaded)
+            comps.denoiser.delete_adapters(loaded)
         raise
-    comps.unet.set_adapters(list(names), [float(w) for w in weights])
-    comps.unet.requires_grad_(False)
+    comps.denoiser.set_adapters(list(names), [float(w) for w in weights])
+    comps.denoiser.requires_grad_(False)
 
 
 @UNLEARNING.register("duo")

@@ -9,6 +9,7 @@ A pair recipe is data, not code (``conf/checkpoint/duo.yaml``, ``recipes.<task>.
     strength: 0.75       # SDEdit strength of the safe counterpart
     check_unsafe: true   # keep an unsafe image only when the judge flags it
     check_safe: true     # keep a safe counterpart only when the judge finds it safe
+    sdedit: {steps: 50, guidance_scale: 7.5}   # optional: the SDEdit step's own sampler settings
 
 Unsafe image i is sampled from its unsafe prompt; its safe counterpart is SDEdit of that image with
 the safe prompt and the unsafe prompt as negative prompt. Rejected images are re-sampled with a new
@@ -109,6 +110,7 @@ class _Recipe:
     batch: int
     seed: int
     checks: dict[str, bool]
+    sdedit: dict[str, Any]  # sampler settings of the SDEdit step where they differ (DUO's SD3 script)
 
 
 def _read_recipe(recipe: dict[str, Any], judge) -> _Recipe:
@@ -124,7 +126,13 @@ def _read_recipe(recipe: dict[str, Any], judge) -> _Recipe:
         raise UserError(f"DUO pair recipe '{name}' checks images with a judge, but no judge was given")
     if max_tries < 1:
         raise UserError(f"DUO pair recipe '{name}': max_tries must be >= 1, got {max_tries}")
-    return _Recipe(name, prompts, strength, max_tries, batch, seed, checks)
+    sdedit = dict(recipe.get("sdedit") or {})
+    unknown = sorted(set(sdedit) - {"scheduler", "steps", "guidance_scale"})
+    if unknown:
+        raise UserError(
+            f"DUO pair recipe '{name}': unknown sdedit key(s) {unknown} (scheduler, steps, guidance_scale)"
+        )
+    return _Recipe(name, prompts, strength, max_tries, batch, seed, checks, sdedit)
 
 
 def build_pair_set(
@@ -220,7 +228,7 @@ def _sample_batch(
         negative_prompts=[r.prompts[i][0] for i in idx],
         init_images=torch.stack([images["unsafe"][i] for i in idx]),
         strength=r.strength,
-        **kwargs,
+        **{**kwargs, **r.sdedit},
     )
 
 

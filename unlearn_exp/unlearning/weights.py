@@ -204,7 +204,7 @@ def check_lora_state(unet, tensors: dict[str, torch.Tensor], what: str) -> None:
     modules = dict(unet.named_modules())
     unknown, bad, n_lora = [], [], 0
     for key, v in tensors.items():
-        name = key.removeprefix("unet.")
+        name = key.removeprefix("unet.").removeprefix("transformer.")
         if key.startswith("text_encoder."):
             unknown.append(key)
             continue
@@ -242,15 +242,24 @@ def check_lora_state(unet, tensors: dict[str, torch.Tensor], what: str) -> None:
         raise UserError(f"{what}: no LoRA weights found in the file")
 
 
-def load_lora_file(unet, path: Path, adapter_name: str) -> None:
-    """Load one LoRA file (peft or older diffusers key format) into ``unet`` as a named adapter."""
-    from diffusers import StableDiffusionPipeline
+def load_lora_file(unet, path: Path, adapter_name: str, family: str = "sd1") -> None:
+    """Load one LoRA file (peft or older diffusers key format) into the denoiser (``unet``, or SD3's
+    transformer for ``family`` sd3) as a named adapter."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
     check_lora_state(unet, read_safetensors(path, f"LoRA '{path.name}'"), f"LoRA '{path.name}'")
-    state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
-    StableDiffusionPipeline.load_lora_into_unet(
-        state, alphas, unet, adapter_name=adapter_name, metadata=metadata
-    )
+    if family == "sd3":
+        state, metadata = StableDiffusion3Pipeline.lora_state_dict(str(path), return_lora_metadata=True)
+        StableDiffusion3Pipeline.load_lora_into_transformer(
+            state, unet, adapter_name=adapter_name, metadata=metadata
+        )
+    else:
+        state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+            str(path), return_lora_metadata=True
+        )
+        StableDiffusionPipeline.load_lora_into_unet(
+            state, alphas, unet, adapter_name=adapter_name, metadata=metadata
+        )
     n_loaded = sum(1 for n, _ in unet.named_parameters() if f".{adapter_name}." in n)
     if n_loaded == 0:
         raise UserError(f"LoRA '{path.name}': no adapter weights were loaded into the UNet")
