@@ -96,7 +96,7 @@ def override_key(override: str) -> str:
 def pinned_axes(overrides: list[str], params) -> dict[str, str]:
     """The swept keys that ``overrides`` set themselves, with their values: the launcher runs those
     values only (an override on the command line replaces the sweep's values of its key)."""
-    out = {}
+    out, params = {}, params or {}  # no sweep (a single cell): nothing is pinned
     for o in overrides:
         if "=" in o and override_key(o) in params:
             values = sweep_values(o)

@@ -41,6 +41,7 @@ from typing import Any
 from unlearn_exp.atomic import atomic_write_json
 from unlearn_exp.config import compose, grid, override_key, pinned_axes, sweep_params
 from unlearn_exp.errors import UserError, exit_status
+from unlearn_exp.families import family_of
 from unlearn_exp.hashing import config_hash, file_sha256, to_plain
 from unlearn_exp.identity import (
     cell_spec,
@@ -125,6 +126,7 @@ class CellPlan:
     absent: dict[str, AbsentList] = field(default_factory=dict)  # by set ("bench", "coco")
     stages: dict[str, Stage] = field(default_factory=dict)  # estimated GPU memory (models.memory)
     sizes: ModelSizes | None = None
+    family: str = "sd1"  # the model family (unlearn_exp/families.py)
 
     def _sum(self, kinds: tuple[str, ...], cached: bool, attr: str = "count") -> int:
         return _count([w for w in self.work if w.cached == cached], kinds, attr)
@@ -653,14 +655,16 @@ def calibrate(cfg, path: Path) -> dict[str, Any]:
     per_row = max(tk - t1, 1e-9) / (k * 2 * b)
     per_image = max(t1 - 2 * b * per_row, 0.0) / b
 
-    unet = comps.unet.eval().requires_grad_(False)
-    e, _ = comps.encode_prompts(["a photo"])
+    comps.denoiser.eval().requires_grad_(False)
+    with torch.no_grad():
+        e = comps.condition_prompts(["a photo"])
 
     def train_pass(rows: int) -> float:
         x = torch.randn(rows, *comps.latent_shape(), device=comps.device, dtype=comps.dtype)
-        h = e.expand(rows, -1, -1).detach().clone().requires_grad_(True)
+        cond = e.expand(rows).detach()
+        cond.sequence = cond.sequence.clone().requires_grad_(True)  # the gradient to the prompt embedding
         t = torch.full((rows,), 10, device=comps.device)
-        return timed(lambda: unet(x, t, encoder_hidden_states=h).sample.pow(2).mean().backward())
+        return timed(lambda: comps.denoise(x, t, cond).pow(2).mean().backward())
 
     inv_step = train_pass(int(cfg.inversion.batch_size))
     duo_rows = 3 * int(cfg.checkpoint.get("batch") or 4)
@@ -706,6 +710,7 @@ def plan(overrides: list[str]) -> tuple[list[CellPlan], Any]:
 def with_memory(p: CellPlan, cfg) -> CellPlan:
     """``p`` with the estimated GPU memory of the stages its cell may run (``models.memory``)."""
     p.sizes = _sizes(to_plain(cfg.model))
+    p.family = family_of(to_plain(cfg.model)).name
     if p.sizes is not None:
         branches = _guidance(cfg, learned=False).unet_branches(float(cfg.sampling.guidance_scale))
         p.stages = cell_stages(cfg, p.sizes, branches, _most_pairs(cfg))
@@ -800,6 +805,11 @@ def _memory_lines(plans: list[CellPlan], per_cell, gpu_gib: float | None) -> lis
     """The estimated GPU memory of each stage the sweep runs, once per stage and size."""
     sizes = next((p.sizes for p in plans if p.sizes is not None), None)
     if sizes is None:
+        family = plans[0].family if plans else "sd1"
+        if family != "sd1":
+            return [
+                f"GPU memory: not estimated for the {family} family yet (its activations are not measured)"
+            ]
         return ["GPU memory: not estimated (no sizes for this model: no weights here, no published sizes)"]
     stages: dict[tuple[int, str, str], Stage] = {}
     for p, (own, _) in zip(plans, per_cell):

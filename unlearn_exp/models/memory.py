@@ -36,6 +36,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from unlearn_exp.families import family_of
 from unlearn_exp.hashing import to_plain
 from unlearn_exp.identity import model_folder, resolved_precision
 
@@ -228,7 +229,10 @@ def _tiny_sizes(model_cfg) -> ModelSizes:
 
 def model_sizes(model_cfg) -> ModelSizes | None:
     """The sizes of the model ``model_cfg`` names: counted from its folder where it is here, else
-    from the published sizes of the named model; None where neither is known."""
+    from the published sizes of the named model; None where neither is known, and for a family
+    other than SD v1 (its activation constants were measured on SD v1.4's UNet only)."""
+    if family_of(model_cfg).name != "sd1":
+        return None
     if model_cfg.get("source") == "tiny":
         return _tiny_sizes(model_cfg)
     resolution = int(model_cfg.get("resolution", 512))
