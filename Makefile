@@ -48,8 +48,8 @@ demo-attacks: setup  ## the toy grid on Ring-A-Bell prompts made against the toy
 	$(PYTHON) -m unlearn_exp +experiment=toy_duo benchmark=toy_ring_a_bell_generated multirun
 	$(PYTHON) -m unlearn_exp +experiment=toy_duo stage=attack multirun
 
-reproduce-table: setup  ## rebuild the paper's tables under reports/ (SCALE=sd14|toy TASK=nudity|violence|all NO_RUN=1 ARGS="model.path=...")
-	$(PYTHON) -m unlearn_exp.report --scale $(SCALE) $(if $(TASK),--task $(TASK)) $(if $(NO_RUN),--no-run) $(if $(ARGS),-- $(ARGS))
+reproduce-table: setup  ## rebuild the paper's tables under reports/ (SCALE or MODEL=sd14|sd3|toy TASK=nudity|violence|all NO_RUN=1 ARGS="model.path=...")
+	$(PYTHON) -m unlearn_exp.report --scale $(or $(MODEL),$(SCALE)) $(if $(TASK),--task $(TASK)) $(if $(NO_RUN),--no-run) $(if $(ARGS),-- $(ARGS))
 
 toy-pretrain: setup  ## retrain the shipped toy model and judge, and measure them (unlearn_exp/toy/RECIPE.md)
 	$(PYTHON) -m unlearn_exp.toy.pretrain

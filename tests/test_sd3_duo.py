@@ -1,4 +1,4 @@
-"""DUO on SD3 (docs/methods.md 5.6): the objective and one optimiser step equal to a re-statement of
+"""DUO on SD3 (docs/methods.md 5.8): the objective and one optimiser step equal to a re-statement of
 naver-ai/DUO's ``train/unlearn-sd3.py`` step on tiny SD3 components; the timestep window; LoRA files
 in diffusers' SD3 format, loaded back; the recipe composes."""
 

@@ -259,7 +259,7 @@ class SD3Components(FamilyComponents):
     def model_input(self, scheduler, latents: torch.Tensor, t) -> torch.Tensor:
         return latents  # flow matching scales nothing
 
-    # the training objective, as DUO's SD3 script (train/unlearn-sd3.py; docs/methods.md 5.6)
+    # the training objective, as DUO's SD3 script (train/unlearn-sd3.py; docs/methods.md 5.8)
     def training_timesteps(self, scheduler, n: int, t_min: int, t_max: int, generator) -> torch.Tensor:
         """``u`` uniform in ``[t_min, t_max) / N``, index ``floor(u N)`` into the scheduler's descending
         timesteps (so ``t_min=1, t_max=750`` draws sigma in (0.5, 1]: the high-noise part)."""

@@ -98,8 +98,9 @@ def check_weights(model_cfg) -> None:
     if model_cfg.get("source", "pretrained") != "pretrained":
         return
     path = model_cfg.get("path")
+    folder = str(path or model_cfg.get("name")).rstrip("/").rsplit("/", 1)[-1]
     hint = (
-        "pass model.path=/path/to/stable-diffusion-v1-4 (a diffusers folder; through make: "
+        f"pass model.path=/path/to/{folder} (a diffusers folder; through make: "
         'make reproduce-table ARGS="model.path=..."), or run `make demo` for the toy world'
     )
     if not path:
@@ -124,7 +125,7 @@ def check_weights(model_cfg) -> None:
         except Exception:
             pass
     raise UserError(
-        f"no Stable Diffusion weights at model.path='{path}' "
+        f"no weights for model '{model_cfg.get('name')}' at model.path='{path}' "
         f"(not a local folder, not in the Hugging Face cache): {hint}"
     )
 

@@ -59,6 +59,7 @@ class ScaleSpec:
     checkpoint_method: str = "duo"
     generated: str | None = None
     methods: dict[str, str] = field(default_factory=dict)  # task -> its methods-grid experiment
+    paper_model: str | None = None  # the paper's columns are another model's (said in every title)
 
 
 SCALES: dict[str, ScaleSpec] = {
@@ -67,6 +68,13 @@ SCALES: dict[str, ScaleSpec] = {
         transfer=("nudity", "nudity_duo_transfer"),
         generated="ring_a_bell_generated",
         methods={"violence": "violence_methods", "nudity": "nudity_methods"},
+    ),
+    # the paper's question on Stable Diffusion 3 (docs/model_families.md); no generated-attack or
+    # methods-grid experiment yet
+    "sd3": ScaleSpec(
+        main={"violence": "violence_duo_sd3", "nudity": "nudity_duo_sd3"},
+        transfer=("nudity", "nudity_duo_sd3_transfer"),
+        paper_model="SD v1.4",
     ),
     "toy": ScaleSpec(
         main={"toy": "toy_duo"},
@@ -636,6 +644,8 @@ def build_tables(
     pp_label = _pp_label(grid_positions(scale, extra))
     for t in tables.values():
         _name_what_was_measured(t, pp_label, pp)
+        if spec.paper_model and any(c.key.endswith("_paper") for c in t.columns):
+            t.title += f" [the paper's columns are {spec.paper_model}'s, beside {scale}]"
     return tables
 
 

@@ -121,13 +121,13 @@ class DUOCheckpointConfig(Settings):
         int,
         lo=8,
         optional=True,
-        help="side of the pair images in training; null: the model's (DUO's SD3 script: 512; methods.md 5.6)",
+        help="side of the pair images in training; null: the model's (DUO's SD3 script: 512; methods.md 5.8)",
     )
     text_length: Any = number(
         int,
         lo=1,
         optional=True,
-        help="T5 tokens of the training prompts on SD3; null: the model's (DUO's SD3 script: 77; 5.6)",
+        help="T5 tokens of the training prompts on SD3; null: the model's (DUO's SD3 script: 77; 5.8)",
     )
     t_min: int = number(
         int, lo=1, help="timesteps are drawn from {t_min-1, ..., t_max-1} (DUO: 1; docs/methods.md 5.3)"
@@ -321,7 +321,7 @@ declare(
         "built_id": _MODULES + "duo:built_checkpoint_id",
         "family_problems": _MODULES + "config:duo_family_problems",  # torch-free: validation calls it
     },
-    families=("sd1", "sd3"),  # SD3: conf/checkpoint/duo_sd3.yaml (docs/methods.md 5.6)
+    families=("sd1", "sd3"),  # SD3: conf/checkpoint/duo_sd3.yaml (docs/methods.md 5.8)
 )
 
 

@@ -59,7 +59,7 @@ def preference_loss(
     """``L_dpo = -log sigmoid(-beta * diff)``, batch mean, with
     ``diff = [L_m(x^w) - L_r(x^w)] - [L_m(x^l) - L_r(x^l)]`` (docs/methods.md 5.3). ``target``: the
     noise both images share (SD v1), or ``x^w``'s own target with ``target_l`` ``x^l``'s (SD3's x0
-    targets, 5.6). Returns (loss, diff)."""
+    targets, 5.8). Returns (loss, diff)."""
     target_l = target if target_l is None else target_l
     diff = (per_image_error(model_w, target) - per_image_error(ref_w, target)) - (
         per_image_error(model_l, target_l) - per_image_error(ref_l, target_l)
@@ -321,7 +321,7 @@ class DUO(TrainedOnly, L.LightningModule):
     ) -> dict[str, torch.Tensor]:
         """DUO's loss (5.3) for the pair latents ``z = [x^w; x^l]``, their shared ``noise``, their
         timesteps ``t`` and the condition of the ``3B`` rows, in the model family's terms: its noisy
-        input, its timestep of the preservation term and what its loss compares (docs/methods.md 5.6)."""
+        input, its timestep of the preservation term and what its loss compares (docs/methods.md 5.8)."""
         comps, sched, b = self.comps, self.noise_scheduler, len(noise)
         x_t = comps.training_input(sched, z, torch.cat([noise, noise]), t)
         t_T = torch.full((b,), _scalar(self.T), device=t.device, dtype=t.dtype)
