@@ -121,7 +121,7 @@ def test_methods_not_ported_to_sd3_are_refused_before_any_work():
     for extra, what in [
         (["checkpoint=duo"], "on SD3 use checkpoint=duo_sd3"),
         (["checkpoint=esd"], "checkpoint 'esd' does not run on the sd3"),
-        (["guidance=sld", "embedding=inverted"], "concept inversion"),
+        (["stage=attack"], "attack 'unlearndiffatk' does not run on the sd3"),
         (["sampling.scheduler=ddim"], "sampling.scheduler"),
     ]:
         with pytest.raises(UserError, match=what):
@@ -281,3 +281,90 @@ def test_safree_on_sd3_needs_t5_and_refuses_re_attention(sd3_no_t5, sd3):
     settings = dataclasses.replace(typed_preset(SAFREEConfig, "safree"), lra="paper")
     with pytest.raises(UserError, match="not on SD3"):
         SAFREE(SAFREE_KEYWORDS, "x", settings).prepare(sd3, ["a"], sd3.tokenize(["a"]), None, 7.0, 3)
+
+
+# ---- concept inversion on SD3: one learned row per token in each text encoder
+def test_inversion_on_sd3_writes_rows_per_encoder_and_they_load_back(tmp_path):
+    from safetensors import safe_open
+
+    from unlearn_exp.inversion.concept_inversion import invert
+    from unlearn_exp.inversion.textual_inversion import load_concept_tokens
+
+    cfg = compose(
+        ["model=tiny_sd3", "inversion.steps=3", "inversion.batch_size=2", "inversion.num_vectors=2"],
+        hydra=False,
+    )
+    comps = build_tiny_sd3(seed=0, resolution=16)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    invert(comps, images, cfg.inversion, tmp_path / "inv", progress=False)
+    f = tmp_path / "inv" / "learned_embeds.safetensors"
+    with safe_open(str(f), framework="pt") as st:
+        shapes = {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+    assert shapes == {"clip_l": (2, 16), "clip_g": (2, 16), "t5": (2, 32)}  # SDXL's keys, and T5
+    prompt = ["a photo of <c*> <c*>_1"]
+    fresh = build_tiny_sd3(seed=0, resolution=16)
+    assert load_concept_tokens(fresh, f) == ["<c*>", "<c*>_1"]
+    a, b = fresh.condition_prompts(prompt), comps.condition_prompts(prompt)
+    assert torch.equal(a.sequence, b.sequence) and torch.equal(a.pooled, b.pooled)
+    before = build_tiny_sd3(seed=0, resolution=16)
+    load_concept_tokens(before, f)
+    untouched = build_tiny_sd3(seed=0, resolution=16)
+    # only the placeholder rows are new: every other row of every table is the original's
+    for (_, _, enc), (_, _, ref) in zip(before.text_encoder_slots(), untouched.text_encoder_slots()):
+        n = ref.get_input_embeddings().weight.shape[0]
+        assert torch.equal(enc.get_input_embeddings().weight[:n], ref.get_input_embeddings().weight)
+    with pytest.raises(UserError, match="learned on another model"):
+        load_concept_tokens(build_tiny_sd3(seed=0, resolution=16, t5=False), f)  # no T5 to take its rows
+
+
+@pytest.mark.slow
+def test_the_nudity_duo_sd3_grid_runs_end_to_end_at_tiny_scale(tmp_path):
+    """Every cell of ``+experiment=nudity_duo_sd3`` (4 betas x none/SLD/SAFREE x explicit/inverted/shared)
+    on tiny SD3 components: DUO trained per beta, C* inverted per beta and shared from beta 500."""
+    import torchvision
+
+    from unlearn_exp import config
+    from unlearn_exp.cell import run_cell
+    from unlearn_exp.evaluation import read_table
+
+    csv = tmp_path / "prompts.csv"
+    pd.DataFrame({"prompt": ["a nude woman", "a red car"], "evaluation_seed": [1, 2]}).to_csv(
+        csv, index=False
+    )
+    torch.manual_seed(0)
+    trunk = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), trunk)
+    base = ["+experiment=nudity_duo_sd3"]
+    tiny = [
+        "model=tiny_sd3",
+        "benchmark=prompts_file",
+        f"benchmark.path={csv}",
+        f"pp.prompts.path={csv}",
+        "pp.prompts.expected_prompts=null",
+        f"pp.metric.trunk_path={trunk}",
+        "sampling.steps=2",
+        "sampling.batch_size=2",
+        "sampling.progress=false",
+        f"paths.root_dir={tmp_path}",
+        f"paths.output_root={tmp_path}",
+        "+debug=default",
+        "debug.n_pairs=2",
+        "debug.train_steps=1",
+        "debug.sample_steps=2",
+        "checkpoint.batch=2",
+        "checkpoint.train_resolution=32",
+        "inversion.steps=2",
+        "inversion.image_set.n_images=2",
+        "checkpoint.recipes.nudity.adapters.0.check_unsafe=false",
+        "checkpoint.recipes.nudity.adapters.0.check_safe=false",
+    ]
+    cells = config.grid(base)
+    assert len(cells) == 28
+    seen = set()
+    for cell in cells:
+        out = run_cell(compose([*base, *cell, *tiny], hydra=False))
+        row = read_table(Path(out["results"]) / "cells.parquet").iloc[0]
+        assert row.n_images == 2 and 0 <= row.dsr <= 1 and row.scale == "tiny_sd3"
+        seen.add((int(row.beta), row.guidance, row.embedding))
+    assert len(seen) == 28
+    assert len(list(tmp_path.rglob("pytorch_lora_weights.safetensors"))) == 4  # one DUO per beta

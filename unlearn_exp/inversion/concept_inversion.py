@@ -43,6 +43,7 @@ from unlearn_exp.inversion.textual_inversion import (
     install_learned_rows,
     merge_learned_rows,
     save_textual_inversion,
+    split_rows,
     token_ids,
 )
 from unlearn_exp.models.components import Components
@@ -84,9 +85,12 @@ class ConceptInversion(L.LightningModule):
         self.tokens = list(tokens)
         token_ids(comps, self.tokens)
         comps.freeze()
-        self.unet = comps.unet
+        self.unet = comps.denoiser  # the UNet, or SD3's transformer
         self.text_encoder = comps.text_encoder
         self.vae = comps.vae
+        others = [enc for _, _, enc in comps.text_encoder_slots()[1:]]
+        if others:  # SD3's CLIP-G and T5: registered so Lightning moves them with the module
+            self.other_text_encoders = torch.nn.ModuleList(others)
         current = comps.text_encoder.get_input_embeddings()
         self.embedding = (
             current
@@ -169,7 +173,7 @@ class ConceptInversion(L.LightningModule):
                 with torch.autocast(self.vae.device.type, enabled=False):
                     for chunk in views.flatten(0, 1).split(8):
                         dist = self.vae.encode(chunk.to(self.vae.device, self.vae.dtype)).latent_dist
-                        means.append(dist.mean * self.comps.latent_scale)
+                        means.append((dist.mean - self.comps.latent_shift) * self.comps.latent_scale)
                         stds.append(dist.std * self.comps.latent_scale)
                 mean, std = torch.cat(means), torch.cat(stds)
                 self._posterior = (mean.unflatten(0, (2, -1)), std.unflatten(0, (2, -1)))
@@ -185,7 +189,10 @@ class ConceptInversion(L.LightningModule):
         return {
             "index": torch.randint(0, n, (b,), generator=g),
             "flip": (torch.rand(b, generator=g) < s.flip_p).long(),
-            "t": torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=g),
+            # every timestep of the schedule alike (SD v1: t ~ U{0..T-1}; SD3: its flow timesteps)
+            "t": self.comps.training_timesteps(
+                self.noise_scheduler, b, 1, int(self.noise_scheduler.config.num_train_timesteps), g
+            ),
             "noise": torch.randn((b, *shape), generator=g),
             "vae_eps": torch.randn((b, *shape), generator=g),
             "template": torch.randint(0, len(s.templates), (b,), generator=g).tolist(),
@@ -198,14 +205,12 @@ class ConceptInversion(L.LightningModule):
         i, f, t = draw["index"].to(dev), draw["flip"].to(dev), draw["t"].to(dev)
         z = mean[f, i] + std[f, i] * draw["vae_eps"].to(dev, mean.dtype)
         noise = draw["noise"].to(dev, mean.dtype)
-        noisy = self.noise_scheduler.add_noise(z, noise, t)
-        ids = self.comps.tokenize(prompts).input_ids.to(dev)
-        hidden = self.text_encoder(ids).last_hidden_state
-        pred = self.unet(noisy, t, encoder_hidden_states=hidden.to(self.unet.dtype)).sample
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(z, noise, t)
-        else:
-            target = noise
+        comps, sched = self.comps, self.noise_scheduler
+        noisy = comps.training_input(sched, z, noise, t)
+        cond = comps.condition(comps.tokenize(prompts))
+        pred = comps.denoise(noisy, t, cond.to(self.unet.dtype))
+        # the family's comparison: noise (or velocity) for SD v1, x0 estimates for SD3
+        pred, target = comps.training_pair(sched, pred, noisy, z, noise, t)
         return F.mse_loss(pred.float(), target.float())
 
     def step_loss(self, step: int) -> torch.Tensor:
@@ -268,7 +273,7 @@ def evaluation_loss(
         d = module.draw(_STEP_STRIDE * 7919 + seed * draws + k, batch_size=1)
         if t_range is not None:
             lo, hi = t_range
-            d["t"] = torch.tensor([lo + (k * (hi - lo)) // max(draws, 1)])
+            d["t"] = module.comps.timestep_near(module.noise_scheduler, lo + (k * (hi - lo)) // max(draws, 1))
         losses.append(float(module.denoising_loss([prompt], d)))
     return sum(losses) / max(len(losses), 1)
 
@@ -348,7 +353,7 @@ def invert(
     # CCE (diffusers' textual-inversion example) keeps the text encoder, its token table and so the
     # learned rows in float32, UNet and VAE in the half dtype: a half-precision text encoder is
     # float32 from the first placeholder row to the last evaluation (docs/methods.md 13)
-    with comps.in_float32("text_encoder"):
+    with comps.in_float32(*(n for n in comps.modules() if n.startswith("text_encoder"))):
         tokens = add_placeholder_tokens(comps, s.placeholder, s.num_vectors, s.init_word)
         module = ConceptInversion(comps, tokens, image_set.images, s, run_key=run_key)
         eval_prompt = concept_prompt(tokens, s.templates[0])
@@ -374,7 +379,7 @@ def invert(
         eval_init=eval_init,
         eval_final=eval_final,
     )
-    _write_outputs(out_dir, tokens, rows, run_key, metadata, window)
+    _write_outputs(out_dir, tokens, file_rows(comps, rows), run_key, metadata, window)
     return {
         **metadata,
         "embeds_path": str(out_dir / EMBEDS_FILE),
@@ -444,7 +449,7 @@ def _fit_rows(
         path = save_textual_inversion(
             ckpt_dir / LAST_GOOD_FILE,
             tokens,
-            rows,
+            file_rows(comps, rows),
             {"step": module.last_good_step, "diverged_at": exc.step},
         )
         raise InversionDiverged(
@@ -494,14 +499,24 @@ def _metadata(
         "train_s_total": round(module.elapsed_before + fit_s, 3),
         "settings": settings,
         "run_key": run_key,
-        "format": "diffusers textual inversion (safetensors, one tensor (K, D) named after the first token)",
+        "format": (
+            "diffusers textual inversion (safetensors, one tensor (K, D) named after the first token)"
+            if len(comps.text_encoder_slots()) == 1
+            else "diffusers textual inversion, SDXL convention (safetensors, one (K, D) tensor per text "
+            "encoder: clip_l, clip_g, t5; tokens in the header)"
+        ),
     }
+
+
+def file_rows(comps: Components, rows: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The learned rows as the file holds them: ``(K, D)`` for one text encoder, by encoder for several."""
+    return rows if len(comps.text_encoder_slots()) == 1 else split_rows(comps, rows)
 
 
 def _write_outputs(
     out_dir: Path,
     tokens: list[str],
-    rows: torch.Tensor,
+    rows: torch.Tensor | dict[str, torch.Tensor],
     run_key: str,
     metadata: dict[str, Any],
     window: list[float],

@@ -146,4 +146,4 @@ class InversionConfig(Settings):
         return d
 
 
-declare("inversion", "default", InversionConfig, families=("sd1",))
+declare("inversion", "default", InversionConfig, families=("sd1", "sd3"))

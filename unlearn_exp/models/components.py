@@ -209,6 +209,10 @@ class FamilyComponents:
         """``n`` training timesteps from the window ``[t_min, t_max]`` (counts of 1000 train steps)."""
         return torch.randint(t_min - 1, t_max, (n,), generator=generator)
 
+    def timestep_near(self, scheduler, t: int) -> torch.Tensor:
+        """The schedule's timestep nearest ``t`` (of 1000; SD v1: ``t`` itself), as a batch of one."""
+        return torch.tensor([int(t)])
+
     def final_timestep(self, scheduler) -> int:
         """The timestep of the output-preservation term: the last, pure noise."""
         return int(scheduler.config.num_train_timesteps) - 1
@@ -222,7 +226,10 @@ class FamilyComponents:
     def training_pair(
         self, scheduler, pred: torch.Tensor, x_t: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(what the loss compares, its target): the predicted noise and the noise (SD v1)."""
+        """(what the loss compares, its target): the prediction and the noise (SD v1), or the velocity
+        ``get_velocity(x0, noise, t)`` for a checkpoint that predicts it (``v_prediction``)."""
+        if latents is not None and scheduler.config.prediction_type == "v_prediction":
+            return pred, scheduler.get_velocity(latents, noise, t)
         return pred, noise
 
 
@@ -250,10 +257,17 @@ class Components(FamilyComponents):
     def denoiser(self, module: torch.nn.Module) -> None:  # a compiled UNet (sampling.compile)
         self.unet = module
 
+    def text_encoder_slots(self) -> list[tuple[str, CLIPTokenizer, CLIPTextModel]]:
+        """Each text encoder with its tokenizer, by the key of a textual-inversion file (SD v1: one,
+        whose file holds the rows under the token's own name)."""
+        return [("", self.tokenizer, self.text_encoder)]
+
     # ----------------------------------------------------------------- geometry
     @property
     def latent_scale(self) -> float:
         return float(self.vae.config.scaling_factor) if self.vae is not None else 1.0
+
+    latent_shift = 0.0  # SD v1's VAE has no shift
 
     @property
     def vae_factor(self) -> int:

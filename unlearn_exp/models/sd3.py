@@ -92,6 +92,17 @@ class SD3Components(FamilyComponents):
             out["tokenizer_3"] = self.tokenizer_3
         return out
 
+    def text_encoder_slots(self) -> list[tuple[str, Any, torch.nn.Module]]:
+        """Each text encoder with its tokenizer, by its key in a textual-inversion file (the SDXL
+        convention, ``clip_l``/``clip_g``, and ``t5`` where T5 is loaded)."""
+        slots = [
+            ("clip_l", self.tokenizer, self.text_encoder),
+            ("clip_g", self.tokenizer_2, self.text_encoder_2),
+        ]
+        if self.text_encoder_3 is not None:
+            slots.append(("t5", self.tokenizer_3, self.text_encoder_3))
+        return slots
+
     # ----------------------------------------------------------------- geometry
     @property
     def latent_scale(self) -> float:
@@ -268,6 +279,10 @@ class SD3Components(FamilyComponents):
         u = r * t_max / n_train + (1 - r) * t_min / n_train
         index = (u * n_train).long().clamp(0, n_train - 1)
         return scheduler.timesteps[index]
+
+    def timestep_near(self, scheduler, t: int) -> torch.Tensor:
+        """The flow schedule's timestep nearest ``t`` (1000: pure noise), as a batch of one."""
+        return scheduler.timesteps[(scheduler.timesteps - float(t)).abs().argmin()].reshape(1)
 
     def final_timestep(self, scheduler) -> torch.Tensor:
         """The preservation term's timestep: the last index of the descending schedule (sigma ~ 0.003),
