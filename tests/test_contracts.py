@@ -1,6 +1,9 @@
 """The contracts every registered implementation keeps, parametrised over the registries: a method
 registered later (a built-in or a plugin) joins these tests and must declare its tiny settings here.
 
+Guidance and unlearning methods run on every model family they declare (``families``; tiny SD v1 and
+tiny SD3 components):
+
 - guidance: batch independence; classifier-free guidance when its effect is switched off;
 - judges: one verdict per image in order, independent of the batch; the profile hash is stable and
   follows what decides a verdict; bad input is one ``UserError`` line;
@@ -24,16 +27,32 @@ from tests.helpers.nudenet import red_minus_blue_classifier
 from unlearn_exp.config import preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.evaluation import make_judge
+from unlearn_exp.families import FAMILIES
 from unlearn_exp.guidance import Concept, make_guidance
 from unlearn_exp.guidance.base import Guidance
 from unlearn_exp.hashing import config_hash
-from unlearn_exp.models import build_tiny
+from unlearn_exp.models import build_tiny, build_tiny_sd3
 from unlearn_exp.registry import GUIDANCE, JUDGES, UNLEARNING, load_plugins
 from unlearn_exp.sampling import sample
+from unlearn_exp.settings import declarations
 from unlearn_exp.store import ArtifactStore
 from unlearn_exp.unlearning import apply_checkpoint
 
 load_plugins()
+
+# the tiny model of each family
+TINY = {"sd1": build_tiny, "sd3": lambda: build_tiny_sd3(seed=0)}
+
+
+def _on_families(group: str, names: list[str]) -> list[tuple[str, str]]:
+    """(method, family) for every family a method declares (undeclared: every family)."""
+    declared = {d.name: d.families for d in declarations(group)}
+    return [(n, f) for n in names for f in (declared.get(n) or tuple(FAMILIES)) if f in TINY]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3():
+    return build_tiny_sd3(seed=0)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,21 +75,24 @@ def _guidance(name: str, *overrides: str) -> Guidance:
     return make_guidance(cfg.guidance, cfg.task, Concept())
 
 
-@pytest.mark.parametrize("name", GUIDANCE.names())
+@pytest.mark.parametrize(("name", "family"), _on_families("guidance", GUIDANCE.names()))
 @pytest.mark.slow
-def test_guidance_is_batch_independent(name, tiny):
+def test_guidance_is_batch_independent(name, family, tiny, tiny_sd3):
+    tiny = {"sd1": tiny, "sd3": tiny_sd3}[family]
     g = _guidance(name)
     assert g.describe()["name"] == name
     prompts, seeds = ["a naked woman on a beach", "a red car", "a bowl of fruit"], [5, 6, 7]
     with torch.no_grad():
-        together = sample(tiny, prompts, seeds, g, steps=3).images
-        alone = torch.cat([sample(tiny, [p], [s], g, steps=3).images for p, s in zip(prompts, seeds)])
+        kw = {"steps": 3, "scheduler": FAMILIES[tiny.family].samplers[0]}
+        together = sample(tiny, prompts, seeds, g, **kw).images
+        alone = torch.cat([sample(tiny, [p], [s], g, **kw).images for p, s in zip(prompts, seeds)])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", GUIDANCE.names())
+@pytest.mark.parametrize(("name", "family"), _on_families("guidance", GUIDANCE.names()))
 @pytest.mark.slow
-def test_guidance_switched_off_is_classifier_free_guidance(name, tiny):
+def test_guidance_switched_off_is_classifier_free_guidance(name, family, tiny, tiny_sd3):
+    tiny = {"sd1": tiny, "sd3": tiny_sd3}[family]
     assert name in GUIDANCE_OFF, f"declare the overrides that switch '{name}' off in GUIDANCE_OFF"
     overrides, negative, acting = GUIDANCE_OFF[name]
     off = _guidance(name, *overrides)
@@ -79,10 +101,11 @@ def test_guidance_switched_off_is_classifier_free_guidance(name, tiny):
     if negative == "keywords":
         negative = ", ".join(compose(["task=nudity"], hydra=False).task.safree_keywords)
     negatives = None if negative is None else [negative] * len(prompts)
+    kw = {"steps": 3, "scheduler": FAMILIES[tiny.family].samplers[0]}
     with torch.no_grad():
-        a = sample(tiny, prompts, seeds, off, steps=3).images
-        cfg = sample(tiny, prompts, seeds, Guidance(), steps=3, negative_prompts=negatives).images
-        b = sample(tiny, prompts, seeds, on, steps=3).images
+        a = sample(tiny, prompts, seeds, off, **kw).images
+        cfg = sample(tiny, prompts, seeds, Guidance(), negative_prompts=negatives, **kw).images
+        b = sample(tiny, prompts, seeds, on, **kw).images
     torch.testing.assert_close(a, cfg, atol=1e-5, rtol=0)
     if name != "none":  # switched on, the method does something on this prompt
         assert (b - cfg).abs().max() > 1e-4
@@ -214,19 +237,31 @@ def _published(name: str, where) -> str:
     return str(write(where / name))
 
 
+# the settings a method is built with on tiny SD3 components, where they differ from SD v1's
+UNLEARNING_TINY_SD3 = {
+    "duo": {
+        **UNLEARNING_TINY["duo"],
+        **{k: preset("checkpoint", "duo_sd3")[k] for k in ("target_modules", "text_length", "lr_base")},
+        "pair_sampling": {"scheduler": "flow_euler", "steps": 2},
+    },
+}
+
+
 def _unet_out(comps) -> torch.Tensor:
+    """The denoiser's output for one fixed input (the UNet's, or SD3's transformer's)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, comps.unet.config.in_channels, 8, 8, generator=g)
-    c = comps.encode_prompts(["a naked cat"])[0]
+    x = torch.randn(1, comps.denoiser.config.in_channels, 8, 8, generator=g)
     with torch.no_grad():
-        return comps.unet(x, 500, encoder_hidden_states=c).sample
+        c = comps.condition_prompts(["a naked cat"])
+        return comps.denoise(x, torch.tensor(500), c)
 
 
-@pytest.mark.parametrize("name", UNLEARNING.names())
+@pytest.mark.parametrize(("name", "family"), _on_families("checkpoint", UNLEARNING.names()))
 @pytest.mark.slow
-def test_unlearning_method_contract(name, tmp_path):
+def test_unlearning_method_contract(name, family, tmp_path):
     assert name in UNLEARNING_TINY, f"declare the tiny settings of unlearning method '{name}'"
-    cfg = UNLEARNING_TINY[name]
+    cfg = UNLEARNING_TINY[name] if family == "sd1" else UNLEARNING_TINY_SD3.get(name, UNLEARNING_TINY[name])
+    build_tiny = TINY[family]
     task = {"name": "nudity"}
     before = _unet_out(build_tiny())
     if cfg == "load-only":  # changes the model, the same way each time, from the user's file
