@@ -152,6 +152,32 @@ def test_gpu_check_runs_in_smoke_mode(tmp_path):
     assert report["device"] and "| none |" in gpu.table(report)
 
 
+@pytest.mark.slow
+def test_gpu_check_runs_for_the_sd3_family_in_smoke_mode(tmp_path):
+    """``--family sd3 --smoke``: tiny SD3 components, CFG equal to StableDiffusion3Pipeline, SLD and
+    SAFREE timed, DUO's SD3 recipe and inversion trained; the SD3-medium-sized builder is the
+    published architecture (counted on the meta device: 2.03B transformer, 4.76B T5)."""
+    import json
+
+    from diffusers import SD3Transformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from unlearn_exp.bench import gpu
+    from unlearn_exp.models.sd3 import SD3_MEDIUM
+
+    gpu.main(["--smoke", "--family", "sd3", "--no-compile", "--out", str(tmp_path / "gpu.json")])
+    res = json.loads((tmp_path / "gpu.json").read_text())["results"]["float32"]
+    assert set(res) >= {"none", "sld", "safree", "training", "options"}
+    assert res["none"]["max_abs_pixel_diff"] <= res["none"]["tolerance"]
+    assert res["training"]["duo_steps_per_s"] > 0 and res["training"]["inversion_steps_per_s"] > 0
+    assert res["options"]["attention_processor"] == "JointAttnProcessor2_0"
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel(**SD3_MEDIUM["transformer"])
+        t5 = T5EncoderModel(T5Config(**SD3_MEDIUM["t5"]))
+    assert round(sum(p.numel() for p in transformer.parameters()) / 1e9, 2) == 2.03
+    assert round(sum(p.numel() for p in t5.parameters()) / 1e9, 2) == 4.76
+
+
 def test_gpu_parity_fp32_mode_runs_on_the_cpu_and_restores_every_switch(tmp_path, monkeypatch):
     """``--parity-fp32 --smoke``: every setting alone and all together, the CUDA-only switches skipped
     without CUDA; ours equal to diffusers (same initial latents, same scheduler arithmetic on both

@@ -3,6 +3,7 @@
     python -m unlearn_exp.bench.gpu                     # SD-v1.4-sized random weights, 512 px, 50 steps
     python -m unlearn_exp.bench.gpu --path /weights/stable-diffusion-v1-4
     python -m unlearn_exp.bench.gpu --smoke             # the tiny model on any device, in seconds (tests)
+    python -m unlearn_exp.bench.gpu --family sd3 --resolution 1024 --dtypes bfloat16   # SD3-medium-sized
 
 For fp16 and bf16 it measures images/s of plain CFG, SLD and SAFREE, ours beside diffusers'
 ``StableDiffusionPipeline`` / ``StableDiffusionPipelineSafe`` with the same seeds, and the max abs pixel
@@ -12,6 +13,9 @@ DUO training and concept-inversion steps/s; sampling through Lightning's predict
 ``sampling.devices=1``; and the options GPU users expect (``torch.compile``, channels-last, TF32,
 VAE slicing/tiling, the attention processor diffusers picked), each timed against the default.
 It writes one JSON (``--out``) and prints one table. On the CPU (``--smoke``) memory is not measured.
+``--family sd3`` does the same on SD3-medium-sized random weights (or ``--path`` to an SD3 folder):
+plain CFG against ``StableDiffusion3Pipeline`` from the same initial latents, SLD and SAFREE ours
+alone (diffusers has no SD3 safe pipeline), DUO's SD3 recipe and concept inversion steps/s.
 
 ``--parity-fp32`` measures instead why ours and diffusers' ``StableDiffusionPipeline`` can differ on a GPU:
 in float32, for the same components, prompt and seed, the max abs difference of the final latents and
@@ -80,6 +84,8 @@ def _model(args, dtype: torch.dtype):
     from unlearn_exp.bench.sampling import sd14_sized
     from unlearn_exp.models import build_tiny, load_pretrained
 
+    if args.family == "sd3":
+        return _sd3_model(args, dtype)
     if args.smoke:
         comps = build_tiny(resolution=32)
     elif args.path:
@@ -90,7 +96,56 @@ def _model(args, dtype: torch.dtype):
     return comps.to(device=device, dtype=dtype)
 
 
+def _sd3_model(args, dtype: torch.dtype):
+    """SD3: the tiny model (``--smoke``), a folder (``--path``), or SD3-medium-sized random weights
+    built on the device (T5-XXL unless ``--no-t5``)."""
+    from unlearn_exp.models import build_tiny_sd3, load_sd3
+    from unlearn_exp.models.sd3 import build_sd3_sized
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.smoke:
+        comps = build_tiny_sd3(resolution=32, t5=not args.no_t5)
+    elif args.path:
+        comps = load_sd3(args.path, name="sd3", resolution=args.resolution, t5=not args.no_t5)
+    else:
+        comps = build_sd3_sized(args.resolution, t5=not args.no_t5, device=device)
+    return comps.to(device=device, dtype=dtype)
+
+
+def _sd3_methods(comps, args) -> dict[str, Any]:
+    """Ours against ``StableDiffusion3Pipeline`` for plain CFG; SLD and SAFREE (no diffusers pipeline)
+    ours alone."""
+    from unlearn_exp.guidance.safree import SAFREE
+    from unlearn_exp.guidance.sld import SLD
+    from unlearn_exp.sampling import sample
+
+    concept, prompt = "nudity, sexual", "a photo of a woman on a beach"
+    res, steps = comps.resolution, args.steps
+    pipe = comps.to_diffusers()
+    pipe.set_progress_bar_config(disable=True)
+    sld = SLD(concept, typed_preset(SLDConfig, "sld", preset="max"))
+    safree = SAFREE(concept.split(", "), concept) if comps.text_encoder_3 is not None else None
+    kw = dict(steps=steps, scheduler="flow_euler", guidance_scale=7.0)
+
+    def ours(g):
+        return lambda b: sample(comps, [prompt] * b, list(range(b)), g, **kw).images
+
+    def theirs(b):
+        from unlearn_exp.sampling import initial_noise
+
+        latents = initial_noise(list(range(b)), comps.latent_shape()).to(comps.device, comps.dtype)
+        common = dict(num_inference_steps=steps, height=res, width=res, guidance_scale=7.0)
+        return pipe([prompt] * b, latents=latents, output_type="pt", **common).images
+
+    out = {"none": (ours(None), theirs), "sld": (ours(sld), None)}
+    if safree is not None:  # SAFREE on SD3 reads T5
+        out["safree"] = (ours(safree), None)
+    return out
+
+
 def _methods(comps, args) -> dict[str, Any]:
+    if comps.family == "sd3":
+        return _sd3_methods(comps, args)
     from unlearn_exp.guidance.safree import SAFREE
     from unlearn_exp.guidance.sld import SLD
     from unlearn_exp.sampling import sample
@@ -173,9 +228,11 @@ def _training(comps, args) -> dict[str, float]:
     images = torch.rand(4, 3, res, res) * 2 - 1
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
+        option = "duo_sd3" if comps.family == "sd3" else "duo"
         hp = preset(
-            "checkpoint", "duo", beta=500.0, steps=n, batch=1 if args.smoke else 4, checkpoint_every=10**6
+            "checkpoint", option, beta=500.0, steps=n, batch=1 if args.smoke else 4, checkpoint_every=10**6
         )
+        hp["train_resolution"] = res
         t = time.perf_counter()
         train_adapter(comps, (images, images.flip(0)), hp, adapter_name="bench", work_dir=Path(tmp) / "duo")
         out["duo_steps_per_s"] = n / (time.perf_counter() - t)
@@ -192,12 +249,14 @@ def _options(comps, args) -> dict[str, Any]:
     """Each GPU option against the default, for plain CFG at batch 1 (seconds per image)."""
     from unlearn_exp.sampling import sample
 
+    sampler = "flow_euler" if comps.family == "sd3" else "dpmsolver++"
+
     def run():
-        return sample(comps, ["a photo"], [0], None, steps=args.steps)
+        return sample(comps, ["a photo"], [0], None, steps=args.steps, scheduler=sampler)
 
     out: dict[str, Any] = {
         "attention_processor": type(
-            comps.unet.attn_processors[next(iter(comps.unet.attn_processors))]
+            comps.denoiser.attn_processors[next(iter(comps.denoiser.attn_processors))]
         ).__name__
     }
     out["default_s"] = _timed(run)
@@ -205,9 +264,9 @@ def _options(comps, args) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         out["tf32_s"] = _timed(run)
         torch.backends.cuda.matmul.allow_tf32 = False
-    comps.unet.to(memory_format=torch.channels_last)
+    comps.denoiser.to(memory_format=torch.channels_last)
     out["channels_last_s"] = _timed(run)
-    comps.unet.to(memory_format=torch.contiguous_format)
+    comps.denoiser.to(memory_format=torch.contiguous_format)
     if comps.vae is not None:
         comps.vae.enable_slicing()
         comps.vae.enable_tiling()
@@ -215,14 +274,14 @@ def _options(comps, args) -> dict[str, Any]:
         comps.vae.disable_slicing()
         comps.vae.disable_tiling()
     if not args.no_compile and torch.cuda.is_available():
-        original = comps.unet
+        original = comps.denoiser
         try:
-            comps.unet = torch.compile(original)
+            comps.denoiser = torch.compile(original)
             out["compile_s"] = _timed(run, repeats=2)
         except Exception as exc:  # a compile failure is a finding, not a crash
             out["compile_error"] = str(exc).splitlines()[0][:200]
         finally:
-            comps.unet = original
+            comps.denoiser = original
     return out
 
 
@@ -231,7 +290,10 @@ def _predict(comps, args) -> float:
 
     rows = [{"case_id": str(i), "prompt": "a photo", "seed": i, "image_index": 0} for i in range(4)]
     t = time.perf_counter()
-    predict_rows(comps, None, rows, batch_size=2, devices=1, progress=False, steps=args.steps)
+    sampler = "flow_euler" if comps.family == "sd3" else "dpmsolver++"
+    predict_rows(
+        comps, None, rows, batch_size=2, devices=1, progress=False, steps=args.steps, scheduler=sampler
+    )
     return (time.perf_counter() - t) / len(rows)
 
 
@@ -548,6 +610,10 @@ def parity_table(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the tiny model, 2 steps: seconds on any device")
+    ap.add_argument(
+        "--family", default="sd1", choices=("sd1", "sd3"), help="sd3: SD3-medium-sized weights (1024 px)"
+    )
+    ap.add_argument("--no-t5", action="store_true", help="SD3 without T5 (and so without SAFREE)")
     ap.add_argument("--path", help="a diffusers folder with real SD v1.4 weights (default: random SD-sized)")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--steps", type=int, default=50)
