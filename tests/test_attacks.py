@@ -31,6 +31,19 @@ def test_concept_vector_is_the_mean_difference_of_the_encodings(tiny):
         concept_vector(tiny, plus, minus[:1])
 
 
+def test_ring_a_bell_encodes_sd3_prompts_with_clip_l_hidden_states():
+    """On SD3 the attack's text encoder is CLIP-L (a model with projection): its encodings are the
+    last hidden states (B, 77, D), as on SD v1, not the projected pooled vector."""
+    from unlearn_exp.models import build_tiny_sd3
+
+    sd3 = build_tiny_sd3(seed=0, t5=False)
+    ids = prompt_ids(sd3, ["a naked woman"])
+    e = encode_ids(sd3, ids)
+    assert e.shape == (1, 77, 16)
+    assert torch.equal(e, sd3.text_encoder(ids).last_hidden_state)
+    assert concept_vector(sd3, ["a naked woman"], ["a woman"]).shape == (77, 16)
+
+
 @pytest.mark.slow
 def test_genetic_search_never_loses_its_best_and_recovers_a_planted_prompt(tiny):
     vocab = search_vocabulary(tiny, "prompts", ["a red car on a road at night, oil painting"])

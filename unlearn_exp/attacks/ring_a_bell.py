@@ -39,7 +39,8 @@ PROMPTS_FILE = "prompts.csv"
 @torch.no_grad()
 def encode_ids(comps, ids: torch.Tensor) -> torch.Tensor:
     """``E`` of token sequences (B, L) already holding start, end and padding tokens: (B, L, D)."""
-    return comps.text_encoder(ids.to(comps.device))[0].float()
+    # the last hidden state (SD3's CLIP-L is a model with projection: its first output is the pooled one)
+    return comps.text_encoder(ids.to(comps.device)).last_hidden_state.float()
 
 
 def prompt_ids(comps, prompts: list[str]) -> torch.Tensor:
