@@ -173,7 +173,7 @@ def test_gpu_check_runs_for_the_sd3_family_in_smoke_mode(tmp_path):
     assert res["options"]["attention_processor"] == "JointAttnProcessor2_0"
     with torch.device("meta"):
         transformer = SD3Transformer2DModel(**SD3_MEDIUM["transformer"])
-        t5 = T5EncoderModel(T5Config(**SD3_MEDIUM["t5"]))
+        t5 = T5EncoderModel(T5Config(**SD3_MEDIUM["text_encoder_3"]))
     assert round(sum(p.numel() for p in transformer.parameters()) / 1e9, 2) == 2.03
     assert round(sum(p.numel() for p in t5.parameters()) / 1e9, 2) == 4.76
 

@@ -368,3 +368,29 @@ def test_the_nudity_duo_sd3_grid_runs_end_to_end_at_tiny_scale(tmp_path):
         seen.add((int(row.beta), row.guidance, row.embedding))
     assert len(seen) == 28
     assert len(list(tmp_path.rglob("pytorch_lora_weights.safetensors"))) == 4  # one DUO per beta
+
+
+def test_the_planner_counts_sd3_rows_and_memory_from_its_sizes():
+    """Without weights: SD3-medium's published sizes (2.03B transformer, 4.76B T5...), transformer rows
+    through the guidance's branches, DUO's training at its 512 px; T5 off drops its weights."""
+    from unlearn_exp import plan
+    from unlearn_exp.models import memory
+
+    cfg = compose(["+experiment=nudity_duo_sd3", "guidance=sld"], hydra=False)
+    sizes = memory.model_sizes(cfg.model)
+    assert sizes.family == "sd3" and sizes.layers == 24 and sizes.inner == 1536 and sizes.latent == (16, 128)
+    assert round(sizes.params["transformer"] / 1e9, 2) == 2.03
+    assert round(sizes.params["text_encoder_3"] / 1e9, 2) == 4.76
+    stages = memory.cell_stages(cfg, sizes, branches=3, n_pairs=64)
+    weights_gib = stages["sampling"].weights / memory.GIB
+    assert 14 < weights_gib < 15  # about 7.7B parameters in float16
+    duo_512 = stages["duo"].activations
+    at_1024 = memory.cell_stages(
+        compose(["+experiment=nudity_duo_sd3", "checkpoint.train_resolution=1024"], hydra=False), sizes, 3, 64
+    )["duo"].activations
+    assert at_1024 > 3 * duo_512  # DUO's recipe trains at 512 px, not the model's 1024
+    no_t5 = memory.model_sizes(compose(["model=sd3", "model.t5=false"], hydra=False).model)
+    assert "text_encoder_3" not in no_t5.params
+    over = ["model=tiny_sd3", "guidance=sld"]
+    text = plan.render([plan.plan_cell(compose(over, hydra=False), over, set())], None, None)
+    assert "transformer rows" in text and "UNet rows" not in text

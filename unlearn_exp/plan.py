@@ -184,7 +184,7 @@ class _PlanInputs:
 
 def plan_cell(cfg, overrides: list[str], done_keys: set[str]) -> CellPlan:
     """What one cell needs and what of it the cache already holds: checkpoint, concept, images."""
-    p = CellPlan(overrides=overrides)
+    p = CellPlan(overrides=overrides, family=family_of(to_plain(cfg.model)).name)
     p.done = spec_key(cell_spec(cfg)) in done_keys
     cache = _cache(cfg)
     model = _Model(_plan_identity(cfg.model), resolved_dtype(cfg.model), resolved_device(cfg.model))
@@ -710,7 +710,6 @@ def plan(overrides: list[str]) -> tuple[list[CellPlan], Any]:
 def with_memory(p: CellPlan, cfg) -> CellPlan:
     """``p`` with the estimated GPU memory of the stages its cell may run (``models.memory``)."""
     p.sizes = _sizes(to_plain(cfg.model))
-    p.family = family_of(to_plain(cfg.model)).name
     if p.sizes is not None:
         branches = _guidance(cfg, learned=False).unet_branches(float(cfg.sampling.guidance_scale))
         p.stages = cell_stages(cfg, p.sizes, branches, _most_pairs(cfg))
@@ -766,7 +765,10 @@ def render(
     todo = [w for own, _ in per_cell for w in own]
     lines += _memory_lines(plans, per_cell, gpu_gib)
     lines += _absent_lines(plans, per_cell)
-    return "\n".join(lines + _total_lines(plans, todo, costs, why))
+    text = "\n".join(lines + _total_lines(plans, todo, costs, why))
+    if plans and all(p.family == "sd3" for p in plans):  # SD3's denoiser is a transformer
+        text = text.replace("UNet rows", "transformer rows")
+    return text
 
 
 TRAIN = ("duo", "inversion")

@@ -1,5 +1,7 @@
 """Peak GPU memory of a cell's stages, estimated from the model's sizes (for ``python -m unlearn_exp.plan``).
 
+SD3 (docs/model_families.md 5) is estimated the same way with its own sizes and its MMDiT's constants.
+
 Nothing is loaded and nothing runs. The parameters are counted from the model folder's parts
 (``unet/``, ``text_encoder/``, ``vae/``): the tensor shapes in each part's safetensors header (no
 tensor data is read), or, for a part with a ``config.json`` and no safetensors file, its class built
@@ -39,6 +41,7 @@ from typing import Any
 from unlearn_exp.families import family_of
 from unlearn_exp.hashing import to_plain
 from unlearn_exp.identity import model_folder, resolved_precision
+from unlearn_exp.models.published_configs import SD3_MEDIUM
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -55,6 +58,14 @@ ACTIVATION = {
     "unet_train": (203.0, 58.0),  # forward and backward, gradients to the input (LoRA, embedding)
     "vae_decode": (3.4, 1.2),  # per image, without gradients
     "vae_encode": (2.75, 0.15),
+    # SD3's MMDiT, per feature element (tokens x inner width; in training x layers, whose activations
+    # are all kept). Measured 2026-12-07 as above on SD3-medium's blocks (float32, PyTorch 2.14, CPU):
+    # without gradients 0.170 / 0.290 GiB at 1 / 2 rows (512 px, 2 or 4 blocks alike: a block's
+    # activations are freed before the next) and 0.449 GiB at 1 row (1024 px); the fixed part chosen
+    # to fit 1024 px (the default; 512 px is overestimated by about 15%). Forward and backward to the
+    # text input: 0.361 / 0.622 GiB at 2 / 4 blocks (1 row), 0.642 GiB at 2 blocks and 2 rows (512 px)
+    "mmdit_infer": (15.5, 3.0),
+    "mmdit_train": (19.4, 0.5),
 }
 
 # Stable Diffusion v1.4 (CompVis/stable-diffusion-v1-4): its published parameter counts, and the
@@ -81,7 +92,10 @@ PUBLISHED_CONFIGS = {
         },
     }
 }
+PUBLISHED_CONFIGS["sd3"] = SD3_MEDIUM
 PARTS = ("unet", "text_encoder", "vae")
+SD3_PARTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+SD3_TEXT = {"sampling": 77 + 256, "duo": 77 + 77}  # text tokens of a row: CLIP's 77 and T5's
 STAGES = ("pairs", "duo", "image_set", "inversion", "sampling", "judging")  # in the order a cell runs them
 
 
@@ -97,6 +111,23 @@ class ModelSizes:
     latent: tuple[int, int]  # (channels, side)
     resolution: int
     source: str
+    # SD3's MMDiT (family sd3): its patch size, inner width and number of joint blocks
+    family: str = "sd1"
+    patch: int = 1
+    inner: int = 0
+    layers: int = 0
+
+    def kind(self, passes: str) -> str:
+        """The ``ACTIVATION`` entry of the denoiser's ``infer`` or ``train`` pass."""
+        return f"{'mmdit' if self.family == 'sd3' else 'unet'}_{passes}"
+
+    def denoiser_elements(self, train: bool = False, text_tokens: int = SD3_TEXT["sampling"]) -> int:
+        """The denoiser's feature elements per row: the UNet's, or the MMDiT's tokens (image patches and
+        text) x its width, x its blocks in training (each block's activations are kept)."""
+        if self.family != "sd3":
+            return self.unet_elements()
+        tokens = (self.latent[1] // self.patch) ** 2 + text_tokens
+        return tokens * self.inner * (self.layers if train else 1)
 
     def lora_params(self, rank: int, targets: list[str]) -> int:
         """Trainable parameters of LoRA at ``rank`` on the linear layers ``targets`` names (peft's
@@ -124,18 +155,26 @@ def activation_bytes(kind: str, elements: int, count: int, element_bytes: float)
 
 
 # ----------------------------------------------------------------------------- counting parameters
-def _meta_module(part: str, config: dict[str, Any]):
-    """The part's class built from ``config`` on the ``meta`` device (shapes only, no memory)."""
+def _meta_module(part: str, config: dict[str, Any], projection: bool = False):
+    """The part's class built from ``config`` on PyTorch's ``meta`` device (shapes only, no memory);
+    ``projection``: CLIP with its text projection (SD3's text encoders)."""
     import torch
 
     with torch.device("meta"):
-        if part == "text_encoder":
-            from transformers import CLIPTextConfig, CLIPTextModel
+        if part == "text_encoder_3":
+            from transformers import T5Config, T5EncoderModel
 
-            return CLIPTextModel(CLIPTextConfig.from_dict(config))
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+            return T5EncoderModel(T5Config.from_dict(config))
+        if part.startswith("text_encoder"):
+            from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        cls = UNet2DConditionModel if part == "unet" else AutoencoderKL
+            projection = projection or config.get("architectures") == ["CLIPTextModelWithProjection"]
+            return (CLIPTextModelWithProjection if projection else CLIPTextModel)(
+                CLIPTextConfig.from_dict(config)
+            )
+        from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+
+        cls = {"unet": UNet2DConditionModel, "transformer": SD3Transformer2DModel}.get(part, AutoencoderKL)
         return cls.from_config(config)
 
 
@@ -199,6 +238,52 @@ def _sizes(parts: dict[str, tuple[dict, dict]], resolution: int, source: str) ->
     )
 
 
+def _sd3_sizes(parts: dict[str, tuple[dict, dict]], resolution: int, source: str) -> ModelSizes:
+    shapes, cfg = parts["transformer"]
+    vae = parts.get("vae")
+    vae_channels = tuple(int(c) for c in (vae[1].get("block_out_channels") or ())) if vae else ()
+    factor = 2 ** (len(vae_channels) - 1) if vae_channels else 1
+    return ModelSizes(
+        params={p: sum(math.prod(s) for s in sh.values()) for p, (sh, _) in parts.items()},
+        linears=_linears(shapes),
+        unet_channels=(),
+        vae_channels=vae_channels,
+        latent=(int(cfg.get("in_channels", 16)), resolution // factor),
+        resolution=resolution,
+        source=source,
+        family="sd3",
+        patch=int(cfg.get("patch_size", 2)),
+        inner=int(cfg.get("num_attention_heads", 24)) * int(cfg.get("attention_head_dim", 64)),
+        layers=int(cfg.get("num_layers", 24)),
+    )
+
+
+def _sd3_model_sizes(model_cfg) -> ModelSizes | None:
+    """SD3's sizes: the tiny model on the meta device, a folder's headers, or SD3-medium's configs."""
+    import torch
+
+    resolution = int(model_cfg.get("resolution", 1024))
+    wanted = [p for p in SD3_PARTS if p != "text_encoder_3" or bool(model_cfg.get("t5", True))]
+    if model_cfg.get("source") == "tiny":
+        from unlearn_exp.models.sd3 import build_tiny_sd3
+
+        with torch.device("meta"):
+            comps = build_tiny_sd3(seed=0, resolution=resolution, t5=bool(model_cfg.get("t5", True)))
+        parts = {
+            p: (_module_shapes(m), dict(m.config) if p in ("transformer", "vae") else {})
+            for p, m in comps.modules().items()
+        }
+        return _sd3_sizes(parts, resolution, "the tiny SD3 model, built on the meta device")
+    folder = model_folder(model_cfg)
+    if folder is not None:
+        parts = {p: found for p in wanted if (found := _part_shapes(folder, p)) is not None}
+        if "transformer" in parts:
+            return _sd3_sizes(parts, resolution, f"counted from {folder}")
+    configs = {p: SD3_MEDIUM[p] for p in wanted}
+    parts = {p: (_module_shapes(_meta_module(p, c, projection=True)), c) for p, c in configs.items()}
+    return _sd3_sizes(parts, resolution, "SD3-medium's published configuration, built on the meta device")
+
+
 @lru_cache(maxsize=8)
 def _published_sizes(name: str, resolution: int) -> ModelSizes:
     """The published parameter counts; the shapes (LoRA's layers, the levels) from the published
@@ -229,10 +314,10 @@ def _tiny_sizes(model_cfg) -> ModelSizes:
 
 def model_sizes(model_cfg) -> ModelSizes | None:
     """The sizes of the model ``model_cfg`` names: counted from its folder where it is here, else
-    from the published sizes of the named model; None where neither is known, and for a family
-    other than SD v1 (its activation constants were measured on SD v1.4's UNet only)."""
-    if family_of(model_cfg).name != "sd1":
-        return None
+    from the published sizes of the named model (SD3: SD3-medium's configuration); None where neither
+    is known."""
+    if family_of(model_cfg).name == "sd3":
+        return _sd3_model_sizes(model_cfg)
     if model_cfg.get("source") == "tiny":
         return _tiny_sizes(model_cfg)
     resolution = int(model_cfg.get("resolution", 512))
@@ -289,10 +374,10 @@ def _pass_bytes(precision: str) -> tuple[float, float]:
 
 
 def sampling_stage(sizes: ModelSizes, eb: int, images: int, branches: int, slicing: bool, name: str) -> Stage:
-    """Sampling ``images`` at once, ``branches`` UNet rows each per step, then decoding them."""
-    unet = activation_bytes("unet_infer", sizes.unet_elements(), images * branches, eb)
+    """Sampling ``images`` at once, ``branches`` denoiser rows each per step, then decoding them."""
+    unet = activation_bytes(sizes.kind("infer"), sizes.denoiser_elements(), images * branches, eb)
     decode = activation_bytes("vae_decode", sizes.vae_elements(), 1 if slicing else images, eb)
-    what = f"{images} images x {branches} UNet rows"
+    what = f"{images} images x {branches} {'UNet' if sizes.family == 'sd1' else 'transformer'} rows"
     return Stage(name, what, _weights(sizes, eb), 0.0, max(unet, decode))
 
 
@@ -311,11 +396,16 @@ def duo_stage(sizes: ModelSizes, eb: int, ck: dict[str, Any], n_pairs: int) -> S
     train_b, infer_b = _pass_bytes(precision)
     lora = sizes.lora_params(rank, list(ck.get("target_modules") or []))
     held = 16.0 * lora + 2 * n_pairs * 3 * sizes.resolution**2  # optimiser state; pair images (uint8)
-    e = sizes.unet_elements()
-    passes = activation_bytes("unet_train", e, 3 * b, train_b) + activation_bytes(
-        "unet_infer", e, 3 * b, infer_b
+    text = SD3_TEXT["sampling"] if ck.get("text_length") is None else 77 + int(ck["text_length"])
+    side = int(ck.get("train_resolution") or sizes.resolution)  # DUO's SD3 recipe trains at 512 px
+    factor = 2 ** (len(sizes.vae_channels) - 1) if sizes.vae_channels else 1
+    at = replace(sizes, latent=(sizes.latent[0], side // factor), resolution=side)
+    e_train = at.denoiser_elements(train=True, text_tokens=text)
+    e = at.denoiser_elements(text_tokens=text)
+    passes = activation_bytes(sizes.kind("train"), e_train, 3 * b, train_b) + activation_bytes(
+        sizes.kind("infer"), e, 3 * b, infer_b
     )
-    encode = activation_bytes("vae_encode", sizes.vae_elements(), 2 * b, 4)
+    encode = activation_bytes("vae_encode", at.vae_elements(), 2 * b, 4)
     what = f"LoRA rank {rank} ({lora / 1e6:.2f}M), 3 x {b} rows forward+backward and forward, {precision}"
     return Stage("DUO training", what, _weights(sizes, eb, ("vae",)), held, max(passes, encode))
 
@@ -327,10 +417,11 @@ def inversion_stage(sizes: ModelSizes, eb: int, inv: dict[str, Any], n_images: i
     precision = resolved_precision(inv.get("precision"), "cuda")
     train_b, _ = _pass_bytes(precision)
     held = float(n_images * 3 * sizes.resolution**2 * 4)  # the image set, float32
-    passes = activation_bytes("unet_train", sizes.unet_elements(), b, train_b)
+    passes = activation_bytes(sizes.kind("train"), sizes.denoiser_elements(train=True), b, train_b)
     encode = activation_bytes("vae_encode", sizes.vae_elements(), min(8, max(n_images, 1)), eb)
     what = f"{b} row{'s' if b != 1 else ''} forward+backward to the embedding, {precision}"
-    return Stage("concept inversion", what, _weights(sizes, eb, ("text_encoder",)), held, max(passes, encode))
+    text_encoders = tuple(p for p in sizes.params if p.startswith("text_encoder"))  # float32 (6.2)
+    return Stage("concept inversion", what, _weights(sizes, eb, text_encoders), held, max(passes, encode))
 
 
 def judging_stage(sizes: ModelSizes, eb: int, judge: dict[str, Any], metric: dict[str, Any]) -> Stage:

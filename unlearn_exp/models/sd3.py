@@ -38,6 +38,7 @@ from transformers import (
 
 from unlearn_exp.errors import UserError
 from unlearn_exp.models.components import Conditioning, FamilyComponents, TokenizedPrompts
+from unlearn_exp.models.published_configs import SD3_MEDIUM
 from unlearn_exp.models.tokenizer import BOS_ID, EOS_ID, build_clip_tokenizer, build_t5_tokenizer
 
 MAX_SEQUENCE_LENGTH = 256  # T5 tokens, the pipeline's default
@@ -439,66 +440,6 @@ def build_tiny_sd3(seed: int = 0, resolution: int = 32, t5: bool = True) -> SD3C
     ).freeze()
 
 
-# SD3-medium's published configuration (stabilityai/stable-diffusion-3-medium-diffusers): the keys of
-# each part's config.json that differ from the classes' defaults
-SD3_MEDIUM = {
-    "transformer": dict(
-        sample_size=128,
-        patch_size=2,
-        in_channels=16,
-        num_layers=24,
-        attention_head_dim=64,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        caption_projection_dim=1536,
-        pooled_projection_dim=2048,
-        out_channels=16,
-        pos_embed_max_size=192,
-    ),
-    "vae": dict(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=16,
-        layers_per_block=2,
-        sample_size=1024,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5305,
-    ),
-    "clip_l": dict(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_attention_heads=12,
-        num_hidden_layers=12,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    ),
-    "clip_g": dict(
-        hidden_size=1280,
-        intermediate_size=5120,
-        num_attention_heads=20,
-        num_hidden_layers=32,
-        projection_dim=1280,
-        hidden_act="gelu",
-    ),
-    "t5": dict(
-        d_model=4096,
-        d_ff=10240,
-        d_kv=64,
-        num_heads=64,
-        num_layers=24,
-        vocab_size=32128,
-        feed_forward_proj="gated-gelu",
-        is_gated_act=True,
-        dense_act_fn="gelu_new",
-    ),
-}
-
-
 def build_sd3_sized(resolution: int = 1024, t5: bool = True, seed: int = 0, device=None) -> SD3Components:
     """Random weights in SD3-medium's architecture (a 2B MMDiT, CLIP-L, CLIP-G, optionally T5-XXL's
     4.7B encoder), built on ``device`` (a GPU builds T5 in seconds): for the GPU benchmark. The
@@ -516,9 +457,9 @@ def build_sd3_sized(resolution: int = 1024, t5: bool = True, seed: int = 0, devi
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(**SD3_MEDIUM["transformer"])
         vae = AutoencoderKL(**SD3_MEDIUM["vae"])
-        clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**clip, **SD3_MEDIUM["clip_l"]))
-        clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**clip, **SD3_MEDIUM["clip_g"]))
-        t5_encoder = T5EncoderModel(T5Config(**SD3_MEDIUM["t5"])) if t5 else None
+        clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**clip, **SD3_MEDIUM["text_encoder"]))
+        clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**clip, **SD3_MEDIUM["text_encoder_2"]))
+        t5_encoder = T5EncoderModel(T5Config(**SD3_MEDIUM["text_encoder_3"])) if t5 else None
     tokenizer_2 = build_clip_tokenizer()
     tokenizer_2.pad_token = "!"
     return SD3Components(
