@@ -394,3 +394,26 @@ def test_the_planner_counts_sd3_rows_and_memory_from_its_sizes():
     over = ["model=tiny_sd3", "guidance=sld"]
     text = plan.render([plan.plan_cell(compose(over, hydra=False), over, set())], None, None)
     assert "transformer rows" in text and "UNet rows" not in text
+
+
+def test_the_sd3_experiments_compose_and_stop_in_one_line_without_weights(tmp_path):
+    import pandas as pd_
+
+    from unlearn_exp import report
+    from unlearn_exp.report.reproduce import check_weights
+
+    for exp in ("nudity_duo_sd3", "violence_duo_sd3", "nudity_duo_sd3_transfer"):
+        cfg = compose([f"+experiment={exp}", f"model.path={tmp_path / 'absent'}"], hydra=False)
+        validate(cfg)  # every cell's methods run on SD3
+        assert cfg.model.family == "sd3" and cfg.checkpoint.target_modules[0] == "to_q"
+        assert cfg.sampling.scheduler == "flow_euler" and cfg.sampling.steps == 28
+        with pytest.raises(UserError, match="no weights for model 'sd3'") as e:
+            check_weights(cfg.model)
+        assert "\n" not in str(e.value) and "absent" in str(e.value)
+    # make reproduce-table MODEL=sd3: the cells it would run, the nudity grid's first
+    missing = report.missing_cells(pd_.DataFrame(), "sd3")
+    assert len(missing) == len(report.missing_cells(pd_.DataFrame(), "sd14"))  # the same table positions
+    assert {m[0] for m in missing} == {
+        f"+experiment={e}" for e in ("nudity_duo_sd3", "violence_duo_sd3", "nudity_duo_sd3_transfer")
+    }
+    assert missing[0][0] == "+experiment=nudity_duo_sd3"  # nudity first
