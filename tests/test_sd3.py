@@ -417,3 +417,57 @@ def test_the_sd3_experiments_compose_and_stop_in_one_line_without_weights(tmp_pa
         f"+experiment={e}" for e in ("nudity_duo_sd3", "violence_duo_sd3", "nudity_duo_sd3_transfer")
     }
     assert missing[0][0] == "+experiment=nudity_duo_sd3"  # nudity first
+
+
+@pytest.mark.slow
+def test_an_sd3_folder_runs_a_duo_cell_and_exports_a_pipeline_diffusers_loads(tmp_path):
+    """model=sd3 on a diffusers folder (not the in-memory tiny model): the cell's weight check reads the
+    SD3 layout, DUO trains, and ``artifacts export`` writes an SD3 pipeline folder with the LoRA fused."""
+    import torchvision
+    from diffusers import StableDiffusion3Pipeline
+
+    from unlearn_exp import artifacts
+    from unlearn_exp.cell import run_cell
+
+    folder = save_components(build_tiny_sd3(seed=0), tmp_path / "sd3")
+    csv = tmp_path / "p.csv"
+    pd.DataFrame({"prompt": ["a nude woman", "a red car"], "evaluation_seed": [1, 2]}).to_csv(
+        csv, index=False
+    )
+    torch.manual_seed(0)
+    trunk = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), trunk)
+    over = [
+        "model=sd3",
+        f"model.path={folder}",
+        "model.resolution=32",
+        "checkpoint=duo_sd3",
+        "guidance=none",
+        "benchmark=prompts_file",
+        f"benchmark.path={csv}",
+        f"pp.prompts.path={csv}",
+        "pp.prompts.expected_prompts=null",
+        f"pp.metric.trunk_path={trunk}",
+        "sampling.steps=2",
+        "sampling.progress=false",
+        f"paths.root_dir={tmp_path}",
+        f"paths.output_root={tmp_path}",
+        "+debug=default",
+        "debug.n_pairs=2",
+        "debug.train_steps=1",
+        "debug.sample_steps=2",
+        "checkpoint.batch=2",
+        "checkpoint.train_resolution=32",
+        "checkpoint.recipes.nudity.adapters.0.check_unsafe=false",
+        "checkpoint.recipes.nudity.adapters.0.check_safe=false",
+    ]
+    run_cell(compose(over, hydra=False))
+    (manifest,) = [p for p in tmp_path.rglob("manifest.json") if "unlearning/duo" in p.as_posix()]
+    out = artifacts.export(manifest.parent, tmp_path / "exported", over)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(out))
+    fused = load_model(compose(over, hydra=False).model)
+    assert not torch.equal(
+        pipe.transformer.transformer_blocks[0].attn.to_q.weight,
+        fused.transformer.transformer_blocks[0].attn.to_q.weight,
+    )
+    assert "transformer: DUO LoRA fused (Nudity)" in (out / "export.md").read_text()

@@ -266,7 +266,7 @@ def _export_concept(folder: Path, out: Path) -> Path:
 
 
 def _apply_artifact(comps, folder: Path, kind: str) -> str:
-    """Put an unlearned checkpoint's weights into ``comps.unet`` (DUO's LoRA fused); the line saying so."""
+    """Put an unlearned checkpoint's weights into the denoiser (DUO's LoRA fused); the line saying so."""
     from unlearn_exp.unlearning.weights import load_unet_weights, read_safetensors
 
     if kind == "duo":
@@ -279,9 +279,10 @@ def _apply_artifact(comps, folder: Path, kind: str) -> str:
             [f"duo_{a['name']}" for a in manifest],
             [a["weight"] for a in manifest],
         )
-        comps.unet.fuse_lora()
-        comps.unet.unload_lora()
-        return f"unet: DUO LoRA fused ({', '.join(a['name'] for a in manifest)})"
+        comps.denoiser.fuse_lora()
+        comps.denoiser.unload_lora()
+        what = "transformer" if comps.family == "sd3" else "unet"
+        return f"{what}: DUO LoRA fused ({', '.join(a['name'] for a in manifest)})"
     n = 0
     for f in sorted(folder.glob("*.safetensors")):
         n += len(load_unet_weights(comps.unet, read_safetensors(f), f"{kind} artifact '{f.name}'"))
@@ -322,7 +323,7 @@ def export(
     pipe = comps.to_diffusers(scheduler=sampler)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
-    parts = ", ".join(p for p in ("text_encoder", "tokenizer", "vae") if getattr(comps, p) is not None)
+    parts = ", ".join(p for p in comps.modules() if p != ("transformer" if comps.family == "sd3" else "unet"))
     changes = [
         f"{unet}, written in {str(comps.dtype).removeprefix('torch.')}",
         f"{parts}: the base model's, unchanged",

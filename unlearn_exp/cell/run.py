@@ -48,6 +48,7 @@ from unlearn_exp.cell.samples import (
 from unlearn_exp.cell.stages import Cell, ConceptGuidance, Judged, Originals, Samples, Scores, Unlearned
 from unlearn_exp.errors import NotImplementedStage, UserError
 from unlearn_exp.evaluation.dsr import dsr
+from unlearn_exp.families import required_parts
 from unlearn_exp.hashing import config_hash
 from unlearn_exp.hashing import to_plain as plain
 from unlearn_exp.identity import cell_spec
@@ -136,7 +137,8 @@ def open_cell(cfg: DictConfig, *, prompts: bool = True, spec: dict[str, Any] | N
     if cfg.model.get("source") == "pretrained":  # missing weights stop the job before any work
         from unlearn_exp.models.pretrained import resolve_checkpoint
 
-        resolve_checkpoint(resolve_local_path(str(cfg.model.path)), need_vae=bool(cfg.model.vae))
+        parts = required_parts(plain(cfg.model))  # the model family's subfolders
+        resolve_checkpoint(resolve_local_path(str(cfg.model.path)), parts=parts)
     # identity, judge and PP metric before any work: a missing file stops the job here
     from unlearn_exp.evaluation.judge import make_judge
     from unlearn_exp.evaluation.pp import make_pp_metric
