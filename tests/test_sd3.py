@@ -24,6 +24,43 @@ PROMPTS = ["a photo of a nude woman on a beach", "a red circle"]
 SEEDS = [3, 4]
 
 
+# DUO on SD3 at smoke size: its pair set (unchecked: a random model draws no nudity), one training step
+SMOKE_DUO = [
+    "+debug=default",
+    "debug.n_pairs=2",
+    "debug.train_steps=1",
+    "debug.sample_steps=2",
+    "checkpoint.batch=2",
+    "checkpoint.train_resolution=32",
+    "checkpoint.recipes.nudity.adapters.0.check_unsafe=false",
+    "checkpoint.recipes.nudity.adapters.0.check_safe=false",
+]
+
+
+def _cell_inputs(tmp_path: Path, prompts: list[str]) -> list[str]:
+    """A prompt file of ``prompts`` for the benchmark and PP, a stand-in AlexNet trunk (LPIPS' code path
+    with random features), 2 sampling steps and the run's folders: the overrides of a smoke cell."""
+    import torchvision
+
+    csv = tmp_path / "prompts.csv"
+    pd.DataFrame({"prompt": prompts, "evaluation_seed": range(1, len(prompts) + 1)}).to_csv(csv, index=False)
+    torch.manual_seed(0)
+    trunk = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), trunk)
+    return [
+        "benchmark=prompts_file",
+        f"benchmark.path={csv}",
+        f"pp.prompts.path={csv}",
+        "pp.prompts.expected_prompts=null",
+        f"pp.metric.trunk_path={trunk}",
+        "sampling.steps=2",
+        "sampling.batch_size=2",
+        "sampling.progress=false",
+        f"paths.root_dir={tmp_path}",
+        f"paths.output_root={tmp_path}",
+    ]
+
+
 @pytest.fixture(scope="module")
 def sd3():
     return build_tiny_sd3(seed=0)
@@ -121,7 +158,6 @@ def test_methods_not_ported_to_sd3_are_refused_before_any_work():
     for extra, what in [
         (["checkpoint=duo"], "on SD3 use checkpoint=duo_sd3"),
         (["checkpoint=esd"], "checkpoint 'esd' does not run on the sd3"),
-        (["stage=attack"], "attack 'unlearndiffatk' does not run on the sd3"),
         (["sampling.scheduler=ddim"], "sampling.scheduler"),
     ]:
         with pytest.raises(UserError, match=what):
@@ -148,46 +184,19 @@ def test_sld_on_velocities_is_three_branches_and_acts(sd3_no_t5):
 
 @pytest.mark.slow
 def test_a_duo_cell_runs_end_to_end_on_tiny_sd3(tmp_path):
-    import torchvision
-
     from unlearn_exp.cell import run_cell
     from unlearn_exp.evaluation import read_table
 
-    csv = tmp_path / "prompts.csv"
-    pd.DataFrame({"prompt": PROMPTS + ["a naked man"], "evaluation_seed": [1, 2, 3]}).to_csv(csv, index=False)
-    torch.manual_seed(0)
-    trunk = tmp_path / "alexnet-owt-7be5be79.pth"
-    torch.save(torchvision.models.alexnet().state_dict(), trunk)
-    cfg = compose(
-        [
-            "model=tiny_sd3",
-            "guidance=sld",
-            "guidance.preset=max",
-            "benchmark=prompts_file",
-            f"benchmark.path={csv}",
-            f"pp.prompts.path={csv}",
-            "pp.prompts.head=2",
-            "pp.prompts.expected_prompts=null",
-            f"pp.metric.trunk_path={trunk}",
-            "sampling.steps=3",
-            "sampling.batch_size=2",
-            "sampling.progress=false",
-            f"paths.root_dir={tmp_path}",
-            f"paths.output_root={tmp_path}",
-            # DUO on SD3 at smoke size: its pair set (unchecked: a random model draws no nudity), its
-            # training and its LoRA file, then the guided samples of the unlearned model
-            "checkpoint=duo_sd3",
-            "+debug=default",
-            "debug.n_pairs=2",
-            "debug.train_steps=2",
-            "debug.sample_steps=2",
-            "checkpoint.batch=2",
-            "checkpoint.train_resolution=32",
-            "checkpoint.recipes.nudity.adapters.0.check_unsafe=false",
-            "checkpoint.recipes.nudity.adapters.0.check_safe=false",
-        ],
-        hydra=False,
-    )
+    inputs = _cell_inputs(tmp_path, [*PROMPTS, "a naked man"])
+    over = [
+        "model=tiny_sd3",
+        "guidance=sld",
+        "guidance.preset=max",
+        "checkpoint=duo_sd3",
+        *inputs,
+        *SMOKE_DUO,
+    ]
+    cfg = compose(over, hydra=False)
     out = run_cell(cfg)
     row = read_table(Path(out["results"]) / "cells.parquet").iloc[0]
     assert row.n_images == 3 and row.guidance == "sld" and 0 <= row.dsr <= 1
@@ -321,43 +330,13 @@ def test_inversion_on_sd3_writes_rows_per_encoder_and_they_load_back(tmp_path):
 def test_the_nudity_duo_sd3_grid_runs_end_to_end_at_tiny_scale(tmp_path):
     """Every cell of ``+experiment=nudity_duo_sd3`` (4 betas x none/SLD/SAFREE x explicit/inverted/shared)
     on tiny SD3 components: DUO trained per beta, C* inverted per beta and shared from beta 500."""
-    import torchvision
-
     from unlearn_exp import config
     from unlearn_exp.cell import run_cell
     from unlearn_exp.evaluation import read_table
 
-    csv = tmp_path / "prompts.csv"
-    pd.DataFrame({"prompt": ["a nude woman", "a red car"], "evaluation_seed": [1, 2]}).to_csv(
-        csv, index=False
-    )
-    torch.manual_seed(0)
-    trunk = tmp_path / "alexnet-owt-7be5be79.pth"
-    torch.save(torchvision.models.alexnet().state_dict(), trunk)
     base = ["+experiment=nudity_duo_sd3"]
-    tiny = [
-        "model=tiny_sd3",
-        "benchmark=prompts_file",
-        f"benchmark.path={csv}",
-        f"pp.prompts.path={csv}",
-        "pp.prompts.expected_prompts=null",
-        f"pp.metric.trunk_path={trunk}",
-        "sampling.steps=2",
-        "sampling.batch_size=2",
-        "sampling.progress=false",
-        f"paths.root_dir={tmp_path}",
-        f"paths.output_root={tmp_path}",
-        "+debug=default",
-        "debug.n_pairs=2",
-        "debug.train_steps=1",
-        "debug.sample_steps=2",
-        "checkpoint.batch=2",
-        "checkpoint.train_resolution=32",
-        "inversion.steps=2",
-        "inversion.image_set.n_images=2",
-        "checkpoint.recipes.nudity.adapters.0.check_unsafe=false",
-        "checkpoint.recipes.nudity.adapters.0.check_safe=false",
-    ]
+    tiny = ["model=tiny_sd3", *_cell_inputs(tmp_path, ["a nude woman", "a red car"]), *SMOKE_DUO]
+    tiny += ["inversion.steps=2", "inversion.image_set.n_images=2"]
     cells = config.grid(base)
     assert len(cells) == 28
     seen = set()
@@ -423,44 +402,15 @@ def test_the_sd3_experiments_compose_and_stop_in_one_line_without_weights(tmp_pa
 def test_an_sd3_folder_runs_a_duo_cell_and_exports_a_pipeline_diffusers_loads(tmp_path):
     """model=sd3 on a diffusers folder (not the in-memory tiny model): the cell's weight check reads the
     SD3 layout, DUO trains, and ``artifacts export`` writes an SD3 pipeline folder with the LoRA fused."""
-    import torchvision
     from diffusers import StableDiffusion3Pipeline
 
     from unlearn_exp import artifacts
     from unlearn_exp.cell import run_cell
 
     folder = save_components(build_tiny_sd3(seed=0), tmp_path / "sd3")
-    csv = tmp_path / "p.csv"
-    pd.DataFrame({"prompt": ["a nude woman", "a red car"], "evaluation_seed": [1, 2]}).to_csv(
-        csv, index=False
-    )
-    torch.manual_seed(0)
-    trunk = tmp_path / "alexnet-owt-7be5be79.pth"
-    torch.save(torchvision.models.alexnet().state_dict(), trunk)
-    over = [
-        "model=sd3",
-        f"model.path={folder}",
-        "model.resolution=32",
-        "checkpoint=duo_sd3",
-        "guidance=none",
-        "benchmark=prompts_file",
-        f"benchmark.path={csv}",
-        f"pp.prompts.path={csv}",
-        "pp.prompts.expected_prompts=null",
-        f"pp.metric.trunk_path={trunk}",
-        "sampling.steps=2",
-        "sampling.progress=false",
-        f"paths.root_dir={tmp_path}",
-        f"paths.output_root={tmp_path}",
-        "+debug=default",
-        "debug.n_pairs=2",
-        "debug.train_steps=1",
-        "debug.sample_steps=2",
-        "checkpoint.batch=2",
-        "checkpoint.train_resolution=32",
-        "checkpoint.recipes.nudity.adapters.0.check_unsafe=false",
-        "checkpoint.recipes.nudity.adapters.0.check_safe=false",
-    ]
+    inputs = _cell_inputs(tmp_path, ["a nude woman", "a red car"])
+    over = ["model=sd3", f"model.path={folder}", "model.resolution=32", "checkpoint=duo_sd3", "guidance=none"]
+    over += [*inputs, *SMOKE_DUO]
     run_cell(compose(over, hydra=False))
     (manifest,) = [p for p in tmp_path.rglob("manifest.json") if "unlearning/duo" in p.as_posix()]
     out = artifacts.export(manifest.parent, tmp_path / "exported", over)
@@ -471,3 +421,27 @@ def test_an_sd3_folder_runs_a_duo_cell_and_exports_a_pipeline_diffusers_loads(tm
         fused.transformer.transformer_blocks[0].attn.to_q.weight,
     )
     assert "transformer: DUO LoRA fused (Nudity)" in (out / "export.md").read_text()
+
+
+def test_unlearndiffatk_on_sd3_searches_through_clip_l_and_gives_every_encoder_the_words():
+    from unlearn_exp.attacks.unlearndiffatk import AttackSettings, MirroredRows, UnlearnDiffAtk, run_attack
+    from unlearn_exp.config import preset
+
+    comps = build_tiny_sd3(seed=0)
+    plain = [enc.get_input_embeddings() for _, _, enc in comps.text_encoder_slots()]
+    settings = AttackSettings.from_cfg(
+        preset("attack", "unlearndiffatk", k=2, steps=3, seed=0), guidance_scale=7.0, num_steps=10
+    )
+    target = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    module = UnlearnDiffAtk(comps, target, "a person", settings)
+    assert isinstance(comps.text_encoder_2.get_input_embeddings(), MirroredRows)
+    module.loss_at(0).backward()
+    assert module.rows.learned.grad is not None and module.rows.learned.grad.abs().sum() > 0
+    tokens = module.tokens_for([module.adversarial_prompt()])
+    words_t5 = comps.tokenize([f"{module.words()} a person"]).more["t5"]
+    assert torch.equal(tokens.more["t5"], words_t5)  # T5 reads the projected words, not placeholders
+    module.restore()
+    assert [enc.get_input_embeddings() for _, _, enc in comps.text_encoder_slots()] == plain
+    out = run_attack(comps, target, "a person", settings)
+    assert len(out["losses"]) == 3 and out["prompt"].endswith("a person")
+    assert [enc.get_input_embeddings() for _, _, enc in comps.text_encoder_slots()] == plain

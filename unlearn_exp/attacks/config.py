@@ -29,4 +29,4 @@ class UnlearnDiffAtkConfig(Settings):
     )
 
 
-declare("attack", "unlearndiffatk", UnlearnDiffAtkConfig, families=("sd1",))
+declare("attack", "unlearndiffatk", UnlearnDiffAtkConfig, families=("sd1", "sd3"))

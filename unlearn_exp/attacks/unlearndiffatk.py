@@ -33,7 +33,6 @@ from unlearn_exp.guidance.base import Guidance
 from unlearn_exp.inversion.textual_inversion import (
     LearnedRowsEmbedding,
     add_placeholder_tokens,
-    merge_learned_rows,
     token_ids,
 )
 from unlearn_exp.progress import lightning_bar
@@ -61,6 +60,27 @@ class ProjectedRows(LearnedRowsEmbedding):
         match = input_ids.unsqueeze(-1) == self.ids
         hit = match.any(-1, keepdim=True)
         return torch.where(hit, rows[match.long().argmax(-1)], out)
+
+
+class MirroredRows(torch.nn.Module):
+    """Another CLIP encoder of the same vocabulary (SD3's CLIP-G): the placeholders read that encoder's
+    own rows of the owner's current projected ids (no gradient: the search runs through the owner)."""
+
+    def __init__(self, base: torch.nn.Embedding, ids: list[int], owner: ProjectedRows):
+        super().__init__()
+        self.base = base
+        self.register_buffer("ids", torch.tensor(ids, dtype=torch.long, device=base.weight.device))
+        self._owner = [owner]  # a list: not a submodule
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids)
+        rows = self.base.weight[self._owner[0].projected_ids().to(self.base.weight.device)].to(out.dtype)
+        match = input_ids.unsqueeze(-1) == self.ids
+        return torch.where(match.any(-1, keepdim=True), rows[match.long().argmax(-1)], out)
 
 
 @dataclass
@@ -95,7 +115,7 @@ class UnlearnDiffAtk(L.LightningModule):
         self.comps, self.s, self.prompt = comps, settings, prompt
         self.guidance = guidance or Guidance()
         comps.freeze()
-        self.unet, self.text_encoder = comps.unet, comps.text_encoder
+        self.unet, self.text_encoder = comps.denoiser, comps.text_encoder
         tokens = add_placeholder_tokens(
             comps, f"<adv{len(comps.tokenizer)}>", settings.k, "a"
         )  # a fresh name
@@ -108,26 +128,52 @@ class UnlearnDiffAtk(L.LightningModule):
             start = vocab[torch.randint(len(vocab), (settings.k,), generator=g)]
             self.rows.learned.copy_(table.weight[start].float())
         comps.text_encoder.set_input_embeddings(self.rows)
+        self._mirror_rows(comps, tokens)
         with torch.no_grad():
             z = target.to(comps.device, comps.dtype)
             if comps.vae is not None:
-                z = comps.vae.encode(z).latent_dist.mean * comps.latent_scale
+                z = (comps.vae.encode(z).latent_dist.mean - comps.latent_shift) * comps.latent_scale
         self.register_buffer("z0", z.float(), persistent=False)
         self.noise_scheduler = comps.training_scheduler()
         self.T = int(self.noise_scheduler.config.num_train_timesteps)
         self.best_loss, self.best_prompt, self.losses = float("inf"), "", []
 
+    @staticmethod
+    def _mirror_rows(comps, tokens: list[str]) -> None:
+        """SD3 (docs/methods.md 12.2): CLIP-G, whose vocabulary is CLIP-L's, reads the projected words'
+        own rows; T5 (another vocabulary) is given the decoded words as text (``tokens_for``)."""
+        for key, tok, enc in comps.text_encoder_slots()[1:]:
+            if key == "clip_g":
+                owner = comps.text_encoder.get_input_embeddings()
+                enc.set_input_embeddings(
+                    MirroredRows(enc.get_input_embeddings(), token_ids(comps, tokens, tok), owner)
+                )
+
     def adversarial_prompt(self) -> str:
         return " ".join(self.tokens) + " " + self.prompt
+
+    def words(self) -> str:
+        """The adversarial tokens as the words they project to."""
+        return self.comps.tokenizer.decode(self.rows.projected_ids().tolist()).strip()
+
+    def tokens_for(self, prompts: list[str]):
+        """The prompt's ids for every encoder; an encoder of another vocabulary (SD3's T5) reads the
+        projected words as text instead of the placeholders."""
+        tokens = self.comps.tokenize(prompts)
+        if "t5" in tokens.more:
+            text = [f"{self.words()} {self.prompt}".strip()] * len(prompts)
+            tokens.more["t5"] = self.comps.tokenize(text).more["t5"]
+        return tokens
 
     def loss_at(self, step: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.s.seed * 1_000_003 + step)
         noise = torch.randn(self.z0.shape, generator=g).to(self.z0)
-        t = torch.randint(0, self.T, (1,), generator=g).to(self.z0.device)
-        z_t = self.noise_scheduler.add_noise(self.z0, noise, t)
+        comps, sched = self.comps, self.noise_scheduler
+        t = comps.training_timesteps(sched, 1, 1, self.T, g).to(self.z0.device)  # SD v1: U{0..T-1}
+        z_t = comps.training_input(sched, self.z0, noise, t)
         prompts = [self.adversarial_prompt()]
         state = self.guidance.prepare(
-            self.comps, prompts, self.comps.tokenize(prompts), None, self.s.guidance_scale, self.s.num_steps
+            self.comps, prompts, self.tokens_for(prompts), None, self.s.guidance_scale, self.s.num_steps
         )
         i = min(self.s.num_steps - 1, int((1 - float(t) / self.T) * self.s.num_steps))  # the sampler's step
         emb = self.guidance.embeddings(i, state)
@@ -138,7 +184,8 @@ class UnlearnDiffAtk(L.LightningModule):
             )
         preds = list(out.float().chunk(n))
         eps = preds[1] if type(self.guidance) is Guidance else self.guidance.combine(i, preds, state)
-        return F.mse_loss(eps, noise)
+        pred, target = comps.training_pair(sched, eps, z_t, self.z0, noise, t)  # SD3: x0 estimates
+        return F.mse_loss(pred, target)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss_at(int(self.global_step))
@@ -149,9 +196,7 @@ class UnlearnDiffAtk(L.LightningModule):
         value = float(loss.detach())
         self.losses.append(value)
         if value < self.best_loss:
-            ids = self.rows.projected_ids().tolist()
-            words = self.comps.tokenizer.decode(ids).strip()
-            self.best_loss, self.best_prompt = value, f"{words} {self.prompt}".strip()
+            self.best_loss, self.best_prompt = value, f"{self.words()} {self.prompt}".strip()
         self.log("attack/loss", loss.detach(), on_step=True, batch_size=1)
         self.log("attack/step", float(self.global_step), on_step=True, batch_size=1)
         return loss
@@ -160,9 +205,14 @@ class UnlearnDiffAtk(L.LightningModule):
         return torch.optim.AdamW([self.rows.learned], lr=self.s.lr, weight_decay=self.s.weight_decay)
 
     def restore(self) -> None:
-        """Put the plain token table back (the placeholder rows stay unused)."""
-        self.comps.text_encoder.set_input_embeddings(self.rows)
-        merge_learned_rows(self.comps)
+        """Put the plain token tables back (the placeholder rows stay unused)."""
+        for _, _, enc in self.comps.text_encoder_slots()[1:]:
+            table = enc.get_input_embeddings()
+            if isinstance(table, MirroredRows):
+                enc.set_input_embeddings(table.base)
+        with torch.no_grad():  # the rows into the plain table, as merge_learned_rows does
+            self.rows.base.weight[self.rows.ids] = self.rows.learned.detach().to(self.rows.base.weight)
+        self.comps.text_encoder.set_input_embeddings(self.rows.base)
 
 
 def _ordinary_vocabulary(comps, n_added: int) -> list[int]:

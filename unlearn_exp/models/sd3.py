@@ -422,8 +422,16 @@ def build_tiny_sd3(seed: int = 0, resolution: int = 32, t5: bool = True) -> SD3C
             if t5
             else None
         )
+    modules = (transformer, vae, clip_l, clip_g, t5_encoder)
+    return _with_project_tokenizers(modules, resolution, "tiny_sd3", f"built in memory (seed {seed})")
+
+
+def _with_project_tokenizers(modules: tuple, resolution: int, name: str, source: str) -> SD3Components:
+    """Components built in memory around the project's tokenizers: the real CLIP tokenizer twice
+    (CLIP-G's padding with "!", id 0, as SD3's ``tokenizer_2``) and the generated T5 tokenizer."""
+    transformer, vae, clip_l, clip_g, t5_encoder = modules
     tokenizer_2 = build_clip_tokenizer()
-    tokenizer_2.pad_token = "!"  # SD3's tokenizer_2 (CLIP-G) pads with "!" (id 0)
+    tokenizer_2.pad_token = "!"
     return SD3Components(
         transformer=transformer,
         text_encoder=clip_l,
@@ -433,10 +441,10 @@ def build_tiny_sd3(seed: int = 0, resolution: int = 32, t5: bool = True) -> SD3C
         scheduler_config=dict(SD3_SCHEDULE),
         vae=vae,
         text_encoder_3=t5_encoder,
-        tokenizer_3=build_t5_tokenizer() if t5 else None,
+        tokenizer_3=build_t5_tokenizer() if t5_encoder is not None else None,
         resolution=resolution,
-        name="tiny_sd3",
-        source=f"built in memory (seed {seed})",
+        name=name,
+        source=source,
     ).freeze()
 
 
@@ -460,22 +468,10 @@ def build_sd3_sized(resolution: int = 1024, t5: bool = True, seed: int = 0, devi
         clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**clip, **SD3_MEDIUM["text_encoder"]))
         clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**clip, **SD3_MEDIUM["text_encoder_2"]))
         t5_encoder = T5EncoderModel(T5Config(**SD3_MEDIUM["text_encoder_3"])) if t5 else None
-    tokenizer_2 = build_clip_tokenizer()
-    tokenizer_2.pad_token = "!"
-    return SD3Components(
-        transformer=transformer,
-        text_encoder=clip_l,
-        text_encoder_2=clip_g,
-        tokenizer=build_clip_tokenizer(),
-        tokenizer_2=tokenizer_2,
-        scheduler_config=dict(SD3_SCHEDULE),
-        vae=vae,
-        text_encoder_3=t5_encoder,
-        tokenizer_3=build_t5_tokenizer() if t5 else None,
-        resolution=resolution,
-        name="sd3-sized",
-        source="random weights in SD3-medium's architecture",
-    ).freeze()
+    modules = (transformer, vae, clip_l, clip_g, t5_encoder)
+    return _with_project_tokenizers(
+        modules, resolution, "sd3-sized", "random weights in SD3-medium's architecture"
+    )
 
 
 # --------------------------------------------------------------------------- folders
