@@ -157,7 +157,7 @@ def test_missing_sd3_weights_stop_in_one_line_naming_the_folder(tmp_path):
 def test_methods_not_ported_to_sd3_are_refused_before_any_work():
     for extra, what in [
         (["checkpoint=duo"], "on SD3 use checkpoint=duo_sd3"),
-        (["checkpoint=esd"], "checkpoint 'esd' does not run on the sd3"),
+        (["checkpoint=uce"], "checkpoint 'uce' does not run on the sd3"),
         (["sampling.scheduler=ddim"], "sampling.scheduler"),
     ]:
         with pytest.raises(UserError, match=what):
@@ -445,3 +445,20 @@ def test_unlearndiffatk_on_sd3_searches_through_clip_l_and_gives_every_encoder_t
     out = run_attack(comps, target, "a person", settings)
     assert len(out["losses"]) == 3 and out["prompt"].endswith("a person")
     assert [enc.get_input_embeddings() for _, _, enc in comps.text_encoder_slots()] == plain
+
+
+def test_esd_on_sd3_trains_the_text_streams_attention_for_esd_x(tmp_path):
+    from unlearn_exp.config import preset
+    from unlearn_exp.unlearning.esd import SD3_RULES, esd_parameter_names, train_esd
+
+    comps = build_tiny_sd3(seed=0, t5=False)
+    before = {k: v.clone() for k, v in comps.transformer.state_dict().items()}
+    hp = preset("checkpoint", "esd", variant="esd-x", steps=2, ddim_steps=3, lr=1e-2, checkpoint_every=100)
+    hp["precision"] = "32-true"
+    train_esd(comps, "nudity", hp, work_dir=tmp_path / "w", out_dir=tmp_path / "o")
+    changed = [k for k, v in comps.transformer.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(SD3_RULES["esd-x"](k) for k in changed)
+    assert all(".attn.add_" in k or ".attn.to_add_out." in k for k in changed)
+    u = esd_parameter_names(comps.transformer, "esd-u", "sd3")
+    assert u and not set(u) & set(esd_parameter_names(comps.transformer, "esd-x", "sd3"))
+    assert not any(n.startswith(("time_text_embed", "context_embedder", "proj_out")) for n in u)

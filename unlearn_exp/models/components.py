@@ -95,6 +95,9 @@ class Conditioning:
     def detach(self) -> Conditioning:
         return self._map(lambda x: x.detach())
 
+    def repeat_interleave(self, n: int) -> Conditioning:
+        return self._map(lambda x: x.repeat_interleave(n, 0))
+
     def lerp(self, other: Conditioning, weight: float) -> Conditioning:
         """``self + weight (other - self)`` on every part."""
         seq = self.sequence + weight * (other.sequence - self.sequence)
@@ -176,6 +179,11 @@ class FamilyComponents:
             m.requires_grad_(False)
             m.eval()
         return self
+
+    def denoise(self, latents: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
+        """One denoiser call: the prediction (noise, or SD3's velocity) at timestep(s) ``t``."""
+        args, kwargs = self.denoiser_call(latents, t, cond)
+        return self.prediction_of(self.denoiser(*args, **kwargs))
 
     def condition_prompts(self, prompts: list[str], text_length: int | None = None) -> Conditioning:
         """``condition(tokenize(prompts))``; ``text_length``: the length of a family's long text
@@ -329,9 +337,13 @@ class Components(FamilyComponents):
         """The UNet's conditioning: the text encoder's last hidden state (and its pooled vector)."""
         return Conditioning(*self.encode_ids(tokens.input_ids))
 
-    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """One UNet call: the predicted noise for ``latents`` at timestep(s) ``t``."""
-        return self.unet(latents, t, encoder_hidden_states=cond.sequence).sample
+    def denoiser_call(self, latents: torch.Tensor, t, cond: Conditioning) -> tuple[tuple, dict]:
+        """The UNet's arguments for ``latents`` at timestep(s) ``t`` (``denoise``; ESD's frozen copy)."""
+        return (latents, t), {"encoder_hidden_states": cond.sequence}
+
+    @staticmethod
+    def prediction_of(output) -> torch.Tensor:
+        return output.sample  # the predicted noise
 
     # ---------------------------------------------------------------- latents
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -200,17 +200,23 @@ class SD3Components(FamilyComponents):
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return Conditioning(torch.cat([clip, t5], dim=-2), torch.cat([p_l, p_g], dim=-1))
 
-    def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """One transformer call: the predicted velocity for ``latents`` at timestep(s) ``t`` (0-1000)."""
+    def denoiser_call(self, latents: torch.Tensor, t, cond: Conditioning) -> tuple[tuple, dict]:
+        """The transformer's arguments: the velocity for ``latents`` at timestep(s) ``t`` (0-1000; one
+        value is given to every row)."""
         t = torch.as_tensor(t, device=latents.device)
-        timestep = t.expand(latents.shape[0]) if t.dim() == 0 else t
-        return self.transformer(
-            hidden_states=latents,
-            timestep=timestep,
-            encoder_hidden_states=cond.sequence,
-            pooled_projections=cond.pooled,
-            return_dict=False,
-        )[0]
+        timestep = t.reshape(-1).expand(latents.shape[0]) if t.numel() == 1 else t
+        kwargs = {
+            "hidden_states": latents,
+            "timestep": timestep,
+            "encoder_hidden_states": cond.sequence,
+            "pooled_projections": cond.pooled,
+            "return_dict": False,
+        }
+        return (), kwargs
+
+    @staticmethod
+    def prediction_of(output) -> torch.Tensor:
+        return output[0]  # the velocity
 
     # ---------------------------------------------------------------- latents
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -74,7 +74,7 @@ def _load_user_unet_weights(
                 f"UCE checkpoint '{f.name}' holds {len(other)} key(s) that are not attn2.to_k/to_v weights "
                 f"(e.g. {', '.join(other[:3])}); use checkpoint=esd for general UNet weights"
             )
-    changed = load_unet_weights(comps.unet, tensors, f"{method} checkpoint '{f.name}'")
+    changed = load_unet_weights(comps.denoiser, tensors, f"{method} checkpoint '{f.name}'")
     sha = file_sha256(f)
     return {
         "method": method,
@@ -124,7 +124,7 @@ def _apply_esd(comps, cfg, store, task, logger) -> dict:
     folder = store.get_or_build("unlearning/esd", key, build)
     shutil.rmtree(work, ignore_errors=True)
     f = folder / WEIGHTS_FILE
-    load_unet_weights(comps.unet, read_safetensors(f), f"ESD artifact '{f}'")
+    load_unet_weights(comps.denoiser, read_safetensors(f), f"ESD artifact '{f}'")
     sha = file_sha256(f)  # by content, as a user's file: the bits the cell samples with
     return {
         "method": "esd",

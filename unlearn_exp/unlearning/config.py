@@ -344,7 +344,7 @@ declare(
     ESDCheckpointConfig,
     _MODULES + "checkpoints",
     hooks={"label": _MODULES + "config:esd_label"},  # torch-free: the rerun reads labels
-    families=SD1,
+    families=("sd1", "sd3"),  # SD3: the text stream's attention in cross-attention's place (8.1)
 )
 declare("checkpoint", "uce", UCECheckpointConfig, _MODULES + "checkpoints", families=SD1)
 declare("checkpoint", "spm", SPMCheckpointConfig, _MODULES + "spm", families=SD1)
