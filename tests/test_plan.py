@@ -117,12 +117,13 @@ def test_plan_counts_training_that_is_not_cached(tmp_path):
 
 
 @pytest.mark.slow
-def test_calibrate_writes_this_machines_costs(tmp_path):
-    cfg = compose(["model=tiny"], hydra=False)
+@pytest.mark.parametrize("model", ["tiny", "tiny_sd3"])
+def test_calibrate_writes_this_machines_costs(tmp_path, model):
+    cfg = compose([f"model={model}"], hydra=False)
     table = plan.calibrate(cfg, tmp_path / "calibration.json")
     saved = json.loads((tmp_path / "calibration.json").read_text())
     key = plan.calibration_key(cfg.model)  # the weights' content and this machine's device
-    assert key.startswith("tiny:") and key.endswith("@" + plan.device_identity("cpu"))
+    assert key.startswith(f"{model}:") and key.endswith("@" + plan.device_identity("cpu"))
     assert saved == json.loads(json.dumps(table)) and saved[key]["device"] == "cpu"
     assert all(saved[key][k] >= 0 for k in plan.CALIBRATION_KEYS)
     assert saved[key]["s_per_unet_row"] > 0 and saved[key]["s_per_train_row"] > 0

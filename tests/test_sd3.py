@@ -143,6 +143,15 @@ def test_a_saved_folder_loads_back_with_and_without_t5(sd3, tmp_path, with_t5):
     assert torch.equal(a.latents, b.latents)
 
 
+def test_an_sd3_folder_loads_straight_in_its_dtype(sd3, tmp_path):
+    folder = save_components(sd3, tmp_path / "sd3")
+    over = ["model=sd3", f"model.path={folder}", "model.resolution=32", "model.dtype=bfloat16"]
+    loaded = load_model(compose(over, hydra=False).model)
+    assert {next(m.parameters()).dtype for m in loaded.modules().values()} == {torch.bfloat16}
+    out = sample(loaded, PROMPTS, SEEDS, steps=2, scheduler="flow_euler")
+    assert torch.isfinite(out.images).all()
+
+
 def test_missing_sd3_weights_stop_in_one_line_naming_the_folder(tmp_path):
     cfg = compose(["model=sd3", f"model.path={tmp_path / 'absent'}"], hydra=False)
     with pytest.raises(UserError, match="no folder at") as e:

@@ -648,10 +648,11 @@ def calibrate(cfg, path: Path) -> dict[str, Any]:
         return sorted(times)[repeat // 2]  # the median: the best run is a burst a sweep does not keep up
 
     with torch.no_grad():
-        t1 = timed(lambda: sample(comps, prompts, seeds, steps=1))
+        sampler = str(cfg.sampling.scheduler)  # the family's (SD3: flow_euler)
+        t1 = timed(lambda: sample(comps, prompts, seeds, steps=1, scheduler=sampler))
         # enough further steps for about two seconds of UNet time (2 to 20): the difference is the rows
         k = min(max(math.ceil(2.0 / max(t1, 1e-3)), 2), 20)
-        tk = timed(lambda: sample(comps, prompts, seeds, steps=1 + k))
+        tk = timed(lambda: sample(comps, prompts, seeds, steps=1 + k, scheduler=sampler))
     per_row = max(tk - t1, 1e-9) / (k * 2 * b)
     per_image = max(t1 - 2 * b * per_row, 0.0) / b
 
