@@ -28,6 +28,10 @@ that change numbers:
   false and the single token is flagged and projected;
 - both projectors are computed in float32 with ``torch.pinverse`` (``E (E^T E)^+ E^T``), and the
   trigger tokens' projection is evaluated as ``((I - P_C) P_I) e``.
+
+On SD3 (docs/methods.md 4.8) the projection is ``sd3_official_projection`` (the official ``sdv3/``
+code: T5 summaries, flags written into the CLIP positions, no filter) or ``sd3_fixed_projection``
+(each text encoder in its own space); there is no latent re-attention.
 """
 
 from __future__ import annotations
