@@ -2,7 +2,7 @@
 know of a family before anything loads (docs/model_families.md).
 
 A family is chosen by ``model.family`` (``conf/model/*.yaml``; absent means ``sd1``, so the SD v1
-configs carry no new key). Its components class (``components``, imported on first use) provides the
+configs carry no new key). Its components class (``components``, built by ``models/loading.py``) provides the
 operations every stage calls: ``tokenize``, ``condition``, ``denoise``, the latent path and the
 schedulers. A method that runs on a family says so in its declaration (``families``); a cell that
 pairs a method with a family it does not support is refused before any work.
@@ -10,7 +10,6 @@ pairs a method with a family it does not support is refused before any work.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 from unlearn_exp.errors import UserError
@@ -26,12 +25,8 @@ class Family:
     optional: tuple[tuple[str, str], ...]  # (part, the model key that turns it off)
     denoiser: str  # the part that denoises: unet | transformer
     prediction: str  # epsilon (noise) | flow (velocity, noise minus data)
-    components: str  # "module:Class" of its components
+    components: str  # "module:Class" of its components (documentation: models/loading.py builds them)
     samplers: tuple[str, ...]  # the sampling.scheduler values it runs
-
-    def load_components_class(self):
-        module, _, attr = self.components.partition(":")
-        return getattr(importlib.import_module(module), attr)
 
     def parts_of(self, model_cfg) -> tuple[str, ...]:
         """The parts a model of this family loads: the optional ones where their key is on."""

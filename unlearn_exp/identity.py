@@ -228,11 +228,6 @@ def _folder_model_hash(folder: str, parts: tuple[str, ...], stamp: str) -> str:
     return file_identity(Path(folder), parts).removeprefix("sha256:")
 
 
-def _model_parts(model_cfg) -> tuple[str, ...]:
-    """The subfolders a model of ``model_cfg``'s family loads (SD v1: MODEL_PARTS, the VAE if used)."""
-    return required_parts(model_cfg)
-
-
 def model_content_hash(model_cfg) -> str | None:
     """The hash of the weights ``model_cfg`` names; None where they are not on this machine."""
     source = model_cfg.get("source", "pretrained")
@@ -243,7 +238,7 @@ def model_content_hash(model_cfg) -> str | None:
     folder = model_folder(model_cfg)
     if folder is None:
         return None
-    parts = _model_parts(model_cfg)
+    parts = required_parts(model_cfg)  # the family's subfolders (SD v1: MODEL_PARTS, the VAE if used)
     stamp = "|".join(_stat_key(f) for f in folder_files(folder, parts))
     return _folder_model_hash(str(folder), parts, stamp)
 

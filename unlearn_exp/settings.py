@@ -304,12 +304,10 @@ def family_problems(plain: dict, family: str) -> list[str]:
         chosen.append(("attack", (plain.get("attack") or {}).get("name")))
     if embedding in ("inverted", "shared") and (plain.get("guidance") or {}).get("name") != "none":
         chosen.append(("inversion", "default"))
+    _discover()
     problems = []
     for group, name in chosen:
-        d = _DECLARED.get((group, str(name))) if name is not None else None
-        if d is None:
-            _discover()
-            d = _DECLARED.get((group, str(name))) if name is not None else None
+        d = _DECLARED.get((group, str(name)))
         if d is not None and d.families is not None and family not in d.families:
             what = "concept inversion" if group == "inversion" else f"{group} '{name}'"
             problems.append(

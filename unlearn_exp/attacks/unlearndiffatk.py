@@ -34,6 +34,7 @@ from unlearn_exp.inversion.textual_inversion import (
     LearnedRowsEmbedding,
     add_placeholder_tokens,
     token_ids,
+    with_learned_rows,
 )
 from unlearn_exp.progress import lightning_bar
 from unlearn_exp.quiet import quiet_lightning
@@ -54,12 +55,9 @@ class ProjectedRows(LearnedRowsEmbedding):
         return self.vocab[(F.normalize(self.learned.float(), dim=-1) @ table.T).argmax(-1)]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.base(input_ids)
         hard = self.base.weight[self.projected_ids()].float()
-        rows = (self.learned + (hard - self.learned).detach()).to(out.dtype)  # straight-through
-        match = input_ids.unsqueeze(-1) == self.ids
-        hit = match.any(-1, keepdim=True)
-        return torch.where(hit, rows[match.long().argmax(-1)], out)
+        rows = self.learned + (hard - self.learned).detach()  # straight-through
+        return with_learned_rows(self.base, self.ids, rows, input_ids)
 
 
 class MirroredRows(torch.nn.Module):
@@ -77,10 +75,8 @@ class MirroredRows(torch.nn.Module):
         return self.base.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.base(input_ids)
-        rows = self.base.weight[self._owner[0].projected_ids().to(self.base.weight.device)].to(out.dtype)
-        match = input_ids.unsqueeze(-1) == self.ids
-        return torch.where(match.any(-1, keepdim=True), rows[match.long().argmax(-1)], out)
+        rows = self.base.weight[self._owner[0].projected_ids().to(self.base.weight.device)]
+        return with_learned_rows(self.base, self.ids, rows, input_ids)
 
 
 @dataclass

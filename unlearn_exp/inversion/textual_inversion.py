@@ -148,10 +148,12 @@ class LearnedRowsEmbedding(torch.nn.Module):
         return self.base.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return _with_rows(self.base, self.ids, self.learned[:, : self.width], input_ids)
+        return with_learned_rows(self.base, self.ids, self.learned[:, : self.width], input_ids)
 
 
-def _with_rows(base, ids: torch.Tensor, rows: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+def with_learned_rows(base, ids: torch.Tensor, rows: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """``base``'s embedding of ``input_ids`` with the positions holding ``ids`` (K) read from ``rows``
+    (K, D) instead."""
     out = base(input_ids)
     match = input_ids.unsqueeze(-1) == ids  # (..., K)
     hit = match.any(-1, keepdim=True)
@@ -175,7 +177,7 @@ class ColumnsEmbedding(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = self._owner[0].learned[:, self.start : self.stop]
-        return _with_rows(self.base, self.ids.to(input_ids.device), rows, input_ids)
+        return with_learned_rows(self.base, self.ids.to(input_ids.device), rows, input_ids)
 
 
 def install_learned_rows(comps: Components, tokens: list[str]) -> LearnedRowsEmbedding:

@@ -67,6 +67,23 @@ class TokenizedPrompts:
     more: dict[str, torch.Tensor] = field(default_factory=dict)  # other encoders' ids, by encoder
 
 
+def clip_tokenize(tokenizer: CLIPTokenizer, prompts: list[str], device) -> TokenizedPrompts:
+    """CLIP ids padded to the tokenizer's length (77) with max-length padding and truncation, as
+    Stable Diffusion does, and which prompts were cut."""
+    max_len = tokenizer.model_max_length
+    full = tokenizer(list(prompts), padding=False, truncation=False, verbose=False).input_ids
+    enc = tokenizer(
+        list(prompts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
+    )
+    n_tokens = [len(ids) for ids in full]
+    return TokenizedPrompts(
+        input_ids=enc.input_ids.to(device),
+        attention_mask=enc.attention_mask.to(device),
+        truncated=[n > max_len for n in n_tokens],
+        n_tokens=n_tokens,
+    )
+
+
 @dataclass
 class Conditioning:
     """What the denoiser is conditioned on for a batch: the token sequence ``(B, L, D)`` and the pooled
@@ -88,9 +105,6 @@ class Conditioning:
     def expand(self, n: int) -> Conditioning:
         """A batch of one repeated ``n`` times (a view)."""
         return self._map(lambda x: x.expand(n, *x.shape[1:]))
-
-    def repeat(self, n: int) -> Conditioning:
-        return self._map(lambda x: x.repeat(n, *([1] * (x.dim() - 1))))
 
     def detach(self) -> Conditioning:
         return self._map(lambda x: x.detach())
@@ -265,6 +279,28 @@ class Components(FamilyComponents):
     def denoiser(self, module: torch.nn.Module) -> None:  # a compiled UNet (sampling.compile)
         self.unet = module
 
+    scheduler_class = "PNDMScheduler"  # SD v1.4's, written into a saved folder
+
+    def tokenizers(self) -> dict[str, CLIPTokenizer]:
+        return {"tokenizer": self.tokenizer}
+
+    def model_index(self) -> dict[str, Any] | None:
+        """The ``model_index.json`` diffusers reads to load a saved folder (none without a VAE: the
+        toy's folder is read by ``load_pretrained`` only)."""
+        if self.vae is None:
+            return None
+        return {
+            "_class_name": "StableDiffusionPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "PNDMScheduler"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        }
+
     def text_encoder_slots(self) -> list[tuple[str, CLIPTokenizer, CLIPTextModel]]:
         """Each text encoder with its tokenizer, by the key of a textual-inversion file (SD v1: one,
         whose file holds the rows under the token's own name)."""
@@ -303,18 +339,7 @@ class Components(FamilyComponents):
     # ------------------------------------------------------------------- text
     def tokenize(self, prompts: list[str]) -> TokenizedPrompts:
         """Pad to 77 with max-length padding and truncation, as Stable Diffusion does."""
-        max_len = self.tokenizer.model_max_length
-        full = self.tokenizer(list(prompts), padding=False, truncation=False, verbose=False).input_ids
-        enc = self.tokenizer(
-            list(prompts), padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
-        )
-        n_tokens = [len(ids) for ids in full]
-        return TokenizedPrompts(
-            input_ids=enc.input_ids.to(self.device),
-            attention_mask=enc.attention_mask.to(self.device),
-            truncated=[n > max_len for n in n_tokens],
-            n_tokens=n_tokens,
-        )
+        return clip_tokenize(self.tokenizer, prompts, self.device)
 
     def encode_ids(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text-encoder output: (last hidden state ``(B, 77, D)``, pooled ``(B, D)``).

@@ -116,37 +116,19 @@ def save_components(components, path: str | Path, dtype: torch.dtype | None = No
     """Write a diffusers-layout folder that ``load_pretrained`` / ``load_sd3`` (and diffusers, given a
     VAE) can read."""
     path = Path(path)
-    tokenizers = (
-        components.tokenizers() if hasattr(components, "tokenizers") else {"tokenizer": components.tokenizer}
-    )
     with atomic_dir(path) as tmp:
         for sub, module in components.modules().items():
             module.save_pretrained(tmp / sub, safe_serialization=True)
             if dtype is not None:
                 _recast_safetensors(tmp / sub, dtype)
-        for sub, tokenizer in tokenizers.items():
+        for sub, tokenizer in components.tokenizers().items():
             tokenizer.save_pretrained(tmp / sub)
         # the schedule exactly as the components carry it (a scheduler instance would add its defaults)
         (tmp / "scheduler").mkdir()
-        sched = {
-            "_class_name": getattr(components, "scheduler_class", "PNDMScheduler"),
-            **components.scheduler_config,
-        }
+        sched = {"_class_name": components.scheduler_class, **components.scheduler_config}
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
-        if hasattr(components, "model_index"):
-            (tmp / "model_index.json").write_text(json.dumps(components.model_index(), indent=2))
-        elif components.vae is not None:
-            index = {
-                "_class_name": "StableDiffusionPipeline",
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "PNDMScheduler"],
-                "safety_checker": [None, None],
-                "feature_extractor": [None, None],
-                "requires_safety_checker": False,
-            }
+        index = components.model_index()  # what diffusers reads to load the folder (none without a VAE)
+        if index is not None:
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     return path
 

@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from unlearn_exp.errors import UserError
-from unlearn_exp.models.components import Conditioning, FamilyComponents, TokenizedPrompts
+from unlearn_exp.models.components import Conditioning, FamilyComponents, TokenizedPrompts, clip_tokenize
 from unlearn_exp.models.published_configs import SD3_MEDIUM
 from unlearn_exp.models.tokenizer import BOS_ID, EOS_ID, build_clip_tokenizer, build_t5_tokenizer
 
@@ -138,15 +138,9 @@ class SD3Components(FamilyComponents):
         and T5's (``text_length``, default ``max_sequence_length``) in ``more``. ``truncated``: cut by
         CLIP."""
         prompts = list(prompts)
-        max_len = self.tokenizer.model_max_length
-        full = self.tokenizer(prompts, padding=False, truncation=False, verbose=False).input_ids
-        enc = self.tokenizer(
-            prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
-        )
-        enc2 = self.tokenizer_2(
-            prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
-        )
-        more = {"clip_g": enc2.input_ids.to(self.device)}
+        tokens = clip_tokenize(self.tokenizer, prompts, self.device)  # CLIP-L's ids and truncation
+        kw = {"padding": "max_length", "max_length": self.tokenizer.model_max_length, "truncation": True}
+        tokens.more["clip_g"] = self.tokenizer_2(prompts, return_tensors="pt", **kw).input_ids.to(self.device)
         if self.tokenizer_3 is not None:
             enc3 = self.tokenizer_3(
                 prompts,
@@ -156,17 +150,10 @@ class SD3Components(FamilyComponents):
                 add_special_tokens=True,
                 return_tensors="pt",
             )
-            more["t5"] = enc3.input_ids.to(self.device)
+            tokens.more["t5"] = enc3.input_ids.to(self.device)
         elif text_length:  # no T5: its zeros at this length
-            more["t5_length"] = torch.tensor(int(text_length))
-        n_tokens = [len(ids) for ids in full]
-        return TokenizedPrompts(
-            input_ids=enc.input_ids.to(self.device),
-            attention_mask=enc.attention_mask.to(self.device),
-            truncated=[n > max_len for n in n_tokens],
-            n_tokens=n_tokens,
-            more=more,
-        )
+            tokens.more["t5_length"] = torch.tensor(int(text_length))
+        return tokens
 
     @staticmethod
     def clip_embeddings(encoder, input_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
