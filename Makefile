@@ -38,8 +38,8 @@ format: setup  ## ruff format and autofix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-demo: setup  ## the newcomer's command: run what the framework has, on the embedded default (JOBS=N: N worker processes)
-	$(PYTHON) -m unlearn_exp.demo --jobs $(JOBS)
+demo: setup  ## the newcomer's command: run what the framework has, on the embedded default (JOBS=N: N worker processes; MODEL=toy_mmdit: the toy MMDiT)
+	$(PYTHON) -m unlearn_exp.demo --jobs $(JOBS) $(if $(MODEL),--model $(MODEL))
 
 demo-methods: setup  ## beyond DUO: the toy methods grid (original, DUO, ESD-u, ESD-x, UCE x guidance x concept source) and its table
 	$(PYTHON) -m unlearn_exp.demo --methods --jobs $(JOBS)
@@ -51,10 +51,15 @@ demo-attacks: setup  ## the toy grid on Ring-A-Bell prompts made against the toy
 reproduce-table: setup  ## rebuild the paper's tables under reports/ (SCALE or MODEL=sd14|sd3|toy TASK=nudity|violence|all NO_RUN=1 ARGS="model.path=...")
 	$(PYTHON) -m unlearn_exp.report --scale $(or $(MODEL),$(SCALE)) $(if $(TASK),--task $(TASK)) $(if $(NO_RUN),--no-run) $(if $(ARGS),-- $(ARGS))
 
-toy-pretrain: setup  ## retrain the shipped toy model and judge, and measure them (unlearn_exp/toy/RECIPE.md)
+toy-pretrain: setup  ## retrain the shipped toy model and judge, and measure them (unlearn_exp/toy/RECIPE.md; MODEL=toy_mmdit: the toy MMDiT only)
+ifeq ($(MODEL),toy_mmdit)
+	$(PYTHON) -m unlearn_exp.toy.pretrain --model toy_mmdit
+	$(PYTHON) -m unlearn_exp.toy.measure --model toy_mmdit --out unlearn_exp/toy/weights/measurements_mmdit.json
+else
 	$(PYTHON) -m unlearn_exp.toy.pretrain
 	$(PYTHON) -m unlearn_exp.toy.judge
 	$(PYTHON) -m unlearn_exp.toy.measure --out unlearn_exp/toy/weights/measurements.json
+endif
 
 bench: setup  ## print the speed benchmarks (sampling against diffusers, inversion against a plain loop)
 	$(PYTHON) -m unlearn_exp.bench.sampling --threads 1

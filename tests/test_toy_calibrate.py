@@ -89,10 +89,14 @@ def test_safree_strength_scales_both_edits(tiny):
     assert "strength" not in SAFREE(["x"], "x").describe()  # 1.0: the sample keys of today's cells
 
 
-def test_the_toy_experiments_carry_the_rules_choice_on_the_recorded_ladder():
-    chosen = calibrate.choose(_rows({m: list(v) for m, v in calibrate.MEASURED.items()}))
+@pytest.mark.parametrize(
+    "model, experiments",
+    [("toy", ("toy_duo", "toy_methods", "toy_duo_words")), ("toy_mmdit", ("toy_mmdit_duo",))],
+)
+def test_the_toy_experiments_carry_the_rules_choice_on_the_recorded_ladder(model, experiments):
+    chosen = calibrate.choose(_rows({m: list(v) for m, v in calibrate.MEASURED[model].items()}))
     assert all(c["met"] for c in chosen.values())
-    for exp in ("toy_duo", "toy_methods", "toy_duo_words"):
+    for exp in experiments:
         sld = config.compose([f"+experiment={exp}", "guidance=sld"]).guidance
         safree = config.compose([f"+experiment={exp}", "guidance=safree"]).guidance
         assert sld.guidance_scale == chosen["sld"]["value"]

@@ -9,6 +9,10 @@ Extra Hydra overrides may follow: ``python -m unlearn_exp.demo +debug=default``.
 ``--methods`` runs the methods grid instead (``+experiment=toy_methods``: the original model, DUO,
 ESD-u, ESD-x and UCE x guidance x concept source; ``make demo-methods``) and prints its table.
 
+``--model toy_mmdit`` runs the same grid on the toy world's second model, the MMDiT of the SD3
+family (``+experiment=toy_mmdit_duo``, ``make demo MODEL=toy_mmdit``; docs/toy.md 8); its tables go to
+``reports/toy_mmdit/``.
+
 ``--jobs N`` runs the cells in N worker processes (the machine's cores split between them; ``make demo
 JOBS=N``): the same cells through the same runner, so the same numbers, sooner where one process
 cannot keep every core busy.
@@ -38,8 +42,9 @@ from unlearn_exp.config import (  # noqa: F401  (grid: the sweep's cells, used b
 )
 from unlearn_exp.errors import exit_status
 from unlearn_exp.quiet import quiet_lightning
+from unlearn_exp.toy import TOY_MODELS, ToyModel
 
-EXPERIMENT = "toy_duo"
+EXPERIMENT = TOY_MODELS["toy"].experiment
 METHODS_EXPERIMENT = "toy_methods"
 
 
@@ -103,14 +108,19 @@ def run_in_workers(
             raise
 
 
-def _parse(argv: list[str]) -> tuple[int, bool, list[str]]:
+def _parse(argv: list[str]) -> tuple[int, bool, str, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m unlearn_exp.demo", add_help=True)
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1: this process)")
     parser.add_argument("--methods", action="store_true", help="the toy methods grid (toy_methods)")
+    parser.add_argument(
+        "--model", default="toy", choices=sorted(TOY_MODELS), help="the toy model: toy (UNet) or toy_mmdit"
+    )
     args, extra = parser.parse_known_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    return args.jobs, args.methods, extra
+    if args.methods and args.model != "toy":
+        parser.error("--methods runs on the toy UNet only (--model toy)")
+    return args.jobs, args.methods, args.model, extra
 
 
 def methods_main(jobs: int, extra: list[str]) -> int:
@@ -234,16 +244,18 @@ def _run_workers(run: _GridRun, runs: list[list[str]], base: list[str], jobs: in
     return threads, pre_s
 
 
-def _write_grid_report(run: _GridRun, base: list[str], extra: list[str]) -> tuple[dict, list[Path]]:
-    """The grid's tables, plots and sources under ``reports/toy``; the tables and the files written."""
+def _write_grid_report(
+    run: _GridRun, base: list[str], extra: list[str], scale: str
+) -> tuple[dict, list[Path]]:
+    """The grid's tables, plots and sources under ``reports/<scale>``; the tables and the files written."""
     from unlearn_exp.report import build_tables, write_report
 
     rows = [run.done[i]["cell"] for i in range(len(run.cells))]
     df = pd.DataFrame(rows)
     fixed = table_overrides(base, extra)  # each table position keeps its own beta, guidance, ...
-    tables = build_tables(df, "toy", extra=fixed)
+    tables = build_tables(df, scale, extra=fixed)
     files = [Path(p) for p in df["_source"]]
-    written = write_report(df, "toy", "reports", files=files, extra=fixed, tables=tables)
+    written = write_report(df, scale, "reports", files=files, extra=fixed, tables=tables)
     return tables, written
 
 
@@ -269,13 +281,13 @@ def _print_tables(tables: dict, pre) -> None:
     print(f"\n{precondition.to_markdown(pre)}")
 
 
-def _summary(run: _GridRun, jobs: int, threads: int, written: list[Path]) -> str:
-    """The last line: cells, seconds, results reused, stage times and the UNet rows sampled."""
+def _summary(run: _GridRun, jobs: int, threads: int, written: list[Path], denoiser: str = "UNet") -> str:
+    """The last line: cells, seconds, results reused, stage times and the denoiser rows sampled."""
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in run.stage_s.items())
     how = "" if jobs == 1 else f"; {jobs} workers of {threads} threads, stage times summed over the workers"
     n_rows = run.unet["cells"] + run.unet["precondition"]
     work = (
-        f"; {n_rows} UNet rows sampled, {run.unet['precondition']} of them by the precondition"
+        f"; {n_rows} {denoiser} rows sampled, {run.unet['precondition']} of them by the precondition"
         if n_rows
         else ""
     )
@@ -286,32 +298,35 @@ def _summary(run: _GridRun, jobs: int, threads: int, written: list[Path]) -> str
     )
 
 
-def _grid_main(jobs: int, base: list[str], extra: list[str], start: float) -> int:
+def _grid_main(
+    jobs: int, base: list[str], extra: list[str], start: float, toy: ToyModel = TOY_MODELS["toy"]
+) -> int:
     """The toy grid: its cells, its report, the precondition, the tables printed and the last line."""
     cells = grid(base)
     runs = [[*unswept(base, cells), *cell, "sampling.progress=false"] for cell in cells]
-    print(f"toy grid: {len(cells)} cells ({EXPERIMENT}); artifacts are cached, so a second run is fast")
+    print(f"toy grid: {len(cells)} cells ({toy.experiment}); artifacts are cached, so a second run is fast")
     run = _GridRun(cells, start)
     if jobs == 1:
         _run_here(run, runs)
         threads, pre_s = 0, 0.0
     else:  # the grid's cells and the precondition's cells and probes, in worker processes
         threads, pre_s = _run_workers(run, runs, base, jobs)
-    tables, written = _write_grid_report(run, base, extra)
+    tables, written = _write_grid_report(run, base, extra, toy.scale)
     pre = _measure_precondition(run, base, pre_s)
     _print_tables(tables, pre)
-    print(_summary(run, jobs, threads, written))
+    print(_summary(run, jobs, threads, written, toy.denoiser))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_logs()
-    jobs, methods, extra = _parse(list(sys.argv[1:] if argv is None else argv))
+    jobs, methods, model, extra = _parse(list(sys.argv[1:] if argv is None else argv))
     if methods:
         return methods_main(jobs, extra)
-    base = [f"+experiment={EXPERIMENT}", *extra]
+    toy = TOY_MODELS[model]
+    base = [f"+experiment={toy.experiment}", *extra]
     start = time.time()
-    return exit_status(_grid_main, jobs, base, extra, start)
+    return exit_status(_grid_main, jobs, base, extra, start, toy)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ FAMILIES: dict[str, Family] = {
             "scheduler",
             "vae",
         ),
-        optional=(("text_encoder_3", "t5"), ("tokenizer_3", "t5")),
+        optional=(("text_encoder_3", "t5"), ("tokenizer_3", "t5"), ("vae", "vae")),
         denoiser="transformer",
         prediction="flow",
         components="unlearn_exp.models.sd3:SD3Components",

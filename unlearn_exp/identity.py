@@ -266,6 +266,8 @@ def _model_hash(content: str | None, model_cfg) -> str:
     family = family_of(model_cfg)
     if family.name != "sd1":  # SD v1 identities keep their shape (and value)
         spec.update(family=family.name, t5=bool(model_cfg.get("t5", True)))
+        if model_cfg.get("text_length") is not None:  # the toy MMDiT's (SD3's configs keep their identity)
+            spec["text_length"] = int(model_cfg.get("text_length"))
     return config_hash(spec)
 
 

@@ -14,7 +14,8 @@ say whether a checkpoint is in that regime:
 
 ``python -m unlearn_exp.precondition [overrides]`` runs both for every beta of the
 toy_duo sweep (cells are cached like any other) and writes ``reports/toy/precondition.{md,csv}``;
-with ``+experiment=E`` another experiment's sweep, written to ``precondition_E.{md,csv}``.
+with ``+experiment=E`` another experiment's sweep, written to ``precondition_E.{md,csv}`` (the toy
+MMDiT's grid, ``toy_mmdit_duo``: ``reports/toy_mmdit/precondition.{md,csv}``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from unlearn_exp.atomic import atomic_write_json, atomic_write_text
 from unlearn_exp.config import compose
 from unlearn_exp.errors import exit_status
 from unlearn_exp.identity import cell_spec
+from unlearn_exp.toy import TOY_MODELS
 
 log = logging.getLogger("unlearn_exp")
 
@@ -144,7 +146,8 @@ def run(base: list[str], out: str | Path = "reports", progress=print) -> pd.Data
     from unlearn_exp.cell import run_cell
 
     name, betas, cells, probes = measurements(base)
-    stem = "precondition" if name == "toy_duo" else f"precondition_{name}"
+    grids = {m.experiment: m.scale for m in TOY_MODELS.values()}  # a toy model's grid: its own folder
+    stem = "precondition" if name in grids else f"precondition_{name}"
     dsr, alignment = {}, {}
     for beta in betas:
         for kind in PROMPT_KINDS:
@@ -156,7 +159,7 @@ def run(base: list[str], out: str | Path = "reports", progress=print) -> pd.Data
             f"cos(words, C*) {alignment[beta]['cos_mean']:.3f}"
         )
     table = precondition_table(dsr, alignment)
-    folder = Path(out) / "toy"
+    folder = Path(out) / grids.get(name, "toy")
     atomic_write_text(folder / f"{stem}.md", to_markdown(table))
     atomic_write_text(folder / f"{stem}.csv", table.to_csv(index=False, float_format="%.4f"))
     return table

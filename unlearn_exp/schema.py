@@ -91,10 +91,17 @@ class SD3ModelConfig:
     path: Any = MISSING
     resolution: int = MISSING
     t5: bool = MISSING  # load T5 (text_encoder_3); false: zeros in its place, as SD3's pipeline allows
-    vae: bool = MISSING  # always true: SD3 decodes with its VAE
+    vae: bool = MISSING  # true for SD3 (it decodes with its VAE); false: a pixel-space model (the toy MMDiT)
     sampler: str = MISSING  # the family's sampler (sampling.scheduler reads it)
     dtype: str = MISSING
     device: str = MISSING
+
+
+@dataclass
+class ToyMMDiTModelConfig(SD3ModelConfig):
+    """``conf/model/toy_mmdit.yaml``: the toy MMDiT, an SD3-family folder without a VAE or T5."""
+
+    text_length: int = MISSING  # T5's tokens, here the zeros in its place (SD3's pipeline: 256; the toy: 0)
 
 
 @dataclass
@@ -152,6 +159,7 @@ CORE_SCHEMAS = {
     ("model", "tiny_schema"): TinyModelConfig,
     ("model", "sd3_schema"): SD3ModelConfig,
     ("model", "tiny_sd3_schema"): TinySD3ModelConfig,
+    ("model", "toy_mmdit_schema"): ToyMMDiTModelConfig,
     ("embedding", "explicit_schema"): ExplicitEmbeddingConfig,
     ("embedding", "inverted_schema"): InvertedEmbeddingConfig,
     ("embedding", "shared_schema"): SharedEmbeddingConfig,

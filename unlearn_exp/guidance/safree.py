@@ -202,10 +202,12 @@ class SAFREE(Guidance):
             )
         mine = project(comps, prompts, tokens, text_e, p.compat)
         # the other mode too, to record per prompt whether the two modes condition it differently
-        other = project(comps, prompts, tokens, text_e, "fixed" if p.compat == "official" else "official")
+        # (none where it cannot run: SD3's official mode without T5, e.g. the toy MMDiT)
+        other_mode = "fixed" if p.compat == "official" else "official"
+        other = None if _needs_t5(comps, other_mode) else project(comps, prompts, tokens, text_e, other_mode)
         safe_e, meta = mine.safe_e.to(text_e.dtype), []
         for b, info in enumerate(mine.info):
-            differs = compat_differs(mine, other, b, p.svf)
+            differs = None if other is None else compat_differs(mine, other, b, p.svf)
             meta.append({**info, "safree_compat": p.compat, "safree_compat_differs": differs})
         t_sv = mine.t_sv
 
@@ -287,8 +289,11 @@ class SAFREE(Guidance):
         """SAFREE on SD3 (docs/methods.md 4.8): ``official`` as ``sdv3/`` does it, ``fixed`` each
         encoder in its own space (``sd3_official_projection``, ``sd3_fixed_projection``). No
         self-validating filter: the official SD3 code uses the safe embedding at every step."""
-        if comps.text_encoder_3 is None:
-            raise UserError("SAFREE on SD3 detects trigger tokens with T5: load it (model.t5=true)")
+        if _needs_t5(comps, compat):
+            raise UserError(
+                "SAFREE's official SD3 code detects trigger tokens with T5: load it (model.t5=true), "
+                "or set guidance.compat=fixed (each CLIP encoder finds its own)"
+            )
         alpha = float(self.settings.alpha)
         safe_e, t_sv, info = text_e.float().clone(), [], []
         for b, prompt in enumerate(prompts):
@@ -467,6 +472,11 @@ def sd3_official_projection(
     return merged, [int(i) + 1 for i in (~keep).nonzero().flatten().tolist()]
 
 
+def _needs_t5(comps, compat: str) -> bool:
+    """SD3's official mode finds trigger tokens with T5 alone: it cannot run without it."""
+    return comps.family == "sd3" and compat == "official" and comps.text_encoder_3 is None
+
+
 def _clip_states(encoder, ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One CLIP encoder's penultimate states (what SD3 conditions on) and the state at the first EOS."""
     hidden = encoder(ids, output_hidden_states=True).hidden_states[-2]
@@ -479,7 +489,8 @@ def _encoder_views(comps, concepts: list[str], prompt: str):
     positions, their summaries with that word masked, the concepts' summaries). CLIP-L and CLIP-G
     (positions 0..76, features joined): penultimate states (what SD3 conditions on), summary at EOS,
     words between BOS and EOS masked with "!" (id 0, as SAFREE on SD v1). T5 (positions 77..):
-    summary the mean of its last states over real tokens, words before EOS masked with its pad id 0."""
+    summary the mean of its last states over real tokens, words before EOS masked with its pad id 0;
+    none without T5."""
     dev = comps.device
     views, feature = [], 0
     for name, enc, tok in (
@@ -496,6 +507,8 @@ def _encoder_views(comps, concepts: list[str], prompt: str):
         width = int(enc.config.hidden_size)
         views.append((name, 0, feature, width, rows, summaries, concept))
         feature += width
+    if comps.text_encoder_3 is None:  # no T5 (model.t5=false, the toy MMDiT): the CLIP encoders only
+        return views
 
     def mean_states(ids, mask):
         h = comps.text_encoder_3(ids, attention_mask=mask).last_hidden_state

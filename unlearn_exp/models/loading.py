@@ -46,6 +46,8 @@ def load_model(model_cfg) -> Components:
                 resolution,
                 t5=bool(model_cfg["t5"]),
                 dtype=DTYPES[dtype_name],
+                vae=bool(model_cfg["vae"]),
+                text_length=model_cfg.get("text_length"),
             )
         else:
             comps = load_pretrained(

@@ -99,12 +99,15 @@ def load_sd3(
     resolution: int = 1024,
     t5: bool = True,
     dtype: torch.dtype = torch.float32,
+    vae: bool = True,
+    text_length: int | None = None,
 ):
-    """An SD3 diffusers folder (``model.family: sd3``), T5 left out where ``t5`` is false."""
-    parts = FAMILIES["sd3"].parts_of({"t5": t5})  # what models.families.required_parts gives
+    """An SD3 diffusers folder (``model.family: sd3``), T5 left out where ``t5`` is false, the VAE where
+    ``vae`` is (the toy MMDiT); ``text_length``: T5's tokens (None: 256)."""
+    parts = FAMILIES["sd3"].parts_of({"t5": t5, "vae": vae})  # what models.families.required_parts gives
     root = resolve_checkpoint(path_or_id, parts=parts)
     try:
-        comps = load_sd3_folder(root, name, resolution, t5, dtype)
+        comps = load_sd3_folder(root, name, resolution, t5, dtype, vae=vae, text_length=text_length)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load model from '{root}': {first}") from e

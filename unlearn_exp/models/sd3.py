@@ -10,7 +10,8 @@ does it:
 - the transformer predicts the flow velocity ``v = noise - x0``; the noisy latent at ``sigma`` is
   ``(1 - sigma) x0 + sigma noise``; sampling is flow-matching Euler with the scheduler config's
   shift (and its dynamic shift where the config asks for it);
-- latents are ``(VAE sample - shift_factor) * scaling_factor``.
+- latents are ``(VAE sample - shift_factor) * scaling_factor``; a model without a VAE (the toy
+  MMDiT, ``toy/mmdit.py``) denoises the images in [-1, 1] themselves, as the SD v1 toy does.
 
 The pooled CLIP vector is the projection of the last hidden state at the first end-of-text token
 (the tokenizer's EOS id), as for SD v1 (docs/methods.md 2): the same vector diffusers' pipeline
@@ -55,7 +56,7 @@ class SD3Components(FamilyComponents):
     tokenizer: CLIPTokenizer
     tokenizer_2: CLIPTokenizer
     scheduler_config: dict[str, Any]
-    vae: AutoencoderKL
+    vae: AutoencoderKL | None  # None: the identity latent path (pixels; the toy MMDiT)
     text_encoder_3: T5EncoderModel | None = None
     tokenizer_3: T5TokenizerFast | None = None
     resolution: int = 1024
@@ -81,8 +82,9 @@ class SD3Components(FamilyComponents):
             "transformer": self.transformer,
             "text_encoder": self.text_encoder,
             "text_encoder_2": self.text_encoder_2,
-            "vae": self.vae,
         }
+        if self.vae is not None:
+            out["vae"] = self.vae
         if self.text_encoder_3 is not None:
             out["text_encoder_3"] = self.text_encoder_3
         return out
@@ -107,15 +109,15 @@ class SD3Components(FamilyComponents):
     # ----------------------------------------------------------------- geometry
     @property
     def latent_scale(self) -> float:
-        return float(self.vae.config.scaling_factor)
+        return float(self.vae.config.scaling_factor) if self.vae is not None else 1.0
 
     @property
     def latent_shift(self) -> float:
-        return float(self.vae.config.shift_factor or 0.0)
+        return float(self.vae.config.shift_factor or 0.0) if self.vae is not None else 0.0
 
     @property
     def vae_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
 
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         res = resolution or self.resolution
@@ -207,16 +209,22 @@ class SD3Components(FamilyComponents):
 
     # ---------------------------------------------------------------- latents
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [-1, 1] -> latents ``(VAE sample - shift) * scale``."""
+        """Images in [-1, 1] -> latents ``(VAE sample - shift) * scale`` (the images, without a VAE)."""
+        if self.vae is None:
+            return images.to(device=self.device, dtype=self.dtype)
         dist = self.vae.encode(images.to(device=self.device, dtype=self.vae.dtype)).latent_dist
         return ((dist.sample(generator=generator) - self.latent_shift) * self.latent_scale).to(self.dtype)
 
     def image_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> latents from the VAE posterior mean (deterministic; img2img)."""
+        if self.vae is None:
+            return images.to(device=self.device, dtype=self.dtype)
         dist = self.vae.encode(images.to(device=self.device, dtype=self.vae.dtype)).latent_dist
         return ((dist.mean - self.latent_shift) * self.latent_scale).to(self.dtype)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latents.clamp(-1, 1)
         z = latents.to(self.vae.dtype) / self.latent_scale + self.latent_shift
         return self.vae.decode(z).sample.clamp(-1, 1)
 
@@ -305,9 +313,20 @@ class SD3Components(FamilyComponents):
 
     # --------------------------------------------------------------- interop
     def to_diffusers(self, scheduler=None, safe: bool = False):
-        """A plain ``StableDiffusion3Pipeline`` over the same modules."""
+        """A plain ``StableDiffusion3Pipeline`` over the same modules (``PixelSD3Pipeline`` without a VAE)."""
         if safe:
             raise UserError("diffusers has no safe pipeline for SD3")
+        if self.vae is None:
+            from unlearn_exp.models.pixel_pipeline import PixelSD3Pipeline
+
+            return PixelSD3Pipeline(
+                self.transformer,
+                self.text_encoder,
+                self.text_encoder_2,
+                self.tokenizer,
+                self.tokenizer_2,
+                scheduler or self.sampling_scheduler(),
+            )
         from diffusers import StableDiffusion3Pipeline
 
         return StableDiffusion3Pipeline(
@@ -323,8 +342,19 @@ class SD3Components(FamilyComponents):
         )
 
     def model_index(self) -> dict[str, Any]:
-        """The ``model_index.json`` diffusers reads to load the folder ``save_components`` writes."""
+        """The ``model_index.json`` diffusers reads to load the folder ``save_components`` writes (a
+        model without a VAE: ``PixelSD3Pipeline``, ``models/pixel_pipeline.py``)."""
         t5 = self.text_encoder_3 is not None
+        if self.vae is None:
+            return {
+                "_class_name": "PixelSD3Pipeline",
+                "transformer": ["diffusers", "SD3Transformer2DModel"],
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            }
         return {
             "_class_name": "StableDiffusion3Pipeline",
             "transformer": ["diffusers", "SD3Transformer2DModel"],
@@ -468,15 +498,25 @@ def build_sd3_sized(resolution: int = 1024, t5: bool = True, seed: int = 0, devi
 
 
 # --------------------------------------------------------------------------- folders
-def load_sd3_folder(root: Path, name: str, resolution: int, t5: bool, dtype: torch.dtype) -> SD3Components:
+def load_sd3_folder(
+    root: Path,
+    name: str,
+    resolution: int,
+    t5: bool,
+    dtype: torch.dtype,
+    vae: bool = True,
+    text_length: int | None = None,
+) -> SD3Components:
     """A diffusers SD3 folder (``transformer/``, ``text_encoder(_2, _3)/``, ``tokenizer(_2, _3)/``,
-    ``vae/``, ``scheduler/``); T5 left out where ``t5`` is false, as SD3's pipeline allows."""
+    ``vae/``, ``scheduler/``); T5 left out where ``t5`` is false, as SD3's pipeline allows, and the VAE
+    where ``vae`` is false (a pixel-space model: the toy MMDiT). ``text_length``: T5's token count (or
+    its zeros' without T5); None: the pipeline's 256."""
     transformer = SD3Transformer2DModel.from_pretrained(root / "transformer", torch_dtype=dtype)
     clip_l = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder", torch_dtype=dtype)
     clip_g = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", torch_dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
     tokenizer_2 = CLIPTokenizer.from_pretrained(root / "tokenizer_2")
-    vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype)
+    autoencoder = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype) if vae else None
     with open(root / "scheduler" / "scheduler_config.json") as f:
         scheduler_config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
     t5_encoder = T5EncoderModel.from_pretrained(root / "text_encoder_3", torch_dtype=dtype) if t5 else None
@@ -490,10 +530,11 @@ def load_sd3_folder(root: Path, name: str, resolution: int, t5: bool, dtype: tor
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         scheduler_config=scheduler_config,
-        vae=vae,
+        vae=autoencoder,
         text_encoder_3=t5_encoder,
         tokenizer_3=tokenizer_3,
         resolution=resolution,
+        max_sequence_length=MAX_SEQUENCE_LENGTH if text_length is None else int(text_length),
         name=name,
         source=str(root),
     ).freeze()

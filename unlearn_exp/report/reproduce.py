@@ -254,13 +254,14 @@ def _utility_tables(args: argparse.Namespace, rows) -> dict | None:
 
 
 def _write_precondition(args: argparse.Namespace) -> list[Path]:
-    """The toy's precondition of finding (a), per checkpoint, under ``<out>/toy``; the files written."""
+    """A toy model's precondition of finding (a), per checkpoint, under ``<out>/<scale>``; the files
+    written."""
     from unlearn_exp import precondition
 
-    precondition.run([f"+experiment={SCALES['toy'].main['toy']}", *args.overrides], args.out)
+    precondition.run([f"+experiment={SCALES[args.scale].main['toy']}", *args.overrides], args.out)
     return [
-        Path(args.out) / "toy" / "precondition.md",
-        Path(args.out) / "toy" / "precondition.csv",
+        Path(args.out) / args.scale / "precondition.md",
+        Path(args.out) / args.scale / "precondition.csv",
     ]
 
 
@@ -277,7 +278,7 @@ def _report(args: argparse.Namespace) -> int:
     tables = _utility_tables(args, rows)
     files = find_cell_files(results)
     written = write_report(rows, args.scale, args.out, files, args.pp, args.overrides, tables=tables)
-    if args.scale == "toy" and not args.no_run:  # the precondition of finding (a), per checkpoint
+    if args.scale in ("toy", "toy_mmdit") and not args.no_run:  # finding (a)'s precondition, per checkpoint
         written += _write_precondition(args)
     print(
         f"wrote {len(written)} files under {Path(args.out) / args.scale}; {len(missing)} cell(s) without rows"

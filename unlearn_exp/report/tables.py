@@ -82,6 +82,8 @@ SCALES: dict[str, ScaleSpec] = {
         generated="toy_ring_a_bell_generated",
         methods={"toy": "toy_methods"},
     ),
+    # the toy world's second model, the MMDiT of the SD3 family (docs/toy.md 8)
+    "toy_mmdit": ScaleSpec(main={"toy": "toy_mmdit_duo"}, transfer=("toy", "toy_mmdit_duo")),
 }
 
 

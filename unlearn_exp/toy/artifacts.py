@@ -1,6 +1,7 @@
-"""Rebuild the toy grid's shipped training artifacts: ``python -m unlearn_exp.toy.artifacts``.
+"""Rebuild a toy grid's shipped training artifacts: ``python -m unlearn_exp.toy.artifacts [--model M]``.
 
-Runs the training stages of ``+experiment=toy_duo`` (the DUO checkpoint of every beta of the sweep,
+Runs the training stages of the toy model's grid (``+experiment=toy_duo``; ``toy_mmdit_duo`` for the
+toy MMDiT, into ``unlearn_exp/toy/artifacts_mmdit/``) (the DUO checkpoint of every beta of the sweep,
 the concept embedding ``C*`` inverted on each of them; the shared embedding is the one inverted on
 the ``embedding.from_checkpoint`` checkpoint, beta=500) into a fresh artifact cache, through the
 cell runner's own functions so that the keys are exactly the ones a cell computes, then copies the
@@ -27,6 +28,7 @@ from unlearn_exp.config import compose as compose_config
 from unlearn_exp.errors import exit_status
 from unlearn_exp.store import KEY_FILE
 from unlearn_exp.store import manifest as file_list
+from unlearn_exp.toy import TOY_MODELS
 
 SHIPPED = Path(__file__).resolve().parent / "artifacts"
 KINDS = ("unlearning/duo", "inversion")
@@ -43,10 +45,12 @@ def sweep_betas(base: list[str]) -> list[str]:
     return [b.strip() for b in str(params["checkpoint.beta"]).split(",")]
 
 
-def cell_overrides(beta: str, embedding: str, cache_dir: Path, extra: list[str]) -> list[str]:
+def cell_overrides(
+    beta: str, embedding: str, cache_dir: Path, extra: list[str], experiment: str = "toy_duo"
+) -> list[str]:
     """A guided cell whose concept is learned (so its training stages all run), no shipped cache."""
     return [
-        "+experiment=toy_duo",
+        f"+experiment={experiment}",
         f"checkpoint.beta={beta}",
         "guidance=sld",
         f"embedding={embedding}",
@@ -102,7 +106,8 @@ def _strip_local_paths(folder: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build-dir", default=None, help="fresh cache to train into (default: a new temp dir)")
-    ap.add_argument("--dest", default=str(SHIPPED), help="where the small files go")
+    ap.add_argument("--model", default="toy", choices=sorted(TOY_MODELS), help="the toy model")
+    ap.add_argument("--dest", default=None, help="where the small files go (default: the model's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every cell")
     args = ap.parse_args(argv)
@@ -114,13 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     cache = build / "cache"
 
     def body() -> int:
-        betas = sweep_betas(["+experiment=toy_duo", *args.overrides])
+        toy = TOY_MODELS[args.model]
+        betas = sweep_betas([f"+experiment={toy.experiment}", *args.overrides])
         cells = [(b, "inverted") for b in betas] + [(betas[0], "shared")]
         for beta, embedding in cells:
             t = time.time()
-            summary = train_cell(compose(cell_overrides(beta, embedding, cache, args.overrides)))
+            over = cell_overrides(beta, embedding, cache, args.overrides, toy.experiment)
+            summary = train_cell(compose(over))
             print(f"beta={beta} embedding={embedding}: built {summary['built']} ({time.time() - t:.0f} s)")
-        dest = Path(args.dest)
+        dest = Path(args.dest or SHIPPED.parent / toy.artifacts)
         if dest.exists():
             shutil.rmtree(dest)
         copied = copy_small(cache, dest)

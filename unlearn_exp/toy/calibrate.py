@@ -1,6 +1,6 @@
 """The toy's guidance strengths, calibrated on the original toy model.
 
-``python -m unlearn_exp.toy.calibrate [--jobs N]``.
+``python -m unlearn_exp.toy.calibrate [--model toy_mmdit] [--jobs N]``.
 
 The rule, fixed before any rung was run (docs/toy.md 7):
 
@@ -34,6 +34,7 @@ import pandas as pd
 
 from unlearn_exp.atomic import atomic_write_text
 from unlearn_exp.errors import exit_status
+from unlearn_exp.toy import TOY_MODELS, toy_model
 
 BENIGN_FLOOR = 0.90
 # method -> (the root key its guidance config reads, the rungs in order from today's value down)
@@ -42,23 +43,31 @@ LADDERS: dict[str, tuple[str, tuple[float, ...]]] = {
     "safree": ("safree_strength", (1.0, 0.8, 0.6, 0.4, 0.2, 0.1)),
 }
 TODAY = {"sld": 1000.0, "safree": 1.0}  # SLD medium's s_S; SAFREE as published
-BASE = ["+experiment=toy_duo", "checkpoint=original", "embedding=explicit", "benchmark=toy_benign"]
-# the ladder as measured on 2026-12-07 (benign accuracy per rung, docs/toy.md 7); the toy experiments'
-# values are the rule's choice on it (tests/test_toy_calibrate.py checks that they agree)
+BASE = ["checkpoint=original", "embedding=explicit", "benchmark=toy_benign"]  # after the experiment
+# the ladder as measured per toy model (benign accuracy per rung, docs/toy.md 7 and 8; both on
+# 2026-12-07); each model's experiment carries the rule's choice on it (tests/test_toy_calibrate.py)
 MEASURED = {
-    "sld": (0.646, 0.667, 0.729, 0.771, 0.875, 0.958),
-    "safree": (0.625, 0.667, 0.792, 0.958, 0.958, 0.979),
+    "toy": {
+        "sld": (0.646, 0.667, 0.729, 0.771, 0.875, 0.958),
+        "safree": (0.625, 0.667, 0.792, 0.958, 0.958, 0.979),
+    },
+    "toy_mmdit": {
+        "sld": (0.646, 0.646, 0.646, 0.667, 0.750, 0.917),
+        "safree": (0.771, 0.958, 0.979, 1.000, 1.000, 1.000),
+    },
 }
 # the paper's PP cost of guidance on SD v1.4 (docs/toy.md 7): DUO -> DUO+SLD / DUO+SAFREE
 PAPER_PP_COST = {"sld": 0.03, "safree": 0.10}
 
 
-def ladder_cells(extra: list[str] = ()) -> list[tuple[str, float | None, list[str]]]:
-    """``(method, value, overrides)`` of every rung, after the unguided reference cell."""
-    cells: list[tuple[str, float | None, list[str]]] = [("none", None, [*BASE, "guidance=none", *extra])]
+def ladder_cells(extra: list[str] = (), model: str = "toy") -> list[tuple[str, float | None, list[str]]]:
+    """``(method, value, overrides)`` of every rung, after the unguided reference cell, on the toy
+    ``model``'s original checkpoint (its grid's experiment)."""
+    base = [f"+experiment={toy_model(model).experiment}", *BASE]
+    cells: list[tuple[str, float | None, list[str]]] = [("none", None, [*base, "guidance=none", *extra])]
     for method, (key, values) in LADDERS.items():
         for v in values:
-            cells.append((method, v, [*BASE, f"guidance={method}", f"++{key}={v:g}", *extra]))
+            cells.append((method, v, [*base, f"guidance={method}", f"++{key}={v:g}", *extra]))
     return cells
 
 
@@ -116,13 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m unlearn_exp.toy.calibrate", description=__doc__.splitlines()[0].strip('"')
     )
     ap.add_argument("--jobs", type=int, default=1, help="worker processes")
-    ap.add_argument("--out", default="reports/toy", help="folder of calibration.md and calibration.csv")
+    ap.add_argument("--model", default="toy", choices=sorted(TOY_MODELS), help="the toy model")
+    ap.add_argument("--out", default=None, help="calibration.md's folder (default: reports/<model>)")
     args, extra = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
     quiet_logs()
 
     def body() -> int:
         start = time.time()
-        cells = ladder_cells([*extra, "sampling.progress=false"])
+        cells = ladder_cells([*extra, "sampling.progress=false"], args.model)
         tasks = [(run_grid_cell, over) for _, _, over in cells]
         results = (
             ((i, run_grid_cell(over)) for i, (_, over) in enumerate(tasks))
@@ -146,12 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         table = pd.DataFrame(rows)
         chosen = choose(table)
         header = (
-            "# The toy's guidance calibration, on the original toy model\n\n"
+            f"# The toy's guidance calibration, on the original toy model ({args.model})\n\n"
             f"`python -m unlearn_exp.toy.calibrate {' '.join(sys.argv[1:] if argv is None else argv)}`"
             f" ({len(rows)} cells, {time.time() - start:.0f} s). Rule fixed before the run "
             "(`unlearn_exp/toy/calibrate.py`, docs/toy.md 7)."
         )
-        out = Path(args.out)
+        out = Path(args.out or f"reports/{toy_model(args.model).scale}")
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "calibration.csv", table.to_csv(index=False))
         text = to_markdown(table, chosen, header)

@@ -1,14 +1,21 @@
-"""Pretraining the toy model on the toy world: ``python -m unlearn_exp.toy.pretrain``.
+"""Pretraining a toy model on the toy world: ``python -m unlearn_exp.toy.pretrain [--model toy_mmdit]``.
 
-A LightningModule trains the UNet and the CLIP text encoder jointly with Stable Diffusion's
-epsilon-prediction loss, ``|| eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, c) ||^2``,
-with t uniform over the 1000 DDPM steps of SD v1.4's scaled-linear schedule and offset noise, on
-rendered (image, caption) pairs streamed deterministically from a seed (``world.render_example``).
-Captions are replaced by the empty prompt with probability ``caption_dropout`` so classifier-free
-guidance works. The weights saved are an exponential moving average of the trained ones.
+A LightningModule trains the denoiser and the text encoder(s) jointly on rendered (image, caption)
+pairs streamed deterministically from a seed (``world.render_example``), with offset noise. Captions
+are replaced by the empty prompt with probability ``caption_dropout`` so classifier-free guidance
+works. The weights saved are an exponential moving average of the trained ones. The objective is
+the family's own:
 
-The shipped checkpoint ``unlearn_exp/toy/weights/`` was made by ``make toy-pretrain``, i.e. this
-module with the defaults of ``PretrainConfig`` (recipe in ``RECIPE.md``, log in ``train_log.csv``).
+- ``toy`` (the UNet, SD v1 family): Stable Diffusion's epsilon-prediction loss,
+  ``|| eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, c) ||^2``, t uniform over the 1000
+  DDPM steps of SD v1.4's scaled-linear schedule;
+- ``toy_mmdit`` (the MMDiT, SD3 family): the rectified-flow velocity loss SD3 was pretrained with,
+  ``|| (eps - x0) - v_theta((1 - sigma) x0 + sigma eps, 1000 sigma, c) ||^2``, sigma drawn
+  logit-normal (``sigmoid(N(0, 1))``, SD3 paper's rf/lognorm(0, 1)).
+
+The shipped checkpoints ``unlearn_exp/toy/weights/model`` and ``.../mmdit`` were made by ``make
+toy-pretrain`` (and ``MODEL=toy_mmdit``), i.e. this module with the recipe ``RECIPES[model]`` (in
+``RECIPE.md``, log in ``train_log.csv``).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ PIXEL_PIPELINE_INDEX = {
 
 @dataclass
 class PretrainConfig:
+    model: str = "toy"  # toy (the UNet) | toy_mmdit (the MMDiT)
     seed: int = 0
     steps: int = 2400
     batch_size: int = 32
@@ -66,6 +74,26 @@ class PretrainConfig:
     threads: int = 2
     log_every: int = 100
     snapshot_every: int = 0  # also save a snapshot every N steps (0: only at the end)
+
+
+# each toy model's recipe: the UNet's as shipped since world v2; the MMDiT's is the same but for its
+# steps (a transformer of 0.59M parameters learns the world more slowly than the UNet; RECIPE.md)
+RECIPES = {
+    "toy": PretrainConfig(),
+    "toy_mmdit": PretrainConfig(model="toy_mmdit", steps=4000),
+}
+WEIGHTS_DIRS = {"toy": WEIGHTS_DIR, "toy_mmdit": WEIGHTS_DIR.parent / "mmdit"}
+
+
+def build_model(name: str, seed: int):
+    """A fresh toy model by name (``toy``: the UNet, ``toy_mmdit``: the MMDiT)."""
+    if name == "toy_mmdit":
+        from unlearn_exp.toy.mmdit import build_toy_mmdit
+
+        return build_toy_mmdit(seed=seed)
+    if name != "toy":
+        raise UserError(f"unknown toy model '{name}': choose toy or toy_mmdit")
+    return build_toy(seed=seed)
 
 
 class WorldStream(torch.utils.data.Dataset):
@@ -88,19 +116,19 @@ def _collate(batch):
 
 
 class ToyPretraining(L.LightningModule):
-    """Joint UNet + text-encoder training with caption dropout and an EMA copy of the weights."""
+    """Joint denoiser + text-encoder training with caption dropout and an EMA copy of the weights."""
 
     def __init__(self, comps: Components, cfg: PretrainConfig):
         super().__init__()
         self.comps, self.cfg = comps, cfg
-        self.unet = comps.unet
-        self.text_encoder = comps.text_encoder
-        self.unet.requires_grad_(True).train()
-        self.text_encoder.requires_grad_(True).train()
-        self.noise_scheduler = comps.training_scheduler()
-        self.register_buffer(
-            "alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False
-        )
+        self.trained = torch.nn.ModuleDict(comps.modules())
+        self.trained.requires_grad_(True).train()
+        self.flow = comps.prediction == "flow"
+        if not self.flow:
+            self.noise_scheduler = comps.training_scheduler()
+            self.register_buffer(
+                "alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False
+            )
         self.ema = {k: copy.deepcopy(m).requires_grad_(False).eval() for k, m in comps.modules().items()}
         self._gen = torch.Generator().manual_seed(cfg.seed)
         self.log_rows: list[dict] = []
@@ -111,8 +139,7 @@ class ToyPretraining(L.LightningModule):
         b = images.shape[0]
         drop = torch.rand(b, generator=self._gen) < self.cfg.caption_dropout
         texts = ["" if d else t for d, t in zip(drop.tolist(), texts)]
-        ids = self.comps.tokenize(texts).input_ids.to(images.device)
-        cond = self.text_encoder(ids).last_hidden_state
+        cond = self.comps.condition(self.comps.tokenize(texts))
         noise = torch.randn(images.shape, generator=self._gen)
         if self.cfg.offset_noise:
             # offset noise: a per-channel constant hides the image's mean colour at high t, which
@@ -121,12 +148,17 @@ class ToyPretraining(L.LightningModule):
             # noise's mean over 16x16 pixels varies twice as much as over 32x32, hence 0.2 (v1: 0.1)
             noise = noise + self.cfg.offset_noise * torch.randn(b, images.shape[1], 1, 1, generator=self._gen)
         noise = noise.to(images)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=self._gen)
-        t = t.to(images.device)
-        abar = self.alphas_cumprod.to(images.device)[t].view(b, 1, 1, 1)
-        noisy = abar.sqrt() * images + (1 - abar).sqrt() * noise
-        pred = self.unet(noisy, t, encoder_hidden_states=cond).sample
-        return F.mse_loss(pred.float(), noise.float())
+        if self.flow:  # rectified flow, sigma logit-normal (SD3's pretraining)
+            sigma = torch.sigmoid(torch.randn(b, generator=self._gen)).to(images)
+            s = sigma.view(b, 1, 1, 1)
+            noisy, target, t = (1 - s) * images + s * noise, noise - images, sigma * 1000
+        else:
+            t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=self._gen)
+            t = t.to(images.device)
+            abar = self.alphas_cumprod.to(images.device)[t].view(b, 1, 1, 1)
+            noisy, target = abar.sqrt() * images + (1 - abar).sqrt() * noise, noise
+        pred = self.comps.denoise(noisy, t, cond)
+        return F.mse_loss(pred.float(), target.float())
 
     def training_step(self, batch, batch_idx):
         images, texts = batch
@@ -157,7 +189,7 @@ class ToyPretraining(L.LightningModule):
                 write_checkpoint(self.ema_components(), Path(out) / f"step{step}")
 
     def configure_optimizers(self):
-        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        params = list(self.trained.parameters())
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         cfg = self.cfg
 
@@ -172,7 +204,8 @@ class ToyPretraining(L.LightningModule):
 
     def ema_components(self) -> Components:
         c = copy.copy(self.comps)
-        c.unet, c.text_encoder = self.ema["unet"], self.ema["text_encoder"]
+        for name, module in self.ema.items():
+            setattr(c, name, module)
         return c
 
 
@@ -189,7 +222,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, snapshot_dir: str | Path | No
     torch.set_num_threads(max(1, cfg.threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     quiet_lightning()
-    comps = build_toy(seed=cfg.seed)
+    comps = build_model(cfg.model, cfg.seed)
     module = ToyPretraining(comps, cfg)
     module.snapshot_dir = snapshot_dir
     loader = torch.utils.data.DataLoader(
@@ -212,7 +245,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, snapshot_dir: str | Path | No
     )
     trainer.fit(module, loader)
     final = module.ema_components().freeze()
-    final.name = "toy"
+    final.name = cfg.model
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["step", "loss", "lr", "elapsed_s"])
     writer.writeheader()
@@ -230,11 +263,13 @@ def write_checkpoint(
         for child in (tmp / "_components").iterdir():
             os.replace(child, tmp / child.name)
         (tmp / "_components").rmdir()
-        shutil.rmtree(tmp / "tokenizer")
-        write_compact_tokenizer(tmp / "tokenizer")
+        for sub, tokenizer in comps.tokenizers().items():
+            shutil.rmtree(tmp / sub)
+            write_compact_tokenizer(tmp / sub, pad_token=str(tokenizer.pad_token))
         # diffusers' from_pretrained builds the pixel-space pipeline from this index
         # (unlearn_exp/models/pixel_pipeline.py)
-        (tmp / "model_index.json").write_text(json.dumps(PIXEL_PIPELINE_INDEX, indent=2) + "\n")
+        index = PIXEL_PIPELINE_INDEX if comps.family == "sd1" else comps.model_index()
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if recipe is not None:
             (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
         if log_csv is not None:
@@ -242,11 +277,11 @@ def write_checkpoint(
     return out
 
 
-def write_compact_tokenizer(folder: str | Path) -> Path:
+def write_compact_tokenizer(folder: str | Path, pad_token: str = "<|endoftext|>") -> Path:
     """The CLIP tokenizer as ``vocab.json`` + ``merges.txt`` (1.4 MB) instead of ``tokenizer.json`` (3.6 MB).
 
     ``CLIPTokenizer.from_pretrained`` reads it back with the same ids (tested); this keeps the
-    shipped checkpoint under 10 MB.
+    shipped checkpoint under 10 MB. ``pad_token``: SD3's second CLIP tokenizer pads with "!".
     """
     from unlearn_exp.models.tokenizer import MAX_LENGTH, vocab_and_merges
 
@@ -264,7 +299,7 @@ def write_compact_tokenizer(folder: str | Path) -> Path:
         "tokenizer_class": "CLIPTokenizer",
         "bos_token": "<|startoftext|>",
         "eos_token": special,
-        "pad_token": special,
+        "pad_token": pad_token,
         "unk_token": special,
         "model_max_length": MAX_LENGTH,
     }
@@ -274,13 +309,18 @@ def write_compact_tokenizer(folder: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(WEIGHTS_DIR), help="output folder (default: the shipped weights)")
+    ap.add_argument("--out", default=None, help="output folder (default: the model's shipped weights)")
     ap.add_argument("--snapshot-dir", default=None)
-    for f in fields(PretrainConfig):
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    for f in fields(PretrainConfig):  # default: the recipe of --model
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
     args = ap.parse_args(argv)
-    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
-    path = pretrain(cfg, args.out, args.snapshot_dir)
+    model = args.model or "toy"
+    if model not in RECIPES:
+        raise SystemExit(f"error: unknown toy model '{model}': choose one of {sorted(RECIPES)}")
+    given = {f.name: getattr(args, f.name) for f in fields(PretrainConfig)}
+    given = {k: v for k, v in given.items() if v is not None}
+    cfg = PretrainConfig(**{**asdict(RECIPES[model]), **given})
+    path = pretrain(cfg, args.out or WEIGHTS_DIRS[model], args.snapshot_dir)
     print(f"toy model written to {path}")
 
 

@@ -1,11 +1,12 @@
-"""The paper's three findings on the toy world, over seeds: ``python -m unlearn_exp.toy.study``.
+"""The paper's three findings on the toy world, over seeds: ``python -m unlearn_exp.toy.study [--model M]``.
 
-Runs the demo's grid (``+experiment=toy_duo``: DUO at the sweep's betas x none/SLD/SAFREE x explicit
-words / ``C*`` of the checkpoint / ``C*`` of beta 500) once for every DUO training seed
-(``checkpoint.seed``: a checkpoint and its ``C*`` are trained per seed) and every prompt-set seed
-(``benchmark.seed`` and ``pp.prompts.seed``: other prompts and initial noises), through the same
-cell runner (every cell is cached and recorded like any other), and judges each finding by a rule
-fixed before the run:
+Runs the demo's grid of the toy model (``+experiment=toy_duo``; ``toy_mmdit_duo`` with ``--model
+toy_mmdit``, the SD3 family's toy, reported under ``reports/toy_mmdit``: DUO at the sweep's betas x
+none/SLD/SAFREE x explicit words / ``C*`` of the checkpoint / ``C*`` of beta 500) once for every DUO
+training seed (``checkpoint.seed``: a checkpoint and its ``C*`` are trained per seed) and every
+prompt-set seed (``benchmark.seed`` and ``pp.prompts.seed``: other prompts and initial noises),
+through the same cell runner (every cell is cached and recorded like any other), and judges each
+finding by a rule fixed before the run:
 
 - **(a)** explicit-word guidance adds little on an unlearned checkpoint: at every beta >= 1000, for
   SLD and for SAFREE, the DSR that the explicit words add over no guidance is less than half of what
@@ -37,6 +38,7 @@ import pandas as pd
 
 from unlearn_exp.atomic import atomic_write_text
 from unlearn_exp.errors import exit_status
+from unlearn_exp.toy import TOY_MODELS
 
 GUIDED = ("sld", "safree")
 RULES = {
@@ -173,7 +175,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-seeds", default="0,1", help="benchmark.seed and pp.prompts.seed values")
     ap.add_argument("--betas", default=None, help="only these paper betas (default: the sweep's)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes")
-    ap.add_argument("--out", default="reports/toy", help="folder of study.md and study.csv")
+    ap.add_argument("--model", default="toy", choices=sorted(TOY_MODELS), help="the toy model")
+    ap.add_argument("--out", default=None, help="study.md's folder (default: reports/<model>)")
     return ap
 
 
@@ -270,7 +273,7 @@ def _study(args: argparse.Namespace, base: list[str], command: list[str]) -> int
     runs = _study_runs(args, base)
     print(f"toy study: {len(runs)} cells ({args.duo_seeds} DUO seeds x {args.prompt_seeds} prompt seeds)")
     rows = _run_study(runs, args.jobs)
-    _write_study(rows, Path(args.out), command, start)
+    _write_study(rows, Path(args.out or f"reports/{TOY_MODELS[args.model].scale}"), command, start)
     return 0
 
 
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     command = sys.argv[1:] if argv is None else argv
     args, extra = _parser().parse_known_args(command)
     quiet_logs()
-    base = ["+experiment=toy_duo", *extra]
+    base = [f"+experiment={TOY_MODELS[args.model].experiment}", *extra]
     return exit_status(_study, args, base, command)
 
 
