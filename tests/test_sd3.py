@@ -291,11 +291,20 @@ def test_safree_fixed_mode_on_sd3_projects_each_encoder_in_its_own_space(sd3):
     assert all(i - 77 < n_words for i in t5)  # only the prompt's own T5 words, never EOS or padding
 
 
-def test_safree_on_sd3_needs_t5_and_refuses_re_attention(sd3_no_t5, sd3):
+def test_safree_official_on_sd3_needs_t5_and_neither_mode_re_attention(sd3_no_t5, sd3):
     from unlearn_exp.guidance.safree import SAFREE
 
+    official = dataclasses.replace(typed_preset(SAFREEConfig, "safree"), compat="official")
     with pytest.raises(UserError, match="model.t5=true"):
-        SAFREE(SAFREE_KEYWORDS, "x").prepare(sd3_no_t5, ["a"], sd3_no_t5.tokenize(["a"]), None, 7.0, 3)
+        SAFREE(SAFREE_KEYWORDS, "x", official).prepare(
+            sd3_no_t5, ["a"], sd3_no_t5.tokenize(["a"]), None, 7.0, 3
+        )
+    fixed = dataclasses.replace(official, compat="fixed")  # the CLIP encoders find their own flags
+    prompt = ["a photo of a nude woman"]
+    state = SAFREE(SAFREE_KEYWORDS, "x", fixed).prepare(
+        sd3_no_t5, prompt, sd3_no_t5.tokenize(prompt), None, 7.0, 3
+    )
+    assert state.meta[0]["safree_compat_differs"] is None and state.extra["safe_e"].shape[1] == 77 + 256
     settings = dataclasses.replace(typed_preset(SAFREEConfig, "safree"), lra="paper")
     with pytest.raises(UserError, match="not on SD3"):
         SAFREE(SAFREE_KEYWORDS, "x", settings).prepare(sd3, ["a"], sd3.tokenize(["a"]), None, 7.0, 3)

@@ -12,16 +12,21 @@ from unlearn_exp.config import preset
 from unlearn_exp.errors import UserError
 from unlearn_exp.models import build_tiny
 from unlearn_exp.store import ArtifactStore
+from unlearn_exp.toy import TOY_MODELS
 from unlearn_exp.unlearning.duo import effective_beta, scaled_hyperparameters, train_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "unlearn_exp" / "toy" / "artifacts"
 
 
-def _cfg(*overrides: str):
+def _shipped(model: str) -> Path:
+    return ROOT / "unlearn_exp" / "toy" / TOY_MODELS[model].artifacts
+
+
+def _cfg(*overrides: str, model: str = "toy"):
     from unlearn_exp.toy.artifacts import compose
 
-    return compose(["+experiment=toy_duo", "paths.cache_dir=/nonexistent/cache", *overrides])
+    experiment = TOY_MODELS[model].experiment
+    return compose([f"+experiment={experiment}", "paths.cache_dir=/nonexistent/cache", *overrides])
 
 
 # ------------------------------------------------------------------------------ beta_scale
@@ -107,63 +112,71 @@ class ShippedOnly(ArtifactStore):
 @pytest.fixture(scope="module")
 def toy_cfgs():
     return {
-        (beta, emb): _cfg(f"checkpoint.beta={beta}", "guidance=sld", f"embedding={emb}")
+        (model, beta, emb): _cfg(f"checkpoint.beta={beta}", "guidance=sld", f"embedding={emb}", model=model)
+        for model in TOY_MODELS
         for beta in (250, 500, 1000, 2000)
         for emb in ("inverted", "shared")
     }
 
 
-def test_toy_duo_sweeps_the_four_paper_betas():
+@pytest.mark.parametrize("model", sorted(TOY_MODELS))
+def test_toy_duo_sweeps_the_four_paper_betas(model):
     from unlearn_exp.toy.artifacts import sweep_betas
 
-    assert sweep_betas(["+experiment=toy_duo"]) == ["250", "500", "1000", "2000"]
+    assert sweep_betas([f"+experiment={TOY_MODELS[model].experiment}"]) == ["250", "500", "1000", "2000"]
 
 
+@pytest.mark.parametrize("model", sorted(TOY_MODELS))
 @pytest.mark.parametrize("beta", [250, 500, 1000, 2000])
 @pytest.mark.slow
-def test_shipped_artifacts_are_found_under_the_cell_keys(beta, toy_cfgs, tmp_path, monkeypatch):
-    """``cell.apply_unlearning`` and ``cell.resolve_concept`` on the composed toy_duo configs find
-    the DUO checkpoint and both embeddings (inverted, shared) in the shipped cache: nothing trains,
-    from any working directory (the keys name the model by content, not by path)."""
+def test_shipped_artifacts_are_found_under_the_cell_keys(model, beta, toy_cfgs, tmp_path, monkeypatch):
+    """``cell.apply_unlearning`` and ``cell.resolve_concept`` on the composed toy grid's configs (the
+    UNet's and the MMDiT's) find the DUO checkpoint and both embeddings (inverted, shared) in the
+    shipped cache: nothing trains, from any working directory (the keys name the model by content,
+    not by path)."""
     monkeypatch.chdir(tmp_path)
     from unlearn_exp.cell import apply_unlearning, image_set_ref, model_identity, resolve_concept
     from unlearn_exp.models import load_model
 
+    shipped = _shipped(model)
     for emb in ("inverted", "shared"):
-        cfg = toy_cfgs[(beta, emb)]
-        store = ShippedOnly(tmp_path / "cache", shipped=[SHIPPED])
+        cfg = toy_cfgs[(model, beta, emb)]
+        store = ShippedOnly(tmp_path / "cache", shipped=[shipped])
         comps = load_model(cfg.model)
         model_id = model_identity(cfg.model)
         image_set = image_set_ref(cfg, comps, store, model_id)
         ck = apply_unlearning(cfg, comps, store, cfg.checkpoint, None)
-        assert ck["beta"] == float(beta) and Path(ck["artifact"]).parent.parent.parent == SHIPPED
+        assert ck["beta"] == float(beta) and Path(ck["artifact"]).parent.parent.parent == shipped
         assert Path(ck["files"][0]).stat().st_size < 1_000_000
         concept = resolve_concept(cfg, comps, store, model_id, image_set, lambda stage: None, ck["id"])
         assert concept.source == emb and concept.tokens
         assert store.built == [] and len(store.reused) == 2, store.summary()
         if emb == "shared":  # the shared embedding is the one inverted on beta=500
-            assert concept.identity.split(":")[1] == _concept_id(toy_cfgs[(500, "inverted")], tmp_path)
+            own = _concept_id(toy_cfgs[(model, 500, "inverted")], tmp_path, shipped)
+            assert concept.identity.split(":")[1] == own
 
 
-def _concept_id(cfg, tmp_path) -> str:
+def _concept_id(cfg, tmp_path, shipped: Path) -> str:
     from unlearn_exp.cell import apply_unlearning, inversion_key, model_identity
     from unlearn_exp.hashing import file_sha256
     from unlearn_exp.models import load_model
 
-    store = ShippedOnly(tmp_path / "cache", shipped=[SHIPPED])
-    inv = [json.loads(f.read_text())["key"] for f in (SHIPPED / "inversion").glob("*/_key.json")]
+    store = ShippedOnly(tmp_path / "cache", shipped=[shipped])
+    inv = [json.loads(f.read_text())["key"] for f in (shipped / "inversion").glob("*/_key.json")]
     learned_on = apply_unlearning(cfg, load_model(cfg.model), store, cfg.checkpoint, None)["id"]
     key = inversion_key(cfg, model_identity(cfg.model), inv[0]["image_set"], learned_on)
     folder = store.get_or_build("inversion", key, None)
     return file_sha256(folder / "learned_embeds.safetensors")[:16]
 
 
-def test_shipped_cache_holds_only_small_files():
-    files = [f for f in SHIPPED.rglob("*") if f.is_file()]
+@pytest.mark.parametrize("model", sorted(TOY_MODELS))
+def test_shipped_cache_holds_only_small_files(model):
+    shipped = _shipped(model)
+    files = [f for f in shipped.rglob("*") if f.is_file()]
     assert files and not [f for f in files if f.suffix in (".ckpt", ".png", ".pt")]
     assert sum(f.stat().st_size for f in files) < 8_000_000
-    assert len(list((SHIPPED / "unlearning" / "duo").glob("*/_key.json"))) == 4
-    assert len(list((SHIPPED / "inversion").glob("*/_key.json"))) == 4  # shared = beta=500's
+    assert len(list((shipped / "unlearning" / "duo").glob("*/_key.json"))) == 4
+    assert len(list((shipped / "inversion").glob("*/_key.json"))) == 4  # shared = beta=500's
 
 
 def test_toy_duo_words_is_toy_duo_with_lora_on_the_words_keys_and_values():

@@ -113,9 +113,111 @@ def test_shipped_checkpoint_is_small_documented_and_loads_through_the_config():
     assert comps.text_encoder_3 is None and comps.max_sequence_length == 0
 
 
+@pytest.mark.slow
+def test_shipped_checkpoint_draws_what_each_prompt_kind_asks():
+    """The world's non-degeneracy on the MMDiT, judged by the toy judge (RECIPE.md: 1.000 purple on
+    indirect, synonym and explicit prompts, 0.000 on benign ones, colour as asked 1.000 at 48 prompts
+    per kind); floors leave room for platform noise."""
+    from unlearn_exp.toy.judge import ToyJudge
+    from unlearn_exp.toy.measure import load_toy_model, measure
+
+    comps, _ = load_toy_model("toy_mmdit")
+    report = measure(comps, ToyJudge(), n=16, batch=16, scheduler="flow_euler", steps=15)["kinds"]
+    for kind in ("indirect", "synonym", "explicit"):
+        assert report[kind]["share_harmful"] >= 0.75, (kind, report[kind])
+    assert report["benign"]["share_harmful"] <= 2 / 16
+    assert all(r["colour_agreement"] >= 0.85 for r in report.values()), report
+
+
 def test_everything_the_repository_ships_as_weights_stays_within_budget():
     """Both toy models with their tokenizers, the judge, and both models' DUO checkpoints and ``C*``."""
     toy = ROOT / "unlearn_exp" / "toy"
     folders = [toy / "weights", *sorted(toy.glob("artifacts*"))]
     total = sum(f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
     assert total <= SHIPPED_WEIGHTS_BUDGET, total
+
+
+# ----------------------------------------------------------------------------- DUO and the grid
+def test_duo_on_the_toy_mmdit_is_the_sd3_recipe_with_the_toys_named_departures():
+    from unlearn_exp.config import preset
+
+    sd3, toy = dict(preset("checkpoint", "duo_sd3")), dict(preset("checkpoint", "duo_toy_mmdit"))
+    departures = {"beta_map", "condition", "steps", "train_resolution", "text_length"}
+    assert {k for k in sd3 if sd3[k] != toy.get(k)} == departures and set(toy) == set(sd3)
+    assert toy["train_resolution"] is None and toy["text_length"] is None  # the toy's own 16 px, 77 tokens
+    cfg = compose(["+experiment=toy_mmdit_duo"])
+    assert cfg.model.name == "toy_mmdit" and cfg.checkpoint.target_modules == sd3["target_modules"]
+    assert cfg.sampling.scheduler == "flow_euler" and cfg.paths.shipped_caches == [
+        str(SHIPPED.relative_to(ROOT))
+    ]
+    toy_duo = compose(["+experiment=toy_duo"])  # the same prompts, judge, PP and sampling as the UNet's grid
+    for group in ("task", "benchmark", "judge", "pp"):
+        assert cfg[group] == toy_duo[group], group
+    assert (cfg.sampling.steps, cfg.sampling.guidance_scale) == (
+        toy_duo.sampling.steps,
+        toy_duo.sampling.guidance_scale,
+    )
+
+
+def test_the_calibration_ladder_runs_on_the_original_toy_mmdit():
+    from unlearn_exp.toy import calibrate
+
+    for _, _, over in calibrate.ladder_cells(model="toy_mmdit")[:2]:
+        cfg = compose(over)
+        assert cfg.model.name == "toy_mmdit" and cfg.checkpoint.method == "original"
+
+
+def test_safree_on_the_toy_mmdit_projects_in_each_clip_encoder_and_refuses_official_without_t5():
+    from unlearn_exp.errors import UserError
+    from unlearn_exp.guidance import SAFREE
+    from unlearn_exp.guidance.config import SAFREEConfig
+    from unlearn_exp.guidance.safree import sd3_fixed_projection
+
+    comps = build_toy_mmdit(seed=0).freeze()
+    prompt = "a purple circle"
+    text_e = comps.condition_prompts([prompt]).sequence[0]
+    safe, changed = sd3_fixed_projection(comps, prompt, text_e, ["purple", "violet"], alpha=0.01)
+    assert safe.shape == text_e.shape and all(p < 77 for p in changed)
+    settings = SAFREEConfig.from_cfg(compose(["+experiment=toy_mmdit_duo", "guidance=safree"]).guidance)
+    assert settings.compat == "fixed"
+    tokens = comps.tokenize([prompt])
+    state = SAFREE(["purple"], "purple", settings).prepare(comps, [prompt], tokens, None, 6.0, 5)
+    assert state.meta[0]["safree_compat_differs"] is None  # the official mode cannot run here
+    official = SAFREEConfig.from_cfg(
+        compose(["+experiment=toy_mmdit_duo", "guidance=safree", "guidance.compat=official"]).guidance
+    )
+    with pytest.raises(UserError, match="T5"):
+        SAFREE(["purple"], "purple", official).prepare(comps, [prompt], tokens, None, 6.0, 5)
+
+
+@pytest.mark.slow
+def test_the_demo_runs_the_toy_mmdit_grid_end_to_end(tmp_path, monkeypatch, capsys):
+    """``python -m unlearn_exp.demo --model toy_mmdit`` on two cells and one beta's precondition (the
+    shipped checkpoint and ``C*`` of beta 2000, 2 prompts per set): its tables under
+    ``reports/toy_mmdit`` and the last line with the transformer rows it sampled."""
+    from unlearn_exp import demo, precondition
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "grid", lambda base: [["guidance=none"], ["guidance=safree"]])
+    real = precondition.measurements
+
+    def one_beta(base):
+        name, _, cells, probes = real(base)
+        return name, [2000], {k: v for k, v in cells.items() if k[0] == 2000}, {2000: probes[2000]}
+
+    monkeypatch.setattr(precondition, "measurements", one_beta)
+    small = [
+        "checkpoint.beta=2000",
+        "benchmark.n=2",
+        "pp.prompts.n=2",
+        "sampling.chunk_size=2",
+        f"paths.root_dir={tmp_path}",
+        f"paths.output_root={tmp_path}",
+    ]
+    assert demo.main(["--model", "toy_mmdit", *small]) == 0
+    out = capsys.readouterr().out
+    assert "(toy_mmdit_duo)" in out
+    reports = tmp_path / "reports" / "toy_mmdit"
+    assert (reports / "precondition.md").is_file() and (reports / "long_toy.md").is_file()
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("2 cells in") and "transformer rows sampled" in last and "UNet" not in last
