@@ -35,6 +35,33 @@ class PixelPipelineOutput(BaseOutput):
     tensors: torch.Tensor  # (B, 3, H, W) in [-1, 1]
 
 
+def _prompts_and_noise(
+    prompt: str | list[str], negative_prompt, seeds, config, resolution: int | None
+) -> tuple[list[str], list[str], torch.Tensor]:
+    """The prompts, their negative prompts and each image's initial noise (``torch.Generator`` seeded
+    per image, as our sampler draws it) at the denoiser's ``sample_size`` unless ``resolution``."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = (
+        negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
+    )
+    seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+    size = int(resolution or config.sample_size)
+    shape = (config.in_channels, size, size)
+    noise = torch.stack(
+        [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    )
+    return prompts, negatives, noise
+
+
+def _output(x: torch.Tensor) -> PixelPipelineOutput:
+    """Pixels in [-1, 1] -> PIL images and the clamped tensors."""
+    tensors = x.clamp(-1, 1).float().cpu()
+    arrays = ((tensors + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return PixelPipelineOutput(
+        images=[Image.fromarray(np.ascontiguousarray(a)) for a in arrays], tensors=tensors
+    )
+
+
 class PixelDiffusionPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet"
 
@@ -62,15 +89,8 @@ class PixelDiffusionPipeline(DiffusionPipeline):
         seeds: list[int] | None = None,
         resolution: int | None = None,
     ) -> PixelPipelineOutput:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = (
-            negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
-        )
-        seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
-        size = int(resolution or self.unet.config.sample_size)
-        shape = (self.unet.config.in_channels, size, size)
-        noise = torch.stack(
-            [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+        prompts, negatives, noise = _prompts_and_noise(
+            prompt, negative_prompt, seeds, self.unet.config, resolution
         )
         dtype = self.unet.dtype
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
@@ -80,11 +100,7 @@ class PixelDiffusionPipeline(DiffusionPipeline):
             model_in = self.scheduler.scale_model_input(torch.cat([x, x]), t)
             eps_u, eps_c = self.unet(model_in, t, encoder_hidden_states=emb).sample.chunk(2)
             x = self.scheduler.step(eps_u + guidance_scale * (eps_c - eps_u), t, x).prev_sample
-        tensors = x.clamp(-1, 1).float().cpu()
-        arrays = ((tensors + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        return PixelPipelineOutput(
-            images=[Image.fromarray(np.ascontiguousarray(a)) for a in arrays], tensors=tensors
-        )
+        return _output(x)
 
 
 class PixelSD3Pipeline(DiffusionPipeline):
@@ -123,15 +139,8 @@ class PixelSD3Pipeline(DiffusionPipeline):
         seeds: list[int] | None = None,
         resolution: int | None = None,
     ) -> PixelPipelineOutput:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = (
-            negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
-        )
-        seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
-        size = int(resolution or self.transformer.config.sample_size)
-        shape = (self.transformer.config.in_channels, size, size)
-        noise = torch.stack(
-            [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+        prompts, negatives, noise = _prompts_and_noise(
+            prompt, negative_prompt, seeds, self.transformer.config, resolution
         )
         dtype = self.transformer.dtype
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
@@ -147,8 +156,4 @@ class PixelSD3Pipeline(DiffusionPipeline):
                 return_dict=False,
             )[0].chunk(2)
             x = self.scheduler.step(v_u + guidance_scale * (v_c - v_u), t, x, return_dict=False)[0]
-        tensors = x.clamp(-1, 1).float().cpu()
-        arrays = ((tensors + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        return PixelPipelineOutput(
-            images=[Image.fromarray(np.ascontiguousarray(a)) for a in arrays], tensors=tensors
-        )
+        return _output(x)

@@ -446,12 +446,17 @@ def build_tiny_sd3(seed: int = 0, resolution: int = 32, t5: bool = True) -> SD3C
             else None
         )
     modules = (transformer, vae, clip_l, clip_g, t5_encoder)
-    return _with_project_tokenizers(modules, resolution, "tiny_sd3", f"built in memory (seed {seed})")
+    return _with_project_tokenizers(
+        modules, resolution, "tiny_sd3", f"built in memory (seed {seed})"
+    ).freeze()
 
 
-def _with_project_tokenizers(modules: tuple, resolution: int, name: str, source: str) -> SD3Components:
+def _with_project_tokenizers(
+    modules: tuple, resolution: int, name: str, source: str, **extra
+) -> SD3Components:
     """Components built in memory around the project's tokenizers: the real CLIP tokenizer twice
-    (CLIP-G's padding with "!", id 0, as SD3's ``tokenizer_2``) and the generated T5 tokenizer."""
+    (CLIP-G's padding with "!", id 0, as SD3's ``tokenizer_2``) and the generated T5 tokenizer.
+    ``extra``: other fields (the toy MMDiT's schedule and T5 length), else SD3's. Not frozen."""
     transformer, vae, clip_l, clip_g, t5_encoder = modules
     tokenizer_2 = build_clip_tokenizer()
     tokenizer_2.pad_token = "!"
@@ -461,14 +466,14 @@ def _with_project_tokenizers(modules: tuple, resolution: int, name: str, source:
         text_encoder_2=clip_g,
         tokenizer=build_clip_tokenizer(),
         tokenizer_2=tokenizer_2,
-        scheduler_config=dict(SD3_SCHEDULE),
         vae=vae,
         text_encoder_3=t5_encoder,
         tokenizer_3=build_t5_tokenizer() if t5_encoder is not None else None,
         resolution=resolution,
         name=name,
         source=source,
-    ).freeze()
+        **{"scheduler_config": dict(SD3_SCHEDULE), **extra},
+    )
 
 
 def build_sd3_sized(resolution: int = 1024, t5: bool = True, seed: int = 0, device=None) -> SD3Components:
@@ -494,7 +499,7 @@ def build_sd3_sized(resolution: int = 1024, t5: bool = True, seed: int = 0, devi
     modules = (transformer, vae, clip_l, clip_g, t5_encoder)
     return _with_project_tokenizers(
         modules, resolution, "sd3-sized", "random weights in SD3-medium's architecture"
-    )
+    ).freeze()
 
 
 # --------------------------------------------------------------------------- folders

@@ -23,8 +23,8 @@ import torch
 from diffusers import SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from unlearn_exp.models.sd3 import SD3Components
-from unlearn_exp.models.tokenizer import BOS_ID, EOS_ID, build_clip_tokenizer
+from unlearn_exp.models.sd3 import SD3Components, _with_project_tokenizers
+from unlearn_exp.models.tokenizer import BOS_ID, EOS_ID
 
 TOY_MMDIT_SCHEDULE = {"num_train_timesteps": 1000, "shift": 1.0}
 
@@ -81,18 +81,11 @@ def build_toy_mmdit(seed: int = 0, **overrides) -> SD3Components:
             pos_embed_max_size=res // int(arch["patch_size"]),
         )
         clip_l, clip_g = _clip(arch), _clip(arch)
-    tokenizer_2 = build_clip_tokenizer()
-    tokenizer_2.pad_token = "!"  # SD3's tokenizer_2 pads with "!" (id 0)
-    return SD3Components(
-        transformer=transformer,
-        text_encoder=clip_l,
-        text_encoder_2=clip_g,
-        tokenizer=build_clip_tokenizer(),
-        tokenizer_2=tokenizer_2,
+    return _with_project_tokenizers(
+        (transformer, None, clip_l, clip_g, None),
+        res,
+        "toy_mmdit",
+        f"built in memory (seed {seed})",
         scheduler_config=dict(TOY_MMDIT_SCHEDULE),
-        vae=None,
-        resolution=res,
         max_sequence_length=0,
-        name="toy_mmdit",
-        source=f"built in memory (seed {seed})",
     )
