@@ -132,7 +132,7 @@ def test_shipped_checkpoint_draws_what_each_prompt_kind_asks():
 def test_everything_the_repository_ships_as_weights_stays_within_budget():
     """Both toy models with their tokenizers, the judge, and both models' DUO checkpoints and ``C*``."""
     toy = ROOT / "unlearn_exp" / "toy"
-    folders = [toy / "weights", *sorted(toy.glob("artifacts*"))]
+    folders = [toy / "weights", *sorted(p for p in toy.glob("artifacts*") if p.is_dir())]
     total = sum(f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
     assert total <= SHIPPED_WEIGHTS_BUDGET, total
 
