@@ -177,9 +177,10 @@ def test_structured_configs_refuse_unknown_keys_and_wrong_types():
             defaults = yaml.safe_load(path.read_text()).get("defaults") or []
             names = [d for d in defaults if isinstance(d, str) and d.endswith("_schema")]
             base = [d for d in defaults if isinstance(d, str) and (path.parent / f"{d}.yaml").is_file()]
-            if base:  # a YAML that extends another of its group (duo_toy: duo) takes that one's schema
-                base_defaults = yaml.safe_load((path.parent / f"{base[0]}.yaml").read_text())["defaults"]
-                names = [d for d in base_defaults if isinstance(d, str) and d.endswith("_schema")]
+            while base:  # a YAML that extends another of its group (duo_toy: duo) takes that one's schema
+                defaults = yaml.safe_load((path.parent / f"{base[0]}.yaml").read_text())["defaults"]
+                names = [d for d in defaults if isinstance(d, str) and d.endswith("_schema")]
+                base = [d for d in defaults if isinstance(d, str) and (path.parent / f"{d}.yaml").is_file()]
             assert len(names) == 1, f"{path} names no schema"
             node = SCHEMAS[(group, names[0])]
             used.add((group, names[0]))

@@ -53,8 +53,9 @@ def test_a_failing_task_stops_the_workers_in_one_error(tmp_path):
 
 
 def test_jobs_must_be_positive(capsys):
-    assert demo._parse(["--jobs", "3", "+debug=default"]) == (3, False, ["+debug=default"])
-    assert demo._parse(["--methods"]) == (1, True, [])
+    assert demo._parse(["--jobs", "3", "+debug=default"]) == (3, False, "toy", ["+debug=default"])
+    assert demo._parse(["--methods"]) == (1, True, "toy", [])
+    assert demo._parse(["--model", "toy_mmdit"]) == (1, False, "toy_mmdit", [])
     with pytest.raises(SystemExit):
         demo._parse(["--jobs", "0"])
     assert "--jobs must be >= 1" in capsys.readouterr().err

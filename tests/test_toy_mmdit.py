@@ -111,6 +111,10 @@ def test_shipped_checkpoint_is_small_documented_and_loads_through_the_config():
     comps = load_model(compose(["model=toy_mmdit"]).model)
     assert comps.name == "toy_mmdit" and comps.family == "sd3" and comps.vae is None
     assert comps.text_encoder_3 is None and comps.max_sequence_length == 0
+    from unlearn_exp.models.pixel_pipeline import PixelSD3Pipeline
+
+    pipe = PixelSD3Pipeline.from_pretrained(str(WEIGHTS))  # diffusers reads the shipped folder
+    assert torch.equal(pipe.transformer.proj_out.weight, comps.transformer.proj_out.weight.to(torch.float16))
 
 
 @pytest.mark.slow

@@ -446,12 +446,10 @@ def build_tiny_sd3(seed: int = 0, resolution: int = 32, t5: bool = True) -> SD3C
             else None
         )
     modules = (transformer, vae, clip_l, clip_g, t5_encoder)
-    return _with_project_tokenizers(
-        modules, resolution, "tiny_sd3", f"built in memory (seed {seed})"
-    ).freeze()
+    return with_project_tokenizers(modules, resolution, "tiny_sd3", f"built in memory (seed {seed})").freeze()
 
 
-def _with_project_tokenizers(
+def with_project_tokenizers(
     modules: tuple, resolution: int, name: str, source: str, **extra
 ) -> SD3Components:
     """Components built in memory around the project's tokenizers: the real CLIP tokenizer twice
@@ -497,7 +495,7 @@ def build_sd3_sized(resolution: int = 1024, t5: bool = True, seed: int = 0, devi
         clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**clip, **SD3_MEDIUM["text_encoder_2"]))
         t5_encoder = T5EncoderModel(T5Config(**SD3_MEDIUM["text_encoder_3"])) if t5 else None
     modules = (transformer, vae, clip_l, clip_g, t5_encoder)
-    return _with_project_tokenizers(
+    return with_project_tokenizers(
         modules, resolution, "sd3-sized", "random weights in SD3-medium's architecture"
     ).freeze()
 

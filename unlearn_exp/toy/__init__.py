@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from unlearn_exp.errors import UserError
+
 
 @dataclass(frozen=True)
 class ToyModel:
@@ -23,7 +25,5 @@ TOY_MODELS = {
 
 def toy_model(name: str) -> ToyModel:
     if name not in TOY_MODELS:
-        from unlearn_exp.errors import UserError
-
         raise UserError(f"unknown toy model '{name}': choose one of {sorted(TOY_MODELS)}")
     return TOY_MODELS[name]

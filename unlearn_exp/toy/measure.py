@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from unlearn_exp.atomic import atomic_write_json
+from unlearn_exp.config import compose
 from unlearn_exp.toy.prompts import KINDS, toy_prompts
 
 DEFAULT_SAMPLING = {"scheduler": "dpmsolver++", "steps": 20, "guidance_scale": 6.0}
@@ -57,7 +58,6 @@ def measure(comps, judge, n: int = 48, seed: int = 0, batch: int = 48, kinds=KIN
 def load_toy_model(model: str = "toy", path: str | None = None):
     """A toy model by its config name (``conf/model/toy.yaml``, ``toy_mmdit.yaml``) in float32 on the
     CPU, from ``path`` where given (a folder ``pretrain`` wrote) instead of the shipped weights."""
-    from unlearn_exp.config import compose
     from unlearn_exp.models.loading import load_model
 
     overrides = [f"model={model}", "model.device=cpu", "model.dtype=float32"]

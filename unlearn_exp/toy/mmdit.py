@@ -23,7 +23,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from unlearn_exp.models.sd3 import SD3Components, _with_project_tokenizers
+from unlearn_exp.models.sd3 import SD3Components, with_project_tokenizers
 from unlearn_exp.models.tokenizer import BOS_ID, EOS_ID
 
 TOY_MMDIT_SCHEDULE = {"num_train_timesteps": 1000, "shift": 1.0}
@@ -81,7 +81,7 @@ def build_toy_mmdit(seed: int = 0, **overrides) -> SD3Components:
             pos_embed_max_size=res // int(arch["patch_size"]),
         )
         clip_l, clip_g = _clip(arch), _clip(arch)
-    return _with_project_tokenizers(
+    return with_project_tokenizers(
         (transformer, None, clip_l, clip_g, None),
         res,
         "toy_mmdit",
