@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import toy_overrides
+from tests.helpers import small_demo, toy_overrides
 from unlearn_exp import demo
 from unlearn_exp.evaluation import read_table
 
@@ -67,25 +67,7 @@ def test_the_demo_end_to_end_on_a_small_grid(tmp_path, monkeypatch, capsys, jobs
     """``python -m unlearn_exp.demo``'s own code path on two cells and one beta's precondition (the
     shipped checkpoint and C* of beta 2000, 2 prompts per set at the toy's sampler settings): tables,
     precondition and the last line with the UNet rows it sampled, in one process and in workers."""
-    from unlearn_exp import precondition
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(demo, "grid", lambda base: [["guidance=none"], ["guidance=sld"]])
-    real = precondition.measurements
-
-    def one_beta(base):
-        name, _, cells, probes = real(base)
-        return name, [2000], {k: v for k, v in cells.items() if k[0] == 2000}, {2000: probes[2000]}
-
-    monkeypatch.setattr(precondition, "measurements", one_beta)
-    small = [
-        "checkpoint.beta=2000",
-        "benchmark.n=2",
-        "pp.prompts.n=2",
-        "sampling.chunk_size=2",
-        f"paths.root_dir={tmp_path}",
-        f"paths.output_root={tmp_path}",
-    ]
+    small = small_demo(monkeypatch, tmp_path, [["guidance=none"], ["guidance=sld"]])
     assert demo.main(["--jobs", str(jobs), *small]) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "reports" / "toy" / "precondition.md").is_file()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import small_demo
 from unlearn_exp.config import compose
 from unlearn_exp.models import load_model
 from unlearn_exp.toy import TOY_MODELS
@@ -23,12 +24,7 @@ SHIPPED = ROOT / "unlearn_exp" / "toy" / TOY_MODELS["toy_mmdit"].artifacts
 SHIPPED_WEIGHTS_BUDGET = 25 * 1024 * 1024
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_toy_mmdit_is_sd3_shaped_and_small():
@@ -199,25 +195,9 @@ def test_the_demo_runs_the_toy_mmdit_grid_end_to_end(tmp_path, monkeypatch, caps
     """``python -m unlearn_exp.demo --model toy_mmdit`` on two cells and one beta's precondition (the
     shipped checkpoint and ``C*`` of beta 2000, 2 prompts per set): its tables under
     ``reports/toy_mmdit`` and the last line with the transformer rows it sampled."""
-    from unlearn_exp import demo, precondition
+    from unlearn_exp import demo
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(demo, "grid", lambda base: [["guidance=none"], ["guidance=safree"]])
-    real = precondition.measurements
-
-    def one_beta(base):
-        name, _, cells, probes = real(base)
-        return name, [2000], {k: v for k, v in cells.items() if k[0] == 2000}, {2000: probes[2000]}
-
-    monkeypatch.setattr(precondition, "measurements", one_beta)
-    small = [
-        "checkpoint.beta=2000",
-        "benchmark.n=2",
-        "pp.prompts.n=2",
-        "sampling.chunk_size=2",
-        f"paths.root_dir={tmp_path}",
-        f"paths.output_root={tmp_path}",
-    ]
+    small = small_demo(monkeypatch, tmp_path, [["guidance=none"], ["guidance=safree"]])
     assert demo.main(["--model", "toy_mmdit", *small]) == 0
     out = capsys.readouterr().out
     assert "(toy_mmdit_duo)" in out

@@ -5,7 +5,7 @@ from tests.helpers.config import CONF_DIR, ROOT, compose, run_app
 from tests.helpers.published import text_encoder_folder, unet_folder
 from tests.helpers.q16 import Q16, _probe_prompts, images, plant
 from tests.helpers.spm import spm_file
-from tests.helpers.toy import toy_overrides
+from tests.helpers.toy import small_demo, toy_overrides
 
 __all__ = [
     "CONF_DIR",
@@ -19,5 +19,6 @@ __all__ = [
     "spm_file",
     "text_encoder_folder",
     "unet_folder",
+    "small_demo",
     "toy_overrides",
 ]
