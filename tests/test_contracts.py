@@ -226,7 +226,7 @@ UNLEARNING_TINY = {
 }
 
 
-def _published(name: str, where) -> str:
+def _published(name: str, where, family: str = "sd1") -> str:
     """A file or folder in the published layout of a load-only method, changing the tiny model."""
     from tests.helpers import spm_file, text_encoder_folder, unet_folder
 
@@ -234,7 +234,7 @@ def _published(name: str, where) -> str:
         spm_file(build_tiny().unet, where / "spm.safetensors")
         return str(where / "spm.safetensors")
     write = {"unet_folder": unet_folder, "advunlearn": text_encoder_folder}[name]
-    return str(write(where / name))
+    return str(write(where / name, family=family))
 
 
 # the settings a method is built with on tiny SD3 components, where they differ from SD v1's
@@ -265,7 +265,7 @@ def test_unlearning_method_contract(name, family, tmp_path):
     task = {"name": "nudity"}
     before = _unet_out(build_tiny())
     if cfg == "load-only":  # changes the model, the same way each time, from the user's file
-        user = preset("checkpoint", name, path=_published(name, tmp_path))
+        user = preset("checkpoint", name, path=_published(name, tmp_path, family))
         outs = []
         for _ in range(2):
             comps = build_tiny()

@@ -166,7 +166,7 @@ def test_missing_sd3_weights_stop_in_one_line_naming_the_folder(tmp_path):
 def test_methods_not_ported_to_sd3_are_refused_before_any_work():
     for extra, what in [
         (["checkpoint=duo"], "on SD3 use checkpoint=duo_sd3"),
-        (["checkpoint=uce"], "checkpoint 'uce' does not run on the sd3"),
+        (["checkpoint=spm"], "checkpoint 'spm' does not run on the sd3"),
         (["sampling.scheduler=ddim"], "sampling.scheduler"),
     ]:
         with pytest.raises(UserError, match=what):

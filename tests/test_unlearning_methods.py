@@ -326,7 +326,7 @@ def test_wrong_unet_weights_are_refused_with_the_offending_keys(tmp_path):
             task_cfg={},
         )
     save_file({"conv_in.weight": torch.zeros(32, 4, 3, 3)}, str(tmp_path / "uce.safetensors"))
-    with pytest.raises(UserError, match="not attn2.to_k/to_v"):
+    with pytest.raises(UserError, match="not attn2.to_k/attn2.to_v weights"):
         apply_checkpoint(
             build_tiny(),
             preset("checkpoint", "uce", path=str(tmp_path / "uce.safetensors")),
@@ -365,4 +365,132 @@ def test_checkpoint_configs_compose_into_the_recipes(compose_cfg):
             compose_cfg(["checkpoint=duo", "checkpoint.beta=-1"]).checkpoint,
             "/nonexistent",
             task_cfg={},
+        )
+
+
+# ----------------------------------------------------------------------------- UCE on SD3
+def _official_uce_flux_edit(comps, erase, guides, preserve, lamb=0.5, erase_scale=1.0, preserve_scale=0.7):
+    """A transcription of the official UCE edit for an MMDiT (trainscripts/uce_flux_edit.py of
+    rohitgandikota/unified-concept-editing), on SD3: the conditioning comes from diffusers'
+    ``StableDiffusion3Pipeline.encode_prompt``; c is the joint sequence at each encoder's last real token
+    (``attention_mask.sum() - 2``, CLIP's and T5's) for ``context_embedder``, the pooled vector for
+    ``text_embedder.linear_1``; v* is the module's output (its bias included, as the script's)."""
+    pipe = comps.to_diffusers()
+    n_clip = comps.tokenizer.model_max_length
+    L = comps.max_sequence_length
+    embeds = {}
+    for e in dict.fromkeys(erase + guides + preserve):
+        seq, _, pooled, _ = pipe.encode_prompt(
+            e, e, e, do_classifier_free_guidance=False, max_sequence_length=L
+        )
+        i_clip = comps.tokenizer(e, padding="max_length", return_tensors="pt").attention_mask.sum() - 2
+        i_t5 = (
+            comps.tokenizer_3(e, padding="max_length", max_length=L, return_tensors="pt").attention_mask.sum()
+            - 2
+        )
+        rows = torch.stack([seq[0, i_clip], seq[0, n_clip:][i_t5]])  # two rows: CLIP's and T5's
+        embeds[e] = {"sequence": rows.double(), "pooled": pooled.double()}
+    modules = {
+        "context_embedder": ("sequence", comps.transformer.context_embedder),
+        "time_text_embed.text_embedder.linear_1": (
+            "pooled",
+            comps.transformer.time_text_embed.text_embedder.linear_1,
+        ),
+    }
+    out = {}
+    for name, (reads, module) in modules.items():
+        w_old, b = module.weight.double(), module.bias.double()
+        mat1 = lamb * w_old
+        mat2 = lamb * torch.eye(w_old.shape[1], dtype=torch.float64)
+        for e, g in zip(erase, guides):
+            for c_i, c_g in zip(embeds[e][reads], embeds[g][reads]):
+                v_star = (w_old @ c_g + b)[:, None]
+                mat1 += erase_scale * v_star @ c_i[None]
+                mat2 += erase_scale * c_i[:, None] @ c_i[None]
+        for p in preserve:
+            for c_i in embeds[p][reads]:
+                v_star = (w_old @ c_i + b)[:, None]
+                mat1 += preserve_scale * v_star @ c_i[None]
+                mat2 += preserve_scale * c_i[:, None] @ c_i[None]
+        out[f"{name}.weight"] = mat1 @ torch.inverse(mat2)
+    return out
+
+
+def test_uce_on_sd3_equals_the_official_mmdit_edit_transcribed():
+    from unlearn_exp.models import build_tiny_sd3
+    from unlearn_exp.unlearning.uce import text_reading_layers
+
+    comps = build_tiny_sd3(seed=0)
+    with torch.no_grad():  # the script's v* carries the bias: equal to ours where the biases are 0
+        comps.transformer.context_embedder.bias.zero_()
+        comps.transformer.time_text_embed.text_embedder.linear_1.bias.zero_()
+    erase, preserve = ["nudity", "gore"], ["a cat"]
+    recipe = {
+        "erase": erase,
+        "guide": "",
+        "preserve": preserve,
+        "lamb": 0.5,
+        "erase_scale": 1.0,
+        "preserve_scale": 0.7,
+        "templates": [],
+    }
+    layers = text_reading_layers(comps.transformer, "sd3")
+    assert {n: reads for n, (_, reads) in layers.items()} == {
+        "context_embedder": "sequence",
+        "time_text_embed.text_embedder.linear_1": "pooled",
+    }
+    ours = uce_edit(comps, recipe)
+    official = _official_uce_flux_edit(comps, erase, ["", ""], preserve)
+    assert ours.keys() == official.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k].double(), official[k], atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(ours[k], dict(comps.transformer.named_parameters())[k], atol=1e-3)
+
+
+def test_uce_on_sd3_maps_the_erased_concept_to_the_guide_with_the_bias_kept(tmp_path):
+    from unlearn_exp.models import build_tiny_sd3
+    from unlearn_exp.unlearning.uce import concept_features
+
+    comps = build_tiny_sd3(seed=1, t5=False)  # no T5: the CLIP rows alone
+    recipe = {**preset("checkpoint", "uce"), "erase": {"nudity": ["nudity"]}, "lamb": 1e-4}
+    store = ArtifactStore(tmp_path / "store")
+    original = build_tiny_sd3(seed=1, t5=False)
+    info = apply_checkpoint(comps, recipe, store, task_cfg={"name": "nudity"})
+    assert info["method"] == "uce" and info["files"]
+    c_e, c_g = concept_features(original, ["nudity"]), concept_features(original, [""])
+    assert c_e["sequence"].shape[0] == 1  # one CLIP row without T5
+    with torch.no_grad():  # a small lamb: the edited map sends the concept where the guide went
+        for new, old, reads in [
+            (comps.transformer.context_embedder, original.transformer.context_embedder, "sequence"),
+            (
+                comps.transformer.time_text_embed.text_embedder.linear_1,
+                original.transformer.time_text_embed.text_embedder.linear_1,
+                "pooled",
+            ),
+        ]:
+            torch.testing.assert_close(new(c_e[reads]), old(c_g[reads]), atol=2e-3, rtol=0)
+            torch.testing.assert_close(new.bias, old.bias)
+    # every other weight untouched; the file loads back through checkpoint.path, and a file of other
+    # weights is refused in one line
+    changed = [
+        k
+        for k, v in comps.transformer.state_dict().items()
+        if not torch.equal(v, original.transformer.state_dict()[k])
+    ]
+    assert sorted(changed) == ["context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight"]
+    loaded = build_tiny_sd3(seed=1, t5=False)
+    apply_checkpoint(
+        loaded, preset("checkpoint", "uce", path=info["files"][0]), store, task_cfg={"name": "nudity"}
+    )
+    assert torch.equal(loaded.transformer.context_embedder.weight, comps.transformer.context_embedder.weight)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"transformer.proj_out.weight": comps.transformer.proj_out.weight.contiguous()}, str(bad))
+    with pytest.raises(
+        UserError, match="not context_embedder/time_text_embed.text_embedder.linear_1 weights"
+    ):
+        apply_checkpoint(
+            build_tiny_sd3(seed=1, t5=False),
+            preset("checkpoint", "uce", path=str(bad)),
+            store,
+            task_cfg={"name": "nudity"},
         )

@@ -181,3 +181,42 @@ def test_rece_whole_unet_pt_loads_as_esd(tmp_path):
     comps, info = _apply("esd", pt, tmp_path, allow_pickle_conversion=True)
     assert all(torch.equal(comps.unet.state_dict()[k], v) for k, v in weights.items())
     assert info["method"] == "esd"
+
+
+def test_on_sd3_the_transformer_folder_and_advunlearn_clip_l_load(tmp_path):
+    from unlearn_exp.models import build_tiny_sd3
+
+    def apply_sd3(method, path):
+        comps = build_tiny_sd3(seed=0)
+        cfg = preset("checkpoint", method, path=str(path))
+        return comps, apply_checkpoint(comps, cfg, ArtifactStore(tmp_path / "cache"), task_cfg={})
+
+    # a pipeline folder's transformer/ replaces the transformer, weight for weight
+    folder = unet_folder(tmp_path / "pipe" / "transformer", seed=1, family="sd3")
+    comps, info = apply_sd3("unet_folder", tmp_path / "pipe")
+    want = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    assert want.keys() == comps.transformer.state_dict().keys()
+    assert all(torch.equal(comps.transformer.state_dict()[k], v) for k, v in want.items())
+    assert info["method"] == "unet_folder"
+    conf = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**conf, "num_layers": 2}))
+    with pytest.raises(UserError, match="transformer is another architecture: num_layers=2"):
+        apply_sd3("unet_folder", folder)
+    with pytest.raises(UserError, match="another architecture"):  # an SD v1 UNet is not SD3's
+        apply_sd3("unet_folder", unet_folder(tmp_path / "unet", seed=1))
+
+    # AdvUnlearn's CLIPTextModel replaces CLIP-L's tower; SD3's projection, CLIP-G and T5 stay
+    te = text_encoder_folder(tmp_path / "adv", seed=3, family="sd3")
+    original = build_tiny_sd3(seed=0)
+    comps, info = apply_sd3("advunlearn", te)
+    tower = load_file(str(te / "model.safetensors"))
+    got = comps.text_encoder.state_dict()
+    assert all(torch.equal(got["text_model." + k.removeprefix("text_model.")], v) for k, v in tower.items())
+    torch.testing.assert_close(
+        got["text_projection.weight"], original.text_encoder.state_dict()["text_projection.weight"]
+    )
+    for name in ("text_encoder_2", "text_encoder_3"):
+        mine, theirs = getattr(comps, name).state_dict(), getattr(original, name).state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    with pytest.raises(UserError, match="shape mismatch"):  # SD v1's tiny encoder is 32 wide, CLIP-L here 16
+        apply_sd3("advunlearn", text_encoder_folder(tmp_path / "adv_sd1", seed=3))

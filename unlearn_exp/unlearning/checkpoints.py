@@ -7,7 +7,8 @@ the recipe, the base model's identity and the task, so a sweep trains each check
 
 - ``duo``: LoRA file(s) for ``load_lora_weights`` (several with ``adapter_weights``, docs/methods.md 5.5);
 - ``esd``: a full or partial UNet state dict (diffusers names, or a complete CompVis/LDM UNet);
-- ``uce``: edited ``attn2.to_k``/``attn2.to_v`` weights.
+- ``uce``: edited weights of the maps that read the text (SD v1: ``attn2.to_k``/``attn2.to_v``;
+  SD3: ``context_embedder`` and ``time_text_embed.text_embedder.linear_1``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from unlearn_exp.unlearning.config import (
     ESDCheckpointConfig,
     UCECheckpointConfig,
 )
+from unlearn_exp.unlearning.uce import TEXT_READERS, is_text_reader_weight
 from unlearn_exp.unlearning.weights import load_unet_weights, read_safetensors, resolve_weight_file
 
 USER_KEYS = ("path", "allow_pickle_conversion", "adapter_weights")
@@ -55,25 +57,23 @@ def _per_task(cfg: dict[str, Any], key: str, task: dict[str, Any], fallback=None
 
 
 def _load_user_unet_weights(
-    comps: Components, cfg: dict[str, Any], store, method: str, only_cross: bool
+    comps: Components, cfg: dict[str, Any], store, method: str, only_text_readers: bool
 ) -> dict:
     paths = cfg["path"] if isinstance(cfg["path"], list) else [cfg["path"]]
     if len(paths) != 1:
         raise UserError(f"checkpoint.path for {method} must be one file, got {len(paths)}")
     f = resolve_weight_file(paths[0], store, allow_pickle_conversion=bool(cfg["allow_pickle_conversion"]))
     tensors = read_safetensors(f, f"{method} checkpoint '{f.name}'")
-    if only_cross:
+    if only_text_readers:  # UCE: the weights of the maps that read the text, nothing else
         tensors = {k: v for k, v in tensors.items() if not k.endswith("num_batches_tracked")}
-        other = [
-            k
-            for k in tensors
-            if not k.removeprefix("unet.").endswith(("attn2.to_k.weight", "attn2.to_v.weight"))
-        ]
+        other = [k for k in tensors if not is_text_reader_weight(k, comps.family)]
         if other:
+            names = "/".join(suffix for suffix, _ in TEXT_READERS[comps.family])
             raise UserError(
-                f"UCE checkpoint '{f.name}' holds {len(other)} key(s) that are not attn2.to_k/to_v weights "
-                f"(e.g. {', '.join(other[:3])}); use checkpoint=esd for general UNet weights"
+                f"UCE checkpoint '{f.name}' holds {len(other)} key(s) that are not {names} weights "
+                f"(e.g. {', '.join(other[:3])}); use checkpoint=esd for general denoiser weights"
             )
+        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     changed = load_unet_weights(comps.denoiser, tensors, f"{method} checkpoint '{f.name}'")
     sha = file_sha256(f)
     return {
@@ -102,7 +102,8 @@ def apply_esd(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, lo
 
 @UNLEARNING.register("uce")
 def apply_uce(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, logger=None) -> dict:
-    """``checkpoint=uce``: the closed-form cross-attention edit (cached) or the user's edited weights."""
+    """``checkpoint=uce``: the closed-form edit of the maps that read the text (cached), or the user's
+    edited weights."""
     return _apply_uce(comps, cfg, UCECheckpointConfig.from_cfg(cfg), _store(store), _task(task_cfg))
 
 
@@ -110,7 +111,7 @@ def _apply_esd(comps, cfg, store, task, logger) -> dict:
     from unlearn_exp.unlearning.esd import WEIGHTS_FILE, train_esd
 
     if cfg["path"]:
-        return _load_user_unet_weights(comps, cfg, store, "esd", only_cross=False)
+        return _load_user_unet_weights(comps, cfg, store, "esd", only_text_readers=False)
     concept = str(_per_task(cfg, "concept", task, fallback=task.get("name")))
     recipe = {k: v for k, v in cfg.items() if k not in (*USER_KEYS, "concept")}
     key = {"checkpoint": recipe, "concept": concept, "task": task.get("name"), "model": _model_key(comps)}
@@ -144,7 +145,7 @@ def _apply_uce(comps, cfg, settings: UCECheckpointConfig, store, task) -> dict:
     from unlearn_exp.unlearning.weights import save_safetensors
 
     if settings.path:
-        return _load_user_unet_weights(comps, cfg, store, "uce", only_cross=True)
+        return _load_user_unet_weights(comps, cfg, store, "uce", only_text_readers=True)
     erase = _per_task(cfg, "erase", task, fallback=[task.get("name")] if task.get("name") else None)
     recipe = {
         "erase": list(erase) if isinstance(erase, list | tuple) else [erase],
@@ -163,7 +164,7 @@ def _apply_uce(comps, cfg, settings: UCECheckpointConfig, store, task) -> dict:
 
     folder = store.get_or_build("unlearning/uce", key, build)
     f = folder / "uce_cross_attention.safetensors"
-    load_unet_weights(comps.unet, read_safetensors(f), f"UCE artifact '{f}'")
+    load_unet_weights(comps.denoiser, read_safetensors(f), f"UCE artifact '{f}'")
     sha = file_sha256(f)  # by content, as a user's file: the bits the cell samples with
     return {
         "method": "uce",

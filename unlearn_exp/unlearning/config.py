@@ -238,7 +238,9 @@ class UCECheckpointConfig(Settings):
     GROUP = "checkpoint"
     method: str = setting("the method's registered name: uce (docs/methods.md 8.2)")
     beta: Any = number(lo=0, strict=True, optional=True, help="a label only (UCE has no beta); null")
-    path: Any = setting("edited attn2.to_k/to_v weights (safetensors) loaded instead of editing; null: edit")
+    path: Any = setting(
+        "the edited weights (safetensors, docs/methods.md 8.2) loaded instead of editing; null: edit"
+    )
     allow_pickle_conversion: bool = setting(
         "pickled .pt/.pth/.ckpt/.bin are read only when true (torch.load weights_only), converted once"
     )
@@ -290,7 +292,7 @@ class SPMCheckpointConfig(PublishedCheckpointConfig):
 class UNetFolderCheckpointConfig(PublishedCheckpointConfig):
     """``conf/checkpoint/unet_folder.yaml`` (docs/methods.md 8.4): a diffusers UNet folder."""
 
-    LOADS = "a diffusers UNet folder"
+    LOADS = "a diffusers UNet folder (SD3: transformer folder)"
     LOADS_FOLDERS = True  # checkpoint.path is a folder: its loader reads (and converts) its files
     allow_pickle_conversion: bool = setting(
         "a folder of diffusion_pytorch_model.bin is read only when true (torch.load weights_only)"
@@ -346,7 +348,18 @@ declare(
     hooks={"label": _MODULES + "config:esd_label"},  # torch-free: the rerun reads labels
     families=("sd1", "sd3"),  # SD3: the text stream's attention in cross-attention's place (8.1)
 )
-declare("checkpoint", "uce", UCECheckpointConfig, _MODULES + "checkpoints", families=SD1)
+declare(
+    "checkpoint",
+    "uce",
+    UCECheckpointConfig,
+    _MODULES + "checkpoints",
+    families=("sd1", "sd3"),  # SD3: context_embedder and the pooled projection, as UCE's FLUX code (8.2)
+)
 declare("checkpoint", "spm", SPMCheckpointConfig, _MODULES + "spm", families=SD1)
-declare("checkpoint", "unet_folder", UNetFolderCheckpointConfig, _MODULES + "published", families=SD1)
-declare("checkpoint", "advunlearn", AdvUnlearnCheckpointConfig, _MODULES + "published", families=SD1)
+# SD3: the transformer's folder in the UNet's place; AdvUnlearn's SD v1.4 encoder in CLIP-L's place
+declare(
+    "checkpoint", "unet_folder", UNetFolderCheckpointConfig, _MODULES + "published", families=("sd1", "sd3")
+)
+declare(
+    "checkpoint", "advunlearn", AdvUnlearnCheckpointConfig, _MODULES + "published", families=("sd1", "sd3")
+)

@@ -3,12 +3,15 @@
 - ``checkpoint=unet_folder``: any diffusers UNet folder (``config.json`` and
   ``diffusion_pytorch_model.safetensors``, or its shards and index), or a pipeline folder holding
   ``unet/``: the released pipelines of MACE, SafeGen and others, saved with ``save_pretrained`` (RECE
-  saves a ``.pt`` of the whole UNet: ``checkpoint=esd``).
-  Every weight of this model's UNet must be in it, with this model's architecture.
+  saves a ``.pt`` of the whole UNet: ``checkpoint=esd``). On SD3 the same for the denoiser there, the
+  transformer (``transformer/``). Every weight of this model's denoiser must be in it, with this
+  model's architecture.
 - ``checkpoint=advunlearn``: AdvUnlearn's robust CLIP text encoder (a transformers ``CLIPTextModel``
   folder such as its hub repository's ``nudity_unlearned/``, a pipeline folder holding
   ``text_encoder/``, or one file of its state dict, e.g. its training code's
-  ``TextEncoder-<name>.pt``) replaces the model's text encoder; the UNet is untouched. Key layouts of
+  ``TextEncoder-<name>.pt``) replaces the model's text encoder; the UNet is untouched. On SD3 it
+  replaces the CLIP-L tower (``text_encoder``, the same CLIP ViT-L/14 architecture), keeping SD3's text
+  projection, CLIP-G and T5: a transfer, as AdvUnlearn publishes SD v1.4 encoders only. Key layouts of
   transformers 4 (``text_model.*``) and 5 (no prefix) are both read; the training code's wrapper
   (``text_encoder.text_model.*`` beside aliases of the same tensors) keeps only its CLIP model's keys,
   as AdvUnlearn's own loader does.
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 
 from unlearn_exp.errors import UserError
+from unlearn_exp.families import FAMILIES
 from unlearn_exp.hashing import config_hash, file_sha256
 from unlearn_exp.registry import UNLEARNING
 from unlearn_exp.unlearning.config import AdvUnlearnCheckpointConfig, UNetFolderCheckpointConfig
@@ -41,17 +45,33 @@ from unlearn_exp.unlearning.weights import (
     resolve_weight_file,
 )
 
-# config.json fields that decide whether a UNet's weights fit this model's layers
-UNET_FIELDS = (
-    "in_channels",
-    "out_channels",
-    "block_out_channels",
-    "down_block_types",
-    "up_block_types",
-    "layers_per_block",
-    "cross_attention_dim",
-    "attention_head_dim",
-)
+# config.json fields that decide whether a denoiser's weights fit this model's layers, by the family's
+# denoiser (families.py): SD v1's UNet, SD3's transformer
+ARCHITECTURE_FIELDS = {
+    "unet": (
+        "in_channels",
+        "out_channels",
+        "block_out_channels",
+        "down_block_types",
+        "up_block_types",
+        "layers_per_block",
+        "cross_attention_dim",
+        "attention_head_dim",
+    ),
+    "transformer": (
+        "in_channels",
+        "out_channels",
+        "patch_size",
+        "num_layers",
+        "attention_head_dim",
+        "num_attention_heads",
+        "joint_attention_dim",
+        "caption_projection_dim",
+        "pooled_projection_dim",
+        "dual_attention_layers",
+        "qk_norm",
+    ),
+}
 
 
 def _component_folder(path: Path, sub: str, what: str) -> Path:
@@ -117,34 +137,37 @@ def _identity(method: str, files: list[Path], **extra: Any) -> dict[str, Any]:
 
 @UNLEARNING.register("unet_folder")
 def apply_unet_folder(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, logger=None) -> dict:
-    """``checkpoint=unet_folder``: every UNet weight from a diffusers UNet folder."""
+    """``checkpoint=unet_folder``: every weight of the denoiser from its diffusers folder (SD v1: the
+    UNet's, ``unet/``; SD3: the transformer's, ``transformer/``)."""
     s = UNetFolderCheckpointConfig.from_cfg(cfg)
     what = "checkpoint=unet_folder"
-    folder = _component_folder(Path(str(s.path)).expanduser(), "unet", what)
+    part = FAMILIES[comps.family].denoiser
+    title = {"unet": "UNet"}.get(part, part)
+    folder = _component_folder(Path(str(s.path)).expanduser(), part, what)
     if not folder.is_dir():
         raise UserError(f"{what}: {folder} is not a folder (a single weight file: use checkpoint=esd)")
     conf_file = folder / "config.json"
     if not conf_file.is_file():
-        raise UserError(f"{what}: {folder} has no config.json (not a diffusers UNet folder)")
+        raise UserError(f"{what}: {folder} has no config.json (not a diffusers {title} folder)")
     theirs = json.loads(conf_file.read_text())
-    ours = dict(comps.unet.config)
+    ours = dict(comps.denoiser.config)
     differ = [
         f"{k}={theirs.get(k)!r} (this model: {ours.get(k)!r})"
-        for k in UNET_FIELDS
+        for k in ARCHITECTURE_FIELDS[part]
         if k in theirs and _norm(theirs[k]) != _norm(ours.get(k))
     ]
     if differ:
-        raise UserError(f"{what}: the folder's UNet is another architecture: {'; '.join(differ[:3])}")
+        raise UserError(f"{what}: the folder's {title} is another architecture: {'; '.join(differ[:3])}")
     allow = s.allow_pickle_conversion
     files = _weight_files(folder, "diffusion_pytorch_model", what, store=store, allow_pickle=allow)
-    tensors = _read_all(files, what)
-    missing = sorted(set(comps.unet.state_dict()) - {k.removeprefix("unet.") for k in tensors})
+    tensors = {k.removeprefix(f"{part}."): v for k, v in _read_all(files, what).items()}
+    missing = sorted(set(comps.denoiser.state_dict()) - set(tensors))
     if missing:
         raise UserError(
-            f"{what}: the folder lacks {len(missing)} of this UNet's weights ({few_keys(missing)}); "
-            "a partial UNet is a checkpoint=esd file"
+            f"{what}: the folder lacks {len(missing)} of this {title}'s weights ({few_keys(missing)}); "
+            "a partial set of weights is a checkpoint=esd file"
         )
-    changed = load_unet_weights(comps.unet, tensors, f"{what} '{folder}'")
+    changed = load_unet_weights(comps.denoiser, tensors, f"{what} '{folder}'")
     return _identity("unet_folder", files, n_tensors=len(changed))
 
 
@@ -190,11 +213,18 @@ def text_encoder_keys(tensors: dict[str, torch.Tensor], own: Iterable[str]) -> d
 @torch.no_grad()
 def load_text_encoder_weights(text_encoder, tensors: dict[str, torch.Tensor], what: str) -> int:
     """Copy a complete text-encoder state dict (any layout ``text_encoder_keys`` reads) into
-    ``text_encoder``; every weight must be there with its shape (the position-id buffer excepted)."""
+    ``text_encoder``; every weight must be there with its shape (the position-id buffer and the text
+    projection of a ``CLIPTextModelWithProjection`` excepted)."""
     own = text_encoder.state_dict()
     tensors = text_encoder_keys(tensors, own)
     check_state_dict(own, tensors, what, "text encoder", "is it another text encoder?")
-    missing = [k for k in own if k not in tensors and not k.endswith("position_ids")]
+    # the projection on the tower's pooled output (SD3's CLIP-L is a CLIPTextModelWithProjection) stays
+    # where the file has none: AdvUnlearn's CLIPTextModel has none to give
+    missing = [
+        k
+        for k in own
+        if k not in tensors and not k.endswith("position_ids") and not k.startswith("text_projection.")
+    ]
     if missing:
         raise UserError(f"{what}: the file lacks {len(missing)} text-encoder weight(s) ({few_keys(missing)})")
     for k, v in tensors.items():

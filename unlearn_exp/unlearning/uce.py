@@ -1,12 +1,14 @@
-"""UCE: Unified Concept Editing, the closed-form edit of cross-attention (docs/methods.md 8.2).
+"""UCE: Unified Concept Editing, the closed-form edit of the maps that read the text (docs/methods.md 8.2).
 
-For every cross-attention projection ``W_old`` (``attn2.to_k``, ``attn2.to_v``)::
+For every linear map ``W_old`` that reads the text encoders' output (SD v1: the cross-attention
+projections ``attn2.to_k``, ``attn2.to_v``; SD3: ``TEXT_READERS``)::
 
     W_new = ( lamb W_old + s_e sum_i v*_i c_i^T + s_p sum_j (W_old c_j) c_j^T )
             ( lamb I     + s_e sum_i c_i c_i^T  + s_p sum_j c_j c_j^T )^{-1}
 
-with ``c`` the text-encoder output at the last real token of a concept string and
-``v*_i = W_old c_guide(i)`` the guide concept's output under the original weights. Computed in fp32.
+with ``c`` the text features a map reads at the last real token of a concept string (or the pooled
+vector, for a map that reads it) and ``v*_i = W_old c_guide(i)`` the guide concept's output under the
+original weights. Computed in fp32.
 """
 
 from __future__ import annotations
@@ -16,27 +18,77 @@ from typing import Any
 import torch
 
 from unlearn_exp.errors import UserError
-from unlearn_exp.models.components import Components
+from unlearn_exp.models.components import FamilyComponents
+
+# The linear maps that read the text features, by family: (module name or suffix, what it reads).
+# SD v1: every cross-attention key and value projection reads the text encoder's sequence. SD3 (no
+# official UCE code; as the official FLUX script, trainscripts/uce_flux_edit.py, docs/methods.md 8.2):
+# the transformer's two timestep-free maps of the text, context_embedder (the joint CLIP/T5 sequence)
+# and the pooled vector's first projection.
+TEXT_READERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "sd1": (("attn2.to_k", "sequence"), ("attn2.to_v", "sequence")),
+    "sd3": (("context_embedder", "sequence"), ("time_text_embed.text_embedder.linear_1", "pooled")),
+}
 
 TEMPLATES = ["{}", "image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"]
 
 
 @torch.no_grad()
-def last_token_embeddings(comps: Components, texts: list[str]) -> torch.Tensor:
-    """Text-encoder output at the last real token (index ``attention_mask.sum() - 2``; BOS for "")."""
+def concept_features(comps: FamilyComponents, texts: list[str]) -> dict[str, torch.Tensor]:
+    """What the text-reading maps see of each concept string, in fp32.
+
+    ``sequence``: the conditioning sequence at the last real token (index ``attention_mask.sum() - 2``;
+    BOS for ""), one row per string; with SD3's T5, a second block of rows at T5's last real token
+    (the same index in T5's part of the joint sequence; for "", -2 + 1 wraps to T5's last position,
+    as in the official FLUX script). ``pooled``: the pooled vector (SD3), one row per string.
+    """
     tokens = comps.tokenize(texts)
-    hidden, _ = comps.encode_ids(tokens.input_ids)
-    idx = (tokens.attention_mask.sum(dim=1) - 2).clamp(min=0)
-    return hidden[torch.arange(len(texts), device=hidden.device), idx].float()
+    cond = comps.condition(tokens)
+    seq = cond.sequence
+    rows = torch.arange(len(texts), device=seq.device)
+    idx = (tokens.attention_mask.sum(dim=1) - 2).clamp(min=0).to(seq.device)
+    parts = [seq[rows, idx]]
+    t5 = tokens.more.get("t5")
+    if t5 is not None:  # SD3: T5's tokens follow CLIP's 77 in the joint sequence
+        n_t5 = (t5 != comps.tokenizer_3.pad_token_id).sum(dim=1).to(seq.device)
+        parts.append(seq[rows, tokens.input_ids.shape[1] + (n_t5 - 2) % t5.shape[1]])
+    out = {"sequence": torch.cat(parts).float()}
+    if cond.pooled is not None:
+        out["pooled"] = cond.pooled.float()
+    return out
+
+
+def last_token_embeddings(comps: FamilyComponents, texts: list[str]) -> torch.Tensor:
+    """The ``sequence`` rows of ``concept_features``: the text at each string's last real token."""
+    return concept_features(comps, texts)["sequence"]
+
+
+def is_text_reader_weight(key: str, family: str) -> bool:
+    """Whether a state-dict key (diffusers names, ``unet.``/``transformer.`` prefix allowed) is the
+    weight of a map UCE edits on ``family``."""
+    name = key.removeprefix("unet.").removeprefix("transformer.").removesuffix(".weight")
+    return key.endswith(".weight") and any(
+        name == suffix or name.endswith("." + suffix) for suffix, _ in TEXT_READERS[family]
+    )
+
+
+def text_reading_layers(denoiser, family: str = "sd1") -> dict[str, tuple[torch.nn.Linear, str]]:
+    """The linear maps UCE edits (``TEXT_READERS``), by their name in ``denoiser``, with what each reads."""
+    readers = TEXT_READERS[family]
+    out = {}
+    for n, m in denoiser.named_modules():
+        for suffix, reads in readers:
+            if n == suffix or n.endswith("." + suffix):
+                out[n] = (getattr(m, "base_layer", m), reads)
+    if not out:
+        names = "/".join(suffix for suffix, _ in readers)
+        raise UserError(f"UCE: the {family} denoiser has none of the layers UCE edits ({names})")
+    return out
 
 
 def cross_attention_projections(unet) -> dict[str, torch.nn.Linear]:
-    """``attn2.to_k`` and ``attn2.to_v`` layers by their UNet name."""
-    out = {n: m for n, m in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))}
-    out = {n: getattr(m, "base_layer", m) for n, m in out.items()}
-    if not out:
-        raise UserError("UCE: the UNet has no cross-attention (attn2.to_k/to_v) layers")
-    return out
+    """SD v1's ``attn2.to_k`` and ``attn2.to_v`` layers by their UNet name."""
+    return {n: layer for n, (layer, _) in text_reading_layers(unet, "sd1").items()}
 
 
 def uce_closed_form(
@@ -73,8 +125,8 @@ def expand(concepts: list[str], templates: list[str] | None) -> list[str]:
 
 
 @torch.no_grad()
-def uce_edit(comps: Components, recipe: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Edited ``attn2.to_k/to_v`` weights (UNet state-dict names) for ``recipe``.
+def uce_edit(comps: FamilyComponents, recipe: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Edited weights of the text-reading maps (the denoiser's state-dict names) for ``recipe``.
 
     ``recipe``: ``erase`` (list of concepts), ``guide`` (one string, "" = object type, or a
     list matching ``erase``), ``preserve`` (list), ``lamb``, ``erase_scale``, ``preserve_scale``,
@@ -92,16 +144,17 @@ def uce_edit(comps: Components, recipe: dict[str, Any]) -> dict[str, torch.Tenso
     guide_x = [g for g in guides for _ in (templates or [None])]
     guide_x = [t.format(g) if g else g for g, t in zip(guide_x, (templates or ["{}"]) * len(guides))]
     preserve_x = expand([str(c) for c in recipe["preserve"] or []], templates)
-    c_erase = last_token_embeddings(comps, erase_x)
-    c_guide = last_token_embeddings(comps, guide_x)
-    c_preserve = last_token_embeddings(comps, preserve_x) if preserve_x else None
+    c_erase = concept_features(comps, erase_x)
+    c_guide = concept_features(comps, guide_x)
+    c_preserve = concept_features(comps, preserve_x) if preserve_x else None
     out = {}
-    for name, layer in cross_attention_projections(comps.unet).items():
+    for name, (layer, reads) in text_reading_layers(comps.denoiser, comps.family).items():
+        device = layer.weight.device
         W_new = uce_closed_form(
             layer.weight.detach(),
-            c_erase.to(layer.weight.device),
-            c_guide.to(layer.weight.device),
-            None if c_preserve is None else c_preserve.to(layer.weight.device),
+            c_erase[reads].to(device),
+            c_guide[reads].to(device),
+            None if c_preserve is None else c_preserve[reads].to(device),
             lamb=float(recipe["lamb"]),
             erase_scale=float(recipe["erase_scale"]),
             preserve_scale=float(recipe["preserve_scale"]),
