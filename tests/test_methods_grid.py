@@ -18,7 +18,10 @@ from unlearn_exp.identity import cell_spec, concept_checkpoint
 from unlearn_exp.report.tables import method_label, methods_table, position, with_identity
 
 
-@pytest.mark.parametrize("experiment", ["nudity_methods", "violence_methods", "toy_methods"])
+@pytest.mark.parametrize(
+    "experiment",
+    ["nudity_methods", "violence_methods", "toy_methods", "nudity_methods_sd3", "violence_methods_sd3"],
+)
 def test_methods_experiments_compose_every_cell(experiment):
     cells = grid([f"+experiment={experiment}"])
     assert len(cells) == 5 * (1 + 2 * 3)  # five checkpoints x (no guidance + SLD, SAFREE x 3 sources)

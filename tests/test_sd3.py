@@ -367,6 +367,34 @@ def test_the_nudity_duo_sd3_grid_runs_end_to_end_at_tiny_scale(tmp_path):
     assert len(list(tmp_path.rglob("pytorch_lora_weights.safetensors"))) == 4  # one DUO per beta
 
 
+@pytest.mark.slow
+def test_sd3_methods_grid_cells_run_at_tiny_scale(tmp_path):
+    """The SD3 methods grid's own methods on tiny SD3 components: ESD-x under SLD and UCE under SAFREE,
+    each with C* inverted on its checkpoint; every cell of both grids composes and passes validation."""
+    from unlearn_exp import config
+    from unlearn_exp.cell import run_cell
+    from unlearn_exp.evaluation import read_table
+
+    for exp in ("nudity_methods_sd3", "violence_methods_sd3"):
+        cells = config.grid([f"+experiment={exp}"])
+        assert len(cells) == 35
+        for cell in cells:
+            validate(compose([f"+experiment={exp}", *cell, "model=tiny_sd3"], hydra=False))
+    tiny = ["model=tiny_sd3", *_cell_inputs(tmp_path, ["a nude woman", "a red car"]), "+debug=default"]
+    tiny += [
+        "debug.train_steps=1",
+        "debug.sample_steps=2",
+        "inversion.steps=2",
+        "inversion.image_set.n_images=2",
+        "inversion.image_set.check=false",  # random weights draw nothing for the nudity filter to keep
+    ]
+    for cell in (["checkpoint=esd_x", "guidance=sld"], ["checkpoint=uce", "guidance=safree"]):
+        cfg = compose(["+experiment=nudity_methods_sd3", *cell, "embedding=inverted", *tiny], hydra=False)
+        row = read_table(Path(run_cell(cfg)["results"]) / "cells.parquet").iloc[0]
+        assert row.scale == "tiny_sd3" and row.n_images == 2 and 0 <= row.dsr <= 1
+        assert row.checkpoint_method == cell[0].split("=")[1].split("_")[0] and row.embedding == "inverted"
+
+
 def test_the_planner_counts_sd3_rows_and_memory_from_its_sizes():
     """Without weights: SD3-medium's published sizes (2.03B transformer, 4.76B T5...), transformer rows
     through the guidance's branches, DUO's training at its 512 px; T5 off drops its weights."""
@@ -399,7 +427,8 @@ def test_the_sd3_experiments_compose_and_stop_in_one_line_without_weights(tmp_pa
     from unlearn_exp import report
     from unlearn_exp.report.reproduce import check_weights
 
-    for exp in ("nudity_duo_sd3", "violence_duo_sd3", "nudity_duo_sd3_transfer"):
+    experiments = ("nudity_duo_sd3", "violence_duo_sd3", "nudity_duo_sd3_transfer")
+    for exp in (*experiments, "nudity_methods_sd3", "violence_methods_sd3"):
         cfg = compose([f"+experiment={exp}", f"model.path={tmp_path / 'absent'}"], hydra=False)
         validate(cfg)  # every cell's methods run on SD3
         assert cfg.model.family == "sd3" and cfg.checkpoint.target_modules[0] == "to_q"
@@ -410,9 +439,7 @@ def test_the_sd3_experiments_compose_and_stop_in_one_line_without_weights(tmp_pa
     # make reproduce-table MODEL=sd3: the cells it would run, the nudity grid's first
     missing = report.missing_cells(pd_.DataFrame(), "sd3")
     assert len(missing) == len(report.missing_cells(pd_.DataFrame(), "sd14"))  # the same table positions
-    assert {m[0] for m in missing} == {
-        f"+experiment={e}" for e in ("nudity_duo_sd3", "violence_duo_sd3", "nudity_duo_sd3_transfer")
-    }
+    assert {m[0] for m in missing} == {f"+experiment={e}" for e in experiments}
     assert missing[0][0] == "+experiment=nudity_duo_sd3"  # nudity first
 
 

@@ -69,11 +69,12 @@ SCALES: dict[str, ScaleSpec] = {
         generated="ring_a_bell_generated",
         methods={"violence": "violence_methods", "nudity": "nudity_methods"},
     ),
-    # the paper's question on Stable Diffusion 3 (docs/model_families.md); no generated-attack or
-    # methods-grid experiment yet
+    # the paper's question on Stable Diffusion 3 (docs/model_families.md); no generated-attack
+    # experiment yet
     "sd3": ScaleSpec(
         main={"violence": "violence_duo_sd3", "nudity": "nudity_duo_sd3"},
         transfer=("nudity", "nudity_duo_sd3_transfer"),
+        methods={"violence": "violence_methods_sd3", "nudity": "nudity_methods_sd3"},
         paper_model="SD v1.4",
     ),
     "toy": ScaleSpec(
