@@ -287,3 +287,52 @@ def test_the_command_line_says_whether_each_stage_fits(tmp_path, capsys, monkeyp
     assert "[ 1/1] " in out and "GPU peak ~0.03 GiB (sampling, classifier-free guidance): does NOT fit" in out
     assert "GPU memory per stage (an estimate; unet 1.0M, text_encoder 2.0M parameters, counted from" in out
     assert "judging (toy on the CPU, PP toy_features): ~0.01 GiB" in out and "a 0.02 GiB card" in out
+
+
+@pytest.mark.parametrize(
+    ("model", "experiment"), [("tiny", "nudity_methods"), ("tiny_sd3", "nudity_methods_sd3")]
+)
+def test_plan_counts_esd_training_and_finds_esd_and_uce_in_the_cache(tmp_path, model, experiment):
+    """ESD is planned as DUO is: its steps, its artifact under the key the trainer writes (cached once
+    built), and its GPU memory from the parameters its variant trains; UCE's closed form is listed."""
+    from unlearn_exp.hashing import to_plain
+    from unlearn_exp.models.loading import load_model
+    from unlearn_exp.unlearning import apply_checkpoint
+    from unlearn_exp.unlearning.esd import esd_parameter_names
+
+    base = [f"+experiment={experiment}", f"model={model}", "guidance=none", f"paths.root_dir={tmp_path}"]
+    esd = [
+        *base,
+        "checkpoint=esd_x",
+        "checkpoint.steps=2",
+        "checkpoint.ddim_steps=2",
+        "checkpoint.checkpoint_every=1",
+    ]
+    cfg = compose(esd, hydra=False)
+    p = plan.with_memory(plan.plan_cell(cfg, esd, set()), cfg)
+    assert p.train_steps == 2 and [w.kind for w in p.work if w.kind in plan.TRAIN] == ["esd"]
+    assert p.artifacts[0][0].startswith("ESD checkpoint esd-x") and not p.artifacts[0][1]
+    comps = load_model(cfg.model)
+    trained = sum(
+        dict(comps.denoiser.named_parameters())[n].numel()
+        for n in esd_parameter_names(comps.denoiser, "esd-x", comps.family)
+    )
+    stage = p.stages["esd"]
+    assert stage.name == "ESD training" and stage.held == 16 * trained and stage.activations > 0
+    costs = {"s_per_unet_row": 0.01, "s_per_image": 0.1, "s_per_inversion_step": 1.0, "s_per_train_row": 0.5}
+    work = next(w for w in p.work if w.kind == "esd")  # 1 row trained, 2 x (0.5 + 1) frozen rows a step
+    assert work.rows == 3 and plan.work_seconds(work, costs) == pytest.approx(2 * (0.5 + 3 * 0.01))
+
+    apply_checkpoint(comps, cfg.checkpoint, plan._cache(cfg), task_cfg=to_plain(cfg.task))
+    after = plan.plan_cell(cfg, esd, set())
+    assert after.train_steps == 0 and after.train_steps_cached == 2 and after.artifacts[0][1]
+
+    uce = [*base, "checkpoint=uce"]
+    cfg = compose(uce, hydra=False)
+    assert plan.plan_cell(cfg, uce, set()).artifacts[0] == (
+        plan.plan_cell(cfg, uce, set()).artifacts[0][0],
+        False,
+    )
+    apply_checkpoint(load_model(cfg.model), cfg.checkpoint, plan._cache(cfg), task_cfg=to_plain(cfg.task))
+    found = plan.plan_cell(cfg, uce, set()).artifacts[0]
+    assert found[0].startswith("UCE edit, closed form") and found[1]

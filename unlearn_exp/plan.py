@@ -85,11 +85,14 @@ class Work:
     """One piece of work, named by the artifact it makes (cells needing the same artifact share it)."""
 
     key: str  # "<kind of artifact>/<hash>"; unique per artifact
-    kind: str  # "images" (sampling), "duo" or "inversion" (training steps)
+    kind: str  # "images" (sampling), "duo", "esd" or "inversion" (training steps)
     count: int  # images, or training steps
-    rows: int = 0  # images: UNet rows (images x denoising steps x branches per step)
+    rows: int = 0  # images: UNet rows (images x denoising steps x branches per step); esd: per step
     cached: bool = False
-    batch: int = 1  # duo: pairs per optimiser step
+    batch: int = 1  # duo: pairs per optimiser step; esd: rows per step
+
+
+TRAIN = ("duo", "esd", "inversion")  # the kinds of work counted in training steps
 
 
 def _count(work: list[Work], kinds: tuple[str, ...], attr: str = "count") -> int:
@@ -99,7 +102,7 @@ def _count(work: list[Work], kinds: tuple[str, ...], attr: str = "count") -> int
 
 def stage_of(w: Work) -> str:
     """The stage (``models.memory.cell_stages``' names) that makes ``w``."""
-    if w.kind in ("duo", "inversion"):
+    if w.kind in TRAIN:
         return w.kind
     if w.key.startswith("unlearning/duo_pairs/"):
         return "pairs"
@@ -145,11 +148,11 @@ class CellPlan:
 
     @property
     def train_steps(self) -> int:
-        return self._sum(("duo", "inversion"), False)
+        return self._sum(TRAIN, False)
 
     @property
     def train_steps_cached(self) -> int:
-        return self._sum(("duo", "inversion"), True)
+        return self._sum(TRAIN, True)
 
 
 def _cache(cfg):
@@ -200,6 +203,12 @@ def _plan_checkpoint(p: CellPlan, at: _PlanInputs) -> str | None:
     ck = dict(to_plain(at.cfg.checkpoint))
     if ck.get("method") == "duo" and not ck.get("path"):
         return _plan_duo(p, at, ck)
+    if ck.get("method") in ("esd", "uce") and not ck.get("path"):
+        if ck["method"] == "esd":
+            _plan_esd(p, at, ck)
+        else:
+            _plan_uce(p, at, ck)
+        return None  # its images are keyed by the checkpoint's content, known once it is built
     if ck.get("method") not in ("original", None):
         p.notes.append(f"{ck.get('method')} checkpoints are not planned in detail")
     return None
@@ -231,6 +240,37 @@ def _plan_duo(p: CellPlan, at: _PlanInputs, ck: dict[str, Any]) -> str:
     if folder is None:
         _plan_pair_sets(p, at, ck, recipe, judge)
     return checkpoint_id
+
+
+def _plan_esd(p: CellPlan, at: _PlanInputs, ck: dict[str, Any]) -> None:
+    """An ESD checkpoint to train (or cached): its steps, each ``batch`` rows forward and backward
+    after a partial sampling of on average ``(ddim_steps - 1) / 2`` steps and two target rows."""
+    from unlearn_exp.unlearning.checkpoints import esd_key
+
+    key = esd_key(at.model, ck, dict(to_plain(at.cfg.task)))
+    folder = at.cache.locate("unlearning/esd", key)
+    b, n = int(ck.get("batch") or 1), int(ck.get("ddim_steps") or 50)
+    p.artifacts.append((f"ESD checkpoint {ck.get('variant')} ({config_hash(key)})", folder is not None))
+    rows = round(2 * b * ((n - 1) / 2 + 1))  # frozen rows per step: the partial sampling, the targets
+    p.work.append(
+        Work(
+            f"unlearning/esd/{config_hash(key)}",
+            "esd",
+            int(ck.get("steps") or 1000),
+            rows=rows,
+            cached=folder is not None,
+            batch=b,
+        )
+    )
+
+
+def _plan_uce(p: CellPlan, at: _PlanInputs, ck: dict[str, Any]) -> None:
+    """A UCE edit: a closed form over a few prompts (seconds), listed with whether it is cached."""
+    from unlearn_exp.unlearning.checkpoints import uce_key
+
+    key = uce_key(at.model, ck, dict(to_plain(at.cfg.task)))
+    folder = at.cache.locate("unlearning/uce", key)
+    p.artifacts.append((f"UCE edit, closed form ({config_hash(key)})", folder is not None))
 
 
 def _plan_pair_sets(p: CellPlan, at: _PlanInputs, ck: dict[str, Any], recipe, judge) -> None:
@@ -599,6 +639,8 @@ def work_seconds(w: Work, c: dict[str, float]) -> float:
     if w.kind == "duo":  # 3b rows forward and backward, and the same rows through the frozen reference
         rows = 3 * w.batch
         return w.count * rows * (c["s_per_train_row"] + c["s_per_unet_row"])
+    if w.kind == "esd":  # b rows forward and backward (priced as DUO's), ``rows`` frozen rows a step
+        return w.count * (w.batch * c["s_per_train_row"] + w.rows * c["s_per_unet_row"])
     raise ValueError(f"unknown work kind {w.kind!r}")
 
 
@@ -713,8 +755,19 @@ def with_memory(p: CellPlan, cfg) -> CellPlan:
     p.sizes = _sizes(to_plain(cfg.model))
     if p.sizes is not None:
         branches = _guidance(cfg, learned=False).unet_branches(float(cfg.sampling.guidance_scale))
-        p.stages = cell_stages(cfg, p.sizes, branches, _most_pairs(cfg))
+        p.stages = cell_stages(cfg, p.sizes, branches, _most_pairs(cfg), _esd_trained(cfg, p.sizes))
     return p
+
+
+def _esd_trained(cfg, sizes: ModelSizes) -> int:
+    """The parameters the cell's ESD variant trains, from the model's parameter names (0 without ESD)."""
+    ck = dict(to_plain(cfg.checkpoint))
+    if ck.get("method") != "esd" or ck.get("path"):
+        return 0
+    from unlearn_exp.unlearning.esd import esd_select
+
+    chosen = esd_select(list(sizes.denoiser_params), str(ck.get("variant") or "esd-u"), sizes.family)
+    return sum(sizes.denoiser_params[n] for n in chosen)
 
 
 def _most_pairs(cfg) -> int:
@@ -770,9 +823,6 @@ def render(
     if plans and all(p.family == "sd3" for p in plans):  # SD3's denoiser is a transformer
         text = text.replace("UNet rows", "transformer rows")
     return text
-
-
-TRAIN = ("duo", "inversion")
 
 
 def _cell_peak(p: CellPlan, own: list[Work]) -> Stage | None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,15 @@ PUBLISHED_CONFIGS["sd3"] = SD3_MEDIUM
 PARTS = ("unet", "text_encoder", "vae")
 SD3_PARTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 SD3_TEXT = {"sampling": 77 + 256, "duo": 77 + 77}  # text tokens of a row: CLIP's 77 and T5's
-STAGES = ("pairs", "duo", "image_set", "inversion", "sampling", "judging")  # in the order a cell runs them
+STAGES = (
+    "pairs",
+    "duo",
+    "esd",
+    "image_set",
+    "inversion",
+    "sampling",
+    "judging",
+)  # in the order a cell runs them
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,7 @@ class ModelSizes:
     patch: int = 1
     inner: int = 0
     layers: int = 0
+    denoiser_params: dict[str, int] = field(default_factory=dict)  # parameter name -> elements (ESD)
 
     def kind(self, passes: str) -> str:
         """The ``ACTIVATION`` entry of the denoiser's ``infer`` or ``train`` pass."""
@@ -230,6 +239,7 @@ def _sizes(parts: dict[str, tuple[dict, dict]], resolution: int, source: str) ->
     return ModelSizes(
         params={p: sum(math.prod(s) for s in shapes.values()) for p, (shapes, _) in parts.items()},
         linears=_linears(unet_shapes),
+        denoiser_params={n: math.prod(s) for n, s in unet_shapes.items()},
         unet_channels=tuple(int(c) for c in unet_cfg.get("block_out_channels", (320, 640, 1280, 1280))),
         vae_channels=vae_channels,
         latent=(in_channels, resolution // factor),
@@ -246,6 +256,7 @@ def _sd3_sizes(parts: dict[str, tuple[dict, dict]], resolution: int, source: str
     return ModelSizes(
         params={p: sum(math.prod(s) for s in sh.values()) for p, (sh, _) in parts.items()},
         linears=_linears(shapes),
+        denoiser_params={n: math.prod(s) for n, s in shapes.items()},
         unet_channels=(),
         vae_channels=vae_channels,
         latent=(int(cfg.get("in_channels", 16)), resolution // factor),
@@ -410,6 +421,27 @@ def duo_stage(sizes: ModelSizes, eb: int, ck: dict[str, Any], n_pairs: int) -> S
     return Stage("DUO training", what, _weights(sizes, eb, ("vae",)), held, max(passes, encode))
 
 
+def esd_stage(sizes: ModelSizes, eb: int, ck: dict[str, Any], trained: int) -> Stage:
+    """ESD: the variant's parameters trained in float32 with Adam (16 bytes each beyond the weights:
+    float32 in place of the model's dtype, gradient, two moments, the saved original), ``batch`` rows
+    forward and backward, and twice as many forward through the frozen model (its partial sampling
+    and its two targets), one after the other. ``trained``: the parameters its variant trains."""
+    b = int(ck.get("batch") or 1)
+    variant = str(ck.get("variant") or "esd-u")
+    precision = resolved_precision(ck.get("precision"), "cuda")
+    train_b, infer_b = _pass_bytes(precision)
+    # per trained parameter: float32 in place of the model's dtype (4 - eb), gradient 4, moments 8, the
+    # saved original eb: 16 bytes
+    held = 16.0 * trained
+    passes = max(
+        activation_bytes(sizes.kind("train"), sizes.denoiser_elements(train=True), b, train_b),
+        activation_bytes(sizes.kind("infer"), sizes.denoiser_elements(), 2 * b, infer_b),
+    )
+    rows = f"{b} row{'s' if b != 1 else ''}"
+    what = f"{variant} ({trained / 1e6:.1f}M trained), {rows} forward+backward, {precision}"
+    return Stage("ESD training", what, _weights(sizes, eb), held, passes)
+
+
 def inversion_stage(sizes: ModelSizes, eb: int, inv: dict[str, Any], n_images: int) -> Stage:
     """Concept inversion: ``inversion.batch_size`` rows forward and backward through the frozen UNet
     (the gradient reaches the embedding through it), a float32 text encoder, the image set encoded once."""
@@ -440,9 +472,12 @@ def judging_stage(sizes: ModelSizes, eb: int, judge: dict[str, Any], metric: dic
     return Stage("judging", f"{kind} {where}, PP {name}", _weights(sizes, eb), held, acts)
 
 
-def cell_stages(cfg, sizes: ModelSizes, branches: int, n_pairs: int = 1) -> dict[str, Stage]:
+def cell_stages(
+    cfg, sizes: ModelSizes, branches: int, n_pairs: int = 1, esd_trained: int = 0
+) -> dict[str, Stage]:
     """The stages a cell of ``cfg`` may run, by the name the planner's work uses; ``branches``: UNet
-    rows per image of its guidance, ``n_pairs``: the most pairs one of its DUO adapters trains on."""
+    rows per image of its guidance, ``n_pairs``: the most pairs one of its DUO adapters trains on,
+    ``esd_trained``: the parameters its ESD variant trains."""
     eb = DTYPE_BYTES.get(_gpu_dtype(cfg.model), 4)
     s = cfg.sampling
     ck = dict(to_plain(cfg.checkpoint))
@@ -458,6 +493,8 @@ def cell_stages(cfg, sizes: ModelSizes, branches: int, n_pairs: int = 1) -> dict
     if ck.get("method") == "duo":
         out["pairs"] = pairs_stage(sizes, eb, int(ck.get("pair_batch") or 8))
         out["duo"] = duo_stage(sizes, eb, ck, n_pairs)
+    if ck.get("method") == "esd" and not ck.get("path"):
+        out["esd"] = esd_stage(sizes, eb, ck, esd_trained)
     return out
 
 

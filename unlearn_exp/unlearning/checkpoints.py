@@ -38,10 +38,6 @@ def _store(store) -> ArtifactStore:
     return store if isinstance(store, ArtifactStore) else ArtifactStore(store)
 
 
-def _model_key(comps: Components) -> dict[str, str]:
-    return comps.key()
-
-
 def _task(task_cfg) -> dict[str, Any]:
     return dict(_plain(task_cfg) or {})
 
@@ -107,14 +103,37 @@ def apply_uce(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, lo
     return _apply_uce(comps, cfg, UCECheckpointConfig.from_cfg(cfg), _store(store), _task(task_cfg))
 
 
+def esd_key(model, cfg: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
+    """The artifact key of a trained ESD checkpoint (``unlearning/esd``): its recipe, concept, task and
+    the model's identity (``model``: the components, or the planner's stand-in with a ``key()``)."""
+    concept = str(_per_task(cfg, "concept", task, fallback=task.get("name")))
+    recipe = {k: v for k, v in cfg.items() if k not in (*USER_KEYS, "concept")}
+    return {"checkpoint": recipe, "concept": concept, "task": task.get("name"), "model": model.key()}
+
+
+def uce_key(model, cfg: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
+    """The artifact key of a UCE edit (``unlearning/uce``): its recipe, task and the model's identity."""
+    settings = UCECheckpointConfig.from_cfg(cfg)
+    erase = _per_task(cfg, "erase", task, fallback=[task.get("name")] if task.get("name") else None)
+    recipe = {
+        "erase": list(erase) if isinstance(erase, list | tuple) else [erase],
+        "guide": _per_task(cfg, "guide", task, fallback=""),
+        "preserve": list(_per_task(cfg, "preserve", task, fallback=[]) or []),
+        "lamb": settings.lamb,
+        "erase_scale": settings.erase_scale,
+        "preserve_scale": settings.preserve_scale,
+        "templates": list(settings.templates or []),
+    }
+    return {"recipe": recipe, "task": task.get("name"), "model": model.key()}
+
+
 def _apply_esd(comps, cfg, store, task, logger) -> dict:
     from unlearn_exp.unlearning.esd import WEIGHTS_FILE, train_esd
 
     if cfg["path"]:
         return _load_user_unet_weights(comps, cfg, store, "esd", only_text_readers=False)
-    concept = str(_per_task(cfg, "concept", task, fallback=task.get("name")))
-    recipe = {k: v for k, v in cfg.items() if k not in (*USER_KEYS, "concept")}
-    key = {"checkpoint": recipe, "concept": concept, "task": task.get("name"), "model": _model_key(comps)}
+    key = esd_key(comps, cfg, task)
+    concept, recipe = key["concept"], key["checkpoint"]
     final = store.path("unlearning/esd", key)
     work = final.parent / f"{final.name}.work"
 
@@ -146,17 +165,8 @@ def _apply_uce(comps, cfg, settings: UCECheckpointConfig, store, task) -> dict:
 
     if settings.path:
         return _load_user_unet_weights(comps, cfg, store, "uce", only_text_readers=True)
-    erase = _per_task(cfg, "erase", task, fallback=[task.get("name")] if task.get("name") else None)
-    recipe = {
-        "erase": list(erase) if isinstance(erase, list | tuple) else [erase],
-        "guide": _per_task(cfg, "guide", task, fallback=""),
-        "preserve": list(_per_task(cfg, "preserve", task, fallback=[]) or []),
-        "lamb": settings.lamb,
-        "erase_scale": settings.erase_scale,
-        "preserve_scale": settings.preserve_scale,
-        "templates": list(settings.templates or []),
-    }
-    key = {"recipe": recipe, "task": task.get("name"), "model": _model_key(comps)}
+    key = uce_key(comps, cfg, task)
+    recipe = key["recipe"]
 
     def build(tmp: Path) -> None:
         save_safetensors(uce_edit(comps, recipe), tmp / "uce_cross_attention.safetensors")

@@ -56,7 +56,13 @@ def esd_parameter_names(unet, variant: str, family: str = "sd1") -> list[str]:
     and ``attn2.to_v``; esd-all: every parameter; esd-self: self-attention (``attn1``). On SD3's
     MMDiT (``SD3_RULES``) the text stream's attention projections take cross-attention's place.
     """
-    names = [n for n, _ in unet.named_parameters() if "lora_" not in n]
+    return esd_select([n for n, _ in unet.named_parameters()], variant, family)
+
+
+def esd_select(names: list[str], variant: str, family: str = "sd1") -> list[str]:
+    """The parameter names of ``names`` that ``variant`` trains (``esd_parameter_names``; the planner
+    applies it to a model's names without building the model)."""
+    names = [n for n in names if "lora_" not in n]
     rules = (
         SD3_RULES
         if family == "sd3"
