@@ -86,3 +86,20 @@ def test_partial_mismatched_and_missing_spm_files_are_one_line(tmp_path):
         apply_checkpoint(
             build_tiny(), preset("checkpoint", "spm", path=None), ArtifactStore(tmp_path / "c"), task_cfg={}
         )
+
+
+def test_the_multiplier_is_part_of_a_cells_identity(tmp_path):
+    """The same SPM file fused at another multiplier is another model: its cells must not share a
+    spec key (one would be served as already recorded for the other)."""
+    from unlearn_exp import config
+    from unlearn_exp.identity import cell_spec, spec_key
+
+    f = tmp_path / "spm.safetensors"
+    spm_file(build_tiny().unet, f)
+    base = ["+experiment=nudity_methods", "checkpoint=spm", f"checkpoint.path={f}", "guidance=none"]
+
+    def key(*extra: str) -> str:
+        return spec_key(cell_spec(config.compose([*base, *extra])))
+
+    assert key() == key("checkpoint.multiplier=1.0") != key("checkpoint.multiplier=0.5")
+    assert key("checkpoint.beta=250") == key()  # a file's beta is only its label

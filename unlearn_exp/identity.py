@@ -288,7 +288,9 @@ def checkpoint_spec(ck: Any, device: str | None = None) -> dict[str, Any]:
     spec = _drop("checkpoint", ck, device)
     if ck.get("path"):
         paths = ck["path"] if isinstance(ck["path"], list) else [ck["path"]]
-        keep = ("method", "adapter_weights", "variant")  # the beta of a file is only its label
+        # what decides how the files are applied (DUO's adapter weights, SPM's multiplier) and the
+        # variant's label; the beta of a file is only its label
+        keep = ("method", "adapter_weights", "variant", "multiplier")
         spec = {k: ck.get(k) for k in keep if k in ck}
         spec["files"] = [_content_of(str(p)) for p in paths]
     elif spec.get("filter"):
