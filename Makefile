@@ -41,8 +41,8 @@ format: setup  ## ruff format and autofix
 demo: setup  ## the newcomer's command: run what the framework has, on the embedded default (JOBS=N: N worker processes; MODEL=toy_mmdit: the toy MMDiT)
 	$(PYTHON) -m unlearn_exp.demo --jobs $(JOBS) $(if $(MODEL),--model $(MODEL))
 
-demo-methods: setup  ## beyond DUO: the toy methods grid (original, DUO, ESD-u, ESD-x, UCE x guidance x concept source) and its table
-	$(PYTHON) -m unlearn_exp.demo --methods --jobs $(JOBS)
+demo-methods: setup  ## beyond DUO: the toy methods grid (original, DUO, ESD-u, ESD-x, UCE x guidance x concept source) and its table (MODEL=toy_mmdit: the toy MMDiT's)
+	$(PYTHON) -m unlearn_exp.demo --methods --jobs $(JOBS) $(if $(MODEL),--model $(MODEL))
 
 demo-attacks: setup  ## the toy grid on Ring-A-Bell prompts made against the toy model, and UnlearnDiffAtk on every cell (then: make reproduce-table SCALE=toy)
 	$(PYTHON) -m unlearn_exp +experiment=toy_duo benchmark=toy_ring_a_bell_generated multirun

@@ -56,6 +56,7 @@ def test_jobs_must_be_positive(capsys):
     assert demo._parse(["--jobs", "3", "+debug=default"]) == (3, False, "toy", ["+debug=default"])
     assert demo._parse(["--methods"]) == (1, True, "toy", [])
     assert demo._parse(["--model", "toy_mmdit"]) == (1, False, "toy_mmdit", [])
+    assert demo._parse(["--methods", "--model", "toy_mmdit"]) == (1, True, "toy_mmdit", [])
     with pytest.raises(SystemExit):
         demo._parse(["--jobs", "0"])
     assert "--jobs must be >= 1" in capsys.readouterr().err

@@ -20,7 +20,14 @@ from unlearn_exp.report.tables import method_label, methods_table, position, wit
 
 @pytest.mark.parametrize(
     "experiment",
-    ["nudity_methods", "violence_methods", "toy_methods", "nudity_methods_sd3", "violence_methods_sd3"],
+    [
+        "nudity_methods",
+        "violence_methods",
+        "toy_methods",
+        "nudity_methods_sd3",
+        "violence_methods_sd3",
+        "toy_mmdit_methods",
+    ],
 )
 def test_methods_experiments_compose_every_cell(experiment):
     cells = grid([f"+experiment={experiment}"])

@@ -7,7 +7,8 @@ and measures the precondition of finding (a) per checkpoint (``precondition.py``
 Extra Hydra overrides may follow: ``python -m unlearn_exp.demo +debug=default``.
 
 ``--methods`` runs the methods grid instead (``+experiment=toy_methods``: the original model, DUO,
-ESD-u, ESD-x and UCE x guidance x concept source; ``make demo-methods``) and prints its table.
+ESD-u, ESD-x and UCE x guidance x concept source; ``make demo-methods``) and prints its table; with
+``--model toy_mmdit``, the toy MMDiT's (``+experiment=toy_mmdit_methods``).
 
 ``--model toy_mmdit`` runs the same grid on the toy world's second model, the MMDiT of the SD3
 family (``+experiment=toy_mmdit_duo``, ``make demo MODEL=toy_mmdit``; docs/toy.md 8); its tables go to
@@ -45,7 +46,6 @@ from unlearn_exp.quiet import quiet_lightning
 from unlearn_exp.toy import TOY_MODELS, ToyModel
 
 EXPERIMENT = TOY_MODELS["toy"].experiment
-METHODS_EXPERIMENT = "toy_methods"
 
 
 def quiet_logs() -> None:
@@ -111,32 +111,31 @@ def run_in_workers(
 def _parse(argv: list[str]) -> tuple[int, bool, str, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m unlearn_exp.demo", add_help=True)
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1: this process)")
-    parser.add_argument("--methods", action="store_true", help="the toy methods grid (toy_methods)")
+    parser.add_argument("--methods", action="store_true", help="the toy model's methods grid (toy_methods)")
     parser.add_argument(
         "--model", default="toy", choices=sorted(TOY_MODELS), help="the toy model: toy (UNet) or toy_mmdit"
     )
     args, extra = parser.parse_known_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    if args.methods and args.model != "toy":
-        parser.error("--methods runs on the toy UNet only (--model toy)")
     return args.jobs, args.methods, args.model, extra
 
 
-def methods_main(jobs: int, extra: list[str]) -> int:
-    """``--methods``: every cell of the toy methods grid, then its table (``reports/toy/methods_toy.*``)."""
+def methods_main(jobs: int, extra: list[str], model: str = "toy") -> int:
+    """``--methods``: every cell of the toy model's methods grid, then its table
+    (``reports/<scale>/methods_toy.*``)."""
     from unlearn_exp.report.render import to_markdown, write_table
     from unlearn_exp.report.tables import methods_table, with_identity
 
-    base = [f"+experiment={METHODS_EXPERIMENT}", *extra]
+    toy = TOY_MODELS[model]
+    experiment = toy.methods
+    base = [f"+experiment={experiment}", *extra]
     start = time.time()
 
     def body() -> int:
         cells = grid(base)
         runs = [[*unswept(base, cells), *cell, "sampling.progress=false"] for cell in cells]
-        print(
-            f"toy methods grid: {len(cells)} cells ({METHODS_EXPERIMENT}); ESD and UCE are trained here once"
-        )
+        print(f"toy methods grid: {len(cells)} cells ({experiment}); ESD and UCE are trained here once")
         done: dict[int, dict] = {}
 
         def show(i: int, got: dict) -> None:
@@ -159,8 +158,8 @@ def methods_main(jobs: int, extra: list[str]) -> int:
                 done[i] = got
                 show(i, got)
         rows = with_identity(pd.DataFrame([done[i]["cell"] for i in range(len(cells))]))
-        table = methods_table(rows, METHODS_EXPERIMENT, "toy", extra=tuple(table_overrides(base, extra)))
-        written = write_table(table, Path("reports") / "toy")
+        table = methods_table(rows, experiment, toy.scale, extra=tuple(table_overrides(base, extra)))
+        written = write_table(table, Path("reports") / toy.scale)
         print(f"\n{to_markdown(table)}")
         print(f"\n{len(cells)} cells in {time.time() - start:.0f} s; table: {Path(written[0]).parent}")
         return 0
@@ -322,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logs()
     jobs, methods, model, extra = _parse(list(sys.argv[1:] if argv is None else argv))
     if methods:
-        return methods_main(jobs, extra)
+        return methods_main(jobs, extra, model)
     toy = TOY_MODELS[model]
     base = [f"+experiment={toy.experiment}", *extra]
     start = time.time()

@@ -84,7 +84,9 @@ SCALES: dict[str, ScaleSpec] = {
         methods={"toy": "toy_methods"},
     ),
     # the toy world's second model, the MMDiT of the SD3 family (docs/toy.md 8)
-    "toy_mmdit": ScaleSpec(main={"toy": "toy_mmdit_duo"}, transfer=("toy", "toy_mmdit_duo")),
+    "toy_mmdit": ScaleSpec(
+        main={"toy": "toy_mmdit_duo"}, transfer=("toy", "toy_mmdit_duo"), methods={"toy": "toy_mmdit_methods"}
+    ),
 }
 
 

@@ -15,11 +15,14 @@ class ToyModel:
     artifacts: str  # its shipped DUO checkpoints and C*, under unlearn_exp/toy/
     scale: str  # its reports folder and table scale (reports/<scale>/)
     denoiser: str  # what the demo's last line counts rows of
+    methods: str  # its methods grid (conf/experiment/; python -m unlearn_exp.demo --methods)
 
 
 TOY_MODELS = {
-    "toy": ToyModel("toy_duo", "artifacts", "toy", "UNet"),
-    "toy_mmdit": ToyModel("toy_mmdit_duo", "artifacts_mmdit", "toy_mmdit", "transformer"),
+    "toy": ToyModel("toy_duo", "artifacts", "toy", "UNet", "toy_methods"),
+    "toy_mmdit": ToyModel(
+        "toy_mmdit_duo", "artifacts_mmdit", "toy_mmdit", "transformer", "toy_mmdit_methods"
+    ),
 }
 
 
