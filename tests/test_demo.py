@@ -80,3 +80,20 @@ def test_the_demo_end_to_end_on_a_small_grid(tmp_path, monkeypatch, capsys, jobs
     # the grid's guidance=none cell, reused)
     cells, pre = 6 * 15 * 2 + 4 * 15 * 3, (2 + 2) * 15 * 2 + 2 * 15 * 4
     assert f"{cells + pre} UNet rows sampled, {pre} of them by the precondition" in last
+
+
+@pytest.mark.slow
+def test_the_methods_demo_runs_on_the_toy_mmdit(tmp_path, monkeypatch, capsys):
+    """``python -m unlearn_exp.demo --methods --model toy_mmdit``'s code path on two cells (the original
+    model unguided, UCE's edit under SLD), 2 prompts per set: its table in
+    reports/toy_mmdit/methods_toy_mmdit.md."""
+    cells = [
+        ["checkpoint=original", "guidance=none", "embedding=explicit"],
+        ["checkpoint=uce", "guidance=sld", "embedding=explicit"],
+    ]
+    small = [o for o in small_demo(monkeypatch, tmp_path, cells) if not o.startswith("checkpoint.beta")]
+    assert demo.main(["--methods", "--model", "toy_mmdit", *small]) == 0
+    out = capsys.readouterr().out
+    assert "(toy_mmdit_methods)" in out and "2 cells in" in out.strip().splitlines()[-1]
+    table = (tmp_path / "reports" / "toy_mmdit" / "methods_toy_mmdit.md").read_text()
+    assert "| UCE |" in table and "| original |" in table

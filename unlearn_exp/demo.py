@@ -123,7 +123,7 @@ def _parse(argv: list[str]) -> tuple[int, bool, str, list[str]]:
 
 def methods_main(jobs: int, extra: list[str], model: str = "toy") -> int:
     """``--methods``: every cell of the toy model's methods grid, then its table
-    (``reports/<scale>/methods_toy.*``)."""
+    (``reports/toy/methods_toy.*``, ``reports/toy_mmdit/methods_toy_mmdit.*``)."""
     from unlearn_exp.report.render import to_markdown, write_table
     from unlearn_exp.report.tables import methods_table, with_identity
 
