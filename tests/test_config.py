@@ -113,12 +113,13 @@ def test_unknown_override_fails_with_hydra_message(override, expected):
 
 @pytest.mark.slow
 def test_a_checkpoint_without_its_file_fails_with_one_line():
-    proc = run_app("model=tiny", "checkpoint=spm", "hydra/job_logging=disabled")  # SPM loads files only
+    proc = run_app("model=tiny", "checkpoint=unet_folder", "hydra/job_logging=disabled")  # files only
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert (
         lines[-1].startswith("error: ")
-        and "checkpoint=spm loads SPM's published adapters: set checkpoint.path" in lines[-1]
+        and "checkpoint=unet_folder loads a diffusers UNet folder" in lines[-1]
+        and "set checkpoint.path" in lines[-1]
     )
     assert "Traceback" not in proc.stderr
 

@@ -219,8 +219,16 @@ UNLEARNING_TINY = {
         "preserve": ["a cat"],
         "preserve_scale": 0.7,
     },
+    "spm": {
+        **preset("checkpoint", "spm"),
+        "steps": 2,
+        "max_denoising_steps": 3,
+        "sampling_batch_size": 2,
+        "lr_warmup_steps": 1,
+        "lr": 1e-2,
+        "checkpoint_every": 1,
+    },
     # published files only: the contract writes one in the method's layout
-    "spm": "load-only",
     "unet_folder": "load-only",
     "advunlearn": "load-only",
 }
@@ -228,11 +236,8 @@ UNLEARNING_TINY = {
 
 def _published(name: str, where, family: str = "sd1") -> str:
     """A file or folder in the published layout of a load-only method, changing the tiny model."""
-    from tests.helpers import spm_file, text_encoder_folder, unet_folder
+    from tests.helpers import text_encoder_folder, unet_folder
 
-    if name == "spm":
-        spm_file(build_tiny().unet, where / "spm.safetensors")
-        return str(where / "spm.safetensors")
     write = {"unet_folder": unet_folder, "advunlearn": text_encoder_folder}[name]
     return str(write(where / name, family=family))
 

@@ -18,6 +18,7 @@ from unlearn_exp.guidance.config import SAFREEConfig, SLDConfig
 from unlearn_exp.guidance.sld import SLD
 from unlearn_exp.models import build_tiny_sd3, load_model, save_components
 from unlearn_exp.sampling import initial_noise, sample
+from unlearn_exp.settings import declarations
 from unlearn_exp.validate import validate
 
 PROMPTS = ["a photo of a nude woman on a beach", "a red circle"]
@@ -166,13 +167,23 @@ def test_missing_sd3_weights_stop_in_one_line_naming_the_folder(tmp_path):
 def test_methods_not_ported_to_sd3_are_refused_before_any_work():
     for extra, what in [
         (["checkpoint=duo"], "on SD3 use checkpoint=duo_sd3"),
-        (["checkpoint=spm"], "checkpoint 'spm' does not run on the sd3"),
         (["sampling.scheduler=ddim"], "sampling.scheduler"),
     ]:
         with pytest.raises(UserError, match=what):
             validate(compose(["model=tiny_sd3", *extra], hydra=False))
     for guidance in ("none", "sld", "safree"):  # every guidance method runs on SD3
         validate(compose(["model=tiny_sd3", f"guidance={guidance}"], hydra=False))
+    for method in ("uce", "esd", "spm", "unet_folder", "advunlearn"):  # and every unlearning method
+        assert "sd3" in next(d.families for d in declarations("checkpoint") if d.name == method)
+
+
+def test_a_method_declared_for_one_family_is_refused_on_another(monkeypatch):
+    from unlearn_exp import settings
+
+    d = next(d for d in declarations("checkpoint") if d.name == "uce")
+    monkeypatch.setitem(settings._DECLARED, ("checkpoint", "uce"), dataclasses.replace(d, families=("sd1",)))
+    with pytest.raises(UserError, match="checkpoint 'uce' does not run on the sd3 model family yet"):
+        validate(compose(["model=tiny_sd3", "checkpoint=uce"], hydra=False))
     validate(compose(["model=tiny_sd3", "checkpoint=duo_sd3"], hydra=False))
     assert compose(["model=tiny_sd3"], hydra=False).sampling.scheduler == "flow_euler"
     assert compose([], hydra=False).sampling.scheduler == "dpmsolver++"  # SD v1 unchanged

@@ -111,6 +111,15 @@ def esd_key(model, cfg: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
     return {"checkpoint": recipe, "concept": concept, "task": task.get("name"), "model": model.key()}
 
 
+def spm_key(model, cfg: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
+    """The artifact key of trained SPM adapters (``unlearning/spm``): the training recipe (not the
+    multiplier, which only fuses them), the concept, the task and the model's identity."""
+    concept = _per_task(cfg, "concept", task, fallback=task.get("name"))
+    concept = "" if concept is None else str(concept)
+    recipe = {k: v for k, v in cfg.items() if k not in (*USER_KEYS, "concept", "multiplier")}
+    return {"checkpoint": recipe, "concept": concept, "task": task.get("name"), "model": model.key()}
+
+
 def uce_key(model, cfg: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
     """The artifact key of a UCE edit (``unlearning/uce``): its recipe, task and the model's identity."""
     settings = UCECheckpointConfig.from_cfg(cfg)

@@ -264,11 +264,9 @@ class PublishedCheckpointConfig(Settings):
     GROUP = "checkpoint"
     LOADS = "published files"  # what checkpoint.path must point to, for the message
     LOADS_FOLDERS = False  # True: checkpoint.path is a folder its loader reads itself
-    method: str = setting(
-        "the method's registered name (spm, unet_folder, advunlearn; docs/methods.md 8.3-8.4)"
-    )
+    method: str = setting("the method's registered name (unet_folder, advunlearn; docs/methods.md 8.4)")
     beta: Any = number(lo=0, strict=True, optional=True, help="a label only: the results' beta column")
-    path: Any = setting("the published file or folder to load (required; docs/methods.md 8.3-8.4)")
+    path: Any = setting("the published file or folder to load (required; docs/methods.md 8.4)")
 
     def rules(self, c: Checks) -> None:
         if not self.path:
@@ -276,16 +274,54 @@ class PublishedCheckpointConfig(Settings):
 
 
 @dataclass
-class SPMCheckpointConfig(PublishedCheckpointConfig):
-    """``conf/checkpoint/spm.yaml`` (docs/methods.md 8.3): SPM's published adapters, loaded only."""
+class SPMCheckpointConfig(Settings):
+    """``conf/checkpoint/spm.yaml`` (docs/methods.md 8.3): SPM's adapters, trained or loaded."""
 
-    LOADS = "SPM's published adapters"
+    GROUP = "checkpoint"
+    method: str = setting("the method's registered name: spm (docs/methods.md 8.3)")
+    beta: Any = number(lo=0, strict=True, optional=True, help="a label only (SPM has no beta); null")
+    path: Any = setting("SPM's adapter file (safetensors) loaded instead of training; null: train")
     multiplier: Any = number(
         help="m: each layer is fused as W + m (alpha / r) up . down (SPM: 1; docs/methods.md 8.3)"
     )
     allow_pickle_conversion: bool = setting(
         "pickled adapter files are read only when true (torch.load weights_only), then converted once"
     )
+    concept: Any = setting(
+        "the concept prompt: a string or {task name: string}; a task's spm_concept overrides it"
+    )
+    rank: int = number(int, lo=1, help="the adapters' rank (SPM: 1, one-dimensional)")
+    alpha: Any = number(lo=0, help="the adapters' alpha; scale alpha / rank (SPM: 1)")
+    steps: int = number(int, lo=1, help="training iterations (SPM: 3000)")
+    lr: Any = number(lo=0, strict=True, help="AdamW learning rate (SPM: 1e-4)")
+    lr_warmup_steps: int = number(
+        int, lo=0, help="warm-up steps of the cosine schedule with restarts (SPM: 500)"
+    )
+    lr_cycles: int = number(int, lo=1, help="cycles of the cosine schedule with restarts (SPM: 3)")
+    max_denoising_steps: int = number(int, lo=2, help="steps of the partial sampling's schedule (SPM: 30)")
+    start_guidance: Any = number(lo=0, help="CFG scale of the partial sampling (SPM: 3)")
+    guidance_scale: Any = number(
+        lo=0, help="g of the erasing target neutral - g (positive - neutral) (SPM: 1)"
+    )
+    la_strength: Any = number(lo=0, help="weight of the latent-anchoring loss; 0: erase only (SPM: 1000)")
+    sampling_batch_size: int = number(int, lo=1, help="anchor embeddings drawn per step (SPM: 4)")
+    batch: int = number(int, lo=1, help="latents per step (SPM: 1)")
+    resolution: Any = number(
+        int, lo=8, optional=True, help="training resolution; null: the model's (SPM: 512)"
+    )
+    seed: int = number(int, seed=True, help="training seed")
+    grad_clip: Any = number(
+        lo=0, strict=True, optional=True, help="gradient-norm clip; null: none (SPM: none)"
+    )
+    checkpoint_every: int = number(
+        int, lo=1, help="steps between Lightning checkpoints, for resuming an interrupted run"
+    )
+    precision: str = choice(*PRECISIONS, help="training precision (SPM: float32, 32-true)")
+
+    def rules(self, c: Checks) -> None:
+        if self.sampling_batch_size % self.batch:
+            n, b = self.sampling_batch_size, self.batch
+            c.fail(f"checkpoint.sampling_batch_size ({n}) must be a multiple of checkpoint.batch ({b})")
 
 
 @dataclass
@@ -311,7 +347,6 @@ class AdvUnlearnCheckpointConfig(PublishedCheckpointConfig):
 
 
 _MODULES = "unlearn_exp.unlearning."
-SD1 = ("sd1",)  # the model families each method runs on (unlearn_exp/families.py)
 declare("checkpoint", "original", OriginalCheckpointConfig, _MODULES + "checkpoints", families=("sd1", "sd3"))
 declare(
     "checkpoint",
@@ -355,7 +390,13 @@ declare(
     _MODULES + "checkpoints",
     families=("sd1", "sd3"),  # SD3: context_embedder and the pooled projection, as UCE's FLUX code (8.2)
 )
-declare("checkpoint", "spm", SPMCheckpointConfig, _MODULES + "spm", families=SD1)
+declare(
+    "checkpoint",
+    "spm",
+    SPMCheckpointConfig,
+    _MODULES + "spm",
+    families=("sd1", "sd3"),  # SD3: the joint blocks' layers, SDXL's script's pooled vectors (8.3)
+)
 # SD3: the transformer's folder in the UNet's place; AdvUnlearn's SD v1.4 encoder in CLIP-L's place
 declare(
     "checkpoint", "unet_folder", UNetFolderCheckpointConfig, _MODULES + "published", families=("sd1", "sd3")
