@@ -187,6 +187,24 @@ def fit(
     return {"resumed_from_step": int(getattr(module, "start_step", 0)), "steps": int(trainer.global_step)}
 
 
+def fit_recipe(
+    module: L.LightningModule, hp: dict[str, Any], work_dir: Path, *, label: str, logger=None, callbacks=None
+) -> dict[str, Any]:
+    """``fit`` with the training keys every trainer's recipe holds: ``steps``, ``checkpoint_every``,
+    ``grad_clip`` and ``precision`` (DUO, ESD, SPM)."""
+    return fit(
+        module,
+        steps=int(hp["steps"]),
+        work_dir=Path(work_dir),
+        checkpoint_every=int(hp["checkpoint_every"]),
+        grad_clip=hp["grad_clip"],
+        precision=str(hp["precision"]),
+        logger=logger,
+        callbacks=callbacks,
+        label=label,
+    )
+
+
 def copy_metrics(work_dir: Path, out_dir: Path) -> None:
     """Keep the loss curves (Lightning's CSV log) with the artifact."""
     src = Path(work_dir) / "logs" / "version_0" / "metrics.csv"

@@ -69,7 +69,6 @@ def _load_user_unet_weights(
                 f"UCE checkpoint '{f.name}' holds {len(other)} key(s) that are not {names} weights "
                 f"(e.g. {', '.join(other[:3])}); use checkpoint=esd for general denoiser weights"
             )
-        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     changed = load_unet_weights(comps.denoiser, tensors, f"{method} checkpoint '{f.name}'")
     sha = file_sha256(f)
     return {

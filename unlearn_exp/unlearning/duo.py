@@ -32,7 +32,7 @@ from unlearn_exp.hashing import to_plain as _plain
 from unlearn_exp.identity import without_neutral
 from unlearn_exp.models.components import Components, Conditioning
 from unlearn_exp.registry import UNLEARNING
-from unlearn_exp.training import TrainedOnly, copy_metrics, fit, step_generator
+from unlearn_exp.training import TrainedOnly, copy_metrics, fit_recipe, step_generator
 from unlearn_exp.unlearning.config import DUOCheckpointConfig
 from unlearn_exp.unlearning.config import beta_map as check_beta_map
 from unlearn_exp.unlearning.pairs import PairSet
@@ -451,16 +451,13 @@ def train_adapter(
                 text_length=hp.get("text_length"),
             )
             comps.denoiser.train()
-            info = fit(
+            info = fit_recipe(
                 module,
-                steps=int(hp["steps"]),
-                work_dir=Path(work_dir),
-                checkpoint_every=int(hp["checkpoint_every"]),
-                grad_clip=hp["grad_clip"],
-                precision=str(hp["precision"]),
+                hp,
+                work_dir,
+                label=f"DUO training ({adapter_name.removeprefix('duo_')}, beta={paper_beta:g})",
                 logger=logger,
                 callbacks=callbacks,
-                label=f"DUO training ({adapter_name.removeprefix('duo_')}, beta={paper_beta:g})",
             )
         info.update(
             {"lr": lr, "lambda": lam, "beta": paper_beta, "beta_effective": beta, "adapter": adapter_name}

@@ -27,7 +27,7 @@ from torch.func import functional_call
 from unlearn_exp.errors import UserError
 from unlearn_exp.families import FAMILIES
 from unlearn_exp.models.components import Components, Conditioning
-from unlearn_exp.training import TrainedOnly, copy_metrics, fit, step_generator
+from unlearn_exp.training import TrainedOnly, copy_metrics, fit_recipe, step_generator
 from unlearn_exp.unlearning.weights import save_safetensors
 
 WEIGHTS_FILE = "esd_unet.safetensors"
@@ -231,16 +231,8 @@ def train_esd(
     )
     comps.denoiser.train()
     try:
-        info = fit(
-            module,
-            steps=int(hp["steps"]),
-            work_dir=Path(work_dir),
-            checkpoint_every=int(hp["checkpoint_every"]),
-            grad_clip=hp["grad_clip"],
-            precision=str(hp["precision"]),
-            logger=logger,
-            callbacks=callbacks,
-            label=f"ESD training ({hp['variant']})",
+        info = fit_recipe(
+            module, hp, work_dir, label=f"ESD training ({hp['variant']})", logger=logger, callbacks=callbacks
         )
         if out_dir is not None:
             save_safetensors(

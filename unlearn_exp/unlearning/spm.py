@@ -33,7 +33,7 @@ from unlearn_exp.hashing import file_sha256, to_plain
 from unlearn_exp.models.components import Conditioning
 from unlearn_exp.registry import UNLEARNING
 from unlearn_exp.store import ArtifactStore
-from unlearn_exp.training import TrainedOnly, step_generator
+from unlearn_exp.training import TrainedOnly, copy_metrics, fit_recipe, step_generator
 from unlearn_exp.unlearning.config import SPMCheckpointConfig
 
 WEIGHTS_FILE = "spm.safetensors"
@@ -151,21 +151,11 @@ def apply_spm(comps, cfg, store, *, task_cfg, judge=None, sample_kwargs=None, lo
 def train_spm(comps, concept: str, hp: dict[str, Any], *, work_dir: Path, out_dir: Path, logger=None) -> dict:
     """Train SPM's adapters on ``comps`` (left unchanged) and write ``out_dir/spm.safetensors`` in SPM's
     layout, which ``fuse_spm`` reads as it reads SPM's published files."""
-    from unlearn_exp.training import copy_metrics, fit
     from unlearn_exp.unlearning.weights import save_safetensors
 
     module = SPM(comps, concept, hp)
     try:
-        info = fit(
-            module,
-            steps=int(hp["steps"]),
-            work_dir=Path(work_dir),
-            checkpoint_every=int(hp["checkpoint_every"]),
-            grad_clip=hp["grad_clip"],
-            precision=str(hp["precision"]),
-            logger=logger,
-            label="SPM training",
-        )
+        info = fit_recipe(module, hp, work_dir, label="SPM training", logger=logger)
         save_safetensors(module.trained_state(), Path(out_dir) / WEIGHTS_FILE, {"concept": concept})
         copy_metrics(Path(work_dir), Path(out_dir))
         atomic_write_json(Path(out_dir) / "manifest.json", {"concept": concept, **info})
@@ -260,6 +250,7 @@ class SPM(TrainedOnly, L.LightningModule):
         self.handles = [m.register_forward_hook(self.adapters[s].hook) for s, m in layers.items()]
         with torch.no_grad():
             emb = comps.condition_prompts([concept, concept, "", ""])  # target, positive, neutral, uncond
+        self.scheduler_ = spm_scheduler(comps)  # set anew at every step (set_timesteps)
         names = ("target", "positive", "neutral", "uncond")
         self.prompts = {name: _row(emb, i) for i, name in enumerate(names)}
 
@@ -282,7 +273,7 @@ class SPM(TrainedOnly, L.LightningModule):
     def loss_at(self, d: SPMDraw) -> torch.Tensor:
         hp, comps, dev = self.hp, self.comps, self.prompts["target"].sequence.device
         b, n = int(hp["batch"]), int(hp["max_denoising_steps"])
-        self.scheduler_ = sched = spm_scheduler(comps)
+        sched = self.scheduler_
         with torch.no_grad():
             comps.set_timesteps(sched, n, d.latents.shape[1:])
             x = comps.start_latents(sched, d.latents.to(dev))

@@ -157,7 +157,8 @@ def check_unet_state(unet, tensors: dict[str, torch.Tensor], what: str) -> dict[
     """Map a (partial) UNet state dict onto ``unet``'s names; UserError on unknown keys or shapes."""
     if any(k.startswith(LDM_PREFIX) for k in tensors):
         tensors = _ldm_to_diffusers(tensors, unet)
-    tensors = {k.removeprefix("unet."): v for k, v in tensors.items()}
+    # a pipeline's denoiser prefix: SD v1's unet., SD3's transformer.
+    tensors = {k.removeprefix("unet.").removeprefix("transformer."): v for k, v in tensors.items()}
     check_state_dict(unet.state_dict(), tensors, what, "UNet", "is it for another architecture?")
     return tensors
 
